@@ -1,0 +1,209 @@
+//! Audit records and the sink that writes them as JSON lines.
+//!
+//! Writing happens on a dedicated thread so that a slow disk never stalls the request that
+//! produced a record for longer than it takes to hand the record over. The channel between
+//! them is bounded: when the writer falls behind, producers wait (backpressure) rather than
+//! records being dropped.
+
+use std::fs::OpenOptions;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// Where audit lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuditTarget {
+    /// Append to a file (created 0600 when missing).
+    File(PathBuf),
+    /// Standard error (the spec `-`).
+    Stderr,
+}
+
+impl AuditTarget {
+    pub fn parse(spec: &str) -> Self {
+        if spec == "-" {
+            Self::Stderr
+        } else {
+            Self::File(PathBuf::from(spec))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot start the audit writer thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A JSON-lines writer running on its own thread. Cloning is not needed: share it by `Arc`.
+#[derive(Debug)]
+pub struct AuditSink {
+    sender: Mutex<Option<SyncSender<String>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AuditSink {
+    pub fn open(target: &AuditTarget) -> Result<Self, AuditError> {
+        let out: Box<dyn Write + Send> = match target {
+            AuditTarget::Stderr => Box::new(io::stderr()),
+            AuditTarget::File(path) => Box::new(open_append(path)?),
+        };
+        Self::with_writer(out)
+    }
+
+    /// A sink that writes to any writer (tests use an in-memory one).
+    pub fn with_writer(out: Box<dyn Write + Send>) -> Result<Self, AuditError> {
+        let (sender, receiver) = sync_channel::<String>(16 * 1024);
+        let writer = std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || write_loop(receiver, out))
+            .map_err(AuditError::Thread)?;
+        Ok(Self {
+            sender: Mutex::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// Queues one record; it is written as a single line.
+    pub fn record<T: Serialize>(&self, record: &T) {
+        let line = match serde_json::to_string(record) {
+            Ok(line) => line,
+            Err(err) => {
+                tracing::warn!("audit record not serializable: {err}");
+                return;
+            }
+        };
+        let sender = self.sender.lock().clone();
+        if let Some(sender) = sender {
+            // A send error means the writer is gone (shutdown); nothing left to do.
+            let _ = sender.send(line);
+        }
+    }
+
+    /// Writes out everything queued so far and stops the writer. Idempotent.
+    pub fn close(&self) {
+        drop(self.sender.lock().take());
+        if let Some(writer) = self.writer.lock().take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+impl Drop for AuditSink {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File, AuditError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| AuditError::Open {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+fn write_loop(receiver: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = BufWriter::with_capacity(256 * 1024, out);
+    loop {
+        // Flush whenever the queue goes quiet so `tail -f` readers see lines promptly.
+        let line = match receiver.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => {
+                let _ = out.flush();
+                match receiver.recv() {
+                    Ok(line) => line,
+                    Err(_) => break,
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        if let Err(err) = writeln!(out, "{line}") {
+            tracing::error!("audit log write failed: {err}");
+        }
+    }
+    let _ = out.flush();
+}
+
+/// Seconds since the epoch as an RFC 3339 UTC timestamp with microseconds.
+pub fn rfc3339_now() -> String {
+    rfc3339(SystemTime::now())
+}
+
+pub fn rfc3339(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs() as i64;
+    let micros = since.subsec_micros();
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let (y, mo, d) = civil_from_days(days);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{micros:06}Z")
+}
+
+/// Howard Hinnant's days-to-civil conversion (proleptic Gregorian calendar).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        let t = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        assert_eq!(rfc3339(t), "2023-11-14T22:13:20.123456Z");
+    }
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_record_is_one_json_line() {
+        let buf = Shared::default();
+        let sink = AuditSink::with_writer(Box::new(buf.clone())).unwrap();
+        for i in 0..1000 {
+            sink.record(&serde_json::json!({"op": "read", "n": i, "path": "a\nb"}));
+        }
+        sink.close();
+        let text = String::from_utf8(buf.0.lock().clone()).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 1000);
+        for (i, line) in lines.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["n"], i);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Parts shared by every interpose layer: who is calling ([`Caller`]), the audit record
+//! and the sink that writes it ([`audit`]), and errno names ([`errno_name`]).
+//!
+//! Each layer keeps its own request types; only what is truly common lives here.
+
+pub mod audit;
+mod caller;
+mod errno;
+
+pub use caller::{Caller, ExeCache};
+pub use errno::{errno_from_name, errno_name};

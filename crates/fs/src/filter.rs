@@ -1,0 +1,375 @@
+//! The filter chain: hooks that see each file-system operation before and after it
+//! reaches the backing directory.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use interpose_core::Caller;
+
+/// Every operation the file system serves, as filters see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Lookup,
+    Getattr,
+    Setattr,
+    Readlink,
+    Mknod,
+    Mkdir,
+    Unlink,
+    Rmdir,
+    Symlink,
+    Rename,
+    Link,
+    Open,
+    Create,
+    Read,
+    Write,
+    Flush,
+    Release,
+    Fsync,
+    Opendir,
+    Readdir,
+    Releasedir,
+    Fsyncdir,
+    Statfs,
+    Setxattr,
+    Getxattr,
+    Listxattr,
+    Removexattr,
+    Access,
+    Fallocate,
+    Lseek,
+    CopyFileRange,
+}
+
+impl Op {
+    pub const ALL: [Op; 31] = [
+        Op::Lookup,
+        Op::Getattr,
+        Op::Setattr,
+        Op::Readlink,
+        Op::Mknod,
+        Op::Mkdir,
+        Op::Unlink,
+        Op::Rmdir,
+        Op::Symlink,
+        Op::Rename,
+        Op::Link,
+        Op::Open,
+        Op::Create,
+        Op::Read,
+        Op::Write,
+        Op::Flush,
+        Op::Release,
+        Op::Fsync,
+        Op::Opendir,
+        Op::Readdir,
+        Op::Releasedir,
+        Op::Fsyncdir,
+        Op::Statfs,
+        Op::Setxattr,
+        Op::Getxattr,
+        Op::Listxattr,
+        Op::Removexattr,
+        Op::Access,
+        Op::Fallocate,
+        Op::Lseek,
+        Op::CopyFileRange,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Lookup => "lookup",
+            Op::Getattr => "getattr",
+            Op::Setattr => "setattr",
+            Op::Readlink => "readlink",
+            Op::Mknod => "mknod",
+            Op::Mkdir => "mkdir",
+            Op::Unlink => "unlink",
+            Op::Rmdir => "rmdir",
+            Op::Symlink => "symlink",
+            Op::Rename => "rename",
+            Op::Link => "link",
+            Op::Open => "open",
+            Op::Create => "create",
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Release => "release",
+            Op::Fsync => "fsync",
+            Op::Opendir => "opendir",
+            Op::Readdir => "readdir",
+            Op::Releasedir => "releasedir",
+            Op::Fsyncdir => "fsyncdir",
+            Op::Statfs => "statfs",
+            Op::Setxattr => "setxattr",
+            Op::Getxattr => "getxattr",
+            Op::Listxattr => "listxattr",
+            Op::Removexattr => "removexattr",
+            Op::Access => "access",
+            Op::Fallocate => "fallocate",
+            Op::Lseek => "lseek",
+            Op::CopyFileRange => "copy_file_range",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    /// Whether the operation changes the tree (data, names or attributes). An `Open`
+    /// or `Create` counts when it asks for write access; see [`Request::mutates`].
+    pub fn always_mutates(self) -> bool {
+        matches!(
+            self,
+            Op::Setattr
+                | Op::Mknod
+                | Op::Mkdir
+                | Op::Unlink
+                | Op::Rmdir
+                | Op::Symlink
+                | Op::Rename
+                | Op::Link
+                | Op::Create
+                | Op::Write
+                | Op::Setxattr
+                | Op::Removexattr
+                | Op::Fallocate
+                | Op::CopyFileRange
+        )
+    }
+}
+
+/// One operation as it reaches the filters.
+///
+/// Paths are relative to the mount's root and start with `/` (the root itself is `/`).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub op: Op,
+    pub path: PathBuf,
+    /// The second path of `rename`, `link` and `copy_file_range`, or a symlink's target.
+    pub path2: Option<PathBuf>,
+    pub caller: Caller,
+    /// Open flags of `open`/`create`/`opendir` (O_ACCMODE, O_TRUNC, ...).
+    pub flags: Option<i32>,
+    pub offset: Option<u64>,
+    /// Requested length of a read, write, fallocate or copy.
+    pub size: Option<u64>,
+    /// Mode of a create/mkdir/mknod, or the new mode of a chmod.
+    pub mode: Option<u32>,
+    /// Name of the extended attribute of the xattr operations.
+    pub xattr: Option<OsString>,
+}
+
+impl Request {
+    pub fn new(op: Op, path: impl Into<PathBuf>, caller: Caller) -> Self {
+        Request {
+            op,
+            path: path.into(),
+            path2: None,
+            caller,
+            flags: None,
+            offset: None,
+            size: None,
+            mode: None,
+            xattr: None,
+        }
+    }
+
+    /// Whether this request would change anything.
+    pub fn mutates(&self) -> bool {
+        match self.op {
+            Op::Open => self
+                .flags
+                .is_some_and(|f| f & libc::O_ACCMODE != libc::O_RDONLY || f & libc::O_TRUNC != 0),
+            op => op.always_mutates(),
+        }
+    }
+}
+
+/// What happened, for the `after` hooks.
+#[derive(Clone, Copy, Debug)]
+pub struct Outcome {
+    /// Bytes moved (read, write, copy) or 0, or the errno the caller got.
+    pub result: Result<u64, i32>,
+    pub latency: Duration,
+}
+
+/// A filter's decision before an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the operation go on to the next filter and then the backing directory.
+    Continue,
+    /// Answer the caller with this errno; the backing directory is not touched.
+    Deny(i32),
+}
+
+/// A hook between the kernel and the backing directory.
+///
+/// Filters run in the order given; `before` hooks first to last (the first `Deny` wins),
+/// `after` hooks last to first. Hooks run on the file system's worker threads and must
+/// not block for long.
+pub trait Filter: Send + Sync {
+    /// A short name for logs.
+    fn name(&self) -> &str;
+
+    fn before(&self, _req: &Request) -> Verdict {
+        Verdict::Continue
+    }
+
+    fn after(&self, _req: &Request, _outcome: &Outcome) {}
+
+    /// Whether this filter must see the reads and writes of the file at `path`. When no
+    /// filter does, the file is opened with the kernel's FUSE passthrough and its data never
+    /// enters the daemon (no `Read`/`Write` requests reach any filter for that open).
+    fn wants_data(&self, _path: &Path) -> bool {
+        false
+    }
+
+    /// Called once at unmount, e.g. to flush logs.
+    fn close(&self) {}
+}
+
+/// A filter applied only under some subtrees of the mount.
+pub struct Scoped {
+    filter: Box<dyn Filter>,
+    /// Normalised subtree roots ("/a/b"); empty means the whole tree.
+    under: Vec<PathBuf>,
+}
+
+impl Scoped {
+    pub fn new(filter: Box<dyn Filter>, under: Vec<PathBuf>) -> Self {
+        let under = under
+            .into_iter()
+            .map(|p| {
+                let rel = p.strip_prefix("/").map(Path::to_path_buf).unwrap_or(p);
+                Path::new("/").join(rel)
+            })
+            .filter(|p| p != Path::new("/"))
+            .collect();
+        Scoped { filter, under }
+    }
+
+    pub fn applies_to(&self, path: &Path) -> bool {
+        self.under.is_empty() || self.under.iter().any(|root| path.starts_with(root))
+    }
+
+    fn applies(&self, req: &Request) -> bool {
+        self.applies_to(&req.path) || req.path2.as_deref().is_some_and(|p| self.applies_to(p))
+    }
+}
+
+/// The filters of one mount, in order.
+#[derive(Default)]
+pub struct Chain {
+    filters: Vec<Scoped>,
+}
+
+impl Chain {
+    pub fn new(filters: Vec<Scoped>) -> Self {
+        Chain { filters }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    pub fn before(&self, req: &Request) -> Verdict {
+        for scoped in &self.filters {
+            if scoped.applies(req) {
+                if let Verdict::Deny(errno) = scoped.filter.before(req) {
+                    return Verdict::Deny(errno);
+                }
+            }
+        }
+        Verdict::Continue
+    }
+
+    pub fn after(&self, req: &Request, outcome: &Outcome) {
+        for scoped in self.filters.iter().rev() {
+            if scoped.applies(req) {
+                scoped.filter.after(req, outcome);
+            }
+        }
+    }
+
+    pub fn wants_data(&self, path: &Path) -> bool {
+        self.filters
+            .iter()
+            .any(|s| s.applies_to(path) && s.filter.wants_data(path))
+    }
+
+    pub fn close(&self) {
+        for scoped in &self.filters {
+            scoped.filter.close();
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.filters
+            .iter()
+            .map(|s| s.filter.name().to_owned())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct DenyAll(i32);
+    impl Filter for DenyAll {
+        fn name(&self) -> &str {
+            "deny-all"
+        }
+        fn before(&self, _req: &Request) -> Verdict {
+            Verdict::Deny(self.0)
+        }
+    }
+
+    #[test]
+    fn scope_limits_a_filter_to_its_subtrees() {
+        let chain = Chain::new(vec![Scoped::new(
+            Box::new(DenyAll(libc::EPERM)),
+            vec!["sub/dir".into()],
+        )]);
+        let caller = Caller {
+            pid: 1,
+            uid: 0,
+            gid: 0,
+        };
+        let inside = Request::new(Op::Unlink, "/sub/dir/x", caller);
+        let beside = Request::new(Op::Unlink, "/sub/dirx", caller);
+        assert_eq!(chain.before(&inside), Verdict::Deny(libc::EPERM));
+        assert_eq!(chain.before(&beside), Verdict::Continue);
+        let mut rename_in = Request::new(Op::Rename, "/a", caller);
+        rename_in.path2 = Some("/sub/dir/a".into());
+        assert_eq!(chain.before(&rename_in), Verdict::Deny(libc::EPERM));
+    }
+
+    #[test]
+    fn first_deny_wins() {
+        let chain = Chain::new(vec![
+            Scoped::new(Box::new(DenyAll(libc::EROFS)), vec![]),
+            Scoped::new(Box::new(DenyAll(libc::EPERM)), vec![]),
+        ]);
+        let req = Request::new(
+            Op::Write,
+            "/f",
+            Caller {
+                pid: 1,
+                uid: 0,
+                gid: 0,
+            },
+        );
+        assert_eq!(chain.before(&req), Verdict::Deny(libc::EROFS));
+    }
+
+    #[test]
+    fn op_names_round_trip() {
+        for op in Op::ALL {
+            assert_eq!(Op::from_name(op.name()), Some(op));
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! `audit=FILE`: one JSON line per operation, readable with jq.
+//!
+//! Fields: `time` (RFC 3339, UTC), `op`, `path`, `path2` (rename/link target, symlink
+//! target), `pid`, `uid`, `gid`, `exe`, `result` (`"ok"` or the errno name), `errno`
+//! (0 on success), `bytes` (moved by read/write/copy), `offset`, `size`, `flags`, `mode`,
+//! `xattr` when they apply, and `latency_us`. A path that is not UTF-8 is written with
+//! U+FFFD replacements in `path` and exactly, hex-encoded, in `path_hex`.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use interpose_core::audit::{rfc3339_now, AuditSink, AuditTarget};
+use interpose_core::{errno_name, ExeCache};
+use serde_json::{json, Map, Value};
+
+use crate::filter::{Filter, Outcome, Request};
+
+pub struct Audit {
+    sink: AuditSink,
+    exes: ExeCache,
+    io: bool,
+}
+
+impl Audit {
+    /// `target` is a file path or `-` for standard error; `io` says whether reads and
+    /// writes are served by the daemon so that each one is logged.
+    pub fn open(target: &str, io: bool) -> Result<Self, interpose_core::audit::AuditError> {
+        Ok(Audit {
+            sink: AuditSink::open(&AuditTarget::parse(target))?,
+            exes: ExeCache::default(),
+            io,
+        })
+    }
+}
+
+fn put_path(map: &mut Map<String, Value>, key: &str, path: &Path) {
+    let bytes = path.as_os_str().as_bytes();
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            map.insert(key.into(), Value::String(s.into()));
+        }
+        Err(_) => {
+            map.insert(
+                key.into(),
+                Value::String(String::from_utf8_lossy(bytes).into_owned()),
+            );
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            map.insert(format!("{key}_hex"), Value::String(hex));
+        }
+    }
+}
+
+impl Filter for Audit {
+    fn name(&self) -> &str {
+        "audit"
+    }
+
+    fn wants_data(&self, _path: &Path) -> bool {
+        self.io
+    }
+
+    fn after(&self, req: &Request, outcome: &Outcome) {
+        let mut map = Map::new();
+        map.insert("time".into(), Value::String(rfc3339_now()));
+        map.insert("op".into(), Value::String(req.op.name().into()));
+        put_path(&mut map, "path", &req.path);
+        if let Some(p) = &req.path2 {
+            put_path(&mut map, "path2", p);
+        }
+        map.insert("pid".into(), json!(req.caller.pid));
+        map.insert("uid".into(), json!(req.caller.uid));
+        map.insert("gid".into(), json!(req.caller.gid));
+        let exe = self.exes.exe(req.caller.pid);
+        map.insert(
+            "exe".into(),
+            exe.map_or(Value::Null, |e| {
+                Value::String(e.to_string_lossy().into_owned())
+            }),
+        );
+        let (result, errno, bytes) = match outcome.result {
+            Ok(bytes) => ("ok".to_owned(), 0, bytes),
+            Err(e) => (
+                errno_name(e).map_or_else(|| format!("E{e}"), str::to_owned),
+                e,
+                0,
+            ),
+        };
+        map.insert("result".into(), Value::String(result));
+        map.insert("errno".into(), json!(errno));
+        map.insert("bytes".into(), json!(bytes));
+        if let Some(v) = req.offset {
+            map.insert("offset".into(), json!(v));
+        }
+        if let Some(v) = req.size {
+            map.insert("size".into(), json!(v));
+        }
+        if let Some(v) = req.flags {
+            map.insert("flags".into(), json!(v));
+        }
+        if let Some(v) = req.mode {
+            map.insert("mode".into(), Value::String(format!("{v:o}")));
+        }
+        if let Some(v) = &req.xattr {
+            map.insert(
+                "xattr".into(),
+                Value::String(v.to_string_lossy().into_owned()),
+            );
+        }
+        map.insert(
+            "latency_us".into(),
+            json!(outcome.latency.as_micros() as u64),
+        );
+        self.sink.record(&Value::Object(map));
+    }
+
+    fn close(&self) {
+        self.sink.close();
+    }
+}

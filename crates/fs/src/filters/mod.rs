@@ -1,0 +1,73 @@
+//! Built-in filters and the `--filter SPEC` syntax that selects them.
+//!
+//! A spec is `KIND=ARG` followed by `;`-separated options:
+//!
+//! - `audit=FILE` (`-` for standard error), option `io=off` to leave file data to the
+//!   kernel passthrough (reads and writes then are not logged one by one);
+//! - `deny=RULE[;RULE...]` (see [`deny`]);
+//! - any filter takes `under=SUBTREE` (repeatable) to apply only below those directories.
+
+pub mod audit;
+pub mod deny;
+
+use std::path::PathBuf;
+
+use crate::filter::{Filter, Scoped};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("filter spec {0:?} has no kind (expected KIND=ARG, e.g. audit=/tmp/audit.jsonl)")]
+    NoKind(String),
+    #[error("unknown filter kind {0:?} (known: audit, deny)")]
+    UnknownKind(String),
+    #[error("unknown option {option:?} for the {kind} filter")]
+    UnknownOption { kind: String, option: String },
+    #[error("bad value {value:?} for option {option}")]
+    BadValue { option: String, value: String },
+    #[error(transparent)]
+    Deny(#[from] deny::RuleError),
+    #[error(transparent)]
+    Audit(#[from] interpose_core::audit::AuditError),
+}
+
+/// Parses one `--filter` argument into a scoped filter.
+pub fn parse_spec(spec: &str) -> Result<Scoped, SpecError> {
+    let (kind, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| SpecError::NoKind(spec.to_owned()))?;
+    let mut under = Vec::new();
+    let mut io = true;
+    let mut parts: Vec<&str> = Vec::new();
+    for part in rest.split(';') {
+        if let Some(path) = part.strip_prefix("under=") {
+            under.push(PathBuf::from(path));
+        } else if let Some(value) = part.strip_prefix("io=") {
+            io = match value {
+                "on" | "true" | "yes" => true,
+                "off" | "false" | "no" => false,
+                _ => {
+                    return Err(SpecError::BadValue {
+                        option: "io".into(),
+                        value: value.into(),
+                    })
+                }
+            };
+        } else if !part.is_empty() {
+            parts.push(part);
+        }
+    }
+    let filter: Box<dyn Filter> = match kind {
+        "audit" => {
+            let [target] = parts[..] else {
+                return Err(SpecError::UnknownOption {
+                    kind: kind.into(),
+                    option: parts.get(1).copied().unwrap_or("").into(),
+                });
+            };
+            Box::new(audit::Audit::open(target, io)?)
+        }
+        "deny" => Box::new(deny::Deny::parse(&parts)?),
+        _ => return Err(SpecError::UnknownKind(kind.to_owned())),
+    };
+    Ok(Scoped::new(filter, under))
+}

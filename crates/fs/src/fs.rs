@@ -1,0 +1,1727 @@
+//! The FUSE front end: turns kernel requests into operations on the backing directory,
+//! with the filter chain around each one.
+//!
+//! Every backing operation is relative to a directory descriptor with a single name
+//! component and without following symlinks, so nothing in the tree (a symlink, a `..`,
+//! a rename race) can make the daemon touch a path outside the backing directory.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
+
+use crate::filter::{Caller, Chain, Op, Outcome, Request, Verdict};
+use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
+use crate::sys;
+
+/// Tunables of a mount.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long the kernel may cache attributes and names.
+    pub attr_timeout: Duration,
+    pub entry_timeout: Duration,
+    /// How long the kernel may remember that a name does not exist.
+    pub negative_timeout: Duration,
+    /// Use the kernel's FUSE passthrough for files no filter needs to see the data of.
+    pub passthrough: bool,
+    /// Worker threads serving requests.
+    pub threads: usize,
+    /// Most `O_PATH` descriptors kept open for inodes (see [`crate::inode`]).
+    pub fd_cache: usize,
+    /// Let users other than the mounting one use the mount (permission checks still apply).
+    pub allow_other: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(1),
+            negative_timeout: Duration::from_secs(1),
+            passthrough: true,
+            threads: std::thread::available_parallelism().map_or(4, |n| (n.get() * 2).max(4)),
+            fd_cache: 1024,
+            allow_other: true,
+        }
+    }
+}
+
+type Res<T> = Result<T, i32>;
+
+fn errno_of(err: rustix::io::Errno) -> i32 {
+    err.raw_os_error()
+}
+
+fn io_errno(err: std::io::Error) -> i32 {
+    err.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// An open regular file.
+struct OpenFile {
+    node: u64,
+    fd: OwnedFd,
+    /// Set for passthrough opens; keeps the kernel's registration alive.
+    backing: Option<Arc<BackingId>>,
+    /// The path filters saw at open, for the data operations (None without filters).
+    path: Option<Arc<PathBuf>>,
+}
+
+/// An open directory and where its stream stands.
+struct OpenDir {
+    fd: OwnedFd,
+    path: Option<Arc<PathBuf>>,
+    state: Mutex<DirStream>,
+}
+
+struct DirStream {
+    /// Offset of the next entry to deliver (what the kernel passes back to continue).
+    pos: i64,
+    pending: VecDeque<sys::DirEntry>,
+    eof: bool,
+}
+
+/// The file system; hand it to [`crate::mount`].
+pub struct FilterFs {
+    inodes: Inodes,
+    chain: Chain,
+    opts: Options,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    next_fh: AtomicU64,
+    passthrough: AtomicBool,
+    dont_mask: AtomicBool,
+}
+
+thread_local! {
+    static THREAD_FS_PRIVATE: Cell<bool> = const { Cell::new(false) };
+    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn caller(req: &fuser::Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time_of(secs: i64, nsec: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn timespec(t: Option<TimeOrNow>) -> Timespec {
+    match t {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut ns) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if ns < 0 {
+                    s -= 1;
+                    ns += 1_000_000_000;
+                }
+                Timespec {
+                    tv_sec: s,
+                    tv_nsec: ns,
+                }
+            }
+        },
+    }
+}
+
+fn check_name(name: &OsStr) -> Res<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+fn stat_fd(fd: BorrowedFd<'_>) -> Res<Stat> {
+    rustix::fs::statat(fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)
+}
+
+/// Flags for reopening a backing file on behalf of the caller's open.
+fn reopen_flags(flags: i32, keep_direct: bool) -> OFlags {
+    let mut strip =
+        libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_NOFOLLOW;
+    if !keep_direct {
+        strip |= libc::O_DIRECT;
+    }
+    OFlags::from_bits_retain(((flags & !strip) | libc::O_CLOEXEC) as u32)
+}
+
+impl FilterFs {
+    /// Opens the backing directory. `root` must be a directory.
+    pub fn new(backing: &Path, chain: Chain, opts: Options) -> std::io::Result<Self> {
+        let root = rustix::fs::open(
+            backing,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = stat_fd(root.as_fd()).map_err(std::io::Error::from_raw_os_error)?;
+        let inodes = Inodes::new(root, st.st_dev, st.st_ino, opts.fd_cache);
+        Ok(FilterFs {
+            inodes,
+            chain,
+            opts,
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+            dont_mask: AtomicBool::new(false),
+        })
+    }
+
+    /// Nodes the kernel still references, and descriptors cached for them (for tests of
+    /// boundedness and for `--stats`).
+    pub fn node_count(&self) -> (usize, usize) {
+        (self.inodes.len(), self.inodes.cached_fds())
+    }
+
+    fn attr(&self, id: u64, st: &Stat) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(id),
+            size: st.st_size as u64,
+            blocks: st.st_blocks as u64,
+            atime: time_of(st.st_atime, st.st_atime_nsec as i64),
+            mtime: time_of(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime: time_of(st.st_ctime, st.st_ctime_nsec as i64),
+            crtime: UNIX_EPOCH,
+            kind: kind_from_mode(st.st_mode),
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: st.st_blksize as u32,
+            flags: 0,
+        }
+    }
+
+    /// Runs `body` with the filter chain around it. Without filters, no path is built.
+    #[allow(clippy::too_many_arguments)]
+    fn filtered<T>(
+        &self,
+        req: &fuser::Request,
+        op: Op,
+        paths: impl FnOnce() -> (PathBuf, Option<PathBuf>),
+        detail: impl FnOnce(&mut Request),
+        body: impl FnOnce() -> Res<T>,
+        bytes: impl FnOnce(&T) -> u64,
+    ) -> Res<T> {
+        if self.chain.is_empty() {
+            return body();
+        }
+        let (p1, p2) = paths();
+        let mut r = Request::new(op, p1, caller(req));
+        r.path2 = p2;
+        detail(&mut r);
+        let start = Instant::now();
+        if let Verdict::Deny(errno) = self.chain.before(&r) {
+            self.chain.after(
+                &r,
+                &Outcome {
+                    result: Err(errno),
+                    latency: start.elapsed(),
+                },
+            );
+            return Err(errno);
+        }
+        let res = body();
+        let result = match &res {
+            Ok(v) => Ok(bytes(v)),
+            Err(e) => Err(*e),
+        };
+        self.chain.after(
+            &r,
+            &Outcome {
+                result,
+                latency: start.elapsed(),
+            },
+        );
+        res
+    }
+
+    fn node_path(&self, id: u64) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {
+        move || (self.inodes.path(id), None)
+    }
+
+    fn child_path<'a>(
+        &'a self,
+        parent: u64,
+        name: &'a OsStr,
+    ) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + 'a {
+        move || (self.inodes.child_path(parent, name), None)
+    }
+
+    /// Whether the filters hide `path` from this caller (a lookup denied with ENOENT).
+    fn hidden(&self, req: &fuser::Request, path: &Path) -> bool {
+        let r = Request::new(Op::Lookup, path, caller(req));
+        self.chain.before(&r) == Verdict::Deny(libc::ENOENT)
+    }
+
+    /// Looks `name` up in the directory `dir_fd` (node `parent`) and records the reference.
+    fn lookup_at(&self, parent: u64, dir_fd: BorrowedFd<'_>, name: &OsStr) -> Res<(u64, Stat)> {
+        let fd = rustix::fs::openat(
+            dir_fd,
+            name,
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno_of)?;
+        let st = stat_fd(fd.as_fd())?;
+        let id = self.inodes.remember(
+            parent,
+            name,
+            fd,
+            Found {
+                dev: st.st_dev,
+                ino: st.st_ino,
+                kind: kind_from_mode(st.st_mode),
+            },
+        );
+        Ok((id, st))
+    }
+
+    fn lookup_in(&self, parent: u64, name: &OsStr) -> Res<(u64, Stat)> {
+        let dir = self.inodes.fd(parent)?;
+        self.lookup_at(parent, dir.as_fd(), name)
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, res: Res<(u64, Stat)>) {
+        match res {
+            Ok((id, st)) => {
+                let attr = self.attr(id, &st);
+                reply.entry_with_ttls(
+                    &self.opts.attr_timeout,
+                    &self.opts.entry_timeout,
+                    &attr,
+                    Generation(0),
+                )
+            }
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    /// Runs a creating operation with the caller's group as file-system gid and the
+    /// caller's umask, then gives the new object to the caller. The daemon keeps its own
+    /// uid meanwhile: the kernel already checked the caller's permission
+    /// (default_permissions), and switching fsuid would drop the capabilities that keep
+    /// supplementary-group access working on the backing side.
+    fn create_as_caller<T>(
+        &self,
+        req: &fuser::Request,
+        umask: u32,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        make: impl FnOnce() -> Res<T>,
+    ) -> Res<T> {
+        if !THREAD_FS_PRIVATE.get() {
+            sys::unshare_thread_fs().map_err(io_errno)?;
+            THREAD_FS_PRIVATE.set(true);
+        }
+        sys::set_thread_umask(if self.dont_mask.load(Ordering::Relaxed) {
+            umask
+        } else {
+            0
+        });
+        let old_gid = sys::set_thread_fsgid(req.gid());
+        let made = make();
+        sys::set_thread_fsgid(old_gid);
+        let made = made?;
+        let uid = req.uid();
+        if uid != rustix::process::geteuid().as_raw() {
+            let before =
+                rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)?;
+            let owner = Some(rustix::fs::Uid::from_raw(uid));
+            if let Err(e) = rustix::fs::chownat(dir, name, owner, None, AtFlags::SYMLINK_NOFOLLOW) {
+                let _ = rustix::fs::unlinkat(
+                    dir,
+                    name,
+                    if before.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                        AtFlags::REMOVEDIR
+                    } else {
+                        AtFlags::empty()
+                    },
+                );
+                return Err(errno_of(e));
+            }
+            // chown clears set-id bits; the caller asked for them on a file it owns.
+            let setid = before.st_mode & (libc::S_ISUID | libc::S_ISGID);
+            if setid != 0 && before.st_mode & libc::S_IFMT == libc::S_IFREG {
+                let _ = rustix::fs::chmodat(
+                    dir,
+                    name,
+                    Mode::from_raw_mode(before.st_mode & 0o7777),
+                    AtFlags::empty(),
+                );
+            }
+        }
+        Ok(made)
+    }
+
+    /// Registers an open file handle; decides passthrough for it.
+    fn open_file(
+        &self,
+        node: u64,
+        fd: OwnedFd,
+        want_passthrough: bool,
+        path: Option<Arc<PathBuf>>,
+        register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
+    ) -> (u64, Option<Arc<BackingId>>) {
+        let mut backing = None;
+        if want_passthrough {
+            // All passthrough opens of an inode must share one registration, and the kernel
+            // refuses to mix them with cached opens of the same inode.
+            let existing = self.inodes.with_node(node, |n| {
+                if n.cached_opens > 0 {
+                    return Err(());
+                }
+                Ok(n.backing.upgrade())
+            });
+            match existing {
+                Some(Ok(Some(id))) => backing = Some(id),
+                Some(Ok(None)) => match register(&fd) {
+                    Ok(id) => {
+                        let id = Arc::new(id);
+                        self.inodes
+                            .with_node(node, |n| n.backing = Arc::downgrade(&id));
+                        backing = Some(id);
+                    }
+                    Err(err) => tracing::debug!(
+                        "passthrough registration failed, serving from the daemon: {err}"
+                    ),
+                },
+                _ => {}
+            }
+        }
+        let is_pt = backing.is_some();
+        self.inodes.with_node(node, |n| {
+            if is_pt {
+                n.passthrough_opens += 1
+            } else {
+                n.cached_opens += 1
+            }
+        });
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(
+            fh,
+            Arc::new(OpenFile {
+                node,
+                fd,
+                backing: backing.clone(),
+                path,
+            }),
+        );
+        (fh, backing)
+    }
+
+    fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
+        self.files.lock().get(&fh.0).cloned().ok_or(libc::EBADF)
+    }
+
+    /// Opens the node for I/O with the given flags (through its `O_PATH` descriptor).
+    fn reopen(&self, id: u64, flags: OFlags) -> Res<OwnedFd> {
+        let fd = self.inodes.fd(id)?;
+        rustix::fs::open(sys::proc_fd_path(fd.as_fd()), flags, Mode::empty()).map_err(errno_of)
+    }
+
+    fn data_path(&self, file: &OpenFile) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {
+        let path = file.path.clone();
+        let node = file.node;
+        move || {
+            (
+                path.map(|p| (*p).clone())
+                    .unwrap_or_else(|| self.inodes.path(node)),
+                None,
+            )
+        }
+    }
+
+    fn wants_passthrough(&self, path: Option<&Path>, flags: i32) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+            && flags & libc::O_ACCMODE != 3
+            && match path {
+                None => true,
+                Some(p) => !self.chain.wants_data(p),
+            }
+    }
+
+    fn do_setattr(
+        &self,
+        ino: u64,
+        fh: Option<FileHandle>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+    ) -> Res<Stat> {
+        let path_fd = self.inodes.fd(ino)?;
+        let open = fh.and_then(|fh| self.files.lock().get(&fh.0).cloned());
+        let proc_path = sys::proc_fd_path(path_fd.as_fd());
+        if let Some(mode) = mode {
+            rustix::fs::chmod(&proc_path, Mode::from_raw_mode(mode & 0o7777)).map_err(errno_of)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chownat(
+                path_fd.as_fd(),
+                "",
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
+                AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno_of)?;
+        }
+        if let Some(size) = size {
+            match &open {
+                Some(f)
+                    if rustix::fs::fcntl_getfl(&f.fd).is_ok_and(|fl| {
+                        fl.contains(OFlags::WRONLY) || fl.contains(OFlags::RDWR)
+                    }) =>
+                {
+                    rustix::fs::ftruncate(&f.fd, size).map_err(errno_of)?
+                }
+                _ => {
+                    let fd = rustix::fs::open(
+                        &proc_path,
+                        OFlags::WRONLY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(errno_of)?;
+                    rustix::fs::ftruncate(&fd, size).map_err(errno_of)?;
+                }
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let times = Timestamps {
+                last_access: timespec(atime),
+                last_modification: timespec(mtime),
+            };
+            rustix::fs::utimensat(rustix::fs::CWD, &proc_path, &times, AtFlags::empty())
+                .map_err(errno_of)?;
+        }
+        stat_fd(path_fd.as_fd())
+    }
+
+    fn fill_dir(
+        &self,
+        req: &fuser::Request,
+        dir: &OpenDir,
+        offset: u64,
+        mut add: impl FnMut(&sys::DirEntry) -> Res<bool>,
+    ) -> Res<()> {
+        let mut st = dir.state.lock();
+        if offset as i64 != st.pos {
+            rustix::fs::seek(&dir.fd, rustix::fs::SeekFrom::Start(offset)).map_err(errno_of)?;
+            st.pos = offset as i64;
+            st.pending.clear();
+            st.eof = false;
+        }
+        loop {
+            if st.pending.is_empty() {
+                if st.eof {
+                    break;
+                }
+                let mut batch = Vec::new();
+                sys::read_dir_batch(dir.fd.as_fd(), &mut batch).map_err(io_errno)?;
+                if batch.is_empty() {
+                    st.eof = true;
+                    break;
+                }
+                st.pending.extend(batch);
+            }
+            let entry = st.pending.front().expect("not empty");
+            let skip = !self.chain.is_empty()
+                && entry.name.as_bytes() != b"."
+                && entry.name.as_bytes() != b".."
+                && dir
+                    .path
+                    .as_ref()
+                    .is_some_and(|p| self.hidden(req, &p.join(&*entry.name)));
+            if !skip && add(entry)? {
+                break; // reply buffer full; this entry comes first next time
+            }
+            let entry = st.pending.pop_front().expect("not empty");
+            st.pos = entry.next_offset;
+        }
+        Ok(())
+    }
+
+    fn dir(&self, fh: FileHandle) -> Res<Arc<OpenDir>> {
+        self.dirs.lock().get(&fh.0).cloned().ok_or(libc::EBADF)
+    }
+
+    fn xattr_reply(reply: ReplyXattr, size: u32, res: Res<Vec<u8>>) {
+        match res {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, res: Res<()>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(Errno::from_i32(e)),
+    }
+}
+
+/// Reads a whole xattr value, growing the buffer if it changes size under us.
+fn get_xattr(path: &Path, name: &OsStr) -> Res<Vec<u8>> {
+    loop {
+        let len = rustix::fs::getxattr(path, name, &mut [0u8; 0][..]).map_err(errno_of)?;
+        let mut buf = vec![0u8; len];
+        match rustix::fs::getxattr(path, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(errno_of(e)),
+        }
+    }
+}
+
+fn list_xattr(path: &Path) -> Res<Vec<u8>> {
+    loop {
+        let len = rustix::fs::listxattr(path, &mut [0u8; 0][..]).map_err(errno_of)?;
+        let mut buf = vec![0u8; len];
+        match rustix::fs::listxattr(path, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => continue,
+            Err(e) => return Err(errno_of(e)),
+        }
+    }
+}
+
+impl Filesystem for FilterFs {
+    fn init(&mut self, _req: &fuser::Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = [
+            InitFlags::FUSE_ASYNC_DIO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+            InitFlags::FUSE_POSIX_ACL,
+            InitFlags::FUSE_DONT_MASK,
+        ];
+        for flag in wanted {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!("kernel lacks {flag:?}");
+            }
+        }
+        self.dont_mask.store(
+            config.capabilities().contains(InitFlags::FUSE_DONT_MASK),
+            Ordering::Relaxed,
+        );
+        if self.opts.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !ok {
+                tracing::warn!(
+                    "kernel has no FUSE passthrough; all file data goes through the daemon"
+                );
+            }
+            self.passthrough.store(ok, Ordering::Relaxed);
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        self.chain.close();
+    }
+
+    fn lookup(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let parent = parent.0;
+        let res = self.filtered(
+            req,
+            Op::Lookup,
+            self.child_path(parent, name),
+            |_| {},
+            || {
+                check_name(name)?;
+                self.lookup_in(parent, name)
+            },
+            |_| 0,
+        );
+        match res {
+            Err(libc::ENOENT) if !self.opts.negative_timeout.is_zero() => {
+                // A negative entry: the kernel remembers the absence for a while.
+                let mut attr = self.attr(0, &sys::zeroed_stat());
+                attr.ino = INodeNo(0);
+                reply.entry_with_ttls(
+                    &Duration::ZERO,
+                    &self.opts.negative_timeout,
+                    &attr,
+                    Generation(0),
+                );
+            }
+            res => self.reply_entry(reply, res),
+        }
+    }
+
+    fn forget(&self, _req: &fuser::Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        let res = self.filtered(
+            req,
+            Op::Getattr,
+            self.node_path(ino.0),
+            |_| {},
+            || {
+                if let Some(f) = fh.and_then(|fh| self.files.lock().get(&fh.0).cloned()) {
+                    return stat_fd(f.fd.as_fd());
+                }
+                stat_fd(self.inodes.fd(ino.0)?.as_fd())
+            },
+            |_| 0,
+        );
+        match res {
+            Ok(st) => reply.attr(&self.opts.attr_timeout, &self.attr(ino.0, &st)),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let res = self.filtered(
+            req,
+            Op::Setattr,
+            self.node_path(ino.0),
+            |r| {
+                r.mode = mode;
+                r.size = size;
+            },
+            || self.do_setattr(ino.0, fh, mode, uid, gid, size, atime, mtime),
+            |_| 0,
+        );
+        match res {
+            Ok(st) => reply.attr(&self.opts.attr_timeout, &self.attr(ino.0, &st)),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn readlink(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
+        let res = self.filtered(
+            req,
+            Op::Readlink,
+            self.node_path(ino.0),
+            |_| {},
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                rustix::fs::readlinkat(fd.as_fd(), "", Vec::new()).map_err(errno_of)
+            },
+            |_| 0,
+        );
+        match res {
+            Ok(target) => reply.data(target.as_bytes()),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let parent = parent.0;
+        let res = self.filtered(
+            req,
+            Op::Mknod,
+            self.child_path(parent, name),
+            |r| r.mode = Some(mode),
+            || {
+                check_name(name)?;
+                let dir = self.inodes.fd(parent)?;
+                self.create_as_caller(req, umask, dir.as_fd(), name, || {
+                    let kind = rustix::fs::FileType::from_raw_mode(mode);
+                    rustix::fs::mknodat(
+                        dir.as_fd(),
+                        name,
+                        kind,
+                        Mode::from_raw_mode(mode & 0o7777),
+                        rdev as u64,
+                    )
+                    .map_err(errno_of)
+                })?;
+                self.lookup_at(parent, dir.as_fd(), name)
+            },
+            |_| 0,
+        );
+        self.reply_entry(reply, res);
+    }
+
+    fn mkdir(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let parent = parent.0;
+        let res = self.filtered(
+            req,
+            Op::Mkdir,
+            self.child_path(parent, name),
+            |r| r.mode = Some(mode),
+            || {
+                check_name(name)?;
+                let dir = self.inodes.fd(parent)?;
+                self.create_as_caller(req, umask, dir.as_fd(), name, || {
+                    rustix::fs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(mode & 0o7777))
+                        .map_err(errno_of)
+                })?;
+                self.lookup_at(parent, dir.as_fd(), name)
+            },
+            |_| 0,
+        );
+        self.reply_entry(reply, res);
+    }
+
+    fn unlink(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Unlink,
+            self.child_path(parent.0, name),
+            |_| {},
+            || {
+                check_name(name)?;
+                let dir = self.inodes.fd(parent.0)?;
+                rustix::fs::unlinkat(dir.as_fd(), name, AtFlags::empty()).map_err(errno_of)
+            },
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn rmdir(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Rmdir,
+            self.child_path(parent.0, name),
+            |_| {},
+            || {
+                check_name(name)?;
+                let dir = self.inodes.fd(parent.0)?;
+                rustix::fs::unlinkat(dir.as_fd(), name, AtFlags::REMOVEDIR).map_err(errno_of)
+            },
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn symlink(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let parent = parent.0;
+        let res = self.filtered(
+            req,
+            Op::Symlink,
+            || {
+                (
+                    self.inodes.child_path(parent, link_name),
+                    Some(target.to_path_buf()),
+                )
+            },
+            |_| {},
+            || {
+                check_name(link_name)?;
+                let dir = self.inodes.fd(parent)?;
+                self.create_as_caller(req, 0, dir.as_fd(), link_name, || {
+                    rustix::fs::symlinkat(target, dir.as_fd(), link_name).map_err(errno_of)
+                })?;
+                self.lookup_at(parent, dir.as_fd(), link_name)
+            },
+            |_| 0,
+        );
+        self.reply_entry(reply, res);
+    }
+
+    fn rename(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (parent, newparent) = (parent.0, newparent.0);
+        let res = self.filtered(
+            req,
+            Op::Rename,
+            || {
+                (
+                    self.inodes.child_path(parent, name),
+                    Some(self.inodes.child_path(newparent, newname)),
+                )
+            },
+            |r| r.flags = Some(flags.bits() as i32),
+            || {
+                check_name(name)?;
+                check_name(newname)?;
+                let old_dir = self.inodes.fd(parent)?;
+                let new_dir = self.inodes.fd(newparent)?;
+                rustix::fs::renameat_with(
+                    old_dir.as_fd(),
+                    name,
+                    new_dir.as_fd(),
+                    newname,
+                    rustix::fs::RenameFlags::from_bits_retain(flags.bits()),
+                )
+                .map_err(errno_of)?;
+                // Keep the remembered names right for filter paths.
+                if let Ok(st) =
+                    rustix::fs::statat(new_dir.as_fd(), newname, AtFlags::SYMLINK_NOFOLLOW)
+                {
+                    self.inodes
+                        .renamed(st.st_dev, st.st_ino, newparent, newname);
+                }
+                if flags.bits() & libc::RENAME_EXCHANGE != 0 {
+                    if let Ok(st) =
+                        rustix::fs::statat(old_dir.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW)
+                    {
+                        self.inodes.renamed(st.st_dev, st.st_ino, parent, name);
+                    }
+                }
+                Ok(())
+            },
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn link(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let newparent = newparent.0;
+        let res = self.filtered(
+            req,
+            Op::Link,
+            || {
+                (
+                    self.inodes.path(ino.0),
+                    Some(self.inodes.child_path(newparent, newname)),
+                )
+            },
+            |_| {},
+            || {
+                check_name(newname)?;
+                let src = self.inodes.fd(ino.0)?;
+                let dir = self.inodes.fd(newparent)?;
+                rustix::fs::linkat(src.as_fd(), "", dir.as_fd(), newname, AtFlags::EMPTY_PATH)
+                    .map_err(errno_of)?;
+                self.lookup_at(newparent, dir.as_fd(), newname)
+            },
+            |_| 0,
+        );
+        self.reply_entry(reply, res);
+    }
+
+    fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let flags = flags.0;
+        let path = (!self.chain.is_empty()).then(|| Arc::new(self.inodes.path(ino.0)));
+        let res = self.filtered(
+            req,
+            Op::Open,
+            || ((*path.clone().expect("filters present")).clone(), None),
+            |r| r.flags = Some(flags),
+            || {
+                let passthrough =
+                    self.wants_passthrough(path.as_deref().map(|p| p.as_path()), flags);
+                let fd = self.reopen(ino.0, reopen_flags(flags, passthrough))?;
+                Ok(self.open_file(ino.0, fd, passthrough, path.clone(), |fd| {
+                    reply.open_backing(fd)
+                }))
+            },
+            |_| 0,
+        );
+        match res {
+            Ok((fh, Some(backing))) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing)
+            }
+            Ok((fh, None)) => {
+                let direct = if flags & libc::O_DIRECT != 0 {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), direct)
+            }
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let parent = parent.0;
+        let path = (!self.chain.is_empty()).then(|| Arc::new(self.inodes.child_path(parent, name)));
+        let res = self.filtered(
+            req,
+            Op::Create,
+            || ((*path.clone().expect("filters present")).clone(), None),
+            |r| {
+                r.flags = Some(flags);
+                r.mode = Some(mode);
+            },
+            || {
+                check_name(name)?;
+                let dir = self.inodes.fd(parent)?;
+                let passthrough =
+                    self.wants_passthrough(path.as_deref().map(|p| p.as_path()), flags);
+                let oflags = reopen_flags(flags, passthrough)
+                    | OFlags::CREATE
+                    | OFlags::NOFOLLOW
+                    | if flags & libc::O_EXCL != 0 {
+                        OFlags::EXCL
+                    } else {
+                        OFlags::empty()
+                    }
+                    | if flags & libc::O_TRUNC != 0 {
+                        OFlags::TRUNC
+                    } else {
+                        OFlags::empty()
+                    };
+                let fd = self.create_as_caller(req, umask, dir.as_fd(), name, || {
+                    rustix::fs::openat(
+                        dir.as_fd(),
+                        name,
+                        oflags,
+                        Mode::from_raw_mode(mode & 0o7777),
+                    )
+                    .map_err(errno_of)
+                })?;
+                let (id, st) = self.lookup_at(parent, dir.as_fd(), name)?;
+                let (fh, backing) = self.open_file(id, fd, passthrough, path.clone(), |fd| {
+                    reply.open_backing(fd)
+                });
+                Ok((id, st, fh, backing))
+            },
+            |_| 0,
+        );
+        match res {
+            Ok((id, st, fh, backing)) => {
+                let attr = self.attr(id, &st);
+                match backing {
+                    Some(b) => reply.created_passthrough(
+                        &self.opts.entry_timeout,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                        &b,
+                    ),
+                    None => reply.created(
+                        &self.opts.entry_timeout,
+                        &attr,
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::empty(),
+                    ),
+                }
+            }
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let file = match self.file(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(Errno::from_i32(e)),
+        };
+        READ_BUF.with_borrow_mut(|buf| {
+            buf.resize(size as usize, 0);
+            let res = self.filtered(
+                req,
+                Op::Read,
+                self.data_path(&file),
+                |r| {
+                    r.offset = Some(offset);
+                    r.size = Some(size as u64);
+                },
+                || {
+                    let mut done = 0;
+                    while done < buf.len() {
+                        match rustix::io::pread(&file.fd, &mut buf[done..], offset + done as u64) {
+                            Ok(0) => break,
+                            Ok(n) => done += n,
+                            Err(rustix::io::Errno::INTR) => continue,
+                            Err(e) => return Err(errno_of(e)),
+                        }
+                    }
+                    Ok(done)
+                },
+                |n| *n as u64,
+            );
+            match res {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            }
+        });
+    }
+
+    fn write(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let file = match self.file(fh) {
+            Ok(f) => f,
+            Err(e) => return reply.error(Errno::from_i32(e)),
+        };
+        let res = self.filtered(
+            req,
+            Op::Write,
+            self.data_path(&file),
+            |r| {
+                r.offset = Some(offset);
+                r.size = Some(data.len() as u64);
+            },
+            || {
+                let mut done = 0;
+                while done < data.len() {
+                    match rustix::io::pwrite(&file.fd, &data[done..], offset + done as u64) {
+                        Ok(n) => done += n,
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Err(e) if done == 0 => return Err(errno_of(e)),
+                        Err(_) => break,
+                    }
+                }
+                Ok(done)
+            },
+            |n| *n as u64,
+        );
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.file(fh).and_then(|file| {
+            self.filtered(
+                req,
+                Op::Flush,
+                self.data_path(&file),
+                |_| {},
+                || {
+                    // Like close(2) on the backing file, for file systems that act on close
+                    // (NFS writes back, reports errors): close a duplicate.
+                    drop(file.fd.try_clone().map_err(io_errno)?);
+                    Ok(())
+                },
+                |_| 0,
+            )
+        });
+        reply_empty(reply, res);
+    }
+
+    fn release(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(file) = self.files.lock().remove(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let res = self.filtered(
+            req,
+            Op::Release,
+            self.data_path(&file),
+            |_| {},
+            || Ok(()),
+            |_| 0,
+        );
+        let is_pt = file.backing.is_some();
+        let node = file.node;
+        drop(file);
+        let gone = self.inodes.with_node(node, |n| {
+            if is_pt {
+                n.passthrough_opens -= 1
+            } else {
+                n.cached_opens -= 1
+            }
+            n.nlookup == 0 && n.passthrough_opens == 0 && n.cached_opens == 0
+        });
+        if gone == Some(true) {
+            self.inodes.forget(node, 0);
+        }
+        reply_empty(reply, res);
+    }
+
+    fn fsync(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.file(fh).and_then(|file| {
+            self.filtered(
+                req,
+                Op::Fsync,
+                self.data_path(&file),
+                |_| {},
+                || {
+                    if datasync {
+                        rustix::fs::fdatasync(&file.fd).map_err(errno_of)
+                    } else {
+                        rustix::fs::fsync(&file.fd).map_err(errno_of)
+                    }
+                },
+                |_| 0,
+            )
+        });
+        reply_empty(reply, res);
+    }
+
+    fn opendir(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let path = (!self.chain.is_empty()).then(|| Arc::new(self.inodes.path(ino.0)));
+        let res = self.filtered(
+            req,
+            Op::Opendir,
+            || ((*path.clone().expect("filters present")).clone(), None),
+            |r| r.flags = Some(flags.0),
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                let dir = rustix::fs::openat(
+                    fd.as_fd(),
+                    ".",
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno_of)?;
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let state = Mutex::new(DirStream {
+                    pos: 0,
+                    pending: VecDeque::new(),
+                    eof: false,
+                });
+                self.dirs.lock().insert(
+                    fh,
+                    Arc::new(OpenDir {
+                        fd: dir,
+                        path: path.clone(),
+                        state,
+                    }),
+                );
+                Ok(fh)
+            },
+            |_| 0,
+        );
+        match res {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let res = self.dir(fh).and_then(|dir| {
+            self.filtered(
+                req,
+                Op::Readdir,
+                self.node_path(ino.0),
+                |r| r.offset = Some(offset),
+                || {
+                    self.fill_dir(req, &dir, offset, |e| {
+                        Ok(reply.add(
+                            INodeNo(e.ino),
+                            e.next_offset as u64,
+                            kind_from_dtype(e.d_type),
+                            &e.name,
+                        ))
+                    })
+                },
+                |_| 0,
+            )
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let res = self.dir(fh).and_then(|dir| {
+            self.filtered(
+                req,
+                Op::Readdir,
+                self.node_path(ino.0),
+                |r| r.offset = Some(offset),
+                || {
+                    self.fill_dir(req, &dir, offset, |e| {
+                        let name = e.name.as_bytes();
+                        if name == b"." || name == b".." {
+                            let mut attr = self.attr(e.ino, &sys::zeroed_stat());
+                            attr.kind = FileType::Directory;
+                            return Ok(reply.add(
+                                INodeNo(e.ino),
+                                e.next_offset as u64,
+                                &e.name,
+                                &Duration::ZERO,
+                                &attr,
+                                Generation(0),
+                            ));
+                        }
+                        let (id, st) = match self.lookup_at(ino.0, dir.fd.as_fd(), &e.name) {
+                            Ok(found) => found,
+                            Err(_) => return Ok(false), // vanished meanwhile: skip it
+                        };
+                        let attr = self.attr(id, &st);
+                        let full = reply.add(
+                            INodeNo(id),
+                            e.next_offset as u64,
+                            &e.name,
+                            &self.opts.entry_timeout,
+                            &attr,
+                            Generation(0),
+                        );
+                        if full {
+                            self.inodes.forget(id, 1); // not sent, so the kernel holds no reference
+                        }
+                        Ok(full)
+                    })
+                },
+                |_| 0,
+            )
+        });
+        match res {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.filtered(
+            req,
+            Op::Releasedir,
+            self.node_path(ino.0),
+            |_| {},
+            || {
+                self.dirs
+                    .lock()
+                    .remove(&fh.0)
+                    .map(|_| ())
+                    .ok_or(libc::EBADF)
+            },
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn fsyncdir(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.dir(fh).and_then(|dir| {
+            self.filtered(
+                req,
+                Op::Fsyncdir,
+                self.node_path(ino.0),
+                |_| {},
+                || {
+                    if datasync {
+                        rustix::fs::fdatasync(&dir.fd)
+                    } else {
+                        rustix::fs::fsync(&dir.fd)
+                    }
+                    .map_err(errno_of)
+                },
+                |_| 0,
+            )
+        });
+        reply_empty(reply, res);
+    }
+
+    fn statfs(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyStatfs) {
+        let res = self.filtered(
+            req,
+            Op::Statfs,
+            self.node_path(ino.0),
+            |_| {},
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                rustix::fs::fstatvfs(fd.as_fd()).map_err(errno_of)
+            },
+            |_| 0,
+        );
+        match res {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.filtered(
+            req,
+            Op::Setxattr,
+            self.node_path(ino.0),
+            |r| {
+                r.xattr = Some(name.to_owned());
+                r.size = Some(value.len() as u64);
+            },
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                rustix::fs::setxattr(
+                    sys::proc_fd_path(fd.as_fd()),
+                    name,
+                    value,
+                    rustix::fs::XattrFlags::from_bits_retain(flags as u32),
+                )
+                .map_err(errno_of)
+            },
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn getxattr(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        let res = self.filtered(
+            req,
+            Op::Getxattr,
+            self.node_path(ino.0),
+            |r| r.xattr = Some(name.to_owned()),
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                get_xattr(&sys::proc_fd_path(fd.as_fd()), name)
+            },
+            |v| v.len() as u64,
+        );
+        Self::xattr_reply(reply, size, res);
+    }
+
+    fn listxattr(&self, req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let res = self.filtered(
+            req,
+            Op::Listxattr,
+            self.node_path(ino.0),
+            |_| {},
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                list_xattr(&sys::proc_fd_path(fd.as_fd()))
+            },
+            |v| v.len() as u64,
+        );
+        Self::xattr_reply(reply, size, res);
+    }
+
+    fn removexattr(&self, req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Removexattr,
+            self.node_path(ino.0),
+            |r| r.xattr = Some(name.to_owned()),
+            || {
+                let fd = self.inodes.fd(ino.0)?;
+                rustix::fs::removexattr(sys::proc_fd_path(fd.as_fd()), name).map_err(errno_of)
+            },
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn access(&self, req: &fuser::Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel has checked the mode bits and ACLs already;
+        // this only gives filters their say and confirms the object still exists.
+        let res = self.filtered(
+            req,
+            Op::Access,
+            self.node_path(ino.0),
+            |r| r.flags = Some(mask.bits()),
+            || stat_fd(self.inodes.fd(ino.0)?.as_fd()).map(|_| ()),
+            |_| 0,
+        );
+        reply_empty(reply, res);
+    }
+
+    fn fallocate(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let res = self.file(fh).and_then(|file| {
+            self.filtered(
+                req,
+                Op::Fallocate,
+                self.data_path(&file),
+                |r| {
+                    r.offset = Some(offset);
+                    r.size = Some(length);
+                    r.flags = Some(mode);
+                },
+                || {
+                    rustix::fs::fallocate(
+                        &file.fd,
+                        rustix::fs::FallocateFlags::from_bits_retain(mode as u32),
+                        offset,
+                        length,
+                    )
+                    .map_err(errno_of)
+                },
+                |_| 0,
+            )
+        });
+        reply_empty(reply, res);
+    }
+
+    fn lseek(
+        &self,
+        req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let res = self.file(fh).and_then(|file| {
+            self.filtered(
+                req,
+                Op::Lseek,
+                self.data_path(&file),
+                |r| r.offset = Some(offset as u64),
+                || {
+                    let pos = match whence {
+                        libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset as u64),
+                        libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset as u64),
+                        libc::SEEK_SET => rustix::fs::SeekFrom::Start(offset as u64),
+                        libc::SEEK_END => rustix::fs::SeekFrom::End(offset),
+                        _ => return Err(libc::EINVAL),
+                    };
+                    // pread/pwrite never move the shared position, so seeking our descriptor is safe.
+                    rustix::fs::seek(&file.fd, pos).map_err(errno_of)
+                },
+                |_| 0,
+            )
+        });
+        match res {
+            Ok(pos) => reply.offset(pos as i64),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        req: &fuser::Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        let files = self.file(fh_in).and_then(|a| Ok((a, self.file(fh_out)?)));
+        let res = files.and_then(|(src, dst)| {
+            let (src_path, dst_path) = (src.path.clone(), dst.path.clone());
+            self.filtered(
+                req,
+                Op::CopyFileRange,
+                || {
+                    let p = |o: Option<Arc<PathBuf>>, n| {
+                        o.map(|p| (*p).clone())
+                            .unwrap_or_else(|| self.inodes.path(n))
+                    };
+                    (p(src_path, src.node), Some(p(dst_path, dst.node)))
+                },
+                |r| {
+                    r.offset = Some(offset_in);
+                    r.size = Some(len);
+                },
+                || {
+                    let (mut oi, mut oo) = (offset_in, offset_out);
+                    let n = rustix::fs::copy_file_range(
+                        &src.fd,
+                        Some(&mut oi),
+                        &dst.fd,
+                        Some(&mut oo),
+                        len.min(u32::MAX as u64 & !0xfff) as usize,
+                    )
+                    .map_err(errno_of)?;
+                    Ok(n)
+                },
+                |n| *n as u64,
+            )
+        });
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(Errno::from_i32(e)),
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The inode table: what the kernel's node ids stand for in the backing directory.
+//!
+//! Each node remembers its backing object by *file handle* (name_to_handle_at(2)), not by an
+//! open descriptor, so a tree with millions of inodes costs a few dozen bytes per node the
+//! kernel still references, and never one descriptor each. Descriptors are opened on demand
+//! and kept in a bounded LRU cache. On a file system without file handles the node pins an
+//! `O_PATH` descriptor instead (the classic passthrough design), with a warning at mount.
+//!
+//! Node ids are the backing inode numbers where possible, so `stat` shows the same numbers
+//! through the mount as on the backing directory and hard links share one node.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+
+use fuser::{BackingId, FileType};
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use crate::sys::{self, FileHandle};
+
+pub const ROOT_ID: u64 = 1;
+/// Node ids with this bit are synthetic: objects on other devices than the root's, or whose
+/// inode number collides with the FUSE root id.
+const SYNTHETIC: u64 = 1 << 63;
+
+/// Where a node's backing object can be found again.
+#[derive(Debug)]
+pub enum Anchor {
+    Handle(FileHandle),
+    Pinned(Arc<OwnedFd>),
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: FileType,
+    pub anchor: Anchor,
+    /// Last known parent and name (for filter paths; hard links keep the latest one).
+    pub parent: u64,
+    pub name: Box<OsStr>,
+    pub nlookup: u64,
+    /// The kernel passthrough registration shared by all passthrough opens of this inode.
+    pub backing: Weak<BackingId>,
+    pub passthrough_opens: u32,
+    pub cached_opens: u32,
+}
+
+#[derive(Default)]
+struct Table {
+    nodes: HashMap<u64, Node>,
+    synthetic_ids: HashMap<(u64, u64), u64>,
+    next_synthetic: u64,
+}
+
+/// Identity of a freshly looked-up backing object.
+pub struct Found {
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: FileType,
+}
+
+pub struct Inodes {
+    root: Arc<OwnedFd>,
+    root_dev: u64,
+    root_ino: u64,
+    root_mount_id: i32,
+    table: Mutex<Table>,
+    fds: Mutex<LruCache<u64, Arc<OwnedFd>>>,
+    /// A descriptor on each submount seen, for open_by_handle_at.
+    mounts: Mutex<HashMap<i32, Arc<OwnedFd>>>,
+    pub handles_supported: bool,
+}
+
+impl Inodes {
+    pub fn new(root: OwnedFd, root_dev: u64, root_ino: u64, fd_cache: usize) -> Self {
+        let (mount_id, handles_supported) = match sys::name_to_handle(root.as_fd()) {
+            Ok(h) => (h.mount_id, true),
+            Err(err) => {
+                tracing::warn!(
+                    "backing file system has no file handles ({err}); every inode the kernel remembers will pin a descriptor"
+                );
+                (-1, false)
+            }
+        };
+        Inodes {
+            root: Arc::new(root),
+            root_dev,
+            root_ino,
+            root_mount_id: mount_id,
+            table: Mutex::new(Table {
+                next_synthetic: 1,
+                ..Default::default()
+            }),
+            fds: Mutex::new(LruCache::new(
+                std::num::NonZeroUsize::new(fd_cache.max(16)).unwrap(),
+            )),
+            mounts: Mutex::new(HashMap::new()),
+            handles_supported,
+        }
+    }
+
+    /// An `O_PATH` descriptor for the node, from the cache or by reopening its handle.
+    pub fn fd(&self, id: u64) -> Result<Arc<OwnedFd>, i32> {
+        if id == ROOT_ID {
+            return Ok(self.root.clone());
+        }
+        if let Some(fd) = self.fds.lock().get(&id) {
+            return Ok(fd.clone());
+        }
+        let handle = {
+            let table = self.table.lock();
+            match &table.nodes.get(&id).ok_or(libc::ESTALE)?.anchor {
+                Anchor::Pinned(fd) => return Ok(fd.clone()),
+                Anchor::Handle(h) => h.clone(),
+            }
+        };
+        let mount_fd = if handle.mount_id == self.root_mount_id {
+            self.root.clone()
+        } else {
+            self.mounts
+                .lock()
+                .get(&handle.mount_id)
+                .cloned()
+                .ok_or(libc::ESTALE)?
+        };
+        let fd = sys::open_by_handle(mount_fd.as_fd(), &handle, libc::O_PATH)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let fd = Arc::new(fd);
+        self.fds.lock().put(id, fd.clone());
+        Ok(fd)
+    }
+
+    fn node_id(&self, table: &mut Table, dev: u64, ino: u64) -> u64 {
+        if dev == self.root_dev && ino == self.root_ino {
+            return ROOT_ID;
+        }
+        if dev == self.root_dev && ino != ROOT_ID && ino & SYNTHETIC == 0 {
+            return ino;
+        }
+        if let Some(id) = table.synthetic_ids.get(&(dev, ino)) {
+            return *id;
+        }
+        let id = SYNTHETIC | table.next_synthetic;
+        table.next_synthetic += 1;
+        table.synthetic_ids.insert((dev, ino), id);
+        id
+    }
+
+    /// Records one more kernel reference to the object `fd` (just opened `O_PATH` as
+    /// `name` in `parent`) and returns its node id.
+    pub fn remember(&self, parent: u64, name: &OsStr, fd: OwnedFd, found: Found) -> u64 {
+        let handle = if self.handles_supported {
+            sys::name_to_handle(fd.as_fd()).ok()
+        } else {
+            None
+        };
+        if let Some(h) = &handle {
+            if h.mount_id != self.root_mount_id && !self.mounts.lock().contains_key(&h.mount_id) {
+                if let Ok(dup) = fd.try_clone() {
+                    self.mounts.lock().insert(h.mount_id, Arc::new(dup));
+                }
+            }
+        }
+        let fd = Arc::new(fd);
+        let mut table = self.table.lock();
+        let id = self.node_id(&mut table, found.dev, found.ino);
+        if id == ROOT_ID {
+            return ROOT_ID;
+        }
+        let anchor = match handle {
+            Some(h) => Anchor::Handle(h),
+            None => Anchor::Pinned(fd.clone()),
+        };
+        match table.nodes.get_mut(&id) {
+            Some(node) => {
+                node.nlookup += 1;
+                node.parent = parent;
+                node.name = name.into();
+                // The inode number was reused by a new object: follow the new one.
+                let same = match (&node.anchor, &anchor) {
+                    (Anchor::Handle(a), Anchor::Handle(b)) => a == b,
+                    _ => true,
+                };
+                if !same || node.kind != found.kind {
+                    node.anchor = anchor;
+                    node.kind = found.kind;
+                    node.backing = Weak::new();
+                    drop(table);
+                    self.fds.lock().pop(&id);
+                    self.fds.lock().put(id, fd);
+                    return id;
+                }
+            }
+            None => {
+                table.nodes.insert(
+                    id,
+                    Node {
+                        dev: found.dev,
+                        ino: found.ino,
+                        kind: found.kind,
+                        anchor,
+                        parent,
+                        name: name.into(),
+                        nlookup: 1,
+                        backing: Weak::new(),
+                        passthrough_opens: 0,
+                        cached_opens: 0,
+                    },
+                );
+            }
+        }
+        drop(table);
+        self.fds.lock().put(id, fd);
+        id
+    }
+
+    /// Drops `n` kernel references; a node with none left is forgotten entirely.
+    pub fn forget(&self, id: u64, n: u64) {
+        if id == ROOT_ID {
+            return;
+        }
+        let mut table = self.table.lock();
+        let Some(node) = table.nodes.get_mut(&id) else {
+            return;
+        };
+        node.nlookup = node.nlookup.saturating_sub(n);
+        if node.nlookup == 0 && node.passthrough_opens == 0 && node.cached_opens == 0 {
+            let node = table.nodes.remove(&id).expect("present");
+            if id & SYNTHETIC != 0 {
+                table.synthetic_ids.remove(&(node.dev, node.ino));
+            }
+            drop(table);
+            self.fds.lock().pop(&id);
+        }
+    }
+
+    /// Runs `f` on the node under the table lock.
+    pub fn with_node<T>(&self, id: u64, f: impl FnOnce(&mut Node) -> T) -> Option<T> {
+        self.table.lock().nodes.get_mut(&id).map(f)
+    }
+
+    /// Updates the remembered name of the object now at `parent`/`name` (after a rename).
+    pub fn renamed(&self, dev: u64, ino: u64, parent: u64, name: &OsStr) {
+        let mut table = self.table.lock();
+        let id = if dev == self.root_dev && ino & SYNTHETIC == 0 && ino != ROOT_ID {
+            ino
+        } else {
+            match table.synthetic_ids.get(&(dev, ino)) {
+                Some(id) => *id,
+                None => return,
+            }
+        };
+        if let Some(node) = table.nodes.get_mut(&id) {
+            node.parent = parent;
+            node.name = name.into();
+        }
+    }
+
+    /// The node's path relative to the mount root, starting with `/`.
+    pub fn path(&self, id: u64) -> PathBuf {
+        let table = self.table.lock();
+        let mut names: Vec<&OsStr> = Vec::new();
+        let mut cur = id;
+        let mut orphan = false;
+        while cur != ROOT_ID && names.len() < 4096 {
+            match table.nodes.get(&cur) {
+                Some(node) => {
+                    names.push(&node.name);
+                    cur = node.parent;
+                }
+                None => {
+                    orphan = true;
+                    break;
+                }
+            }
+        }
+        let mut path = PathBuf::from("/");
+        if orphan {
+            // A parent the kernel already forgot (only possible after changes made
+            // outside the mount); say so rather than invent a path.
+            path.push("?");
+        }
+        for name in names.iter().rev() {
+            path.push(name);
+        }
+        path
+    }
+
+    pub fn child_path(&self, parent: u64, name: &OsStr) -> PathBuf {
+        let mut path = self.path(parent);
+        path.push(name);
+        path
+    }
+
+    pub fn len(&self) -> usize {
+        self.table.lock().nodes.len()
+    }
+
+    pub fn cached_fds(&self) -> usize {
+        self.fds.lock().len()
+    }
+}
+
+/// Converts a `d_type`/`st_mode` file type to fuser's.
+pub fn kind_from_mode(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+pub fn kind_from_dtype(d_type: u8) -> FileType {
+    match d_type {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}

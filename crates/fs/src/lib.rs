@@ -1,0 +1,149 @@
+//! interpose's file-system layer: a FUSE stackable file system that shows a backing
+//! directory and passes every operation through a chain of [`filter::Filter`]s.
+//!
+//! ```no_run
+//! use interpose_fs::{filter::Chain, filters, mount, MountConfig, Options};
+//! let chain = Chain::new(vec![filters::parse_spec("audit=/tmp/audit.jsonl").unwrap()]);
+//! let mounted = mount(MountConfig {
+//!     backing: "/srv/data".into(),
+//!     mountpoint: "/mnt/view".into(),
+//!     chain,
+//!     options: Options::default(),
+//! }).unwrap();
+//! // ... later, from any thread:
+//! mounted.unmounter().unmount().unwrap();
+//! mounted.join().unwrap();
+//! ```
+//!
+//! Files that no filter needs to see the data of are opened with the kernel's FUSE
+//! passthrough: their reads, writes and mmaps never enter the daemon.
+
+pub mod filter;
+pub mod filters;
+mod fs;
+mod inode;
+mod sys;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+
+pub use fs::{FilterFs, Options};
+
+/// What to mount where.
+pub struct MountConfig {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    pub chain: filter::Chain,
+    pub options: Options,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("backing directory {path}: {source}")]
+    Backing { path: PathBuf, source: io::Error },
+    #[error("mount point {path}: {source}")]
+    Mountpoint { path: PathBuf, source: io::Error },
+    #[error("cannot mount at {path}: {source}")]
+    Mount { path: PathBuf, source: io::Error },
+    #[error("cannot start the FUSE session thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A live mount; the session runs on its own thread until unmounted.
+pub struct Mounted {
+    unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
+    session: JoinHandle<io::Result<()>>,
+    pub mountpoint: PathBuf,
+}
+
+/// Unmounts a mount from any thread.
+#[derive(Clone)]
+pub struct Unmounter(Arc<Mutex<fuser::SessionUnmounter>>);
+
+impl Unmounter {
+    /// Unmounts; fails with EBUSY while files on the mount are in use.
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.0.lock().unmount()
+    }
+}
+
+impl Mounted {
+    pub fn unmounter(&self) -> Unmounter {
+        Unmounter(self.unmounter.clone())
+    }
+
+    /// Waits until the file system is unmounted (by us or by anyone else).
+    pub fn join(self) -> io::Result<()> {
+        match self.session.join() {
+            Ok(res) => res,
+            Err(_) => Err(io::Error::other("FUSE session thread panicked")),
+        }
+    }
+}
+
+/// Mounts the file system; returns once the mount exists (requests made from then on are
+/// served, queued in the kernel until the session thread picks them up).
+pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
+    let MountConfig {
+        backing,
+        mountpoint,
+        chain,
+        options,
+    } = config;
+    let meta = std::fs::metadata(&backing).map_err(|source| MountError::Backing {
+        path: backing.clone(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(MountError::Backing {
+            path: backing,
+            source: io::Error::from_raw_os_error(libc::ENOTDIR),
+        });
+    }
+    let mp_meta = std::fs::metadata(&mountpoint).map_err(|source| MountError::Mountpoint {
+        path: mountpoint.clone(),
+        source,
+    })?;
+    if !mp_meta.is_dir() {
+        return Err(MountError::Mountpoint {
+            path: mountpoint,
+            source: io::Error::from_raw_os_error(libc::ENOTDIR),
+        });
+    }
+    let threads = options.threads.max(1);
+    let allow_other = options.allow_other;
+    let fs = FilterFs::new(&backing, chain, options).map_err(|source| MountError::Backing {
+        path: backing.clone(),
+        source,
+    })?;
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        fuser::MountOption::FSName(backing.to_string_lossy().into_owned()),
+        fuser::MountOption::Subtype("interpose".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if allow_other {
+        cfg.acl = fuser::SessionACL::All;
+    }
+    cfg.n_threads = Some(threads);
+    cfg.clone_fd = true;
+    let mut session =
+        fuser::Session::new(fs, &mountpoint, &cfg).map_err(|source| MountError::Mount {
+            path: mountpoint.clone(),
+            source,
+        })?;
+    let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
+    let session = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(MountError::Thread)?;
+    Ok(Mounted {
+        unmounter,
+        session,
+        mountpoint,
+    })
+}

@@ -1,0 +1,176 @@
+//! The few system calls that rustix does not wrap safely: file handles, raw directory
+//! reads with their offsets, per-thread file-system attributes.
+//!
+//! Every `unsafe` block of the crate lives here.
+
+use std::ffi::{CStr, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// An opaque, persistent reference to an inode (see name_to_handle_at(2)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileHandle {
+    pub mount_id: i32,
+    handle_type: i32,
+    bytes: Box<[u8]>,
+}
+
+const MAX_HANDLE_SZ: usize = 128;
+
+#[repr(C)]
+struct RawHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    f_handle: [u8; MAX_HANDLE_SZ],
+}
+
+/// The handle of the object `fd` refers to (an `O_PATH` descriptor is fine).
+pub fn name_to_handle(fd: BorrowedFd<'_>) -> io::Result<FileHandle> {
+    let mut raw = RawHandle {
+        handle_bytes: MAX_HANDLE_SZ as u32,
+        handle_type: 0,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `raw` is a properly sized `struct file_handle` with room for MAX_HANDLE_SZ
+    // bytes as announced in handle_bytes; the path is a valid NUL-terminated empty string
+    // used with AT_EMPTY_PATH; `mount_id` is a valid out pointer.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            &mut raw as *mut RawHandle,
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let len = (raw.handle_bytes as usize).min(MAX_HANDLE_SZ);
+    Ok(FileHandle {
+        mount_id,
+        handle_type: raw.handle_type,
+        bytes: raw.f_handle[..len].into(),
+    })
+}
+
+/// Opens the object behind `handle`, relative to any descriptor on the same file system.
+pub fn open_by_handle(
+    mount_fd: BorrowedFd<'_>,
+    handle: &FileHandle,
+    flags: i32,
+) -> io::Result<OwnedFd> {
+    let mut raw = RawHandle {
+        handle_bytes: handle.bytes.len() as u32,
+        handle_type: handle.handle_type,
+        f_handle: [0; MAX_HANDLE_SZ],
+    };
+    raw.f_handle[..handle.bytes.len()].copy_from_slice(&handle.bytes);
+    // SAFETY: `raw` is a valid `struct file_handle` whose handle_bytes matches the bytes
+    // copied in; the kernel only reads it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            &mut raw as *mut RawHandle,
+            flags | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// One entry of a directory as getdents64(2) reports it.
+#[derive(Debug)]
+pub struct DirEntry {
+    pub ino: u64,
+    /// The position just after this entry, to seek to for the next one.
+    pub next_offset: i64,
+    pub d_type: u8,
+    pub name: Box<OsStr>,
+}
+
+/// Reads a batch of entries from the current position of an open directory.
+/// An empty result means the end of the directory.
+pub fn read_dir_batch(dir: BorrowedFd<'_>, out: &mut Vec<DirEntry>) -> io::Result<()> {
+    let mut buf = [0u64; 4096]; // 32 KiB, 8-byte aligned for linux_dirent64
+                                // SAFETY: `buf` is writable for its full byte length, which is what we pass.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_getdents64,
+            dir.as_raw_fd(),
+            buf.as_mut_ptr() as *mut u8,
+            std::mem::size_of_val(&buf),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let bytes: &[u8] = {
+        let len = n as usize;
+        // SAFETY: the kernel initialised the first `n` bytes of `buf`.
+        unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, len) }
+    };
+    let mut pos = 0;
+    while pos + 19 <= bytes.len() {
+        let ino = u64::from_ne_bytes(bytes[pos..pos + 8].try_into().unwrap());
+        let off = i64::from_ne_bytes(bytes[pos + 8..pos + 16].try_into().unwrap());
+        let reclen = u16::from_ne_bytes(bytes[pos + 16..pos + 18].try_into().unwrap()) as usize;
+        let d_type = bytes[pos + 18];
+        if reclen == 0 || pos + reclen > bytes.len() {
+            break;
+        }
+        let name_bytes = &bytes[pos + 19..pos + reclen];
+        let name = CStr::from_bytes_until_nul(name_bytes)
+            .map(|c| c.to_bytes())
+            .unwrap_or(name_bytes);
+        out.push(DirEntry {
+            ino,
+            next_offset: off,
+            d_type,
+            name: OsStr::from_bytes(name).into(),
+        });
+        pos += reclen;
+    }
+    Ok(())
+}
+
+/// Gives the calling thread its own umask and working directory, so that setting the
+/// umask for one request does not affect requests served by other threads.
+pub fn unshare_thread_fs() -> io::Result<()> {
+    // SAFETY: unshare(CLONE_FS) only affects the calling thread's fs_struct.
+    if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the calling thread's umask (after [`unshare_thread_fs`]).
+pub fn set_thread_umask(mask: u32) {
+    // SAFETY: umask cannot fail and touches only the (unshared) fs_struct.
+    unsafe { libc::umask(mask as libc::mode_t) };
+}
+
+/// Sets the calling thread's file-system gid and returns the previous one. New files take
+/// their group from it (unless the directory is set-group-id), as if the caller made them.
+pub fn set_thread_fsgid(gid: u32) -> u32 {
+    // SAFETY: setfsgid is a per-thread syscall on Linux with no memory effects.
+    unsafe { libc::setfsgid(gid) as u32 }
+}
+
+/// The "magic link" through which an `O_PATH` descriptor can be reopened or used by path.
+pub fn proc_fd_path(fd: BorrowedFd<'_>) -> std::path::PathBuf {
+    format!("/proc/self/fd/{}", fd.as_raw_fd()).into()
+}
+
+/// An all-zero `stat`, for directory entries whose attributes the kernel ignores.
+pub fn zeroed_stat() -> rustix::fs::Stat {
+    // SAFETY: `struct stat` is plain old data for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}

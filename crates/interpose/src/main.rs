@@ -1,0 +1,202 @@
+//! The `interpose` command: argument parsing and wiring of the library crates, nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use interpose_fs::filter::Chain;
+use interpose_fs::{filters, MountConfig, Options};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+#[derive(Parser)]
+#[command(
+    name = "interpose",
+    version,
+    about = "Put a user-mode program between applications and their data"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; also RUST_LOG.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The filter file system (FUSE).
+    #[command(subcommand)]
+    Fs(FsCommand),
+}
+
+#[derive(Subcommand)]
+enum FsCommand {
+    /// Mount a filtered view of BACKING at MOUNTPOINT; runs in the foreground until
+    /// unmounted or sent SIGINT/SIGTERM (then unmounts and exits 0).
+    Mount(MountArgs),
+    /// Unmount a mount made by `interpose fs mount` (also one whose daemon died).
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach now even if files on it are still in use (they are cut off when closed).
+        #[arg(long)]
+        lazy: bool,
+    },
+}
+
+#[derive(Args)]
+struct MountArgs {
+    backing: PathBuf,
+    mountpoint: PathBuf,
+    /// A filter, in order: `audit=FILE` (`-` for stderr; `;io=off` leaves data to the kernel),
+    /// `deny=GLOB:OPS:ERRNO[:uid=N][;...]`; any takes `;under=SUBTREE`. Repeatable.
+    #[arg(long = "filter", value_name = "SPEC")]
+    filters: Vec<String>,
+    /// Serve all file data from the daemon instead of the kernel's FUSE passthrough.
+    #[arg(long)]
+    no_passthrough: bool,
+    /// Worker threads [default: 2 x CPUs, at least 4].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Seconds the kernel may cache attributes, names and absent names.
+    #[arg(long, default_value_t = 1.0)]
+    cache_timeout: f64,
+    /// Most descriptors kept open for inodes.
+    #[arg(long, default_value_t = 1024)]
+    fd_cache: usize,
+    /// Only the mounting user may use the mount (default: everyone, with normal permission checks).
+    #[arg(long)]
+    private: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| format!("{},fuser=error", cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("interpose: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Fs(FsCommand::Mount(args)) => fs_mount(args),
+        Command::Fs(FsCommand::Unmount { mountpoint, lazy }) => fs_unmount(&mountpoint, lazy),
+    }
+}
+
+fn fs_mount(args: MountArgs) -> Result<()> {
+    let chain = Chain::new(
+        args.filters
+            .iter()
+            .map(|spec| filters::parse_spec(spec).with_context(|| format!("--filter {spec}")))
+            .collect::<Result<_>>()?,
+    );
+    let names = chain.names();
+    if !(0.0..=86_400.0).contains(&args.cache_timeout) {
+        bail!("--cache-timeout must be between 0 and 86400 seconds");
+    }
+    let ttl = Duration::from_secs_f64(args.cache_timeout);
+    let mut options = Options {
+        attr_timeout: ttl,
+        entry_timeout: ttl,
+        negative_timeout: ttl,
+        passthrough: !args.no_passthrough,
+        fd_cache: args.fd_cache,
+        allow_other: !args.private,
+        ..Options::default()
+    };
+    if let Some(t) = args.threads {
+        options.threads = t.clamp(1, 256);
+    }
+    // Signals first, so a SIGTERM that races the mount still unmounts.
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
+    let mounted = interpose_fs::mount(MountConfig {
+        backing: args.backing.clone(),
+        mountpoint: args.mountpoint.clone(),
+        chain,
+        options,
+    })?;
+    let filters = if names.is_empty() {
+        "no filters".to_owned()
+    } else {
+        format!("filters: {}", names.join(", "))
+    };
+    // The readiness line: scripts and tests wait for it.
+    println!(
+        "mounted {} at {} ({filters}); Ctrl-C to unmount",
+        args.backing.display(),
+        args.mountpoint.display()
+    );
+    let mut unmounter = mounted.unmounter();
+    let handle = signals.handle();
+    let mountpoint = args.mountpoint.clone();
+    let waiter = std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
+            if let Err(err) = unmounter.unmount() {
+                if err.raw_os_error() == Some(libc::EBUSY) {
+                    tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
+                    let _ =
+                        rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH);
+                } else {
+                    tracing::error!("unmount failed: {err}");
+                }
+            }
+        }
+    });
+    let res = mounted.join();
+    handle.close();
+    let _ = waiter.join();
+    res.context("FUSE session")?;
+    tracing::info!("unmounted {}", args.mountpoint.display());
+    Ok(())
+}
+
+fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
+    use rustix::mount::{unmount, UnmountFlags};
+    let flags = if lazy {
+        UnmountFlags::DETACH
+    } else {
+        UnmountFlags::empty()
+    };
+    match unmount(mountpoint, flags) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::PERM) => {
+            // Not root: the setuid helper may unmount FUSE mounts of the calling user.
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let status = cmd
+                .arg(mountpoint)
+                .status()
+                .context("running fusermount3")?;
+            if !status.success() {
+                bail!("fusermount3 -u {} failed", mountpoint.display());
+            }
+            Ok(())
+        }
+        Err(rustix::io::Errno::BUSY) => bail!(
+            "{} is busy (files open on it); use --lazy to detach anyway",
+            mountpoint.display()
+        ),
+        Err(rustix::io::Errno::INVAL) => bail!("{} is not a mount point", mountpoint.display()),
+        Err(e) => Err(std::io::Error::from(e))
+            .with_context(|| format!("unmounting {}", mountpoint.display())),
+    }
+}

@@ -1,0 +1,189 @@
+//! Test harness: runs the real `interpose` binary and mounts the real file system.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_interpose")
+}
+
+/// Whether `path` is a mount point right now (from /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// A running `interpose fs mount` over a fresh backing directory.
+pub struct Mount {
+    child: Option<Child>,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Mount {
+    /// Fresh temporary `backing/` and `mnt/` directories, mounted with `args` appended.
+    pub fn new(args: &[&str]) -> Mount {
+        let tmp = tempfile::Builder::new()
+            .prefix("interpose-test-")
+            .tempdir_in(test_root())
+            .unwrap();
+        let backing = tmp.path().join("backing");
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&backing).unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount::start(&backing, &mnt, args);
+        m.dir = tmp.path().to_path_buf();
+        m._tmp = Some(tmp);
+        m
+    }
+
+    /// Mounts an existing backing directory at an existing mount point.
+    pub fn start(backing: &Path, mnt: &Path, args: &[&str]) -> Mount {
+        let mut child = Command::new(bin())
+            .args(["fs", "mount"])
+            .arg(backing)
+            .arg(mnt)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start interpose");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        // Readiness: the daemon prints "mounted ..." once the mount exists.
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("mounted ") => {}
+            other => {
+                let _ = child.kill();
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("interpose did not mount: {other:?}\nstderr:\n{err}");
+            }
+        }
+        assert!(
+            is_mounted(mnt),
+            "{} not in mountinfo after readiness line",
+            mnt.display()
+        );
+        Mount {
+            child: Some(child),
+            backing: backing.into(),
+            mnt: mnt.into(),
+            dir: PathBuf::new(),
+            _tmp: None,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGTERM, then wait for a clean exit; asserts the mount is gone and exit status 0.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().unwrap();
+        signal(&child, libc::SIGTERM);
+        let status = wait_timeout(&mut child, Duration::from_secs(20))
+            .expect("daemon did not exit after SIGTERM");
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            status.success(),
+            "daemon exit status {status:?}\nstderr:\n{err}"
+        );
+        assert!(!is_mounted(&self.mnt), "still mounted after clean exit");
+        err
+    }
+
+    /// SIGKILL the daemon (a crash); the dead mount stays until [`Mount::cleanup_dead`].
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().unwrap();
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait();
+    }
+
+    /// Unmounts a mount whose daemon is dead, with the real `interpose fs unmount`.
+    pub fn cleanup_dead(&self) {
+        let status = Command::new(bin())
+            .args(["fs", "unmount"])
+            .arg(&self.mnt)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "interpose fs unmount failed on a dead mount"
+        );
+        assert!(!is_mounted(&self.mnt));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGTERM);
+            if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid has no memory effects.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where test directories go: $INTERPOSE_TEST_DIR or the system temp dir.
+pub fn test_root() -> PathBuf {
+    std::env::var_os("INTERPOSE_TEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
