@@ -70,6 +70,13 @@ fn io_errno(err: std::io::Error) -> i32 {
     err.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// A looked-up object: node id, generation, attributes.
+struct Entry {
+    id: u64,
+    generation: u64,
+    st: Stat,
+}
+
 /// An open regular file.
 struct OpenFile {
     node: u64,
@@ -291,7 +298,7 @@ impl FilterFs {
     }
 
     /// Looks `name` up in the directory `dir_fd` (node `parent`) and records the reference.
-    fn lookup_at(&self, parent: u64, dir_fd: BorrowedFd<'_>, name: &OsStr) -> Res<(u64, Stat)> {
+    fn lookup_at(&self, parent: u64, dir_fd: BorrowedFd<'_>, name: &OsStr) -> Res<Entry> {
         let fd = rustix::fs::openat(
             dir_fd,
             name,
@@ -300,7 +307,7 @@ impl FilterFs {
         )
         .map_err(errno_of)?;
         let st = stat_fd(fd.as_fd())?;
-        let id = self.inodes.remember(
+        let (id, generation) = self.inodes.remember(
             parent,
             name,
             fd,
@@ -310,23 +317,23 @@ impl FilterFs {
                 kind: kind_from_mode(st.st_mode),
             },
         );
-        Ok((id, st))
+        Ok(Entry { id, generation, st })
     }
 
-    fn lookup_in(&self, parent: u64, name: &OsStr) -> Res<(u64, Stat)> {
+    fn lookup_in(&self, parent: u64, name: &OsStr) -> Res<Entry> {
         let dir = self.inodes.fd(parent)?;
         self.lookup_at(parent, dir.as_fd(), name)
     }
 
-    fn reply_entry(&self, reply: ReplyEntry, res: Res<(u64, Stat)>) {
+    fn reply_entry(&self, reply: ReplyEntry, res: Res<Entry>) {
         match res {
-            Ok((id, st)) => {
-                let attr = self.attr(id, &st);
+            Ok(e) => {
+                let attr = self.attr(e.id, &e.st);
                 reply.entry_with_ttls(
                     &self.opts.attr_timeout,
                     &self.opts.entry_timeout,
                     &attr,
-                    Generation(0),
+                    Generation(e.generation),
                 )
             }
             Err(e) => reply.error(Errno::from_i32(e)),
@@ -399,32 +406,45 @@ impl FilterFs {
         path: Option<Arc<PathBuf>>,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> (u64, Option<Arc<BackingId>>) {
-        let mut backing = None;
-        if want_passthrough {
-            // All passthrough opens of an inode must share one registration, and the kernel
-            // refuses to mix them with cached opens of the same inode.
-            let existing = self.inodes.with_node(node, |n| {
-                if n.cached_opens > 0 {
-                    return Err(());
+        // The kernel requires every open of an inode that has a passthrough open to be
+        // passthrough too (sharing one registration), and refuses passthrough while cached
+        // opens exist. So the first open of an inode decides for all concurrent ones.
+        let (cached, existing) = self
+            .inodes
+            .with_node(node, |n| {
+                (
+                    n.cached_opens,
+                    if n.passthrough_opens > 0 {
+                        n.backing.upgrade()
+                    } else {
+                        None
+                    },
+                )
+            })
+            .unwrap_or((0, None));
+        let backing = match existing {
+            Some(id) => {
+                if !want_passthrough {
+                    tracing::debug!("node {node} is open in passthrough mode; this open bypasses the filters' data hooks too");
                 }
-                Ok(n.backing.upgrade())
-            });
-            match existing {
-                Some(Ok(Some(id))) => backing = Some(id),
-                Some(Ok(None)) => match register(&fd) {
-                    Ok(id) => {
-                        let id = Arc::new(id);
-                        self.inodes
-                            .with_node(node, |n| n.backing = Arc::downgrade(&id));
-                        backing = Some(id);
-                    }
-                    Err(err) => tracing::debug!(
-                        "passthrough registration failed, serving from the daemon: {err}"
-                    ),
-                },
-                _ => {}
+                Some(id)
             }
-        }
+            None if want_passthrough && cached == 0 => match register(&fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    self.inodes
+                        .with_node(node, |n| n.backing = Arc::downgrade(&id));
+                    Some(id)
+                }
+                Err(err) => {
+                    tracing::debug!(
+                        "passthrough registration failed, serving from the daemon: {err}"
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let is_pt = backing.is_some();
         self.inodes.with_node(node, |n| {
             if is_pt {
@@ -468,9 +488,8 @@ impl FilterFs {
         }
     }
 
-    fn wants_passthrough(&self, path: Option<&Path>, flags: i32) -> bool {
+    fn wants_passthrough(&self, path: Option<&Path>) -> bool {
         self.passthrough.load(Ordering::Relaxed)
-            && flags & libc::O_ACCMODE != 3
             && match path {
                 None => true,
                 Some(p) => !self.chain.wants_data(p),
@@ -1009,8 +1028,7 @@ impl Filesystem for FilterFs {
             || ((*path.clone().expect("filters present")).clone(), None),
             |r| r.flags = Some(flags),
             || {
-                let passthrough =
-                    self.wants_passthrough(path.as_deref().map(|p| p.as_path()), flags);
+                let passthrough = self.wants_passthrough(path.as_deref().map(|p| p.as_path()));
                 let fd = self.reopen(ino.0, reopen_flags(flags, passthrough))?;
                 Ok(self.open_file(ino.0, fd, passthrough, path.clone(), |fd| {
                     reply.open_backing(fd)
@@ -1057,8 +1075,7 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
-                let passthrough =
-                    self.wants_passthrough(path.as_deref().map(|p| p.as_path()), flags);
+                let passthrough = self.wants_passthrough(path.as_deref().map(|p| p.as_path()));
                 let oflags = reopen_flags(flags, passthrough)
                     | OFlags::CREATE
                     | OFlags::NOFOLLOW
@@ -1081,22 +1098,22 @@ impl Filesystem for FilterFs {
                     )
                     .map_err(errno_of)
                 })?;
-                let (id, st) = self.lookup_at(parent, dir.as_fd(), name)?;
-                let (fh, backing) = self.open_file(id, fd, passthrough, path.clone(), |fd| {
+                let entry = self.lookup_at(parent, dir.as_fd(), name)?;
+                let (fh, backing) = self.open_file(entry.id, fd, passthrough, path.clone(), |fd| {
                     reply.open_backing(fd)
                 });
-                Ok((id, st, fh, backing))
+                Ok((entry, fh, backing))
             },
             |_| 0,
         );
         match res {
-            Ok((id, st, fh, backing)) => {
-                let attr = self.attr(id, &st);
+            Ok((entry, fh, backing)) => {
+                let attr = self.attr(entry.id, &entry.st);
                 match backing {
                     Some(b) => reply.created_passthrough(
                         &self.opts.entry_timeout,
                         &attr,
-                        Generation(0),
+                        Generation(entry.generation),
                         FileHandle(fh),
                         FopenFlags::empty(),
                         &b,
@@ -1104,7 +1121,7 @@ impl Filesystem for FilterFs {
                     None => reply.created(
                         &self.opts.entry_timeout,
                         &attr,
-                        Generation(0),
+                        Generation(entry.generation),
                         FileHandle(fh),
                         FopenFlags::empty(),
                     ),
@@ -1397,21 +1414,21 @@ impl Filesystem for FilterFs {
                                 Generation(0),
                             ));
                         }
-                        let (id, st) = match self.lookup_at(ino.0, dir.fd.as_fd(), &e.name) {
+                        let entry = match self.lookup_at(ino.0, dir.fd.as_fd(), &e.name) {
                             Ok(found) => found,
                             Err(_) => return Ok(false), // vanished meanwhile: skip it
                         };
-                        let attr = self.attr(id, &st);
+                        let attr = self.attr(entry.id, &entry.st);
                         let full = reply.add(
-                            INodeNo(id),
+                            INodeNo(entry.id),
                             e.next_offset as u64,
                             &e.name,
                             &self.opts.entry_timeout,
                             &attr,
-                            Generation(0),
+                            Generation(entry.generation),
                         );
                         if full {
-                            self.inodes.forget(id, 1); // not sent, so the kernel holds no reference
+                            self.inodes.forget(entry.id, 1); // not sent, so the kernel holds no reference
                         }
                         Ok(full)
                     })

@@ -43,6 +43,9 @@ pub struct Node {
     pub parent: u64,
     pub name: Box<OsStr>,
     pub nlookup: u64,
+    /// Changes when the inode number starts naming another object, so that the kernel
+    /// does not mistake the new object for a stale cached one.
+    pub generation: u64,
     /// The kernel passthrough registration shared by all passthrough opens of this inode.
     pub backing: Weak<BackingId>,
     pub passthrough_opens: u32,
@@ -54,6 +57,7 @@ struct Table {
     nodes: HashMap<u64, Node>,
     synthetic_ids: HashMap<(u64, u64), u64>,
     next_synthetic: u64,
+    next_generation: u64,
 }
 
 /// Identity of a freshly looked-up backing object.
@@ -151,8 +155,8 @@ impl Inodes {
     }
 
     /// Records one more kernel reference to the object `fd` (just opened `O_PATH` as
-    /// `name` in `parent`) and returns its node id.
-    pub fn remember(&self, parent: u64, name: &OsStr, fd: OwnedFd, found: Found) -> u64 {
+    /// `name` in `parent`) and returns its node id and generation.
+    pub fn remember(&self, parent: u64, name: &OsStr, fd: OwnedFd, found: Found) -> (u64, u64) {
         let handle = if self.handles_supported {
             sys::name_to_handle(fd.as_fd()).ok()
         } else {
@@ -169,7 +173,7 @@ impl Inodes {
         let mut table = self.table.lock();
         let id = self.node_id(&mut table, found.dev, found.ino);
         if id == ROOT_ID {
-            return ROOT_ID;
+            return (ROOT_ID, 0);
         }
         let anchor = match handle {
             Some(h) => Anchor::Handle(h),
@@ -186,14 +190,22 @@ impl Inodes {
                     _ => true,
                 };
                 if !same || node.kind != found.kind {
+                    // Kernel references to the old object are still counted here: its
+                    // late FORGET subtracts them, so the count stays the sum of both.
                     node.anchor = anchor;
                     node.kind = found.kind;
                     node.backing = Weak::new();
+                    table.next_generation += 1;
+                    let generation = table.next_generation;
+                    table.nodes.get_mut(&id).expect("present").generation = generation;
                     drop(table);
-                    self.fds.lock().pop(&id);
                     self.fds.lock().put(id, fd);
-                    return id;
+                    return (id, generation);
                 }
+                let generation = node.generation;
+                drop(table);
+                self.fds.lock().put(id, fd);
+                return (id, generation);
             }
             None => {
                 table.nodes.insert(
@@ -206,6 +218,7 @@ impl Inodes {
                         parent,
                         name: name.into(),
                         nlookup: 1,
+                        generation: 0,
                         backing: Weak::new(),
                         passthrough_opens: 0,
                         cached_opens: 0,
@@ -215,7 +228,7 @@ impl Inodes {
         }
         drop(table);
         self.fds.lock().put(id, fd);
-        id
+        (id, 0)
     }
 
     /// Drops `n` kernel references; a node with none left is forgotten entirely.

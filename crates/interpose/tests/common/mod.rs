@@ -187,3 +187,63 @@ pub fn run(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+impl Mount {
+    /// Like [`Mount::new`], but runs the daemon as `PREFIX... interpose fs mount ...`, e.g.
+    /// with `prlimit --nofile=256:256 --`. The prefix must exec the binary in its own
+    /// process, so that [`Mount::pid`] is the daemon's pid.
+    pub fn new_with_prefix(prefix: &[&str], args: &[&str]) -> Mount {
+        let tmp = tempfile::Builder::new()
+            .prefix("interpose-test-")
+            .tempdir_in(test_root())
+            .unwrap();
+        let backing = tmp.path().join("backing");
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&backing).unwrap();
+        std::fs::create_dir(&mnt).unwrap();
+        let mut m = Mount::start_with_prefix(prefix, &backing, &mnt, args);
+        m.dir = tmp.path().to_path_buf();
+        m._tmp = Some(tmp);
+        m
+    }
+
+    /// Like [`Mount::start`], with the daemon run under `prefix` (see [`Mount::new_with_prefix`]).
+    pub fn start_with_prefix(prefix: &[&str], backing: &Path, mnt: &Path, args: &[&str]) -> Mount {
+        let (program, wrapper) = prefix.split_first().expect("a non-empty prefix");
+        let mut child = Command::new(program)
+            .args(wrapper)
+            .arg(bin())
+            .args(["fs", "mount"])
+            .arg(backing)
+            .arg(mnt)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        match BufReader::new(stdout).lines().next() {
+            Some(Ok(line)) if line.starts_with("mounted ") => {}
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("interpose (under {prefix:?}) did not mount: {other:?}\nstderr:\n{err}");
+            }
+        }
+        assert!(
+            is_mounted(mnt),
+            "{} not in mountinfo after readiness line",
+            mnt.display()
+        );
+        Mount {
+            child: Some(child),
+            backing: backing.into(),
+            mnt: mnt.into(),
+            dir: PathBuf::new(),
+            _tmp: None,
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The built-in filters on a real mount: audit lines, deny rules, scoping, and the
+//! passthrough decision (files no filter inspects never send their data to the daemon).
+
+mod common;
+use common::*;
+
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn audit_logs_every_operation_with_caller_and_result() {
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    fs::write(m.mnt.join("a.txt"), b"hello").unwrap();
+    assert_eq!(fs::read(m.mnt.join("a.txt")).unwrap(), b"hello");
+    assert_eq!(
+        fs::metadata(m.mnt.join("missing")).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    fs::rename(m.mnt.join("a.txt"), m.mnt.join("b.txt")).unwrap();
+    let odd: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(b"bad\xffname");
+    fs::write(m.mnt.join(odd), b"x").unwrap();
+    m.stop(); // flushes the log
+
+    let lines = audit_lines(&log);
+    let find = |op: &str, path: &str| {
+        lines
+            .iter()
+            .find(|l| l["op"] == op && l["path"] == path)
+            .unwrap_or_else(|| panic!("no {op} of {path} in {lines:#?}"))
+    };
+    let create = find("create", "/a.txt");
+    assert_eq!(create["result"], "ok");
+    assert_eq!(create["uid"], 0);
+    assert!(create["pid"].as_u64().unwrap() > 0);
+    for key in ["time", "gid", "exe", "latency_us", "bytes", "errno"] {
+        assert!(create.get(key).is_some(), "{key} missing in {create}");
+    }
+    let write = find("write", "/a.txt");
+    assert_eq!(write["bytes"], 5);
+    let read = find("read", "/a.txt");
+    assert_eq!(read["bytes"], 5);
+    let miss = find("lookup", "/missing");
+    assert_eq!(miss["result"], "ENOENT");
+    assert_eq!(miss["errno"], libc::ENOENT);
+    let rename = find("rename", "/a.txt");
+    assert_eq!(rename["path2"], "/b.txt");
+    let odd = lines
+        .iter()
+        .find(|l| l["op"] == "create" && l.get("path_hex").is_some())
+        .expect("non-UTF-8 create");
+    assert!(odd["path_hex"]
+        .as_str()
+        .unwrap()
+        .ends_with(&hex(b"bad\xffname")));
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn passthrough_keeps_data_out_of_the_daemon_unless_a_filter_wants_it() {
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    for (io, expect_data_ops) in [("off", false), ("on", true)] {
+        let log = tmp.path().join(format!("audit-{io}.jsonl"));
+        let m = Mount::new(&["--filter", &format!("audit={};io={io}", log.display())]);
+        fs::write(m.backing.join("data"), vec![7u8; 256 * 1024]).unwrap();
+        assert_eq!(fs::read(m.mnt.join("data")).unwrap(), vec![7u8; 256 * 1024]);
+        fs::write(m.mnt.join("data"), b"new").unwrap();
+        assert_eq!(fs::read(m.backing.join("data")).unwrap(), b"new");
+        m.stop();
+        let lines = audit_lines(&log);
+        let data_ops = lines
+            .iter()
+            .filter(|l| l["op"] == "read" || l["op"] == "write")
+            .count();
+        assert_eq!(
+            data_ops > 0,
+            expect_data_ops,
+            "io={io}: {data_ops} data ops logged"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["op"] == "open" && l["path"] == "/data"),
+            "opens are always logged"
+        );
+    }
+}
+
+#[test]
+fn deny_makes_a_subtree_read_only_and_hides_a_file() {
+    let m = Mount::new(&["--filter", "deny=docs/**:write:EROFS;secret.txt:all:ENOENT"]);
+    fs::create_dir(m.backing.join("docs")).unwrap();
+    fs::write(m.backing.join("docs/a"), b"doc").unwrap();
+    fs::write(m.backing.join("secret.txt"), b"s").unwrap();
+    fs::write(m.backing.join("open.txt"), b"o").unwrap();
+
+    assert_eq!(fs::read(m.mnt.join("docs/a")).unwrap(), b"doc");
+    let erofs =
+        |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    erofs(fs::write(m.mnt.join("docs/a"), b"x"));
+    erofs(fs::write(m.mnt.join("docs/new"), b"x"));
+    erofs(fs::remove_file(m.mnt.join("docs/a")));
+    erofs(fs::create_dir(m.mnt.join("docs/sub")));
+    erofs(fs::rename(m.mnt.join("open.txt"), m.mnt.join("docs/moved")));
+    erofs(fs::set_permissions(
+        m.mnt.join("docs/a"),
+        fs::Permissions::from_mode(0o600),
+    ));
+    assert_eq!(fs::read(m.backing.join("docs/a")).unwrap(), b"doc");
+
+    assert_eq!(
+        fs::metadata(m.mnt.join("secret.txt")).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    let names: Vec<_> = fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n == "secret.txt"),
+        "hidden file listed: {names:?}"
+    );
+    assert!(names.iter().any(|n| n == "open.txt"));
+    // Writes elsewhere are untouched by the rules.
+    fs::write(m.mnt.join("open.txt"), b"changed").unwrap();
+    m.stop();
+}
+
+#[test]
+fn deny_rules_can_target_one_uid_and_filters_can_be_scoped() {
+    let m = Mount::new(&[
+        "--filter",
+        "deny=**/*.key:open:EACCES:uid=65534",
+        "--filter",
+        "deny=**:unlink:EPERM;under=/keep",
+    ]);
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.backing.join("id.key"), b"k").unwrap();
+    fs::set_permissions(m.backing.join("id.key"), fs::Permissions::from_mode(0o644)).unwrap();
+    // Root reads it, nobody does not.
+    assert_eq!(fs::read(m.mnt.join("id.key")).unwrap(), b"k");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+        .arg(m.mnt.join("id.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+
+    fs::create_dir(m.backing.join("keep")).unwrap();
+    fs::write(m.backing.join("keep/f"), b"").unwrap();
+    fs::write(m.backing.join("gone"), b"").unwrap();
+    assert_eq!(
+        fs::remove_file(m.mnt.join("keep/f"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EPERM)
+    );
+    fs::remove_file(m.mnt.join("gone")).unwrap();
+    m.stop();
+}
+
+#[test]
+fn bad_filter_specs_are_refused_with_a_clear_message() {
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    for (spec, needle) in [
+        ("nosuch=1", "unknown filter kind"),
+        ("deny=a:write", "expected GLOB:OPS:ERRNO"),
+        ("deny=a:write:ENOPE", "unknown errno"),
+        ("audit=/nonexistent-dir/x.jsonl", "cannot open audit log"),
+    ] {
+        let out = Command::new(bin())
+            .args(["fs", "mount"])
+            .arg(tmp.path())
+            .arg(tmp.path())
+            .args(["--filter", spec])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{spec} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{spec}: {err}");
+        assert!(!is_mounted(tmp.path()));
+    }
+}
