@@ -19,9 +19,10 @@ echo "== tests" >&2
 cargo nextest run --workspace --locked --profile ci "$@"
 
 # Nothing may be left behind: no interpose mounts, no daemons.
-if grep -q ' fuse.interpose ' /proc/self/mountinfo; then
-    echo "test: interpose mounts left behind:" >&2
-    grep ' fuse.interpose ' /proc/self/mountinfo >&2
+# Test mounts live under directories named interpose-test-*.
+if grep -q 'interpose-test-' /proc/self/mountinfo; then
+    echo "test: test mounts left behind:" >&2
+    grep 'interpose-test-' /proc/self/mountinfo >&2
     exit 1
 fi
 if pgrep -x interpose >/dev/null; then
