@@ -15,13 +15,16 @@ pub struct Caller {
     pub gid: u32,
 }
 
+/// When a pid was resolved, and to what.
+type Resolved = (Instant, Option<Arc<PathBuf>>);
+
 /// Resolves pids to executables through `/proc/PID/exe`, remembering answers briefly.
 ///
 /// Pids are reused, so entries expire after a short time rather than living forever; the
 /// cache is bounded so a fork storm cannot grow it without limit.
 #[derive(Debug)]
 pub struct ExeCache {
-    entries: Mutex<HashMap<u32, (Instant, Option<Arc<PathBuf>>)>>,
+    entries: Mutex<HashMap<u32, Resolved>>,
     ttl: Duration,
     capacity: usize,
 }

@@ -109,6 +109,8 @@ pub struct FilterFs {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
+    /// Serialises the passthrough decisions of opens and releases.
+    open_decisions: Mutex<()>,
     passthrough: AtomicBool,
     dont_mask: AtomicBool,
 }
@@ -196,7 +198,7 @@ impl FilterFs {
             Mode::empty(),
         )?;
         let st = stat_fd(root.as_fd()).map_err(std::io::Error::from_raw_os_error)?;
-        let inodes = Inodes::new(root, st.st_dev, st.st_ino, opts.fd_cache);
+        let inodes = Inodes::new(root, st.st_dev, st.st_ino, opts.fd_cache)?;
         Ok(FilterFs {
             inodes,
             chain,
@@ -204,6 +206,7 @@ impl FilterFs {
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            open_decisions: Mutex::new(()),
             passthrough: AtomicBool::new(false),
             dont_mask: AtomicBool::new(false),
         })
@@ -299,13 +302,14 @@ impl FilterFs {
 
     /// Looks `name` up in the directory `dir_fd` (node `parent`) and records the reference.
     fn lookup_at(&self, parent: u64, dir_fd: BorrowedFd<'_>, name: &OsStr) -> Res<Entry> {
-        let fd = rustix::fs::openat(
-            dir_fd,
-            name,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno_of)?;
+        let fd = self.retry_emfile(|| {
+            rustix::fs::openat(
+                dir_fd,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+        })?;
         let st = stat_fd(fd.as_fd())?;
         let (id, generation) = self.inodes.remember(
             parent,
@@ -406,6 +410,9 @@ impl FilterFs {
         path: Option<Arc<PathBuf>>,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> (u64, Option<Arc<BackingId>>) {
+        // Decision, registration and count must be one step, or two first opens racing
+        // would register two backing files for one inode (the kernel fails the second).
+        let _decide = self.open_decisions.lock();
         // The kernel requires every open of an inode that has a passthrough open to be
         // passthrough too (sharing one registration), and refuses passthrough while cached
         // opens exist. So the first open of an inode decides for all concurrent ones.
@@ -473,7 +480,18 @@ impl FilterFs {
     /// Opens the node for I/O with the given flags (through its `O_PATH` descriptor).
     fn reopen(&self, id: u64, flags: OFlags) -> Res<OwnedFd> {
         let fd = self.inodes.fd(id)?;
-        rustix::fs::open(sys::proc_fd_path(fd.as_fd()), flags, Mode::empty()).map_err(errno_of)
+        self.retry_emfile(|| rustix::fs::open(sys::proc_fd_path(fd.as_fd()), flags, Mode::empty()))
+    }
+
+    /// Runs an open; on EMFILE closes cached inode descriptors and tries once more.
+    fn retry_emfile<T>(&self, open: impl Fn() -> rustix::io::Result<T>) -> Res<T> {
+        match open() {
+            Err(rustix::io::Errno::MFILE) => {
+                self.inodes.relieve();
+                open().map_err(errno_of)
+            }
+            res => res.map_err(errno_of),
+        }
     }
 
     fn data_path(&self, file: &OpenFile) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {
@@ -1270,6 +1288,7 @@ impl Filesystem for FilterFs {
         );
         let is_pt = file.backing.is_some();
         let node = file.node;
+        let decide = self.open_decisions.lock();
         drop(file);
         let gone = self.inodes.with_node(node, |n| {
             if is_pt {
@@ -1279,6 +1298,7 @@ impl Filesystem for FilterFs {
             }
             n.nlookup == 0 && n.passthrough_opens == 0 && n.cached_opens == 0
         });
+        drop(decide);
         if gone == Some(true) {
             self.inodes.forget(node, 0);
         }

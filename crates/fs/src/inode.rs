@@ -18,6 +18,7 @@ use std::sync::{Arc, Weak};
 use fuser::{BackingId, FileType};
 use lru::LruCache;
 use parking_lot::Mutex;
+use rustix::fs::{Mode, OFlags};
 
 use crate::sys::{self, FileHandle};
 
@@ -69,6 +70,8 @@ pub struct Found {
 
 pub struct Inodes {
     root: Arc<OwnedFd>,
+    /// The root opened for reading: the mount reference for open_by_handle_at.
+    handle_root: Arc<OwnedFd>,
     root_dev: u64,
     root_ino: u64,
     root_mount_id: i32,
@@ -80,7 +83,26 @@ pub struct Inodes {
 }
 
 impl Inodes {
-    pub fn new(root: OwnedFd, root_dev: u64, root_ino: u64, fd_cache: usize) -> Self {
+    /// `root` is an `O_PATH` descriptor of the backing directory. The descriptor cache holds
+    /// at most `fd_cache` entries and never more than a quarter of RLIMIT_NOFILE, so that
+    /// the daemon's own opens (files, directories) always have room.
+    pub fn new(
+        root: OwnedFd,
+        root_dev: u64,
+        root_ino: u64,
+        fd_cache: usize,
+    ) -> std::io::Result<Self> {
+        // open_by_handle_at refuses O_PATH descriptors as its mount reference.
+        let handle_root = rustix::fs::openat(
+            &root,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let soft_limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(1 << 20);
+        let fd_cache = fd_cache.min((soft_limit / 4) as usize).max(16);
         let (mount_id, handles_supported) = match sys::name_to_handle(root.as_fd()) {
             Ok(h) => (h.mount_id, true),
             Err(err) => {
@@ -90,8 +112,9 @@ impl Inodes {
                 (-1, false)
             }
         };
-        Inodes {
+        Ok(Inodes {
             root: Arc::new(root),
+            handle_root: Arc::new(handle_root),
             root_dev,
             root_ino,
             root_mount_id: mount_id,
@@ -104,7 +127,17 @@ impl Inodes {
             )),
             mounts: Mutex::new(HashMap::new()),
             handles_supported,
+        })
+    }
+
+    /// Closes half of the cached descriptors (after EMFILE), so the caller can retry.
+    pub fn relieve(&self) {
+        let mut fds = self.fds.lock();
+        let n = fds.len() / 2;
+        for _ in 0..n {
+            fds.pop_lru();
         }
+        tracing::warn!("out of file descriptors: closed {n} cached inode descriptors");
     }
 
     /// An `O_PATH` descriptor for the node, from the cache or by reopening its handle.
@@ -123,7 +156,7 @@ impl Inodes {
             }
         };
         let mount_fd = if handle.mount_id == self.root_mount_id {
-            self.root.clone()
+            self.handle_root.clone()
         } else {
             self.mounts
                 .lock()
@@ -131,8 +164,15 @@ impl Inodes {
                 .cloned()
                 .ok_or(libc::ESTALE)?
         };
-        let fd = sys::open_by_handle(mount_fd.as_fd(), &handle, libc::O_PATH)
-            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let open = || sys::open_by_handle(mount_fd.as_fd(), &handle, libc::O_PATH);
+        let fd = match open() {
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => {
+                self.relieve();
+                open()
+            }
+            res => res,
+        }
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
         let fd = Arc::new(fd);
         self.fds.lock().put(id, fd.clone());
         Ok(fd)
@@ -162,13 +202,29 @@ impl Inodes {
         } else {
             None
         };
-        if let Some(h) = &handle {
-            if h.mount_id != self.root_mount_id && !self.mounts.lock().contains_key(&h.mount_id) {
-                if let Ok(dup) = fd.try_clone() {
-                    self.mounts.lock().insert(h.mount_id, Arc::new(dup));
-                }
+        // Objects on a submount need a readable descriptor on that mount to be reopened by
+        // handle; the first object seen there is normally its root directory. Anything
+        // else on a mount we hold no such descriptor for pins its own descriptor instead.
+        let handle = handle.filter(|h| {
+            if h.mount_id == self.root_mount_id || self.mounts.lock().contains_key(&h.mount_id) {
+                return true;
             }
-        }
+            if found.kind != FileType::Directory {
+                return false;
+            }
+            match rustix::fs::openat(
+                &fd,
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(dir) => {
+                    self.mounts.lock().insert(h.mount_id, Arc::new(dir));
+                    true
+                }
+                Err(_) => false,
+            }
+        });
         let fd = Arc::new(fd);
         let mut table = self.table.lock();
         let id = self.node_id(&mut table, found.dev, found.ino);

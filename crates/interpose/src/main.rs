@@ -122,6 +122,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     if let Some(t) = args.threads {
         options.threads = t.clamp(1, 256);
     }
+    raise_fd_limit();
     // Signals first, so a SIGTERM that races the mount still unmounts.
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
@@ -165,6 +166,18 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     res.context("FUSE session")?;
     tracing::info!("unmounted {}", args.mountpoint.display());
     Ok(())
+}
+
+/// A file server holds many descriptors: lift the soft limit to the hard one.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!("cannot raise RLIMIT_NOFILE: {err}");
+        }
+    }
 }
 
 fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
