@@ -70,6 +70,16 @@ fn io_errno(err: std::io::Error) -> i32 {
     err.raw_os_error().unwrap_or(libc::EIO)
 }
 
+/// What a setattr changes (each `None` is left alone).
+struct AttrChange {
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+}
+
 /// A looked-up object: node id, generation, attributes.
 struct Entry {
     id: u64,
@@ -152,15 +162,12 @@ fn timespec(t: Option<TimeOrNow>) -> Timespec {
                 tv_nsec: d.subsec_nanos() as i64,
             },
             Err(e) => {
+                // fuser 0.18 decodes the kernel's (sec < 0, nsec) as epoch - (|sec| + nsec)
+                // rather than epoch - |sec| + nsec; undo exactly that.
                 let d = e.duration();
-                let (mut s, mut ns) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
-                if ns < 0 {
-                    s -= 1;
-                    ns += 1_000_000_000;
-                }
                 Timespec {
-                    tv_sec: s,
-                    tv_nsec: ns,
+                    tv_sec: -(d.as_secs() as i64),
+                    tv_nsec: d.subsec_nanos() as i64,
                 }
             }
         },
@@ -514,17 +521,15 @@ impl FilterFs {
             }
     }
 
-    fn do_setattr(
-        &self,
-        ino: u64,
-        fh: Option<FileHandle>,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-    ) -> Res<Stat> {
+    fn do_setattr(&self, ino: u64, fh: Option<FileHandle>, change: AttrChange) -> Res<Stat> {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+        } = change;
         let path_fd = self.inodes.fd(ino)?;
         let open = fh.and_then(|fh| self.files.lock().get(&fh.0).cloned());
         let proc_path = sys::proc_fd_path(path_fd.as_fd());
@@ -640,7 +645,7 @@ fn reply_empty(reply: ReplyEmpty, res: Res<()>) {
 /// Reads a whole xattr value, growing the buffer if it changes size under us.
 fn get_xattr(path: &Path, name: &OsStr) -> Res<Vec<u8>> {
     loop {
-        let len = rustix::fs::getxattr(path, name, &mut [0u8; 0][..]).map_err(errno_of)?;
+        let len = rustix::fs::getxattr_query(path, name).map_err(errno_of)?;
         let mut buf = vec![0u8; len];
         match rustix::fs::getxattr(path, name, &mut buf[..]) {
             Ok(n) => {
@@ -655,7 +660,7 @@ fn get_xattr(path: &Path, name: &OsStr) -> Res<Vec<u8>> {
 
 fn list_xattr(path: &Path) -> Res<Vec<u8>> {
     loop {
-        let len = rustix::fs::listxattr(path, &mut [0u8; 0][..]).map_err(errno_of)?;
+        let len = rustix::fs::listxattr_query(path).map_err(errno_of)?;
         let mut buf = vec![0u8; len];
         match rustix::fs::listxattr(path, &mut buf[..]) {
             Ok(n) => {
@@ -793,7 +798,20 @@ impl Filesystem for FilterFs {
                 r.mode = mode;
                 r.size = size;
             },
-            || self.do_setattr(ino.0, fh, mode, uid, gid, size, atime, mtime),
+            || {
+                self.do_setattr(
+                    ino.0,
+                    fh,
+                    AttrChange {
+                        mode,
+                        uid,
+                        gid,
+                        size,
+                        atime,
+                        mtime,
+                    },
+                )
+            },
             |_| 0,
         );
         match res {
@@ -1760,5 +1778,45 @@ impl Filesystem for FilterFs {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_before_1970_undo_fusers_decoding() {
+        // The kernel sends -1.5 s as (sec -2, nsec 500_000_000); fuser hands it to us as
+        // epoch - 2.5 s.
+        let from_fuser = UNIX_EPOCH - Duration::new(2, 500_000_000);
+        let ts = timespec(Some(TimeOrNow::SpecificTime(from_fuser)));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (-2, 500_000_000));
+        let ts = timespec(Some(TimeOrNow::SpecificTime(
+            UNIX_EPOCH + Duration::new(3, 7),
+        )));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 7));
+        assert_eq!(timespec(None).tv_nsec, libc::UTIME_OMIT);
+        assert_eq!(timespec(Some(TimeOrNow::Now)).tv_nsec, libc::UTIME_NOW);
+        // And attributes going back: (sec -2, nsec 5e8) is -1.5 s.
+        assert_eq!(
+            time_of(-2, 500_000_000),
+            UNIX_EPOCH - Duration::from_millis(1500)
+        );
+    }
+
+    #[test]
+    fn reopen_never_follows_or_creates() {
+        let f = reopen_flags(
+            libc::O_RDWR
+                | libc::O_CREAT
+                | libc::O_EXCL
+                | libc::O_TRUNC
+                | libc::O_NOFOLLOW
+                | libc::O_DIRECT,
+            false,
+        );
+        assert_eq!(f, OFlags::RDWR | OFlags::CLOEXEC);
+        assert!(reopen_flags(libc::O_WRONLY | libc::O_DIRECT, true).contains(OFlags::DIRECT));
     }
 }

@@ -1,0 +1,258 @@
+//! Unprivileged callers (uid 65534, via setpriv) on the mount: ownership of what they
+//! create, permission checks (modes, groups, setgid directories, sticky directories,
+//! ACLs), compared with the same operations on a plain directory prepared the same way.
+//! The plain run gives the expected outcome; a few facts are also asserted outright.
+
+mod common;
+mod support;
+use common::*;
+use support::*;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+const GROUP: u32 = 1234;
+const OTHER_USER: u32 = 4242;
+
+fn file(path: &Path, data: &[u8], uid: u32, gid: u32, mode: u32) {
+    fs::write(path, data).unwrap();
+    lchown(path, uid, gid);
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn dir(path: &Path, uid: u32, gid: u32, mode: u32) {
+    fs::create_dir(path).unwrap();
+    lchown(path, uid, gid);
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn setfacl(path: &Path, spec: &str) {
+    run(Command::new("setfacl").args(["-m", spec]).arg(path));
+}
+
+/// The tree the unprivileged user works in, made by root (through the mount for the mount).
+fn prepare(base: &Path) {
+    let p = |rel: &str| base.join(rel);
+    dir(&p("pub"), 0, 0, 0o777);
+    file(&p("pub/rootowned"), b"r", 0, 0, 0o644);
+    file(&p("pub/rootowned2"), b"r", 0, 0, 0o644);
+    file(&p("rootfile"), b"root data", 0, 0, 0o644);
+    set_xattr(&p("rootfile"), "user.tag", b"public");
+    file(&p("secret"), b"secret", 0, 0, 0o600);
+    set_xattr(&p("secret"), "user.tag", b"hidden");
+    dir(&p("grp"), 0, GROUP, 0o770);
+    dir(&p("sgid"), 0, GROUP, 0o2770);
+    dir(&p("sgid_open"), 0, GROUP, 0o2777);
+    file(&p("gfile"), b"group data", 0, GROUP, 0o660);
+    dir(&p("sticky"), 0, 0, 0o1777);
+    file(&p("sticky/rootf"), b"root's", 0, 0, 0o666);
+    file(
+        &p("sticky/other"),
+        b"other's",
+        OTHER_USER,
+        OTHER_USER,
+        0o666,
+    );
+    dir(&p("ro_dir"), 0, 0, 0o755);
+    file(&p("ro_dir/existing"), b"e", 0, 0, 0o666);
+    dir(&p("dirnox"), 0, 0, 0o744);
+    file(&p("dirnox/f"), b"f", 0, 0, 0o644);
+    dir(&p("own"), NOBODY, NOBODY, 0o755);
+    file(&p("own/g1234"), b"g", NOBODY, GROUP, 0o644);
+    file(&p("own/suid"), b"s", NOBODY, NOBODY, 0o4755);
+    // ACLs: one granting the user what the mode bits deny, one denying what they grant.
+    file(&p("aclfile"), b"acl granted", 0, 0, 0o600);
+    file(&p("denyacl"), b"acl denied", 0, 0, 0o644);
+    dir(&p("acldir"), 0, 0, 0o700);
+    setfacl(&p("aclfile"), "u:65534:r");
+    setfacl(&p("denyacl"), "u:65534:-");
+    setfacl(&p("acldir"), "u:65534:rwx");
+    symlink("rootfile", p("link-to-rootfile")).unwrap();
+    // A file capability on a file the user may write: writing must strip it.
+    fs::copy("/bin/true", p("capfile")).unwrap();
+    fs::set_permissions(p("capfile"), fs::Permissions::from_mode(0o777)).unwrap();
+    // setcap comes with libcap2-bin, which scripts/setup.sh installs.
+    run(Command::new("setcap")
+        .arg("cap_net_raw+ep")
+        .arg(p("capfile")));
+}
+
+/// Runs nonroot_ops.py PHASE on `base` as uid/gid 65534 with `groups`.
+fn ops(base: &Path, phase: &str, groups: &[u32]) -> BTreeMap<String, String> {
+    let mut cmd = as_user(NOBODY, NOBODY, groups);
+    cmd.arg(python())
+        .arg("-")
+        .arg(base)
+        .arg(phase)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&fs::read(script("nonroot_ops.py")).unwrap())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nonroot_ops.py: {}", describe(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&out)))
+}
+
+/// Owner, mode and (for files) content length of what the operations left behind.
+fn results(base: &Path) -> BTreeMap<String, String> {
+    [
+        "pub/new",
+        "pub/dir",
+        "pub/fifo",
+        "pub/sl",
+        "pub/new-renamed",
+        "pub/sgidfile",
+        "pub/rootowned",
+        "pub/stolen",
+        "rootfile",
+        "secret",
+        "grp/f",
+        "grp/d",
+        "grp/sgidfile",
+        "sgid/f",
+        "sgid/d",
+        "sgid/sgidfile",
+        "sgid_open/f",
+        "sgid_open/n",
+        "sgid_open/d",
+        "sgid_open/chmodded",
+        "sticky/rootf",
+        "sticky/other",
+        "sticky/mine",
+        "sticky/mine2",
+        "acldir/f",
+        "own/g1234",
+        "own/suid",
+        "ro_dir/existing",
+        "gfile",
+        "capfile",
+    ]
+    .iter()
+    .map(|rel| {
+        let desc = match fs::symlink_metadata(base.join(rel)) {
+            Ok(md) => format!(
+                "{}:{} {:o} size={} xattrs={:?}",
+                md.uid(),
+                md.gid(),
+                md.mode(),
+                if md.is_dir() { 0 } else { md.len() },
+                xattrs(&base.join(rel))
+                    .keys()
+                    .map(|k| esc(k))
+                    .collect::<Vec<_>>()
+            ),
+            Err(e) => format!("{:?}", e.kind()),
+        };
+        (rel.to_string(), desc)
+    })
+    .collect()
+}
+
+fn diff(what: &str, plain: &BTreeMap<String, String>, mount: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    for (k, v) in plain {
+        let m = mount.get(k).map(String::as_str).unwrap_or("(absent)");
+        if m != v {
+            out += &format!("  {what} {k}: plain {v}, mount {m}\n");
+        }
+    }
+    out
+}
+
+#[test]
+fn unprivileged_callers_get_the_same_permissions_and_ownership_as_on_a_plain_directory() {
+    if !have("setfacl") {
+        panic!("setfacl is needed (apt-get install acl)");
+    }
+    let plain = plain_dir("interpose-nonroot-");
+    make_traversable(plain.path());
+    let m = Mount::new(&[]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o755)).unwrap();
+    let (pb, mb) = (plain.path().join("base"), m.mnt.join("base"));
+    dir(&pb, 0, 0, 0o755);
+    dir(&mb, 0, 0, 0o755);
+    prepare(&pb);
+    prepare(&mb);
+
+    let plain_user = ops(&pb, "user", &[]);
+    let mount_user = ops(&mb, "user", &[]);
+    let plain_group = ops(&pb, "group", &[GROUP]);
+    let mount_group = ops(&mb, "group", &[GROUP]);
+    let (plain_res, mount_res) = (results(&pb), results(&mb));
+    let backing_res = results(&m.backing.join("base"));
+
+    // The facts the comparison rests on hold on the plain directory.
+    let sanity = [
+        (&plain_user, "create_in_writable_dir", "ok"),
+        (&plain_user, "write_root_0644", "EACCES"),
+        (&plain_user, "read_root_0600", "EACCES"),
+        (&plain_user, "create_in_group_dir", "EACCES"),
+        (&plain_user, "sticky_unlink_other_users_file", "EPERM"),
+        (&plain_user, "read_acl_granted", "ok"),
+        (&plain_user, "read_acl_denied", "EACCES"),
+        (&plain_group, "create_in_group_dir", "ok"),
+        (&plain_group, "create_in_setgid_dir", "ok"),
+    ];
+    for (res, op, want) in sanity {
+        assert_eq!(res[op], want, "on the plain directory, {op}");
+    }
+    assert!(plain_res["pub/new"].starts_with("65534:65534 100644 size=0 "));
+    assert!(plain_res["grp/f"].starts_with("65534:1234 102755 size=0 ")); // chgrp, chmod g+s
+    assert!(plain_res["sgid/f"].starts_with("65534:1234 "));
+    assert!(plain_res["sgid/d"].starts_with("65534:1234 42"));
+
+    let mut problems = diff("user op", &plain_user, &mount_user);
+    problems += &diff("group op", &plain_group, &mount_group);
+    problems += &diff("result", &plain_res, &mount_res);
+    problems += &diff("backing result", &mount_res, &backing_res);
+    assert!(
+        problems.is_empty(),
+        "uid 65534 on the mount differs from a plain directory:\n{problems}"
+    );
+    m.stop();
+}
+
+#[test]
+fn files_created_by_users_belong_to_them_on_the_backing_side() {
+    let m = Mount::new(&[]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o777)).unwrap();
+    let mnt = m.mnt.display().to_string();
+    run(as_user(NOBODY, NOBODY, &[]).args([
+        "sh",
+        "-c",
+        &format!(
+            "set -e; cd '{mnt}'; umask 022; echo hi > f; mkdir d; ln -s f l; mkfifo p; \
+             echo more >> f; mv f g; ln g h; rm h"
+        ),
+    ]));
+    for (name, mode) in [
+        ("g", 0o100644),
+        ("d", 0o40755),
+        ("l", 0o120777),
+        ("p", 0o10644),
+    ] {
+        for base in [&m.mnt, &m.backing] {
+            let md = fs::symlink_metadata(base.join(name)).unwrap();
+            assert_eq!(
+                (md.uid(), md.gid(), md.mode()),
+                (NOBODY, NOBODY, mode),
+                "{} created by uid 65534",
+                base.join(name).display()
+            );
+        }
+    }
+    assert_eq!(fs::read(m.backing.join("g")).unwrap(), b"hi\nmore\n");
+    m.stop();
+}
