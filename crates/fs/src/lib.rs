@@ -22,6 +22,7 @@ pub mod filter;
 pub mod filters;
 mod fs;
 mod inode;
+mod pool;
 mod sys;
 
 use std::io;

@@ -1,0 +1,65 @@
+//! A few threads for operations that wait on the disk (fsync), so that one slow call does
+//! not stall the request loop behind it.
+//!
+//! The request loop itself runs on few threads on purpose: every extra thread waiting on
+//! /dev/fuse makes the kernel hand consecutive requests to different, cold threads, which
+//! costs more than it gains for the short operations that make up most traffic.
+
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+pub struct BlockingPool {
+    sender: Mutex<Option<SyncSender<Job>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl BlockingPool {
+    pub fn new(threads: usize) -> Self {
+        let (sender, receiver) = sync_channel::<Job>(1024);
+        let receiver = std::sync::Arc::new(Mutex::new(receiver));
+        let workers = (0..threads.max(1))
+            .filter_map(|i| {
+                let receiver = receiver.clone();
+                std::thread::Builder::new()
+                    .name(format!("fs-blocking-{i}"))
+                    .spawn(move || loop {
+                        let job = receiver.lock().recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => break,
+                        }
+                    })
+                    .ok()
+            })
+            .collect();
+        BlockingPool {
+            sender: Mutex::new(Some(sender)),
+            workers: Mutex::new(workers),
+        }
+    }
+
+    /// Runs `job` on a pool thread, or right here if the pool is gone.
+    pub fn run(&self, job: impl FnOnce() + Send + 'static) {
+        let sender = self.sender.lock().clone();
+        match sender {
+            Some(sender) => {
+                if let Err(err) = sender.send(Box::new(job)) {
+                    (err.0)();
+                }
+            }
+            None => job(),
+        }
+    }
+
+    /// Finishes queued jobs and stops the threads.
+    pub fn shutdown(&self) {
+        drop(self.sender.lock().take());
+        for worker in self.workers.lock().drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
