@@ -31,61 +31,12 @@ pub struct Mount {
 impl Mount {
     /// Fresh temporary `backing/` and `mnt/` directories, mounted with `args` appended.
     pub fn new(args: &[&str]) -> Mount {
-        let tmp = tempfile::Builder::new()
-            .prefix("interpose-test-")
-            .tempdir_in(test_root())
-            .unwrap();
-        let backing = tmp.path().join("backing");
-        let mnt = tmp.path().join("mnt");
-        std::fs::create_dir(&backing).unwrap();
-        std::fs::create_dir(&mnt).unwrap();
-        let mut m = Mount::start(&backing, &mnt, args);
-        m.dir = tmp.path().to_path_buf();
-        m._tmp = Some(tmp);
-        m
+        Mount::new_with_prefix(&[], args)
     }
 
     /// Mounts an existing backing directory at an existing mount point.
     pub fn start(backing: &Path, mnt: &Path, args: &[&str]) -> Mount {
-        let mut child = Command::new(bin())
-            .args(["fs", "mount"])
-            .arg(backing)
-            .arg(mnt)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start interpose");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        // Readiness: the daemon prints "mounted ..." once the mount exists.
-        match lines.next() {
-            Some(Ok(line)) if line.starts_with("mounted ") => {}
-            other => {
-                let _ = child.kill();
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("interpose did not mount: {other:?}\nstderr:\n{err}");
-            }
-        }
-        assert!(
-            is_mounted(mnt),
-            "{} not in mountinfo after readiness line",
-            mnt.display()
-        );
-        Mount {
-            child: Some(child),
-            backing: backing.into(),
-            mnt: mnt.into(),
-            dir: PathBuf::new(),
-            _tmp: None,
-        }
+        Mount::start_with_prefix(&[], backing, mnt, args)
     }
 
     pub fn pid(&self) -> u32 {
@@ -209,10 +160,15 @@ impl Mount {
 
     /// Like [`Mount::start`], with the daemon run under `prefix` (see [`Mount::new_with_prefix`]).
     pub fn start_with_prefix(prefix: &[&str], backing: &Path, mnt: &Path, args: &[&str]) -> Mount {
-        let (program, wrapper) = prefix.split_first().expect("a non-empty prefix");
-        let mut child = Command::new(program)
-            .args(wrapper)
-            .arg(bin())
+        let mut command = match prefix.split_first() {
+            Some((program, wrapper)) => {
+                let mut c = Command::new(program);
+                c.args(wrapper).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let mut child = command
             .args(["fs", "mount"])
             .arg(backing)
             .arg(mnt)
@@ -221,7 +177,7 @@ impl Mount {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {program}: {e}"));
+            .unwrap_or_else(|e| panic!("start interpose (prefix {prefix:?}): {e}"));
         let stdout = child.stdout.take().unwrap();
         match BufReader::new(stdout).lines().next() {
             Some(Ok(line)) if line.starts_with("mounted ") => {}
