@@ -107,6 +107,7 @@ DAEMON_PID=""   # interpose daemon of the current session
 READY_FD=""     # our read-write end of its readiness fifo
 BINDFS_PID=""   # bindfs daemon of the current session
 CREATED_DIR=0
+LOCK=""
 
 mounted() { # is $1 a mount point? (reads mountinfo: never touches a possibly hung mount)
     awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
@@ -148,11 +149,30 @@ cleanup() {
     elif ((CREATED_DIR)); then
         echo "fs.sh: $MNT is still mounted; left $BENCH_DIR in place" >&2
     fi
+    [[ -n $LOCK ]] && rm -f "$LOCK" "$LOCK.pid"
     exit "$rc"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT
 trap 'log "terminated"; exit 143' TERM HUP
+
+# ---------------------------------------------------------------- one run per bench dir
+
+# Another run on the same directory would delete this one's files: take a lock first.
+LOCK_DIR=/run/lock
+[[ -d $LOCK_DIR && -w $LOCK_DIR ]] || LOCK_DIR=${TMPDIR:-/tmp}
+LOCK=$LOCK_DIR/interpose-bench.$(printf '%s' "$BENCH_DIR" | md5sum | cut -c1-12).lock
+exec {LOCK_FD}>"$LOCK"
+if ! flock -n "$LOCK_FD"; then
+    log "another bench/fs.sh run is using $BENCH_DIR (lock $LOCK held by pid $(cat "$LOCK.pid" 2>/dev/null || echo '?'))"
+    LOCK="" # not ours to remove
+    exit 1
+fi
+echo $$ >"$LOCK.pid"
+if [[ -e $BENCH_DIR && -n $(ls -A "$BENCH_DIR") && ! -e $MARKER ]]; then
+    log "$BENCH_DIR exists and is not ours (no .interpose-bench marker): refusing to use it"
+    exit 1
+fi
 
 # ---------------------------------------------------------------- dependencies and build
 
@@ -194,11 +214,7 @@ MI_COMMIT+=", binary sha256 $(sha256sum "$BIN" | cut -c1-16)"
 
 if mounted "$MNT"; then force_unmount "$MNT"; fi # left over by a killed run
 if [[ -e $BENCH_DIR ]]; then
-    if [[ -n $(ls -A "$BENCH_DIR") && ! -e $MARKER ]]; then
-        log "$BENCH_DIR exists and is not ours (no .interpose-bench marker): refusing to use it"
-        exit 1
-    fi
-    rm -rf --one-file-system "$BENCH_DIR"
+    rm -rf --one-file-system "$BENCH_DIR" # ours (marker checked above) and left by a killed run
 fi
 mkdir -p "$BENCH_DIR"
 CREATED_DIR=1
