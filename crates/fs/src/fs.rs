@@ -225,12 +225,6 @@ impl FilterFs {
         })
     }
 
-    /// Nodes the kernel still references, and descriptors cached for them (for tests of
-    /// boundedness and for `--stats`).
-    pub fn node_count(&self) -> (usize, usize) {
-        (self.inodes.len(), self.inodes.cached_fds())
-    }
-
     fn attr(&self, id: u64, st: &Stat) -> FileAttr {
         FileAttr {
             ino: INodeNo(id),
@@ -265,21 +259,7 @@ impl FilterFs {
         if self.chain.is_empty() {
             return body();
         }
-        let (p1, p2) = paths();
-        let mut r = Request::new(op, p1, caller(req));
-        r.path2 = p2;
-        detail(&mut r);
-        let start = Instant::now();
-        if let Verdict::Deny(errno) = self.chain.before(&r) {
-            self.chain.after(
-                &r,
-                &Outcome {
-                    result: Err(errno),
-                    latency: start.elapsed(),
-                },
-            );
-            return Err(errno);
-        }
+        let (r, start) = self.before(req, op, paths, detail)?;
         let res = body();
         let result = match &res {
             Ok(v) => Ok(bytes(v)),
@@ -295,6 +275,31 @@ impl FilterFs {
         res
     }
 
+    /// Builds the filters' view of a request and runs their `before` hooks; a denial has
+    /// already been shown to the `after` hooks when it is returned.
+    fn before(
+        &self,
+        req: &fuser::Request,
+        op: Op,
+        paths: impl FnOnce() -> (PathBuf, Option<PathBuf>),
+        detail: impl FnOnce(&mut Request),
+    ) -> Res<(Request, Instant)> {
+        let (p1, p2) = paths();
+        let mut r = Request::new(op, p1, caller(req));
+        r.path2 = p2;
+        detail(&mut r);
+        let start = Instant::now();
+        if let Verdict::Deny(errno) = self.chain.before(&r) {
+            let outcome = Outcome {
+                result: Err(errno),
+                latency: start.elapsed(),
+            };
+            self.chain.after(&r, &outcome);
+            return Err(errno);
+        }
+        Ok((r, start))
+    }
+
     /// Like [`Self::filtered`] for a call that may wait on the disk: the filters' `before`
     /// runs here, the call, the `after` hooks and the reply on the blocking pool.
     fn offload(
@@ -308,19 +313,10 @@ impl FilterFs {
         let prepared = if self.chain.is_empty() {
             None
         } else {
-            let (p1, p2) = paths();
-            let mut r = Request::new(op, p1, caller(req));
-            r.path2 = p2;
-            let start = Instant::now();
-            if let Verdict::Deny(errno) = self.chain.before(&r) {
-                let outcome = Outcome {
-                    result: Err(errno),
-                    latency: start.elapsed(),
-                };
-                self.chain.after(&r, &outcome);
-                return reply.error(Errno::from_i32(errno));
+            match self.before(req, op, paths, |_| {}) {
+                Ok(prepared) => Some(prepared),
+                Err(errno) => return reply.error(Errno::from_i32(errno)),
             }
-            Some((r, start))
         };
         let chain = self.chain.clone();
         self.blocking.run(move || {

@@ -364,14 +364,6 @@ impl Inodes {
         path.push(name);
         path
     }
-
-    pub fn len(&self) -> usize {
-        self.table.lock().nodes.len()
-    }
-
-    pub fn cached_fds(&self) -> usize {
-        self.fds.lock().len()
-    }
 }
 
 /// Converts a `d_type`/`st_mode` file type to fuser's.
