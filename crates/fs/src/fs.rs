@@ -39,7 +39,7 @@ pub struct Options {
     pub negative_timeout: Duration,
     /// Use the kernel's FUSE passthrough for files no filter needs to see the data of.
     pub passthrough: bool,
-    /// Threads reading requests from the kernel (see [`crate::pool`] for why few).
+    /// Threads reading requests from the kernel (see [`crate::pool`] for why 4).
     pub threads: usize,
     /// Threads for operations that wait on the disk (fsync).
     pub blocking_threads: usize,
@@ -56,7 +56,7 @@ impl Default for Options {
             entry_timeout: Duration::from_secs(1),
             negative_timeout: Duration::from_secs(1),
             passthrough: true,
-            threads: 1,
+            threads: 4,
             blocking_threads: 4,
             fd_cache: 1024,
             allow_other: true,

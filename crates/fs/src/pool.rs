@@ -1,9 +1,9 @@
 //! A few threads for operations that wait on the disk (fsync), so that one slow call does
 //! not stall the request loop behind it.
 //!
-//! The request loop itself runs on few threads on purpose: every extra thread waiting on
-//! /dev/fuse makes the kernel hand consecutive requests to different, cold threads, which
-//! costs more than it gains for the short operations that make up most traffic.
+//! The request loop runs on a handful of threads (4 by default): on 2 cores, 1 thread made
+//! untar of 20,000 files 1.5x slower than 2 or 4 (the disk waits of create and unlink
+//! serialise), and more than 4 gained nothing measurable.
 
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::thread::JoinHandle;
