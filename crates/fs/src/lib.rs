@@ -58,6 +58,7 @@ pub enum MountError {
 pub struct Mounted {
     unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
     session: JoinHandle<io::Result<()>>,
+    notifier: fuser::Notifier,
     pub mountpoint: PathBuf,
 }
 
@@ -75,6 +76,11 @@ impl Unmounter {
 impl Mounted {
     pub fn unmounter(&self) -> Unmounter {
         Unmounter(self.unmounter.clone())
+    }
+
+    /// Tells the kernel to drop cached names, attributes or data.
+    pub fn notifier(&self) -> fuser::Notifier {
+        self.notifier.clone()
     }
 
     /// Waits until the file system is unmounted (by us or by anyone else).
@@ -121,6 +127,20 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
         path: backing.clone(),
         source,
     })?;
+    mount_filesystem(fs, &backing, &mountpoint, threads, allow_other)
+}
+
+/// Mounts any of interpose's file systems (the filter file system, the isolated view) at
+/// `mountpoint` with the options they share: named after `backing`, kernel permission
+/// checks, `threads` request threads each with its own /dev/fuse clone.
+pub fn mount_filesystem<F: fuser::Filesystem + Send + Sync + 'static>(
+    fs: F,
+    backing: &std::path::Path,
+    mountpoint: &std::path::Path,
+    threads: usize,
+    allow_other: bool,
+) -> Result<Mounted, MountError> {
+    let mountpoint = mountpoint.to_path_buf();
     let mut cfg = fuser::Config::default();
     cfg.mount_options = vec![
         fuser::MountOption::FSName(backing.to_string_lossy().into_owned()),
@@ -130,7 +150,7 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
     if allow_other {
         cfg.acl = fuser::SessionACL::All;
     }
-    cfg.n_threads = Some(threads);
+    cfg.n_threads = Some(threads.max(1));
     cfg.clone_fd = true;
     let mut session =
         fuser::Session::new(fs, &mountpoint, &cfg).map_err(|source| MountError::Mount {
@@ -138,6 +158,7 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
             source,
         })?;
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
+    let notifier = session.notifier();
     let session = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())
@@ -145,6 +166,7 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
     Ok(Mounted {
         unmounter,
         session,
+        notifier,
         mountpoint,
     })
 }

@@ -30,6 +30,40 @@ enum Command {
     /// The filter file system (FUSE).
     #[command(subcommand)]
     Fs(FsCommand),
+    /// Pending changes of an isolated mount: status, log, commit, discard.
+    #[command(subcommand)]
+    Isolation(IsolationCommand),
+}
+
+#[derive(Subcommand)]
+enum IsolationCommand {
+    /// Last sequence number, pending changes, files and bytes held, store size, committed-up-to.
+    Status {
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The pending changes with their sequence numbers.
+    Log {
+        store: PathBuf,
+        #[arg(long)]
+        json: bool,
+        /// Only changes after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
+    /// Apply pending changes up to N (default: all) to the backing directory.
+    Commit {
+        store: PathBuf,
+        #[arg(long, value_name = "N")]
+        upto: Option<u64>,
+    },
+    /// Throw pending changes away: all, or those after N.
+    Discard {
+        store: PathBuf,
+        #[arg(long, value_name = "N")]
+        after: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +103,10 @@ struct MountArgs {
     /// Only the mounting user may use the mount (default: everyone, with normal permission checks).
     #[arg(long)]
     private: bool,
+    /// Isolate: keep every change in the store directory STORE (made if missing or empty);
+    /// BACKING is left untouched until `interpose isolation commit STORE`.
+    #[arg(long, value_name = "STORE")]
+    isolate: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -95,6 +133,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fs(FsCommand::Mount(args)) => fs_mount(args),
         Command::Fs(FsCommand::Unmount { mountpoint, lazy }) => fs_unmount(&mountpoint, lazy),
+        Command::Isolation(cmd) => isolation(cmd),
     }
 }
 
@@ -126,16 +165,40 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     // Signals first, so a SIGTERM that races the mount still unmounts.
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
-    let mounted = interpose_fs::mount(MountConfig {
-        backing: args.backing.clone(),
-        mountpoint: args.mountpoint.clone(),
-        chain,
-        options,
-    })?;
-    let filters = if names.is_empty() {
-        "no filters".to_owned()
-    } else {
-        format!("filters: {}", names.join(", "))
+    let (mounted, _isolated) = match &args.isolate {
+        None => (
+            interpose_fs::mount(MountConfig {
+                backing: args.backing.clone(),
+                mountpoint: args.mountpoint.clone(),
+                chain,
+                options,
+            })?,
+            None,
+        ),
+        Some(store) => {
+            if !names.is_empty() {
+                bail!("--filter and --isolate cannot be combined yet");
+            }
+            let iso = interpose_isolation::mount(
+                &args.backing,
+                &args.mountpoint,
+                store,
+                interpose_isolation::fs::Options {
+                    ttl,
+                    passthrough: !args.no_passthrough,
+                },
+                options.threads,
+                options.allow_other,
+            )
+            .with_context(|| format!("isolated mount of {}", args.backing.display()))?;
+            let interpose_isolation::IsolatedMount { mounted, guard, .. } = iso;
+            (mounted, Some(guard))
+        }
+    };
+    let filters = match &args.isolate {
+        Some(store) => format!("isolated, changes in {}", store.display()),
+        None if names.is_empty() => "no filters".to_owned(),
+        None => format!("filters: {}", names.join(", ")),
     };
     // The readiness line: scripts and tests wait for it.
     println!(
@@ -213,4 +276,148 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
         Err(e) => Err(std::io::Error::from(e))
             .with_context(|| format!("unmounting {}", mountpoint.display())),
     }
+}
+
+fn isolation(cmd: IsolationCommand) -> Result<()> {
+    use interpose_isolation::control::{request, Request};
+    use interpose_isolation::{CommitProgress, Store};
+    let (store_dir, req) = match &cmd {
+        IsolationCommand::Status { store, .. } => (
+            store,
+            Request {
+                cmd: "status".into(),
+                upto: None,
+                after: None,
+                since: None,
+            },
+        ),
+        IsolationCommand::Log { store, since, .. } => (
+            store,
+            Request {
+                cmd: "log".into(),
+                upto: None,
+                after: None,
+                since: Some(*since),
+            },
+        ),
+        IsolationCommand::Commit { store, upto } => (
+            store,
+            Request {
+                cmd: "commit".into(),
+                upto: *upto,
+                after: None,
+                since: None,
+            },
+        ),
+        IsolationCommand::Discard { store, after } => (
+            store,
+            Request {
+                cmd: "discard".into(),
+                upto: None,
+                after: *after,
+                since: None,
+            },
+        ),
+    };
+    let bar = (matches!(cmd, IsolationCommand::Commit { .. })
+        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    .then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "commit [{bar:30}] {pos}/{len} changes, {msg} {elapsed_precise} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    let mut progress = |p: CommitProgress| {
+        if let Some(b) = &bar {
+            b.set_length(p.changes_total);
+            b.set_position(p.changes_done);
+            b.set_message(format!(
+                "{}/{} MiB",
+                p.bytes_done >> 20,
+                p.bytes_total >> 20
+            ));
+        }
+    };
+    // A mounted store answers through its daemon; otherwise work on the store directly.
+    let answer = match request(store_dir, &req, &mut progress)? {
+        Some(v) => v,
+        None => {
+            let store = Store::open(store_dir)?;
+            match &cmd {
+                IsolationCommand::Status { .. } => {
+                    let (j, recs) = store.journal()?;
+                    serde_json::to_value(store.status(&j, &recs, false)?)?
+                }
+                IsolationCommand::Log { since, .. } => {
+                    let (_, recs) = store.journal()?;
+                    serde_json::to_value(Store::log(&recs, *since))?
+                }
+                IsolationCommand::Commit { upto, .. } => {
+                    let backing = store.backing()?;
+                    let (j, recs) = store.journal()?;
+                    let (j, rest) = store.commit(&backing, &j, &recs, *upto, &mut progress)?;
+                    serde_json::json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()})
+                }
+                IsolationCommand::Discard { after, .. } => {
+                    let (mut j, recs) = store.journal()?;
+                    let kept = store.discard(&mut j, &recs, *after)?;
+                    serde_json::json!({"pending_changes": kept.len()})
+                }
+            }
+        }
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let json = match &cmd {
+        IsolationCommand::Status { json, .. } | IsolationCommand::Log { json, .. } => *json,
+        _ => false,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(());
+    }
+    match cmd {
+        IsolationCommand::Status { .. } => {
+            let s: interpose_isolation::Status = serde_json::from_value(answer)?;
+            println!("store:            {}", s.store.display());
+            println!("backing:          {}", s.backing.display());
+            println!("mounted:          {}", if s.mounted { "yes" } else { "no" });
+            println!("last change:      {}", s.last_seq);
+            println!("committed up to:  {}", s.committed_upto);
+            println!("pending changes:  {}", s.pending_changes);
+            println!("files changed:    {}", s.files);
+            println!("data held:        {} bytes", s.data_bytes);
+            println!("store on disk:    {} bytes", s.store_bytes);
+            if let Some(t) = s.interrupted_commit {
+                println!("interrupted commit up to {t}: run `interpose isolation commit` again");
+            }
+        }
+        IsolationCommand::Log { .. } => {
+            let entries: Vec<interpose_isolation::LogEntry> = serde_json::from_value(answer)?;
+            for e in entries {
+                let (a, b) = e.change.paths();
+                let show = |p: Option<&interpose_isolation::change::RawPath>| {
+                    p.map(|p| format!("/{}", p.display()))
+                        .unwrap_or_else(|| "(unlinked)".into())
+                };
+                let mut line = format!("{:>8}  {:<11} {}", e.seq, e.change.name(), show(a));
+                if b.is_some() {
+                    line += &format!(" -> {}", show(b));
+                }
+                if let interpose_isolation::change::Change::Data { size, .. } = &e.change {
+                    line += &format!("  (size {size}, {} bytes of blocks)", e.data_bytes);
+                }
+                println!("{line}");
+            }
+        }
+        IsolationCommand::Commit { .. } | IsolationCommand::Discard { .. } => {
+            println!("{answer}");
+        }
+    }
+    Ok(())
 }

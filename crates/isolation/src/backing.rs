@@ -1,0 +1,417 @@
+//! The backing directory, reached only beneath its root: every path is resolved with
+//! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so neither a symlink nor `..` in the
+//! tree can make the daemon or a commit touch anything outside it. Also: applying one
+//! recorded change to the backing directory (what commit does, change by change).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
+
+use crate::change::{Change, NewKind, RawPath, BLOCK};
+
+pub struct Backing {
+    root: OwnedFd,
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+fn errno(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// Splits a relative path into its parent and last component.
+pub fn split(rel: &Path) -> (&Path, &OsStr) {
+    match (rel.parent(), rel.file_name()) {
+        (Some(p), Some(n)) => (p, n),
+        _ => (Path::new(""), rel.as_os_str()),
+    }
+}
+
+impl Backing {
+    pub fn open(path: &Path) -> io::Result<Backing> {
+        let root = rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let st = rustix::fs::fstat(&root)?;
+        Ok(Backing {
+            root,
+            path: path.to_path_buf(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
+    pub fn root_ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// Opens `rel` (relative, "" for the root) beneath the root, never following a symlink.
+    pub fn open_at(&self, rel: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+        let rel: &Path = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        loop {
+            match rustix::fs::openat2(
+                &self.root,
+                rel,
+                flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(mode),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
+                r => return r.map_err(errno),
+            }
+        }
+    }
+
+    /// The directory holding `rel`, and `rel`'s last name.
+    pub fn parent_of<'a>(&self, rel: &'a Path) -> io::Result<(OwnedFd, &'a OsStr)> {
+        let (parent, name) = split(rel);
+        Ok((
+            self.open_at(parent, OFlags::PATH | OFlags::DIRECTORY, 0)?,
+            name,
+        ))
+    }
+
+    pub fn lstat(&self, rel: &Path) -> io::Result<Stat> {
+        let fd = self.open_at(rel, OFlags::PATH, 0)?;
+        rustix::fs::fstat(&fd).map_err(errno)
+    }
+
+    /// A regular file's contents for reading.
+    pub fn open_read(&self, rel: &Path) -> io::Result<File> {
+        Ok(File::from(self.open_at(rel, OFlags::RDONLY, 0)?))
+    }
+}
+
+/// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a
+/// path (they refuse `O_PATH` descriptors themselves).
+pub fn proc_path(fd: &OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// All of an object's xattrs, as (name, value).
+pub fn read_xattrs(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let p = proc_path(fd);
+    let mut names = vec![0u8; 4096];
+    let n = loop {
+        match rustix::fs::llistxattr(&p, &mut names) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(errno(e)),
+        }
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let mut v = vec![0u8; 256];
+        let len = loop {
+            match rustix::fs::lgetxattr(&p, OsStr::from_bytes(name), &mut v) {
+                Ok(len) => break Some(len),
+                Err(rustix::io::Errno::RANGE) => v.resize(v.len() * 16, 0),
+                Err(rustix::io::Errno::NODATA) => break None,
+                Err(e) => return Err(errno(e)),
+            }
+        };
+        if let Some(len) = len {
+            v.truncate(len);
+            out.push((name.to_vec(), v));
+        }
+    }
+    Ok(out)
+}
+
+fn timespec(t: Option<(i64, u32)>) -> Timespec {
+    match t {
+        Some((s, n)) => Timespec {
+            tv_sec: s,
+            tv_nsec: n as _,
+        },
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    }
+}
+
+/// Applies one change to the backing directory. Every change either cannot be applied
+/// twice by mistake or says, from what it finds, that it was applied already (a create
+/// finding its object, an unlink finding none), so a commit cut short may repeat the
+/// change it was in. `journal` holds the change's data at `data_offset`.
+pub fn apply(
+    backing: &Backing,
+    change: &Change,
+    journal: &File,
+    data_offset: u64,
+) -> io::Result<()> {
+    let p = |r: &RawPath| r.to_path_buf();
+    match change {
+        Change::Data { path: None, .. } => Ok(()),
+        Change::Data {
+            path: Some(path),
+            size,
+            runs,
+        } => {
+            let f = File::from(backing.open_at(&p(path), OFlags::WRONLY, 0)?);
+            let cur = f.metadata()?.len();
+            if *size < cur {
+                f.set_len(*size)?;
+            }
+            let mut src = data_offset;
+            for run in runs {
+                let (off, len) = (run.block * BLOCK, run.count * BLOCK);
+                if run.hole {
+                    let punched = rustix::fs::fallocate(
+                        &f,
+                        rustix::fs::FallocateFlags::PUNCH_HOLE
+                            | rustix::fs::FallocateFlags::KEEP_SIZE,
+                        off,
+                        len,
+                    );
+                    if punched.is_err() {
+                        write_zeros(&f, off, len)?;
+                    }
+                } else {
+                    copy_range(journal, src, &f, off, len)?;
+                    src += len;
+                }
+            }
+            f.set_len(*size)
+        }
+        Change::Create {
+            path,
+            kind,
+            mode,
+            uid,
+            gid,
+        } => {
+            let rel = p(path);
+            let (dir, name) = backing.parent_of(&rel)?;
+            let perm = Mode::from_raw_mode(mode & 0o7777);
+            let made = match kind {
+                NewKind::File => rustix::fs::openat(
+                    &dir,
+                    name,
+                    OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::WRONLY
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    perm,
+                )
+                .map(drop),
+                NewKind::Dir => rustix::fs::mkdirat(&dir, name, perm),
+                NewKind::Symlink { target } => rustix::fs::symlinkat(target.as_path(), &dir, name),
+                NewKind::Node { rdev } => rustix::fs::mknodat(
+                    &dir,
+                    name,
+                    rustix::fs::FileType::from_raw_mode(*mode),
+                    perm,
+                    *rdev as _,
+                ),
+            };
+            match made {
+                Ok(()) => {}
+                Err(rustix::io::Errno::EXIST) => {
+                    // Made before a crash: the change was the object's creation, so an
+                    // object of the same type there is ours.
+                    let st =
+                        rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+                    if st.st_mode & libc::S_IFMT != mode & libc::S_IFMT {
+                        return Err(io::Error::from_raw_os_error(libc::EEXIST));
+                    }
+                }
+                Err(e) => return Err(errno(e)),
+            }
+            rustix::fs::chownat(
+                &dir,
+                name,
+                Some(rustix::fs::Uid::from_raw(*uid)),
+                Some(rustix::fs::Gid::from_raw(*gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(errno)?;
+            if !matches!(kind, NewKind::Symlink { .. }) {
+                // After chown, which clears set-id bits; and exactly, whatever our umask.
+                rustix::fs::chmodat(&dir, name, perm, AtFlags::empty()).map_err(errno)?;
+            }
+            Ok(())
+        }
+        Change::Link { from, to } => {
+            let (from, to) = (p(from), p(to));
+            let (fdir, fname) = backing.parent_of(&from)?;
+            let (tdir, tname) = backing.parent_of(&to)?;
+            match rustix::fs::linkat(&fdir, fname, &tdir, tname, AtFlags::empty()) {
+                Ok(()) => Ok(()),
+                Err(rustix::io::Errno::EXIST) => {
+                    let a = rustix::fs::statat(&fdir, fname, AtFlags::SYMLINK_NOFOLLOW);
+                    let b = rustix::fs::statat(&tdir, tname, AtFlags::SYMLINK_NOFOLLOW);
+                    match (a, b) {
+                        (Ok(a), Ok(b)) if a.st_ino == b.st_ino => Ok(()),
+                        _ => Err(io::Error::from_raw_os_error(libc::EEXIST)),
+                    }
+                }
+                Err(e) => Err(errno(e)),
+            }
+        }
+        Change::Unlink { path } | Change::Rmdir { path } => {
+            let rel = p(path);
+            let (dir, name) = backing.parent_of(&rel)?;
+            let flags = if matches!(change, Change::Rmdir { .. }) {
+                AtFlags::REMOVEDIR
+            } else {
+                AtFlags::empty()
+            };
+            match rustix::fs::unlinkat(&dir, name, flags) {
+                Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                Err(e) => Err(errno(e)),
+            }
+        }
+        Change::Rename { from, to, flags } => {
+            let (from, to) = (p(from), p(to));
+            let (fdir, fname) = backing.parent_of(&from)?;
+            let (tdir, tname) = backing.parent_of(&to)?;
+            match rustix::fs::renameat_with(
+                &fdir,
+                fname,
+                &tdir,
+                tname,
+                rustix::fs::RenameFlags::from_bits_retain(*flags),
+            ) {
+                Ok(()) => Ok(()),
+                // The source is gone: this rename happened before a crash.
+                Err(rustix::io::Errno::NOENT)
+                    if *flags & libc::RENAME_EXCHANGE == 0
+                        && rustix::fs::statat(&fdir, fname, AtFlags::SYMLINK_NOFOLLOW).is_err() =>
+                {
+                    Ok(())
+                }
+                Err(e) => Err(errno(e)),
+            }
+        }
+        Change::Attr {
+            path,
+            mode,
+            uid,
+            gid,
+            atime,
+            mtime,
+        } => {
+            let rel = p(path);
+            let (dir, name) = backing.parent_of(&rel)?;
+            if uid.is_some() || gid.is_some() {
+                rustix::fs::chownat(
+                    &dir,
+                    name,
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(errno)?;
+            }
+            if let Some(mode) = mode {
+                let st =
+                    rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                    rustix::fs::chmodat(
+                        &dir,
+                        name,
+                        Mode::from_raw_mode(mode & 0o7777),
+                        AtFlags::empty(),
+                    )
+                    .map_err(errno)?;
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let times = Timestamps {
+                    last_access: timespec(*atime),
+                    last_modification: timespec(*mtime),
+                };
+                rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(errno)?;
+            }
+            Ok(())
+        }
+        Change::SetXattr { path, name, value } => {
+            let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
+            rustix::fs::lsetxattr(
+                proc_path(&fd),
+                name.as_path().as_os_str(),
+                value,
+                rustix::fs::XattrFlags::empty(),
+            )
+            .map_err(errno)
+        }
+        Change::RemoveXattr { path, name } => {
+            let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
+            match rustix::fs::lremovexattr(proc_path(&fd), name.as_path().as_os_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
+                Err(e) => Err(errno(e)),
+            }
+        }
+    }
+}
+
+fn write_zeros(f: &File, off: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Copies journal data into a file in the kernel (copy_file_range), as cp does.
+fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<()> {
+    let (mut so, mut d_o) = (src_off, dst_off);
+    let end = src_off + len;
+    while so < end {
+        let want = (end - so) as usize;
+        match rustix::fs::copy_file_range(
+            src.as_fd(),
+            Some(&mut so),
+            dst.as_fd(),
+            Some(&mut d_o),
+            want,
+        ) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::XDEV)
+            | Err(rustix::io::Errno::NOSYS)
+            | Err(rustix::io::Errno::INVAL) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; (end - so).min(1 << 20) as usize];
+                while so < end {
+                    let n = (end - so).min(buf.len() as u64) as usize;
+                    src.read_exact_at(&mut buf[..n], so)?;
+                    dst.write_all_at(&buf[..n], d_o)?;
+                    so += n as u64;
+                    d_o += n as u64;
+                }
+            }
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The mounted daemon's control socket (`STORE/control.sock`, mode 0600, callers checked
+//! with SO_PEERCRED: root or the daemon's own user), and the client side the `interpose
+//! isolation` commands use. One request per connection, one JSON object per line:
+//!
+//! ```text
+//! → {"cmd":"status"} | {"cmd":"log","since":N} | {"cmd":"commit","upto":N} | {"cmd":"discard","after":N}
+//! ← {"progress":{...}}*  then  {"ok":VALUE} or {"error":"MESSAGE"}
+//! ```
+//! While a commit or discard runs, file-system requests wait: the view never shows a
+//! half-done state. After a discard the kernel's caches of the view are invalidated.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::fs::Shared;
+use crate::journal::Journal;
+use crate::store::{CommitProgress, Store};
+use crate::view::View;
+use crate::Error;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    pub cmd: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upto: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+}
+
+/// Listens on the store's socket; serves requests on their own threads until the
+/// process ends. The socket file is removed by [`Listening`]'s drop.
+pub struct Listening {
+    path: std::path::PathBuf,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub fn start(store: Arc<Store>, shared: Arc<Shared>) -> Result<Listening, Error> {
+    let path = Store::socket_path(store.dir());
+    let _ = std::fs::remove_file(&path); // a stale socket of a killed daemon (we hold the lock)
+    let listener = UnixListener::bind(&path).map_err(|e| Error::io(&path, e))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(&path, e))?;
+    let me = rustix::process::geteuid().as_raw();
+    std::thread::Builder::new()
+        .name("isolation-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (store, shared) = (store.clone(), shared.clone());
+                let _ = std::thread::Builder::new()
+                    .name("isolation-request".into())
+                    .spawn(move || {
+                        let peer = rustix::net::sockopt::socket_peercred(&conn);
+                        match peer {
+                            Ok(c) if c.uid.as_raw() == 0 || c.uid.as_raw() == me => {}
+                            _ => {
+                                tracing::warn!("control socket: refused a caller ({peer:?})");
+                                return;
+                            }
+                        }
+                        if let Err(e) = serve(&conn, &store, &shared) {
+                            tracing::debug!("control connection: {e}");
+                        }
+                    });
+            }
+        })
+        .map_err(|e| Error::io(&path, e))?;
+    Ok(Listening { path })
+}
+
+fn send(mut conn: &UnixStream, v: Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(&v).expect("serialises");
+    line.push(b'\n');
+    conn.write_all(&line)
+}
+
+fn serve(conn: &UnixStream, store: &Store, shared: &Shared) -> std::io::Result<()> {
+    let mut line = String::new();
+    BufReader::new(conn).take(1 << 16).read_line(&mut line)?;
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => return send(conn, json!({"error": format!("bad request: {e}")})),
+    };
+    let res = handle(conn, store, shared, &req);
+    match res {
+        Ok(v) => send(conn, json!({ "ok": v })),
+        Err(e) => send(conn, json!({ "error": e.to_string() })),
+    }
+}
+
+use std::io::Read;
+
+fn handle(
+    conn: &UnixStream,
+    store: &Store,
+    shared: &Shared,
+    req: &Request,
+) -> Result<Value, Error> {
+    let jpath = store.dir().join("journal");
+    let id = store.meta().id.clone();
+    let _ = id;
+    match req.cmd.as_str() {
+        "status" | "log" => {
+            let v = shared.view.lock();
+            let (j, recs) = reopen(store, &jpath, &v)?;
+            drop(v);
+            if req.cmd == "status" {
+                Ok(serde_json::to_value(store.status(&j, &recs, true)?).expect("serialises"))
+            } else {
+                Ok(
+                    serde_json::to_value(Store::log(&recs, req.since.unwrap_or(0)))
+                        .expect("serialises"),
+                )
+            }
+        }
+        "commit" => {
+            let mut v = shared.view.lock();
+            v.sync()
+                .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
+            let (_, recs) = reopen(store, &jpath, &v)?;
+            let backing = v.backing.clone();
+            let mut progress = |p: CommitProgress| {
+                let _ = send(conn, json!({ "progress": p }));
+            };
+            let res = store.commit(&backing, &v.journal, &recs, req.upto, &mut progress);
+            // Whatever happened, the view is rebuilt from what the store now says.
+            let rebuilt = rebuild(store, &mut v);
+            let (j, rest) = res?;
+            rebuilt?;
+            Ok(json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}))
+        }
+        "discard" => {
+            let (kept, stale) = {
+                let mut v = shared.view.lock();
+                v.sync()
+                    .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
+                let (_, recs) = reopen(store, &jpath, &v)?;
+                let mut stale: Vec<(u64, Option<(u64, std::ffi::OsString)>)> =
+                    v.ids().into_iter().map(|i| (i, None)).collect();
+                stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
+                let kept = store.discard(&mut v.journal, &recs, req.after)?;
+                rebuild(store, &mut v)?;
+                stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
+                (kept.len(), stale)
+            };
+            // Outside the lock: the kernel may call back into us while invalidating.
+            if let Some(n) = shared.notifier.lock().clone() {
+                for (id, name) in stale {
+                    let r = match name {
+                        None => n.inval_inode(fuser::INodeNo(id), 0, 0),
+                        Some((p, name)) => n.inval_entry(fuser::INodeNo(p), &name),
+                    };
+                    if let Err(e) = r {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            tracing::debug!("invalidate: {e}");
+                        }
+                    }
+                }
+            }
+            Ok(json!({"pending_changes": kept}))
+        }
+        other => Err(Error::Control(format!("unknown command {other:?}"))),
+    }
+}
+
+/// The records of the view's journal, read afresh (the view keeps no list of them).
+fn reopen(
+    store: &Store,
+    path: &Path,
+    v: &View,
+) -> Result<(Journal, Vec<crate::journal::Record>), Error> {
+    let _ = v;
+    let id = {
+        let mut out = [0u8; 16];
+        let hex = &store.meta().id;
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+        }
+        out
+    };
+    Journal::open(path, id, false)
+}
+
+/// Replaces the view with one built from the store, keeping the node numbers the kernel
+/// knows for the paths that still exist.
+fn rebuild(store: &Store, v: &mut View) -> Result<(), Error> {
+    let (journal, records) = store.journal()?;
+    let mut fresh = View::new(v.backing.clone(), journal)?;
+    fresh.replay(&records)?;
+    fresh.adopt(v.known(), v.next_new());
+    *v = fresh;
+    Ok(())
+}
+
+/// Sends a request to a mounted store's daemon. `Ok(None)`: no daemon listens.
+pub fn request(
+    store_dir: &Path,
+    req: &Request,
+    progress: &mut dyn FnMut(CommitProgress),
+) -> Result<Option<Value>, Error> {
+    let path = Store::socket_path(store_dir);
+    let conn = match UnixStream::connect(&path) {
+        Ok(c) => c,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    send(&conn, serde_json::to_value(req).expect("serialises")).map_err(|e| Error::io(&path, e))?;
+    for line in BufReader::new(&conn).lines() {
+        let line = line.map_err(|e| Error::io(&path, e))?;
+        let v: Value = serde_json::from_str(&line)
+            .map_err(|e| Error::Control(format!("bad reply from the daemon: {e}")))?;
+        if let Some(p) = v.get("progress") {
+            if let Ok(p) = serde_json::from_value(p.clone()) {
+                progress(p);
+            }
+        } else if let Some(ok) = v.get("ok") {
+            return Ok(Some(ok.clone()));
+        } else if let Some(e) = v.get("error") {
+            return Err(Error::Control(e.as_str().unwrap_or("error").to_owned()));
+        }
+    }
+    Err(Error::Control(
+        "the daemon closed the connection without an answer".into(),
+    ))
+}

@@ -1,0 +1,843 @@
+//! The FUSE front end of an isolated mount: every request is answered from the [`View`],
+//! every change goes through it into the journal. Files that are unchanged and opened
+//! only for reading use the kernel's FUSE passthrough to the backing file (reads never
+//! enter the daemon); a file open that way cannot be opened for writing at the same time
+//! (ETXTBSY), since the kernel cannot switch an open file away from passthrough.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+
+use crate::change::{NewKind, RawPath, Time};
+use crate::view::{self, Attr, Res, View, ROOT};
+
+/// Options of an isolated mount.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub ttl: Duration,
+    pub passthrough: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            ttl: Duration::from_secs(1),
+            passthrough: true,
+        }
+    }
+}
+
+struct OpenFile {
+    node: u64,
+    write: bool,
+    /// Set for passthrough opens; keeps the kernel's registration alive.
+    backing: Option<Arc<BackingId>>,
+}
+
+struct OpenDir {
+    entries: Vec<view::DirEntry>,
+}
+
+/// State shared by the FUSE threads and the control socket.
+pub struct Shared {
+    pub view: Mutex<View>,
+    pub notifier: Mutex<Option<fuser::Notifier>>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    next_fh: AtomicU64,
+    passthrough: AtomicBool,
+    opts: Options,
+}
+
+impl Shared {
+    pub fn new(view: View, opts: Options) -> Arc<Shared> {
+        Arc::new(Shared {
+            view: Mutex::new(view),
+            notifier: Mutex::new(None),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            passthrough: AtomicBool::new(false),
+            opts,
+        })
+    }
+}
+
+pub struct IsolatedFs(pub Arc<Shared>);
+
+fn systime((s, n): Time) -> SystemTime {
+    if s >= 0 {
+        UNIX_EPOCH + Duration::new(s as u64, n)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(n as u64)
+    }
+}
+
+fn time_of(t: TimeOrNow) -> Time {
+    match t {
+        TimeOrNow::Now => view::now(),
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+            // fuser decodes (sec < 0, nsec) as epoch - (|sec| + nsec): undo that.
+            Err(e) => (
+                -(e.duration().as_secs() as i64),
+                e.duration().subsec_nanos(),
+            ),
+        },
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn fattr(id: u64, a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(id),
+        size: a.size,
+        blocks: a.blocks,
+        atime: systime(a.atime),
+        mtime: systime(a.mtime),
+        ctime: systime(a.ctime),
+        crtime: UNIX_EPOCH,
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn check_name(name: &OsStr) -> Res<()> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+fn err(reply_err: i32) -> Errno {
+    Errno::from_i32(reply_err)
+}
+
+fn reply_empty(reply: ReplyEmpty, res: Res<()>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr, size: u32, res: Res<Vec<u8>>) {
+    match res {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+impl IsolatedFs {
+    fn entry(&self, reply: ReplyEntry, res: Res<(u64, Attr)>) {
+        match res {
+            Ok((id, a)) => reply.entry(&self.0.opts.ttl, &fattr(id, &a), Generation(0)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn make(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: NewKind,
+        mode: u32,
+    ) -> Res<(u64, Attr)> {
+        check_name(name)?;
+        let mut v = self.0.view.lock();
+        let id = v.create(parent.0, name, kind, mode, req.uid(), req.gid())?;
+        Ok((id, v.attr(id)?))
+    }
+
+    fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
+        self.0.files.lock().get(&fh.0).cloned().ok_or(libc::EBADF)
+    }
+
+    /// Registers an open; decides passthrough.
+    fn open_node(
+        &self,
+        id: u64,
+        flags: i32,
+        reply_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
+    ) -> Res<(u64, Option<Arc<BackingId>>)> {
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let mut v = self.0.view.lock();
+        let backing = v.backing.clone();
+        let n = v.node_mut(id)?;
+        if n.attr.is_dir() && write {
+            return Err(libc::EISDIR);
+        }
+        if write && n.passthrough_opens > 0 {
+            // The kernel would fail this open with EIO; say why instead.
+            return Err(libc::ETXTBSY);
+        }
+        let cached_opens = n.opens - n.passthrough_opens;
+        let mut bid = None;
+        if !write
+            && self.0.passthrough.load(Ordering::Relaxed)
+            && n.attr.is_file()
+            && n.data.is_none()
+            && !n.changed
+            && n.writers == 0
+            && cached_opens == 0
+        {
+            if let Some(origin) = &n.origin {
+                match backing.open_read(origin).and_then(|f| reply_backing(&f)) {
+                    Ok(b) => bid = Some(b),
+                    Err(e) => tracing::debug!("passthrough refused, serving from the daemon: {e}"),
+                }
+            }
+        }
+        n.opens += 1;
+        if write {
+            n.writers += 1;
+        }
+        if bid.is_some() {
+            n.passthrough_opens += 1;
+        }
+        let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
+        let backing = bid.map(Arc::new);
+        self.0.files.lock().insert(
+            fh,
+            Arc::new(OpenFile {
+                node: id,
+                write,
+                backing: backing.clone(),
+            }),
+        );
+        Ok((fh, backing))
+    }
+}
+
+impl Filesystem for IsolatedFs {
+    fn init(&mut self, _req: &fuser::Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for flag in [
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        if self.0.opts.passthrough {
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.0.passthrough.store(ok, Ordering::Relaxed);
+        }
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.0.view.lock().sync() {
+            tracing::error!("syncing the journal at unmount: errno {e}");
+        }
+    }
+
+    fn lookup(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let res = (|| {
+            check_name(name)?;
+            let mut v = self.0.view.lock();
+            let id = v.lookup(parent.0, name)?;
+            Ok((id, v.attr(id)?))
+        })();
+        match res {
+            Err(libc::ENOENT) => {
+                let mut a = fattr(
+                    0,
+                    &Attr {
+                        mode: 0,
+                        uid: 0,
+                        gid: 0,
+                        size: 0,
+                        atime: (0, 0),
+                        mtime: (0, 0),
+                        ctime: (0, 0),
+                        nlink: 0,
+                        rdev: 0,
+                        blocks: 0,
+                    },
+                );
+                a.ino = INodeNo(0);
+                reply.entry_with_ttls(&Duration::ZERO, &self.0.opts.ttl, &a, Generation(0));
+            }
+            res => self.entry(reply, res),
+        }
+    }
+
+    fn forget(&self, _req: &fuser::Request, ino: INodeNo, nlookup: u64) {
+        self.0.view.lock().forget(ino.0, nlookup);
+    }
+
+    fn getattr(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        match self.0.view.lock().attr(ino.0) {
+            Ok(a) => reply.attr(&self.0.opts.ttl, &fattr(ino.0, &a)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let id = ino.0;
+        let res = (|| {
+            let mut v = self.0.view.lock();
+            if let Some(size) = size {
+                if v.node(id)?.passthrough_opens > 0 {
+                    return Err(libc::ETXTBSY);
+                }
+                if size != v.node(id)?.attr.size || v.node(id)?.attr.is_file() {
+                    v.truncate(id, size)?;
+                }
+            }
+            let (atime, mtime) = (atime.map(time_of), mtime.map(time_of));
+            if mode.is_some()
+                || uid.is_some()
+                || gid.is_some()
+                || atime.is_some()
+                || mtime.is_some()
+            {
+                v.set_attr(id, mode, uid, gid, atime, mtime)?;
+            }
+            v.attr(id)
+        })();
+        match res {
+            Ok(a) => reply.attr(&self.0.opts.ttl, &fattr(id, &a)),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
+        match self.0.view.lock().readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => NewKind::File,
+            _ => NewKind::Node { rdev: rdev as u64 },
+        };
+        let mode = if mode & libc::S_IFMT == 0 {
+            mode | libc::S_IFREG
+        } else {
+            mode
+        };
+        let res = self.make(req, parent, name, kind, mode);
+        self.entry(reply, res);
+    }
+
+    fn mkdir(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let res = self.make(
+            req,
+            parent,
+            name,
+            NewKind::Dir,
+            libc::S_IFDIR | (mode & 0o7777),
+        );
+        self.entry(reply, res);
+    }
+
+    fn unlink(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, false));
+        reply_empty(reply, res);
+    }
+
+    fn rmdir(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, true));
+        reply_empty(reply, res);
+    }
+
+    fn symlink(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let kind = NewKind::Symlink {
+            target: RawPath::from_path(target),
+        };
+        let res = self.make(req, parent, link_name, kind, libc::S_IFLNK | 0o777);
+        self.entry(reply, res);
+    }
+
+    fn rename(
+        &self,
+        _req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let res = check_name(name)
+            .and_then(|_| check_name(newname))
+            .and_then(|_| {
+                self.0
+                    .view
+                    .lock()
+                    .rename(parent.0, name, newparent.0, newname, flags.bits())
+            });
+        reply_empty(reply, res);
+    }
+
+    fn link(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let res = (|| {
+            check_name(newname)?;
+            let mut v = self.0.view.lock();
+            v.link(ino.0, newparent.0, newname)?;
+            Ok((ino.0, v.attr(ino.0)?))
+        })();
+        self.entry(reply, res);
+    }
+
+    fn open(&self, _req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let res = self.open_node(ino.0, flags.0, |f| reply.open_backing(f));
+        match res {
+            Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
+            Ok((fh, None)) => {
+                let mut fl = FopenFlags::FOPEN_KEEP_CACHE;
+                if flags.0 & libc::O_DIRECT != 0 {
+                    fl = FopenFlags::FOPEN_DIRECT_IO;
+                }
+                reply.opened(FileHandle(fh), fl)
+            }
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &fuser::Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let res = (|| {
+            let (id, a) = self.make(
+                req,
+                parent,
+                name,
+                NewKind::File,
+                libc::S_IFREG | (mode & 0o7777),
+            )?;
+            let (fh, _) =
+                self.open_node(id, flags, |_| Err(std::io::ErrorKind::Unsupported.into()))?;
+            Ok((id, a, fh))
+        })();
+        match res {
+            Ok((id, a, fh)) => reply.created(
+                &self.0.opts.ttl,
+                &fattr(id, &a),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let res = (|| {
+            let (segs, journal, origin) = {
+                let mut v = self.0.view.lock();
+                let segs = v.plan_read(ino.0, offset, size as u64)?;
+                let origin = if segs.iter().any(|s| matches!(s, view::Seg::Origin { .. })) {
+                    v.origin_file_pub(ino.0)?
+                } else {
+                    None
+                };
+                (segs, v.journal_file(), origin)
+            };
+            let total: u64 = segs
+                .iter()
+                .map(|s| match *s {
+                    view::Seg::Journal { len, .. }
+                    | view::Seg::Origin { len, .. }
+                    | view::Seg::Zero { len } => len,
+                })
+                .sum();
+            let mut buf = vec![0u8; total as usize];
+            let n = view::fill(&segs, &mut buf, &journal, origin.as_deref())?;
+            buf.truncate(n);
+            Ok(buf)
+        })();
+        match res {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let res = self.file(fh).and_then(|f| {
+            if !f.write {
+                return Err(libc::EBADF);
+            }
+            let mut v = self.0.view.lock();
+            let offset = if flags.0 & libc::O_APPEND != 0 {
+                v.node(ino.0)?.attr.size
+            } else {
+                offset
+            };
+            v.write(ino.0, offset, data)
+        });
+        match res {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn release(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let Some(f) = self.0.files.lock().remove(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let pt = f.backing.is_some();
+        let mut v = self.0.view.lock();
+        if let Ok(n) = v.node_mut(f.node) {
+            n.opens = n.opens.saturating_sub(1);
+            if f.write {
+                n.writers = n.writers.saturating_sub(1);
+            }
+            if pt {
+                n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
+            }
+            if n.opens == 0 {
+                n.origin_file = None;
+            }
+        }
+        v.maybe_drop(f.node);
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.0.view.lock().sync());
+    }
+
+    fn opendir(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let res = (|| {
+            let mut v = self.0.view.lock();
+            let mut entries = v.readdir(ino.0)?;
+            let parent = if ino.0 == ROOT {
+                ROOT
+            } else {
+                v.node(ino.0)?.links.first().map(|l| l.0).unwrap_or(ROOT)
+            };
+            entries.insert(
+                0,
+                view::DirEntry {
+                    name: "..".into(),
+                    ino: parent,
+                    kind: libc::S_IFDIR,
+                },
+            );
+            entries.insert(
+                0,
+                view::DirEntry {
+                    name: ".".into(),
+                    ino: ino.0,
+                    kind: libc::S_IFDIR,
+                },
+            );
+            let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
+            self.0.dirs.lock().insert(fh, Arc::new(OpenDir { entries }));
+            Ok(fh)
+        })();
+        match res {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(d) = self.0.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        // Offsets index the listing taken at opendir: stable whatever changes meanwhile.
+        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+            let kind = if e.kind == 0 {
+                FileType::RegularFile
+            } else {
+                file_type(e.kind)
+            };
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, kind, &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.0.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &fuser::Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.0.view.lock().sync());
+    }
+
+    fn statfs(&self, _req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let backing = self.0.view.lock().backing.clone();
+        match rustix::fs::statvfs(backing.path()) {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(err(e.raw_os_error())),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            reply,
+            self.0
+                .view
+                .lock()
+                .xattr_set(ino.0, name.as_bytes(), value, flags),
+        );
+    }
+
+    fn getxattr(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        xattr_reply(
+            reply,
+            size,
+            self.0.view.lock().xattr_get(ino.0, name.as_bytes()),
+        );
+    }
+
+    fn listxattr(&self, _req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        xattr_reply(reply, size, self.0.view.lock().xattr_list(ino.0));
+    }
+
+    fn removexattr(&self, _req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.0.view.lock().xattr_remove(ino.0, name.as_bytes()),
+        );
+    }
+
+    fn access(&self, _req: &fuser::Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        reply_empty(reply, self.0.view.lock().node(ino.0).map(|_| ()));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            reply,
+            self.0.view.lock().fallocate(ino.0, offset, length, mode),
+        );
+    }
+
+    fn lseek(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let res = match whence {
+            libc::SEEK_DATA | libc::SEEK_HOLE if offset >= 0 => self
+                .0
+                .view
+                .lock()
+                .seek(ino.0, offset as u64, whence == libc::SEEK_DATA)
+                .map(|p| p as i64),
+            libc::SEEK_DATA | libc::SEEK_HOLE => Err(libc::ENXIO),
+            libc::SEEK_SET => Ok(offset),
+            libc::SEEK_END => self
+                .0
+                .view
+                .lock()
+                .node(ino.0)
+                .map(|n| n.attr.size as i64 + offset),
+            _ => Err(libc::EINVAL),
+        };
+        match res {
+            Ok(p) => reply.offset(p),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! The store directory: `store.json` (which backing directory it belongs to), `journal`
+//! (pending changes), `commit` (present only while a commit is under way), `lock` (held by
+//! the one process using the store) and `control.sock` (the mounted daemon's socket).
+
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backing::{self, Backing};
+use crate::change::{Change, RawPath};
+use crate::journal::{Journal, Record, HEADER_LEN};
+use crate::Error;
+
+const META: &str = "store.json";
+const JOURNAL: &str = "journal";
+const JOURNAL_NEW: &str = "journal.new";
+const COMMIT: &str = "commit";
+const LOCK: &str = "lock";
+pub const SOCKET: &str = "control.sock";
+const FORMAT: &str = "interpose-isolation-store";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: String,
+    pub version: u32,
+    /// 32 hex digits; also in the journal's header.
+    pub id: String,
+    /// The backing directory, absolute.
+    pub backing: PathBuf,
+    pub backing_dev: u64,
+    pub backing_ino: u64,
+    pub created: String,
+}
+
+impl Meta {
+    fn id_bytes(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(self.id.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+        }
+        out
+    }
+}
+
+/// What `isolation status` reports.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub store: PathBuf,
+    pub backing: PathBuf,
+    /// Sequence number of the last change (0: none ever).
+    pub last_seq: u64,
+    /// Changes up to this number are in the backing directory.
+    pub committed_upto: u64,
+    pub pending_changes: u64,
+    /// Distinct paths with pending changes.
+    pub files: u64,
+    /// Bytes of file data held for pending changes.
+    pub data_bytes: u64,
+    /// Bytes the store takes on disk.
+    pub store_bytes: u64,
+    /// A commit was interrupted and must be run again (up to this number).
+    pub interrupted_commit: Option<u64>,
+    pub mounted: bool,
+}
+
+/// One line of `isolation log`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub change: Change,
+    #[serde(skip_serializing_if = "is_zero", default)]
+    pub data_bytes: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Progress of a commit, for a progress bar.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct CommitProgress {
+    pub changes_done: u64,
+    pub changes_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// Where an interrupted commit stands (file `commit`, 48 bytes, rewritten in place).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct CommitState {
+    target: u64,
+    applied: u64,
+    /// A RENAME_EXCHANGE under way: its sequence number and the inode then at `from`.
+    exchange_seq: u64,
+    exchange_ino: u64,
+}
+
+const STATE_MAGIC: &[u8; 8] = b"IPCOMIT1";
+
+impl CommitState {
+    fn encode(&self) -> [u8; 48] {
+        let mut b = [0u8; 48];
+        b[0..8].copy_from_slice(STATE_MAGIC);
+        b[8..16].copy_from_slice(&self.target.to_le_bytes());
+        b[16..24].copy_from_slice(&self.applied.to_le_bytes());
+        b[24..32].copy_from_slice(&self.exchange_seq.to_le_bytes());
+        b[32..40].copy_from_slice(&self.exchange_ino.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..40]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+    fn decode(b: &[u8]) -> Option<CommitState> {
+        if b.len() < 48 || &b[0..8] != STATE_MAGIC {
+            return None;
+        }
+        let crc = u32::from_le_bytes(b[40..44].try_into().ok()?);
+        if crc != crc32c::crc32c(&b[..40]) {
+            return None;
+        }
+        let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        Some(CommitState {
+            target: u(8),
+            applied: u(16),
+            exchange_seq: u(24),
+            exchange_ino: u(32),
+        })
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+    meta: Meta,
+    _lock: File,
+}
+
+fn rfc3339_now() -> String {
+    let (s, _) = crate::view::now();
+    interpose_time(s)
+}
+
+fn interpose_time(secs: i64) -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+impl Store {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+    pub fn socket_path(dir: &Path) -> PathBuf {
+        dir.join(SOCKET)
+    }
+
+    fn lock(dir: &Path) -> Result<File, Error> {
+        let p = dir.join(LOCK);
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Busy(dir.to_path_buf())),
+            Err(e) => Err(Error::io(&p, e.into())),
+        }
+    }
+
+    /// Opens the store for `backing`, making it if `dir` does not exist or is empty.
+    pub fn open_or_create(dir: &Path, backing: &Path) -> Result<Store, Error> {
+        let backing = backing.canonicalize().map_err(|e| Error::io(backing, e))?;
+        let st = std::fs::metadata(&backing).map_err(|e| Error::io(&backing, e))?;
+        use std::os::unix::fs::MetadataExt;
+        let fresh = match std::fs::read_dir(dir) {
+            Ok(mut it) => it.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                true
+            }
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
+        if dir.starts_with(&backing) {
+            return Err(Error::Control(format!(
+                "the store {} must not be inside the backing directory {}",
+                dir.display(),
+                backing.display()
+            )));
+        }
+        if fresh {
+            let lock = Self::lock(&dir)?;
+            let id: [u8; 16] = rand::random();
+            let meta = Meta {
+                format: FORMAT.into(),
+                version: 1,
+                id: id.iter().map(|b| format!("{b:02x}")).collect(),
+                backing: backing.clone(),
+                backing_dev: st.dev(),
+                backing_ino: st.ino(),
+                created: rfc3339_now(),
+            };
+            Journal::create(&dir.join(JOURNAL), 0, id)?;
+            let tmp = dir.join("store.json.tmp");
+            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.write_all(&serde_json::to_vec_pretty(&meta).expect("serialises"))
+                .and_then(|_| f.sync_all())
+                .map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, dir.join(META)).map_err(|e| Error::io(&tmp, e))?;
+            sync_dir(&dir)?;
+            return Ok(Store {
+                dir,
+                meta,
+                _lock: lock,
+            });
+        }
+        let store = Self::open(&dir)?;
+        if store.meta.backing != backing
+            || store.meta.backing_dev != st.dev()
+            || store.meta.backing_ino != st.ino()
+        {
+            return Err(Error::ForeignBacking {
+                store: dir,
+                recorded: format!(
+                    "{} (device {}, inode {})",
+                    store.meta.backing.display(),
+                    store.meta.backing_dev,
+                    store.meta.backing_ino
+                ),
+                given: format!(
+                    "{} (device {}, inode {})",
+                    backing.display(),
+                    st.dev(),
+                    st.ino()
+                ),
+            });
+        }
+        Ok(store)
+    }
+
+    /// Opens an existing store and takes its lock ([`Error::Busy`] if a mount holds it).
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        let p = dir.join(META);
+        let text = match std::fs::read(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotAStore(dir.to_path_buf()))
+            }
+            Err(e) => return Err(Error::io(&p, e)),
+        };
+        let meta: Meta = serde_json::from_slice(&text).map_err(|e| Error::Corrupt {
+            path: p.clone(),
+            what: e.to_string(),
+        })?;
+        if meta.format != FORMAT || meta.version != 1 {
+            return Err(Error::Corrupt {
+                path: p,
+                what: format!(
+                    "format {} version {}, this build reads {FORMAT} 1",
+                    meta.format, meta.version
+                ),
+            });
+        }
+        let lock = Self::lock(dir)?;
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            meta,
+            _lock: lock,
+        })
+    }
+
+    /// Opens the backing directory, checking it is still the one the store belongs to.
+    pub fn backing(&self) -> Result<Backing, Error> {
+        let b = Backing::open(&self.meta.backing).map_err(|e| Error::io(&self.meta.backing, e))?;
+        if b.dev() != self.meta.backing_dev || b.root_ino() != self.meta.backing_ino {
+            return Err(Error::ForeignBacking {
+                store: self.dir.clone(),
+                recorded: format!(
+                    "{} (device {}, inode {})",
+                    self.meta.backing.display(),
+                    self.meta.backing_dev,
+                    self.meta.backing_ino
+                ),
+                given: format!(
+                    "what is there now (device {}, inode {})",
+                    b.dev(),
+                    b.root_ino()
+                ),
+            });
+        }
+        Ok(b)
+    }
+
+    /// The journal and its records; a torn last record is cut off.
+    pub fn journal(&self) -> Result<(Journal, Vec<Record>), Error> {
+        let _ = std::fs::remove_file(self.dir.join(JOURNAL_NEW));
+        Journal::open(&self.dir.join(JOURNAL), self.meta.id_bytes(), true)
+    }
+
+    fn read_state(&self) -> Result<Option<CommitState>, Error> {
+        let p = self.dir.join(COMMIT);
+        match std::fs::read(&p) {
+            Ok(b) => CommitState::decode(&b).map(Some).ok_or(Error::Corrupt {
+                path: p,
+                what: "unreadable commit state".into(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(&p, e)),
+        }
+    }
+
+    /// The target of an interrupted commit, if one is waiting to be run again.
+    pub fn interrupted_commit(&self) -> Result<Option<u64>, Error> {
+        Ok(self.read_state()?.map(|s| s.target))
+    }
+
+    pub fn status(
+        &self,
+        journal: &Journal,
+        records: &[Record],
+        mounted: bool,
+    ) -> Result<Status, Error> {
+        let mut paths = BTreeSet::new();
+        let mut data = 0;
+        for r in records {
+            if let (Some(p), _) = r.change.paths() {
+                paths.insert(p.clone());
+            }
+            data += r.change.data_len();
+        }
+        let mut store_bytes = 0;
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            use std::os::unix::fs::MetadataExt;
+            for e in rd.flatten() {
+                if let Ok(m) = e.metadata() {
+                    store_bytes += m.blocks() * 512;
+                }
+            }
+        }
+        Ok(Status {
+            store: self.dir.clone(),
+            backing: self.meta.backing.clone(),
+            last_seq: journal.last_seq(),
+            committed_upto: journal.base_seq(),
+            pending_changes: records.len() as u64,
+            files: paths.len() as u64,
+            data_bytes: data,
+            store_bytes,
+            interrupted_commit: self.interrupted_commit()?,
+            mounted,
+        })
+    }
+
+    pub fn log(records: &[Record], since: u64) -> Vec<LogEntry> {
+        records
+            .iter()
+            .filter(|r| r.seq > since)
+            .map(|r| LogEntry {
+                seq: r.seq,
+                data_bytes: r.change.data_len(),
+                change: r.change.clone(),
+            })
+            .collect()
+    }
+
+    fn write_state(&self, f: &File, s: &CommitState) -> Result<(), Error> {
+        let p = self.dir.join(COMMIT);
+        f.write_all_at(&s.encode(), 0)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| Error::io(&p, e))
+    }
+
+    /// Applies pending changes up to `upto` (default: all) to the backing directory and
+    /// drops them from the journal. Finishes an interrupted commit first. Returns the new
+    /// journal and the records still pending.
+    pub fn commit(
+        &self,
+        backing: &Backing,
+        journal: &Journal,
+        records: &[Record],
+        upto: Option<u64>,
+        progress: &mut dyn FnMut(CommitProgress),
+    ) -> Result<(Journal, Vec<Record>), Error> {
+        let (first, last) = (journal.base_seq(), journal.last_seq());
+        let pending = self.read_state()?;
+        let asked = upto.unwrap_or(last);
+        if asked > last || (asked < first && pending.is_none()) {
+            return Err(Error::BadSeq { asked, first, last });
+        }
+        let target = pending.map_or(asked, |s| s.target.max(asked));
+        let mut state = pending.unwrap_or(CommitState {
+            target,
+            applied: first,
+            ..Default::default()
+        });
+        state.target = target;
+        let sp = self.dir.join(COMMIT);
+        let sf = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&sp)
+            .map_err(|e| Error::io(&sp, e))?;
+        if pending.is_none() {
+            self.write_state(&sf, &state)?;
+            sync_dir(&self.dir)?;
+        }
+        let todo: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.seq > state.applied && r.seq <= target)
+            .collect();
+        let mut prog = CommitProgress {
+            changes_total: todo.len() as u64,
+            bytes_total: todo.iter().map(|r| r.change.data_len()).sum(),
+            ..Default::default()
+        };
+        progress(prog);
+        let jfile = journal.file().clone();
+        let root = backing
+            .open_at(
+                Path::new(""),
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+                0,
+            )
+            .map_err(|e| Error::io(backing.path(), e))?;
+        let barrier = |state: &mut CommitState, applied: u64| -> Result<(), Error> {
+            rustix::fs::syncfs(&root).map_err(|e| Error::io(backing.path(), e.into()))?;
+            state.applied = applied;
+            self.write_state(&sf, state)
+        };
+        let mut dirty = false;
+        for r in todo {
+            let c = &r.change;
+            if c.is_destructive() && dirty {
+                barrier(&mut state, r.seq - 1)?;
+            }
+            let mut skip = false;
+            if let Change::Rename { from, flags, .. } = c {
+                if flags & libc::RENAME_EXCHANGE != 0 {
+                    let ino = backing.lstat(from.as_path()).map(|s| s.st_ino).unwrap_or(0);
+                    if state.exchange_seq == r.seq {
+                        // Resumed: done if `from` holds another object than it did.
+                        skip = ino != state.exchange_ino;
+                    } else {
+                        state.exchange_seq = r.seq;
+                        state.exchange_ino = ino;
+                        self.write_state(&sf, &state)?;
+                    }
+                }
+            }
+            if !skip {
+                if let Err(source) = backing::apply(backing, c, &jfile, r.data_offset) {
+                    let _ = barrier(&mut state, r.seq - 1);
+                    return Err(Error::Apply {
+                        seq: r.seq,
+                        op: c.name(),
+                        path: c.paths().0.map(RawPath::display).unwrap_or_default(),
+                        source,
+                    });
+                }
+            }
+            dirty = true;
+            if c.is_destructive() {
+                barrier(&mut state, r.seq)?;
+                dirty = false;
+            }
+            prog.changes_done += 1;
+            prog.bytes_done += c.data_len();
+            if prog.changes_done.is_multiple_of(256) || c.data_len() > 0 {
+                progress(prog);
+            }
+        }
+        barrier(&mut state, target)?;
+        progress(prog);
+        // Compact: the records after the target, copied verbatim into a new journal.
+        let rest: Vec<&Record> = records.iter().filter(|r| r.seq > target).collect();
+        let newp = self.dir.join(JOURNAL_NEW);
+        let _ = std::fs::remove_file(&newp);
+        let new = Journal::create(&newp, target, self.meta.id_bytes())?;
+        let shift = rest.first().map(|r| r.offset).unwrap_or(journal.len());
+        let tail = journal.len() - shift;
+        if tail > 0 {
+            let dst = new.file();
+            let (mut so, mut d_o) = (shift, HEADER_LEN);
+            use std::os::fd::AsFd;
+            while so < journal.len() {
+                let want = (journal.len() - so) as usize;
+                let n = rustix::fs::copy_file_range(
+                    jfile.as_fd(),
+                    Some(&mut so),
+                    dst.as_fd(),
+                    Some(&mut d_o),
+                    want,
+                )
+                .map_err(|e| Error::io(&newp, e.into()))?;
+                if n == 0 {
+                    return Err(Error::io(&newp, std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+            dst.sync_all().map_err(|e| Error::io(&newp, e))?;
+        }
+        drop(new);
+        let jp = self.dir.join(JOURNAL);
+        std::fs::rename(&newp, &jp).map_err(|e| Error::io(&jp, e))?;
+        sync_dir(&self.dir)?;
+        std::fs::remove_file(&sp).map_err(|e| Error::io(&sp, e))?;
+        sync_dir(&self.dir)?;
+        let (j, recs) = self.journal()?;
+        debug_assert_eq!(recs.len(), rest.len());
+        Ok((j, recs))
+    }
+
+    /// Throws away pending changes after `after` (default: all of them).
+    pub fn discard(
+        &self,
+        journal: &mut Journal,
+        records: &[Record],
+        after: Option<u64>,
+    ) -> Result<Vec<Record>, Error> {
+        let (first, last) = (journal.base_seq(), journal.last_seq());
+        let after = after.unwrap_or(first);
+        if after < first || after > last {
+            return Err(Error::BadSeq {
+                asked: after,
+                first,
+                last,
+            });
+        }
+        if let Some(t) = self.interrupted_commit()? {
+            if t > after {
+                return Err(Error::Control(format!(
+                    "an interrupted commit up to {t} must be finished first (run commit again)"
+                )));
+            }
+        }
+        let cut = records
+            .iter()
+            .find(|r| r.seq > after)
+            .map(|r| r.offset)
+            .unwrap_or(journal.len());
+        journal.truncate(cut, after)?;
+        Ok(records.iter().filter(|r| r.seq <= after).cloned().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_state_round_trip() {
+        let s = CommitState {
+            target: 9,
+            applied: 4,
+            exchange_seq: 5,
+            exchange_ino: 77,
+        };
+        assert_eq!(CommitState::decode(&s.encode()), Some(s));
+        let mut b = s.encode();
+        b[10] ^= 1;
+        assert_eq!(CommitState::decode(&b), None);
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(interpose_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(interpose_time(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+}

@@ -1,0 +1,1576 @@
+//! The isolated view in memory: the backing directory plus every pending change.
+//!
+//! A node is a file, directory or other object of the view. A node that still is exactly
+//! what the backing directory holds ("backed" and unchanged) is only a cache and is
+//! dropped when the kernel forgets it; a changed or new node lives until commit or
+//! discard. Directories keep an overlay of the names that differ from the backing
+//! directory: a name bound to a node, or a whiteout that hides the backing name. A file's
+//! changed contents are a map from block number to where that block now lives (the
+//! journal, or nowhere: a hole); blocks not in the map come from the backing file, up to
+//! `origin_limit` (the backing file's size, lowered by truncation), and read as zeros
+//! beyond it.
+//!
+//! Node numbers: a backed node is numbered by its backing inode number (so hard links
+//! stay one inode), the root is 1, and new nodes count up from 2^62.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::backing::Backing;
+use crate::change::{Change, NewKind, RawPath, Run, Time, BLOCK};
+use crate::journal::{Journal, Record};
+use crate::Error;
+
+pub const ROOT: u64 = 1;
+const FIRST_NEW_ID: u64 = 1 << 62;
+
+pub type Res<T> = Result<T, i32>;
+
+pub fn now() -> Time {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// A node's attributes as the view shows them.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub nlink: u32,
+    pub rdev: u64,
+    /// 512-byte units allocated (an estimate for changed files).
+    pub blocks: u64,
+}
+
+impl Attr {
+    fn from_stat(st: &rustix::fs::Stat) -> Attr {
+        Attr {
+            mode: st.st_mode,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            size: st.st_size as u64,
+            atime: (st.st_atime, st.st_atime_nsec as u32),
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+            ctime: (st.st_ctime, st.st_ctime_nsec as u32),
+            nlink: st.st_nlink as u32,
+            rdev: st.st_rdev,
+            blocks: st.st_blocks as u64,
+        }
+    }
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+    pub fn is_dir(&self) -> bool {
+        self.kind() == libc::S_IFDIR
+    }
+    pub fn is_file(&self) -> bool {
+        self.kind() == libc::S_IFREG
+    }
+}
+
+/// Where a block of a changed file lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loc {
+    /// At this offset of the journal.
+    Journal(u64),
+    /// Nowhere: reads as zeros, and is a hole for SEEK_HOLE.
+    Hole,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Data {
+    pub blocks: BTreeMap<u64, Loc>,
+    /// Bytes of the backing file that still show through (below blocks not in the map).
+    pub origin_limit: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Overlay {
+    /// The backing directory's names do not show through (a directory made in the view).
+    pub opaque: bool,
+    /// Names that differ from the backing directory: bound to a node, or hidden (None).
+    pub entries: BTreeMap<OsString, Option<u64>>,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub id: u64,
+    /// Path of the backing object this node started as ("" is the root).
+    pub origin: Option<PathBuf>,
+    pub attr: Attr,
+    /// Differs from the backing object in attributes, xattrs, data or links.
+    pub changed: bool,
+    /// Contents, once they differ from the backing file.
+    pub data: Option<Data>,
+    /// All xattrs, once they differ from the backing object's.
+    pub xattrs: Option<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Target of a symlink made in the view.
+    pub target: Option<Vec<u8>>,
+    pub overlay: Option<Overlay>,
+    /// The names the view knows for this node (directories have exactly one).
+    pub links: Vec<(u64, OsString)>,
+    /// Overlay entries bound to this node.
+    pub refs: u32,
+    /// The kernel's references (lookups not yet forgotten).
+    pub lookups: u64,
+    pub opens: u32,
+    pub writers: u32,
+    pub passthrough_opens: u32,
+    /// The backing file, open for reading while the node is open.
+    pub origin_file: Option<Arc<File>>,
+}
+
+impl Node {
+    fn new(id: u64, origin: Option<PathBuf>, attr: Attr) -> Node {
+        Node {
+            id,
+            origin,
+            attr,
+            changed: false,
+            data: None,
+            xattrs: None,
+            target: None,
+            overlay: None,
+            links: Vec::new(),
+            refs: 0,
+            lookups: 0,
+            opens: 0,
+            writers: 0,
+            passthrough_opens: 0,
+            origin_file: None,
+        }
+    }
+}
+
+/// One piece of a read: where `len` bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seg {
+    Journal { offset: u64, len: u64 },
+    Origin { offset: u64, len: u64 },
+    Zero { len: u64 },
+}
+
+/// A directory entry of the view.
+pub struct DirEntry {
+    pub name: OsString,
+    pub ino: u64,
+    /// S_IFMT bits.
+    pub kind: u32,
+}
+
+pub struct View {
+    pub backing: Arc<Backing>,
+    pub journal: Journal,
+    nodes: HashMap<u64, Node>,
+    by_ino: HashMap<u64, u64>,
+    next_new: u64,
+    /// Journal appends not yet made durable.
+    pub unsynced: bool,
+}
+
+fn kind_of_dtype(t: rustix::fs::FileType) -> u32 {
+    use rustix::fs::FileType as T;
+    match t {
+        T::RegularFile => libc::S_IFREG,
+        T::Directory => libc::S_IFDIR,
+        T::Symlink => libc::S_IFLNK,
+        T::Fifo => libc::S_IFIFO,
+        T::Socket => libc::S_IFSOCK,
+        T::CharacterDevice => libc::S_IFCHR,
+        T::BlockDevice => libc::S_IFBLK,
+        T::Unknown => 0,
+    }
+}
+
+impl View {
+    /// An empty view of `backing` (no changes), writing new changes to `journal`.
+    pub fn new(backing: Arc<Backing>, journal: Journal) -> Result<View, Error> {
+        let st = backing
+            .lstat(Path::new(""))
+            .map_err(|e| Error::io(backing.path(), e))?;
+        let mut root = Node::new(ROOT, Some(PathBuf::new()), Attr::from_stat(&st));
+        root.refs = 1; // never dropped
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT, root);
+        let mut by_ino = HashMap::new();
+        by_ino.insert(st.st_ino, ROOT);
+        Ok(View {
+            backing,
+            journal,
+            nodes,
+            by_ino,
+            next_new: FIRST_NEW_ID,
+            unsynced: false,
+        })
+    }
+
+    /// Replays journalled changes onto the view (at mount, after commit or discard).
+    pub fn replay(&mut self, records: &[Record]) -> Result<(), Error> {
+        for r in records {
+            self.apply_recorded(&r.change, r.data_offset)
+                .map_err(|what| Error::Replay {
+                    seq: r.seq,
+                    op: r.change.name(),
+                    path: r.change.paths().0.map(|p| p.display()).unwrap_or_default(),
+                    what,
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: u64) -> Res<&Node> {
+        self.nodes.get(&id).ok_or(libc::ESTALE)
+    }
+    pub fn node_mut(&mut self, id: u64) -> Res<&mut Node> {
+        self.nodes.get_mut(&id).ok_or(libc::ESTALE)
+    }
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+    pub fn journal_file(&self) -> Arc<File> {
+        self.journal.file().clone()
+    }
+
+    // ---- names ----
+
+    /// The view's path of a node, relative to the root ("" for the root), if it has a name.
+    pub fn path_of(&self, id: u64) -> Option<PathBuf> {
+        let mut parts: Vec<&OsStr> = Vec::new();
+        let mut cur = id;
+        let mut guard = 0;
+        while cur != ROOT {
+            let n = self.nodes.get(&cur)?;
+            let (p, name) = n.links.first()?;
+            parts.push(name);
+            cur = *p;
+            guard += 1;
+            if guard > 4096 {
+                return None;
+            }
+        }
+        let mut path = PathBuf::new();
+        for p in parts.iter().rev() {
+            path.push(p);
+        }
+        Some(path)
+    }
+
+    fn child_path(&self, parent: u64, name: &OsStr) -> Res<RawPath> {
+        let mut p = self.path_of(parent).ok_or(libc::ENOENT)?;
+        p.push(name);
+        Ok(RawPath::from_path(&p))
+    }
+
+    fn node_path(&self, id: u64) -> Res<RawPath> {
+        self.path_of(id)
+            .map(|p| RawPath::from_path(&p))
+            .ok_or(libc::ENOENT)
+    }
+
+    /// The node a directory's name is bound to, discovering backing objects as needed.
+    pub fn child(&mut self, parent: u64, name: &OsStr) -> Res<u64> {
+        let dir = self.node(parent)?;
+        if !dir.attr.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        if let Some(ov) = &dir.overlay {
+            if let Some(e) = ov.entries.get(name) {
+                return e.ok_or(libc::ENOENT);
+            }
+            if ov.opaque {
+                return Err(libc::ENOENT);
+            }
+        }
+        let Some(origin) = dir.origin.clone() else {
+            return Err(libc::ENOENT);
+        };
+        let rel = origin.join(name);
+        let st = self
+            .backing
+            .lstat(&rel)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
+                Some(e) => e,
+            })?;
+        if let Some(&id) = self.by_ino.get(&st.st_ino) {
+            // Known already (a hard link, or an earlier lookup).
+            let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
+            if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
+                n.links.push((parent, name.to_owned()));
+            }
+            return Ok(id);
+        }
+        let id = st.st_ino;
+        if id == ROOT || id >= FIRST_NEW_ID || self.nodes.contains_key(&id) {
+            // Cannot be numbered by its inode number: a foreign file system under BACKING.
+            return Err(libc::ENOENT);
+        }
+        let mut n = Node::new(id, Some(rel), Attr::from_stat(&st));
+        n.links.push((parent, name.to_owned()));
+        self.nodes.insert(id, n);
+        self.by_ino.insert(st.st_ino, id);
+        Ok(id)
+    }
+
+    /// Resolves a view path ("" for the root).
+    pub fn resolve(&mut self, path: &Path) -> Res<u64> {
+        let mut cur = ROOT;
+        for c in path.components() {
+            match c {
+                std::path::Component::Normal(name) => cur = self.child(cur, name)?,
+                std::path::Component::CurDir => {}
+                _ => return Err(libc::EINVAL),
+            }
+        }
+        Ok(cur)
+    }
+
+    fn resolve_parent<'a>(&mut self, path: &'a RawPath) -> Res<(u64, &'a OsStr)> {
+        let (parent, name) = crate::backing::split(path.as_path());
+        Ok((self.resolve(parent)?, name))
+    }
+
+    /// The kernel looked a name up: count the reference.
+    pub fn lookup(&mut self, parent: u64, name: &OsStr) -> Res<u64> {
+        let id = self.child(parent, name)?;
+        let n = self.node_mut(id)?;
+        n.lookups += 1;
+        Ok(id)
+    }
+
+    pub fn forget(&mut self, id: u64, count: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.lookups = n.lookups.saturating_sub(count);
+        }
+        self.maybe_drop(id);
+    }
+
+    /// Drops a node that is only a cache of the backing directory and unused.
+    pub fn maybe_drop(&mut self, id: u64) {
+        let Some(n) = self.nodes.get(&id) else { return };
+        if id == ROOT
+            || n.changed
+            || n.refs > 0
+            || n.lookups > 0
+            || n.opens > 0
+            || n.attr.is_dir()
+            || n.overlay.is_some()
+        {
+            return;
+        }
+        let n = self.nodes.remove(&id).expect("present");
+        if n.origin.is_some() {
+            self.by_ino.retain(|_, v| *v != id);
+        }
+    }
+
+    /// Current attributes: fresh from the backing directory for an unchanged node.
+    pub fn attr(&mut self, id: u64) -> Res<Attr> {
+        let backing = self.backing.clone();
+        let n = self.node_mut(id)?;
+        if !n.changed {
+            if let Some(origin) = &n.origin {
+                if let Ok(st) = backing.lstat(origin) {
+                    if st.st_mode & libc::S_IFMT == n.attr.kind() {
+                        n.attr = Attr::from_stat(&st);
+                    }
+                }
+            }
+        }
+        Ok(n.attr.clone())
+    }
+
+    pub fn readlink(&self, id: u64) -> Res<Vec<u8>> {
+        let n = self.node(id)?;
+        if n.attr.kind() != libc::S_IFLNK {
+            return Err(libc::EINVAL);
+        }
+        if let Some(t) = &n.target {
+            return Ok(t.clone());
+        }
+        let origin = n.origin.as_ref().ok_or(libc::EIO)?;
+        let (dir, name) = self.backing.parent_of(origin).map_err(io_errno)?;
+        rustix::fs::readlinkat(&dir, name, Vec::new())
+            .map(|t| t.into_bytes())
+            .map_err(|e| e.raw_os_error())
+    }
+
+    /// The directory's entries, merged: backing names not hidden, then the overlay's.
+    pub fn readdir(&mut self, id: u64) -> Res<Vec<DirEntry>> {
+        let n = self.node(id)?;
+        if !n.attr.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        let overlay = n.overlay.clone().unwrap_or_default();
+        let mut out = Vec::new();
+        if let (Some(origin), false) = (n.origin.clone(), overlay.opaque) {
+            let fd = self
+                .backing
+                .open_at(
+                    &origin,
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+                    0,
+                )
+                .map_err(io_errno)?;
+            let dir = rustix::fs::Dir::read_from(&fd).map_err(|e| e.raw_os_error())?;
+            for e in dir {
+                let e = e.map_err(|e| e.raw_os_error())?;
+                let name = OsStr::from_bytes(e.file_name().to_bytes());
+                if name == "." || name == ".." || overlay.entries.contains_key(name) {
+                    continue;
+                }
+                let ino = e.ino();
+                out.push(DirEntry {
+                    name: name.to_owned(),
+                    ino: self.by_ino.get(&ino).copied().unwrap_or(ino),
+                    kind: kind_of_dtype(e.file_type()),
+                });
+            }
+        }
+        for (name, e) in &overlay.entries {
+            if let Some(cid) = e {
+                if let Some(c) = self.nodes.get(cid) {
+                    out.push(DirEntry {
+                        name: name.clone(),
+                        ino: *cid,
+                        kind: c.attr.kind(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_empty_dir(&mut self, id: u64) -> Res<bool> {
+        Ok(self.readdir(id)?.is_empty())
+    }
+
+    // ---- recording ----
+
+    fn record(&mut self, change: &Change, data: &[&[u8]]) -> Res<u64> {
+        let (_, off) = self.journal.append(change, data).map_err(|e| {
+            tracing::error!("journal append failed: {e}");
+            e.errno()
+        })?;
+        self.unsynced = true;
+        Ok(off)
+    }
+
+    /// Makes every change so far durable.
+    pub fn sync(&mut self) -> Res<()> {
+        if self.unsynced {
+            self.journal.sync().map_err(|e| e.errno())?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    // ---- applying (shared by live operations and replay) ----
+
+    fn set_entry(&mut self, dir: u64, name: &OsStr, to: Option<u64>) {
+        let d = self.nodes.get_mut(&dir).expect("dir exists");
+        let opaque = d.origin.is_none();
+        let ov = d.overlay.get_or_insert_with(|| Overlay {
+            opaque,
+            ..Default::default()
+        });
+        let old = match (to, ov.opaque) {
+            (None, true) => ov.entries.remove(name).flatten(),
+            _ => ov.entries.insert(name.to_owned(), to).flatten(),
+        };
+        let t = now();
+        d.attr.mtime = t;
+        d.attr.ctime = t;
+        d.changed = true;
+        if let Some(o) = old {
+            if let Some(n) = self.nodes.get_mut(&o) {
+                n.refs -= 1;
+            }
+        }
+        if let Some(t) = to {
+            if let Some(n) = self.nodes.get_mut(&t) {
+                n.refs += 1;
+            }
+        }
+    }
+
+    fn unlink_node(&mut self, parent: u64, name: &OsStr, id: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.links.retain(|(p, nm)| !(*p == parent && nm == name));
+            n.attr.nlink = n.attr.nlink.saturating_sub(1);
+            n.attr.ctime = now();
+            n.changed = true;
+            if n.attr.is_dir() {
+                n.attr.nlink = 0;
+            }
+        }
+    }
+
+    fn dir_nlink(&mut self, dir: u64, delta: i32) {
+        if let Some(d) = self.nodes.get_mut(&dir) {
+            d.attr.nlink = (d.attr.nlink as i64 + delta as i64).max(1) as u32;
+        }
+    }
+
+    fn do_create(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        kind: &NewKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> u64 {
+        let id = self.next_new;
+        self.next_new += 1;
+        let t = now();
+        let is_dir = matches!(kind, NewKind::Dir);
+        let mut n = Node::new(
+            id,
+            None,
+            Attr {
+                mode,
+                uid,
+                gid,
+                size: 0,
+                atime: t,
+                mtime: t,
+                ctime: t,
+                nlink: if is_dir { 2 } else { 1 },
+                rdev: match kind {
+                    NewKind::Node { rdev } => *rdev,
+                    _ => 0,
+                },
+                blocks: 0,
+            },
+        );
+        n.changed = true;
+        match kind {
+            NewKind::File => n.data = Some(Data::default()),
+            NewKind::Dir => {
+                n.overlay = Some(Overlay {
+                    opaque: true,
+                    ..Default::default()
+                })
+            }
+            NewKind::Symlink { target } => {
+                n.attr.size = target.0.len() as u64;
+                n.target = Some(target.0.clone());
+            }
+            NewKind::Node { .. } => {}
+        }
+        n.links.push((parent, name.to_owned()));
+        self.nodes.insert(id, n);
+        self.set_entry(parent, name, Some(id));
+        if is_dir {
+            self.dir_nlink(parent, 1);
+        }
+        id
+    }
+
+    fn do_remove(&mut self, parent: u64, name: &OsStr, id: u64) {
+        let is_dir = self.nodes.get(&id).is_some_and(|n| n.attr.is_dir());
+        self.set_entry(parent, name, None);
+        self.unlink_node(parent, name, id);
+        if is_dir {
+            self.dir_nlink(parent, -1);
+        }
+        self.maybe_drop(id);
+    }
+
+    fn do_link(&mut self, id: u64, parent: u64, name: &OsStr) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.links.push((parent, name.to_owned()));
+            n.attr.nlink += 1;
+            n.attr.ctime = now();
+            n.changed = true;
+        }
+        self.set_entry(parent, name, Some(id));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_rename(
+        &mut self,
+        p1: u64,
+        n1: &OsStr,
+        a: u64,
+        p2: u64,
+        n2: &OsStr,
+        b: Option<u64>,
+        flags: u32,
+    ) {
+        let relink = |v: &mut View, id: u64, from: (u64, &OsStr), to: (u64, &OsStr)| {
+            if let Some(n) = v.nodes.get_mut(&id) {
+                if let Some(l) = n
+                    .links
+                    .iter_mut()
+                    .find(|(p, nm)| *p == from.0 && nm == from.1)
+                {
+                    *l = (to.0, to.1.to_owned());
+                } else {
+                    n.links.insert(0, (to.0, to.1.to_owned()));
+                }
+                n.attr.ctime = now();
+                n.changed = true;
+            }
+        };
+        let a_dir = self.nodes.get(&a).is_some_and(|n| n.attr.is_dir());
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let b = b.expect("exchange has two objects");
+            let b_dir = self.nodes.get(&b).is_some_and(|n| n.attr.is_dir());
+            // Pin both before rebinding so neither is dropped in between.
+            self.set_entry(p2, n2, Some(a));
+            self.set_entry(p1, n1, Some(b));
+            relink(self, a, (p1, n1), (p2, n2));
+            relink(self, b, (p2, n2), (p1, n1));
+            if p1 != p2 && a_dir != b_dir {
+                let d = if a_dir { 1 } else { -1 };
+                self.dir_nlink(p2, d);
+                self.dir_nlink(p1, -d);
+            }
+            return;
+        }
+        if let Some(b) = b {
+            let b_dir = self.nodes.get(&b).is_some_and(|n| n.attr.is_dir());
+            self.unlink_node(p2, n2, b);
+            if b_dir {
+                self.dir_nlink(p2, -1);
+            }
+        }
+        self.set_entry(p2, n2, Some(a));
+        self.set_entry(p1, n1, None);
+        relink(self, a, (p1, n1), (p2, n2));
+        if a_dir && p1 != p2 {
+            self.dir_nlink(p1, -1);
+            self.dir_nlink(p2, 1);
+        }
+        if let Some(b) = b {
+            self.maybe_drop(b);
+        }
+    }
+
+    fn load_xattrs(&mut self, id: u64) -> Res<()> {
+        let backing = self.backing.clone();
+        let n = self.node_mut(id)?;
+        if n.xattrs.is_some() {
+            return Ok(());
+        }
+        let mut map = BTreeMap::new();
+        if let Some(origin) = &n.origin {
+            let fd = backing
+                .open_at(origin, rustix::fs::OFlags::PATH, 0)
+                .map_err(io_errno)?;
+            for (k, v) in crate::backing::read_xattrs(&fd).map_err(io_errno)? {
+                map.insert(k, v);
+            }
+        }
+        n.xattrs = Some(map);
+        Ok(())
+    }
+
+    fn ensure_data(&mut self, id: u64) -> Res<()> {
+        let n = self.node_mut(id)?;
+        if n.data.is_none() {
+            let limit = if n.origin.is_some() { n.attr.size } else { 0 };
+            n.data = Some(Data {
+                blocks: BTreeMap::new(),
+                origin_limit: limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn do_data(&mut self, id: u64, size: u64, runs: &[Run], data_offset: u64) -> Res<()> {
+        self.ensure_data(id)?;
+        let n = self.node_mut(id)?;
+        let d = n.data.as_mut().expect("ensured");
+        if size < n.attr.size {
+            let keep = size.div_ceil(BLOCK);
+            d.blocks.split_off(&keep);
+            d.origin_limit = d.origin_limit.min(size);
+        }
+        let mut off = data_offset;
+        for r in runs {
+            for i in 0..r.count {
+                let loc = if r.hole {
+                    Loc::Hole
+                } else {
+                    let l = Loc::Journal(off);
+                    off += BLOCK;
+                    l
+                };
+                d.blocks.insert(r.block + i, loc);
+            }
+        }
+        n.attr.size = size;
+        let stored = d
+            .blocks
+            .values()
+            .filter(|l| matches!(l, Loc::Journal(_)))
+            .count() as u64;
+        n.attr.blocks = stored * (BLOCK / 512) + d.origin_limit.div_ceil(512);
+        let t = now();
+        n.attr.mtime = t;
+        n.attr.ctime = t;
+        n.changed = true;
+        Ok(())
+    }
+
+    fn do_attr(
+        &mut self,
+        id: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Time>,
+        mtime: Option<Time>,
+    ) -> Res<()> {
+        let n = self.node_mut(id)?;
+        if let Some(m) = mode {
+            n.attr.mode = (n.attr.mode & libc::S_IFMT) | (m & 0o7777);
+        }
+        if let Some(u) = uid {
+            n.attr.uid = u;
+        }
+        if let Some(g) = gid {
+            n.attr.gid = g;
+        }
+        if let Some(t) = atime {
+            n.attr.atime = t;
+        }
+        if let Some(t) = mtime {
+            n.attr.mtime = t;
+        }
+        n.attr.ctime = now();
+        n.changed = true;
+        Ok(())
+    }
+
+    /// Applies a journalled change (replay): resolves its paths in the view.
+    fn apply_recorded(&mut self, change: &Change, data_offset: u64) -> Result<(), String> {
+        let e = |errno: i32| std::io::Error::from_raw_os_error(errno).to_string();
+        match change {
+            Change::Data { path: None, .. } => {}
+            Change::Data {
+                path: Some(p),
+                size,
+                runs,
+            } => {
+                let id = self.resolve(p.as_path()).map_err(e)?;
+                self.do_data(id, *size, runs, data_offset).map_err(e)?;
+            }
+            Change::Create {
+                path,
+                kind,
+                mode,
+                uid,
+                gid,
+            } => {
+                let (parent, name) = self.resolve_parent(path).map_err(e)?;
+                if self.child(parent, name).is_ok() {
+                    return Err("the name exists already".into());
+                }
+                self.do_create(parent, name, kind, *mode, *uid, *gid);
+            }
+            Change::Link { from, to } => {
+                let id = self.resolve(from.as_path()).map_err(e)?;
+                let (parent, name) = self.resolve_parent(to).map_err(e)?;
+                self.do_link(id, parent, name);
+            }
+            Change::Unlink { path } | Change::Rmdir { path } => {
+                let (parent, name) = self.resolve_parent(path).map_err(e)?;
+                let id = self.child(parent, name).map_err(e)?;
+                self.do_remove(parent, name, id);
+            }
+            Change::Rename { from, to, flags } => {
+                let (p1, n1) = self.resolve_parent(from).map_err(e)?;
+                let a = self.child(p1, n1).map_err(e)?;
+                let (p2, n2) = self.resolve_parent(to).map_err(e)?;
+                let b = self.child(p2, n2).ok();
+                if *flags & libc::RENAME_EXCHANGE != 0 && b.is_none() {
+                    return Err("exchange with a missing name".into());
+                }
+                self.do_rename(p1, n1, a, p2, n2, b, *flags);
+            }
+            Change::Attr {
+                path,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            } => {
+                let id = self.resolve(path.as_path()).map_err(e)?;
+                self.do_attr(id, *mode, *uid, *gid, *atime, *mtime)
+                    .map_err(e)?;
+            }
+            Change::SetXattr { path, name, value } => {
+                let id = self.resolve(path.as_path()).map_err(e)?;
+                self.load_xattrs(id).map_err(e)?;
+                let n = self.node_mut(id).map_err(e)?;
+                n.xattrs
+                    .as_mut()
+                    .expect("loaded")
+                    .insert(name.0.clone(), value.clone());
+                n.changed = true;
+            }
+            Change::RemoveXattr { path, name } => {
+                let id = self.resolve(path.as_path()).map_err(e)?;
+                self.load_xattrs(id).map_err(e)?;
+                let n = self.node_mut(id).map_err(e)?;
+                n.xattrs.as_mut().expect("loaded").remove(&name.0);
+                n.changed = true;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- live operations: check, record, apply ----
+
+    fn check_new_name(&mut self, parent: u64, name: &OsStr) -> Res<()> {
+        if !self.node(parent)?.attr.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        if name.len() > 255 {
+            return Err(libc::ENAMETOOLONG);
+        }
+        match self.child(parent, name) {
+            Ok(_) => Err(libc::EEXIST),
+            Err(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// create, mkdir, mknod, symlink.
+    pub fn create(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        kind: NewKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Res<u64> {
+        self.check_new_name(parent, name)?;
+        // Set-group-ID directories pass their group on, and the bit to subdirectories.
+        let (mut mode, mut gid) = (mode, gid);
+        let pattr = &self.node(parent)?.attr;
+        if pattr.mode & libc::S_ISGID != 0 {
+            gid = pattr.gid;
+            if matches!(kind, NewKind::Dir) {
+                mode |= libc::S_ISGID;
+            }
+        }
+        if matches!(kind, NewKind::Symlink { .. }) {
+            mode = libc::S_IFLNK | 0o777;
+        }
+        let change = Change::Create {
+            path: self.child_path(parent, name)?,
+            kind: kind.clone(),
+            mode,
+            uid,
+            gid,
+        };
+        self.record(&change, &[])?;
+        let id = self.do_create(parent, name, &kind, mode, uid, gid);
+        self.node_mut(id)?.lookups += 1;
+        Ok(id)
+    }
+
+    pub fn link(&mut self, id: u64, parent: u64, name: &OsStr) -> Res<()> {
+        if self.node(id)?.attr.is_dir() {
+            return Err(libc::EPERM);
+        }
+        self.check_new_name(parent, name)?;
+        let change = Change::Link {
+            from: self.node_path(id)?,
+            to: self.child_path(parent, name)?,
+        };
+        self.record(&change, &[])?;
+        self.do_link(id, parent, name);
+        self.node_mut(id)?.lookups += 1;
+        Ok(())
+    }
+
+    pub fn remove(&mut self, parent: u64, name: &OsStr, dir: bool) -> Res<()> {
+        let id = self.child(parent, name)?;
+        let is_dir = self.node(id)?.attr.is_dir();
+        if dir && !is_dir {
+            return Err(libc::ENOTDIR);
+        }
+        if !dir && is_dir {
+            return Err(libc::EISDIR);
+        }
+        if dir && !self.is_empty_dir(id)? {
+            return Err(libc::ENOTEMPTY);
+        }
+        let path = self.child_path(parent, name)?;
+        let change = if dir {
+            Change::Rmdir { path }
+        } else {
+            Change::Unlink { path }
+        };
+        self.record(&change, &[])?;
+        self.do_remove(parent, name, id);
+        Ok(())
+    }
+
+    fn is_ancestor(&self, anc: u64, mut id: u64) -> bool {
+        let mut guard = 0;
+        while id != ROOT && guard < 4096 {
+            if id == anc {
+                return true;
+            }
+            match self.nodes.get(&id).and_then(|n| n.links.first()) {
+                Some((p, _)) => id = *p,
+                None => return false,
+            }
+            guard += 1;
+        }
+        id == anc
+    }
+
+    pub fn rename(&mut self, p1: u64, n1: &OsStr, p2: u64, n2: &OsStr, flags: u32) -> Res<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0
+            || flags == libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE
+        {
+            return Err(libc::EINVAL);
+        }
+        let a = self.child(p1, n1)?;
+        let b = match self.child(p2, n2) {
+            Ok(b) => Some(b),
+            Err(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if !self.node(p2)?.attr.is_dir() {
+            return Err(libc::ENOTDIR);
+        }
+        if n2.len() > 255 {
+            return Err(libc::ENAMETOOLONG);
+        }
+        let a_dir = self.node(a)?.attr.is_dir();
+        if b == Some(a) {
+            return Ok(()); // same object: POSIX says do nothing
+        }
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let b = b.ok_or(libc::ENOENT)?;
+            let b_dir = self.node(b)?.attr.is_dir();
+            if (a_dir && self.is_ancestor(a, p2)) || (b_dir && self.is_ancestor(b, p1)) {
+                return Err(libc::EINVAL);
+            }
+        } else {
+            if a_dir && self.is_ancestor(a, p2) {
+                return Err(libc::EINVAL);
+            }
+            if let Some(b) = b {
+                if flags & libc::RENAME_NOREPLACE != 0 {
+                    return Err(libc::EEXIST);
+                }
+                let b_dir = self.node(b)?.attr.is_dir();
+                match (a_dir, b_dir) {
+                    (true, false) => return Err(libc::ENOTDIR),
+                    (false, true) => return Err(libc::EISDIR),
+                    (true, true) if !self.is_empty_dir(b)? => return Err(libc::ENOTEMPTY),
+                    _ => {}
+                }
+            }
+        }
+        let change = Change::Rename {
+            from: self.child_path(p1, n1)?,
+            to: self.child_path(p2, n2)?,
+            flags,
+        };
+        self.record(&change, &[])?;
+        self.do_rename(p1, n1, a, p2, n2, b, flags);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_attr(
+        &mut self,
+        id: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Time>,
+        mtime: Option<Time>,
+    ) -> Res<()> {
+        let change = Change::Attr {
+            path: self.node_path(id)?,
+            mode,
+            uid,
+            gid,
+            atime,
+            mtime,
+        };
+        self.record(&change, &[])?;
+        self.do_attr(id, mode, uid, gid, atime, mtime)
+    }
+
+    pub fn xattr_get(&mut self, id: u64, name: &[u8]) -> Res<Vec<u8>> {
+        let n = self.node(id)?;
+        if let Some(x) = &n.xattrs {
+            return x.get(name).cloned().ok_or(libc::ENODATA);
+        }
+        let origin = n.origin.clone().ok_or(libc::ENODATA)?;
+        let fd = self
+            .backing
+            .open_at(&origin, rustix::fs::OFlags::PATH, 0)
+            .map_err(io_errno)?;
+        let p = crate::backing::proc_path(&fd);
+        let mut v = vec![0u8; 256];
+        loop {
+            match rustix::fs::lgetxattr(&p, OsStr::from_bytes(name), &mut v) {
+                Ok(n) => {
+                    v.truncate(n);
+                    return Ok(v);
+                }
+                Err(rustix::io::Errno::RANGE) => v.resize(v.len() * 16, 0),
+                Err(e) => return Err(e.raw_os_error()),
+            }
+        }
+    }
+
+    pub fn xattr_list(&mut self, id: u64) -> Res<Vec<u8>> {
+        let n = self.node(id)?;
+        let names: Vec<Vec<u8>> = if let Some(x) = &n.xattrs {
+            x.keys().cloned().collect()
+        } else if let Some(origin) = n.origin.clone() {
+            let fd = self
+                .backing
+                .open_at(&origin, rustix::fs::OFlags::PATH, 0)
+                .map_err(io_errno)?;
+            crate::backing::read_xattrs(&fd)
+                .map_err(io_errno)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut out = Vec::new();
+        for n in names {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn xattr_set(&mut self, id: u64, name: &[u8], value: &[u8], flags: i32) -> Res<()> {
+        self.load_xattrs(id)?;
+        let exists = self
+            .node(id)?
+            .xattrs
+            .as_ref()
+            .expect("loaded")
+            .contains_key(name);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(libc::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(libc::ENODATA);
+        }
+        if self.node(id)?.attr.kind() == libc::S_IFLNK && name.starts_with(b"user.") {
+            return Err(libc::EPERM);
+        }
+        let change = Change::SetXattr {
+            path: self.node_path(id)?,
+            name: RawPath(name.to_vec()),
+            value: value.to_vec(),
+        };
+        self.record(&change, &[])?;
+        let n = self.node_mut(id)?;
+        n.xattrs
+            .as_mut()
+            .expect("loaded")
+            .insert(name.to_vec(), value.to_vec());
+        n.attr.ctime = now();
+        n.changed = true;
+        Ok(())
+    }
+
+    pub fn xattr_remove(&mut self, id: u64, name: &[u8]) -> Res<()> {
+        self.load_xattrs(id)?;
+        if !self
+            .node(id)?
+            .xattrs
+            .as_ref()
+            .expect("loaded")
+            .contains_key(name)
+        {
+            return Err(libc::ENODATA);
+        }
+        let change = Change::RemoveXattr {
+            path: self.node_path(id)?,
+            name: RawPath(name.to_vec()),
+        };
+        self.record(&change, &[])?;
+        let n = self.node_mut(id)?;
+        n.xattrs.as_mut().expect("loaded").remove(name);
+        n.attr.ctime = now();
+        n.changed = true;
+        Ok(())
+    }
+
+    // ---- data ----
+
+    /// The backing file of a node, open for reading (kept while the node is open).
+    pub fn origin_file_pub(&mut self, id: u64) -> Res<Option<Arc<File>>> {
+        self.origin_file(id)
+    }
+
+    fn origin_file(&mut self, id: u64) -> Res<Option<Arc<File>>> {
+        let backing = self.backing.clone();
+        let n = self.node_mut(id)?;
+        if let Some(f) = &n.origin_file {
+            return Ok(Some(f.clone()));
+        }
+        let Some(origin) = &n.origin else {
+            return Ok(None);
+        };
+        let f = Arc::new(backing.open_read(origin).map_err(io_errno)?);
+        if n.opens > 0 {
+            n.origin_file = Some(f.clone());
+        }
+        Ok(Some(f))
+    }
+
+    /// Where the bytes `[offset, offset + len)` come from (clipped to the size).
+    pub fn plan_read(&self, id: u64, offset: u64, len: u64) -> Res<Vec<Seg>> {
+        let n = self.node(id)?;
+        let size = n.attr.size;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset + len);
+        let Some(d) = &n.data else {
+            return Ok(vec![Seg::Origin {
+                offset,
+                len: end - offset,
+            }]);
+        };
+        let mut segs: Vec<Seg> = Vec::new();
+        let mut push = |s: Seg| {
+            if let Some(last) = segs.last_mut() {
+                match (last, s) {
+                    (Seg::Zero { len: a }, Seg::Zero { len: b }) => return *a += b,
+                    (Seg::Origin { offset: o, len: a }, Seg::Origin { offset: o2, len: b })
+                        if *o + *a == o2 =>
+                    {
+                        return *a += b
+                    }
+                    (Seg::Journal { offset: o, len: a }, Seg::Journal { offset: o2, len: b })
+                        if *o + *a == o2 =>
+                    {
+                        return *a += b
+                    }
+                    _ => {}
+                }
+            }
+            segs.push(s);
+        };
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK;
+            let in_block = pos % BLOCK;
+            let stop = end.min((b + 1) * BLOCK);
+            let len = stop - pos;
+            match d.blocks.get(&b) {
+                Some(Loc::Journal(o)) => push(Seg::Journal {
+                    offset: o + in_block,
+                    len,
+                }),
+                Some(Loc::Hole) => push(Seg::Zero { len }),
+                None => {
+                    if pos < d.origin_limit {
+                        let from_origin = len.min(d.origin_limit - pos);
+                        push(Seg::Origin {
+                            offset: pos,
+                            len: from_origin,
+                        });
+                        if from_origin < len {
+                            push(Seg::Zero {
+                                len: len - from_origin,
+                            });
+                        }
+                    } else {
+                        push(Seg::Zero { len });
+                    }
+                }
+            }
+            pos = stop;
+        }
+        Ok(segs)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (zeros past the end), under the view's lock.
+    fn read_into(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Res<()> {
+        buf.fill(0);
+        let segs = self.plan_read(id, offset, buf.len() as u64)?;
+        let journal = self.journal_file();
+        let origin = if segs.iter().any(|s| matches!(s, Seg::Origin { .. })) {
+            self.origin_file(id)?
+        } else {
+            None
+        };
+        fill(&segs, buf, &journal, origin.as_deref()).map(|_| ())
+    }
+
+    fn data_change(&mut self, id: u64, size: u64, runs: Vec<Run>, data: &[&[u8]]) -> Res<()> {
+        let change = Change::Data {
+            path: self.path_of(id).map(|p| RawPath::from_path(&p)),
+            size,
+            runs: runs.clone(),
+        };
+        let off = self.record(&change, data)?;
+        self.do_data(id, size, &runs, off)
+    }
+
+    pub fn write(&mut self, id: u64, offset: u64, data: &[u8]) -> Res<usize> {
+        let n = self.node(id)?;
+        if !n.attr.is_file() {
+            return Err(libc::EINVAL);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let len = data.len() as u64;
+        let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
+        let size = n.attr.size.max(end);
+        let first = offset / BLOCK;
+        let last = (end - 1) / BLOCK;
+        let count = last - first + 1;
+        let runs = vec![Run {
+            block: first,
+            count,
+            hole: false,
+        }];
+        if offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK) {
+            self.data_change(id, size, runs, &[data])?;
+            return Ok(data.len());
+        }
+        let mut buf = vec![0u8; (count * BLOCK) as usize];
+        let b = BLOCK as usize;
+        if !offset.is_multiple_of(BLOCK) {
+            self.read_into(id, first * BLOCK, &mut buf[..b])?;
+        }
+        if end % BLOCK != 0 && (last != first || offset.is_multiple_of(BLOCK)) {
+            let at = ((count - 1) * BLOCK) as usize;
+            self.read_into(id, last * BLOCK, &mut buf[at..])?;
+        }
+        let at = (offset - first * BLOCK) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        self.data_change(id, size, runs, &[&buf])?;
+        Ok(data.len())
+    }
+
+    pub fn truncate(&mut self, id: u64, size: u64) -> Res<()> {
+        let n = self.node(id)?;
+        if n.attr.is_dir() {
+            return Err(libc::EISDIR);
+        }
+        if !n.attr.is_file() {
+            return Err(libc::EINVAL);
+        }
+        let cur = n.attr.size;
+        if size < cur && !size.is_multiple_of(BLOCK) {
+            // The block the new end falls in keeps only what is before it.
+            let b = size / BLOCK;
+            let mut buf = vec![0u8; BLOCK as usize];
+            self.read_into(id, b * BLOCK, &mut buf)?;
+            buf[(size % BLOCK) as usize..].fill(0);
+            let run = Run {
+                block: b,
+                count: 1,
+                hole: false,
+            };
+            return self.data_change(id, size, vec![run], &[&buf]);
+        }
+        self.data_change(id, size, Vec::new(), &[])
+    }
+
+    /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
+    /// ZERO_RANGE; others are not supported in an isolated view.
+    pub fn fallocate(&mut self, id: u64, offset: u64, len: u64, mode: i32) -> Res<()> {
+        let n = self.node(id)?;
+        if !n.attr.is_file() {
+            return Err(libc::ENODEV);
+        }
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
+        let cur = n.attr.size;
+        let new_size = if keep { cur } else { cur.max(end) };
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        let rest = mode
+            & !(libc::FALLOC_FL_KEEP_SIZE
+                | libc::FALLOC_FL_PUNCH_HOLE
+                | libc::FALLOC_FL_ZERO_RANGE);
+        if rest != 0 || (punch && !keep) || (punch && zero) {
+            return Err(libc::EOPNOTSUPP);
+        }
+        if !punch && !zero {
+            if new_size != cur {
+                self.data_change(id, new_size, Vec::new(), &[])?;
+            }
+            return Ok(());
+        }
+        // Zero [offset, min(end, size)): whole blocks become holes, partial ones rewritten.
+        let zend = end.min(new_size);
+        let mut runs = Vec::new();
+        let mut data: Vec<Vec<u8>> = Vec::new();
+        let mut pos = offset;
+        while pos < zend {
+            let b = pos / BLOCK;
+            let bstart = b * BLOCK;
+            let bend = bstart + BLOCK;
+            if pos == bstart && zend >= bend {
+                let count = (zend - bstart) / BLOCK;
+                runs.push(Run {
+                    block: b,
+                    count,
+                    hole: true,
+                });
+                pos = bstart + count * BLOCK;
+            } else {
+                let mut buf = vec![0u8; BLOCK as usize];
+                self.read_into(id, bstart, &mut buf)?;
+                let stop = zend.min(bend);
+                buf[(pos - bstart) as usize..(stop - bstart) as usize].fill(0);
+                runs.push(Run {
+                    block: b,
+                    count: 1,
+                    hole: false,
+                });
+                data.push(buf);
+                pos = stop;
+            }
+        }
+        if runs.is_empty() && new_size == cur {
+            return Ok(());
+        }
+        let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+        self.data_change(id, new_size, runs, &slices)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE in the view.
+    pub fn seek(&mut self, id: u64, offset: u64, data: bool) -> Res<u64> {
+        let n = self.node(id)?;
+        let size = n.attr.size;
+        if offset >= size {
+            return Err(libc::ENXIO);
+        }
+        let d = n.data.clone();
+        let origin = match &d {
+            Some(d) if d.origin_limit == 0 => None,
+            _ => self.origin_file(id)?,
+        };
+        let origin_seek = |pos: u64, data: bool| -> Option<u64> {
+            use std::os::fd::AsFd;
+            let f = origin.as_ref()?;
+            let w = if data {
+                rustix::fs::SeekFrom::Data(pos)
+            } else {
+                rustix::fs::SeekFrom::Hole(pos)
+            };
+            rustix::fs::seek(f.as_fd(), w).ok()
+        };
+        let Some(d) = d else {
+            // Unchanged file: the backing file answers.
+            return match origin_seek(offset, data) {
+                Some(p) if p < size || !data => Ok(p.min(size)),
+                _ if data => Err(libc::ENXIO),
+                _ => Ok(size),
+            };
+        };
+        let limit = d.origin_limit.min(size);
+        let mut pos = offset;
+        let mut guard = 0u64;
+        while pos < size {
+            guard += 1;
+            if guard > 1 << 24 {
+                return Err(libc::EIO);
+            }
+            let b = pos / BLOCK;
+            match d.blocks.get(&b) {
+                Some(Loc::Journal(_)) => {
+                    if data {
+                        return Ok(pos);
+                    }
+                    pos = (b + 1) * BLOCK;
+                    continue;
+                }
+                Some(Loc::Hole) => {
+                    if !data {
+                        return Ok(pos);
+                    }
+                    pos = (b + 1) * BLOCK;
+                    continue;
+                }
+                None => {}
+            }
+            // Not in the map: the backing file below `limit`, zeros above.
+            let next_mapped = d.blocks.range(b + 1..).next().map(|(k, _)| k * BLOCK);
+            if pos >= limit {
+                if !data {
+                    return Ok(pos);
+                }
+                // Hole up to the next mapped block.
+                match next_mapped {
+                    Some(m) => pos = m,
+                    None => break,
+                }
+                continue;
+            }
+            let region_end = next_mapped.unwrap_or(u64::MAX).min(limit);
+            let found = origin_seek(pos, data).unwrap_or(if data { u64::MAX } else { pos });
+            if found < region_end {
+                return Ok(found.max(pos));
+            }
+            pos = region_end;
+            if !data && pos == limit && next_mapped != Some(limit) {
+                return Ok(pos.min(size));
+            }
+        }
+        if data {
+            Err(libc::ENXIO)
+        } else {
+            Ok(size)
+        }
+    }
+
+    // ---- rebuilding after commit or discard ----
+
+    /// Paths, kernel references and opens of nodes the kernel knows, to carry over.
+    pub fn known(&self) -> Vec<(u64, PathBuf, u64, u32, u32)> {
+        self.nodes
+            .values()
+            .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
+            .filter_map(|n| {
+                self.path_of(n.id)
+                    .map(|p| (n.id, p, n.lookups, n.opens, n.writers))
+            })
+            .collect()
+    }
+
+    /// (parent, name) of every name bound in an overlay, for invalidating the kernel's
+    /// cache after a discard.
+    pub fn bound_names(&self) -> Vec<(u64, OsString)> {
+        let mut out = Vec::new();
+        for n in self.nodes.values() {
+            if let Some(ov) = &n.overlay {
+                for name in ov.entries.keys() {
+                    out.push((n.id, name.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Gives the nodes at the paths the kernel knows the numbers the kernel knows them by.
+    pub fn adopt(&mut self, known: Vec<(u64, PathBuf, u64, u32, u32)>, next_new: u64) {
+        self.next_new = self.next_new.max(next_new);
+        let mut remap: HashMap<u64, u64> = HashMap::new();
+        let mut counts = Vec::new();
+        for (old, path, lookups, opens, writers) in known {
+            if let Ok(id) = self.resolve(&path) {
+                if id != old && !remap.contains_key(&id) && !self.nodes.contains_key(&old) {
+                    remap.insert(id, old);
+                }
+                counts.push((old, id, lookups, opens, writers));
+            }
+        }
+        if !remap.is_empty() {
+            let nodes = std::mem::take(&mut self.nodes);
+            let m = |id: u64| *remap.get(&id).unwrap_or(&id);
+            for (id, mut n) in nodes {
+                n.id = m(id);
+                for l in &mut n.links {
+                    l.0 = m(l.0);
+                }
+                if let Some(ov) = &mut n.overlay {
+                    for v in ov.entries.values_mut().flatten() {
+                        *v = m(*v);
+                    }
+                }
+                self.nodes.insert(n.id, n);
+            }
+            for v in self.by_ino.values_mut() {
+                *v = m(*v);
+            }
+        }
+        for (old, id, lookups, opens, writers) in counts {
+            let id = *remap.get(&id).unwrap_or(&id);
+            if id != old {
+                continue;
+            }
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.lookups += lookups;
+                n.opens += opens;
+                n.writers += writers;
+            }
+        }
+    }
+
+    pub fn next_new(&self) -> u64 {
+        self.next_new
+    }
+}
+
+pub fn io_errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// Reads the planned segments into `buf`; returns the bytes filled.
+pub fn fill(segs: &[Seg], buf: &mut [u8], journal: &File, origin: Option<&File>) -> Res<usize> {
+    let mut at = 0usize;
+    for s in segs {
+        match *s {
+            Seg::Zero { len } => {
+                buf[at..at + len as usize].fill(0);
+                at += len as usize;
+            }
+            Seg::Journal { offset, len } => {
+                journal
+                    .read_exact_at(&mut buf[at..at + len as usize], offset)
+                    .map_err(io_errno)?;
+                at += len as usize;
+            }
+            Seg::Origin { offset, len } => {
+                let f = origin.ok_or(libc::EIO)?;
+                let dst = &mut buf[at..at + len as usize];
+                let mut done = 0;
+                while done < dst.len() {
+                    match f.read_at(&mut dst[done..], offset + done as u64) {
+                        Ok(0) => {
+                            // The backing file is shorter than it was: zeros, as after a truncate.
+                            dst[done..].fill(0);
+                            break;
+                        }
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(io_errno(e)),
+                    }
+                }
+                at += len as usize;
+            }
+        }
+    }
+    Ok(at)
+}
