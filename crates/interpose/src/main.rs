@@ -107,6 +107,14 @@ struct MountArgs {
     /// BACKING is left untouched until `interpose isolation commit STORE`.
     #[arg(long, value_name = "STORE")]
     isolate: Option<PathBuf>,
+    /// With --isolate: isolate only paths (relative to BACKING) matching GLOB, with their
+    /// subtrees; changes elsewhere go to BACKING as without isolation. Repeatable.
+    #[arg(long, value_name = "GLOB", requires = "isolate")]
+    isolate_path: Vec<String>,
+    /// With --isolate: apply every change to BACKING at once as well as recording it in
+    /// STORE (an audit trail with sequence numbers; nothing is pending).
+    #[arg(long, requires = "isolate", conflicts_with = "isolate_path")]
+    write_through: bool,
 }
 
 fn main() -> ExitCode {
@@ -179,10 +187,28 @@ fn fs_mount(args: MountArgs) -> Result<()> {
             if !names.is_empty() {
                 bail!("--filter and --isolate cannot be combined yet");
             }
+            let mode = if args.write_through {
+                interpose_isolation::view::Mode::WriteThrough
+            } else if args.isolate_path.is_empty() {
+                interpose_isolation::view::Mode::Isolated
+            } else {
+                let mut set = globset::GlobSetBuilder::new();
+                for g in &args.isolate_path {
+                    let g = g.trim_start_matches('/');
+                    set.add(
+                        globset::GlobBuilder::new(g)
+                            .literal_separator(true)
+                            .build()
+                            .with_context(|| format!("--isolate-path {g}"))?,
+                    );
+                }
+                interpose_isolation::view::Mode::Paths(set.build()?)
+            };
             let iso = interpose_isolation::mount(
                 &args.backing,
                 &args.mountpoint,
                 store,
+                mode,
                 interpose_isolation::fs::Options {
                     ttl,
                     passthrough: !args.no_passthrough,
@@ -196,7 +222,10 @@ fn fs_mount(args: MountArgs) -> Result<()> {
         }
     };
     let filters = match &args.isolate {
-        Some(store) => format!("isolated, changes in {}", store.display()),
+        Some(store) if args.write_through => {
+            format!("write-through, changes recorded in {}", store.display())
+        }
+        Some(store) => format!("isolated, changes kept in {}", store.display()),
         None if names.is_empty() => "no filters".to_owned(),
         None => format!("filters: {}", names.join(", ")),
     };

@@ -151,6 +151,15 @@ fn timespec(t: Option<(i64, u32)>) -> Timespec {
     }
 }
 
+/// Where a change's block data is.
+#[derive(Clone, Copy)]
+pub enum DataSrc<'a> {
+    /// In the journal, from this offset.
+    Journal(&'a File, u64),
+    /// In memory (a change applied directly, never journalled).
+    Mem(&'a [&'a [u8]]),
+}
+
 /// Applies one change to the backing directory. Every change either cannot be applied
 /// twice by mistake or says, from what it finds, that it was applied already (a create
 /// finding its object, an unlink finding none), so a commit cut short may repeat the
@@ -161,6 +170,11 @@ pub fn apply(
     journal: &File,
     data_offset: u64,
 ) -> io::Result<()> {
+    apply_from(backing, change, DataSrc::Journal(journal, data_offset))
+}
+
+/// [`apply`] with the data from anywhere.
+pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::Result<()> {
     let p = |r: &RawPath| r.to_path_buf();
     match change {
         Change::Data { path: None, .. } => Ok(()),
@@ -174,7 +188,14 @@ pub fn apply(
             if *size < cur {
                 f.set_len(*size)?;
             }
-            let mut src = data_offset;
+            let mut mem: Vec<u8> = Vec::new();
+            let (journal, mut src) = match data {
+                DataSrc::Journal(f, off) => (Some(f), off),
+                DataSrc::Mem(parts) => {
+                    mem = parts.concat();
+                    (None, 0)
+                }
+            };
             for run in runs {
                 let (off, len) = (run.block * BLOCK, run.count * BLOCK);
                 if run.hole {
@@ -189,7 +210,16 @@ pub fn apply(
                         write_zeros(&f, off, len)?;
                     }
                 } else {
-                    copy_range(journal, src, &f, off, len)?;
+                    match journal {
+                        Some(j) => copy_range(j, src, &f, off, len)?,
+                        None => {
+                            use std::os::unix::fs::FileExt;
+                            let part = mem
+                                .get(src as usize..(src + len) as usize)
+                                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+                            f.write_all_at(part, off)?;
+                        }
+                    }
                     src += len;
                 }
             }

@@ -200,6 +200,7 @@ fn rebuild(store: &Store, v: &mut View) -> Result<(), Error> {
     let (journal, records) = store.journal()?;
     let mut fresh = View::new(v.backing.clone(), journal)?;
     fresh.replay(&records)?;
+    fresh.mode = v.mode.clone();
     fresh.adopt(v.known(), v.next_new());
     *v = fresh;
     Ok(())

@@ -105,11 +105,13 @@ pub fn mount(
     backing: &Path,
     mountpoint: &Path,
     store_dir: &Path,
+    mode: view::Mode,
     opts: fs::Options,
     threads: usize,
     allow_other: bool,
 ) -> Result<IsolatedMount, Error> {
-    let store = Store::open_or_create(store_dir, backing)?;
+    let write_through = matches!(mode, view::Mode::WriteThrough);
+    let store = Store::open_or_create(store_dir, backing, write_through)?;
     let b = std::sync::Arc::new(store.backing()?);
     if let Some(t) = store.interrupted_commit()? {
         tracing::info!("finishing an interrupted commit up to change {t}");
@@ -118,7 +120,10 @@ pub fn mount(
     }
     let (journal, records) = store.journal()?;
     let mut view = view::View::new(b.clone(), journal)?;
-    view.replay(&records)?;
+    if !write_through {
+        view.replay(&records)?;
+    }
+    view.mode = mode;
     let shared = fs::Shared::new(view, opts);
     let mounted = interpose_fs::mount_filesystem(
         fs::IsolatedFs(shared.clone()),

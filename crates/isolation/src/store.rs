@@ -34,6 +34,10 @@ pub struct Meta {
     pub backing_dev: u64,
     pub backing_ino: u64,
     pub created: String,
+    /// Changes are applied to the backing directory as they happen; the journal is a
+    /// trail of them, never pending.
+    #[serde(default)]
+    pub write_through: bool,
 }
 
 impl Meta {
@@ -197,7 +201,7 @@ impl Store {
     }
 
     /// Opens the store for `backing`, making it if `dir` does not exist or is empty.
-    pub fn open_or_create(dir: &Path, backing: &Path) -> Result<Store, Error> {
+    pub fn open_or_create(dir: &Path, backing: &Path, write_through: bool) -> Result<Store, Error> {
         let backing = backing.canonicalize().map_err(|e| Error::io(backing, e))?;
         let st = std::fs::metadata(&backing).map_err(|e| Error::io(&backing, e))?;
         use std::os::unix::fs::MetadataExt;
@@ -228,6 +232,7 @@ impl Store {
                 backing_dev: st.dev(),
                 backing_ino: st.ino(),
                 created: rfc3339_now(),
+                write_through,
             };
             Journal::create(&dir.join(JOURNAL), 0, id)?;
             let tmp = dir.join("store.json.tmp");
@@ -244,6 +249,22 @@ impl Store {
             });
         }
         let store = Self::open(&dir)?;
+        if store.meta.write_through != write_through {
+            return Err(Error::Control(format!(
+                "store {} was made {}; mount it {}",
+                dir.display(),
+                if store.meta.write_through {
+                    "for --write-through"
+                } else {
+                    "for isolation"
+                },
+                if store.meta.write_through {
+                    "with --write-through"
+                } else {
+                    "without --write-through"
+                },
+            )));
+        }
         if store.meta.backing != backing
             || store.meta.backing_dev != st.dev()
             || store.meta.backing_ino != st.ino()
@@ -366,12 +387,17 @@ impl Store {
                 }
             }
         }
+        let wt = self.meta.write_through;
         Ok(Status {
             store: self.dir.clone(),
             backing: self.meta.backing.clone(),
             last_seq: journal.last_seq(),
-            committed_upto: journal.base_seq(),
-            pending_changes: records.len() as u64,
+            committed_upto: if wt {
+                journal.last_seq()
+            } else {
+                journal.base_seq()
+            },
+            pending_changes: if wt { 0 } else { records.len() as u64 },
             files: paths.len() as u64,
             data_bytes: data,
             store_bytes,
@@ -410,6 +436,11 @@ impl Store {
         upto: Option<u64>,
         progress: &mut dyn FnMut(CommitProgress),
     ) -> Result<(Journal, Vec<Record>), Error> {
+        if self.meta.write_through {
+            return Err(Error::Control(
+                "a --write-through store has nothing to commit: every change is in the backing directory already".into(),
+            ));
+        }
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let pending = self.read_state()?;
         let asked = upto.unwrap_or(last);
@@ -546,6 +577,12 @@ impl Store {
         records: &[Record],
         after: Option<u64>,
     ) -> Result<Vec<Record>, Error> {
+        if self.meta.write_through {
+            return Err(Error::Control(
+                "a --write-through store cannot discard: its changes are in the backing directory"
+                    .into(),
+            ));
+        }
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let after = after.unwrap_or(first);
         if after < first || after > last {

@@ -171,7 +171,27 @@ pub struct DirEntry {
     pub kind: u32,
 }
 
+/// Which changes the view keeps for later and which go to the backing directory at once.
+#[derive(Clone, Debug, Default)]
+pub enum Mode {
+    /// Every change is kept in the journal until commit.
+    #[default]
+    Isolated,
+    /// Only changes under paths matching these globs (or their subtrees) are kept; the
+    /// others go straight to the backing directory, unrecorded.
+    Paths(globset::GlobSet),
+    /// Every change is recorded in the journal and applied to the backing directory at once.
+    WriteThrough,
+}
+
+enum Route {
+    Keep,
+    Direct,
+    Trail,
+}
+
 pub struct View {
+    pub mode: Mode,
     pub backing: Arc<Backing>,
     pub journal: Journal,
     nodes: HashMap<u64, Node>,
@@ -208,6 +228,7 @@ impl View {
         let mut by_ino = HashMap::new();
         by_ino.insert(st.st_ino, ROOT);
         Ok(View {
+            mode: Mode::Isolated,
             backing,
             journal,
             nodes,
@@ -472,6 +493,105 @@ impl View {
         Ok(off)
     }
 
+    fn is_isolated_path(set: &globset::GlobSet, path: &Path) -> bool {
+        path.ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| set.is_match(a))
+    }
+
+    fn route(&self, change: &Change) -> Res<Route> {
+        match &self.mode {
+            Mode::Isolated => Ok(Route::Keep),
+            Mode::WriteThrough => Ok(Route::Trail),
+            Mode::Paths(set) => {
+                let (a, b) = change.paths();
+                let iso = |p: Option<&RawPath>| p.map(|p| Self::is_isolated_path(set, p.as_path()));
+                match (iso(a), iso(b)) {
+                    (Some(true), None | Some(true)) => Ok(Route::Keep),
+                    // A file without a name any more: keep what the view holds for it.
+                    (None, _) => Ok(Route::Keep),
+                    (Some(false), None | Some(false)) => Ok(Route::Direct),
+                    _ => Err(libc::EXDEV),
+                }
+            }
+        }
+    }
+
+    /// Applies a change to the backing directory at once if the mode says so; then the
+    /// view needs no state for it. Returns whether it did.
+    fn pass(&mut self, change: &Change, data: &[&[u8]]) -> Res<bool> {
+        let route = self.route(change)?;
+        let res = match route {
+            Route::Keep => return Ok(false),
+            Route::Direct => {
+                if let Change::Rename { from, .. } = change {
+                    // Names kept for later under a directory that moves would go stale.
+                    let from = from.as_path();
+                    let pending_below = self.nodes.values().any(|n| {
+                        n.changed
+                            && n.id != ROOT
+                            && self
+                                .path_of(n.id)
+                                .is_some_and(|p| p.starts_with(from) && p != from)
+                    });
+                    if pending_below {
+                        return Err(libc::EXDEV);
+                    }
+                }
+                crate::backing::apply_from(
+                    &self.backing,
+                    change,
+                    crate::backing::DataSrc::Mem(data),
+                )
+            }
+            Route::Trail => {
+                let off = self.record(change, data)?;
+                let j = self.journal_file();
+                crate::backing::apply(&self.backing, change, &j, off)
+            }
+        };
+        res.map_err(io_errno)?;
+        self.after_direct(change);
+        Ok(true)
+    }
+
+    /// Keeps cached nodes right after a change went straight to the backing directory.
+    fn after_direct(&mut self, change: &Change) {
+        match change {
+            Change::Unlink { path } | Change::Rmdir { path } => {
+                if let Ok((parent, name)) = self.resolve_parent(path) {
+                    let name = name.to_owned();
+                    for n in self.nodes.values_mut() {
+                        n.links.retain(|(p, nm)| !(*p == parent && *nm == name));
+                    }
+                }
+            }
+            Change::Rename { from, to, .. } => {
+                let (Ok((p1, n1)), Ok((p2, n2))) =
+                    (self.resolve_parent(from), self.resolve_parent(to))
+                else {
+                    return;
+                };
+                let (n1, n2) = (n1.to_owned(), n2.to_owned());
+                let (fromp, top) = (from.to_path_buf(), to.to_path_buf());
+                for n in self.nodes.values_mut() {
+                    n.links.retain(|(p, nm)| !(*p == p2 && *nm == n2));
+                    for l in n.links.iter_mut() {
+                        if l.0 == p1 && l.1 == n1 {
+                            *l = (p2, n2.clone());
+                        }
+                    }
+                    if let Some(o) = &n.origin {
+                        if let Ok(rest) = o.strip_prefix(&fromp) {
+                            n.origin = Some(top.join(rest));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Makes every change so far durable.
     pub fn sync(&mut self) -> Res<()> {
         if self.unsynced {
@@ -564,6 +684,7 @@ impl View {
         match kind {
             NewKind::File => n.data = Some(Data::default()),
             NewKind::Dir => {
+                n.attr.size = BLOCK;
                 n.overlay = Some(Overlay {
                     opaque: true,
                     ..Default::default()
@@ -887,6 +1008,9 @@ impl View {
             uid,
             gid,
         };
+        if self.pass(&change, &[])? {
+            return self.lookup(parent, name);
+        }
         self.record(&change, &[])?;
         let id = self.do_create(parent, name, &kind, mode, uid, gid);
         self.node_mut(id)?.lookups += 1;
@@ -902,6 +1026,10 @@ impl View {
             from: self.node_path(id)?,
             to: self.child_path(parent, name)?,
         };
+        if self.pass(&change, &[])? {
+            self.lookup(parent, name)?;
+            return Ok(());
+        }
         self.record(&change, &[])?;
         self.do_link(id, parent, name);
         self.node_mut(id)?.lookups += 1;
@@ -926,6 +1054,9 @@ impl View {
         } else {
             Change::Unlink { path }
         };
+        if self.pass(&change, &[])? {
+            return Ok(());
+        }
         self.record(&change, &[])?;
         self.do_remove(parent, name, id);
         Ok(())
@@ -996,6 +1127,9 @@ impl View {
             to: self.child_path(p2, n2)?,
             flags,
         };
+        if self.pass(&change, &[])? {
+            return Ok(());
+        }
         self.record(&change, &[])?;
         self.do_rename(p1, n1, a, p2, n2, b, flags);
         Ok(())
@@ -1019,6 +1153,9 @@ impl View {
             atime,
             mtime,
         };
+        if self.pass(&change, &[])? {
+            return Ok(());
+        }
         self.record(&change, &[])?;
         self.do_attr(id, mode, uid, gid, atime, mtime)
     }
@@ -1094,6 +1231,10 @@ impl View {
             name: RawPath(name.to_vec()),
             value: value.to_vec(),
         };
+        if self.pass(&change, &[])? {
+            self.node_mut(id)?.xattrs = None;
+            return Ok(());
+        }
         self.record(&change, &[])?;
         let n = self.node_mut(id)?;
         n.xattrs
@@ -1120,6 +1261,10 @@ impl View {
             path: self.node_path(id)?,
             name: RawPath(name.to_vec()),
         };
+        if self.pass(&change, &[])? {
+            self.node_mut(id)?.xattrs = None;
+            return Ok(());
+        }
         self.record(&change, &[])?;
         let n = self.node_mut(id)?;
         n.xattrs.as_mut().expect("loaded").remove(name);
@@ -1238,6 +1383,9 @@ impl View {
             size,
             runs: runs.clone(),
         };
+        if self.pass(&change, data)? {
+            return Ok(());
+        }
         let off = self.record(&change, data)?;
         self.do_data(id, size, &runs, off)
     }
