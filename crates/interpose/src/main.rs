@@ -444,8 +444,12 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 println!("{line}");
             }
         }
-        IsolationCommand::Commit { .. } | IsolationCommand::Discard { .. } => {
-            println!("{answer}");
+        IsolationCommand::Commit { .. } => println!(
+            "committed up to change {}; {} changes pending",
+            answer["committed_upto"], answer["pending_changes"]
+        ),
+        IsolationCommand::Discard { .. } => {
+            println!("discarded; {} changes pending", answer["pending_changes"])
         }
     }
     Ok(())

@@ -598,6 +598,18 @@ impl View {
             self.journal.sync().map_err(|e| e.errno())?;
             self.unsynced = false;
         }
+        if !matches!(self.mode, Mode::Isolated) {
+            // Changes that went straight to BACKING: make them durable too.
+            let root = self
+                .backing
+                .open_at(
+                    Path::new(""),
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
+                    0,
+                )
+                .map_err(io_errno)?;
+            rustix::fs::syncfs(&root).map_err(|e| e.raw_os_error())?;
+        }
         Ok(())
     }
 
