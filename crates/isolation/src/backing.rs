@@ -101,7 +101,9 @@ impl Backing {
 }
 
 /// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a
-/// path (they refuse `O_PATH` descriptors themselves).
+/// path (they refuse `O_PATH` descriptors themselves). Use the following variants
+/// (`getxattr`, not `lgetxattr`): following the magic link reaches the object itself, even
+/// a symlink; not following it would act on the link in /proc.
 pub fn proc_path(fd: &OwnedFd) -> PathBuf {
     use std::os::fd::AsRawFd;
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
@@ -112,7 +114,7 @@ pub fn read_xattrs(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let p = proc_path(fd);
     let mut names = vec![0u8; 4096];
     let n = loop {
-        match rustix::fs::llistxattr(&p, &mut names) {
+        match rustix::fs::listxattr(&p, &mut names) {
             Ok(n) => break n,
             Err(rustix::io::Errno::RANGE) => names.resize(names.len() * 4, 0),
             Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
@@ -123,7 +125,7 @@ pub fn read_xattrs(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let mut v = vec![0u8; 256];
         let len = loop {
-            match rustix::fs::lgetxattr(&p, OsStr::from_bytes(name), &mut v) {
+            match rustix::fs::getxattr(&p, OsStr::from_bytes(name), &mut v) {
                 Ok(len) => break Some(len),
                 Err(rustix::io::Errno::RANGE) => v.resize(v.len() * 16, 0),
                 Err(rustix::io::Errno::NODATA) => break None,
@@ -198,7 +200,18 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
             };
             for run in runs {
                 let (off, len) = (run.block * BLOCK, run.count * BLOCK);
-                if run.hole {
+                if run.alloc {
+                    let zeroed = rustix::fs::fallocate(
+                        &f,
+                        rustix::fs::FallocateFlags::ZERO_RANGE
+                            | rustix::fs::FallocateFlags::KEEP_SIZE,
+                        off,
+                        len,
+                    );
+                    if zeroed.is_err() {
+                        write_zeros(&f, off, len)?;
+                    }
+                } else if run.hole {
                     let punched = rustix::fs::fallocate(
                         &f,
                         rustix::fs::FallocateFlags::PUNCH_HOLE
@@ -381,7 +394,7 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
         }
         Change::SetXattr { path, name, value } => {
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
-            rustix::fs::lsetxattr(
+            rustix::fs::setxattr(
                 proc_path(&fd),
                 name.as_path().as_os_str(),
                 value,
@@ -391,7 +404,7 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
         }
         Change::RemoveXattr { path, name } => {
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
-            match rustix::fs::lremovexattr(proc_path(&fd), name.as_path().as_os_str()) {
+            match rustix::fs::removexattr(proc_path(&fd), name.as_path().as_os_str()) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
                 Err(e) => Err(errno(e)),
             }

@@ -72,6 +72,10 @@ pub struct Run {
     /// data carries `count` blocks for this run, in run order.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hole: bool,
+    /// Blocks that read as zeros but are allocated (fallocate, FALLOC_FL_ZERO_RANGE): data
+    /// for SEEK_DATA, no bytes in the journal.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub alloc: bool,
 }
 
 /// A point in time as (seconds, nanoseconds) since the epoch.
@@ -191,7 +195,7 @@ impl Change {
         match self {
             Change::Data { runs, .. } => runs
                 .iter()
-                .filter(|r| !r.hole)
+                .filter(|r| !r.hole && !r.alloc)
                 .map(|r| r.count * BLOCK)
                 .sum(),
             _ => 0,

@@ -201,6 +201,7 @@ fn rebuild(store: &Store, v: &mut View) -> Result<(), Error> {
     let mut fresh = View::new(v.backing.clone(), journal)?;
     fresh.replay(&records)?;
     fresh.mode = v.mode.clone();
+    fresh.xattr_probe = v.xattr_probe.clone();
     fresh.adopt(v.known(), v.next_new());
     *v = fresh;
     Ok(())

@@ -334,6 +334,7 @@ mod tests {
                 block: 0,
                 count: n,
                 hole: false,
+                alloc: false,
             }],
         }
     }

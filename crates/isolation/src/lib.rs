@@ -124,6 +124,10 @@ pub fn mount(
         view.replay(&records)?;
     }
     view.mode = mode;
+    let probe = store.dir().join("xattr-probe");
+    if std::fs::File::create(&probe).is_ok() {
+        view.xattr_probe = Some(probe);
+    }
     let shared = fs::Shared::new(view, opts);
     let mounted = interpose_fs::mount_filesystem(
         fs::IsolatedFs(shared.clone()),

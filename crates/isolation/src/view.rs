@@ -88,6 +88,8 @@ pub enum Loc {
     Journal(u64),
     /// Nowhere: reads as zeros, and is a hole for SEEK_HOLE.
     Hole,
+    /// Allocated zeros: reads as zeros, and is data for SEEK_DATA.
+    Zeros,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -192,6 +194,9 @@ enum Route {
 
 pub struct View {
     pub mode: Mode,
+    /// A scratch file in the store on which xattrs are tried before they are recorded, so
+    /// the view refuses what the file system would (bad namespace, value too large).
+    pub xattr_probe: Option<PathBuf>,
     pub backing: Arc<Backing>,
     pub journal: Journal,
     nodes: HashMap<u64, Node>,
@@ -229,6 +234,7 @@ impl View {
         by_ino.insert(st.st_ino, ROOT);
         Ok(View {
             mode: Mode::Isolated,
+            xattr_probe: None,
             backing,
             journal,
             nodes,
@@ -841,7 +847,9 @@ impl View {
         let mut off = data_offset;
         for r in runs {
             for i in 0..r.count {
-                let loc = if r.hole {
+                let loc = if r.alloc {
+                    Loc::Zeros
+                } else if r.hole {
                     Loc::Hole
                 } else {
                     let l = Loc::Journal(off);
@@ -1185,7 +1193,7 @@ impl View {
         let p = crate::backing::proc_path(&fd);
         let mut v = vec![0u8; 256];
         loop {
-            match rustix::fs::lgetxattr(&p, OsStr::from_bytes(name), &mut v) {
+            match rustix::fs::getxattr(&p, OsStr::from_bytes(name), &mut v) {
                 Ok(n) => {
                     v.truncate(n);
                     return Ok(v);
@@ -1237,6 +1245,12 @@ impl View {
         }
         if self.node(id)?.attr.kind() == libc::S_IFLNK && name.starts_with(b"user.") {
             return Err(libc::EPERM);
+        }
+        if let Some(probe) = &self.xattr_probe {
+            let n = OsStr::from_bytes(name);
+            rustix::fs::setxattr(probe, n, value, rustix::fs::XattrFlags::empty())
+                .map_err(|e| e.raw_os_error())?;
+            let _ = rustix::fs::removexattr(probe, n);
         }
         let change = Change::SetXattr {
             path: self.node_path(id)?,
@@ -1353,7 +1367,7 @@ impl View {
                     offset: o + in_block,
                     len,
                 }),
-                Some(Loc::Hole) => push(Seg::Zero { len }),
+                Some(Loc::Hole) | Some(Loc::Zeros) => push(Seg::Zero { len }),
                 None => {
                     if pos < d.origin_limit {
                         let from_origin = len.min(d.origin_limit - pos);
@@ -1420,6 +1434,7 @@ impl View {
             block: first,
             count,
             hole: false,
+            alloc: false,
         }];
         if offset.is_multiple_of(BLOCK) && len.is_multiple_of(BLOCK) {
             self.data_change(id, size, runs, &[data])?;
@@ -1459,6 +1474,7 @@ impl View {
                 block: b,
                 count: 1,
                 hole: false,
+                alloc: false,
             };
             return self.data_change(id, size, vec![run], &[&buf]);
         }
@@ -1486,8 +1502,36 @@ impl View {
             return Err(libc::EOPNOTSUPP);
         }
         if !punch && !zero {
-            if new_size != cur {
-                self.data_change(id, new_size, Vec::new(), &[])?;
+            // Allocation: blocks that are holes now become allocated zeros.
+            let limit = n
+                .data
+                .as_ref()
+                .map_or(if n.origin.is_some() { cur } else { 0 }, |d| d.origin_limit);
+            let blocks = n.data.as_ref().map(|d| &d.blocks);
+            let mut runs: Vec<Run> = Vec::new();
+            if len > 0 {
+                for b in offset / BLOCK..=(end - 1) / BLOCK {
+                    let holeish = match blocks.and_then(|m| m.get(&b)) {
+                        Some(Loc::Hole) => true,
+                        Some(_) => false,
+                        None => b * BLOCK >= limit,
+                    };
+                    if !holeish {
+                        continue;
+                    }
+                    match runs.last_mut() {
+                        Some(r) if r.block + r.count == b => r.count += 1,
+                        _ => runs.push(Run {
+                            block: b,
+                            count: 1,
+                            hole: false,
+                            alloc: true,
+                        }),
+                    }
+                }
+            }
+            if new_size != cur || !runs.is_empty() {
+                self.data_change(id, new_size, runs, &[])?;
             }
             return Ok(());
         }
@@ -1505,7 +1549,8 @@ impl View {
                 runs.push(Run {
                     block: b,
                     count,
-                    hole: true,
+                    hole: !zero,
+                    alloc: zero,
                 });
                 pos = bstart + count * BLOCK;
             } else {
@@ -1517,6 +1562,7 @@ impl View {
                     block: b,
                     count: 1,
                     hole: false,
+                    alloc: false,
                 });
                 data.push(buf);
                 pos = stop;
@@ -1569,7 +1615,7 @@ impl View {
             }
             let b = pos / BLOCK;
             match d.blocks.get(&b) {
-                Some(Loc::Journal(_)) => {
+                Some(Loc::Journal(_)) | Some(Loc::Zeros) => {
                     if data {
                         return Ok(pos);
                     }
