@@ -165,6 +165,17 @@ pub enum Seg {
     Zero { len: u64 },
 }
 
+/// A node the kernel holds, as carried over a rebuild of the view.
+pub struct Known {
+    pub id: u64,
+    pub path: PathBuf,
+    pub kind: u32,
+    pub lookups: u64,
+    pub opens: u32,
+    pub writers: u32,
+    pub passthrough_opens: u32,
+}
+
 /// A directory entry of the view.
 pub struct DirEntry {
     pub name: OsString,
@@ -1664,13 +1675,20 @@ impl View {
     // ---- rebuilding after commit or discard ----
 
     /// Paths, kernel references and opens of nodes the kernel knows, to carry over.
-    pub fn known(&self) -> Vec<(u64, PathBuf, u64, u32, u32)> {
+    pub fn known(&self) -> Vec<Known> {
         self.nodes
             .values()
             .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
             .filter_map(|n| {
-                self.path_of(n.id)
-                    .map(|p| (n.id, p, n.lookups, n.opens, n.writers))
+                self.path_of(n.id).map(|path| Known {
+                    id: n.id,
+                    path,
+                    kind: n.attr.kind(),
+                    lookups: n.lookups,
+                    opens: n.opens,
+                    writers: n.writers,
+                    passthrough_opens: n.passthrough_opens,
+                })
             })
             .collect()
     }
@@ -1689,18 +1707,26 @@ impl View {
         out
     }
 
-    /// Gives the nodes at the paths the kernel knows the numbers the kernel knows them by.
-    pub fn adopt(&mut self, known: Vec<(u64, PathBuf, u64, u32, u32)>, next_new: u64) {
+    /// Gives the nodes at the paths the kernel knows the numbers the kernel knows them by
+    /// (when the object there is still of the same kind), with their references and opens.
+    pub fn adopt(&mut self, known: Vec<Known>, next_new: u64) {
         self.next_new = self.next_new.max(next_new);
         let mut remap: HashMap<u64, u64> = HashMap::new();
-        let mut counts = Vec::new();
-        for (old, path, lookups, opens, writers) in known {
-            if let Ok(id) = self.resolve(&path) {
-                if id != old && !remap.contains_key(&id) && !self.nodes.contains_key(&old) {
-                    remap.insert(id, old);
-                }
-                counts.push((old, id, lookups, opens, writers));
+        let mut carried = Vec::new();
+        for k in known {
+            let Ok(id) = self.resolve(&k.path) else {
+                continue;
+            };
+            if self.nodes.get(&id).map(|n| n.attr.kind()) != Some(k.kind) {
+                continue;
             }
+            if id != k.id {
+                if remap.contains_key(&id) || self.nodes.contains_key(&k.id) {
+                    continue;
+                }
+                remap.insert(id, k.id);
+            }
+            carried.push(k);
         }
         if !remap.is_empty() {
             let nodes = std::mem::take(&mut self.nodes);
@@ -1721,15 +1747,12 @@ impl View {
                 *v = m(*v);
             }
         }
-        for (old, id, lookups, opens, writers) in counts {
-            let id = *remap.get(&id).unwrap_or(&id);
-            if id != old {
-                continue;
-            }
-            if let Some(n) = self.nodes.get_mut(&id) {
-                n.lookups += lookups;
-                n.opens += opens;
-                n.writers += writers;
+        for k in carried {
+            if let Some(n) = self.nodes.get_mut(&k.id) {
+                n.lookups += k.lookups;
+                n.opens += k.opens;
+                n.writers += k.writers;
+                n.passthrough_opens += k.passthrough_opens;
             }
         }
     }
