@@ -187,6 +187,21 @@ fn check_name(name: &OsStr) -> Res<()> {
     Ok(())
 }
 
+/// What a write by someone without CAP_FSETID does to a file's mode: the daemon writes as
+/// root, so when the kernel says the caller would lose them, it takes them off itself.
+fn kill_suid_sgid(fd: BorrowedFd<'_>) -> Res<()> {
+    let st = stat_fd(fd)?;
+    let mut mode = st.st_mode & 0o7777;
+    mode &= !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode &= !libc::S_ISGID;
+    }
+    if mode != st.st_mode & 0o7777 {
+        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(errno_of)?;
+    }
+    Ok(())
+}
+
 fn stat_fd(fd: BorrowedFd<'_>) -> Res<Stat> {
     rustix::fs::statat(fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)
 }
@@ -319,7 +334,7 @@ impl FilterFs {
             }
         };
         let chain = self.chain.clone();
-        self.blocking.run(move || {
+        let job = move || {
             let res = body();
             if let Some((r, start)) = prepared {
                 let result = res.map(|()| 0);
@@ -332,7 +347,8 @@ impl FilterFs {
                 );
             }
             reply_empty(reply, res);
-        });
+        };
+        self.blocking.run(job)
     }
 
     fn node_path(&self, id: u64) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {
@@ -567,7 +583,13 @@ impl FilterFs {
             }
     }
 
-    fn do_setattr(&self, ino: u64, fh: Option<FileHandle>, change: AttrChange) -> Res<Stat> {
+    fn do_setattr(
+        &self,
+        ino: u64,
+        fh: Option<FileHandle>,
+        change: AttrChange,
+        change_by_non_root: bool,
+    ) -> Res<Stat> {
         let AttrChange {
             mode,
             uid,
@@ -619,6 +641,30 @@ impl FilterFs {
             };
             rustix::fs::utimensat(rustix::fs::CWD, &proc_path, &times, AtFlags::empty())
                 .map_err(errno_of)?;
+        }
+        // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-ID bits to us but
+        // fuser does not pass its FATTR_KILL_SUIDGID flag. It shows anyway: a setattr that
+        // changes nothing is that request alone (a write by someone without CAP_FSETID),
+        // and a truncation by anyone but root drops them as on the backing file system.
+        let kill = (mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none())
+            || (size.is_some() && mode.is_none() && change_by_non_root);
+        if kill {
+            let st = stat_fd(path_fd.as_fd())?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+                let mut m = st.st_mode & 0o7777;
+                m &= !libc::S_ISUID;
+                if m & libc::S_IXGRP != 0 {
+                    m &= !libc::S_ISGID;
+                }
+                if m != st.st_mode & 0o7777 {
+                    rustix::fs::chmod(&proc_path, Mode::from_raw_mode(m)).map_err(errno_of)?;
+                }
+            }
         }
         stat_fd(path_fd.as_fd())
     }
@@ -730,6 +776,10 @@ impl Filesystem for FilterFs {
             InitFlags::FUSE_AUTO_INVAL_DATA,
             InitFlags::FUSE_POSIX_ACL,
             InitFlags::FUSE_DONT_MASK,
+            // We clear set-user/group-ID bits on write ourselves (FUSE_WRITE_KILL_SUIDGID),
+            // and passthrough writes have the backing file system do it; in exchange the
+            // kernel stops asking for security.capability before every write.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ];
         for flag in wanted {
             if config.add_capabilities(flag).is_err() {
@@ -857,6 +907,7 @@ impl Filesystem for FilterFs {
                         atime,
                         mtime,
                     },
+                    req.uid() != 0,
                 )
             },
             |_| 0,
@@ -1271,7 +1322,7 @@ impl Filesystem for FilterFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1297,6 +1348,9 @@ impl Filesystem for FilterFs {
                         Err(e) if done == 0 => return Err(errno_of(e)),
                         Err(_) => break,
                     }
+                }
+                if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                    kill_suid_sgid(file.fd.as_fd())?;
                 }
                 Ok(done)
             },
