@@ -267,3 +267,124 @@ fn inode_numbers_are_the_backing_inode_numbers() {
     }
     m.stop();
 }
+
+/// Type, permissions, owner, size (not of directories), link target and link count of
+/// every entry below `root`, with user./trusted./system. xattrs, sorted by path.
+fn tree_listing(root: &Path) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let target = fs::read_link(&p)
+                .map(|t| t.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let size = if md.is_dir() { 0 } else { md.size() };
+            let mut xattrs = Vec::new();
+            if !md.file_type().is_symlink() {
+                let mut names = xattr_names(&p);
+                names.sort(); // listxattr(2) order is the file system's own
+                for n in names {
+                    let v = xattr_value(&p, &n);
+                    xattrs.push(format!("{}={:?}", String::from_utf8_lossy(n.as_bytes()), v));
+                }
+            }
+            out.push(format!(
+                "{rel:?} {:o} {}:{} size={size} nlink={} -> {target:?} {xattrs:?}",
+                md.mode(),
+                md.uid(),
+                md.gid(),
+                md.nlink()
+            ));
+            if md.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Fails with the lines only one side has.
+fn assert_same(a: &[String], b: &[String], what: &str) {
+    let (sa, sb): (std::collections::BTreeSet<_>, std::collections::BTreeSet<_>) =
+        (a.iter().collect(), b.iter().collect());
+    let mut diff: Vec<String> = sa.difference(&sb).map(|l| format!("< {l}")).collect();
+    diff.extend(sb.difference(&sa).map(|l| format!("> {l}")));
+    diff.sort_by(|x, y| x[2..].cmp(&y[2..]));
+    let shown: Vec<String> = diff
+        .iter()
+        .take(30)
+        .map(|l| l.chars().take(300).collect())
+        .collect();
+    assert!(
+        diff.is_empty(),
+        "{what}: {} lines differ:\n{}",
+        diff.len(),
+        shown.join("\n")
+    );
+}
+
+fn xattr_names(p: &Path) -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut buf = vec![0u8; 65536];
+    let n = rustix::fs::listxattr(p, &mut buf).unwrap_or(0);
+    buf[..n]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty() && !n.starts_with(b"security."))
+        .map(|n| std::ffi::OsStr::from_bytes(n).to_owned())
+        .collect()
+}
+
+fn xattr_value(p: &Path, name: &std::ffi::OsStr) -> Vec<u8> {
+    let mut buf = vec![0u8; 65536];
+    let n = rustix::fs::getxattr(p, name, &mut buf).unwrap_or(0);
+    buf.truncate(n);
+    buf
+}
+
+/// The edge cases on an isolated mount, then everything committed: the backing directory
+/// must hold exactly what the mount showed, and it was untouched before the commit.
+fn isolated_then_committed(user: Option<u32>, what: &str) {
+    let stores = plain_dir("interpose-edge-store-");
+    let store = stores.path().join("store");
+    let m = Mount::new(&["--isolate", store.to_str().unwrap()]);
+    let before = tree_listing(&m.backing);
+    plain_and_mount(&m, user, what);
+    assert_same(
+        &tree_listing(&m.backing),
+        &before,
+        "the backing directory changed before commit",
+    );
+    let view = tree_listing(&m.mnt);
+    let out = common::run(
+        std::process::Command::new(common::bin())
+            .args(["isolation", "commit"])
+            .arg(&store),
+    );
+    assert!(out.contains("committed up to change"), "{out}");
+    assert_same(
+        &tree_listing(&m.backing),
+        &view,
+        "after commit, backing (<) vs the view (>)",
+    );
+    assert_same(
+        &tree_listing(&m.mnt),
+        &view,
+        "the view after commit (<) vs before (>)",
+    );
+    m.stop();
+}
+
+#[test]
+fn edge_cases_as_root_on_an_isolated_mount_then_committed() {
+    isolated_then_committed(None, "as root, isolated");
+}
+
+#[test]
+fn edge_cases_as_unprivileged_user_on_an_isolated_mount_then_committed() {
+    isolated_then_committed(Some(65534), "as uid 65534, isolated");
+}

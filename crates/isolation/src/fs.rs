@@ -160,6 +160,24 @@ fn xattr_reply(reply: ReplyXattr, size: u32, res: Res<Vec<u8>>) {
     }
 }
 
+/// Drops set-user-ID, and set-group-ID if group-executable, as a write by someone without
+/// CAP_FSETID does (recorded as a change like any chmod).
+fn kill_suid_sgid(v: &mut View, id: u64) -> Res<()> {
+    let a = v.attr(id)?;
+    if !a.is_file() {
+        return Ok(());
+    }
+    let mut m = a.mode & 0o7777;
+    m &= !libc::S_ISUID;
+    if m & libc::S_IXGRP != 0 {
+        m &= !libc::S_ISGID;
+    }
+    if m != a.mode & 0o7777 {
+        v.set_attr(id, Some(m), None, None, None, None)?;
+    }
+    Ok(())
+}
+
 impl IsolatedFs {
     fn entry(&self, reply: ReplyEntry, res: Res<(u64, Attr)>) {
         match res {
@@ -175,10 +193,11 @@ impl IsolatedFs {
         name: &OsStr,
         kind: NewKind,
         mode: u32,
+        umask: u32,
     ) -> Res<(u64, Attr)> {
         check_name(name)?;
         let mut v = self.0.view.lock();
-        let id = v.create(parent.0, name, kind, mode, req.uid(), req.gid())?;
+        let id = v.create(parent.0, name, kind, mode, umask, req.uid(), req.gid())?;
         Ok((id, v.attr(id)?))
     }
 
@@ -247,6 +266,12 @@ impl Filesystem for IsolatedFs {
         for flag in [
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            // No security.capability lookup before every write; set-ID bits are ours.
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
+            // The kernel checks ACLs; the view keeps the mode and the ACL mask in step.
+            InitFlags::FUSE_POSIX_ACL,
+            // Modes come unmasked with the caller's umask: a default ACL replaces the umask.
+            InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -315,7 +340,7 @@ impl Filesystem for IsolatedFs {
 
     fn setattr(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -343,13 +368,17 @@ impl Filesystem for IsolatedFs {
                 }
             }
             let (atime, mtime) = (atime.map(time_of), mtime.map(time_of));
-            if mode.is_some()
-                || uid.is_some()
-                || gid.is_some()
-                || atime.is_some()
-                || mtime.is_some()
-            {
+            let nothing = mode.is_none()
+                && uid.is_none()
+                && gid.is_none()
+                && atime.is_none()
+                && mtime.is_none();
+            if !nothing {
                 v.set_attr(id, mode, uid, gid, atime, mtime)?;
+            }
+            // FUSE_HANDLE_KILLPRIV_V2: dropping set-ID bits is ours (see interpose-fs).
+            if (nothing && size.is_none()) || (size.is_some() && mode.is_none() && req.uid() != 0) {
+                kill_suid_sgid(&mut v, id)?;
             }
             v.attr(id)
         })();
@@ -372,7 +401,7 @@ impl Filesystem for IsolatedFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
@@ -385,7 +414,7 @@ impl Filesystem for IsolatedFs {
         } else {
             mode
         };
-        let res = self.make(req, parent, name, kind, mode);
+        let res = self.make(req, parent, name, kind, mode, umask);
         self.entry(reply, res);
     }
 
@@ -395,7 +424,7 @@ impl Filesystem for IsolatedFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let res = self.make(
@@ -404,6 +433,7 @@ impl Filesystem for IsolatedFs {
             name,
             NewKind::Dir,
             libc::S_IFDIR | (mode & 0o7777),
+            umask,
         );
         self.entry(reply, res);
     }
@@ -429,7 +459,7 @@ impl Filesystem for IsolatedFs {
         let kind = NewKind::Symlink {
             target: RawPath::from_path(target),
         };
-        let res = self.make(req, parent, link_name, kind, libc::S_IFLNK | 0o777);
+        let res = self.make(req, parent, link_name, kind, libc::S_IFLNK | 0o777, 0);
         self.entry(reply, res);
     }
 
@@ -492,7 +522,7 @@ impl Filesystem for IsolatedFs {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -503,6 +533,7 @@ impl Filesystem for IsolatedFs {
                 name,
                 NewKind::File,
                 libc::S_IFREG | (mode & 0o7777),
+                umask,
             )?;
             let (fh, _) =
                 self.open_node(id, flags, |_| Err(std::io::ErrorKind::Unsupported.into()))?;
@@ -568,7 +599,7 @@ impl Filesystem for IsolatedFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
@@ -583,7 +614,11 @@ impl Filesystem for IsolatedFs {
             } else {
                 offset
             };
-            v.write(ino.0, offset, data)
+            let n = v.write(ino.0, offset, data)?;
+            if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                kill_suid_sgid(&mut v, ino.0)?;
+            }
+            Ok(n)
         });
         match res {
             Ok(n) => reply.written(n as u32),

@@ -125,6 +125,7 @@ pub fn mount(
     }
     view.mode = mode;
     let probe = store.dir().join("xattr-probe");
+    let _ = std::fs::create_dir(probe.with_extension("d"));
     if std::fs::File::create(&probe).is_ok() {
         view.xattr_probe = Some(probe);
     }

@@ -903,6 +903,13 @@ impl View {
         if let Some(g) = gid {
             n.attr.gid = g;
         }
+        if (uid.is_some() || gid.is_some()) && mode.is_none() && !n.attr.is_dir() {
+            // chown(2) drops set-user-ID, and set-group-ID if group-executable.
+            n.attr.mode &= !libc::S_ISUID;
+            if n.attr.mode & libc::S_IXGRP != 0 {
+                n.attr.mode &= !libc::S_ISGID;
+            }
+        }
         if let Some(t) = atime {
             n.attr.atime = t;
         }
@@ -1010,12 +1017,16 @@ impl View {
     }
 
     /// create, mkdir, mknod, symlink.
+    /// create, mkdir, mknod, symlink. `mode` comes unmasked: `umask` applies unless the
+    /// directory has a default ACL, which is inherited instead (as POSIX ACLs say).
+    #[allow(clippy::too_many_arguments)]
     pub fn create(
         &mut self,
         parent: u64,
         name: &OsStr,
         kind: NewKind,
         mode: u32,
+        umask: u32,
         uid: u32,
         gid: u32,
     ) -> Res<u64> {
@@ -1029,8 +1040,18 @@ impl View {
                 mode |= libc::S_ISGID;
             }
         }
+        let mut inherited = None;
         if matches!(kind, NewKind::Symlink { .. }) {
             mode = libc::S_IFLNK | 0o777;
+        } else {
+            match self.xattr_get(parent, ACL_DEFAULT) {
+                Ok(acl) => {
+                    let (access, perms, extended) = acl_create_masq(&acl, mode).ok_or(libc::EIO)?;
+                    mode = (mode & !0o777) | perms;
+                    inherited = Some((acl, extended.then_some(access)));
+                }
+                Err(_) => mode &= !(umask & 0o777),
+            }
         }
         let change = Change::Create {
             path: self.child_path(parent, name)?,
@@ -1039,12 +1060,22 @@ impl View {
             uid,
             gid,
         };
-        if self.pass(&change, &[])? {
-            return self.lookup(parent, name);
+        let id = if self.pass(&change, &[])? {
+            self.lookup(parent, name)?
+        } else {
+            self.record(&change, &[])?;
+            let id = self.do_create(parent, name, &kind, mode, uid, gid);
+            self.node_mut(id)?.lookups += 1;
+            id
+        };
+        if let Some((default, access)) = inherited {
+            if let Some(access) = access {
+                self.xattr_set_raw(id, ACL_ACCESS, &access, 0)?;
+            }
+            if matches!(kind, NewKind::Dir) {
+                self.xattr_set_raw(id, ACL_DEFAULT, &default, 0)?;
+            }
         }
-        self.record(&change, &[])?;
-        let id = self.do_create(parent, name, &kind, mode, uid, gid);
-        self.node_mut(id)?.lookups += 1;
         Ok(id)
     }
 
@@ -1241,6 +1272,29 @@ impl View {
     }
 
     pub fn xattr_set(&mut self, id: u64, name: &[u8], value: &[u8], flags: i32) -> Res<()> {
+        if name == ACL_ACCESS {
+            if let Some((perms, equivalent)) = acl_mode(value) {
+                // As the backing file system would: the mode shows the ACL (its mask as
+                // the group bits), and an ACL the mode says all of is not kept.
+                let old = self.node(id)?.attr.mode;
+                let mode = (old & 0o7000) | perms;
+                if equivalent {
+                    if self.xattr_get(id, name).is_ok() {
+                        self.xattr_remove(id, name)?;
+                    }
+                } else {
+                    self.xattr_set_raw(id, name, value, flags)?;
+                }
+                if mode != old & 0o7777 {
+                    self.set_attr(id, Some(mode), None, None, None, None)?;
+                }
+                return Ok(());
+            }
+        }
+        self.xattr_set_raw(id, name, value, flags)
+    }
+
+    fn xattr_set_raw(&mut self, id: u64, name: &[u8], value: &[u8], flags: i32) -> Res<()> {
         self.load_xattrs(id)?;
         let exists = self
             .node(id)?
@@ -1258,6 +1312,14 @@ impl View {
             return Err(libc::EPERM);
         }
         if let Some(probe) = &self.xattr_probe {
+            // Directories take what files do not (default ACLs): try on one of the same kind.
+            let dir_probe;
+            let probe = if self.node(id)?.attr.is_dir() {
+                dir_probe = probe.with_extension("d");
+                &dir_probe
+            } else {
+                probe
+            };
             let n = OsStr::from_bytes(name);
             rustix::fs::setxattr(probe, n, value, rustix::fs::XattrFlags::empty())
                 .map_err(|e| e.raw_os_error())?;
@@ -1760,6 +1822,78 @@ impl View {
     pub fn next_new(&self) -> u64 {
         self.next_new
     }
+}
+
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+/// A new object's access ACL from its directory's default ACL and the mode asked for
+/// (the kernel's posix_acl_create_masq): the ACL, the permission bits, and whether the
+/// ACL says more than those bits (else it is not kept).
+fn acl_create_masq(v: &[u8], mode: u32) -> Option<(Vec<u8>, u32, bool)> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 {
+        return None;
+    }
+    let mut out = v.to_vec();
+    let (mut owner, mut other) = (0, 0);
+    let (mut group_at, mut mask_at) = (None, None);
+    let mut extended = false;
+    for (i, e) in v[4..].chunks_exact(8).enumerate() {
+        let at = 4 + i * 8;
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) as u32;
+        let set = |out: &mut Vec<u8>, p: u32| {
+            out[at + 2..at + 4].copy_from_slice(&(p as u16).to_le_bytes())
+        };
+        match tag {
+            0x01 => {
+                owner = perm & (mode >> 6) & 7;
+                set(&mut out, owner);
+            }
+            0x20 => {
+                other = perm & mode & 7;
+                set(&mut out, other);
+            }
+            0x04 => group_at = Some((at, perm)),
+            0x10 => {
+                mask_at = Some((at, perm));
+                extended = true;
+            }
+            0x02 | 0x08 => extended = true,
+            _ => return None,
+        }
+    }
+    let (at, perm) = mask_at.or(group_at)?;
+    let group = perm & (mode >> 3) & 7;
+    out[at + 2..at + 4].copy_from_slice(&(group as u16).to_le_bytes());
+    Some((out, (owner << 6) | (group << 3) | other, extended))
+}
+
+/// The permission bits an access ACL (Linux xattr format, version 2) stands for, and
+/// whether the ACL says no more than they do.
+fn acl_mode(v: &[u8]) -> Option<(u32, bool)> {
+    if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes(v[..4].try_into().ok()?) != 2 {
+        return None;
+    }
+    let (mut owner, mut group, mut other, mut mask) = (None, None, None, None);
+    let mut extended = false;
+    for e in v[4..].chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]) as u32 & 7;
+        match tag {
+            0x01 => owner = Some(perm),
+            0x04 => group = Some(perm),
+            0x20 => other = Some(perm),
+            0x10 => mask = Some(perm),
+            0x02 | 0x08 => extended = true,
+            _ => return None,
+        }
+    }
+    let g = mask.or(group)?;
+    Some((
+        (owner? << 6) | (g << 3) | other?,
+        !extended && mask.is_none(),
+    ))
 }
 
 pub fn io_errno(e: std::io::Error) -> i32 {
