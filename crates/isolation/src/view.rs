@@ -1831,7 +1831,7 @@ const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 /// (the kernel's posix_acl_create_masq): the ACL, the permission bits, and whether the
 /// ACL says more than those bits (else it is not kept).
 fn acl_create_masq(v: &[u8], mode: u32) -> Option<(Vec<u8>, u32, bool)> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) {
         return None;
     }
     let mut out = v.to_vec();
@@ -1872,7 +1872,10 @@ fn acl_create_masq(v: &[u8], mode: u32) -> Option<(Vec<u8>, u32, bool)> {
 /// The permission bits an access ACL (Linux xattr format, version 2) stands for, and
 /// whether the ACL says no more than they do.
 fn acl_mode(v: &[u8]) -> Option<(u32, bool)> {
-    if v.len() < 4 || (v.len() - 4) % 8 != 0 || u32::from_le_bytes(v[..4].try_into().ok()?) != 2 {
+    if v.len() < 4
+        || !(v.len() - 4).is_multiple_of(8)
+        || u32::from_le_bytes(v[..4].try_into().ok()?) != 2
+    {
         return None;
     }
     let (mut owner, mut group, mut other, mut mask) = (None, None, None, None);
