@@ -8,12 +8,20 @@
 #   bindfs            Debian's bindfs, default options, backing -> mount point
 #   interpose         `interpose fs mount` with no filter (file data via FUSE passthrough)
 #   interpose-audit   `interpose fs mount --filter audit=FILE` (the daemon serves file data)
+#   interpose-isolated `interpose fs mount --isolate STORE` (STORE: a fresh directory in the bench
+#                     dir, outside the backing dir, removed after the mount): every change goes
+#                     to STORE's journal, the backing directory stays untouched (checked)
 # Workloads (in this order, within one mount per configuration and repetition):
 #   seqwrite   fio sequential write, bs=1M, end_fsync=1
 #   seqread    fio sequential read, bs=1M (of a file written once before the runs)
 #   randrw     fio 4k random read/write 70/30, numjobs=2, time based
 #   fsyncw     fio 4k random write with fsync=1, time based
 #   meta       untar a deterministic tree (>= 20,000 entries), find, du -s, rm -rf
+#   commit     interpose-isolated only, after the others: store size and pending changes
+#              (`interpose isolation status --json`); then the pending changes are discarded,
+#              a 1 GiB file (quick: 256 MiB) is written through the mount (dd conv=fsync), and
+#              `interpose isolation commit STORE; sync` is timed against `cp` of an equally
+#              sized file within the bench dir plus `sync` (caches dropped before each)
 # All fio jobs use ioengine=psync, direct=0. Before every workload the script runs
 # `sync; echo 3 > /proc/sys/vm/drop_caches`, so every configuration starts cold.
 # Repetitions are interleaved: each repetition mounts every configuration once, round-robin,
@@ -24,9 +32,10 @@
 #   BENCH_REPS=5                         repetitions (BENCH_QUICK=1: 2)
 #   BENCH_QUICK=1                        small sizes and short runtimes: a smoke run
 #   BENCH_RUNTIME=SECONDS                runtime of the time-based fio jobs (20; quick: 5)
-#   BENCH_CONFIGS="native bindfs interpose interpose-audit"   a subset, in this order
+#   BENCH_CONFIGS="native bindfs interpose interpose-audit interpose-isolated"
+#                                        a subset, in this order
 #   BENCH_BIN=PATH                       use this interpose binary instead of building one
-#   BENCH_INTERPOSE_ARGS="..."           extra `interpose fs mount` options for both interpose
+#   BENCH_INTERPOSE_ARGS="..."           extra `interpose fs mount` options for all interpose
 #                                        configurations (e.g. "--fd-cache 65536"); default none
 # Output: a markdown report on stdout and in bench/out/fs-<date>.md (raw samples in .tsv,
 # the progress log in .log). Missed targets are marked, never an error exit.
@@ -62,6 +71,7 @@ if ((QUICK)); then
     SEQ_SIZE_MB=256 # sequential read and write file
     RR_SIZE_MB=64   # per randrw job (2 jobs)
     FS_SIZE_MB=64   # fsync random-write file
+    COMMIT_SIZE_MB=256 # written through the isolated mount, then committed
     RUNTIME=${BENCH_RUNTIME:-5}
     META_TOP=4 META_SUB=10 META_FILES=50 # 4 + 40 dirs, 2,000 files
 else
@@ -69,13 +79,14 @@ else
     SEQ_SIZE_MB=2048
     RR_SIZE_MB=512
     FS_SIZE_MB=256
+    COMMIT_SIZE_MB=1024
     RUNTIME=${BENCH_RUNTIME:-20}
     META_TOP=20 META_SUB=20 META_FILES=50 # 20 + 400 dirs, 20,000 files
 fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "fs.sh: BENCH_REPS must be a positive integer" >&2; exit 2; }
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || { echo "fs.sh: BENCH_RUNTIME must be a positive integer" >&2; exit 2; }
 META_ENTRIES=$((1 + META_TOP + META_TOP * META_SUB + META_TOP * META_SUB * META_FILES))
-ALL_CONFIGS=(native bindfs interpose interpose-audit)
+ALL_CONFIGS=(native bindfs interpose interpose-audit interpose-isolated)
 read -r -a CONFIGS <<<"${BENCH_CONFIGS:-${ALL_CONFIGS[*]}}"
 for c in "${CONFIGS[@]}"; do
     [[ " ${ALL_CONFIGS[*]} " == *" $c "* ]] || { echo "fs.sh: unknown configuration $c" >&2; exit 2; }
@@ -90,6 +101,7 @@ BACKING=$BENCH_DIR/backing
 MNT=$BENCH_DIR/mnt
 OUT=$BENCH_DIR/work # tarball, audit log, fio json, daemon logs: same disk as the backing dir
 MARKER=$BENCH_DIR/.interpose-bench
+STORE=$BENCH_DIR/store # interpose-isolated: a fresh one per mount, outside BACKING
 STAMP=$(date +%Y-%m-%d-%H%M%S)
 ((QUICK)) && STAMP+=-quick
 RESULTS=$REPO/bench/out
@@ -226,6 +238,11 @@ cp "$BIN" "$OUT/interpose"
 BIN=$OUT/interpose
 
 need_mb=$((SEQ_SIZE_MB * 2 + RR_SIZE_MB * 2 + FS_SIZE_MB + 2048))
+ISOLATED=0
+[[ " ${CONFIGS[*]} " == *" interpose-isolated "* ]] && ISOLATED=1
+# The store keeps every write (seqwrite's file too, though removed), plus the commit file
+# (source, journal, committed copy, cp's copy).
+((ISOLATED)) && need_mb=$((need_mb + SEQ_SIZE_MB + RR_SIZE_MB * 4 + FS_SIZE_MB + COMMIT_SIZE_MB * 3))
 avail_mb=$(($(stat -f -c '%a * %S' "$BENCH_DIR") / 1048576))
 if ((avail_mb < need_mb)); then
     log "$BENCH_DIR has ${avail_mb} MiB free; the benchmark needs about ${need_mb} MiB"
@@ -266,6 +283,13 @@ for args in SR_ARGS RR_ARGS FS_ARGS; do
     (cd "$BACKING" && fio "${FIO_COMMON[@]}" "${a[@]}" --create_only=1 --output=/dev/null)
     unset -n a
 done
+COMMIT_SRC=$OUT/commit-src.dat # commit workload: written through the isolated mount, and cp's source
+if ((ISOLATED)); then
+    # (rw=read: fio lays the file out with data, not as a hole)
+    (cd "$OUT" && fio "${FIO_COMMON[@]}" --name=commitsrc --filename="${COMMIT_SRC##*/}" --rw=read \
+        --bs=1M --size="${COMMIT_SIZE_MB}m" --create_only=1 --output=/dev/null)
+    [[ $(stat -c %s "$COMMIT_SRC") == $((COMMIT_SIZE_MB * 1048576)) ]] || { log "fio did not lay out $COMMIT_SRC"; exit 1; }
+fi
 
 log "generating the metadata tree ($META_ENTRIES entries)"
 python3 - "$OUT/gen/tree" "$META_TOP" "$META_SUB" "$META_FILES" <<'EOF'
@@ -402,6 +426,70 @@ wl_verify() { # untimed, first repetition only: does the tree read back exactly?
     rm -rf "$dir"
 }
 
+# interpose-isolated only, after the five workloads: isocheck, commitprep, then commit and cp
+# (order alternating between repetitions), then in the first repetition commitverify.
+iso() { timeout -k 5 600 "$BIN" isolation "$@"; } # status, discard, commit STORE ...
+backing_state() { # what a change to BACKING would alter (atimes excepted)
+    find "$BACKING" -printf '%P\t%y\t%s\t%m\t%U:%G\t%n\t%i\t%T@\t%C@\n' | sort
+}
+wl_isocheck() { # untimed: the store after the workloads; BACKING must be as before the mount
+    local st
+    st=$(iso status "$STORE" --json)
+    sample store store_MiB "$(jq -r '.store_bytes / 1048576 | . * 100 | round / 100' <<<"$st")"
+    sample store data_MiB "$(jq -r '.data_bytes / 1048576 | . * 100 | round / 100' <<<"$st")"
+    sample store pending_changes "$(jq -r '.pending_changes' <<<"$st")"
+    backing_state >"$OUT/backing.after"
+    if ! cmp -s "$OUT/backing.before" "$OUT/backing.after"; then
+        echo "BACKING changed under the isolated mount (path, type, size, mode, owner, links, inode," \
+            "mtime, ctime): $(diff "$OUT/backing.before" "$OUT/backing.after" | grep -c '^[<>]') lines differ;" \
+            "first: $(diff "$OUT/backing.before" "$OUT/backing.after" | grep '^[<>]' | head -n 2 | tr '\t' ' ' | paste -sd ';')" >&2
+        return 1
+    fi
+}
+wl_commitprep() { # untimed: drop what the workloads left pending, write the commit file, fsync'ed
+    local t0 t1 st
+    iso discard "$STORE" >/dev/null
+    t0=$(now)
+    timeout -k 10 "$WL_TIMEOUT" dd if="$COMMIT_SRC" of="$1/commit.dat" bs=1M conv=fsync status=none
+    t1=$(now)
+    sample commit write_MiB/s "$(awk -v n="$COMMIT_SIZE_MB" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", n / (b - a) }')"
+    st=$(iso status "$STORE" --json)
+    [[ $(jq -r '.data_bytes' <<<"$st") == $((COMMIT_SIZE_MB * 1048576)) && $(jq -r '.files' <<<"$st") == 1 ]] ||
+        { echo "after discard + dd the store holds $(jq -c '{pending_changes, files, data_bytes}' <<<"$st")," \
+            "expected 1 file of $((COMMIT_SIZE_MB * 1048576)) bytes" >&2; return 1; }
+}
+wl_commit() { # `interpose isolation commit STORE` (mounted), sync included
+    local t0 t1 st
+    st=$(iso status "$STORE" --json)
+    # never commit what the workloads left (commitprep failed): it would change BACKING for good
+    [[ $(jq -r '.data_bytes' <<<"$st") == $((COMMIT_SIZE_MB * 1048576)) && $(jq -r '.files' <<<"$st") == 1 ]] ||
+        { echo "not committing: the store holds $(jq -c '{pending_changes, files, data_bytes}' <<<"$st")" >&2; return 1; }
+    t0=$(now)
+    timeout -k 10 "$WL_TIMEOUT" "$BIN" isolation commit "$STORE" >"$OUT/commit.out"
+    sync
+    t1=$(now)
+    sample commit commit_s "$(elapsed "$t0" "$t1")"
+    st=$(iso status "$STORE" --json)
+    [[ $(jq -r '.pending_changes' <<<"$st") == 0 ]] ||
+        { echo "after commit: $(jq -c '{pending_changes, files, data_bytes}' <<<"$st") ($(cat "$OUT/commit.out"))" >&2; return 1; }
+    [[ $(stat -c %s "$BACKING/commit.dat") == $((COMMIT_SIZE_MB * 1048576)) ]] ||
+        { echo "after commit: $BACKING/commit.dat has $(stat -c %s "$BACKING/commit.dat") bytes" >&2; return 1; }
+}
+wl_cp() { # the baseline: cp of an equally sized file within the bench dir, sync included
+    local t0 t1
+    rm -f "$OUT/commit-cp.dat"
+    t0=$(now)
+    timeout -k 10 "$WL_TIMEOUT" cp "$COMMIT_SRC" "$OUT/commit-cp.dat"
+    sync
+    t1=$(now)
+    sample commit cp_s "$(elapsed "$t0" "$t1")"
+    rm -f "$OUT/commit-cp.dat"
+}
+wl_commitverify() { # untimed, first repetition only: BACKING and the view hold the bytes written
+    cmp "$COMMIT_SRC" "$BACKING/commit.dat" >&2
+    cmp "$COMMIT_SRC" "$1/commit.dat" >&2
+}
+
 run_workload() { # name, path: runs in a subshell with errexit; failures are recorded
     # Never call this where errexit is ignored (after if, ||, &&, !): the subshell's set -e
     # would be ignored too.
@@ -416,7 +504,7 @@ run_workload() { # name, path: runs in a subshell with errexit; failures are rec
     rc=$?
     set -e
     read -r r1 w1 < <(dev_sectors)
-    if [[ -n $DEVSTAT && $wl != verify ]]; then
+    if [[ -n $DEVSTAT && ! $wl =~ ^(verify|isocheck|commitverify)$ ]]; then
         sample "$wl" dev_read_MiB "$(awk -v a="$r0" -v b="$r1" 'BEGIN { printf "%.0f", (b - a) / 2048 }')"
         sample "$wl" dev_write_MiB "$(awk -v a="$w0" -v b="$w1" 'BEGIN { printf "%.0f", (b - a) / 2048 }')"
     fi
@@ -530,7 +618,7 @@ stop_bindfs() {
 }
 
 session() { # one configuration, one repetition: mount, all workloads, unmount
-    local cfg=$1 path=$MNT pid="" c0 c1 wl
+    local cfg=$1 path=$MNT pid="" c0 c1 wl wls=("${WORKLOADS[@]}")
     CUR_CFG=$cfg
     # Other work on the machine skews everything: keep the load average as evidence.
     sample session loadavg_1m "$(cut -d' ' -f1 /proc/loadavg)"
@@ -544,24 +632,39 @@ session() { # one configuration, one repetition: mount, all workloads, unmount
         start_interpose --filter "audit=$AUDIT_LOG" || return 0
         pid=$DAEMON_PID
         ;;
+    interpose-isolated)
+        rm -rf --one-file-system "$STORE" "$BACKING/commit.dat"
+        mkdir "$STORE"
+        backing_state >"$OUT/backing.before"
+        start_interpose --isolate "$STORE" || { rm -rf --one-file-system "$STORE"; return 0; }
+        pid=$DAEMON_PID
+        wls+=(isocheck commitprep)
+        if ((CUR_REP % 2)); then wls+=(commit cp); else wls+=(cp commit); fi
+        if ((CUR_REP == 1)); then wls+=(commitverify); fi
+        ;;
     esac
     if ((CUR_REP == 1)); then
         run_workload verify "$path"
+        if [[ $cfg == interpose-isolated ]]; then
+            # verify's tree must not count in the store measured after meta
+            iso discard "$STORE" >/dev/null 2>"$OUT/wl.err" || error verify "isolation discard: $(cat "$OUT/wl.err")"
+        fi
     fi
-    for wl in "${WORKLOADS[@]}"; do
+    for wl in "${wls[@]}"; do
         [[ -n $pid ]] && c0=$(cpu_seconds "$pid")
         run_workload "$wl" "$path"
         if [[ -n $pid ]]; then
             c1=$(cpu_seconds "$pid") || { error "$wl" "daemon $pid is gone"; break; }
             sample "$wl" daemon_cpu_s "$(elapsed "$c0" "$c1")"
+            if [[ $wl == meta ]]; then # right after the metadata workload
+                sample daemon VmHWM_MiB "$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")"
+                sample daemon VmRSS_MiB "$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")"
+                sample daemon threads "$(awk '/^Threads:/ { print $2 }' "/proc/$pid/status")"
+                sample daemon open_fds "$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)"
+            fi
         fi
     done
-    if [[ -n $pid ]] && [[ -r /proc/$pid/status ]]; then
-        # right after the metadata workload
-        sample daemon VmHWM_MiB "$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")"
-        sample daemon VmRSS_MiB "$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$pid/status")"
-        sample daemon threads "$(awk '/^Threads:/ { print $2 }' "/proc/$pid/status")"
-        sample daemon open_fds "$(find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 | wc -l)"
+    if [[ -n $pid ]] && [[ -r /proc/$pid/stat ]]; then
         sample daemon cpu_total_s "$(cpu_seconds "$pid")" # read before SIGTERM / umount
     fi
     case $cfg in
@@ -572,6 +675,11 @@ session() { # one configuration, one repetition: mount, all workloads, unmount
         sample daemon audit_lines "$(wc -l <"$AUDIT_LOG")"
         sample daemon audit_MiB "$(du -m "$AUDIT_LOG" | cut -f1)"
         : >"$AUDIT_LOG"
+        ;;
+    interpose-isolated)
+        stop_interpose
+        # the store and what the commit workload put into BACKING
+        rm -rf --one-file-system "$STORE" "$BACKING/commit.dat"
         ;;
     esac
     return 0
@@ -596,7 +704,8 @@ log "measurements done in ${T_TOTAL}s"
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 export LOAD_START LOAD_END
 export CONFIGS_STR="${CONFIGS[*]}" REPS QUICK RUNTIME SEQ_SIZE_MB RR_SIZE_MB FS_SIZE_MB \
-    META_TOP META_SUB META_FILES META_ENTRIES TAR_SHA TAR_MB DROP_OK T_TOTAL COMMAND_LINE STAMP
+    META_TOP META_SUB META_FILES META_ENTRIES TAR_SHA TAR_MB DROP_OK T_TOTAL COMMAND_LINE STAMP \
+    COMMIT_SIZE_MB
 export MI_NPROC MI_KERNEL MI_FS MI_CPU MI_MEM MI_DEV MI_VERSIONS MI_COMMIT
 MI_NPROC=$(nproc)
 MI_KERNEL=$(uname -sr)
@@ -673,6 +782,16 @@ print(f"- randrw: bs=4k, 70% reads, numjobs=2 × {env['RR_SIZE_MB']} MiB files, 
 print(f"- fsyncw: bs=4k random writes, fsync=1, {env['FS_SIZE_MB']} MiB file, {env['RUNTIME']} s time based")
 print(f"- meta: tar -xf of {env['META_ENTRIES']} entries ({env['META_TOP']}×{env['META_SUB']} dirs × "
       f"{env['META_FILES']} files, {env['TAR_MB']} MiB tar, sha256 {env['TAR_SHA']}…), find | wc -l, du -sk, rm -rf")
+iso = "interpose-isolated" in configs
+if iso:
+    print("- interpose-isolated: `interpose fs mount BACKING MNT --isolate STORE`, a fresh empty STORE per "
+          "mount (outside BACKING, removed after it); BACKING is checked unchanged (names, sizes, modes, "
+          "inodes, mtimes, ctimes) after `meta`. store: `interpose isolation status --json` after `meta` "
+          "(store on disk, block data held, pending changes)")
+    print(f"- commit (interpose-isolated only, after `meta`): pending changes discarded, a {env['COMMIT_SIZE_MB']} MiB "
+          "file written through the mount with `dd bs=1M conv=fsync` (write_MiB/s), then, in alternating order, "
+          "commit_s: `interpose isolation commit STORE; sync` (mounted: through the daemon) and cp_s: "
+          "`cp` of an equally sized file from and to the bench dir, then `sync`; caches dropped before each")
 print("- daemon_cpu_s: the daemon's utime+stime during the workload; VmHWM/VmRSS: /proc/PID/status right "
       "after `meta`; cpu_total_s: whole mount, read just before unmounting")
 
@@ -683,6 +802,8 @@ rows = [
     ("meta", "untar_s", "↓"), ("meta", "find_s", "↓"), ("meta", "du_s", "↓"), ("meta", "rm_s", "↓"),
     ("meta", "total_s", "↓"),
 ]
+if iso:
+    rows += [("commit", "write_MiB/s", "↑"), ("commit", "commit_s", "↓"), ("commit", "cp_s", "↓")]
 print("\n## Medians\n")
 print("| workload | metric | " + " | ".join(configs) + " |")
 print("|---|---|" + "---:|" * len(configs))
@@ -703,11 +824,13 @@ if daemons:
     print("\n## Daemon resources (medians)\n")
     print("| metric | " + " | ".join(daemons) + " |")
     print("|---|" + "---:|" * len(daemons))
-    drows = [(w, "daemon_cpu_s") for w in ("seqwrite", "seqread", "randrw", "fsyncw", "meta")] + [
+    drows = [(w, "daemon_cpu_s") for w in ("seqwrite", "seqread", "randrw", "fsyncw", "meta")] + \
+        ([("commit", "daemon_cpu_s")] if iso else []) + [
         ("daemon", m) for m in ("cpu_total_s", "VmHWM_MiB", "VmRSS_MiB", "threads", "open_fds",
-                                "audit_lines", "audit_MiB")]
+                                "audit_lines", "audit_MiB")] + \
+        ([("store", m) for m in ("store_MiB", "data_MiB", "pending_changes")] if iso else [])
     for w, m in drows:
-        label = f"{w} cpu s" if m == "daemon_cpu_s" else m
+        label = f"{w} cpu s" if m == "daemon_cpu_s" else (f"{m} after meta" if w == "store" else m)
         print(f"| {label} | " + " | ".join(fmt(med(c, w, m), m) for c in daemons) + " |")
 
 print("\n## Disk traffic during each workload (MiB read / written, medians)\n")
@@ -715,7 +838,7 @@ print("Counters of the bench dir's block device; writes still dirty when a workl
       "counted. Reads far above what the workload asked for mean readahead; far below, cache hits.\n")
 print("| workload | " + " | ".join(configs) + " |")
 print("|---|" + "---:|" * len(configs))
-for w in ("seqwrite", "seqread", "randrw", "fsyncw", "meta"):
+for w in ("seqwrite", "seqread", "randrw", "fsyncw", "meta") + (("commit", "cp") if iso else ()):
     cells = []
     for c in configs:
         r, wr = med(c, w, "dev_read_MiB"), med(c, w, "dev_write_MiB")
@@ -730,17 +853,23 @@ def rfmt(r):
 
 print("\n## Ratios (median / median)\n")
 others = [c for c in configs if c != "native"]
+iso_vs = iso and "interpose" in configs  # interpose-isolated / interpose
 heads = [f"{c} / native" for c in others if "native" in configs] + \
-        [f"{c} / bindfs" for c in others if c.startswith("interpose") and "bindfs" in configs]
+        [f"{c} / bindfs" for c in others if c.startswith("interpose") and "bindfs" in configs] + \
+        (["interpose-isolated / interpose"] if iso_vs else [])
 if heads:
     print("| workload | metric | " + " | ".join(heads) + " |")
     print("|---|---|" + "---:|" * len(heads))
     for w, m, d in rows:
+        if w == "commit":
+            continue  # interpose-isolated only: commit_s / cp_s is under Targets
         cells = []
         if "native" in configs:
             cells += [rfmt(ratio(med(c, w, m), med("native", w, m))) for c in others]
         if "bindfs" in configs:
             cells += [rfmt(ratio(med(c, w, m), med("bindfs", w, m))) for c in others if c.startswith("interpose")]
+        if iso_vs:
+            cells.append(rfmt(ratio(med("interpose-isolated", w, m), med("interpose", w, m))))
         print(f"| {w} | {m} {d} | " + " | ".join(cells) + " |")
     print("\n↑: higher is better, so a ratio above 1 is faster. ↓: a time, so a ratio below 1 is faster.")
 
@@ -754,7 +883,9 @@ def check(name, cfg, r, op, limit):
         return
     ok = r >= limit if op == "≥" else r <= limit
     checks.append((name, cfg, f"{r:.3f}", f"{op} {limit}", "✅ pass" if ok else "❌ FAIL"))
-ips = [c for c in configs if c.startswith("interpose")]
+# the targets against native and bindfs are for the non-isolated mounts; interpose-isolated has
+# its own, against interpose in the same run
+ips = [c for c in configs if c in ("interpose", "interpose-audit")]
 if "interpose" in configs and "native" in configs:
     check("seqread vs native", "interpose", ratio(med("interpose", "seqread", "MiB/s"), med("native", "seqread", "MiB/s")), "≥", 0.9)
     check("randrw read IOPS vs native", "interpose", ratio(med("interpose", "randrw", "read_IOPS"), med("native", "randrw", "read_IOPS")), "≥", 0.9)
@@ -776,6 +907,23 @@ for c in ips:
     x = med(c, "daemon", "VmHWM_MiB")
     checks.append(("daemon peak RSS, info (MiB)", c, fmt(x, "MiB"), "(≤ 64)",
                    "⚪ no data" if x is None else ("✅ under" if x <= 64 else "⚠️ over")))
+if iso:
+    c = "interpose-isolated"
+    if "interpose" in configs:
+        for w, m, what, limit in [("seqread", "MiB/s", "untouched file", 0.9),
+                                  ("randrw", "read_IOPS", "files untouched before", 0.9),
+                                  ("seqwrite", "MiB/s", "", 0.7), ("fsyncw", "IOPS", "", 0.7),
+                                  ("randrw", "write_IOPS", "", 0.7)]:
+            check(f"{w} {m} vs interpose" + (f" ({what})" if what else ""), c,
+                  ratio(med(c, w, m), med("interpose", w, m)), "≥", limit)
+        check("meta throughput vs interpose (interpose total_s / this)", c,
+              ratio(med("interpose", "meta", "total_s"), med(c, "meta", "total_s")), "≥", 0.7)
+    check("commit time vs cp of the same size (sync in both)", c,
+          ratio(med(c, "commit", "commit_s"), med(c, "commit", "cp_s")), "≤", 1.5)
+    for m, what in (("VmRSS_MiB", "daemon RSS after meta, info (MiB)"), ("VmHWM_MiB", "daemon peak RSS, info (MiB)")):
+        x = med(c, "daemon", m)
+        checks.append((what, c, fmt(x, "MiB"), "(≤ 64)",
+                       "⚪ no data" if x is None else ("✅ under" if x <= 64 else "⚠️ over")))
 for row in checks:
     print("| " + " | ".join(row) + " |")
 fails = sum(1 for r in checks if "FAIL" in r[4])
@@ -812,5 +960,9 @@ for c in daemons:
         v = vals.get((c, "daemon", m))
         if v:
             print(f"| daemon | {m} | {c} | {', '.join(fmt(x, m) for x in v)} |")
+for m in ("store_MiB", "data_MiB", "pending_changes"):
+    v = vals.get(("interpose-isolated", "store", m))
+    if v:
+        print(f"| store | {m} | interpose-isolated | {', '.join(fmt(x, m) for x in v)} |")
 EOF
 log "report: $REPORT (samples: $SAMPLES, log: $LOG)"

@@ -655,7 +655,7 @@ impl FilterFs {
             || (size.is_some() && mode.is_none() && change_by_non_root);
         if kill {
             let st = stat_fd(path_fd.as_fd())?;
-            if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
                 let mut m = st.st_mode & 0o7777;
                 m &= !libc::S_ISUID;
                 if m & libc::S_IXGRP != 0 {

@@ -357,29 +357,23 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
             atime,
             mtime,
         } => {
-            let rel = p(path);
-            let (dir, name) = backing.parent_of(&rel)?;
+            // Through an O_PATH descriptor, so the root ("") works like any path.
+            let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
+            let proc = proc_path(&fd);
             if uid.is_some() || gid.is_some() {
                 rustix::fs::chownat(
-                    &dir,
-                    name,
+                    &fd,
+                    "",
                     uid.map(rustix::fs::Uid::from_raw),
                     gid.map(rustix::fs::Gid::from_raw),
-                    AtFlags::SYMLINK_NOFOLLOW,
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
                 )
                 .map_err(errno)?;
             }
             if let Some(mode) = mode {
-                let st =
-                    rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)?;
+                let st = rustix::fs::fstat(&fd).map_err(errno)?;
                 if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-                    rustix::fs::chmodat(
-                        &dir,
-                        name,
-                        Mode::from_raw_mode(mode & 0o7777),
-                        AtFlags::empty(),
-                    )
-                    .map_err(errno)?;
+                    rustix::fs::chmod(&proc, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
                 }
             }
             if atime.is_some() || mtime.is_some() {
@@ -387,7 +381,7 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
                     last_access: timespec(*atime),
                     last_modification: timespec(*mtime),
                 };
-                rustix::fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW)
+                rustix::fs::utimensat(rustix::fs::CWD, &proc, &times, AtFlags::empty())
                     .map_err(errno)?;
             }
             Ok(())

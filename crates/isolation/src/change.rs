@@ -132,6 +132,7 @@ pub enum Change {
         #[serde(default)]
         flags: u32,
     },
+    #[serde(rename = "setattr")]
     Attr {
         path: RawPath,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,11 +146,13 @@ pub enum Change {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mtime: Option<Time>,
     },
+    #[serde(rename = "setxattr")]
     SetXattr {
         path: RawPath,
         name: RawPath,
         value: Vec<u8>,
     },
+    #[serde(rename = "removexattr")]
     RemoveXattr {
         path: RawPath,
         name: RawPath,

@@ -199,6 +199,8 @@ fn reopen(
 fn rebuild(store: &Store, v: &mut View) -> Result<(), Error> {
     let (journal, records) = store.journal()?;
     let mut fresh = View::new(v.backing.clone(), journal)?;
+    // New nodes must not take numbers the kernel still holds for others.
+    fresh.set_next_new(v.next_new());
     fresh.replay(&records)?;
     fresh.mode = v.mode.clone();
     fresh.xattr_probe = v.xattr_probe.clone();

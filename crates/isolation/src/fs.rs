@@ -164,7 +164,7 @@ fn xattr_reply(reply: ReplyXattr, size: u32, res: Res<Vec<u8>>) {
 /// CAP_FSETID does (recorded as a change like any chmod).
 fn kill_suid_sgid(v: &mut View, id: u64) -> Res<()> {
     let a = v.attr(id)?;
-    if !a.is_file() {
+    if a.is_dir() {
         return Ok(());
     }
     let mut m = a.mode & 0o7777;

@@ -22,7 +22,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::change::Change;
+use crate::change::{Change, Time};
 use crate::Error;
 
 pub const HEADER_LEN: u64 = 64;
@@ -32,10 +32,20 @@ const RECORD_HEADER: u64 = 24;
 /// Largest record accepted when reading: a change carries at most a few MiB of data.
 const MAX_RECORD: u64 = 64 << 20;
 
+/// What a record's JSON holds: the change and when it was made.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Entry<C> {
+    at: Time,
+    #[serde(flatten)]
+    change: C,
+}
+
 /// A record as found in the journal.
 #[derive(Clone, Debug)]
 pub struct Record {
     pub seq: u64,
+    /// When the change was made.
+    pub at: Time,
     /// File offset of the record.
     pub offset: u64,
     /// File offset of the record's data.
@@ -195,7 +205,7 @@ impl Journal {
                 ));
             }
             let meta = &buf[RECORD_HEADER as usize..(RECORD_HEADER + meta_len) as usize];
-            let change: Change = serde_json::from_slice(meta)
+            let Entry { at, change }: Entry<Change> = serde_json::from_slice(meta)
                 .map_err(|e| corrupt(path, format!("record at offset {off} (seq {seq}): {e}")))?;
             if change.data_len() != data_len {
                 return Err(corrupt(
@@ -205,6 +215,7 @@ impl Journal {
             }
             records.push(Record {
                 seq,
+                at,
                 offset: off,
                 data_offset: off + RECORD_HEADER + meta_len,
                 change,
@@ -230,8 +241,13 @@ impl Journal {
 
     /// Appends a change with its data; returns its sequence number and data offset.
     /// Written to the file (so visible to readers) but durable only after [`Journal::sync`].
-    pub fn append(&mut self, change: &Change, data: &[&[u8]]) -> Result<(u64, u64), Error> {
-        let meta = serde_json::to_vec(change).expect("changes serialise");
+    pub fn append(
+        &mut self,
+        change: &Change,
+        at: Time,
+        data: &[&[u8]],
+    ) -> Result<(u64, u64), Error> {
+        let meta = serde_json::to_vec(&Entry { at, change }).expect("changes serialise");
         let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
         debug_assert_eq!(data_len, change.data_len());
         let len = RECORD_HEADER + meta.len() as u64 + data_len;
@@ -346,18 +362,21 @@ mod tests {
         let id = [7; 16];
         let mut j = Journal::create(&p, 10, id).unwrap();
         let block = vec![0xab; BLOCK as usize];
-        let (s1, d1) = j.append(&data_change(1), &[&block]).unwrap();
+        let (s1, d1) = j.append(&data_change(1), (1, 0), &[&block]).unwrap();
         let (s2, _) = j
             .append(
                 &Change::Unlink {
                     path: RawPath(b"x".to_vec()),
                 },
+                (1, 0),
                 &[],
             )
             .unwrap();
         assert_eq!((s1, s2), (11, 12));
         let good_end = j.len();
-        let (s3, _) = j.append(&data_change(2), &[&block, &block]).unwrap();
+        let (s3, _) = j
+            .append(&data_change(2), (1, 0), &[&block, &block])
+            .unwrap();
         assert_eq!(s3, 13);
         drop(j);
         // Tear the last record.
@@ -373,7 +392,7 @@ mod tests {
         assert!(Journal::open(&p, [8; 16], false).is_err());
         // Corruption in the middle is refused, not cut off.
         let mut j = j;
-        j.append(&data_change(1), &[&block]).unwrap();
+        j.append(&data_change(1), (1, 0), &[&block]).unwrap();
         drop(j);
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0x55], d1 + 5).unwrap();

@@ -116,7 +116,10 @@ pub fn mount(
     if let Some(t) = store.interrupted_commit()? {
         tracing::info!("finishing an interrupted commit up to change {t}");
         let (j, recs) = store.journal()?;
-        store.commit(&b, &j, &recs, Some(t), &mut |_| {})?;
+        if let Err(e) = store.commit(&b, &j, &recs, Some(t), &mut |_| {}) {
+            // The view is still right (applied changes are left out of it); say so.
+            tracing::warn!("the interrupted commit could not finish: {e}; mounting with it pending (commit again, or discard)");
+        }
     }
     let (journal, records) = store.journal()?;
     let mut view = view::View::new(b.clone(), journal)?;

@@ -205,6 +205,23 @@ impl Store {
         let backing = backing.canonicalize().map_err(|e| Error::io(backing, e))?;
         let st = std::fs::metadata(&backing).map_err(|e| Error::io(&backing, e))?;
         use std::os::unix::fs::MetadataExt;
+        // Refuse a store inside BACKING before creating anything there.
+        let abs = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
+        let mut existing = abs.as_path();
+        while !existing.exists() {
+            existing = existing.parent().unwrap_or(Path::new("/"));
+        }
+        let real = existing
+            .canonicalize()
+            .map_err(|e| Error::io(existing, e))?
+            .join(abs.strip_prefix(existing).unwrap_or(Path::new("")));
+        if real.starts_with(&backing) {
+            return Err(Error::Control(format!(
+                "the store {} must not be inside the backing directory {}",
+                dir.display(),
+                backing.display()
+            )));
+        }
         let fresh = match std::fs::read_dir(dir) {
             Ok(mut it) => it.next().is_none(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -342,9 +359,14 @@ impl Store {
     }
 
     /// The journal and its records; a torn last record is cut off.
+    /// Records an interrupted commit applied already are left out: they are in BACKING.
     pub fn journal(&self) -> Result<(Journal, Vec<Record>), Error> {
         let _ = std::fs::remove_file(self.dir.join(JOURNAL_NEW));
-        Journal::open(&self.dir.join(JOURNAL), self.meta.id_bytes(), true)
+        let (j, mut recs) = Journal::open(&self.dir.join(JOURNAL), self.meta.id_bytes(), true)?;
+        if let Some(st) = self.read_state()? {
+            recs.retain(|r| r.seq > st.applied);
+        }
+        Ok((j, recs))
     }
 
     fn read_state(&self) -> Result<Option<CommitState>, Error> {
@@ -445,7 +467,11 @@ impl Store {
         let pending = self.read_state()?;
         let asked = upto.unwrap_or(last);
         if asked > last || (asked < first && pending.is_none()) {
-            return Err(Error::BadSeq { asked, first, last });
+            return Err(Error::BadSeq {
+                asked,
+                first: first + 1,
+                last,
+            });
         }
         let target = pending.map_or(asked, |s| s.target.max(asked));
         let mut state = pending.unwrap_or(CommitState {
@@ -455,16 +481,18 @@ impl Store {
         });
         state.target = target;
         let sp = self.dir.join(COMMIT);
+        if pending.is_none() {
+            // Made whole under another name, then renamed: never seen empty or torn.
+            let tmp = self.dir.join("commit.tmp");
+            let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            self.write_state(&f, &state)?;
+            std::fs::rename(&tmp, &sp).map_err(|e| Error::io(&sp, e))?;
+            sync_dir(&self.dir)?;
+        }
         let sf = OpenOptions::new()
-            .create(true)
-            .truncate(false)
             .write(true)
             .open(&sp)
             .map_err(|e| Error::io(&sp, e))?;
-        if pending.is_none() {
-            self.write_state(&sf, &state)?;
-            sync_dir(&self.dir)?;
-        }
         let todo: Vec<&Record> = records
             .iter()
             .filter(|r| r.seq > state.applied && r.seq <= target)
@@ -532,7 +560,16 @@ impl Store {
         }
         barrier(&mut state, target)?;
         progress(prog);
-        // Compact: the records after the target, copied verbatim into a new journal.
+        self.finish_at(journal, records, target)?;
+        self.journal()
+    }
+
+    /// Ends a commit whose changes up to `target` are durably in BACKING: the records after
+    /// it are copied verbatim into a new journal, which replaces the old one, and the
+    /// commit state goes.
+    fn finish_at(&self, journal: &Journal, records: &[Record], target: u64) -> Result<(), Error> {
+        let jfile = journal.file().clone();
+        let sp = self.dir.join(COMMIT);
         let rest: Vec<&Record> = records.iter().filter(|r| r.seq > target).collect();
         let newp = self.dir.join(JOURNAL_NEW);
         let _ = std::fs::remove_file(&newp);
@@ -565,9 +602,7 @@ impl Store {
         sync_dir(&self.dir)?;
         std::fs::remove_file(&sp).map_err(|e| Error::io(&sp, e))?;
         sync_dir(&self.dir)?;
-        let (j, recs) = self.journal()?;
-        debug_assert_eq!(recs.len(), rest.len());
-        Ok((j, recs))
+        Ok(())
     }
 
     /// Throws away pending changes after `after` (default: all of them).
@@ -592,12 +627,18 @@ impl Store {
                 last,
             });
         }
-        if let Some(t) = self.interrupted_commit()? {
-            if t > after {
+        if let Some(st) = self.read_state()? {
+            if after < st.applied {
                 return Err(Error::Control(format!(
-                    "an interrupted commit up to {t} must be finished first (run commit again)"
+                    "changes up to {} are in the backing directory already (an interrupted commit); discard --after {} or later",
+                    st.applied, st.applied
                 )));
             }
+            // Give the rest of the interrupted commit up: keep what it applied.
+            self.finish_at(journal, records, st.applied)?;
+            let (j, recs) = self.journal()?;
+            *journal = j;
+            return self.discard(journal, &recs, Some(after));
         }
         let cut = records
             .iter()

@@ -204,6 +204,9 @@ enum Route {
 }
 
 pub struct View {
+    /// The time changes being applied happened (their journal record's time on replay),
+    /// so a remount or a rebuilt view shows the same times.
+    clock: Option<Time>,
     pub mode: Mode,
     /// A scratch file in the store on which xattrs are tried before they are recorded, so
     /// the view refuses what the file system would (bad namespace, value too large).
@@ -244,6 +247,7 @@ impl View {
         let mut by_ino = HashMap::new();
         by_ino.insert(st.st_ino, ROOT);
         Ok(View {
+            clock: None,
             mode: Mode::Isolated,
             xattr_probe: None,
             backing,
@@ -258,15 +262,26 @@ impl View {
     /// Replays journalled changes onto the view (at mount, after commit or discard).
     pub fn replay(&mut self, records: &[Record]) -> Result<(), Error> {
         for r in records {
-            self.apply_recorded(&r.change, r.data_offset)
-                .map_err(|what| Error::Replay {
-                    seq: r.seq,
-                    op: r.change.name(),
-                    path: r.change.paths().0.map(|p| p.display()).unwrap_or_default(),
-                    what,
-                })?;
+            self.clock = Some(r.at);
+            let res = self.apply_recorded(&r.change, r.data_offset);
+            self.clock = None;
+            res.map_err(|what| Error::Replay {
+                seq: r.seq,
+                op: r.change.name(),
+                path: r.change.paths().0.map(|p| p.display()).unwrap_or_default(),
+                what,
+            })?;
         }
         Ok(())
+    }
+
+    fn clock(&self) -> Time {
+        self.clock.unwrap_or_else(now)
+    }
+
+    /// New nodes are numbered from here (a rebuilt view continues the old numbering).
+    pub fn set_next_new(&mut self, next: u64) {
+        self.next_new = self.next_new.max(next);
     }
 
     pub fn node(&self, id: u64) -> Res<&Node> {
@@ -323,6 +338,9 @@ impl View {
 
     /// The node a directory's name is bound to, discovering backing objects as needed.
     pub fn child(&mut self, parent: u64, name: &OsStr) -> Res<u64> {
+        if name.len() > 255 {
+            return Err(libc::ENAMETOOLONG);
+        }
         let dir = self.node(parent)?;
         if !dir.attr.is_dir() {
             return Err(libc::ENOTDIR);
@@ -502,7 +520,9 @@ impl View {
     // ---- recording ----
 
     fn record(&mut self, change: &Change, data: &[&[u8]]) -> Res<u64> {
-        let (_, off) = self.journal.append(change, data).map_err(|e| {
+        let t = now();
+        self.clock = Some(t);
+        let (_, off) = self.journal.append(change, t, data).map_err(|e| {
             tracing::error!("journal append failed: {e}");
             e.errno()
         })?;
@@ -633,6 +653,7 @@ impl View {
     // ---- applying (shared by live operations and replay) ----
 
     fn set_entry(&mut self, dir: u64, name: &OsStr, to: Option<u64>) {
+        let clock = self.clock();
         let d = self.nodes.get_mut(&dir).expect("dir exists");
         let opaque = d.origin.is_none();
         let ov = d.overlay.get_or_insert_with(|| Overlay {
@@ -643,7 +664,7 @@ impl View {
             (None, true) => ov.entries.remove(name).flatten(),
             _ => ov.entries.insert(name.to_owned(), to).flatten(),
         };
-        let t = now();
+        let t = clock;
         d.attr.mtime = t;
         d.attr.ctime = t;
         d.changed = true;
@@ -660,10 +681,11 @@ impl View {
     }
 
     fn unlink_node(&mut self, parent: u64, name: &OsStr, id: u64) {
+        let clock = self.clock();
         if let Some(n) = self.nodes.get_mut(&id) {
             n.links.retain(|(p, nm)| !(*p == parent && nm == name));
             n.attr.nlink = n.attr.nlink.saturating_sub(1);
-            n.attr.ctime = now();
+            n.attr.ctime = clock;
             n.changed = true;
             if n.attr.is_dir() {
                 n.attr.nlink = 0;
@@ -686,9 +708,10 @@ impl View {
         uid: u32,
         gid: u32,
     ) -> u64 {
+        let clock = self.clock();
         let id = self.next_new;
         self.next_new += 1;
-        let t = now();
+        let t = clock;
         let is_dir = matches!(kind, NewKind::Dir);
         let mut n = Node::new(
             id,
@@ -714,6 +737,7 @@ impl View {
             NewKind::File => n.data = Some(Data::default()),
             NewKind::Dir => {
                 n.attr.size = BLOCK;
+                n.attr.blocks = BLOCK / 512;
                 n.overlay = Some(Overlay {
                     opaque: true,
                     ..Default::default()
@@ -745,10 +769,11 @@ impl View {
     }
 
     fn do_link(&mut self, id: u64, parent: u64, name: &OsStr) {
+        let clock = self.clock();
         if let Some(n) = self.nodes.get_mut(&id) {
             n.links.push((parent, name.to_owned()));
             n.attr.nlink += 1;
-            n.attr.ctime = now();
+            n.attr.ctime = clock;
             n.changed = true;
         }
         self.set_entry(parent, name, Some(id));
@@ -765,6 +790,7 @@ impl View {
         b: Option<u64>,
         flags: u32,
     ) {
+        let clock = self.clock();
         let relink = |v: &mut View, id: u64, from: (u64, &OsStr), to: (u64, &OsStr)| {
             if let Some(n) = v.nodes.get_mut(&id) {
                 if let Some(l) = n
@@ -776,7 +802,7 @@ impl View {
                 } else {
                     n.links.insert(0, (to.0, to.1.to_owned()));
                 }
-                n.attr.ctime = now();
+                n.attr.ctime = clock;
                 n.changed = true;
             }
         };
@@ -847,6 +873,7 @@ impl View {
     }
 
     fn do_data(&mut self, id: u64, size: u64, runs: &[Run], data_offset: u64) -> Res<()> {
+        let clock = self.clock();
         self.ensure_data(id)?;
         let n = self.node_mut(id)?;
         let d = n.data.as_mut().expect("ensured");
@@ -877,7 +904,7 @@ impl View {
             .filter(|l| matches!(l, Loc::Journal(_)))
             .count() as u64;
         n.attr.blocks = stored * (BLOCK / 512) + d.origin_limit.div_ceil(512);
-        let t = now();
+        let t = clock;
         n.attr.mtime = t;
         n.attr.ctime = t;
         n.changed = true;
@@ -893,6 +920,7 @@ impl View {
         atime: Option<Time>,
         mtime: Option<Time>,
     ) -> Res<()> {
+        let clock = self.clock();
         let n = self.node_mut(id)?;
         if let Some(m) = mode {
             n.attr.mode = (n.attr.mode & libc::S_IFMT) | (m & 0o7777);
@@ -916,7 +944,7 @@ impl View {
         if let Some(t) = mtime {
             n.attr.mtime = t;
         }
-        n.attr.ctime = now();
+        n.attr.ctime = clock;
         n.changed = true;
         Ok(())
     }
@@ -1295,6 +1323,7 @@ impl View {
     }
 
     fn xattr_set_raw(&mut self, id: u64, name: &[u8], value: &[u8], flags: i32) -> Res<()> {
+        let clock = self.clock();
         self.load_xattrs(id)?;
         let exists = self
             .node(id)?
@@ -1320,10 +1349,36 @@ impl View {
             } else {
                 probe
             };
-            let n = OsStr::from_bytes(name);
-            rustix::fs::setxattr(probe, n, value, rustix::fs::XattrFlags::empty())
-                .map_err(|e| e.raw_os_error())?;
-            let _ = rustix::fs::removexattr(probe, n);
+            // The whole set as it would be: file systems limit the total, not each one.
+            let mut set: Vec<(Vec<u8>, Vec<u8>)> = self
+                .node(id)?
+                .xattrs
+                .as_ref()
+                .map(|x| {
+                    x.iter()
+                        .filter(|(k, _)| k.as_slice() != name)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            set.push((name.to_vec(), value.to_vec()));
+            let mut res = Ok(());
+            for (k, v) in &set {
+                let r = rustix::fs::setxattr(
+                    probe,
+                    OsStr::from_bytes(k),
+                    v,
+                    rustix::fs::XattrFlags::empty(),
+                );
+                if let Err(e) = r {
+                    res = Err(e.raw_os_error());
+                    break;
+                }
+            }
+            for (k, _) in &set {
+                let _ = rustix::fs::removexattr(probe, OsStr::from_bytes(k));
+            }
+            res?;
         }
         let change = Change::SetXattr {
             path: self.node_path(id)?,
@@ -1340,12 +1395,13 @@ impl View {
             .as_mut()
             .expect("loaded")
             .insert(name.to_vec(), value.to_vec());
-        n.attr.ctime = now();
+        n.attr.ctime = clock;
         n.changed = true;
         Ok(())
     }
 
     pub fn xattr_remove(&mut self, id: u64, name: &[u8]) -> Res<()> {
+        let clock = self.clock();
         self.load_xattrs(id)?;
         if !self
             .node(id)?
@@ -1367,7 +1423,7 @@ impl View {
         self.record(&change, &[])?;
         let n = self.node_mut(id)?;
         n.xattrs.as_mut().expect("loaded").remove(name);
-        n.attr.ctime = now();
+        n.attr.ctime = clock;
         n.changed = true;
         Ok(())
     }

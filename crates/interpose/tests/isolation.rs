@@ -1,0 +1,2501 @@
+//! Isolation (`interpose fs mount BACKING MNT --isolate STORE`) with the real binary, real
+//! programs and the real `interpose isolation` commands:
+//!
+//! - git, sqlite3 in WAL mode, `rm -rf` of a large tree and a make+gcc build on an
+//!   isolated mount: BACKING is untouched (every inode, size, time and byte) until commit,
+//!   and afterwards holds exactly what the mount showed; a database kept open, and a
+//!   writer appending, while mounted commits run under them;
+//! - a one-byte write into a 10 GiB sparse file costs a block, and SEEK_DATA/SEEK_HOLE
+//!   show the right regions before and after commit (python's os.lseek);
+//! - status and log of a known sequence of changes; commit --upto and discard --after, on
+//!   a mounted store (the mount shows the result at once, caches, open descriptors and
+//!   modification times included) and on an unmounted one (then remounted); cuts between
+//!   the changes of a renamed directory; a commit that fails half-way, run again;
+//! - remount, a store of another backing directory, a directory that is not a store or
+//!   lies inside BACKING, a corrupt record, a torn last record, a store on another file
+//!   system, a store on a full file system;
+//! - two descriptors and a shared mapping of one isolated file, also across a discard.
+
+mod common;
+mod support;
+use common::*;
+use support::*;
+
+use std::fs::{self, File, OpenOptions};
+use std::hash::Hasher;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{symlink, FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+const NO_MTIME: ManifestOpts = ManifestOpts {
+    mtime: false,
+    owner: true,
+};
+const FULL: ManifestOpts = ManifestOpts {
+    mtime: true,
+    owner: true,
+};
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// A temporary directory holding `backing/`, `mnt/` and (once mounted) `store/`. Named like
+/// the harness's, so scripts/test.sh notices a mount left behind.
+struct Dirs {
+    tmp: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    store: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let tmp = plain_dir("interpose-test-iso-");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let store = tmp.path().join("store");
+    Dirs {
+        tmp,
+        backing,
+        mnt,
+        store,
+    }
+}
+
+impl Dirs {
+    /// `interpose fs mount BACKING MNT --isolate STORE`, waiting for its readiness line.
+    fn mount(&self) -> Mount {
+        Mount::start(&self.backing, &self.mnt, &["--isolate", s(&self.store)])
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// `interpose isolation SUB STORE EXTRA...`, which must succeed; its stdout.
+fn iso(sub: &str, store: &Path, extra: &[&str]) -> String {
+    run(Command::new(bin())
+        .args(["isolation", sub])
+        .arg(store)
+        .args(extra))
+}
+
+/// `interpose isolation SUB STORE EXTRA...`, which must fail; its stderr.
+fn iso_fails(sub: &str, store: &Path, extra: &[&str]) -> String {
+    let out = output(
+        Command::new(bin())
+            .args(["isolation", sub])
+            .arg(store)
+            .args(extra),
+    );
+    assert!(
+        !out.status.success(),
+        "interpose isolation {sub} {extra:?} succeeded where it must fail: {}",
+        describe(&out)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn status(store: &Path) -> Value {
+    let out = iso("status", store, &["--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}:\n{out}"))
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {key:?} in {v:#}"))
+}
+
+/// The fields of `status --json` that describe the changes (not the store's size).
+fn status_summary(v: &Value) -> String {
+    format!(
+        "last_seq={} committed_upto={} pending_changes={} files={} data_bytes={} interrupted_commit={} mounted={}",
+        v["last_seq"],
+        v["committed_upto"],
+        v["pending_changes"],
+        v["files"],
+        v["data_bytes"],
+        v["interrupted_commit"],
+        v["mounted"]
+    )
+}
+
+/// `isolation log --json --since N`, each entry as "SEQ OP PATH[ -> TO][ kind=K]
+/// [size=S bytes=B]".
+fn log_json(store: &Path, since: u64) -> Vec<String> {
+    let out = iso("log", store, &["--json", "--since", &since.to_string()]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("log --json: {e}:\n{out}"));
+    v.as_array()
+        .unwrap_or_else(|| panic!("log --json is not an array: {v:#}"))
+        .iter()
+        .map(|e| {
+            let str_of = |k: &str| match &e[k] {
+                Value::String(t) => t.clone(),
+                Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            let mut line = format!("{} {}", e["seq"], str_of("op"));
+            if e.get("path").is_some() {
+                line += &format!(" {}", str_of("path"));
+            } else {
+                line += &format!(" {} -> {}", str_of("from"), str_of("to"));
+            }
+            if let Some(k) = e.get("kind") {
+                let k = match k {
+                    Value::String(t) => t.clone(),
+                    Value::Object(o) => o.keys().next().cloned().unwrap_or_default(),
+                    other => other.to_string(),
+                };
+                line += &format!(" kind={k}");
+            }
+            if str_of("op") == "data" {
+                line += &format!(
+                    " size={} bytes={}",
+                    e["size"],
+                    e.get("data_bytes").and_then(Value::as_u64).unwrap_or(0)
+                );
+            }
+            line
+        })
+        .collect()
+}
+
+/// `isolation log` (the text form), whitespace squeezed.
+fn log_text(store: &Path, since: u64) -> Vec<String> {
+    iso("log", store, &["--since", &since.to_string()])
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+fn commit(store: &Path, upto: Option<u64>) -> String {
+    let n = upto.map(|n| n.to_string());
+    let extra: Vec<&str> = match &n {
+        Some(n) => vec!["--upto", n],
+        None => vec![],
+    };
+    let out = iso("commit", store, &extra);
+    assert!(out.contains("committed up to change"), "commit said: {out}");
+    out
+}
+
+fn discard(store: &Path, after: Option<u64>) -> String {
+    let n = after.map(|n| n.to_string());
+    let extra: Vec<&str> = match &n {
+        Some(n) => vec!["--after", n],
+        None => vec![],
+    };
+    let out = iso("discard", store, &extra);
+    assert!(out.contains("discarded"), "discard said: {out}");
+    out
+}
+
+/// The data regions of a file, by SEEK_DATA/SEEK_HOLE.
+fn data_regions(f: &File) -> Vec<(u64, u64)> {
+    let size = f.metadata().unwrap().len();
+    let fd = f.as_raw_fd();
+    let mut out = Vec::new();
+    let mut off = 0u64;
+    while off < size {
+        // SAFETY: lseek on a descriptor we own.
+        let d = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+        if d < 0 {
+            let e = std::io::Error::last_os_error();
+            assert_eq!(e.raw_os_error(), Some(libc::ENXIO), "SEEK_DATA: {e}");
+            break;
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        assert!(h > d, "SEEK_HOLE from {d}: {h}");
+        out.push((d as u64, h as u64));
+        off = h as u64;
+    }
+    out
+}
+
+/// Everything about a tree that a change to it would alter: for every object, the root
+/// included, its path, type, mode, owner, link count, inode number, size, blocks, mtime and
+/// ctime (ns), symlink target, xattrs, and for files the data regions and a hash of their
+/// bytes (cheap for a huge sparse file). Access times are left out: reading sets them.
+fn fingerprint(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fingerprint_into(root, Path::new(""), &mut out);
+    out
+}
+
+fn fingerprint_into(root: &Path, rel: &Path, out: &mut Vec<String>) {
+    let full = root.join(rel);
+    let md = fs::symlink_metadata(&full).unwrap();
+    let mut line = format!(
+        "/{} mode={:o} owner={}:{} nlink={} ino={} size={} blocks={} mtime={}.{:09} ctime={}.{:09}",
+        esc(rel.as_os_str().as_encoded_bytes()),
+        md.mode(),
+        md.uid(),
+        md.gid(),
+        md.nlink(),
+        md.ino(),
+        md.size(),
+        md.blocks(),
+        md.mtime(),
+        md.mtime_nsec(),
+        md.ctime(),
+        md.ctime_nsec()
+    );
+    if md.file_type().is_symlink() {
+        line += &format!(" -> {}", fs::read_link(&full).unwrap().display());
+    }
+    if md.is_file() {
+        let f = File::open(&full).unwrap();
+        let regions = data_regions(&f);
+        let mut h = std::hash::DefaultHasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for &(a, b) in &regions {
+            let mut off = a;
+            while off < b {
+                let n = ((b - off) as usize).min(buf.len());
+                f.read_exact_at(&mut buf[..n], off).unwrap();
+                h.write(&buf[..n]);
+                off += n as u64;
+            }
+        }
+        line += &format!(" regions={regions:?} hash={:016x}", h.finish());
+    }
+    for (name, value) in xattrs(&full) {
+        line += &format!(" xattr:{}={}", esc(&name), esc(&value));
+    }
+    out.push(line);
+    if md.is_dir() {
+        let mut names: Vec<_> = fs::read_dir(&full)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        for n in names {
+            fingerprint_into(root, &rel.join(n), out);
+        }
+    }
+}
+
+/// Asserts `backing` is exactly as fingerprinted before.
+fn assert_untouched(backing: &Path, before: &[String], when: &str) {
+    assert_same(
+        &format!("the backing directory {when}"),
+        "before",
+        before,
+        "now",
+        &fingerprint(backing),
+    );
+}
+
+/// Inode number and mtime (ns) of every object under `root` (root included).
+fn inodes_and_times(root: &Path) -> (Vec<String>, Vec<String>) {
+    let mut inos = Vec::new();
+    let mut times = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let md = fs::symlink_metadata(root.join(&rel)).unwrap();
+        let name = esc(rel.as_os_str().as_encoded_bytes());
+        inos.push(format!("/{name} ino={}", md.ino()));
+        times.push(format!(
+            "/{name} mtime={}.{:09}",
+            md.mtime(),
+            md.mtime_nsec()
+        ));
+        if md.is_dir() {
+            for e in fs::read_dir(root.join(&rel)).unwrap() {
+                stack.push(rel.join(e.unwrap().file_name()));
+            }
+        }
+    }
+    inos.sort();
+    times.sort();
+    (inos, times)
+}
+
+/// Runs `interpose fs mount BACKING MNT --isolate STORE`, which must fail before its
+/// readiness line; returns its stderr.
+fn mount_fails(backing: &Path, mnt: &Path, store: &Path) -> String {
+    let mut child = Command::new(bin())
+        .args(["fs", "mount"])
+        .arg(backing)
+        .arg(mnt)
+        .arg("--isolate")
+        .arg(store)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(child.stdout.take().unwrap()).lines().next();
+    if let Some(Ok(line)) = &first {
+        if line.starts_with("mounted ") {
+            signal(&child, libc::SIGTERM);
+            if wait_timeout(&mut child, std::time::Duration::from_secs(10)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if is_mounted(mnt) {
+                let _ = Command::new("umount").arg("-l").arg(mnt).status();
+            }
+            panic!(
+                "mount of {} with store {} succeeded where it must fail",
+                backing.display(),
+                store.display()
+            );
+        }
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "mount exited with {status} without mounting (stdout {first:?}); stderr:\n{err}"
+    );
+    assert!(
+        !is_mounted(mnt),
+        "{} mounted after a failed mount",
+        mnt.display()
+    );
+    err
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .rotate_left(seed as u32 % 32) as u8
+                ^ seed
+        })
+        .collect()
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+fn read_str(p: &Path) -> String {
+    String::from_utf8(read(p)).unwrap()
+}
+
+fn mode_of(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().mode() & 0o7777
+}
+
+// ---------------------------------------------------------------------------------------
+// Real programs
+
+const GIT_ORIGIN: &str = r#"
+set -eu
+g() { git -c user.name=Tester -c user.email=tester@example.invalid -c init.defaultBranch=main "$@"; }
+g init -q origin
+cd origin
+mkdir -p src/sub docs
+printf 'int main(void) { return 0; }\n' > src/main.c
+printf 'one\n' > src/sub/a.txt
+printf '# Readme\n' > docs/README.md
+printf '#!/bin/sh\necho run\n' > run.sh
+chmod +x run.sh
+ln -s docs/README.md README
+g add -A
+g commit -q -m first
+g tag first
+printf 'two\n' > src/sub/a.txt
+g mv docs/README.md docs/GUIDE.md
+ln -sfn docs/GUIDE.md README
+seq 1 40000 > numbers.txt
+g rm -q run.sh
+g add -A
+g commit -q -m second
+mkdir -p deep/a/b/c
+for i in $(seq 1 40); do echo "file $i" > deep/a/b/c/f$i; done
+g add -A
+g commit -q -m third
+"#;
+
+fn git(dir: &Path, home: &Path, args: &[&str]) -> String {
+    run(Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("LC_ALL", "C"))
+}
+
+#[test]
+fn git_clone_and_checkout_on_an_isolated_mount_then_commit() {
+    let plain = plain_dir("interpose-iso-git-");
+    let home = plain.path().join("home");
+    fs::create_dir(&home).unwrap();
+    run(Command::new("sh")
+        .arg("-c")
+        .arg(GIT_ORIGIN)
+        .current_dir(plain.path())
+        .env("HOME", &home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_DATE", "2020-01-02T03:04:05Z")
+        .env("GIT_COMMITTER_DATE", "2020-01-02T03:04:05Z"));
+    let origin = plain.path().join("origin");
+    let first = git(&origin, &home, &["rev-parse", "first"]);
+
+    let d = dirs();
+    fs::create_dir(d.backing.join("existing")).unwrap();
+    fs::write(d.backing.join("existing/notes.txt"), b"kept as is\n").unwrap();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+
+    git(&d.mnt, &home, &["clone", "-q", s(&origin), "repo"]);
+    let repo = d.mnt.join("repo");
+    assert_eq!(read_str(&repo.join("src/sub/a.txt")), "two\n");
+    assert!(repo.join("deep/a/b/c/f40").exists());
+    git(&repo, &home, &["checkout", "-q", "first"]);
+    assert_eq!(git(&repo, &home, &["rev-parse", "HEAD"]), first);
+    assert_eq!(
+        git(&repo, &home, &["status", "--porcelain"]),
+        "",
+        "git status after checkout of the first commit"
+    );
+    assert_eq!(read_str(&repo.join("src/sub/a.txt")), "one\n");
+    assert!(!repo.join("deep").exists(), "deep/ left after checkout");
+    assert!(!repo.join("numbers.txt").exists());
+    assert_eq!(
+        fs::read_link(repo.join("README")).unwrap(),
+        Path::new("docs/README.md")
+    );
+    assert_eq!(mode_of(&repo.join("run.sh")), 0o755);
+    git(
+        &repo,
+        &home,
+        &["fsck", "--full", "--strict", "--no-progress"],
+    );
+    // A branch with a commit made in the mount; gc packs and prunes (many renames and
+    // unlinks); then back to the first commit.
+    git(&repo, &home, &["checkout", "-q", "-b", "work", "main"]);
+    fs::write(repo.join("src/sub/a.txt"), "three\n").unwrap();
+    let id = ["-c", "user.name=T", "-c", "user.email=t@example.invalid"];
+    git(
+        &repo,
+        &home,
+        &[&id[..], &["commit", "-q", "-am", "in the mount"]].concat(),
+    );
+    let work = git(&repo, &home, &["rev-parse", "HEAD"]);
+    git(&repo, &home, &["gc", "-q", "--prune=now"]);
+    let counts = git(&repo, &home, &["count-objects", "-v"]);
+    assert!(
+        counts.starts_with("count: 0\n"),
+        "loose objects after gc:\n{counts}"
+    );
+    git(
+        &repo,
+        &home,
+        &["fsck", "--full", "--strict", "--no-progress"],
+    );
+    git(&repo, &home, &["checkout", "-q", "first"]);
+    assert_eq!(git(&repo, &home, &["rev-parse", "HEAD"]), first);
+    assert_eq!(git(&repo, &home, &["status", "--porcelain"]), "");
+    assert_eq!(read_str(&repo.join("src/sub/a.txt")), "one\n");
+    assert_untouched(
+        &d.backing,
+        &before,
+        "after git clone, checkout, commit and gc",
+    );
+
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "git repo after commit",
+        "the view before commit",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    assert_same(
+        "git repo after commit",
+        "the view before commit",
+        &view,
+        "the view after commit",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    let st = status(&d.store);
+    assert_eq!(num(&st, "pending_changes"), 0, "{st:#}");
+    m.stop();
+    let brepo = d.backing.join("repo");
+    assert_eq!(git(&brepo, &home, &["rev-parse", "HEAD"]), first);
+    assert_eq!(git(&brepo, &home, &["rev-parse", "work"]), work);
+    assert_eq!(
+        git(&brepo, &home, &["show", "work:src/sub/a.txt"]),
+        "three\n"
+    );
+    assert_eq!(
+        git(&brepo, &home, &["status", "--porcelain"]),
+        "",
+        "git status in the committed backing directory"
+    );
+    git(
+        &brepo,
+        &home,
+        &["fsck", "--full", "--strict", "--no-progress"],
+    );
+    assert_eq!(read(&d.backing.join("existing/notes.txt")), b"kept as is\n");
+}
+
+/// Runs the sqlite3 shell on `db` with `sql` on stdin.
+fn sqlite(db: &Path, sql: &str) -> String {
+    let mut child = Command::new("sqlite3")
+        .arg("-batch")
+        .arg("-bail")
+        .arg(db)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "sqlite3 {}: {}",
+        db.display(),
+        describe(&out)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const SQL_SETUP: &str = "
+PRAGMA journal_mode=WAL;
+CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER NOT NULL);
+WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000)
+  INSERT INTO t SELECT x, printf('orig-%d', x), x FROM c;
+PRAGMA wal_checkpoint(TRUNCATE);
+";
+
+const SQL_WORK: &str = "
+PRAGMA journal_mode;
+PRAGMA mmap_size=67108864;
+BEGIN;
+WITH RECURSIVE c(x) AS (SELECT 1001 UNION ALL SELECT x + 1 FROM c WHERE x < 4000)
+  INSERT INTO t SELECT x, printf('row-%d', x), x * x FROM c;
+COMMIT;
+BEGIN;
+UPDATE t SET v = v || '-updated' WHERE id % 7 = 0;
+DELETE FROM t WHERE id % 11 = 0;
+COMMIT;
+BEGIN;
+INSERT INTO t VALUES (99999, 'rolled back', 0);
+ROLLBACK;
+CREATE INDEX t_v ON t(v);
+PRAGMA integrity_check;
+";
+
+const SQL_MORE: &str = "
+BEGIN;
+INSERT INTO t VALUES (100000, 'after remount', 7);
+UPDATE t SET n = n + 1 WHERE id % 3 = 0;
+COMMIT;
+PRAGMA integrity_check;
+";
+
+const SQL_CHECK: &str = "
+PRAGMA journal_mode;
+PRAGMA integrity_check;
+SELECT count(*), sum(n), sum(length(v)), max(id) FROM t;
+SELECT id, v, n FROM t WHERE id % 500 = 1 ORDER BY id;
+";
+
+#[test]
+fn sqlite_wal_on_an_isolated_mount_survives_remount_then_commit() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("db")).unwrap();
+    let setup = sqlite(&d.backing.join("db/app.db"), SQL_SETUP);
+    assert_eq!(setup, "wal\n0|0|0\n");
+    let plain = plain_dir("interpose-iso-sqlite-");
+    let plain_summary = run(Command::new(python())
+        .arg(script("sqlite_wal.py"))
+        .arg(plain.path().join("concurrent.db")));
+    let before = fingerprint(&d.backing);
+
+    let m = d.mount();
+    let db = d.mnt.join("db/app.db");
+    let orig = sqlite(&db, SQL_CHECK);
+    assert!(orig.contains("\n1000|500500|"), "{orig}");
+    let work = sqlite(&db, SQL_WORK);
+    assert_eq!(work, "wal\n67108864\nok\n", "sqlite3 session on the mount");
+    let after_work = sqlite(&db, SQL_CHECK);
+    assert!(
+        after_work.starts_with("wal\nok\n") && after_work.contains("|4000\n"),
+        "{after_work}"
+    );
+    let concurrent = run(Command::new(python())
+        .arg(script("sqlite_wal.py"))
+        .arg(d.mnt.join("db/concurrent.db")));
+    assert_eq!(
+        concurrent, plain_summary,
+        "sqlite_wal.py on the mount vs plain"
+    );
+    assert_untouched(&d.backing, &before, "after sqlite3 on the mount");
+    m.stop();
+
+    // Reopened after a remount: the same database, and it takes more transactions.
+    let m = d.mount();
+    assert_eq!(
+        sqlite(&db, SQL_CHECK),
+        after_work,
+        "the database after remount"
+    );
+    assert_eq!(sqlite(&db, SQL_MORE), "ok\n");
+    let final_check = sqlite(&db, SQL_CHECK);
+    assert!(final_check.contains("|100000\n"), "{final_check}");
+    assert_untouched(&d.backing, &before, "after remount and more sqlite3");
+
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "sqlite after commit",
+        "the view before commit",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+    assert_eq!(
+        sqlite(&d.backing.join("db/app.db"), SQL_CHECK),
+        final_check,
+        "the committed database read from the backing directory"
+    );
+    let c = sqlite(
+        &d.backing.join("db/concurrent.db"),
+        "PRAGMA integrity_check; SELECT count(*) FROM t;",
+    );
+    let rows: Value = serde_json::from_str(&plain_summary).unwrap();
+    assert_eq!(c, format!("ok\n{}\n", rows["rows"]));
+}
+
+/// A database that stays open (a writer and a reader holding a snapshot) while the store
+/// is committed under it, whole and in part, six times.
+#[test]
+fn sqlite_stays_open_and_consistent_across_mounted_commits() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("db")).unwrap();
+    let m = d.mount();
+    let out = run(Command::new(python())
+        .arg(script("iso_sqlite_commit.py"))
+        .arg(d.mnt.join("db/live.db"))
+        .arg(&d.store)
+        .arg(bin()));
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(
+        (
+            v["commits"].as_u64(),
+            v["rows"].as_u64(),
+            v["sum_round"].as_u64()
+        ),
+        (Some(6), Some(6 * 400 + 3), Some(400 * 15 + 9)),
+        "{v}"
+    );
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "sqlite after the last commit",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+    assert_eq!(
+        sqlite(
+            &d.backing.join("db/live.db"),
+            "PRAGMA integrity_check; SELECT count(*), sum(round), sum(length(v)) FROM t;"
+        ),
+        format!("ok\n{}|{}|{}\n", v["rows"], v["sum_round"], v["sum_len"]),
+        "the committed database, read from the backing directory"
+    );
+}
+
+#[test]
+fn rm_rf_of_a_large_tree_is_isolated_until_commit() {
+    let d = dirs();
+    let (dirs_n, files_n) = (30, 50);
+    for i in 0..dirs_n {
+        let dir = d.backing.join(format!("tree/d{i}/sub"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..files_n {
+            fs::write(
+                d.backing.join(format!("tree/d{i}/f{j}")),
+                format!("{i}/{j}\n"),
+            )
+            .unwrap();
+            fs::write(dir.join(format!("g{j}")), b"x").unwrap();
+        }
+    }
+    fs::write(d.backing.join("keep.txt"), b"keep\n").unwrap();
+    let files = dirs_n * files_n * 2;
+    let dirs_total = dirs_n * 2 + 1;
+    let before = fingerprint(&d.backing);
+    assert_eq!(before.len(), 1 + 1 + files + dirs_total);
+
+    let m = d.mount();
+    run(Command::new("rm").arg("-rf").arg(d.mnt.join("tree")));
+    assert!(!d.mnt.join("tree").exists(), "tree still on the mount");
+    assert_eq!(
+        fs::read_dir(&d.mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>(),
+        vec!["keep.txt"]
+    );
+    assert_untouched(&d.backing, &before, "after rm -rf on the mount");
+    let st = status(&d.store);
+    let changes = (files + dirs_total) as u64;
+    assert_eq!(
+        status_summary(&st),
+        format!(
+            "last_seq={changes} committed_upto=0 pending_changes={changes} files={changes} data_bytes=0 interrupted_commit=null mounted=true"
+        )
+    );
+    let log = log_json(&d.store, 0);
+    let count = |op: &str| {
+        log.iter()
+            .filter(|l| l.split(' ').nth(1) == Some(op))
+            .count()
+    };
+    assert_eq!(
+        (count("unlink"), count("rmdir"), log.len()),
+        (files, dirs_total, changes as usize)
+    );
+    assert_eq!(log.last().unwrap(), &format!("{changes} rmdir tree"));
+
+    commit(&d.store, None);
+    assert!(
+        !d.backing.join("tree").exists(),
+        "tree still in backing after commit"
+    );
+    assert_eq!(read(&d.backing.join("keep.txt")), b"keep\n");
+    assert!(
+        !d.mnt.join("tree").exists(),
+        "tree back on the mount after commit"
+    );
+    let before_commit = st;
+    let st = status(&d.store);
+    assert_eq!(
+        status_summary(&st),
+        format!(
+            "last_seq={changes} committed_upto={changes} pending_changes=0 files=0 data_bytes=0 interrupted_commit=null mounted=true"
+        )
+    );
+    assert!(
+        num(&st, "store_bytes") + 100_000 < num(&before_commit, "store_bytes"),
+        "the store did not shrink by the committed journal: {before_commit:#} -> {st:#}"
+    );
+    m.stop();
+}
+
+const MAKEFILE: &str = "CC = gcc
+CFLAGS = -O0 -Wall -Werror
+app: main.o greet.o
+\t$(CC) -o app main.o greet.o
+%.o: %.c greet.h
+\t$(CC) $(CFLAGS) -c -o $@ $<
+";
+
+#[test]
+fn make_and_gcc_build_on_an_isolated_mount_then_commit() {
+    let d = dirs();
+    let proj = d.backing.join("proj");
+    fs::create_dir(&proj).unwrap();
+    fs::write(proj.join("Makefile"), MAKEFILE).unwrap();
+    fs::write(proj.join("greet.h"), "const char *greet(void);\n").unwrap();
+    fs::write(
+        proj.join("main.c"),
+        "#include <stdio.h>\n#include \"greet.h\"\nint main(void) { printf(\"%s\\n\", greet()); return 0; }\n",
+    )
+    .unwrap();
+    fs::write(
+        proj.join("greet.c"),
+        "#include \"greet.h\"\nconst char *greet(void) { return \"hello, version 1\"; }\n",
+    )
+    .unwrap();
+    let before = fingerprint(&d.backing);
+
+    let m = d.mount();
+    let mproj = d.mnt.join("proj");
+    let out = run(Command::new("make")
+        .arg("--no-print-directory")
+        .current_dir(&mproj));
+    assert!(out.contains("main.c") && out.contains("greet.c"), "{out}");
+    assert_eq!(
+        run(&mut Command::new(mproj.join("app"))),
+        "hello, version 1\n"
+    );
+    // Edit a source through the mount: make rebuilds only what depends on it.
+    fs::write(
+        mproj.join("greet.c"),
+        "#include \"greet.h\"\nconst char *greet(void) { return \"hello, version 2\"; }\n",
+    )
+    .unwrap();
+    let out = run(Command::new("make")
+        .arg("--no-print-directory")
+        .current_dir(&mproj));
+    assert!(
+        out.contains("greet.c") && !out.contains("main.c"),
+        "second make:\n{out}"
+    );
+    assert_eq!(
+        run(&mut Command::new(mproj.join("app"))),
+        "hello, version 2\n"
+    );
+    let out = run(Command::new("make")
+        .arg("--no-print-directory")
+        .current_dir(&mproj));
+    assert!(out.contains("is up to date"), "third make:\n{out}");
+    assert_untouched(&d.backing, &before, "after the build on the mount");
+    assert!(!proj.join("app").exists());
+
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "the build after commit",
+        "the view before commit",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+    assert_eq!(
+        run(&mut Command::new(proj.join("app"))),
+        "hello, version 2\n"
+    );
+    assert_eq!(mode_of(&proj.join("app")) & 0o111, 0o111);
+}
+
+// ---------------------------------------------------------------------------------------
+// Sparse files
+
+fn seek_report(file: &Path, offsets: &[u64]) -> Value {
+    let out = run(Command::new(python())
+        .arg(script("iso_seek.py"))
+        .arg(file)
+        .args(offsets.iter().map(u64::to_string)));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("iso_seek.py: {e}:\n{out}"))
+}
+
+fn regions_of(v: &Value) -> Vec<(u64, u64)> {
+    v["regions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect()
+}
+
+/// Adds [a, b) to sorted, disjoint regions, merging.
+fn with_region(mut rs: Vec<(u64, u64)>, a: u64, b: u64) -> Vec<(u64, u64)> {
+    rs.push((a, b));
+    rs.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (x, y) in rs {
+        match out.last_mut() {
+            Some(last) if x <= last.1 => last.1 = last.1.max(y),
+            _ => out.push((x, y)),
+        }
+    }
+    out
+}
+
+/// What SEEK_DATA and SEEK_HOLE from each offset answer for a file of `size` bytes with
+/// data in `regions`, as iso_seek.py reports it.
+fn expected_probes(regions: &[(u64, u64)], size: u64, offsets: &[u64]) -> Value {
+    let mut out = serde_json::Map::new();
+    for &o in offsets {
+        let answer = if o >= size {
+            serde_json::json!(["ENXIO", "ENXIO"])
+        } else {
+            let data = regions
+                .iter()
+                .find(|r| r.1 > o)
+                .map(|r| serde_json::json!(r.0.max(o)))
+                .unwrap_or_else(|| serde_json::json!("ENXIO"));
+            let hole = match regions.iter().find(|r| r.0 <= o && o < r.1) {
+                Some(r) => r.1,
+                None => o,
+            };
+            serde_json::json!([data, hole])
+        };
+        out.insert(o.to_string(), answer);
+    }
+    Value::Object(out)
+}
+
+/// Removes [a, b) from sorted, disjoint regions.
+fn without_region(rs: Vec<(u64, u64)>, a: u64, b: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for (x, y) in rs {
+        if x < a {
+            out.push((x, y.min(a)));
+        }
+        if y > b {
+            out.push((x.max(b), y));
+        }
+    }
+    out
+}
+
+fn read_at(p: &Path, off: u64, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    File::open(p).unwrap().read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+#[test]
+fn one_byte_written_into_a_10_gib_sparse_file_costs_one_block() {
+    const SIZE: u64 = 10 << 30;
+    const AT: u64 = 5_000_000_000;
+    const HIGH: u64 = 8 << 30;
+    let block = AT / 4096 * 4096;
+    let d = dirs();
+    let big = d.backing.join("big");
+    let f = File::create(&big).unwrap();
+    f.set_len(SIZE).unwrap();
+    f.write_all_at(&pattern(4096, 1), 0).unwrap();
+    f.write_all_at(&pattern(4096, 2), HIGH).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let probes = [
+        0,
+        4096,
+        block - 1,
+        AT,
+        block + 4096,
+        HIGH - 1,
+        HIGH,
+        SIZE - 1,
+        SIZE,
+        SIZE + 4096,
+    ];
+    let backing_seek = seek_report(&big, &probes);
+    let backing_regions = regions_of(&backing_seek);
+    assert_eq!(backing_regions.first().map(|r| r.0), Some(0));
+    assert!(
+        backing_regions
+            .iter()
+            .all(|r| r.1 <= block || r.0 >= block + 4096),
+        "the backing file has data near {AT}: {backing_regions:?}"
+    );
+    let before = fingerprint(&d.backing);
+
+    let m = d.mount();
+    let mbig = d.mnt.join("big");
+    assert_eq!(
+        seek_report(&mbig, &probes),
+        backing_seek,
+        "SEEK_DATA/SEEK_HOLE through the mount before the write"
+    );
+    let s0 = status(&d.store);
+    let f = OpenOptions::new().write(true).open(&mbig).unwrap();
+    f.write_all_at(&[0xAB], AT).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let s1 = status(&d.store);
+    let data_growth = num(&s1, "data_bytes") - num(&s0, "data_bytes");
+    let store_growth = num(&s1, "store_bytes").saturating_sub(num(&s0, "store_bytes"));
+    assert!(
+        (1..=2 * 4096).contains(&data_growth),
+        "data_bytes grew by {data_growth} for a one-byte write: {s0:#} -> {s1:#}"
+    );
+    assert!(
+        store_growth <= 4 * 4096,
+        "store_bytes grew by {store_growth} for a one-byte write: {s0:#} -> {s1:#}"
+    );
+    assert_eq!(fs::metadata(&mbig).unwrap().len(), SIZE);
+
+    let mut around = [0u8; 3];
+    File::open(&mbig)
+        .unwrap()
+        .read_exact_at(&mut around, AT - 1)
+        .unwrap();
+    assert_eq!(around, [0, 0xAB, 0], "bytes around the write, read back");
+    let want_regions = with_region(backing_regions.clone(), block, block + 4096);
+    let after = seek_report(&mbig, &probes);
+    assert_eq!(
+        regions_of(&after),
+        want_regions,
+        "data regions through the mount"
+    );
+    assert_eq!(after["bytes"][AT.to_string()], 0xAB);
+    assert_eq!(after["bytes"][(SIZE - 1).to_string()], 0);
+    assert_eq!(
+        after["probes"][(block - 1).to_string()],
+        serde_json::json!([block, block - 1]),
+        "SEEK_DATA/SEEK_HOLE just before the written block"
+    );
+    assert_eq!(
+        after["probes"],
+        expected_probes(&want_regions, SIZE, &probes),
+        "SEEK_DATA/SEEK_HOLE probes through the mount after the write"
+    );
+    assert_eq!(
+        after["probes"][AT.to_string()],
+        serde_json::json!([AT, block + 4096]),
+        "SEEK_DATA/SEEK_HOLE inside the written block"
+    );
+    assert_untouched(&d.backing, &before, "after a write into the sparse file");
+
+    // A hole punched where the backing file has data, and a new sparse file.
+    let f = OpenOptions::new().write(true).open(&mbig).unwrap();
+    // SAFETY: fallocate(2) on a descriptor we own.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "punching a hole: {}",
+        std::io::Error::last_os_error()
+    );
+    drop(f);
+    let want_regions = without_region(want_regions, 0, 4096);
+    let punched = seek_report(&mbig, &probes);
+    assert_eq!(
+        regions_of(&punched),
+        want_regions,
+        "data regions through the mount after punching out the first block"
+    );
+    assert_eq!(
+        punched["probes"],
+        expected_probes(&want_regions, SIZE, &probes),
+        "SEEK_DATA/SEEK_HOLE probes through the mount after punching a hole"
+    );
+    assert_eq!(read_at(&mbig, 0, 4096), vec![0; 4096]);
+    assert_eq!(read_at(&mbig, HIGH, 4096), pattern(4096, 2));
+    const FRESH_AT: u64 = (100 << 20) + 10;
+    let fresh = d.mnt.join("fresh");
+    let f = File::create(&fresh).unwrap();
+    f.set_len(1 << 30).unwrap();
+    f.write_all_at(b"fresh", FRESH_AT).unwrap();
+    drop(f);
+    let fresh_regions = vec![(100 << 20, (100 << 20) + 4096)];
+    assert_eq!(
+        regions_of(&seek_report(&fresh, &[])),
+        fresh_regions,
+        "data regions of a new sparse file through the mount"
+    );
+    assert_untouched(&d.backing, &before, "after punching a hole");
+
+    commit(&d.store, None);
+    m.stop();
+    let committed = seek_report(&d.backing.join("fresh"), &[FRESH_AT]);
+    assert_eq!(committed["size"], 1u64 << 30);
+    assert_eq!(committed["bytes"][FRESH_AT.to_string()], b'f');
+    assert_eq!(
+        regions_of(&committed),
+        fresh_regions,
+        "data regions of the committed new file"
+    );
+    let committed = seek_report(&big, &probes);
+    assert_eq!(committed["bytes"][AT.to_string()], 0xAB);
+    assert_eq!(committed["size"], SIZE);
+    assert_eq!(
+        regions_of(&committed),
+        want_regions,
+        "data regions of the committed file"
+    );
+    assert_eq!(
+        committed["probes"],
+        expected_probes(&want_regions, SIZE, &probes),
+        "SEEK_DATA/SEEK_HOLE probes of the committed file"
+    );
+    let blocks = fs::metadata(&big).unwrap().blocks() * 512;
+    assert!(
+        blocks < 1 << 20,
+        "the committed file takes {blocks} bytes: no longer sparse"
+    );
+    let st = status(&d.store);
+    assert_eq!(num(&st, "data_bytes"), 0, "{st:#}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Status, log, commit --upto, discard --after
+
+/// The backing tree the known sequence starts from.
+fn known_backing(backing: &Path) {
+    fs::write(backing.join("a.txt"), b"alpha\n").unwrap();
+    fs::create_dir(backing.join("keep")).unwrap();
+    fs::write(backing.join("keep/k"), b"kay\n").unwrap();
+    fs::write(backing.join("keep/other"), b"other, as in backing\n").unwrap();
+    fs::write(backing.join("gone.txt"), b"gone\n").unwrap();
+}
+
+/// What the known sequence records, as [`log_json`] shows it.
+const KNOWN_LOG: &[&str] = &[
+    "1 create n1 kind=file",
+    "2 data n1 size=4 bytes=4096",
+    "3 data a.txt size=0 bytes=0",
+    "4 data a.txt size=14 bytes=4096",
+    "5 create d kind=dir",
+    "6 rename n1 -> d/n1",
+    "7 unlink keep/k",
+    "8 setattr a.txt",
+    "9 setxattr d",
+    "10 create d/link kind=symlink",
+    "11 link a.txt -> d/a-link",
+    "12 data keep/other size=0 bytes=0",
+    "13 data keep/other size=8 bytes=4096",
+    "14 unlink gone.txt",
+    "15 create n2 kind=file",
+    "16 data n2 size=4 bytes=4096",
+    "17 setattr keep",
+];
+
+/// The same, as the text log shows it.
+const KNOWN_TEXT_LOG: &[&str] = &[
+    "1 create /n1",
+    "2 data /n1 (size 4, 4096 bytes of blocks)",
+    "3 data /a.txt (size 0, 0 bytes of blocks)",
+    "4 data /a.txt (size 14, 4096 bytes of blocks)",
+    "5 mkdir /d",
+    "6 rename /n1 -> /d/n1",
+    "7 unlink /keep/k",
+    "8 setattr /a.txt",
+    "9 setxattr /d",
+    "10 symlink /d/link",
+    "11 link /a.txt -> /d/a-link",
+    "12 data /keep/other (size 0, 0 bytes of blocks)",
+    "13 data /keep/other (size 8, 4096 bytes of blocks)",
+    "14 unlink /gone.txt",
+    "15 create /n2",
+    "16 data /n2 (size 4, 4096 bytes of blocks)",
+    "17 setattr /keep",
+];
+
+/// The views after changes 6 and 9 and 17 (manifests without mtimes).
+struct Snapshots {
+    at6: Vec<String>,
+    at9: Vec<String>,
+    at17: Vec<String>,
+}
+
+/// Makes the 17 changes of [`KNOWN_LOG`] through `mnt`, checking the sequence number after
+/// each step, and reads some files (so the kernel caches them).
+fn known_sequence(mnt: &Path, store: &Path) -> Snapshots {
+    let last = || num(&status(store), "last_seq");
+    fs::write(mnt.join("n1"), b"one\n").unwrap();
+    assert_eq!(last(), 2);
+    fs::write(mnt.join("a.txt"), b"ALPHA CHANGED\n").unwrap();
+    assert_eq!(last(), 4);
+    fs::create_dir(mnt.join("d")).unwrap();
+    fs::rename(mnt.join("n1"), mnt.join("d/n1")).unwrap();
+    assert_eq!(last(), 6);
+    let at6 = manifest(mnt, NO_MTIME);
+    fs::remove_file(mnt.join("keep/k")).unwrap();
+    fs::set_permissions(mnt.join("a.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    set_xattr(&mnt.join("d"), "user.color", b"blue");
+    assert_eq!(last(), 9);
+    let at9 = manifest(mnt, NO_MTIME);
+    symlink("../a.txt", mnt.join("d/link")).unwrap();
+    fs::hard_link(mnt.join("a.txt"), mnt.join("d/a-link")).unwrap();
+    fs::write(mnt.join("keep/other"), b"changed\n").unwrap();
+    fs::remove_file(mnt.join("gone.txt")).unwrap();
+    fs::write(mnt.join("n2"), b"two\n").unwrap();
+    fs::set_permissions(mnt.join("keep"), fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(last(), 17);
+    let at17 = manifest(mnt, NO_MTIME);
+    // Into the kernel's caches: contents, attributes, names and an absent name.
+    assert_eq!(read(&mnt.join("keep/other")), b"changed\n");
+    assert_eq!(read(&mnt.join("n2")), b"two\n");
+    assert_eq!(read(&mnt.join("d/a-link")), b"ALPHA CHANGED\n");
+    assert!(!mnt.join("gone.txt").exists());
+    assert_eq!(fs::metadata(mnt.join("a.txt")).unwrap().nlink(), 2);
+    Snapshots { at6, at9, at17 }
+}
+
+fn check_known_log_and_status(store: &Path, mounted: bool) {
+    let want: Vec<String> = KNOWN_LOG.iter().map(|l| l.to_string()).collect();
+    assert_same("log --json", "expected", &want, "got", &log_json(store, 0));
+    assert_eq!(log_json(store, 0), want, "log --json order");
+    assert_eq!(
+        log_json(store, 14),
+        want[14..].to_vec(),
+        "log --json --since 14"
+    );
+    assert_eq!(log_json(store, 17), Vec::<String>::new(), "log --since 17");
+    let text: Vec<String> = KNOWN_TEXT_LOG.iter().map(|l| l.to_string()).collect();
+    assert_eq!(log_text(store, 0), text, "the text log");
+    assert_eq!(
+        log_text(store, 10),
+        text[10..].to_vec(),
+        "the text log --since 10"
+    );
+    // Paths with pending changes: n1 a.txt d keep/k d/link keep/other gone.txt n2 keep.
+    let st = status(store);
+    assert_eq!(
+        status_summary(&st),
+        format!(
+            "last_seq=17 committed_upto=0 pending_changes=17 files=9 data_bytes=16384 interrupted_commit=null mounted={mounted}"
+        )
+    );
+    assert!(num(&st, "store_bytes") >= 16384, "{st:#}");
+}
+
+/// After commit --upto 6 the backing directory is the view as it was after change 6.
+fn check_backing_at6(backing: &Path, at6: &[String]) {
+    assert_same(
+        "commit --upto 6",
+        "the view after change 6",
+        at6,
+        "backing",
+        &manifest(backing, NO_MTIME),
+    );
+    assert_eq!(read(&backing.join("d/n1")), b"one\n");
+    assert_eq!(read(&backing.join("a.txt")), b"ALPHA CHANGED\n");
+    assert_eq!(mode_of(&backing.join("a.txt")), 0o644);
+    assert_eq!(read(&backing.join("keep/k")), b"kay\n");
+    assert!(!backing.join("n1").exists());
+}
+
+fn check_view_at9(mnt: &Path, at9: &[String]) {
+    assert_eq!(
+        read(&mnt.join("keep/other")),
+        b"other, as in backing\n",
+        "keep/other read right after discard (its changed contents were cached)"
+    );
+    assert_eq!(fs::metadata(mnt.join("keep/other")).unwrap().len(), 21);
+    assert!(
+        mnt.join("gone.txt").exists(),
+        "gone.txt not back after discard"
+    );
+    assert_eq!(read(&mnt.join("gone.txt")), b"gone\n");
+    assert!(!mnt.join("n2").exists(), "n2 still there after discard");
+    assert!(
+        fs::symlink_metadata(mnt.join("d/link")).is_err(),
+        "d/link still there after discard"
+    );
+    assert!(
+        !mnt.join("d/a-link").exists(),
+        "d/a-link still there after discard"
+    );
+    assert_eq!(fs::metadata(mnt.join("a.txt")).unwrap().nlink(), 1);
+    assert_eq!(mode_of(&mnt.join("keep")), 0o755);
+    assert_eq!(mode_of(&mnt.join("a.txt")), 0o600);
+    assert_eq!(read(&mnt.join("d/n1")), b"one\n");
+    assert!(!mnt.join("keep/k").exists());
+    assert_same(
+        "discard --after 9",
+        "the view after change 9",
+        at9,
+        "the view after discard",
+        &manifest(mnt, NO_MTIME),
+    );
+}
+
+#[test]
+fn status_log_commit_upto_and_discard_after_on_a_mounted_store() {
+    let d = dirs();
+    known_backing(&d.backing);
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    let st = status(&d.store);
+    assert_eq!(
+        status_summary(&st),
+        "last_seq=0 committed_upto=0 pending_changes=0 files=0 data_bytes=0 interrupted_commit=null mounted=true"
+    );
+    let snaps = known_sequence(&d.mnt, &d.store);
+    check_known_log_and_status(&d.store, true);
+    assert_untouched(&d.backing, &before, "before commit");
+
+    // Out of range: nothing happens.
+    let err = iso_fails("commit", &d.store, &["--upto", "18"]);
+    assert!(err.contains("18"), "{err}");
+    let err = iso_fails("discard", &d.store, &["--after", "18"]);
+    assert!(err.contains("18"), "{err}");
+    assert_untouched(&d.backing, &before, "after refused commands");
+
+    // Descriptors held across the commit and the discard (read-write: not passthrough).
+    let rw = |p: &str| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.mnt.join(p))
+            .unwrap()
+    };
+    let (held_n1, held_other) = (rw("d/n1"), rw("keep/other"));
+    let read_held = |f: &File| {
+        let mut b = vec![0u8; 64];
+        let n = f.read_at(&mut b, 0).unwrap();
+        b.truncate(n);
+        b
+    };
+
+    let out = commit(&d.store, Some(6));
+    assert!(out.contains("11 changes pending"), "{out}");
+    check_backing_at6(&d.backing, &snaps.at6);
+    assert_eq!(
+        read_held(&held_n1),
+        b"one\n",
+        "a descriptor of d/n1 held across its commit"
+    );
+    assert_eq!(
+        read_held(&held_other),
+        b"changed\n",
+        "a descriptor held across the commit"
+    );
+    assert_same(
+        "commit --upto 6",
+        "the view before",
+        &snaps.at17,
+        "the view right after",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    assert_eq!(read(&d.mnt.join("keep/other")), b"changed\n");
+    let st = status(&d.store);
+    assert_eq!(
+        status_summary(&st),
+        "last_seq=17 committed_upto=6 pending_changes=11 files=8 data_bytes=8192 interrupted_commit=null mounted=true"
+    );
+    let want: Vec<String> = KNOWN_LOG[6..].iter().map(|l| l.to_string()).collect();
+    assert_eq!(log_json(&d.store, 0), want, "log after commit --upto 6");
+    let err = iso_fails("discard", &d.store, &["--after", "5"]);
+    assert!(err.contains('5'), "{err}");
+
+    let out = discard(&d.store, Some(9));
+    assert!(out.contains("3 changes pending"), "{out}");
+    check_view_at9(&d.mnt, &snaps.at9);
+    assert_eq!(
+        read_held(&held_other),
+        b"other, as in backing\n",
+        "a descriptor of keep/other held across the discard of its changes"
+    );
+    assert_eq!(read_held(&held_n1), b"one\n");
+    drop((held_n1, held_other));
+    let st = status(&d.store);
+    assert_eq!(
+        status_summary(&st),
+        "last_seq=9 committed_upto=6 pending_changes=3 files=3 data_bytes=0 interrupted_commit=null mounted=true"
+    );
+    check_backing_at6(&d.backing, &snaps.at6);
+
+    // New changes continue the numbering after the discard.
+    fs::write(d.mnt.join("n3"), b"three\n").unwrap();
+    assert_eq!(
+        log_json(&d.store, 9),
+        vec!["10 create n3 kind=file", "11 data n3 size=6 bytes=4096"]
+    );
+    // Everything else, committed: backing is the view.
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "commit of the rest",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    assert_eq!(get_xattr(&d.backing.join("d"), "user.color"), b"blue");
+    m.stop();
+}
+
+/// "The view after commit is the view before it", modification times included, for the
+/// objects whose changes stay pending; and a discard leaves the changes it keeps as they
+/// were.
+#[test]
+fn a_mounted_commit_or_discard_keeps_the_times_of_pending_changes() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("keep")).unwrap();
+    fs::write(d.backing.join("keep/k"), b"k\n").unwrap();
+    fs::write(d.backing.join("keep/other"), b"other\n").unwrap();
+    let m = d.mount();
+    fs::write(d.mnt.join("one"), b"1\n").unwrap();
+    fs::write(d.mnt.join("two"), b"2\n").unwrap();
+    fs::remove_file(d.mnt.join("keep/k")).unwrap();
+    fs::write(d.mnt.join("keep/other"), b"changed\n").unwrap();
+    assert_eq!(num(&status(&d.store), "last_seq"), 7);
+    let pending = ["two", "keep", "keep/other"];
+    let before = fresh_mtimes(&d.mnt, &pending);
+    commit(&d.store, Some(2));
+    let after = fresh_mtimes(&d.mnt, &pending);
+    let kept = ["two", "keep"];
+    let before_discard = fresh_mtimes(&d.mnt, &kept);
+    discard(&d.store, Some(5));
+    let after_discard = fresh_mtimes(&d.mnt, &kept);
+    m.stop();
+    assert_same(
+        "mtimes of objects with pending changes, across a mounted commit --upto 2",
+        "before",
+        &before,
+        "right after",
+        &after,
+    );
+    assert_same(
+        "mtimes of objects with kept changes, across a mounted discard --after 5",
+        "before",
+        &before_discard,
+        "right after",
+        &after_discard,
+    );
+}
+
+/// Modification times of `paths` under `root`, asked of the file system itself
+/// (AT_STATX_FORCE_SYNC: not from the kernel's attribute cache).
+fn fresh_mtimes(root: &Path, paths: &[&str]) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    paths
+        .iter()
+        .map(|p| {
+            let c = std::ffi::CString::new(root.join(p).as_os_str().as_bytes()).unwrap();
+            // SAFETY: a zeroed statx is a valid buffer for statx(2) to fill.
+            let mut st: libc::statx = unsafe { std::mem::zeroed() };
+            // SAFETY: a NUL-terminated path and a buffer of the right type.
+            let rc = unsafe {
+                libc::statx(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC,
+                    libc::STATX_MTIME,
+                    &mut st,
+                )
+            };
+            assert_eq!(rc, 0, "statx {p}: {}", std::io::Error::last_os_error());
+            format!(
+                "{p} mtime={}.{:09}",
+                st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec
+            )
+        })
+        .collect()
+}
+
+fn get_xattr(p: &Path, name: &str) -> Vec<u8> {
+    xattrs(p)
+        .remove(name.as_bytes())
+        .unwrap_or_else(|| panic!("no xattr {name} on {}", p.display()))
+}
+
+#[test]
+fn status_log_commit_upto_and_discard_after_on_an_unmounted_store() {
+    let d = dirs();
+    known_backing(&d.backing);
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    let snaps = known_sequence(&d.mnt, &d.store);
+    m.stop();
+    assert!(
+        !d.store.join("control.sock").exists(),
+        "control socket left after a clean unmount"
+    );
+    check_known_log_and_status(&d.store, false);
+    assert_untouched(&d.backing, &before, "before commit");
+
+    let out = commit(&d.store, Some(6));
+    assert!(out.contains("11 changes pending"), "{out}");
+    check_backing_at6(&d.backing, &snaps.at6);
+    let out = discard(&d.store, Some(9));
+    assert!(out.contains("3 changes pending"), "{out}");
+    let st = status(&d.store);
+    assert_eq!(
+        status_summary(&st),
+        "last_seq=9 committed_upto=6 pending_changes=3 files=3 data_bytes=0 interrupted_commit=null mounted=false"
+    );
+    let want: Vec<String> = KNOWN_LOG[6..9].iter().map(|l| l.to_string()).collect();
+    assert_eq!(log_json(&d.store, 0), want);
+    check_backing_at6(&d.backing, &snaps.at6);
+
+    let m = d.mount();
+    check_view_at9(&d.mnt, &snaps.at9);
+    assert_eq!(num(&status(&d.store), "last_seq"), 9);
+    m.stop();
+    // Discard of everything left, offline: the view is the backing directory again.
+    discard(&d.store, None);
+    let m = d.mount();
+    assert_same(
+        "discard of everything",
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+        "the view",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    m.stop();
+}
+
+/// Commit and discard cutting between the changes to a directory that is renamed, and a
+/// file written after it lost its name; then names that are not UTF-8.
+#[test]
+fn commit_and_discard_split_renames_and_writes_to_an_unlinked_file() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("old")).unwrap();
+    fs::write(d.backing.join("old/keep.txt"), b"keep\n").unwrap();
+    fs::write(d.backing.join("x.txt"), b"x\n").unwrap();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    let mnt = &d.mnt;
+    let last = || num(&status(&d.store), "last_seq");
+
+    fs::create_dir(mnt.join("a")).unwrap();
+    fs::write(mnt.join("a/f"), b"v1\n").unwrap();
+    assert_eq!(last(), 3);
+    let x = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("x.txt"))
+        .unwrap();
+    fs::remove_file(mnt.join("x.txt")).unwrap();
+    x.write_all_at(b"written after unlink\n", 0).unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = x.read_at(&mut buf, 0).unwrap();
+    assert_eq!(
+        &buf[..n],
+        b"written after unlink\n",
+        "an unlinked file, read back"
+    );
+    drop(x);
+    assert_eq!(last(), 5);
+    let at5 = manifest(mnt, NO_MTIME);
+    fs::rename(mnt.join("a"), mnt.join("b")).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(mnt.join("b/f"))
+        .unwrap()
+        .write_all_at(b"v2, longer\n", 0)
+        .unwrap();
+    assert_eq!(last(), 7);
+    let at7 = manifest(mnt, NO_MTIME);
+    fs::rename(mnt.join("old"), mnt.join("old2")).unwrap();
+    fs::write(mnt.join("old2/keep.txt"), b"changed in old2\n").unwrap();
+    assert_eq!(last(), 10);
+    let at10 = manifest(mnt, NO_MTIME);
+    assert_eq!(
+        log_json(&d.store, 0),
+        vec![
+            "1 create a kind=dir",
+            "2 create a/f kind=file",
+            "3 data a/f size=3 bytes=4096",
+            "4 unlink x.txt",
+            "5 data - size=21 bytes=4096",
+            "6 rename a -> b",
+            "7 data b/f size=11 bytes=4096",
+            "8 rename old -> old2",
+            "9 data old2/keep.txt size=0 bytes=0",
+            "10 data old2/keep.txt size=16 bytes=4096",
+        ]
+    );
+    assert_eq!(
+        log_text(&d.store, 4)[0],
+        "5 data (unlinked) (size 21, 4096 bytes of blocks)"
+    );
+    assert_untouched(&d.backing, &before, "before commit");
+
+    commit(&d.store, Some(5));
+    assert_same(
+        "commit --upto 5",
+        "the view after change 5",
+        &at5,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    assert_same(
+        "commit --upto 5",
+        "the view before",
+        &at10,
+        "the view right after",
+        &manifest(mnt, NO_MTIME),
+    );
+    assert_eq!(read(&mnt.join("b/f")), b"v2, longer\n");
+    assert_eq!(read(&mnt.join("old2/keep.txt")), b"changed in old2\n");
+
+    discard(&d.store, Some(7));
+    assert_same(
+        "discard --after 7",
+        "the view after change 7",
+        &at7,
+        "the view right after",
+        &manifest(mnt, NO_MTIME),
+    );
+    assert_eq!(read(&mnt.join("old/keep.txt")), b"keep\n");
+    assert!(!mnt.join("old2").exists());
+    commit(&d.store, None);
+    assert_same(
+        "commit of the rest",
+        "the view after change 7",
+        &at7,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+    let m = d.mount();
+    assert_same(
+        "remount after commit",
+        "the view after change 7",
+        &at7,
+        "the view",
+        &manifest(mnt, NO_MTIME),
+    );
+
+    // Names that are not UTF-8: logged as raw bytes, committed as they are.
+    let (cafe, dir) = (os(b"caf\xe9"), os(b"d\xff"));
+    fs::create_dir(mnt.join(dir)).unwrap();
+    fs::write(mnt.join(dir).join(cafe), b"bytes\n").unwrap();
+    let out = iso("log", &d.store, &["--json", "--since", "7"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v[0]["path"],
+        serde_json::json!({"raw": [b'd', 0xff]}),
+        "{out}"
+    );
+    assert_eq!(
+        v[1]["path"],
+        serde_json::json!({"raw": [b'd', 0xff, b'/', b'c', b'a', b'f', 0xe9]}),
+        "{out}"
+    );
+    commit(&d.store, None);
+    assert_eq!(read(&d.backing.join(dir).join(cafe)), b"bytes\n");
+    m.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// The store: remount, another backing, corruption, a torn record
+
+/// Changes of every kind through `mnt`.
+fn assorted_changes(mnt: &Path) {
+    fs::write(mnt.join("new.txt"), b"new file\n").unwrap();
+    fs::write(mnt.join("a.txt"), b"rewritten\n").unwrap();
+    fs::create_dir_all(mnt.join("dir/sub")).unwrap();
+    fs::write(mnt.join("dir/sub/deep"), pattern(10_000, 3)).unwrap();
+    fs::rename(mnt.join("b.txt"), mnt.join("dir/b-moved")).unwrap();
+    symlink("sub/deep", mnt.join("dir/link")).unwrap();
+    fs::hard_link(mnt.join("new.txt"), mnt.join("dir/new-link")).unwrap();
+    fs::set_permissions(mnt.join("dir/sub/deep"), fs::Permissions::from_mode(0o640)).unwrap();
+    set_xattr(&mnt.join("a.txt"), "user.note", b"value");
+    set_times(
+        &mnt.join("new.txt"),
+        1_500_000_000_000_000_000,
+        1_500_000_000_123_456_789,
+    );
+    let f = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    f.write_all_at(b"middle", 300_000).unwrap();
+    f.set_len(500_000).unwrap();
+    drop(f);
+    fs::remove_file(mnt.join("c.txt")).unwrap();
+}
+
+fn assorted_backing(backing: &Path) {
+    fs::write(backing.join("a.txt"), b"a\n").unwrap();
+    fs::write(backing.join("b.txt"), b"b\n").unwrap();
+    fs::write(backing.join("c.txt"), b"c\n").unwrap();
+    fs::write(backing.join("big"), pattern(400_000, 4)).unwrap();
+}
+
+#[test]
+fn remount_of_the_same_store_shows_the_same_view() {
+    let d = dirs();
+    assorted_backing(&d.backing);
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    assorted_changes(&d.mnt);
+    let view = manifest(&d.mnt, FULL);
+    let view_plain = manifest(&d.mnt, NO_MTIME);
+    let (inos, times) = inodes_and_times(&d.mnt);
+    let st = status(&d.store);
+    m.stop();
+    assert_untouched(&d.backing, &before, "after changes and unmount");
+    for round in 1..=2 {
+        let m = d.mount();
+        assert_same(
+            &format!("remount {round}"),
+            "before",
+            &view_plain,
+            "after",
+            &manifest(&d.mnt, NO_MTIME),
+        );
+        assert_eq!(
+            status_summary(&status(&d.store)),
+            status_summary(&st),
+            "status after remount {round}"
+        );
+        let (inos2, times2) = inodes_and_times(&d.mnt);
+        assert_same(
+            &format!("inode numbers, remount {round}"),
+            "before",
+            &inos,
+            "after",
+            &inos2,
+        );
+        assert_same(
+            &format!("modification times, remount {round}"),
+            "before",
+            &times,
+            "after",
+            &times2,
+        );
+        assert_same(
+            &format!("remount {round} (with mtimes)"),
+            "before",
+            &view,
+            "after",
+            &manifest(&d.mnt, FULL),
+        );
+        m.stop();
+    }
+    assert_untouched(&d.backing, &before, "after remounts");
+}
+
+#[test]
+fn a_store_refuses_another_backing_directory() {
+    let d = dirs();
+    fs::write(d.backing.join("f"), b"original\n").unwrap();
+    let m = d.mount();
+    fs::write(d.mnt.join("f"), b"isolated\n").unwrap();
+    m.stop();
+    let other = d.tmp.path().join("other");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("f"), b"other\n").unwrap();
+    let other_before = fingerprint(&other);
+    let err = mount_fails(&other, &d.mnt, &d.store);
+    for want in [s(&d.store), s(&d.backing), s(&other)] {
+        assert!(err.contains(want), "the error does not name {want}:\n{err}");
+    }
+    assert!(err.contains("store"), "{err}");
+    assert_untouched(
+        &other,
+        &other_before,
+        "(the other one) after the refused mount",
+    );
+    // The store is intact and still works with its own backing directory.
+    let m = d.mount();
+    assert_eq!(read(&d.mnt.join("f")), b"isolated\n");
+    assert_eq!(read(&d.backing.join("f")), b"original\n");
+    m.stop();
+
+    // A directory made anew at the backing directory's path is another directory too:
+    // neither a mount nor an offline commit touches it.
+    let moved = d.tmp.path().join("backing-moved");
+    fs::rename(&d.backing, &moved).unwrap();
+    fs::create_dir(&d.backing).unwrap();
+    fs::write(d.backing.join("f"), b"impostor\n").unwrap();
+    let impostor = fingerprint(&d.backing);
+    let err = mount_fails(&d.backing, &d.mnt, &d.store);
+    assert!(
+        err.contains(s(&d.store)) && err.contains("inode"),
+        "mount over a new directory at the old path:\n{err}"
+    );
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(
+        err.contains(s(&d.store)) && err.contains(s(&d.backing)),
+        "offline commit onto a new directory at the old path:\n{err}"
+    );
+    assert_untouched(&d.backing, &impostor, "(a new one at the old path)");
+    fs::remove_dir_all(&d.backing).unwrap();
+    fs::rename(&moved, &d.backing).unwrap();
+    assert_eq!(num(&status(&d.store), "pending_changes"), 2);
+}
+
+/// The journal's records: (offset, length, data offset, data length).
+fn journal_records(journal: &[u8]) -> Vec<(usize, usize, usize, usize)> {
+    let u32_at = |o: usize| u32::from_le_bytes(journal[o..o + 4].try_into().unwrap()) as usize;
+    let mut out = Vec::new();
+    let mut off = 64;
+    while off + 24 <= journal.len() {
+        let len = u32_at(off);
+        let meta = u32_at(off + 16);
+        let data = u32_at(off + 20);
+        assert_eq!(24 + meta + data, len, "record at {off}");
+        out.push((off, len, off + 24 + meta, data));
+        off += len;
+    }
+    assert_eq!(
+        off,
+        journal.len(),
+        "journal does not end at a record boundary"
+    );
+    out
+}
+
+/// A directory that is not a store, and a store inside the backing directory: refused,
+/// and nothing is changed in either.
+#[test]
+fn a_mount_refused_for_its_store_changes_nothing() {
+    let d = dirs();
+    fs::write(d.backing.join("f"), b"original\n").unwrap();
+    let not_a_store = d.tmp.path().join("not-a-store");
+    fs::create_dir(&not_a_store).unwrap();
+    fs::write(not_a_store.join("precious"), b"data\n").unwrap();
+    let err = mount_fails(&d.backing, &d.mnt, &not_a_store);
+    assert!(
+        err.contains("not an isolation store") && err.contains(s(&not_a_store)),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_dir(&not_a_store).unwrap().count(),
+        1,
+        "files added to a directory that is not a store"
+    );
+    let backing_before = fingerprint(&d.backing);
+    let inside = d.backing.join("sub/store");
+    let err = mount_fails(&d.backing, &d.mnt, &inside);
+    assert!(err.contains("must not be inside"), "{err}");
+    assert_untouched(
+        &d.backing,
+        &backing_before,
+        "after a mount refused for a store inside it",
+    );
+}
+
+#[test]
+fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
+    let d = dirs();
+    fs::write(d.backing.join("x"), b"x\n").unwrap();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    for i in 0..3 {
+        fs::write(d.mnt.join(format!("f{i}")), pattern(8192, i as u8)).unwrap();
+    }
+    m.stop();
+    let jpath = d.store.join("journal");
+    let mut j = read(&jpath);
+    let recs = journal_records(&j);
+    assert_eq!(recs.len(), 6, "create + data for each of 3 files");
+    let (_, _, data_off, data_len) = recs[1];
+    assert_eq!(data_len, 8192);
+    j[data_off + 100] ^= 0x40;
+    fs::write(&jpath, &j).unwrap();
+
+    // The offset and sequence number of the bad record are named.
+    let where_ = format!("offset {} (seq 2)", recs[1].0);
+    for sub in ["status", "log", "commit"] {
+        let err = iso_fails(sub, &d.store, &[]);
+        assert!(
+            err.contains("corrupt") && err.contains("journal") && err.contains(&where_),
+            "isolation {sub} on a corrupt journal (want \"corrupt\", the journal and {where_:?}):\n{err}"
+        );
+    }
+    let err = mount_fails(&d.backing, &d.mnt, &d.store);
+    assert!(
+        err.contains("corrupt") && err.contains(&where_),
+        "mount of a corrupt store (want \"corrupt\" and {where_:?}):\n{err}"
+    );
+    assert_eq!(read(&jpath), j, "the corrupt journal was changed");
+    assert_untouched(&d.backing, &before, "after attempts on a corrupt store");
+}
+
+#[test]
+fn a_torn_last_record_is_cut_off_and_the_rest_shows() {
+    let d = dirs();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    for i in 0..3 {
+        fs::write(d.mnt.join(format!("f{i}")), format!("contents {i}\n")).unwrap();
+    }
+    m.stop();
+    let jpath = d.store.join("journal");
+    let j = read(&jpath);
+    let recs = journal_records(&j);
+    assert_eq!(recs.len(), 6);
+    let last = recs[5].0;
+    // The last record (f2's data) cut 3 bytes short, cut inside its header, and a whole
+    // journal followed by zeros (space allocated but never written): each is a write a
+    // crash cut short.
+    let mut zeros = j.clone();
+    zeros.resize(j.len() + 4096, 0);
+    let variants: [(&str, &[u8], u64, usize); 3] = [
+        ("zeros after the last record", &zeros, 6, j.len()),
+        ("cut inside the record header", &j[..last + 10], 5, last),
+        ("3 bytes short", &j[..j.len() - 3], 5, last),
+    ];
+    let mut m = None;
+    for (what, bytes, last_seq, cut_at) in variants {
+        if let Some(m) = m.take() {
+            Mount::stop(m);
+        }
+        fs::write(&jpath, bytes).unwrap();
+        let st = status(&d.store);
+        let data = if last_seq == 6 { 12288 } else { 8192 };
+        assert_eq!(
+            status_summary(&st),
+            format!("last_seq={last_seq} committed_upto=0 pending_changes={last_seq} files=3 data_bytes={data} interrupted_commit=null mounted=false"),
+            "{what}"
+        );
+        assert_eq!(
+            fs::metadata(&jpath).unwrap().len(),
+            cut_at as u64,
+            "{what}: the journal was not cut back to the last whole record"
+        );
+        let mm = d.mount();
+        assert_eq!(read(&d.mnt.join("f0")), b"contents 0\n", "{what}");
+        assert_eq!(read(&d.mnt.join("f1")), b"contents 1\n", "{what}");
+        let f2: &[u8] = if last_seq == 6 { b"contents 2\n" } else { b"" };
+        assert_eq!(read(&d.mnt.join("f2")), f2, "{what}: f2");
+        m = Some(mm);
+    }
+    let m = m.unwrap();
+    // The store goes on from there.
+    OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("f2"))
+        .unwrap()
+        .write_all_at(b"again\n", 0)
+        .unwrap();
+    assert_eq!(log_json(&d.store, 5), vec!["6 data f2 size=6 bytes=4096"]);
+    assert_eq!(read(&d.mnt.join("f2")), b"again\n");
+    m.stop();
+    assert_untouched(&d.backing, &before, "after a torn journal");
+}
+
+// ---------------------------------------------------------------------------------------
+// A full store
+
+/// A small tmpfs, unmounted when dropped (declare it before the mount that uses it).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(path: PathBuf, size: &str) -> Tmpfs {
+        fs::create_dir(&path).unwrap();
+        run(Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&path));
+        Tmpfs(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let ok = Command::new("umount")
+                .arg(&self.0)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_full_store_gives_enospc_and_the_mount_recovers() {
+    let d = dirs();
+    fs::write(d.backing.join("existing"), b"existing\n").unwrap();
+    let before = fingerprint(&d.backing);
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+
+    let keep = pattern(64 << 10, 7);
+    let mut f = File::create(d.mnt.join("keep")).unwrap();
+    f.write_all(&keep).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let chunk = pattern(128 << 10, 8);
+    let mut f = File::create(d.mnt.join("big")).unwrap();
+    let mut written = 0usize;
+    let err = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => written += chunk.len(),
+            Err(e) => break e,
+        }
+        assert!(
+            written <= 8 << 20,
+            "8 MiB written into a store on a 2 MiB tmpfs"
+        );
+    };
+    drop(f);
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EFBIG)),
+        "the writer got {err} (after {written} bytes), not ENOSPC or EFBIG"
+    );
+    assert!(is_mounted(&d.mnt));
+    let st = status(&store);
+    assert_eq!(st["mounted"], true, "{st:#}");
+    assert_eq!(
+        read(&d.mnt.join("keep")),
+        keep,
+        "fsync'ed file after ENOSPC"
+    );
+    assert_eq!(read(&d.mnt.join("existing")), b"existing\n");
+    assert!(
+        written >= 1 << 20,
+        "only {written} bytes went into a 2 MiB store before {err}"
+    );
+    // The store is full: more data does not fit (this is not slack left by the failed write).
+    let small = pattern(512 << 10, 9);
+    let res = fs::write(d.mnt.join("probe"), &small);
+    assert!(
+        res.as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::ENOSPC)),
+        "writing 512 KiB more into the full store: {res:?}"
+    );
+    fs::remove_file(d.mnt.join("probe")).unwrap();
+    // The big file holds what was acknowledged, perhaps more, and nothing else.
+    let got = read(&d.mnt.join("big"));
+    assert!(
+        got.len() >= written,
+        "big holds {} bytes, {written} were acknowledged",
+        got.len()
+    );
+    let bad = (0..got.len()).find(|&i| got[i] != chunk[i % chunk.len()]);
+    assert_eq!(
+        bad, None,
+        "big differs from what was written at that offset"
+    );
+    // What the mount shows after the failed writes is what the journal holds: a remount
+    // shows the same.
+    let full_view = manifest(&d.mnt, NO_MTIME);
+    m.stop();
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    assert_same(
+        "a remount of the full store",
+        "the view before",
+        &full_view,
+        "after",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+
+    // Deleted, the big file is gone; the mount takes small changes at once.
+    fs::remove_file(d.mnt.join("big")).expect("deleting the big file on a full store");
+    assert!(!d.mnt.join("big").exists());
+    let tiny = pattern(8 << 10, 10);
+    let mut f = File::create(d.mnt.join("tiny")).expect("creating a file after deleting big");
+    f.write_all(&tiny)
+        .expect("writing 8 KiB after deleting big");
+    f.sync_all().expect("fsync after deleting big");
+    drop(f);
+    assert_eq!(read(&d.mnt.join("tiny")), tiny);
+    assert_eq!(read(&d.mnt.join("keep")), keep);
+    assert_untouched(&d.backing, &before, "after a full store");
+    m.stop();
+    // What was acknowledged is there after a remount.
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    assert_eq!(read(&d.mnt.join("keep")), keep);
+    assert_eq!(read(&d.mnt.join("tiny")), tiny);
+    assert!(!d.mnt.join("big").exists());
+    // The journal keeps every version until commit (commit --upto N needs them), so the
+    // room the big file took comes back with a commit: then half a MiB fits (before, with
+    // the big file's data held, it did not).
+    let out = Command::new(bin())
+        .args(["isolation", "commit"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "commit on a full store: {out:?}");
+    let mut f = File::create(d.mnt.join("after")).unwrap();
+    f.write_all(&small).expect(
+        "writing 512 KiB after deleting the big file (which held more than 1 MiB of the store)",
+    );
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(read(&d.mnt.join("after")), small);
+    m.stop();
+    drop(tmpfs);
+}
+
+/// A store on another file system than the backing directory (a tmpfs): commit copies
+/// the data across.
+#[test]
+fn a_store_on_another_file_system_commits() {
+    let d = dirs();
+    fs::write(d.backing.join("old"), pattern(100_000, 1)).unwrap();
+    let before = fingerprint(&d.backing);
+    let tmpfs = Tmpfs::new(d.tmp.path().join("storefs"), "64m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("new"), pattern(3 << 20, 2)).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("old"))
+        .unwrap()
+        .write_all_at(b"patched", 50_000)
+        .unwrap();
+    fs::create_dir(d.mnt.join("dir")).unwrap();
+    fs::write(d.mnt.join("dir/small"), b"small\n").unwrap();
+    assert_untouched(&d.backing, &before, "before commit");
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&store, None);
+    assert_same(
+        "commit from a store on tmpfs",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+    let mut want = pattern(100_000, 1);
+    want[50_000..50_007].copy_from_slice(b"patched");
+    assert_eq!(read(&d.backing.join("old")), want);
+    assert_eq!(read(&d.backing.join("new")), pattern(3 << 20, 2));
+    drop(tmpfs);
+}
+
+/// Mounted commits, whole and in part, while another thread appends to a file (fsyncing
+/// now and then) and replaces files by rename: file-system requests wait for the commit,
+/// nothing is lost or doubled, and the backing directory ends up as the view.
+#[test]
+fn mounted_commits_while_a_writer_appends_and_renames() {
+    let d = dirs();
+    fs::write(d.backing.join("log"), b"").unwrap();
+    let m = d.mount();
+    let mnt = d.mnt.clone();
+    const LINES: usize = 3000;
+    let writer = std::thread::spawn(move || {
+        let mut log = OpenOptions::new()
+            .append(true)
+            .open(mnt.join("log"))
+            .unwrap();
+        for i in 0..LINES {
+            log.write_all(format!("line {i}\n").as_bytes()).unwrap();
+            if i % 100 == 0 {
+                log.sync_data().unwrap();
+            }
+            if i % 150 == 0 {
+                fs::write(mnt.join("tmp"), format!("version {i}\n")).unwrap();
+                fs::rename(mnt.join("tmp"), mnt.join("current")).unwrap();
+            }
+        }
+    });
+    let mut commits = 0;
+    while !writer.is_finished() {
+        let st = status(&d.store);
+        let (base, last) = (num(&st, "committed_upto"), num(&st, "last_seq"));
+        if commits % 2 == 0 {
+            commit(&d.store, Some((base + last) / 2));
+        } else {
+            commit(&d.store, None);
+        }
+        commits += 1;
+    }
+    writer.join().expect("the writer failed");
+    eprintln!("{commits} commits ran while the writer wrote");
+    assert!(
+        commits >= 2,
+        "only {commits} commits ran while the writer wrote"
+    );
+    let want: String = (0..LINES).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        read_str(&d.mnt.join("log")),
+        want,
+        "the appended file on the mount"
+    );
+    let last = (LINES - 1) / 150 * 150;
+    assert_eq!(
+        read_str(&d.mnt.join("current")),
+        format!("version {last}\n")
+    );
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "after the last commit",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    assert_eq!(read_str(&d.backing.join("log")), want);
+    m.stop();
+}
+
+/// `chattr +i` on a directory, undone when dropped.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn new(p: &Path) -> Immutable {
+        run(Command::new("chattr").arg("+i").arg(p));
+        Immutable(p.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// A mounted commit that cannot apply a change stops there, naming it, with what came
+/// before in BACKING and the view as it was; run again, it finishes.
+#[test]
+fn a_failed_commit_stops_at_the_change_and_runs_again() {
+    let d = dirs();
+    fs::write(d.backing.join("y"), b"y\n").unwrap();
+    fs::create_dir(d.backing.join("dir")).unwrap();
+    let m = d.mount();
+    fs::write(d.mnt.join("x"), b"xx\n").unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(d.mnt.join("y"))
+        .unwrap()
+        .write_all(b"more\n")
+        .unwrap();
+    fs::write(d.mnt.join("dir/a"), b"aa\n").unwrap();
+    fs::write(d.mnt.join("z"), b"zz\n").unwrap();
+    assert_eq!(
+        log_json(&d.store, 0)[3..5],
+        ["4 create dir/a kind=file", "5 data dir/a size=3 bytes=4096"]
+    );
+    let view = manifest(&d.mnt, NO_MTIME);
+    let immutable = Immutable::new(&d.backing.join("dir"));
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(
+        err.contains("change 4") && err.contains("dir/a"),
+        "the failed commit does not name change 4 (create dir/a):\n{err}"
+    );
+    assert_eq!(read(&d.backing.join("x")), b"xx\n");
+    assert_eq!(read(&d.backing.join("y")), b"y\nmore\n");
+    assert!(
+        !d.backing.join("z").exists(),
+        "z committed after the failed change"
+    );
+    assert_same(
+        "a failed commit",
+        "the view before",
+        &view,
+        "right after",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    let st = status(&d.store);
+    assert_eq!(st["interrupted_commit"], 7, "{st:#}");
+    let err = iso_fails("discard", &d.store, &["--after", "2"]);
+    assert!(err.contains("interrupted commit"), "{err}");
+    // The mount goes on taking changes.
+    fs::write(d.mnt.join("w"), b"ww\n").unwrap();
+    let view = manifest(&d.mnt, NO_MTIME);
+    drop(immutable);
+    commit(&d.store, None);
+    assert_same(
+        "the commit run again",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    assert_eq!(
+        status_summary(&status(&d.store)),
+        "last_seq=9 committed_upto=9 pending_changes=0 files=0 data_bytes=0 interrupted_commit=null mounted=true"
+    );
+    assert_same(
+        "after the commit run again",
+        "the view before",
+        &view,
+        "the view",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+
+    // Failed again, then unmounted: a mount tries to finish the interrupted commit first;
+    // while it cannot, it mounts with the rest pending and the same view.
+    fs::write(d.mnt.join("dir/b"), b"bb\n").unwrap();
+    let view = manifest(&d.mnt, NO_MTIME);
+    let immutable = Immutable::new(&d.backing.join("dir"));
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(err.contains("change 10"), "{err}");
+    m.stop();
+    let m = d.mount();
+    assert_same(
+        "a mount whose interrupted commit cannot finish",
+        "the view before",
+        &view,
+        "the view",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    let st = status(&d.store);
+    assert_eq!(st["interrupted_commit"], 11, "{st:#}");
+    m.stop();
+    drop(immutable);
+    let m = d.mount();
+    let st = status(&d.store);
+    assert_eq!(
+        status_summary(&st),
+        "last_seq=11 committed_upto=11 pending_changes=0 files=0 data_bytes=0 interrupted_commit=null mounted=true"
+    );
+    assert_same(
+        "a mount that finished an interrupted commit",
+        "the view before",
+        &view,
+        "the view",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    assert_same(
+        "a mount that finished an interrupted commit",
+        "the view before",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// Open files
+
+/// A shared read-write mapping of a whole file, unmapped when dropped.
+struct Map {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Map {
+    fn new(f: &File, len: usize) -> Map {
+        // SAFETY: a fresh shared mapping of an open file; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Map {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+    fn get(&self, off: usize, n: usize) -> Vec<u8> {
+        assert!(off + n <= self.len);
+        // SAFETY: within the mapping; volatile, since other descriptors change the pages.
+        (0..n)
+            .map(|i| unsafe { std::ptr::read_volatile(self.ptr.add(off + i)) })
+            .collect()
+    }
+    fn put(&self, off: usize, b: &[u8]) {
+        assert!(off + b.len() <= self.len);
+        for (i, &x) in b.iter().enumerate() {
+            // SAFETY: within the mapping.
+            unsafe { std::ptr::write_volatile(self.ptr.add(off + i), x) };
+        }
+    }
+    fn sync(&self) {
+        // SAFETY: the whole mapping.
+        let rc = unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) };
+        assert_eq!(rc, 0, "msync: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: our mapping, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[test]
+fn two_descriptors_and_a_shared_mapping_see_each_others_writes() {
+    let d = dirs();
+    let len = 3 * 4096;
+    let mut want = pattern(len, 5);
+    fs::write(d.backing.join("shared"), &want).unwrap();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    let p = d.mnt.join("shared");
+    let rw = || OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let (f1, f2, f3) = (rw(), rw(), rw());
+    let map = Map::new(&f3, len);
+    let read_at = |f: &File, off: usize, n: usize| {
+        let mut b = vec![0u8; n];
+        f.read_exact_at(&mut b, off as u64).unwrap();
+        b
+    };
+    assert_eq!(map.get(0, len), want, "the mapping before any write");
+
+    // A write through one descriptor: the other and the mapping see it.
+    f1.write_all_at(b"first write", 100).unwrap();
+    want[100..111].copy_from_slice(b"first write");
+    assert_eq!(read_at(&f2, 100, 11), b"first write", "f2 after f1's write");
+    assert_eq!(
+        map.get(100, 11),
+        b"first write",
+        "the mapping after f1's write"
+    );
+    // A store into the mapping: both descriptors see it.
+    map.put(5000, b"mapped store");
+    want[5000..5012].copy_from_slice(b"mapped store");
+    assert_eq!(
+        read_at(&f1, 5000, 12),
+        b"mapped store",
+        "f1 after a store into the mapping"
+    );
+    assert_eq!(
+        read_at(&f2, 5000, 12),
+        b"mapped store",
+        "f2 after a store into the mapping"
+    );
+    // The other way round, across a block boundary.
+    f2.write_all_at(b"across the boundary", 8190).unwrap();
+    want[8190..8209].copy_from_slice(b"across the boundary");
+    assert_eq!(
+        map.get(8190, 19),
+        b"across the boundary",
+        "the mapping after f2's write"
+    );
+    assert_eq!(
+        read_at(&f1, 8190, 19),
+        b"across the boundary",
+        "f1 after f2's write"
+    );
+    // A descriptor opened now, read-only, sees it all.
+    let f4 = File::open(&p).unwrap();
+    assert_eq!(read_at(&f4, 0, len), want, "a new read-only descriptor");
+    map.sync();
+    assert_eq!(read(&p), want, "a new open after msync");
+    assert_untouched(&d.backing, &before, "with the file open and mapped");
+
+    // Discarded while open and mapped: every descriptor and the mapping see the backing
+    // contents at once.
+    let original = pattern(len, 5);
+    let pending = read(&p);
+    discard(&d.store, None);
+    assert_eq!(map.get(0, len), original, "the mapping right after discard");
+    assert_eq!(read_at(&f1, 0, len), original, "f1 right after discard");
+    assert_eq!(read_at(&f4, 0, len), original, "f4 right after discard");
+    assert_eq!(read(&p), original, "a new open right after discard");
+    assert_eq!(pending, want);
+    // And they go on sharing writes.
+    f2.write_all_at(b"second round", 12000).unwrap();
+    let mut want = original;
+    want[12000..12012].copy_from_slice(b"second round");
+    assert_eq!(
+        map.get(12000, 12),
+        b"second round",
+        "the mapping after discard and a write"
+    );
+    assert_eq!(read_at(&f1, 12000, 12), b"second round");
+    map.sync();
+    drop(map);
+    drop((f1, f2, f3, f4));
+    assert_eq!(read(&p), want, "after closing everything");
+    assert_untouched(&d.backing, &before, "before commit");
+    commit(&d.store, None);
+    assert_eq!(read(&d.backing.join("shared")), want, "the committed file");
+    assert_eq!(read(&p), want, "the view after commit");
+    m.stop();
+}

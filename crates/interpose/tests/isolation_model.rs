@@ -1,0 +1,514 @@
+//! Model-based tests of isolated mounts (`interpose fs mount BACKING MNT --isolate STORE`),
+//! with the real binary and scripts/iso_model.py:
+//!
+//! - thousands of random operations (writes at any offset and length, truncates, hole
+//!   punching and other fallocate modes, creates, mkdir, mkfifo, symlinks, hard links,
+//!   unlink, rmdir, renames of files and directories with RENAME_NOREPLACE and
+//!   RENAME_EXCHANGE, chmod, chown, utime, user.* xattrs, and reads) on the mount and on a
+//!   plain reference directory: every operation gives the same result or errno on both,
+//!   records changes exactly when it changes something, and the trees stay equal;
+//! - BACKING is untouched (every inode, mode, owner, size, time, byte and xattr) until the
+//!   first commit, also across an unmount and remount, which shows the same view;
+//! - `commit --upto S` for the sequence number S after a random operation k leaves BACKING
+//!   equal to the initial tree with operations 1..k replayed on it, while the mount still
+//!   shows everything; `discard --after` a later point and committing the rest leave both
+//!   equal to the replay up to that point. Once through the daemon's control socket, once
+//!   on an unmounted store (and a mount without passthrough).
+//!
+//! The seed is printed; `INTERPOSE_ISO_SEED=N` repeats a run, `INTERPOSE_ISO_OPS=N` sets
+//! the number of operations. For narrowing a failure down (never in a normal run),
+//! `INTERPOSE_ISO_EXCLUDE=a,b` leaves kinds of operations out (see iso_model.py).
+
+mod common;
+use common::*;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::Value;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/iso_model.py")
+}
+
+fn seed() -> u64 {
+    match std::env::var("INTERPOSE_ISO_SEED") {
+        Ok(s) => s.parse().expect("INTERPOSE_ISO_SEED must be a number"),
+        Err(_) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000_007
+        }
+    }
+}
+
+fn op_count() -> u64 {
+    match std::env::var("INTERPOSE_ISO_OPS") {
+        Ok(s) => s.parse().expect("INTERPOSE_ISO_OPS must be a number"),
+        Err(_) => 2400,
+    }
+}
+
+/// SplitMix64: the test's own choices (which operation to commit up to, ...) from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in lo..=hi.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+/// The directories of one model run: `backing/` (what is mounted), `reference/` (a plain
+/// directory that always holds what the mount must show), `store/`, `mnt/`, the log of
+/// operations, and BACKING's manifest from before anything ran.
+struct Model {
+    seed: u64,
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    backing: PathBuf,
+    reference: PathBuf,
+    mnt: PathBuf,
+    store: PathBuf,
+    oplog: PathBuf,
+    manifest: PathBuf,
+}
+
+impl Model {
+    fn new(seed: u64) -> Model {
+        let tmp = tempfile::Builder::new()
+            .prefix("interpose-test-isomodel-")
+            .tempdir_in(test_root())
+            .unwrap();
+        let root = tmp.path().to_path_buf();
+        let m = Model {
+            seed,
+            backing: root.join("backing"),
+            reference: root.join("reference"),
+            mnt: root.join("mnt"),
+            store: root.join("store"),
+            oplog: root.join("oplog.jsonl"),
+            manifest: root.join("backing-manifest.json"),
+            root,
+            _tmp: tmp,
+        };
+        std::fs::create_dir(&m.mnt).unwrap();
+        m.py(&["build".as_ref(), m.backing.as_os_str()]);
+        m.py(&["build".as_ref(), m.reference.as_os_str()]);
+        m.py(&[
+            "manifest".as_ref(),
+            m.backing.as_os_str(),
+            m.manifest.as_os_str(),
+        ]);
+        m
+    }
+
+    /// Runs iso_model.py; a failure fails the test with the script's message and the seed.
+    fn py(&self, args: &[&OsStr]) -> String {
+        let out = Command::new("python3")
+            .arg(script())
+            .args(args)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "seed {} (INTERPOSE_ISO_SEED={} repeats it): iso_model.py {:?} failed ({}):\n{}{}",
+            self.seed,
+            self.seed,
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn mount(&self, extra: &[&str]) -> Mount {
+        let mut args = vec!["--isolate", self.store.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Mount::start(&self.backing, &self.mnt, &args)
+    }
+
+    /// Operations first..first+count-1 on the mount and the reference; the script's summary.
+    fn run_ops(&self, first: u64, count: u64) -> Value {
+        let out = self.py(&[
+            "run".as_ref(),
+            self.mnt.as_os_str(),
+            self.reference.as_os_str(),
+            self.store.as_os_str(),
+            self.seed.to_string().as_ref(),
+            first.to_string().as_ref(),
+            count.to_string().as_ref(),
+            self.oplog.as_os_str(),
+        ]);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("summary {out:?}: {e}"))
+    }
+
+    /// seqs[i]: the daemon's last sequence number after operation i (seqs[0] = 0).
+    fn seqs(&self) -> Vec<u64> {
+        let text = std::fs::read_to_string(&self.oplog).unwrap();
+        let mut out = vec![0];
+        for (n, line) in text.lines().enumerate() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert_eq!(v["i"].as_u64(), Some(n as u64 + 1), "oplog line {n}");
+            out.push(v["seq"].as_u64().expect("seq"));
+        }
+        out
+    }
+
+    /// A fresh initial tree with the logged operations 1..=k replayed on it.
+    fn state_after(&self, k: u64) -> PathBuf {
+        let dir = self.root.join(format!("after-{k}"));
+        if !dir.exists() {
+            self.py(&["build".as_ref(), dir.as_os_str()]);
+            self.py(&[
+                "replay".as_ref(),
+                dir.as_os_str(),
+                self.oplog.as_os_str(),
+                k.to_string().as_ref(),
+            ]);
+        }
+        dir
+    }
+
+    /// `checked` must equal `reference` (see iso_model.py compare).
+    fn compare(&self, checked: &Path, reference: &Path, what: &str) {
+        let out = Command::new("python3")
+            .arg(script())
+            .arg("compare")
+            .arg(checked)
+            .arg(reference)
+            .arg(&self.oplog)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "seed {}: {what}:\n{}",
+            self.seed,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn assert_backing_untouched(&self, when: &str) {
+        let out = Command::new("python3")
+            .arg(script())
+            .arg("same-manifest")
+            .arg(&self.backing)
+            .arg(&self.manifest)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "seed {}: BACKING changed {when}, before any commit:\n{}",
+            self.seed,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `interpose isolation SUB STORE EXTRA...`, which must succeed; its stdout.
+    fn iso(&self, sub: &str, extra: &[&str]) -> String {
+        let out = Command::new(bin())
+            .args(["isolation", sub])
+            .arg(&self.store)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "seed {}: interpose isolation {sub} {extra:?} failed ({}):\n{}{}",
+            self.seed,
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        let out = self.iso("status", &["--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}:\n{out}"))
+    }
+
+    /// status --json says what it must; log --json lists exactly the pending changes.
+    fn assert_status(&self, mounted: bool, last: u64, committed: u64, what: &str) {
+        let s = self.status();
+        let want = [
+            ("last_seq", Value::from(last)),
+            ("committed_upto", Value::from(committed)),
+            ("pending_changes", Value::from(last - committed)),
+            ("interrupted_commit", Value::Null),
+            ("mounted", Value::from(mounted)),
+        ];
+        for (key, value) in want {
+            assert_eq!(
+                s[key], value,
+                "seed {}: {what}: status --json {key}:\n{s:#}",
+                self.seed
+            );
+        }
+        let log: Value = serde_json::from_str(&self.iso("log", &["--json"])).unwrap();
+        let seqs: Vec<u64> = log
+            .as_array()
+            .expect("log --json is an array")
+            .iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect();
+        assert_eq!(
+            seqs,
+            (committed + 1..=last).collect::<Vec<_>>(),
+            "seed {}: {what}: log --json sequence numbers",
+            self.seed
+        );
+    }
+}
+
+/// Unmounts cleanly (SIGTERM); the daemon must not have panicked or logged errors.
+fn stop(mnt: Mount) {
+    let err = mnt.stop();
+    for bad in ["panicked", "ERROR"] {
+        assert!(!err.contains(bad), "the daemon logged {bad:?}:\n{err}");
+    }
+}
+
+/// Every kind of change was made successfully at least once, and some failed as they must.
+fn assert_coverage(seed: u64, summaries: &[Value]) {
+    let count = |map: &str, op: &str| -> u64 {
+        summaries
+            .iter()
+            .map(|s| s[map][op].as_u64().unwrap_or(0))
+            .sum()
+    };
+    for op in [
+        "write",
+        "truncate",
+        "fallocate",
+        "create",
+        "mkdir",
+        "mkfifo",
+        "symlink",
+        "link",
+        "unlink",
+        "rmdir",
+        "rename",
+        "chmod",
+        "chown",
+        "utime",
+        "setxattr",
+        "removexattr",
+        "read",
+        "getxattr",
+    ] {
+        assert!(
+            count("ok", op) > 0,
+            "seed {seed}: no {op} ever succeeded: {summaries:?}"
+        );
+    }
+    for op in ["rename", "rmdir", "link", "create"] {
+        assert!(
+            count("err", op) > 0,
+            "seed {seed}: no {op} ever failed (the error paths went untested): {summaries:?}"
+        );
+    }
+}
+
+/// The common first part: operations in two halves with an unmount and remount between
+/// them (BACKING untouched, same view). Returns the mount, still up, and the summaries.
+fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
+    let n = op_count();
+    let half = n / 2;
+    let started = Instant::now();
+    let mnt = m.mount(mount_args);
+    let first = m.run_ops(1, half);
+    let seqs = m.seqs();
+    m.assert_status(true, seqs[half as usize], 0, "after the first half");
+    stop(mnt);
+    m.assert_backing_untouched("after the first half and an unmount");
+    m.assert_status(
+        false,
+        seqs[half as usize],
+        0,
+        "unmounted after the first half",
+    );
+    let mnt = m.mount(mount_args);
+    m.compare(
+        &m.mnt,
+        &m.reference,
+        "remounted after the first half, the view differs from what it was",
+    );
+    let second = m.run_ops(half + 1, n - half);
+    let seqs = m.seqs();
+    eprintln!(
+        "seed {}: {n} operations in {:.1?}, {} changes; first half {first}, second half {second}",
+        m.seed,
+        started.elapsed(),
+        seqs[n as usize]
+    );
+    assert_coverage(m.seed, &[first, second]);
+    m.assert_backing_untouched("after all operations");
+    m.assert_status(true, seqs[n as usize], 0, "after all operations");
+    mnt
+}
+
+#[test]
+fn model_mounted_commit_discard() {
+    let seed = seed();
+    eprintln!("model_mounted_commit_discard: seed {seed} (INTERPOSE_ISO_SEED={seed} repeats it)");
+    let m = Model::new(seed);
+    let mut rng = Rng(seed ^ 0x5eed);
+    let n = op_count();
+    let mnt = run_in_two_halves(&m, &[]);
+    let seqs = m.seqs();
+    let last = seqs[n as usize];
+
+    // Commit up to after operation k, through the daemon.
+    let k = rng.range(1, n - 2);
+    let sk = seqs[k as usize];
+    eprintln!("commit --upto {sk} (after operation {k} of {n})");
+    m.iso("commit", &["--upto", &sk.to_string()]);
+    m.assert_status(true, last, sk, "after commit --upto");
+    let after_k = m.state_after(k);
+    m.compare(
+        &m.backing,
+        &after_k,
+        &format!(
+            "after commit --upto {sk}, BACKING is not the initial tree with operations 1..={k}"
+        ),
+    );
+    m.compare(
+        &m.mnt,
+        &m.reference,
+        &format!("after commit --upto {sk}, the mount no longer shows every change"),
+    );
+
+    // Throw away what came after operation j, through the daemon.
+    let j = rng.range(k, n - 1);
+    let sj = seqs[j as usize];
+    eprintln!("discard --after {sj} (after operation {j})");
+    m.iso("discard", &["--after", &sj.to_string()]);
+    m.assert_status(true, sj, sk, "after discard --after");
+    let after_j = m.state_after(j);
+    m.compare(
+        &m.mnt,
+        &after_j,
+        &format!("after discard --after {sj}, the mount is not the tree after operation {j}"),
+    );
+    m.compare(
+        &m.backing,
+        &after_k,
+        &format!("discard --after {sj} changed BACKING"),
+    );
+
+    // Commit the rest.
+    m.iso("commit", &[]);
+    m.assert_status(true, sj, sj, "after committing the rest");
+    m.compare(
+        &m.backing,
+        &after_j,
+        &format!(
+            "after committing everything up to {sj}, BACKING is not the tree after operation {j}"
+        ),
+    );
+    m.compare(
+        &m.mnt,
+        &after_j,
+        "after committing the rest, the mount changed",
+    );
+    stop(mnt);
+    let mnt = m.mount(&[]);
+    m.compare(
+        &m.mnt,
+        &after_j,
+        "remounted after the commit, the view is not BACKING",
+    );
+    m.assert_status(true, sj, sj, "remounted after the commit");
+    stop(mnt);
+}
+
+#[test]
+fn model_offline_commit_discard() {
+    let seed = seed().wrapping_add(1);
+    eprintln!(
+        "model_offline_commit_discard: seed {seed} (INTERPOSE_ISO_SEED={} repeats it)",
+        seed.wrapping_sub(1)
+    );
+    let m = Model::new(seed);
+    let mut rng = Rng(seed ^ 0x0ff1);
+    let n = op_count();
+    let args = ["--no-passthrough"];
+    let mnt = run_in_two_halves(&m, &args);
+    stop(mnt);
+    m.assert_backing_untouched("after the unmount");
+    let seqs = m.seqs();
+    let last = seqs[n as usize];
+
+    // Commit up to after operation k on the unmounted store.
+    let k = rng.range(1, n - 2);
+    let sk = seqs[k as usize];
+    eprintln!("offline commit --upto {sk} (after operation {k} of {n})");
+    m.iso("commit", &["--upto", &sk.to_string()]);
+    m.assert_status(false, last, sk, "after an offline commit --upto");
+    let after_k = m.state_after(k);
+    m.compare(
+        &m.backing,
+        &after_k,
+        &format!("after an offline commit --upto {sk}, BACKING is not the initial tree with operations 1..={k}"),
+    );
+    let mnt = m.mount(&args);
+    m.compare(
+        &m.mnt,
+        &m.reference,
+        &format!("remounted after an offline commit --upto {sk}, the view is not what it was"),
+    );
+    stop(mnt);
+
+    // Discard after operation j, unmounted.
+    let j = rng.range(k, n - 1);
+    let sj = seqs[j as usize];
+    eprintln!("offline discard --after {sj} (after operation {j})");
+    m.iso("discard", &["--after", &sj.to_string()]);
+    m.assert_status(false, sj, sk, "after an offline discard --after");
+    m.compare(
+        &m.backing,
+        &after_k,
+        &format!("an offline discard --after {sj} changed BACKING"),
+    );
+    let after_j = m.state_after(j);
+    let mnt = m.mount(&args);
+    m.compare(
+        &m.mnt,
+        &after_j,
+        &format!(
+            "remounted after discard --after {sj}, the view is not the tree after operation {j}"
+        ),
+    );
+    stop(mnt);
+
+    // Commit the rest, unmounted.
+    m.iso("commit", &[]);
+    m.assert_status(false, sj, sj, "after an offline commit of the rest");
+    m.compare(
+        &m.backing,
+        &after_j,
+        &format!(
+            "after committing everything up to {sj}, BACKING is not the tree after operation {j}"
+        ),
+    );
+    let mnt = m.mount(&args);
+    m.compare(
+        &m.mnt,
+        &after_j,
+        "remounted after the last commit, the view is not BACKING",
+    );
+    stop(mnt);
+}
