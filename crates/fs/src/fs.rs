@@ -27,6 +27,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
 use crate::filter::{Caller, Chain, Op, Outcome, Request, Verdict};
 use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
 use crate::pool::BlockingPool;
+use crate::reply::{check_name, reply_empty, reply_xattr, without_setid};
 use crate::sys;
 
 /// Tunables of a mount.
@@ -144,11 +145,7 @@ fn caller(req: &fuser::Request) -> Caller {
 }
 
 fn time_of(secs: i64, nsec: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nsec as u32)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
-    }
+    crate::reply::system_time(secs, nsec as u32)
 }
 
 fn timespec(t: Option<TimeOrNow>) -> Timespec {
@@ -161,41 +158,21 @@ fn timespec(t: Option<TimeOrNow>) -> Timespec {
             tv_sec: 0,
             tv_nsec: libc::UTIME_NOW,
         },
-        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Timespec {
-                tv_sec: d.as_secs() as i64,
-                tv_nsec: d.subsec_nanos() as i64,
-            },
-            Err(e) => {
-                // fuser 0.18 decodes the kernel's (sec < 0, nsec) as epoch - (|sec| + nsec)
-                // rather than epoch - |sec| + nsec; undo exactly that.
-                let d = e.duration();
-                Timespec {
-                    tv_sec: -(d.as_secs() as i64),
-                    tv_nsec: d.subsec_nanos() as i64,
-                }
+        Some(TimeOrNow::SpecificTime(t)) => {
+            let (tv_sec, nsec) = crate::reply::kernel_time(t);
+            Timespec {
+                tv_sec,
+                tv_nsec: nsec as i64,
             }
-        },
+        }
     }
-}
-
-fn check_name(name: &OsStr) -> Res<()> {
-    let b = name.as_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(libc::EINVAL);
-    }
-    Ok(())
 }
 
 /// What a write by someone without CAP_FSETID does to a file's mode: the daemon writes as
 /// root, so when the kernel says the caller would lose them, it takes them off itself.
 fn kill_suid_sgid(fd: BorrowedFd<'_>) -> Res<()> {
     let st = stat_fd(fd)?;
-    let mut mode = st.st_mode & 0o7777;
-    mode &= !libc::S_ISUID;
-    if mode & libc::S_IXGRP != 0 {
-        mode &= !libc::S_ISGID;
-    }
+    let mode = without_setid(st.st_mode & 0o7777);
     if mode != st.st_mode & 0o7777 {
         rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(errno_of)?;
     }
@@ -656,11 +633,7 @@ impl FilterFs {
         if kill {
             let st = stat_fd(path_fd.as_fd())?;
             if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-                let mut m = st.st_mode & 0o7777;
-                m &= !libc::S_ISUID;
-                if m & libc::S_IXGRP != 0 {
-                    m &= !libc::S_ISGID;
-                }
+                let m = without_setid(st.st_mode & 0o7777);
                 if m != st.st_mode & 0o7777 {
                     rustix::fs::chmod(&proc_path, Mode::from_raw_mode(m)).map_err(errno_of)?;
                 }
@@ -716,25 +689,8 @@ impl FilterFs {
     fn dir(&self, fh: FileHandle) -> Res<Arc<OpenDir>> {
         self.dirs.lock().get(&fh.0).cloned().ok_or(libc::EBADF)
     }
-
-    fn xattr_reply(reply: ReplyXattr, size: u32, res: Res<Vec<u8>>) {
-        match res {
-            Ok(v) if size == 0 => reply.size(v.len() as u32),
-            Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
-            Ok(v) => reply.data(&v),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
-    }
 }
 
-fn reply_empty(reply: ReplyEmpty, res: Res<()>) {
-    match res {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(Errno::from_i32(e)),
-    }
-}
-
-/// Reads a whole xattr value, growing the buffer if it changes size under us.
 fn get_xattr(path: &Path, name: &OsStr) -> Res<Vec<u8>> {
     loop {
         let len = rustix::fs::getxattr_query(path, name).map_err(errno_of)?;
@@ -1713,7 +1669,7 @@ impl Filesystem for FilterFs {
             },
             |v| v.len() as u64,
         );
-        Self::xattr_reply(reply, size, res);
+        reply_xattr(reply, size, res);
     }
 
     fn listxattr(&self, req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
@@ -1728,7 +1684,7 @@ impl Filesystem for FilterFs {
             },
             |v| v.len() as u64,
         );
-        Self::xattr_reply(reply, size, res);
+        reply_xattr(reply, size, res);
     }
 
     fn removexattr(&self, req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

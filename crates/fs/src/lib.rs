@@ -23,6 +23,7 @@ pub mod filters;
 mod fs;
 mod inode;
 mod pool;
+pub mod reply;
 mod sys;
 
 use std::io;

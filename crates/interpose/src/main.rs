@@ -91,7 +91,7 @@ struct MountArgs {
     /// Serve all file data from the daemon instead of the kernel's FUSE passthrough.
     #[arg(long)]
     no_passthrough: bool,
-    /// Threads reading requests from the kernel [default: 1; more rarely helps, see docs/guide.md].
+    /// Threads reading requests from the kernel [default: 4; see docs/guide.md].
     #[arg(long)]
     threads: Option<usize>,
     /// Seconds the kernel may cache attributes, names and absent names.

@@ -110,12 +110,10 @@ fn handle(
     req: &Request,
 ) -> Result<Value, Error> {
     let jpath = store.dir().join("journal");
-    let id = store.meta().id.clone();
-    let _ = id;
     match req.cmd.as_str() {
         "status" | "log" => {
             let v = shared.view.lock();
-            let (j, recs) = reopen(store, &jpath, &v)?;
+            let (j, recs) = reopen(store, &jpath)?;
             drop(v);
             if req.cmd == "status" {
                 Ok(serde_json::to_value(store.status(&j, &recs, true)?).expect("serialises"))
@@ -130,7 +128,7 @@ fn handle(
             let mut v = shared.view.lock();
             v.sync()
                 .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
-            let (_, recs) = reopen(store, &jpath, &v)?;
+            let (_, recs) = reopen(store, &jpath)?;
             let backing = v.backing.clone();
             let mut progress = |p: CommitProgress| {
                 let _ = send(conn, json!({ "progress": p }));
@@ -147,7 +145,7 @@ fn handle(
                 let mut v = shared.view.lock();
                 v.sync()
                     .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
-                let (_, recs) = reopen(store, &jpath, &v)?;
+                let (_, recs) = reopen(store, &jpath)?;
                 let mut stale: Vec<(u64, Option<(u64, std::ffi::OsString)>)> =
                     v.ids().into_iter().map(|i| (i, None)).collect();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
@@ -177,21 +175,8 @@ fn handle(
 }
 
 /// The records of the view's journal, read afresh (the view keeps no list of them).
-fn reopen(
-    store: &Store,
-    path: &Path,
-    v: &View,
-) -> Result<(Journal, Vec<crate::journal::Record>), Error> {
-    let _ = v;
-    let id = {
-        let mut out = [0u8; 16];
-        let hex = &store.meta().id;
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
-        }
-        out
-    };
-    Journal::open(path, id, false)
+fn reopen(store: &Store, path: &Path) -> Result<(Journal, Vec<crate::journal::Record>), Error> {
+    Journal::open(path, store.meta().id_bytes(), false)
 }
 
 /// Replaces the view with one built from the store, keeping the node numbers the kernel

@@ -21,6 +21,8 @@ use fuser::{
 };
 use parking_lot::Mutex;
 
+use interpose_fs::reply::{check_name, reply_empty, reply_xattr};
+
 use crate::change::{NewKind, RawPath, Time};
 use crate::view::{self, Attr, Res, View, ROOT};
 
@@ -79,24 +81,13 @@ impl Shared {
 pub struct IsolatedFs(pub Arc<Shared>);
 
 fn systime((s, n): Time) -> SystemTime {
-    if s >= 0 {
-        UNIX_EPOCH + Duration::new(s as u64, n)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(n as u64)
-    }
+    interpose_fs::reply::system_time(s, n)
 }
 
 fn time_of(t: TimeOrNow) -> Time {
     match t {
         TimeOrNow::Now => view::now(),
-        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-            // fuser decodes (sec < 0, nsec) as epoch - (|sec| + nsec): undo that.
-            Err(e) => (
-                -(e.duration().as_secs() as i64),
-                e.duration().subsec_nanos(),
-            ),
-        },
+        TimeOrNow::SpecificTime(t) => interpose_fs::reply::kernel_time(t),
     }
 }
 
@@ -132,32 +123,8 @@ fn fattr(id: u64, a: &Attr) -> FileAttr {
     }
 }
 
-fn check_name(name: &OsStr) -> Res<()> {
-    let b = name.as_bytes();
-    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
-        return Err(libc::EINVAL);
-    }
-    Ok(())
-}
-
 fn err(reply_err: i32) -> Errno {
     Errno::from_i32(reply_err)
-}
-
-fn reply_empty(reply: ReplyEmpty, res: Res<()>) {
-    match res {
-        Ok(()) => reply.ok(),
-        Err(e) => reply.error(err(e)),
-    }
-}
-
-fn xattr_reply(reply: ReplyXattr, size: u32, res: Res<Vec<u8>>) {
-    match res {
-        Ok(v) if size == 0 => reply.size(v.len() as u32),
-        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
-        Ok(v) => reply.data(&v),
-        Err(e) => reply.error(err(e)),
-    }
 }
 
 /// Drops set-user-ID, and set-group-ID if group-executable, as a write by someone without
@@ -167,11 +134,7 @@ fn kill_suid_sgid(v: &mut View, id: u64) -> Res<()> {
     if a.is_dir() {
         return Ok(());
     }
-    let mut m = a.mode & 0o7777;
-    m &= !libc::S_ISUID;
-    if m & libc::S_IXGRP != 0 {
-        m &= !libc::S_ISGID;
-    }
+    let m = interpose_fs::reply::without_setid(a.mode & 0o7777);
     if m != a.mode & 0o7777 {
         v.set_attr(id, Some(m), None, None, None, None)?;
     }
@@ -806,7 +769,7 @@ impl Filesystem for IsolatedFs {
         size: u32,
         reply: ReplyXattr,
     ) {
-        xattr_reply(
+        reply_xattr(
             reply,
             size,
             self.0.view.lock().xattr_get(ino.0, name.as_bytes()),
@@ -814,7 +777,7 @@ impl Filesystem for IsolatedFs {
     }
 
     fn listxattr(&self, _req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        xattr_reply(reply, size, self.0.view.lock().xattr_list(ino.0));
+        reply_xattr(reply, size, self.0.view.lock().xattr_list(ino.0));
     }
 
     fn removexattr(&self, _req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

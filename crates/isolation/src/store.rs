@@ -41,7 +41,8 @@ pub struct Meta {
 }
 
 impl Meta {
-    fn id_bytes(&self) -> [u8; 16] {
+    /// The id as the journal header holds it.
+    pub fn id_bytes(&self) -> [u8; 16] {
         let mut out = [0u8; 16];
         for (i, o) in out.iter_mut().enumerate() {
             *o = u8::from_str_radix(self.id.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);

@@ -933,10 +933,8 @@ impl View {
         }
         if (uid.is_some() || gid.is_some()) && mode.is_none() && !n.attr.is_dir() {
             // chown(2) drops set-user-ID, and set-group-ID if group-executable.
-            n.attr.mode &= !libc::S_ISUID;
-            if n.attr.mode & libc::S_IXGRP != 0 {
-                n.attr.mode &= !libc::S_ISGID;
-            }
+            let kind = n.attr.mode & !0o7777;
+            n.attr.mode = kind | interpose_fs::reply::without_setid(n.attr.mode & 0o7777);
         }
         if let Some(t) = atime {
             n.attr.atime = t;

@@ -1,0 +1,67 @@
+//! Small pieces every interpose FUSE front end needs (the filter file system and the
+//! isolated view): name checks, reply helpers, fuser's time decoding undone, and the mode
+//! a write leaves behind.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{Errno, ReplyEmpty, ReplyXattr};
+
+/// A single name component the kernel may send: not empty, `.`, `..` or with a `/`.
+pub fn check_name(name: &OsStr) -> Result<(), i32> {
+    let b = name.as_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(libc::EINVAL);
+    }
+    Ok(())
+}
+
+pub fn reply_empty(reply: ReplyEmpty, res: Result<(), i32>) {
+    match res {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(Errno::from_i32(e)),
+    }
+}
+
+/// Answers getxattr/listxattr: the size when asked for it, ERANGE when it does not fit.
+pub fn reply_xattr(reply: ReplyXattr, size: u32, res: Result<Vec<u8>, i32>) {
+    match res {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(Errno::from_i32(e)),
+    }
+}
+
+/// (seconds, nanoseconds) since the epoch as a SystemTime, before 1970 too.
+pub fn system_time(secs: i64, nsec: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// The kernel's (seconds, nanoseconds) of a time a setattr carries. fuser 0.18 decodes
+/// (sec < 0, nsec) as epoch - (|sec| + nsec) rather than epoch - |sec| + nsec; this undoes
+/// exactly that.
+pub fn kernel_time(t: SystemTime) -> (i64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+        Err(e) => (
+            -(e.duration().as_secs() as i64),
+            e.duration().subsec_nanos(),
+        ),
+    }
+}
+
+/// Permission bits after a write or chown by someone without CAP_FSETID: set-user-ID
+/// goes, and set-group-ID when the group may execute.
+pub fn without_setid(perm: u32) -> u32 {
+    let mut m = perm & !libc::S_ISUID;
+    if m & libc::S_IXGRP != 0 {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
