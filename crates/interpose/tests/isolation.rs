@@ -14,7 +14,10 @@
 //! - remount, a store of another backing directory, a directory that is not a store or
 //!   lies inside BACKING, a corrupt record, a torn last record, a store on another file
 //!   system, a store on a full file system;
-//! - two descriptors and a shared mapping of one isolated file, also across a discard.
+//! - two descriptors and a shared mapping of one isolated file, also across a discard;
+//! - files read, closed and at once rewritten or truncated (8 threads, so the kernel's
+//!   release of the passthrough open is still in flight), and a file held open read-only
+//!   refusing writers with ETXTBSY until closed.
 
 mod common;
 mod support;
@@ -2498,4 +2501,92 @@ fn two_descriptors_and_a_shared_mapping_see_each_others_writes() {
     assert_eq!(read(&d.backing.join("shared")), want, "the committed file");
     assert_eq!(read(&p), want, "the view after commit");
     m.stop();
+}
+
+/// Unchanged files opened read-only are served by the kernel's passthrough, and such a
+/// file cannot be written while open that way. close(2) returns before the kernel
+/// releases the file, so reading a file, closing it and rewriting it at once (what
+/// editors and build tools do) must not trip over the release still in flight; a file
+/// really held open for reading refuses writers with ETXTBSY, and accepts them once closed.
+#[test]
+fn a_file_read_then_closed_can_be_rewritten_at_once_and_one_held_open_refuses_writers() {
+    let d = dirs();
+    const FILES: usize = 400;
+    for i in 0..FILES {
+        fs::write(d.backing.join(format!("f{i}")), pattern(5000, i as u8)).unwrap();
+    }
+    fs::write(d.backing.join("held"), b"original").unwrap();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    // Several at once, so that releases queue behind other requests as on a busy machine.
+    const THREADS: usize = 8;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let mnt = &d.mnt;
+            scope.spawn(move || {
+                for i in (t..FILES).step_by(THREADS) {
+                    let p = mnt.join(format!("f{i}"));
+                    assert_eq!(read(&p), pattern(5000, i as u8), "f{i} before the rewrite");
+                    // Half by open(O_TRUNC), half by truncate(2) on the path, then a write.
+                    if i % 2 == 0 {
+                        fs::write(&p, format!("rewritten {i}")).unwrap_or_else(|e| {
+                            panic!("rewriting f{i} right after reading it: {e}")
+                        });
+                    } else {
+                        truncate_path(&p).unwrap_or_else(|e| {
+                            panic!("truncating f{i} right after reading it: {e}")
+                        });
+                        OpenOptions::new()
+                            .write(true)
+                            .open(&p)
+                            .unwrap()
+                            .write_all(format!("rewritten {i}").as_bytes())
+                            .unwrap();
+                    }
+                }
+            });
+        }
+    });
+    for i in 0..FILES {
+        assert_eq!(
+            read_str(&d.mnt.join(format!("f{i}"))),
+            format!("rewritten {i}")
+        );
+    }
+
+    // Held open for reading: writers are refused, with the reason, until it is closed.
+    let held = d.mnt.join("held");
+    let reader = File::open(&held).unwrap();
+    let e = OpenOptions::new().write(true).open(&held).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ETXTBSY),
+        "opening for writing a file held open read-only: {e}"
+    );
+    let e = truncate_path(&held).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::ETXTBSY),
+        "truncating a file held open read-only: {e}"
+    );
+    let mut got = String::new();
+    (&reader).read_to_string(&mut got).unwrap();
+    assert_eq!(got, "original", "the reader's view");
+    drop(reader);
+    fs::write(&held, b"replaced").expect("writing once the reader has closed");
+    assert_eq!(read_str(&held), "replaced");
+    assert_eq!(read_str(&d.backing.join("held")), "original");
+    assert_untouched(&d.backing, &before, "before commit");
+    m.stop();
+}
+
+/// truncate(2) of a path to length 0.
+fn truncate_path(p: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(s(p)).unwrap();
+    // SAFETY: truncate(2) reads the NUL-terminated path and shares no other memory.
+    if unsafe { libc::truncate(c.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

@@ -2,7 +2,9 @@
 //! every change goes through it into the journal. Files that are unchanged and opened
 //! only for reading use the kernel's FUSE passthrough to the backing file (reads never
 //! enter the daemon); a file open that way cannot be opened for writing at the same time
-//! (ETXTBSY), since the kernel cannot switch an open file away from passthrough.
+//! (ETXTBSY), since the kernel cannot switch an open file away from passthrough. As the
+//! kernel sends RELEASE after close(2) has returned, a writer first waits a moment for
+//! passthrough opens that are already closed to be released.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -11,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -19,7 +21,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use interpose_fs::reply::{check_name, reply_empty, reply_xattr};
 
@@ -57,6 +59,8 @@ struct OpenDir {
 pub struct Shared {
     pub view: Mutex<View>,
     pub notifier: Mutex<Option<fuser::Notifier>>,
+    /// Signalled when a passthrough open is released (see [`IsolatedFs::await_passthrough_closed`]).
+    passthrough_released: Condvar,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
@@ -69,6 +73,7 @@ impl Shared {
         Arc::new(Shared {
             view: Mutex::new(view),
             notifier: Mutex::new(None),
+            passthrough_released: Condvar::new(),
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -79,6 +84,11 @@ impl Shared {
 }
 
 pub struct IsolatedFs(pub Arc<Shared>);
+
+/// How long a writer waits for passthrough opens to be released before ETXTBSY. Releases
+/// of files already closed arrive within milliseconds; this only bounds the wait behind a
+/// reader that really keeps the file open.
+const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 fn systime((s, n): Time) -> SystemTime {
     interpose_fs::reply::system_time(s, n)
@@ -168,6 +178,28 @@ impl IsolatedFs {
         self.0.files.lock().get(&fh.0).cloned().ok_or(libc::EBADF)
     }
 
+    /// Waits until `id` has no passthrough open, or ETXTBSY after [`PASSTHROUGH_RELEASE_WAIT`].
+    /// close(2) returns before the kernel sends RELEASE, so a program that reads a file,
+    /// closes it and then writes it would otherwise race its own release.
+    fn await_passthrough_closed(&self, v: &mut MutexGuard<'_, View>, id: u64) -> Res<()> {
+        let deadline = Instant::now() + PASSTHROUGH_RELEASE_WAIT;
+        while v.node(id)?.passthrough_opens > 0 {
+            if self
+                .0
+                .passthrough_released
+                .wait_until(v, deadline)
+                .timed_out()
+            {
+                if v.node(id)?.passthrough_opens > 0 {
+                    // The kernel would fail a write to it with EIO; say why instead.
+                    return Err(libc::ETXTBSY);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Registers an open; decides passthrough.
     fn open_node(
         &self,
@@ -177,15 +209,14 @@ impl IsolatedFs {
     ) -> Res<(u64, Option<Arc<BackingId>>)> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut v = self.0.view.lock();
+        if write {
+            if v.node(id)?.attr.is_dir() {
+                return Err(libc::EISDIR);
+            }
+            self.await_passthrough_closed(&mut v, id)?;
+        }
         let backing = v.backing.clone();
         let n = v.node_mut(id)?;
-        if n.attr.is_dir() && write {
-            return Err(libc::EISDIR);
-        }
-        if write && n.passthrough_opens > 0 {
-            // The kernel would fail this open with EIO; say why instead.
-            return Err(libc::ETXTBSY);
-        }
         let cached_opens = n.opens - n.passthrough_opens;
         let mut bid = None;
         if !write
@@ -323,9 +354,7 @@ impl Filesystem for IsolatedFs {
         let res = (|| {
             let mut v = self.0.view.lock();
             if let Some(size) = size {
-                if v.node(id)?.passthrough_opens > 0 {
-                    return Err(libc::ETXTBSY);
-                }
+                self.await_passthrough_closed(&mut v, id)?;
                 if size != v.node(id)?.attr.size || v.node(id)?.attr.is_file() {
                     v.truncate(id, size)?;
                 }
@@ -622,6 +651,7 @@ impl Filesystem for IsolatedFs {
             }
             if pt {
                 n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
+                self.0.passthrough_released.notify_all();
             }
             if n.opens == 0 {
                 n.origin_file = None;
