@@ -16,17 +16,39 @@ cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
 echo "== tests" >&2
-cargo nextest run --workspace --locked --profile ci "$@"
+# The harness notes every mount's life here; shown below for anything left behind.
+INTERPOSE_TEST_EVENTS="$(mktemp /tmp/interpose-test-events.XXXXXX)"
+export INTERPOSE_TEST_EVENTS
+status=0
+cargo nextest run --workspace --locked --profile ci "$@" || status=$?
 
-# Nothing may be left behind: no interpose mounts, no daemons.
-# Test mounts live under directories named interpose-test-*.
-if grep -q 'interpose-test-' /proc/self/mountinfo; then
+# Nothing may be left behind: no interpose mounts, no daemons. Test mounts live under
+# directories named interpose-test-*. Anything found is reported, then cleaned up.
+leftover=0
+mounts="$(awk '$5 ~ /interpose-test-/ {print $5}' /proc/self/mountinfo)"
+if [ -n "$mounts" ]; then
+    leftover=1
     echo "test: test mounts left behind:" >&2
     grep 'interpose-test-' /proc/self/mountinfo >&2
-    exit 1
+    for m in $mounts; do
+        echo "test: the harness's notes on $m:" >&2
+        grep -F -- "$m" "$INTERPOSE_TEST_EVENTS" >&2 || echo "  (none)" >&2
+    done
 fi
 if pgrep -x interpose >/dev/null; then
-    echo "test: interpose processes left behind: $(pgrep -x interpose | tr '\n' ' ')" >&2
+    leftover=1
+    echo "test: interpose processes left behind:" >&2
+    ps -o pid,ppid,etimes,args -p "$(pgrep -x interpose | paste -sd,)" >&2
+    pkill -KILL -x interpose || true
+fi
+for m in $mounts; do
+    umount -l "$m" || true
+done
+rm -f "$INTERPOSE_TEST_EVENTS"
+if [ "$status" != 0 ]; then
+    exit "$status"
+fi
+if [ "$leftover" = 1 ]; then
     exit 1
 fi
 echo "test: all green, nothing left behind" >&2

@@ -84,12 +84,32 @@ impl Mounted {
         self.notifier.clone()
     }
 
-    /// Waits until the file system is unmounted (by us or by anyone else).
+    /// Waits until the file system is unmounted (by us or by anyone else). If the session
+    /// ended any other way (an error, a panic), the mount is detached before returning, so
+    /// that no dead mount outlives the daemon.
     pub fn join(self) -> io::Result<()> {
-        match self.session.join() {
+        let res = match self.session.join() {
             Ok(res) => res,
             Err(_) => Err(io::Error::other("FUSE session thread panicked")),
+        };
+        if res.is_err() {
+            detach(&self.unmounter, &self.mountpoint);
         }
+        res
+    }
+
+    /// Unmounts (lazily if busy) and waits for the session to end: for giving up on a
+    /// mount that was made but cannot be used.
+    pub fn abandon(self) {
+        detach(&self.unmounter, &self.mountpoint);
+        let _ = self.session.join();
+    }
+}
+
+fn detach(unmounter: &Mutex<fuser::SessionUnmounter>, mountpoint: &std::path::Path) {
+    if let Err(e) = unmounter.lock().unmount() {
+        tracing::warn!("unmounting {}: {e}; detaching it", mountpoint.display());
+        let _ = rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH);
     }
 }
 

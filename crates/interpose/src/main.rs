@@ -229,12 +229,19 @@ fn fs_mount(args: MountArgs) -> Result<()> {
         None if names.is_empty() => "no filters".to_owned(),
         None => format!("filters: {}", names.join(", ")),
     };
-    // The readiness line: scripts and tests wait for it.
-    println!(
-        "mounted {} at {} ({filters}); Ctrl-C to unmount",
-        args.backing.display(),
-        args.mountpoint.display()
-    );
+    // The readiness line: scripts and tests wait for it. A reader that has gone away is
+    // no reason to stop serving (println! would panic and leave the mount dead).
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "mounted {} at {} ({filters}); Ctrl-C to unmount",
+            args.backing.display(),
+            args.mountpoint.display()
+        )
+        .and_then(|()| out.flush());
+    }
     let mut unmounter = mounted.unmounter();
     let handle = signals.handle();
     let mountpoint = args.mountpoint.clone();

@@ -143,7 +143,13 @@ pub fn mount(
     .map_err(|e| Error::Control(e.to_string()))?;
     *shared.notifier.lock() = Some(mounted.notifier());
     let store = std::sync::Arc::new(store);
-    let control = control::start(store.clone(), shared.clone())?;
+    let control = match control::start(store.clone(), shared.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            mounted.abandon();
+            return Err(e);
+        }
+    };
     Ok(IsolatedMount {
         mounted,
         shared,

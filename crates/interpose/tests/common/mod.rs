@@ -10,6 +10,32 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_interpose")
 }
 
+/// Notes a mount's life in $INTERPOSE_TEST_EVENTS (set by scripts/test.sh), which shows
+/// them for any mount left behind: which test made it, by which daemon, what became of it.
+pub fn event(what: std::fmt::Arguments) {
+    use std::io::Write;
+    let Some(path) = std::env::var_os("INTERPOSE_TEST_EVENTS") else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let line = format!(
+        "{}.{:06} [{}] {what}\n",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::thread::current().name().unwrap_or("?")
+    );
+    // One write with O_APPEND: lines of concurrent tests do not interleave.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
 /// Whether `path` is a mount point right now (from /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
@@ -47,8 +73,14 @@ impl Mount {
     pub fn stop(mut self) -> String {
         let mut child = self.child.take().unwrap();
         signal(&child, libc::SIGTERM);
+        let pid = child.id();
         let status = wait_timeout(&mut child, Duration::from_secs(20))
             .expect("daemon did not exit after SIGTERM");
+        let mounted = is_mounted(&self.mnt);
+        event(format_args!(
+            "stop pid {pid} {}: {status}, mounted afterwards: {mounted}",
+            self.mnt.display()
+        ));
         let mut err = String::new();
         child
             .stderr
@@ -60,7 +92,7 @@ impl Mount {
             status.success(),
             "daemon exit status {status:?}\nstderr:\n{err}"
         );
-        assert!(!is_mounted(&self.mnt), "still mounted after clean exit");
+        assert!(!mounted, "still mounted after clean exit");
         err
     }
 
@@ -69,6 +101,11 @@ impl Mount {
         let mut child = self.child.take().unwrap();
         signal(&child, libc::SIGKILL);
         let _ = child.wait();
+        event(format_args!(
+            "killed pid {} {}",
+            child.id(),
+            self.mnt.display()
+        ));
     }
 
     /// Unmounts a mount whose daemon is dead, with the real `interpose fs unmount`.
@@ -78,6 +115,10 @@ impl Mount {
             .arg(&self.mnt)
             .status()
             .unwrap();
+        event(format_args!(
+            "unmount of a dead mount {}: {status}",
+            self.mnt.display()
+        ));
         assert!(
             status.success(),
             "interpose fs unmount failed on a dead mount"
@@ -89,6 +130,11 @@ impl Mount {
 impl Drop for Mount {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            event(format_args!(
+                "dropped while running: pid {} {}",
+                child.id(),
+                self.mnt.display()
+            ));
             signal(&child, libc::SIGTERM);
             if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
                 let _ = child.kill();
@@ -96,6 +142,10 @@ impl Drop for Mount {
             }
         }
         if is_mounted(&self.mnt) {
+            event(format_args!(
+                "dropped and still mounted, detaching {}",
+                self.mnt.display()
+            ));
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
         }
     }
@@ -180,7 +230,11 @@ impl Mount {
             .unwrap_or_else(|e| panic!("start interpose (prefix {prefix:?}): {e}"));
         let stdout = child.stdout.take().unwrap();
         match BufReader::new(stdout).lines().next() {
-            Some(Ok(line)) if line.starts_with("mounted ") => {}
+            Some(Ok(line)) if line.starts_with("mounted ") => event(format_args!(
+                "mounted pid {} {} {args:?}",
+                child.id(),
+                mnt.display()
+            )),
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
