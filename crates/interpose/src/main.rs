@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod image_cmd;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use interpose_fs::filter::Chain;
@@ -33,6 +35,9 @@ enum Command {
     /// Pending changes of an isolated mount: status, log, commit, discard.
     #[command(subcommand)]
     Isolation(IsolationCommand),
+    /// Compressed disk images with bad-block information: create, info, verify, extract.
+    #[command(subcommand)]
+    Image(image_cmd::ImageCommand),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +147,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fs(FsCommand::Mount(args)) => fs_mount(args),
         Command::Fs(FsCommand::Unmount { mountpoint, lazy }) => fs_unmount(&mountpoint, lazy),
         Command::Isolation(cmd) => isolation(cmd),
+        Command::Image(cmd) => image_cmd::run(cmd),
     }
 }
 

@@ -1,0 +1,571 @@
+//! Building an image in one sequential pass over the source: one thread reads, the
+//! workers compress chunks in parallel, one thread writes them in order, builds the
+//! index and hashes the readable bytes. The output is a temporary file renamed into
+//! place only when complete (or a stream whose sealed trailer comes last), so an
+//! interrupted run never leaves anything that opens as a valid image.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    self, BadExtent, Codec, Entry, Header, Kind, Metadata, Section, DATA_OFFSET, FLAG_SEALED,
+    HEADER_SIZE, MAX_CHUNK_SHIFT, MIN_CHUNK_SHIFT,
+};
+use crate::mapfile;
+use crate::source::bad_within;
+
+/// How to build an image.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub chunk_shift: u32,
+    /// zstd level (1..=22; negative levels are zstd's fast modes).
+    pub level: i32,
+    pub threads: usize,
+    /// What the metadata calls the source (default: its path).
+    pub source_name: Option<String>,
+    pub mapfile: Option<PathBuf>,
+    /// Free-form KEY=VALUE pairs for the metadata.
+    pub user: BTreeMap<String, String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            chunk_shift: format::DEFAULT_CHUNK_SHIFT,
+            level: 3,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            source_name: None,
+            mapfile: None,
+            user: BTreeMap::new(),
+        }
+    }
+}
+
+/// Parses a chunk size such as `65536`, `64K`, `64KiB` or `1M` (a power of two, 4 KiB
+/// to 1 MiB) into its shift.
+pub fn parse_chunk_size(s: &str) -> Result<u32> {
+    let t = s.trim();
+    let (num, mult) = match t.trim_end_matches(['B', 'b']).trim_end_matches(['i', 'I']) {
+        x if x.ends_with(['k', 'K']) => (&x[..x.len() - 1], 1u64 << 10),
+        x if x.ends_with(['m', 'M']) => (&x[..x.len() - 1], 1u64 << 20),
+        x => (x, 1),
+    };
+    let bytes = num
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| Error::Invalid(format!("chunk size {s:?}: not a size")))?;
+    if !bytes.is_power_of_two()
+        || !(1u64 << MIN_CHUNK_SHIFT..=1u64 << MAX_CHUNK_SHIFT).contains(&bytes)
+    {
+        return Err(Error::Invalid(format!(
+            "chunk size {s:?}: must be a power of two from 4 KiB to 1 MiB"
+        )));
+    }
+    Ok(bytes.trailing_zeros())
+}
+
+/// Where the image goes.
+pub enum Output<'a> {
+    /// A file, written as a temporary next to it and renamed when complete.
+    Path(&'a Path),
+    /// A stream (e.g. stdout): header first (unsealed), sealed trailer last.
+    Stream(Box<dyn Write + Send + 'a>),
+}
+
+/// What a finished build says.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Report {
+    pub virtual_size: u64,
+    pub file_len: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub raw_chunks: u64,
+    pub compressed_chunks: u64,
+    pub bad_extents: usize,
+    pub bad_bytes: u64,
+    pub blake3: String,
+}
+
+/// One chunk's worth of work and its result.
+struct Job {
+    index: u64,
+    data: Vec<u8>,
+    bad: Vec<BadExtent>,
+}
+
+struct Done {
+    index: u64,
+    /// The chunk (bad bytes zeroed), kept for hashing and raw storage.
+    data: Vec<u8>,
+    bad: Vec<BadExtent>,
+    kind: Kind,
+    compressed: Vec<u8>,
+    crc: u32,
+}
+
+/// Builds an image of `source` (a file or block device, read once, in order).
+/// `progress` gets bytes read so far; `cancel` stops the build (error Interrupted).
+pub fn create(
+    source: &Path,
+    out: Output,
+    opts: &Options,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    cancel: &AtomicBool,
+) -> Result<Report> {
+    if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&opts.chunk_shift) {
+        return Err(Error::Invalid(format!(
+            "chunk size 2^{} outside 4 KiB..1 MiB",
+            opts.chunk_shift
+        )));
+    }
+    let zstd_levels = zstd::compression_level_range();
+    if !zstd_levels.contains(&opts.level) {
+        return Err(Error::Invalid(format!(
+            "level {} outside zstd's {}..={}",
+            opts.level,
+            zstd_levels.start(),
+            zstd_levels.end()
+        )));
+    }
+    let mut src = File::open(source).map_err(|e| Error::io(format!("{}", source.display()), e))?;
+    let size = src
+        .seek(SeekFrom::End(0))
+        .and_then(|s| src.seek(SeekFrom::Start(0)).map(|_| s))
+        .map_err(|e| Error::io(format!("size of {}", source.display()), e))?;
+    let extents = match &opts.mapfile {
+        Some(m) => mapfile::read(m)?.bad_extents(size)?,
+        None => Vec::new(),
+    };
+    let chunk_size = 1u64 << opts.chunk_shift;
+    let chunk_count = size.div_ceil(chunk_size);
+    let mut uuid = [0u8; 16];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut uuid[..]);
+    uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
+    uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let mut header = Header {
+        version_minor: format::VERSION_MINOR,
+        incompat: 0,
+        compat: 0,
+        flags: 0,
+        virtual_size: size,
+        chunk_shift: opts.chunk_shift,
+        codec: Codec::Zstd,
+        uuid,
+        chunk_count,
+        data_len: 0,
+        index: Section::default(),
+        extents: Section::default(),
+        meta: Section::default(),
+        blake3: [0; 32],
+        bad_bytes: extents.iter().map(|e| e.length).sum(),
+    };
+
+    let (sink, temp) = match out {
+        Output::Path(p) => {
+            let temp = TempOut::new(p)?;
+            let f = temp.file.try_clone().map_err(|e| Error::io("output", e))?;
+            (Sink::new(Box::new(f)), Some(temp))
+        }
+        Output::Stream(w) => (Sink::new(w), None),
+    };
+    let mut sink = sink;
+    sink.write(&header.encode())?;
+
+    let threads = opts.threads.clamp(1, 256);
+    // Bounded queues: memory stays at a few chunks per worker whatever the source size.
+    let (job_tx, job_rx) = sync_channel::<Job>(threads * 4);
+    let (done_tx, done_rx) = sync_channel::<Result<Done>>(threads * 4);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(threads * 8 + 8);
+    for _ in 0..threads * 8 + 8 {
+        let _ = free_tx.try_send(Vec::with_capacity(chunk_size as usize));
+    }
+
+    let written = std::thread::scope(|scope| -> Result<Written> {
+        for _ in 0..threads {
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            let level = opts.level;
+            scope.spawn(move || worker(job_rx, done_tx, level));
+        }
+        drop(done_tx);
+        let shift = opts.chunk_shift;
+        let sink = &mut sink;
+        let writer = scope.spawn(move || write_chunks(sink, done_rx, free_tx, chunk_count, shift));
+        let read = read_chunks(
+            &mut src, source, size, chunk_size, &extents, job_tx, free_rx, progress, cancel,
+        );
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Invalid("the writer thread panicked".into())));
+        read?;
+        written
+    })?;
+    if written.index.len() as u64 != chunk_count * format::INDEX_ENTRY_SIZE as u64 {
+        return Err(Error::Invalid(format!(
+            "only {} of {chunk_count} chunks were written",
+            written.index.len() / format::INDEX_ENTRY_SIZE
+        )));
+    }
+    let Written {
+        data_len,
+        blake3,
+        index,
+        stats,
+    } = written;
+    let mut report = Report {
+        virtual_size: size,
+        file_len: 0,
+        chunks: chunk_count,
+        zero_chunks: stats[0],
+        raw_chunks: stats[1],
+        compressed_chunks: stats[2],
+        bad_extents: extents.len(),
+        bad_bytes: header.bad_bytes,
+        blake3: format::hex(&blake3),
+    };
+
+    header.data_len = data_len;
+    header.blake3 = blake3;
+    let mut at = DATA_OFFSET + data_len;
+    // Tables follow the chunk data in this order, each where the previous one ends.
+    let mut put = |bytes: &[u8]| -> Result<Section> {
+        sink.write(bytes)?;
+        let s = Section {
+            offset: at,
+            len: bytes.len() as u64,
+            crc: crc32c::crc32c(bytes),
+        };
+        at += bytes.len() as u64;
+        Ok(s)
+    };
+    header.index = put(&index)?;
+    let ext: Vec<u8> = extents.iter().flat_map(|e| e.encode()).collect();
+    header.extents = put(&ext)?;
+    let meta = Metadata {
+        source: opts
+            .source_name
+            .clone()
+            .unwrap_or_else(|| source.display().to_string()),
+        created: interpose_core::audit::rfc3339_now(),
+        tool: format!("interpose {}", env!("CARGO_PKG_VERSION")),
+        blake3: format::hex(&blake3),
+        user: opts.user.clone(),
+    };
+    header.meta = put(&serde_json::to_vec_pretty(&meta).expect("metadata serialises"))?;
+    header.flags |= FLAG_SEALED;
+    let sealed = header.encode();
+    sink.write(&sealed)?;
+    sink.flush()?;
+    report.file_len = at + HEADER_SIZE as u64;
+    if let Some(temp) = temp {
+        temp.file
+            .write_all_at(&sealed, 0)
+            .map_err(|e| Error::io("sealing the header", e))?;
+        temp.commit()?;
+    }
+    Ok(report)
+}
+
+/// Reads the source in order into chunk jobs. Stops early if the writer went away (its
+/// error is the one reported) or on cancel.
+#[allow(clippy::too_many_arguments)]
+fn read_chunks(
+    src: &mut File,
+    path: &Path,
+    size: u64,
+    chunk_size: u64,
+    extents: &[BadExtent],
+    jobs: SyncSender<Job>,
+    free: Receiver<Vec<u8>>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    cancel: &AtomicBool,
+) -> Result<()> {
+    let mut pos = 0u64;
+    let mut index = 0u64;
+    while pos < size {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Interrupted);
+        }
+        let len = chunk_size.min(size - pos) as usize;
+        let Ok(mut data) = free.recv() else {
+            return Ok(()); // the writer stopped; it reports why
+        };
+        data.resize(len, 0);
+        let bad = bad_within(extents, pos, len as u64);
+        read_full(src, &mut data, pos, &bad).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {} at {pos}{}",
+                    path.display(),
+                    if extents.is_empty() {
+                        " (a source with unreadable sectors needs a ddrescue copy and its --mapfile)"
+                    } else {
+                        ""
+                    }
+                ),
+                e,
+            )
+        })?;
+        if jobs.send(Job { index, data, bad }).is_err() {
+            return Ok(());
+        }
+        pos += len as u64;
+        index += 1;
+        progress(pos, size);
+    }
+    Ok(())
+}
+
+/// Fills `data` from the source at `pos`. Bytes in bad extents are skipped over (a
+/// device would fail on them) and left zero.
+fn read_full(src: &mut File, data: &mut [u8], pos: u64, bad: &[BadExtent]) -> std::io::Result<()> {
+    if bad.is_empty() {
+        return src.read_exact(data);
+    }
+    let mut at = pos;
+    let end = pos + data.len() as u64;
+    let mut good = |from: u64, to: u64, data: &mut [u8]| -> std::io::Result<()> {
+        if to > from {
+            src.seek(SeekFrom::Start(from))?;
+            src.read_exact(&mut data[(from - pos) as usize..(to - pos) as usize])?;
+        }
+        Ok(())
+    };
+    for x in bad {
+        good(at, x.offset, data)?;
+        data[(x.offset - pos) as usize..(x.end() - pos) as usize].fill(0);
+        at = x.end();
+    }
+    good(at, end, data)?;
+    src.seek(SeekFrom::Start(end))?;
+    Ok(())
+}
+
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Result<Done>>, level: i32) {
+    let mut compressor = match zstd::bulk::Compressor::new(level) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = done.send(Err(Error::Invalid(format!("zstd level {level}: {e}"))));
+            return;
+        }
+    };
+    loop {
+        let job = match jobs.lock().recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let Job { index, data, bad } = job;
+        let crc = crc32c::crc32c(&data);
+        let (kind, compressed) = if is_zero(&data) {
+            (Kind::Zero, Vec::new())
+        } else {
+            // Anything not smaller than the chunk is stored raw.
+            let mut out = Vec::with_capacity(data.len());
+            match compressor.compress_to_buffer(&data, &mut out) {
+                Ok(n) if n < data.len() => (Kind::Compressed, out),
+                _ => (Kind::Raw, Vec::new()),
+            }
+        };
+        let result = Done {
+            index,
+            data,
+            bad,
+            kind,
+            compressed,
+            crc,
+        };
+        if done.send(Ok(result)).is_err() {
+            return;
+        }
+    }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    // OR-folding 64-byte blocks vectorises; stop at the first block with a set bit.
+    let mut blocks = data.chunks_exact(64);
+    blocks
+        .by_ref()
+        .all(|b| b.iter().fold(0u8, |a, &x| a | x) == 0)
+        && blocks.remainder().iter().all(|&x| x == 0)
+}
+
+/// Writes finished chunks in index order; returns (data length, blake3, index bytes,
+/// counts of zero/raw/compressed chunks).
+fn write_chunks(
+    sink: &mut Sink,
+    done: Receiver<Result<Done>>,
+    free: SyncSender<Vec<u8>>,
+    chunk_count: u64,
+    chunk_shift: u32,
+) -> Result<Written> {
+    let mut pending: HashMap<u64, Done> = HashMap::new();
+    let mut next = 0u64;
+    // Grows with the chunks actually written (never sized from a number alone).
+    let mut index = Vec::new();
+    let mut hasher = blake3::Hasher::new();
+    let mut data_len = 0u64;
+    let mut stats = [0u64; 3];
+    while next < chunk_count {
+        let d = match done.recv() {
+            Ok(d) => d?,
+            Err(_) => break, // the reader stopped; it reports why
+        };
+        pending.insert(d.index, d);
+        while let Some(d) = pending.remove(&next) {
+            let bad_len: u64 = d.bad.iter().map(|x| x.length).sum();
+            let flags = if d.bad.is_empty() {
+                0
+            } else if bad_len == d.data.len() as u64 {
+                format::CHUNK_PARTLY_BAD | format::CHUNK_ALL_BAD
+            } else {
+                format::CHUNK_PARTLY_BAD
+            };
+            let (offset, stored): (u64, &[u8]) = match d.kind {
+                Kind::Zero => (0, &[]),
+                Kind::Raw => (DATA_OFFSET + data_len, &d.data),
+                Kind::Compressed => (DATA_OFFSET + data_len, &d.compressed),
+            };
+            sink.write(stored)?;
+            data_len += stored.len() as u64;
+            stats[d.kind as usize] += 1;
+            let entry = Entry {
+                offset,
+                len: stored.len() as u32,
+                crc: if d.kind == Kind::Zero { 0 } else { d.crc },
+                kind: d.kind,
+                flags,
+            };
+            index.extend_from_slice(&entry.encode());
+            hash_readable(&mut hasher, &d.data, next << chunk_shift, &d.bad);
+            let _ = free.try_send(d.data);
+            next += 1;
+        }
+    }
+    Ok(Written {
+        data_len,
+        blake3: *hasher.finalize().as_bytes(),
+        index,
+        stats,
+    })
+}
+
+/// What the writer thread produced.
+struct Written {
+    data_len: u64,
+    blake3: [u8; 32],
+    index: Vec<u8>,
+    /// Chunks stored as zero, raw, compressed.
+    stats: [u64; 3],
+}
+
+/// Hashes the bytes of `data` (which starts at image offset `start`) outside `bad`
+/// (extents clipped to it, in order).
+pub(crate) fn hash_readable(
+    hasher: &mut blake3::Hasher,
+    data: &[u8],
+    start: u64,
+    bad: &[BadExtent],
+) {
+    let mut at = start;
+    for x in bad {
+        hasher.update(&data[(at - start) as usize..(x.offset - start) as usize]);
+        at = x.end();
+    }
+    hasher.update(&data[(at - start) as usize..]);
+}
+
+/// Counts bytes written; buffered.
+struct Sink<'a> {
+    w: BufWriter<Box<dyn Write + Send + 'a>>,
+}
+
+impl<'a> Sink<'a> {
+    fn new(w: Box<dyn Write + Send + 'a>) -> Sink<'a> {
+        Sink {
+            w: BufWriter::with_capacity(1 << 20, w),
+        }
+    }
+    fn write(&mut self, b: &[u8]) -> Result<()> {
+        self.w
+            .write_all(b)
+            .map_err(|e| Error::io("writing the image", e))
+    }
+    fn flush(&mut self) -> Result<()> {
+        self.w
+            .flush()
+            .map_err(|e| Error::io("writing the image", e))
+    }
+}
+
+/// The output file while it is being written: `.NAME.partial-PID` next to NAME, removed
+/// unless committed.
+struct TempOut {
+    file: File,
+    temp: PathBuf,
+    dest: PathBuf,
+    committed: bool,
+}
+
+impl TempOut {
+    fn new(dest: &Path) -> Result<TempOut> {
+        let name = dest
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{}: not a file name", dest.display())))?;
+        let temp = dest.with_file_name(format!(
+            ".{}.partial-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)
+            .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
+        Ok(TempOut {
+            file,
+            temp,
+            dest: dest.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    fn commit(mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(format!("syncing {}", self.temp.display()), e))?;
+        std::fs::rename(&self.temp, &self.dest)
+            .map_err(|e| Error::io(format!("renaming to {}", self.dest.display()), e))?;
+        self.committed = true;
+        if let Some(dir) = self.dest.parent() {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TempOut {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}

@@ -1,0 +1,490 @@
+//! Reading images: open (every table checked before anything is served), read any range
+//! through a bounded, sharded cache of decompressed chunks, verify everything.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::format::{
+    self, BadExtent, Entry, Header, Kind, Metadata, Section, DATA_OFFSET, HEADER_SIZE,
+    INDEX_ENTRY_SIZE,
+};
+use crate::source::{bad_within, check_range, zero_bad, BlockSource, ReadOutcome};
+
+/// Default bound of the decompressed-chunk cache.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+const SHARDS: usize = 16;
+
+/// An open image. Cheap to share between threads (`&Image` is all a read needs).
+pub struct Image {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    /// The chunk index as stored (entries decoded on use; all checked at open).
+    index: Vec<u8>,
+    extents: Vec<BadExtent>,
+    meta: Metadata,
+    cache: Cache,
+}
+
+/// Counts of chunks by how they are stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ChunkStats {
+    pub total: u64,
+    pub zero: u64,
+    pub raw: u64,
+    pub compressed: u64,
+    /// Chunks with at least one bad or untried byte (of any kind above).
+    pub bad: u64,
+    /// Of those, chunks with no real byte at all.
+    pub all_bad: u64,
+    /// Bytes of chunk data stored.
+    pub stored_bytes: u64,
+}
+
+/// What [`Image::verify`] found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Chunks that failed (bad checksum, undecodable, ...), with what is wrong.
+    pub damaged: Vec<Error>,
+    /// The whole-image hash matches the header's and the metadata's.
+    pub hash_ok: bool,
+    pub computed_blake3: String,
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn intact(&self) -> bool {
+        self.damaged.is_empty() && self.hash_ok && self.problems.is_empty()
+    }
+}
+
+fn read_section(file: &File, path: &Path, s: &Section, name: &str) -> Result<Vec<u8>> {
+    // The length was checked against the file's size: this allocation is justified.
+    let mut buf = vec![0u8; s.len as usize];
+    file.read_exact_at(&mut buf, s.offset)
+        .map_err(|e| Error::io(format!("reading the {name} of {}", path.display()), e))?;
+    let crc = crc32c::crc32c(&buf);
+    if crc != s.crc {
+        return Err(Error::Corrupt(format!(
+            "{name} checksum mismatch (stored {:08x}, computed {crc:08x})",
+            s.crc
+        )));
+    }
+    Ok(buf)
+}
+
+impl Image {
+    pub fn open(path: &Path) -> Result<Image> {
+        Image::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens an image whose decompressed-chunk cache holds at most about `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Image> {
+        let file = File::open(path).map_err(|e| Error::io(format!("{}", path.display()), e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("{}", path.display()), e))?
+            .len();
+        let header = Image::read_header(&file, path, file_len)?;
+        header.check_layout(file_len)?;
+        let index = read_section(&file, path, &header.index, "chunk index")?;
+        let extents_raw = read_section(&file, path, &header.extents, "bad-extent table")?;
+        let extents = format::decode_extents(&extents_raw, header.virtual_size)?;
+        let bad_bytes: u64 = extents.iter().map(|e| e.length).sum();
+        if bad_bytes != header.bad_bytes {
+            return Err(Error::Corrupt(format!(
+                "the bad extents cover {bad_bytes} bytes, the header says {}",
+                header.bad_bytes
+            )));
+        }
+        let meta = Metadata::decode(&read_section(&file, path, &header.meta, "metadata")?)?;
+        let image = Image {
+            file,
+            path: path.to_path_buf(),
+            cache: Cache::new(cache_bytes, header.chunk_size() as usize),
+            header,
+            index,
+            extents,
+            meta,
+        };
+        image.check_index()?;
+        Ok(image)
+    }
+
+    /// The header at 0 if sealed (then the trailer must be the same bytes), otherwise
+    /// the trailer (an image streamed where the header could not be rewritten).
+    fn read_header(file: &File, path: &Path, file_len: u64) -> Result<Header> {
+        let mut head = [0u8; HEADER_SIZE];
+        if file_len < HEADER_SIZE as u64 {
+            let mut magic = vec![0u8; file_len as usize];
+            let _ = file.read_exact_at(&mut magic, 0);
+            if magic.len() < 8 || magic[..8] != format::MAGIC {
+                return Err(Error::NotAnImage);
+            }
+            return Err(Error::Truncated(format!(
+                "the header: the file has {file_len} bytes"
+            )));
+        }
+        file.read_exact_at(&mut head, 0)
+            .map_err(|e| Error::io(format!("reading the header of {}", path.display()), e))?;
+        let h = Header::decode(&head)?;
+        if file_len < 2 * HEADER_SIZE as u64 {
+            return Err(if h.sealed() {
+                Error::Truncated("no room for the trailer".into())
+            } else {
+                Error::Incomplete
+            });
+        }
+        let mut tail = [0u8; HEADER_SIZE];
+        file.read_exact_at(&mut tail, file_len - HEADER_SIZE as u64)
+            .map_err(|e| Error::io(format!("reading the trailer of {}", path.display()), e))?;
+        if h.sealed() {
+            if tail != head {
+                return Err(match Header::decode(&tail) {
+                    Err(Error::NotAnImage) => Error::Truncated(
+                        "the trailer is missing (the file was cut short or appended to)".into(),
+                    ),
+                    Err(e) => Error::Corrupt(format!("the trailer: {e}")),
+                    Ok(_) => Error::Corrupt("the trailer differs from the header".into()),
+                });
+            }
+            return Ok(h);
+        }
+        let t = match Header::decode(&tail) {
+            Ok(t) => t,
+            Err(Error::NotAnImage) => return Err(Error::Incomplete),
+            Err(e) => return Err(Error::Corrupt(format!("the trailer: {e}"))),
+        };
+        if !t.sealed() || t.uuid != h.uuid {
+            return Err(Error::Corrupt(
+                "the trailer does not belong to this image's header".into(),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Every entry valid, and chunk data in chunk order without overlaps: a hostile index
+    /// cannot make two chunks share bytes or point outside the data region.
+    fn check_index(&self) -> Result<()> {
+        let mut next = DATA_OFFSET;
+        for i in 0..self.header.chunk_count {
+            let e = self.entry(i)?;
+            if e.kind == Kind::Zero {
+                continue;
+            }
+            if e.offset < next {
+                return Err(Error::Corrupt(format!(
+                    "chunk {i}: data at {} overlaps or precedes the previous chunk's (ending at {next})",
+                    e.offset
+                )));
+            }
+            next = e.offset + e.len as u64;
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    pub fn extents(&self) -> &[BadExtent] {
+        &self.extents
+    }
+
+    pub fn entry(&self, i: u64) -> Result<Entry> {
+        let at = i as usize * INDEX_ENTRY_SIZE;
+        Entry::decode(&self.index[at..at + INDEX_ENTRY_SIZE], i, &self.header)
+    }
+
+    /// Size of the image file.
+    pub fn file_len(&self) -> u64 {
+        self.header.meta.offset + self.header.meta.len + HEADER_SIZE as u64
+    }
+
+    pub fn chunk_stats(&self) -> Result<ChunkStats> {
+        let mut s = ChunkStats {
+            total: self.header.chunk_count,
+            ..ChunkStats::default()
+        };
+        for i in 0..self.header.chunk_count {
+            let e = self.entry(i)?;
+            match e.kind {
+                Kind::Zero => s.zero += 1,
+                Kind::Raw => s.raw += 1,
+                Kind::Compressed => s.compressed += 1,
+            }
+            if e.flags & (format::CHUNK_PARTLY_BAD | format::CHUNK_ALL_BAD) != 0 {
+                s.bad += 1;
+            }
+            if e.flags & format::CHUNK_ALL_BAD != 0 {
+                s.all_bad += 1;
+            }
+            s.stored_bytes += e.len as u64;
+        }
+        Ok(s)
+    }
+
+    fn chunk_range(&self, i: u64) -> (u64, u64) {
+        let start = i << self.header.chunk_shift;
+        (start, start + self.header.chunk_len(i) as u64)
+    }
+
+    fn damaged(&self, i: u64, what: String) -> Error {
+        let (start, end) = self.chunk_range(i);
+        Error::Chunk {
+            chunk: i,
+            start,
+            end,
+            what,
+        }
+    }
+
+    /// Decodes chunk `i` into `out` (exactly the chunk's length), checking its CRC.
+    fn decode_chunk(&self, i: u64, e: &Entry, out: &mut [u8]) -> Result<()> {
+        match e.kind {
+            Kind::Zero => {
+                out.fill(0);
+                return Ok(());
+            }
+            Kind::Raw => {
+                self.file
+                    .read_exact_at(out, e.offset)
+                    .map_err(|err| Error::io(format!("reading chunk {i}"), err))?;
+            }
+            Kind::Compressed => {
+                STORED.with(|stored| -> Result<()> {
+                    let mut stored = stored.borrow_mut();
+                    stored.resize(e.len as usize, 0);
+                    self.file
+                        .read_exact_at(&mut stored, e.offset)
+                        .map_err(|err| Error::io(format!("reading chunk {i}"), err))?;
+                    DECOMPRESSOR.with(|d| {
+                        let mut d = d.borrow_mut();
+                        let n = d
+                            .decompress_to_buffer(&stored[..], out)
+                            .map_err(|err| self.damaged(i, format!("zstd: {err}")))?;
+                        if n != out.len() {
+                            return Err(self.damaged(
+                                i,
+                                format!("decompressed to {n} bytes, the chunk has {}", out.len()),
+                            ));
+                        }
+                        Ok(())
+                    })
+                })?;
+            }
+        }
+        let crc = crc32c::crc32c(out);
+        if crc != e.crc {
+            return Err(self.damaged(
+                i,
+                format!(
+                    "checksum mismatch (stored {:08x}, computed {crc:08x})",
+                    e.crc
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Chunk `i` decompressed, from the cache or decoded into it.
+    fn cached_chunk(&self, i: u64) -> Result<Arc<[u8]>> {
+        if let Some(c) = self.cache.get(i) {
+            return Ok(c);
+        }
+        let e = self.entry(i)?;
+        let mut buf = vec![0u8; self.header.chunk_len(i)];
+        self.decode_chunk(i, &e, &mut buf)?;
+        let c: Arc<[u8]> = buf.into();
+        self.cache.put(i, c.clone());
+        Ok(c)
+    }
+
+    /// Reads `buf.len()` bytes at `offset`. Whole chunks are decoded straight into `buf`
+    /// (a long sequential read does not churn the cache); parts of chunks go through it.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<ReadOutcome> {
+        check_range(offset, buf.len(), self.header.virtual_size)?;
+        let shift = self.header.chunk_shift;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let i = pos >> shift;
+            let (start, end) = self.chunk_range(i);
+            let n = ((end - pos) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            if pos == start && n as u64 == end - start {
+                let e = self.entry(i)?;
+                self.decode_chunk(i, &e, out)?;
+            } else {
+                let e = self.entry(i)?;
+                if e.kind == Kind::Zero {
+                    out.fill(0);
+                } else {
+                    let c = self.cached_chunk(i)?;
+                    let a = (pos - start) as usize;
+                    out.copy_from_slice(&c[a..a + n]);
+                }
+            }
+            done += n;
+        }
+        let bad = bad_within(&self.extents, offset, buf.len() as u64);
+        // Stored bad bytes are zero already; this keeps that promise for any image.
+        zero_bad(buf, offset, &bad);
+        Ok(ReadOutcome { bad })
+    }
+
+    /// Ranges of zero chunks inside `range`, merged.
+    pub fn zero_chunk_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        let mut out: Vec<Range<u64>> = Vec::new();
+        if range.start >= range.end {
+            return Ok(out);
+        }
+        let shift = self.header.chunk_shift;
+        let last = (range.end - 1).min(self.header.virtual_size.saturating_sub(1)) >> shift;
+        for i in range.start >> shift..=last {
+            if self.entry(i)?.kind != Kind::Zero {
+                continue;
+            }
+            let (s, e) = self.chunk_range(i);
+            let (s, e) = (s.max(range.start), e.min(range.end));
+            match out.last_mut() {
+                Some(r) if r.end == s => r.end = e,
+                _ => out.push(s..e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks every chunk and the whole-image hash; `progress` gets bytes done so far.
+    /// Damage to the header or tables fails [`Image::open`] already.
+    pub fn verify(&self, progress: &mut dyn FnMut(u64)) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; self.header.chunk_size() as usize];
+        for i in 0..self.header.chunk_count {
+            let (start, end) = self.chunk_range(i);
+            let out = &mut buf[..(end - start) as usize];
+            let e = self.entry(i)?;
+            let bad = bad_within(&self.extents, start, end - start);
+            let flags_ok = match (bad.is_empty(), bad.iter().map(|x| x.length).sum::<u64>()) {
+                (true, _) => e.flags == 0,
+                (false, n) if n == end - start => {
+                    e.flags == format::CHUNK_PARTLY_BAD | format::CHUNK_ALL_BAD
+                }
+                (false, _) => e.flags == format::CHUNK_PARTLY_BAD,
+            };
+            if !flags_ok {
+                report.damaged.push(self.damaged(
+                    i,
+                    format!(
+                        "bad-sector flags {:#x} disagree with the bad extents",
+                        e.flags
+                    ),
+                ));
+            }
+            match self.decode_chunk(i, &e, out) {
+                Ok(()) => crate::create::hash_readable(&mut hasher, out, start, &bad),
+                Err(err) => {
+                    report.damaged.push(err);
+                    // Keep going; the hash cannot match any more.
+                    hasher.update(b"damaged");
+                }
+            }
+            progress(end);
+        }
+        let computed = hasher.finalize();
+        report.computed_blake3 = computed.to_hex().to_string();
+        report.hash_ok = computed.as_bytes() == &self.header.blake3;
+        if self.meta.blake3 != format::hex(&self.header.blake3) {
+            report.problems.push(format!(
+                "the metadata's blake3 {} differs from the header's {}",
+                self.meta.blake3,
+                format::hex(&self.header.blake3)
+            ));
+        }
+        Ok(report)
+    }
+}
+
+thread_local! {
+    static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static DECOMPRESSOR: RefCell<zstd::bulk::Decompressor<'static>> =
+        RefCell::new(zstd::bulk::Decompressor::new().expect("zstd decompression context"));
+}
+
+impl BlockSource for Image {
+    fn size(&self) -> u64 {
+        self.header.virtual_size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<ReadOutcome> {
+        Image::read_at(self, buf, offset)
+    }
+
+    fn bad_extents(&self) -> &[BadExtent] {
+        &self.extents
+    }
+
+    fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        self.zero_chunk_ranges(range)
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        self.header.chunk_size() as u32
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "image {} ({} bytes, {} KiB chunks, {} bad extents)",
+            self.path.display(),
+            self.header.virtual_size,
+            self.header.chunk_size() >> 10,
+            self.extents.len()
+        )
+    }
+}
+
+/// A bounded cache of decompressed chunks, split in shards so that threads reading
+/// different chunks rarely meet on a lock.
+struct Cache {
+    shards: Vec<Mutex<lru::LruCache<u64, Arc<[u8]>>>>,
+}
+
+impl Cache {
+    fn new(bytes: usize, chunk_size: usize) -> Cache {
+        let per_shard = (bytes / chunk_size / SHARDS).max(1);
+        Cache {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(lru::LruCache::new(NonZeroUsize::new(per_shard).unwrap())))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, i: u64) -> &Mutex<lru::LruCache<u64, Arc<[u8]>>> {
+        &self.shards[(i as usize) % SHARDS]
+    }
+
+    fn get(&self, i: u64) -> Option<Arc<[u8]>> {
+        self.shard(i).lock().get(&i).cloned()
+    }
+
+    fn put(&self, i: u64, c: Arc<[u8]>) {
+        self.shard(i).lock().put(i, c);
+    }
+}

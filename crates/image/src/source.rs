@@ -1,0 +1,183 @@
+//! Read-only block sources: what the block-device service serves. An [`crate::Image`] is
+//! one; a raw file (or block device) with an optional ddrescue mapfile is another.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::BadExtent;
+use crate::mapfile;
+
+/// What a read found besides the bytes: the parts of the range that are not real data
+/// (their bytes in the buffer are zero).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// Bad or untried extents clipped to the range read, in order.
+    pub bad: Vec<BadExtent>,
+}
+
+impl ReadOutcome {
+    /// Every byte read is real data.
+    pub fn is_clean(&self) -> bool {
+        self.bad.is_empty()
+    }
+}
+
+/// A read-only disk image anyone can read any range of, from any thread.
+pub trait BlockSource: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the bytes at `offset`; bytes that are not real data are zero and
+    /// named in the outcome. Errors: out of range, I/O, a damaged image.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<ReadOutcome>;
+
+    /// All bad or untried extents, sorted and disjoint.
+    fn bad_extents(&self) -> &[BadExtent];
+
+    /// Ranges inside `range` known to read as zeros without being stored (holes, zero
+    /// chunks), sorted and disjoint. A source that cannot tell says none.
+    fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        let _ = range;
+        Ok(Vec::new())
+    }
+
+    /// The smallest read that costs no more than any smaller one (a chunk, a page).
+    fn preferred_block_size(&self) -> u32 {
+        4096
+    }
+
+    /// One line for logs and listings.
+    fn describe(&self) -> String;
+}
+
+/// Checks that `len` bytes at `offset` lie inside a source of `size` bytes.
+pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange {
+            offset,
+            len: len as u64,
+            size,
+        }),
+    }
+}
+
+/// The extents of a sorted, disjoint list that meet `offset..offset+len`, clipped to it.
+pub fn bad_within(extents: &[BadExtent], offset: u64, len: u64) -> Vec<BadExtent> {
+    let end = offset + len;
+    let first = extents.partition_point(|e| e.end() <= offset);
+    extents[first..]
+        .iter()
+        .take_while(|e| e.offset < end)
+        .map(|e| {
+            let start = e.offset.max(offset);
+            BadExtent {
+                offset: start,
+                length: e.end().min(end) - start,
+                state: e.state,
+            }
+        })
+        .collect()
+}
+
+/// Zeroes the bytes of `buf` (which holds the range starting at `offset`) that `bad`
+/// (clipped to that range) names.
+pub fn zero_bad(buf: &mut [u8], offset: u64, bad: &[BadExtent]) {
+    for e in bad {
+        let a = (e.offset - offset) as usize;
+        buf[a..a + e.length as usize].fill(0);
+    }
+}
+
+/// A raw image file or block device, with the bad extents of a ddrescue mapfile.
+pub struct RawSource {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    extents: Vec<BadExtent>,
+}
+
+impl RawSource {
+    pub fn open(path: &Path, mapfile: Option<&Path>) -> Result<RawSource> {
+        let mut file = File::open(path).map_err(|e| Error::io(format!("{}", path.display()), e))?;
+        // The end, not metadata's length: block devices report 0 there.
+        let size = file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::io(format!("size of {}", path.display()), e))?;
+        let extents = match mapfile {
+            Some(m) => mapfile::read(m)?.bad_extents(size)?,
+            None => Vec::new(),
+        };
+        Ok(RawSource {
+            file,
+            path: path.to_path_buf(),
+            size,
+            extents,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl BlockSource for RawSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<ReadOutcome> {
+        check_range(offset, buf.len(), self.size)?;
+        let bad = bad_within(&self.extents, offset, buf.len() as u64);
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {} bytes at {offset} of {}",
+                    buf.len(),
+                    self.path.display()
+                ),
+                e,
+            )
+        })?;
+        zero_bad(buf, offset, &bad);
+        Ok(ReadOutcome { bad })
+    }
+
+    fn bad_extents(&self) -> &[BadExtent] {
+        &self.extents
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "raw {} ({} bytes, {} bad extents)",
+            self.path.display(),
+            self.size,
+            self.extents.len()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ExtentState;
+
+    #[test]
+    fn bad_within_clips_to_the_range() {
+        let x = |offset, length| BadExtent {
+            offset,
+            length,
+            state: ExtentState::Bad,
+        };
+        let all = [x(512, 512), x(4096, 1024), x(8192, 512)];
+        assert_eq!(bad_within(&all, 0, 512), vec![]);
+        assert_eq!(bad_within(&all, 0, 1024), vec![x(512, 512)]);
+        assert_eq!(bad_within(&all, 700, 4000), vec![x(700, 324), x(4096, 604)]);
+        assert_eq!(bad_within(&all, 5000, 3192), vec![x(5000, 120)]);
+        assert_eq!(bad_within(&all, 9000, 100), vec![]);
+    }
+}

@@ -1,0 +1,364 @@
+//! `interpose image ...`: argument parsing, progress bars and printing around
+//! interpose-image.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Subcommand, ValueEnum};
+use interpose_image::extract::Fill;
+use interpose_image::format::{self, BadExtent};
+use interpose_image::{create, extract, Image};
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Build an image from SOURCE (a file or block device, read once, in order).
+    Create {
+        source: PathBuf,
+        /// The image to write (`-`: standard output, streamed).
+        #[arg(short, long, value_name = "OUT")]
+        output: PathBuf,
+        /// GNU ddrescue mapfile of SOURCE: its bad and untried areas are recorded and
+        /// not read.
+        #[arg(long, value_name = "MAPFILE")]
+        mapfile: Option<PathBuf>,
+        /// Chunk size: a power of two from 4K to 1M.
+        #[arg(long, value_name = "SIZE", default_value = "64K")]
+        chunk_size: String,
+        /// zstd compression level.
+        #[arg(
+            long,
+            value_name = "N",
+            default_value_t = 3,
+            allow_hyphen_values = true
+        )]
+        level: i32,
+        /// Compression threads [default: the number of CPUs].
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// What the metadata calls the source [default: SOURCE as given].
+        #[arg(long, value_name = "NAME")]
+        source_name: Option<String>,
+        /// A free-form KEY=VALUE for the metadata (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+    },
+    /// Sizes, ratio, chunk counts, bad extents and metadata of an image.
+    Info {
+        image: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every checksum and the whole-image hash; exit status 0 only if intact.
+    Verify { image: PathBuf },
+    /// Write the raw image back out; bad ranges are filled as asked and listed on stderr.
+    Extract {
+        image: PathBuf,
+        /// The raw file to write (`-`: standard output).
+        #[arg(short, long, value_name = "RAW")]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = BadFill::Zero)]
+        bad_fill: BadFill,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BadFill {
+    /// Zero bytes.
+    Zero,
+    /// The 16-byte marker "<BAD SECTOR>\xde\xad\xbe\xef", aligned to image offsets.
+    Pattern,
+}
+
+/// A byte-count progress bar on a terminal; nothing otherwise.
+fn bar(what: &str, total: u64) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} eta {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    Some(b)
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn open(path: &Path) -> Result<Image> {
+    Image::open(path).with_context(|| format!("{}", path.display()))
+}
+
+pub fn run(cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Create {
+            source,
+            output,
+            mapfile,
+            chunk_size,
+            level,
+            threads,
+            source_name,
+            meta,
+        } => {
+            let mut user = BTreeMap::new();
+            for kv in &meta {
+                let Some((k, v)) = kv.split_once('=') else {
+                    bail!("--meta {kv:?}: expected KEY=VALUE");
+                };
+                if k.is_empty() {
+                    bail!("--meta {kv:?}: empty key");
+                }
+                user.insert(k.to_owned(), v.to_owned());
+            }
+            let opts = create::Options {
+                chunk_shift: create::parse_chunk_size(&chunk_size)?,
+                level,
+                threads: threads.unwrap_or(create::Options::default().threads),
+                source_name,
+                mapfile,
+                user,
+            };
+            // Ctrl-C or SIGTERM stops the build; the partial output is removed.
+            let cancel = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, cancel.clone())
+                    .context("installing signal handlers")?;
+            }
+            let pb = bar("create", 0);
+            let progress = |done: u64, total: u64| {
+                if let Some(b) = &pb {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            };
+            let out = if output.as_os_str() == "-" {
+                if std::io::stdout().is_terminal() {
+                    bail!("not writing an image to a terminal; redirect standard output");
+                }
+                create::Output::Stream(Box::new(std::io::stdout()))
+            } else {
+                create::Output::Path(&output)
+            };
+            let report = create::create(&source, out, &opts, &progress, &cancel)
+                .with_context(|| format!("creating an image of {}", source.display()));
+            if let Some(b) = pb {
+                b.finish_and_clear();
+            }
+            let report = report?;
+            eprintln!(
+                "{}: {} -> {} ({:.2}:1); {} chunks: {} zero, {} raw, {} compressed; {} bad extents ({} bytes)",
+                output.display(),
+                human(report.virtual_size),
+                human(report.file_len),
+                report.virtual_size as f64 / report.file_len.max(1) as f64,
+                report.chunks,
+                report.zero_chunks,
+                report.raw_chunks,
+                report.compressed_chunks,
+                report.bad_extents,
+                report.bad_bytes
+            );
+            Ok(())
+        }
+        ImageCommand::Info { image, json } => info(&image, json),
+        ImageCommand::Verify { image } => verify(&image),
+        ImageCommand::Extract {
+            image,
+            output,
+            bad_fill,
+        } => {
+            let img = open(&image)?;
+            let fill = match bad_fill {
+                BadFill::Zero => Fill::Zero,
+                BadFill::Pattern => Fill::Pattern,
+            };
+            let pb = bar("extract", img.header().virtual_size);
+            let mut progress = |done: u64| {
+                if let Some(b) = &pb {
+                    b.set_position(done);
+                }
+            };
+            let bad = if output.as_os_str() == "-" {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                extract::extract(&img, &mut out, fill, &mut progress)
+            } else {
+                let f = std::fs::File::create(&output)
+                    .with_context(|| format!("creating {}", output.display()))?;
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+                let bad = extract::extract(&img, &mut out, fill, &mut progress)?;
+                let f = out.into_inner().map_err(|e| e.into_error())?;
+                f.sync_all()
+                    .with_context(|| format!("syncing {}", output.display()))?;
+                Ok(bad)
+            }
+            .with_context(|| format!("extracting {}", image.display()))?;
+            if let Some(b) = pb {
+                b.finish_and_clear();
+            }
+            for x in &bad {
+                eprintln!(
+                    "{} {}..{} ({} bytes) filled with {}",
+                    x.state.name(),
+                    x.offset,
+                    x.end(),
+                    x.length,
+                    match fill {
+                        Fill::Zero => "zeros",
+                        Fill::Pattern => "the pattern",
+                    }
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn info(path: &Path, json: bool) -> Result<()> {
+    let img = open(path)?;
+    let h = img.header();
+    let stats = img.chunk_stats()?;
+    let meta = img.metadata();
+    let file_len = img.file_len();
+    let ratio = h.virtual_size as f64 / file_len as f64;
+    let uuid = format::hex(&h.uuid);
+    let uuid = format!(
+        "{}-{}-{}-{}-{}",
+        &uuid[0..8],
+        &uuid[8..12],
+        &uuid[12..16],
+        &uuid[16..20],
+        &uuid[20..32]
+    );
+    if json {
+        let v = serde_json::json!({
+            "image": path,
+            "format_version": format!("{}.{}", format::VERSION_MAJOR, h.version_minor),
+            "codec": h.codec.name(),
+            "chunk_size": h.chunk_size(),
+            "virtual_size": h.virtual_size,
+            "file_size": file_len,
+            "ratio": ratio,
+            "uuid": uuid,
+            "chunks": stats,
+            "bad_bytes": h.bad_bytes,
+            "bad_extents": img.extents(),
+            "metadata": meta,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("image:        {}", path.display());
+    println!(
+        "format:       interpose image {}.{}, {}, {} chunks",
+        format::VERSION_MAJOR,
+        h.version_minor,
+        h.codec.name(),
+        human(h.chunk_size())
+    );
+    println!(
+        "virtual size: {} bytes ({})",
+        h.virtual_size,
+        human(h.virtual_size)
+    );
+    println!(
+        "file size:    {} bytes ({}), ratio {ratio:.2}:1",
+        file_len,
+        human(file_len)
+    );
+    println!(
+        "chunks:       {} ({} zero, {} raw, {} compressed); {} with bad bytes, {} wholly bad",
+        stats.total, stats.zero, stats.raw, stats.compressed, stats.bad, stats.all_bad
+    );
+    println!(
+        "bad extents:  {} ({} bytes)",
+        img.extents().len(),
+        h.bad_bytes
+    );
+    print_extents(img.extents());
+    println!("source:       {}", meta.source);
+    println!("created:      {}", meta.created);
+    println!("tool:         {}", meta.tool);
+    println!("blake3:       {}", meta.blake3);
+    println!("uuid:         {uuid}");
+    for (k, v) in &meta.user {
+        println!("meta:         {k}={v}");
+    }
+    Ok(())
+}
+
+fn print_extents(extents: &[BadExtent]) {
+    for x in extents {
+        println!(
+            "  {:>14}..{:<14} {:>12} bytes  {}",
+            x.offset,
+            x.end(),
+            x.length,
+            x.state.name()
+        );
+    }
+}
+
+fn verify(path: &Path) -> Result<()> {
+    let img = open(path)?;
+    let pb = bar("verify", img.header().virtual_size);
+    let report = img.verify(&mut |done| {
+        if let Some(b) = &pb {
+            b.set_position(done);
+        }
+    });
+    if let Some(b) = pb {
+        b.finish_and_clear();
+    }
+    let report = report?;
+    for d in &report.damaged {
+        eprintln!("damaged: {d}");
+    }
+    for p in &report.problems {
+        eprintln!("problem: {p}");
+    }
+    if !report.hash_ok {
+        eprintln!(
+            "hash mismatch: the readable data hashes to {}, the image says {}",
+            report.computed_blake3,
+            img.metadata().blake3
+        );
+    }
+    if report.intact() {
+        println!(
+            "{}: intact (blake3 {})",
+            path.display(),
+            report.computed_blake3
+        );
+        Ok(())
+    } else {
+        bail!(
+            "{}: NOT intact ({} damaged chunks{})",
+            path.display(),
+            report.damaged.len(),
+            if report.hash_ok {
+                ""
+            } else {
+                ", hash mismatch"
+            }
+        )
+    }
+}
