@@ -186,15 +186,20 @@ pub fn create(
     // Bounded queues: memory stays at a few chunks per worker whatever the source size.
     let (job_tx, job_rx) = sync_channel::<Job>(threads * 4);
     let (done_tx, done_rx) = sync_channel::<Result<Done>>(threads * 4);
+    // One receiver per worker and no other: once the workers are gone (the writer
+    // failed), the reader's send fails instead of blocking forever.
     let job_rx = Arc::new(Mutex::new(job_rx));
+    let worker_rx: Vec<_> = (0..opts.threads.clamp(1, 256))
+        .map(|_| job_rx.clone())
+        .collect();
+    drop(job_rx);
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(threads * 8 + 8);
     for _ in 0..threads * 8 + 8 {
         let _ = free_tx.try_send(Vec::with_capacity(chunk_size as usize));
     }
 
     let written = std::thread::scope(|scope| -> Result<Written> {
-        for _ in 0..threads {
-            let job_rx = job_rx.clone();
+        for job_rx in worker_rx {
             let done_tx = done_tx.clone();
             let level = opts.level;
             scope.spawn(move || worker(job_rx, done_tx, level));
