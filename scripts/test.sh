@@ -21,6 +21,10 @@ INTERPOSE_TEST_EVENTS="$(mktemp /tmp/interpose-test-events.XXXXXX)"
 export INTERPOSE_TEST_EVENTS
 status=0
 cargo nextest run --workspace --locked --profile ci "$@" || status=$?
+# nextest does not run documentation examples.
+if [ "$#" = 0 ]; then
+    cargo test --workspace --locked --doc -q || status=$?
+fi
 
 # Nothing may be left behind: no interpose mounts, no daemons. Test mounts live under
 # directories named interpose-test-*. Anything found is reported, then cleaned up.

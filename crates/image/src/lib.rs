@@ -9,6 +9,19 @@
 //! - [`source`]: the [`BlockSource`] trait the block-device service serves, implemented by
 //!   [`Image`] and by [`RawSource`] (a raw file plus an optional mapfile);
 //! - [`mapfile`]: the GNU ddrescue mapfile parser.
+//!
+//! ```no_run
+//! use interpose_image::Image;
+//! # fn main() -> interpose_image::Result<()> {
+//! let img = Image::open_with_cache("disk.img".as_ref(), 256 << 20)?;
+//! let mut buf = vec![0u8; 4096];
+//! let outcome = img.read_at(&mut buf, 1 << 20)?;
+//! for bad in &outcome.bad {
+//!     eprintln!("{}..{} is {}", bad.offset, bad.end(), bad.state.name());
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod create;
 pub mod error;
