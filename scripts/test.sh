@@ -48,6 +48,12 @@ fi
 for m in $mounts; do
     umount -l "$m" || true
 done
+loops="$(losetup --list --noheadings --output NAME,BACK-FILE | awk '$2 ~ /interpose-test-/ {print $1}')"
+if [ -n "$loops" ]; then
+    leftover=1
+    echo "test: loop devices left behind: $loops" >&2
+    for l in $loops; do losetup -d "$l" || true; done
+fi
 rm -f "$INTERPOSE_TEST_EVENTS"
 if [ "$status" != 0 ]; then
     exit "$status"

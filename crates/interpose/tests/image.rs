@@ -3,7 +3,8 @@
 //! - round trips raw -> image -> extract for sizes that are not multiples of the chunk
 //!   or sector size, empty, all-zero, random and text sources, across chunk sizes and
 //!   levels, to a file and streamed to standard output; a real ext4 file system
-//!   (mke2fs -d) whose files read back with debugfs from the extracted image;
+//!   (mke2fs -d), also read from a loop device, whose files read back with debugfs
+//!   from the extracted image;
 //! - GNU ddrescue against a source that really fails reads (nbdkit's eval plugin
 //!   failing chosen ranges with EIO, exposed as a file by nbdfuse): the image records
 //!   exactly the failed ranges, and the untried tail of an interrupted rescue;
@@ -242,6 +243,21 @@ fn a_real_ext4_file_system_round_trips_and_its_files_read_back() {
         .arg(&raw)
         .arg("24M"));
     let raw_bytes = fs::read(&raw).unwrap();
+
+    // From a block device: a read-only loop device over the file system image.
+    let loopdev = LoopDevice::attach(&raw);
+    let from_dev = d.join("from-dev.img");
+    image_ok(&["create", s(&loopdev.0), "-o", s(&from_dev)]);
+    drop(loopdev);
+    let v = info(&from_dev);
+    assert_eq!(v["virtual_size"], raw_bytes.len() as u64);
+    let back = d.join("from-dev.back");
+    image_ok(&["extract", s(&from_dev), "-o", s(&back)]);
+    assert!(
+        fs::read(&back).unwrap() == raw_bytes,
+        "the image of /dev/loopN differs"
+    );
+
     for (chunk, level) in [("4K", "1"), ("64K", "3"), ("1M", "9")] {
         let img = d.join(format!("fs-{chunk}.img"));
         let back = d.join(format!("fs-{chunk}.back"));
@@ -288,6 +304,24 @@ fn a_real_ext4_file_system_round_trips_and_its_files_read_back() {
                 "{chunk}: /{f} read from the extracted file system differs"
             );
         }
+    }
+}
+
+/// A read-only loop device over a file, detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> LoopDevice {
+        let out = run(Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(file));
+        LoopDevice(PathBuf::from(out.trim()))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
 
