@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod blk_cmd;
 mod image_cmd;
 
 use anyhow::{bail, Context, Result};
@@ -38,6 +39,9 @@ enum Command {
     /// Compressed disk images with bad-block information: create, info, verify, extract.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
+    /// Read-only block devices from images and raw files: an NBD server.
+    #[command(subcommand)]
+    Blk(blk_cmd::BlkCommand),
 }
 
 #[derive(Subcommand)]
@@ -148,6 +152,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fs(FsCommand::Unmount { mountpoint, lazy }) => fs_unmount(&mountpoint, lazy),
         Command::Isolation(cmd) => isolation(cmd),
         Command::Image(cmd) => image_cmd::run(cmd),
+        Command::Blk(cmd) => blk_cmd::run(cmd),
     }
 }
 

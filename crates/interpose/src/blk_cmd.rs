@@ -1,0 +1,164 @@
+//! `interpose blk ...`: serving block sources over NBD (wiring around interpose-nbd).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use interpose_image::{BlockSource, Image, RawSource};
+use interpose_nbd::server::{systemd_listeners, SocketPath};
+use interpose_nbd::{Config, Export, Listener, Server};
+
+#[derive(Subcommand)]
+pub enum BlkCommand {
+    /// Serve read-only NBD exports until SIGINT/SIGTERM. Each SOURCE is an interpose
+    /// image, or a raw file or block device written `PATH[,mapfile=MAPFILE]` (its
+    /// ddrescue mapfile marks bad sectors). Without --unix or --tcp (and no systemd
+    /// sockets), listens on 127.0.0.1:10809.
+    Serve {
+        #[arg(required = true, value_name = "SOURCE")]
+        sources: Vec<String>,
+        /// Listen on this Unix socket (made; removed at exit).
+        #[arg(long, value_name = "PATH")]
+        unix: Option<PathBuf>,
+        /// Listen on this TCP address.
+        #[arg(long, value_name = "ADDR:PORT")]
+        tcp: Option<String>,
+        /// Export names, in the order of the sources [default: the file names; the first
+        /// export is also the default one, asked for by the empty name].
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Bound of each image's decompressed-chunk cache, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256)]
+        cache_mib: usize,
+        /// Threads answering requests on each connection.
+        #[arg(long, value_name = "N", default_value_t = 4)]
+        threads: usize,
+    },
+}
+
+/// Opens `PATH[,mapfile=MAP]`: an image if it has the image magic, a raw source otherwise.
+fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
+    let mut parts = spec.split(',');
+    let path = PathBuf::from(parts.next().unwrap_or_default());
+    let mut mapfile = None;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("mapfile", m)) => mapfile = Some(PathBuf::from(m)),
+            _ => bail!("{spec}: unknown option {p:?} (expected mapfile=MAPFILE)"),
+        }
+    }
+    let mut magic = [0u8; 8];
+    let is_image = std::fs::File::open(&path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == interpose_image::format::MAGIC;
+    if is_image {
+        if mapfile.is_some() {
+            bail!("{spec}: an image carries its own bad extents; mapfile= is for raw files");
+        }
+        Ok(Arc::new(
+            Image::open_with_cache(&path, cache).with_context(|| path.display().to_string())?,
+        ))
+    } else {
+        Ok(Arc::new(
+            RawSource::open(&path, mapfile.as_deref())
+                .with_context(|| path.display().to_string())?,
+        ))
+    }
+}
+
+pub fn run(cmd: BlkCommand) -> Result<()> {
+    match cmd {
+        BlkCommand::Serve {
+            sources,
+            unix,
+            tcp,
+            names,
+            cache_mib,
+            threads,
+        } => {
+            if names.len() > sources.len() {
+                bail!("{} names for {} sources", names.len(), sources.len());
+            }
+            let mut exports = Vec::new();
+            for (i, spec) in sources.iter().enumerate() {
+                let source = open_source(spec, cache_mib << 20)?;
+                let name = match names.get(i) {
+                    Some(n) => n.clone(),
+                    None => PathBuf::from(spec.split(',').next().unwrap_or_default())
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| format!("export{i}")),
+                };
+                if exports.iter().any(|e: &Export| e.name == name) {
+                    bail!("two exports named {name:?}; give --name for each source");
+                }
+                exports.push(Export {
+                    description: source.describe(),
+                    name,
+                    source,
+                });
+            }
+            let mut listeners = systemd_listeners().context("systemd sockets")?;
+            let mut where_ = Vec::new();
+            if !listeners.is_empty() {
+                where_.push(format!("{} systemd sockets", listeners.len()));
+            }
+            let mut _socket_path = None;
+            if let Some(path) = &unix {
+                if path.exists() {
+                    // A stale socket of a dead server is replaced; a live one is not.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        bail!("{} is in use by a running server", path.display());
+                    }
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing stale {}", path.display()))?;
+                }
+                let l = std::os::unix::net::UnixListener::bind(path)
+                    .with_context(|| format!("listening on {}", path.display()))?;
+                _socket_path = Some(SocketPath(path.clone()));
+                listeners.push(Listener::Unix(l));
+                where_.push(format!("unix:{}", path.display()));
+            }
+            let tcp = match (&tcp, listeners.is_empty()) {
+                (Some(t), _) => Some(t.clone()),
+                (None, true) => Some("127.0.0.1:10809".to_owned()),
+                (None, false) => None,
+            };
+            if let Some(addr) = &tcp {
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("listening on {addr}"))?;
+                where_.push(format!("tcp:{}", l.local_addr()?));
+                listeners.push(Listener::Tcp(l));
+            }
+            let config = Config {
+                threads_per_connection: threads.clamp(1, 64),
+                ..Config::default()
+            };
+            let server = Server::new(exports, config).context("starting the server")?;
+            let mut signals = signal_hook::iterator::Signals::new([
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+            ])
+            .context("installing signal handlers")?;
+            let s2 = server.clone();
+            std::thread::spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::info!("signal {sig}: shutting down");
+                    s2.shutdown();
+                }
+            });
+            // The readiness line: scripts and tests wait for it.
+            {
+                use std::io::Write;
+                let names: Vec<&str> = server.exports().iter().map(|e| e.name.as_str()).collect();
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "serving {} on {}", names.join(", "), where_.join(", "))
+                    .and_then(|()| out.flush());
+            }
+            server.serve(listeners).context("serving")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,886 @@
+//! The server: listeners, the option haggling of one connection (an explicit state
+//! machine over [`Phase`]), and the transmission phase, where a few threads per
+//! connection take turns reading requests and answer them out of order.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use interpose_image::{BlockSource, ExtentState};
+use parking_lot::Mutex;
+
+use crate::proto::{self, *};
+
+/// One export: a name clients ask for and the source behind it.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub source: Arc<dyn BlockSource>,
+}
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Threads answering requests on each connection.
+    pub threads_per_connection: usize,
+    /// How long a client may take over the handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            threads_per_connection: 4,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A socket the server accepts connections on.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Unix(l) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        }
+    }
+}
+
+/// A client connection, either kind.
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Both),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) {
+        let _ = match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        };
+    }
+
+    fn peer(&self) -> String {
+        match self {
+            Conn::Unix(s) => match crate::sys::peer_pid(s.as_raw_fd()) {
+                Some(pid) => format!("unix pid {pid}"),
+                None => "unix".into(),
+            },
+            Conn::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The server: its exports and counters.
+pub struct Server {
+    exports: Vec<Export>,
+    config: Config,
+    stop: AtomicBool,
+    wake: (UnixStream, UnixStream),
+    next_conn: AtomicU64,
+}
+
+/// Why a connection ended early: logged, never fatal to the server.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+fn violation<T>(what: impl Into<String>) -> Result<T, ConnError> {
+    Err(ConnError::Protocol(what.into()))
+}
+
+/// Where the handshake stands.
+enum Phase {
+    /// Options may follow.
+    Options,
+    /// The client chose an export; transmission begins.
+    Transmission(usize),
+    /// The client aborted or the handshake ended without an export.
+    Closed,
+}
+
+/// What the handshake settled.
+struct Session {
+    export: usize,
+    structured: bool,
+    /// Negotiated metadata contexts: (id, which).
+    contexts: Vec<(u32, Context)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Context {
+    BaseAllocation,
+    Bad,
+}
+
+impl Context {
+    fn name(self) -> &'static str {
+        match self {
+            Context::BaseAllocation => CONTEXT_BASE_ALLOCATION,
+            Context::Bad => CONTEXT_BAD,
+        }
+    }
+    fn id(self) -> u32 {
+        match self {
+            Context::BaseAllocation => 1,
+            Context::Bad => 2,
+        }
+    }
+    const ALL: [Context; 2] = [Context::BaseAllocation, Context::Bad];
+}
+
+/// The contexts a query names: exact names, or a namespace prefix ("base:") in LIST.
+fn contexts_matching(query: &str, list: bool) -> Vec<Context> {
+    Context::ALL
+        .into_iter()
+        .filter(|c| {
+            c.name() == query || (list && query.ends_with(':') && c.name().starts_with(query))
+        })
+        .collect()
+}
+
+impl Server {
+    pub fn new(exports: Vec<Export>, config: Config) -> io::Result<Arc<Server>> {
+        Ok(Arc::new(Server {
+            exports,
+            config,
+            stop: AtomicBool::new(false),
+            wake: UnixStream::pair()?,
+            next_conn: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    /// Stops accepting; [`Server::serve`] returns once open connections are closed.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = (&self.wake.0).write_all(b"x");
+    }
+
+    /// Accepts on every listener until [`Server::shutdown`]; each connection on its own
+    /// threads. Returns after every connection has ended.
+    pub fn serve(self: &Arc<Self>, listeners: Vec<Listener>) -> io::Result<()> {
+        let live: Arc<Mutex<Vec<(u64, Conn)>>> = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|scope| -> io::Result<()> {
+            while !self.stop.load(Ordering::SeqCst) {
+                let mut fds: Vec<BorrowedFd> = listeners.iter().map(|l| l.fd()).collect();
+                fds.push(self.wake.1.as_fd());
+                let ready = crate::sys::poll_readable(&fds)?;
+                for (i, l) in listeners.iter().enumerate() {
+                    if !ready[i] {
+                        continue;
+                    }
+                    let conn = match l.accept() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!("accept: {e}");
+                            continue;
+                        }
+                    };
+                    let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(c) = conn.try_clone() {
+                        live.lock().push((id, c));
+                    }
+                    let live = live.clone();
+                    std::thread::Builder::new()
+                        .name(format!("nbd-conn-{id}"))
+                        .spawn_scoped(scope, move || {
+                            self.connection(id, conn);
+                            live.lock().retain(|(i, _)| *i != id);
+                        })?;
+                }
+            }
+            // Shutting down: cut open connections so their threads end.
+            for (_, c) in live.lock().iter() {
+                c.shutdown();
+            }
+            Ok(())
+        })
+    }
+
+    fn connection(&self, id: u64, conn: Conn) {
+        let peer = conn.peer();
+        tracing::info!("connection {id} from {peer}");
+        match self.handle(id, conn) {
+            Ok(()) => tracing::info!("connection {id} closed"),
+            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                tracing::info!("connection {id}: client went away")
+            }
+            Err(e) => tracing::warn!("connection {id} from {peer} dropped: {e}"),
+        }
+    }
+
+    fn handle(&self, id: u64, mut conn: Conn) -> Result<(), ConnError> {
+        conn.set_read_timeout(Some(self.config.handshake_timeout));
+        let Some(session) = self.handshake(&mut conn)? else {
+            return Ok(());
+        };
+        conn.set_read_timeout(None);
+        let e = &self.exports[session.export];
+        tracing::info!(
+            "connection {id}: export {:?} ({}structured replies{})",
+            e.name,
+            if session.structured { "" } else { "no " },
+            session
+                .contexts
+                .iter()
+                .map(|(_, c)| format!(", {}", c.name()))
+                .collect::<String>()
+        );
+        self.transmission(conn, &session)
+    }
+
+    // -------------------------------------------------------------------------------
+    // Handshake
+
+    fn handshake(&self, conn: &mut Conn) -> Result<Option<Session>, ConnError> {
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        conn.write_all(&hello)?;
+        let mut b4 = [0u8; 4];
+        conn.read_exact(&mut b4)?;
+        let client_flags = u32::from_be_bytes(b4);
+        if client_flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+            return violation(format!("unknown client flags {client_flags:#x}"));
+        }
+        let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+        let mut session = Session {
+            export: 0,
+            structured: false,
+            contexts: Vec::new(),
+        };
+        loop {
+            let mut head = [0u8; 16];
+            conn.read_exact(&mut head)?;
+            let magic = u64::from_be_bytes(head[0..8].try_into().unwrap());
+            if magic != IHAVEOPT {
+                return violation(format!("option magic {magic:#x}, not IHAVEOPT"));
+            }
+            let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
+            if len > MAX_OPTION_LEN {
+                // Cannot skip it safely without reading it all: refuse and hang up.
+                let mut out = Vec::new();
+                option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option too long");
+                let _ = conn.write_all(&out);
+                return violation(format!("option {option} of {len} bytes"));
+            }
+            let mut data = vec![0u8; len as usize];
+            conn.read_exact(&mut data)?;
+            let mut out = Vec::new();
+            let phase = self.option(option, &data, &mut session, no_zeroes, &mut out)?;
+            conn.write_all(&out)?;
+            match phase {
+                Phase::Options => continue,
+                Phase::Transmission(export) => {
+                    session.export = export;
+                    return Ok(Some(session));
+                }
+                Phase::Closed => return Ok(None),
+            }
+        }
+    }
+
+    fn find_export(&self, name: &str) -> Option<usize> {
+        if name.is_empty() {
+            return (!self.exports.is_empty()).then_some(0);
+        }
+        self.exports.iter().position(|e| e.name == name)
+    }
+
+    fn transmission_flags(&self, structured: bool) -> u16 {
+        let mut f = FLAG_HAS_FLAGS
+            | FLAG_READ_ONLY
+            | FLAG_SEND_FLUSH
+            | FLAG_CAN_MULTI_CONN
+            | FLAG_SEND_CACHE;
+        if structured {
+            f |= FLAG_SEND_DF;
+        }
+        f
+    }
+
+    /// Answers one option into `out`; says what comes next.
+    fn option(
+        &self,
+        option: u32,
+        data: &[u8],
+        session: &mut Session,
+        no_zeroes: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Phase, ConnError> {
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(data);
+                let Some(i) = self.find_export(&name) else {
+                    // This option has no error reply: the protocol says hang up.
+                    return violation(format!("NBD_OPT_EXPORT_NAME for unknown export {name:?}"));
+                };
+                out.extend_from_slice(&self.exports[i].source.size().to_be_bytes());
+                out.extend_from_slice(&self.transmission_flags(session.structured).to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                Ok(Phase::Transmission(i))
+            }
+            OPT_ABORT => {
+                option_reply(out, option, REP_ACK, &[]);
+                Ok(Phase::Closed)
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_reply(out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+                    return Ok(Phase::Options);
+                }
+                for e in &self.exports {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(e.name.as_bytes());
+                    d.extend_from_slice(e.description.as_bytes());
+                    option_reply(out, option, REP_SERVER, &d);
+                }
+                option_reply(out, option, REP_ACK, &[]);
+                Ok(Phase::Options)
+            }
+            OPT_STARTTLS => {
+                option_reply(out, option, REP_ERR_UNSUP, b"TLS is not supported");
+                Ok(Phase::Options)
+            }
+            OPT_INFO | OPT_GO => self.info_or_go(option, data, session, out),
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    option_reply(
+                        out,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else {
+                    session.structured = true;
+                    option_reply(out, option, REP_ACK, &[]);
+                }
+                Ok(Phase::Options)
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(option, data, session, out);
+                Ok(Phase::Options)
+            }
+            _ => {
+                option_reply(out, option, REP_ERR_UNSUP, b"unknown option");
+                Ok(Phase::Options)
+            }
+        }
+    }
+
+    fn info_or_go(
+        &self,
+        option: u32,
+        data: &[u8],
+        session: &mut Session,
+        out: &mut Vec<u8>,
+    ) -> Result<Phase, ConnError> {
+        let mut p = Payload::new(data);
+        let parsed = (|| {
+            let name = p.string()?;
+            let n = p.u16()?;
+            let mut wanted = Vec::new();
+            for _ in 0..n {
+                wanted.push(p.u16()?);
+            }
+            p.is_empty().then_some((name, wanted))
+        })();
+        let Some((name, wanted)) = parsed else {
+            option_reply(out, option, REP_ERR_INVALID, b"malformed request");
+            return Ok(Phase::Options);
+        };
+        let Some(i) = self.find_export(name) else {
+            option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+            return Ok(Phase::Options);
+        };
+        let e = &self.exports[i];
+        let mut d = Vec::new();
+        d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+        d.extend_from_slice(&e.source.size().to_be_bytes());
+        d.extend_from_slice(&self.transmission_flags(session.structured).to_be_bytes());
+        option_reply(out, option, REP_INFO, &d);
+        // Block sizes are always sent: reads of any size work, whole chunks are best.
+        let mut d = Vec::new();
+        d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        d.extend_from_slice(&1u32.to_be_bytes());
+        d.extend_from_slice(
+            &e.source
+                .preferred_block_size()
+                .clamp(512, MAX_REQUEST_LEN)
+                .to_be_bytes(),
+        );
+        d.extend_from_slice(&MAX_REQUEST_LEN.to_be_bytes());
+        option_reply(out, option, REP_INFO, &d);
+        if wanted.contains(&INFO_NAME) {
+            let mut d = INFO_NAME.to_be_bytes().to_vec();
+            d.extend_from_slice(e.name.as_bytes());
+            option_reply(out, option, REP_INFO, &d);
+        }
+        if wanted.contains(&INFO_DESCRIPTION) && !e.description.is_empty() {
+            let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+            d.extend_from_slice(e.description.as_bytes());
+            option_reply(out, option, REP_INFO, &d);
+        }
+        option_reply(out, option, REP_ACK, &[]);
+        Ok(if option == OPT_GO {
+            Phase::Transmission(i)
+        } else {
+            Phase::Options
+        })
+    }
+
+    fn meta_context(&self, option: u32, data: &[u8], session: &mut Session, out: &mut Vec<u8>) {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set && !session.structured {
+            option_reply(
+                out,
+                option,
+                REP_ERR_INVALID,
+                b"negotiate structured replies first",
+            );
+            return;
+        }
+        let mut p = Payload::new(data);
+        let parsed = (|| {
+            let name = p.string()?;
+            let n = p.u32()?;
+            let mut queries = Vec::new();
+            for _ in 0..n {
+                queries.push(p.string()?);
+            }
+            p.is_empty().then_some((name, queries))
+        })();
+        let Some((name, queries)) = parsed else {
+            option_reply(out, option, REP_ERR_INVALID, b"malformed request");
+            return;
+        };
+        if self.find_export(name).is_none() {
+            option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+            return;
+        }
+        let mut chosen: Vec<Context> = Vec::new();
+        if queries.is_empty() && !set {
+            chosen.extend(Context::ALL);
+        }
+        for q in &queries {
+            for c in contexts_matching(q, !set) {
+                if !chosen.contains(&c) {
+                    chosen.push(c);
+                }
+            }
+        }
+        for c in &chosen {
+            let mut d = c.id().to_be_bytes().to_vec();
+            d.extend_from_slice(c.name().as_bytes());
+            option_reply(out, option, REP_META_CONTEXT, &d);
+        }
+        if set {
+            session.contexts = chosen.iter().map(|c| (c.id(), *c)).collect();
+        }
+        option_reply(out, option, REP_ACK, &[]);
+    }
+
+    // -------------------------------------------------------------------------------
+    // Transmission
+
+    /// Several threads take turns: whoever is free reads the next request and answers
+    /// it, so requests are served concurrently and answered out of order, and a single
+    /// outstanding request costs no thread hand-off.
+    fn transmission(&self, conn: Conn, session: &Session) -> Result<(), ConnError> {
+        let reader = Mutex::new(conn.try_clone()?);
+        let writer = Mutex::new(conn.try_clone()?);
+        let done = AtomicBool::new(false);
+        let first_error: Mutex<Option<ConnError>> = Mutex::new(None);
+        let threads = self.config.threads_per_connection.max(1);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    if let Err(e) = self.serve_requests(session, &reader, &writer, &done) {
+                        first_error.lock().get_or_insert(e);
+                    }
+                    // One thread's end (DISC, error, EOF) ends the connection.
+                    done.store(true, Ordering::SeqCst);
+                    conn.shutdown();
+                });
+            }
+        });
+        match first_error.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn serve_requests(
+        &self,
+        session: &Session,
+        reader: &Mutex<Conn>,
+        writer: &Mutex<Conn>,
+        done: &AtomicBool,
+    ) -> Result<(), ConnError> {
+        let source = &*self.exports[session.export].source;
+        let mut out = Vec::new();
+        while !done.load(Ordering::SeqCst) {
+            let req = {
+                let mut r = reader.lock();
+                if done.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let mut head = [0u8; REQUEST_LEN];
+                match r.read_exact(&mut head) {
+                    Ok(()) => {}
+                    Err(e) if done.load(Ordering::SeqCst) => {
+                        let _ = e;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                let Some(req) = Request::decode(&head) else {
+                    return violation("request magic is wrong");
+                };
+                if req.kind == CMD_WRITE {
+                    // The payload must be read to stay in step, and is thrown away.
+                    if req.length > MAX_REQUEST_LEN {
+                        return violation(format!("write of {} bytes", req.length));
+                    }
+                    io::copy(&mut (&mut *r).take(req.length as u64), &mut io::sink())?;
+                }
+                if req.kind == CMD_DISC {
+                    done.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+                req
+            };
+            out.clear();
+            self.answer(source, session, &req, &mut out);
+            if !out.is_empty() {
+                writer.lock().write_all(&out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the reply to one request into `out`.
+    fn answer(
+        &self,
+        source: &dyn BlockSource,
+        session: &Session,
+        req: &Request,
+        out: &mut Vec<u8>,
+    ) {
+        let known_flags =
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+        let fail = |out: &mut Vec<u8>, errno: u32, msg: &str| {
+            if session.structured {
+                error_chunk(out, REPLY_FLAG_DONE, req.cookie, errno, msg, None);
+            } else {
+                simple_reply(out, errno, req.cookie);
+            }
+        };
+        if req.flags & !known_flags != 0 {
+            return fail(out, EINVAL, "unknown command flags");
+        }
+        let in_range = req
+            .offset
+            .checked_add(req.length as u64)
+            .is_some_and(|end| end <= source.size());
+        match req.kind {
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => fail(out, EPERM, "read-only export"),
+            CMD_FLUSH => ok_reply(out, session, req.cookie),
+            CMD_READ | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => {
+                fail(out, EINVAL, "request beyond the end of the export")
+            }
+            CMD_READ if req.length > MAX_REQUEST_LEN => fail(out, EINVAL, "read too long"),
+            CMD_READ if req.flags & CMD_FLAG_DF != 0 && !session.structured => {
+                fail(out, EINVAL, "DF without structured replies")
+            }
+            CMD_READ => self.read(source, session, req, out),
+            CMD_CACHE => {
+                // Warm the source's cache; errors here are not the client's concern.
+                let mut buf = vec![0u8; (req.length as usize).min(MAX_REQUEST_LEN as usize)];
+                let _ = source.read_at(&mut buf, req.offset);
+                ok_reply(out, session, req.cookie)
+            }
+            CMD_BLOCK_STATUS if !session.structured || session.contexts.is_empty() => {
+                fail(out, EINVAL, "no metadata context negotiated")
+            }
+            CMD_BLOCK_STATUS if req.length == 0 => fail(out, EINVAL, "empty block status"),
+            CMD_BLOCK_STATUS => self.block_status(source, session, req, out),
+            _ => fail(out, EINVAL, "unknown command"),
+        }
+    }
+
+    fn read(&self, source: &dyn BlockSource, session: &Session, req: &Request, out: &mut Vec<u8>) {
+        let len = req.length as usize;
+        let off = req.offset;
+        if !session.structured {
+            // Header, then the data in place after it.
+            simple_reply(out, 0, req.cookie);
+            let at = out.len();
+            out.resize(at + len, 0);
+            match source.read_at(&mut out[at..], off) {
+                Ok(o) if o.is_clean() => {}
+                Ok(_) => {
+                    out.clear();
+                    simple_reply(out, EIO, req.cookie);
+                }
+                Err(e) => {
+                    tracing::warn!("read of {len} bytes at {off}: {e}");
+                    out.clear();
+                    simple_reply(out, EIO, req.cookie);
+                }
+            }
+            return;
+        }
+        let mut data = vec![0u8; len];
+        let outcome = match source.read_at(&mut data, off) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!("read of {len} bytes at {off}: {e}");
+                error_chunk(out, REPLY_FLAG_DONE, req.cookie, EIO, &e.to_string(), None);
+                return;
+            }
+        };
+        let df = req.flags & CMD_FLAG_DF != 0;
+        // The good pieces, as data or (if the source knows they are zero) holes.
+        let end = off + len as u64;
+        let zero = if df {
+            Vec::new()
+        } else {
+            source.zero_ranges(off..end).unwrap_or_default()
+        };
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new(); // (start, end, hole)
+        let mut at = off;
+        for b in outcome
+            .bad
+            .iter()
+            .map(|b| (b.offset, b.end()))
+            .chain([(end, end)])
+        {
+            // Good bytes at..b.0
+            let mut p = at;
+            let (lo, hi) = (at, b.0);
+            for z in zero.iter().filter(|z| z.end > lo && z.start < hi) {
+                let (zs, ze) = (z.start.max(p), z.end.min(hi));
+                if zs > p {
+                    pieces.push((p, zs, false));
+                }
+                pieces.push((zs, ze, true));
+                p = ze;
+            }
+            if b.0 > p {
+                pieces.push((p, b.0, false));
+            }
+            at = b.1;
+            if df && !outcome.bad.is_empty() {
+                break; // one content chunk at most: the good bytes before the first bad one
+            }
+        }
+        for (s, e, hole) in pieces {
+            if hole {
+                chunk_header(out, 0, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+                out.extend_from_slice(&s.to_be_bytes());
+                out.extend_from_slice(&((e - s) as u32).to_be_bytes());
+            } else {
+                chunk_header(
+                    out,
+                    0,
+                    REPLY_TYPE_OFFSET_DATA,
+                    req.cookie,
+                    8 + (e - s) as u32,
+                );
+                out.extend_from_slice(&s.to_be_bytes());
+                out.extend_from_slice(&data[(s - off) as usize..(e - off) as usize]);
+            }
+        }
+        for b in &outcome.bad {
+            let msg = format!(
+                "{} sectors at {}..{}",
+                match b.state {
+                    ExtentState::Bad => "bad",
+                    ExtentState::Untried => "unread (untried)",
+                },
+                b.offset,
+                b.end()
+            );
+            error_chunk(out, 0, req.cookie, EIO, &msg, Some(b.offset));
+        }
+        chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, 0);
+    }
+
+    fn block_status(
+        &self,
+        source: &dyn BlockSource,
+        session: &Session,
+        req: &Request,
+        out: &mut Vec<u8>,
+    ) {
+        let start = req.offset;
+        let end = start + req.length as u64;
+        let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+        let n = session.contexts.len();
+        for (k, (id, ctx)) in session.contexts.iter().enumerate() {
+            // (length, flags) descriptors covering start..end.
+            let mut desc: Vec<(u64, u32)> = Vec::new();
+            let mut push = |len: u64, flags: u32| match desc.last_mut() {
+                Some(last) if last.1 == flags => last.0 += len,
+                _ => desc.push((len, flags)),
+            };
+            match ctx {
+                Context::BaseAllocation => {
+                    let mut at = start;
+                    for z in source.zero_ranges(start..end).unwrap_or_default() {
+                        if z.start > at {
+                            push(z.start - at, 0);
+                        }
+                        push(z.end - z.start, STATE_HOLE | STATE_ZERO);
+                        at = z.end;
+                    }
+                    if end > at {
+                        push(end - at, 0);
+                    }
+                }
+                Context::Bad => {
+                    let mut at = start;
+                    for b in interpose_image::source::bad_within(
+                        source.bad_extents(),
+                        start,
+                        end - start,
+                    ) {
+                        if b.offset > at {
+                            push(b.offset - at, 0);
+                        }
+                        let f = match b.state {
+                            ExtentState::Bad => STATE_BAD,
+                            ExtentState::Untried => STATE_UNTRIED,
+                        };
+                        push(b.length, f);
+                        at = b.end();
+                    }
+                    if end > at {
+                        push(end - at, 0);
+                    }
+                }
+            }
+            if one {
+                desc.truncate(1);
+            }
+            // A descriptor's length is 32 bits: requests are at most 4 GiB - 1.
+            let flags = if k + 1 == n { REPLY_FLAG_DONE } else { 0 };
+            let len = 4 + 8 * desc.len() as u32;
+            chunk_header(out, flags, REPLY_TYPE_BLOCK_STATUS, req.cookie, len);
+            out.extend_from_slice(&id.to_be_bytes());
+            for (l, f) in desc {
+                out.extend_from_slice(&(l as u32).to_be_bytes());
+                out.extend_from_slice(&f.to_be_bytes());
+            }
+        }
+    }
+}
+
+/// A successful reply without data.
+fn ok_reply(out: &mut Vec<u8>, session: &Session, cookie: u64) {
+    if session.structured {
+        proto::chunk_header(out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+    } else {
+        simple_reply(out, 0, cookie);
+    }
+}
+
+/// Listeners passed by systemd (LISTEN_PID/LISTEN_FDS), taken over once.
+pub fn systemd_listeners() -> io::Result<Vec<Listener>> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let n: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if !pid_ok || n <= 0 {
+        return Ok(Vec::new());
+    }
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    (3..3 + n).map(crate::sys::listener_from_fd).collect()
+}
+
+/// Removes a Unix socket path when dropped.
+pub struct SocketPath(pub PathBuf);
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
