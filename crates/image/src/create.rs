@@ -98,19 +98,30 @@ pub struct Report {
 }
 
 /// One chunk's worth of work and its result.
+/// Consecutive chunks handed to a worker together (one channel round trip per batch,
+/// not per chunk): about 1 MiB.
 struct Job {
-    index: u64,
+    batch: u64,
+    /// Image offset of the first byte of `data`.
+    start: u64,
+    /// The chunks' bytes, bad bytes zeroed; kept for hashing and raw storage.
     data: Vec<u8>,
+    /// Bad extents within the batch.
     bad: Vec<BadExtent>,
 }
 
+/// A compressed batch.
 struct Done {
-    index: u64,
-    /// The chunk (bad bytes zeroed), kept for hashing and raw storage.
-    data: Vec<u8>,
-    bad: Vec<BadExtent>,
+    job: Job,
+    /// Compressed chunks, back to back (see `chunks`).
+    packed: Vec<u8>,
+    chunks: Vec<ChunkOut>,
+}
+
+struct ChunkOut {
     kind: Kind,
-    compressed: Vec<u8>,
+    /// Range in `packed` (compressed) or in the job's data (raw).
+    stored: std::ops::Range<usize>,
     crc: u32,
 }
 
@@ -183,31 +194,32 @@ pub fn create(
     sink.write(&header.encode())?;
 
     let threads = opts.threads.clamp(1, 256);
-    // Bounded queues: memory stays at a few chunks per worker whatever the source size.
-    let (job_tx, job_rx) = sync_channel::<Job>(threads * 4);
-    let (done_tx, done_rx) = sync_channel::<Result<Done>>(threads * 4);
+    // Batch buffers in circulation: the reader waits for one to come back, so memory
+    // stays at a few MiB per worker whatever the source size.
+    let buffers = threads * 4 + 4;
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(buffers);
+    for _ in 0..buffers {
+        let _ = free_tx.try_send(Vec::new());
+    }
+    let (job_tx, job_rx) = sync_channel::<Job>(buffers);
+    let (done_tx, done_rx) = sync_channel::<Result<Done>>(buffers);
     // One receiver per worker and no other: once the workers are gone (the writer
     // failed), the reader's send fails instead of blocking forever.
     let job_rx = Arc::new(Mutex::new(job_rx));
-    let worker_rx: Vec<_> = (0..opts.threads.clamp(1, 256))
-        .map(|_| job_rx.clone())
-        .collect();
+    let worker_rx: Vec<_> = (0..threads).map(|_| job_rx.clone()).collect();
     drop(job_rx);
-    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(threads * 8 + 8);
-    for _ in 0..threads * 8 + 8 {
-        let _ = free_tx.try_send(Vec::with_capacity(chunk_size as usize));
-    }
 
     let written = std::thread::scope(|scope| -> Result<Written> {
         for job_rx in worker_rx {
             let done_tx = done_tx.clone();
             let level = opts.level;
-            scope.spawn(move || worker(job_rx, done_tx, level));
+            let shift = opts.chunk_shift;
+            scope.spawn(move || worker(job_rx, done_tx, level, shift));
         }
         drop(done_tx);
         let shift = opts.chunk_shift;
         let sink = &mut sink;
-        let writer = scope.spawn(move || write_chunks(sink, done_rx, free_tx, chunk_count, shift));
+        let writer = scope.spawn(move || write_chunks(sink, done_rx, free_tx, shift));
         let read = read_chunks(
             &mut src, source, size, chunk_size, &extents, job_tx, free_rx, progress, cancel,
         );
@@ -297,13 +309,15 @@ fn read_chunks(
     progress: &(dyn Fn(u64, u64) + Sync),
     cancel: &AtomicBool,
 ) -> Result<()> {
+    // Whole chunks per batch, about 1 MiB.
+    let batch_len = chunk_size.max(1 << 20);
     let mut pos = 0u64;
-    let mut index = 0u64;
+    let mut batch = 0u64;
     while pos < size {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Interrupted);
         }
-        let len = chunk_size.min(size - pos) as usize;
+        let len = batch_len.min(size - pos) as usize;
         let Ok(mut data) = free.recv() else {
             return Ok(()); // the writer stopped; it reports why
         };
@@ -323,11 +337,17 @@ fn read_chunks(
                 e,
             )
         })?;
-        if jobs.send(Job { index, data, bad }).is_err() {
+        let job = Job {
+            batch,
+            start: pos,
+            data,
+            bad,
+        };
+        if jobs.send(job).is_err() {
             return Ok(());
         }
         pos += len as u64;
-        index += 1;
+        batch += 1;
         progress(pos, size);
     }
     Ok(())
@@ -358,7 +378,7 @@ fn read_full(src: &mut File, data: &mut [u8], pos: u64, bad: &[BadExtent]) -> st
     Ok(())
 }
 
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Result<Done>>, level: i32) {
+fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Result<Done>>, level: i32, shift: u32) {
     let mut compressor = match zstd::bulk::Compressor::new(level) {
         Ok(c) => c,
         Err(e) => {
@@ -366,32 +386,68 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Result<Done>>, level
             return;
         }
     };
+    let chunk_size = 1usize << shift;
     loop {
         let job = match jobs.lock().recv() {
             Ok(j) => j,
             Err(_) => return,
         };
-        let Job { index, data, bad } = job;
-        let crc = crc32c::crc32c(&data);
-        let (kind, compressed) = if is_zero(&data) {
-            (Kind::Zero, Vec::new())
-        } else {
-            // Anything not smaller than the chunk is stored raw.
-            let mut out = Vec::with_capacity(data.len());
-            match compressor.compress_to_buffer(&data, &mut out) {
-                Ok(n) if n < data.len() => (Kind::Compressed, out),
-                _ => (Kind::Raw, Vec::new()),
-            }
-        };
-        let result = Done {
-            index,
-            data,
-            bad,
-            kind,
-            compressed,
-            crc,
-        };
-        if done.send(Ok(result)).is_err() {
+        let mut packed = Vec::with_capacity(job.data.len());
+        let mut chunks = Vec::with_capacity(job.data.len().div_ceil(chunk_size));
+        for (k, chunk) in job.data.chunks(chunk_size).enumerate() {
+            let at = k * chunk_size;
+            let out = if is_zero(chunk) {
+                ChunkOut {
+                    kind: Kind::Zero,
+                    stored: 0..0,
+                    crc: 0,
+                }
+            } else {
+                let crc = crc32c::crc32c(chunk);
+                // Compress into the spare room of `packed`; anything not smaller than
+                // the chunk is stored raw.
+                let from = packed.len();
+                packed.reserve(chunk.len());
+                let mut room = std::mem::take(&mut packed);
+                let res = {
+                    let spare_start = room.len();
+                    room.resize(spare_start + chunk.len(), 0);
+                    let r = compressor.compress_to_buffer(chunk, &mut room[spare_start..]);
+                    match r {
+                        Ok(n) if n < chunk.len() => {
+                            room.truncate(spare_start + n);
+                            Some(n)
+                        }
+                        _ => {
+                            room.truncate(spare_start);
+                            None
+                        }
+                    }
+                };
+                packed = room;
+                match res {
+                    Some(n) => ChunkOut {
+                        kind: Kind::Compressed,
+                        stored: from..from + n,
+                        crc,
+                    },
+                    None => ChunkOut {
+                        kind: Kind::Raw,
+                        stored: at..at + chunk.len(),
+                        crc,
+                    },
+                }
+            };
+            chunks.push(out);
+        }
+        if done
+            .send(Ok(Done {
+                job,
+                packed,
+                chunks,
+            }))
+            .is_err()
+        {
             return;
         }
     }
@@ -406,13 +462,12 @@ fn is_zero(data: &[u8]) -> bool {
         && blocks.remainder().iter().all(|&x| x == 0)
 }
 
-/// Writes finished chunks in index order; returns (data length, blake3, index bytes,
-/// counts of zero/raw/compressed chunks).
+/// Writes finished batches in order; returns the data length, the hash, the index and
+/// the counts of zero/raw/compressed chunks.
 fn write_chunks(
     sink: &mut Sink,
     done: Receiver<Result<Done>>,
     free: SyncSender<Vec<u8>>,
-    chunk_count: u64,
     chunk_shift: u32,
 ) -> Result<Written> {
     let mut pending: HashMap<u64, Done> = HashMap::new();
@@ -422,39 +477,54 @@ fn write_chunks(
     let mut hasher = blake3::Hasher::new();
     let mut data_len = 0u64;
     let mut stats = [0u64; 3];
-    while next < chunk_count {
-        let d = match done.recv() {
-            Ok(d) => d?,
-            Err(_) => break, // the reader stopped; it reports why
-        };
-        pending.insert(d.index, d);
+    // Ends when the workers are gone: all batches sent (or the reader stopped, which
+    // it reports).
+    while let Ok(d) = done.recv() {
+        let d = d?;
+        pending.insert(d.job.batch, d);
         while let Some(d) = pending.remove(&next) {
-            let bad_len: u64 = d.bad.iter().map(|x| x.length).sum();
-            let flags = if d.bad.is_empty() {
-                0
-            } else if bad_len == d.data.len() as u64 {
-                format::CHUNK_PARTLY_BAD | format::CHUNK_ALL_BAD
-            } else {
-                format::CHUNK_PARTLY_BAD
-            };
-            let (offset, stored): (u64, &[u8]) = match d.kind {
-                Kind::Zero => (0, &[]),
-                Kind::Raw => (DATA_OFFSET + data_len, &d.data),
-                Kind::Compressed => (DATA_OFFSET + data_len, &d.compressed),
-            };
-            sink.write(stored)?;
-            data_len += stored.len() as u64;
-            stats[d.kind as usize] += 1;
-            let entry = Entry {
-                offset,
-                len: stored.len() as u32,
-                crc: if d.kind == Kind::Zero { 0 } else { d.crc },
-                kind: d.kind,
-                flags,
-            };
-            index.extend_from_slice(&entry.encode());
-            hash_readable(&mut hasher, &d.data, next << chunk_shift, &d.bad);
-            let _ = free.try_send(d.data);
+            let Done {
+                job,
+                packed,
+                chunks,
+            } = d;
+            let chunk_size = 1usize << chunk_shift;
+            for (k, c) in chunks.iter().enumerate() {
+                let start = job.start + (k * chunk_size) as u64;
+                let raw = &job.data[k * chunk_size..((k + 1) * chunk_size).min(job.data.len())];
+                let bad = bad_within(&job.bad, start, raw.len() as u64);
+                let bad_len: u64 = bad.iter().map(|x| x.length).sum();
+                let flags = if bad.is_empty() {
+                    0
+                } else if bad_len == raw.len() as u64 {
+                    format::CHUNK_PARTLY_BAD | format::CHUNK_ALL_BAD
+                } else {
+                    format::CHUNK_PARTLY_BAD
+                };
+                let stored: &[u8] = match c.kind {
+                    Kind::Zero => &[],
+                    Kind::Raw => &job.data[c.stored.clone()],
+                    Kind::Compressed => &packed[c.stored.clone()],
+                };
+                let offset = if c.kind == Kind::Zero {
+                    0
+                } else {
+                    DATA_OFFSET + data_len
+                };
+                sink.write(stored)?;
+                data_len += stored.len() as u64;
+                stats[c.kind as usize] += 1;
+                let entry = Entry {
+                    offset,
+                    len: stored.len() as u32,
+                    crc: c.crc,
+                    kind: c.kind,
+                    flags,
+                };
+                index.extend_from_slice(&entry.encode());
+                hash_readable(&mut hasher, raw, start, &bad);
+            }
+            let _ = free.try_send(job.data);
             next += 1;
         }
     }

@@ -7,7 +7,6 @@ use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -303,17 +302,17 @@ impl Image {
         Ok(())
     }
 
-    /// Chunk `i` decompressed, from the cache or decoded into it.
-    fn cached_chunk(&self, i: u64) -> Result<Arc<[u8]>> {
-        if let Some(c) = self.cache.get(i) {
-            return Ok(c);
+    /// Copies `out.len()` bytes at `at` within chunk `i` out of the cache, decoding the
+    /// chunk into it first if needed.
+    fn copy_from_chunk(&self, i: u64, e: &Entry, at: usize, out: &mut [u8]) -> Result<()> {
+        if self.cache.copy(i, at, out) {
+            return Ok(());
         }
-        let e = self.entry(i)?;
         let mut buf = vec![0u8; self.header.chunk_len(i)];
-        self.decode_chunk(i, &e, &mut buf)?;
-        let c: Arc<[u8]> = buf.into();
-        self.cache.put(i, c.clone());
-        Ok(c)
+        self.decode_chunk(i, e, &mut buf)?;
+        out.copy_from_slice(&buf[at..at + out.len()]);
+        self.cache.put(i, buf.into());
+        Ok(())
     }
 
     /// Reads `buf.len()` bytes at `offset`. Whole chunks are decoded straight into `buf`
@@ -328,18 +327,17 @@ impl Image {
             let (start, end) = self.chunk_range(i);
             let n = ((end - pos) as usize).min(buf.len() - done);
             let out = &mut buf[done..done + n];
-            if pos == start && n as u64 == end - start {
-                let e = self.entry(i)?;
-                self.decode_chunk(i, &e, out)?;
-            } else {
-                let e = self.entry(i)?;
-                if e.kind == Kind::Zero {
-                    out.fill(0);
-                } else {
-                    let c = self.cached_chunk(i)?;
-                    let a = (pos - start) as usize;
-                    out.copy_from_slice(&c[a..a + n]);
+            let e = self.entry(i)?;
+            if e.kind == Kind::Zero {
+                out.fill(0);
+            } else if pos == start && n as u64 == end - start {
+                // A whole chunk: from the cache if there, else decoded straight into
+                // the caller's buffer without filling the cache.
+                if !self.cache.copy(i, 0, out) {
+                    self.decode_chunk(i, &e, out)?;
                 }
+            } else {
+                self.copy_from_chunk(i, &e, (pos - start) as usize, out)?;
             }
             done += n;
         }
@@ -463,7 +461,7 @@ impl BlockSource for Image {
 /// A bounded cache of decompressed chunks, split in shards so that threads reading
 /// different chunks rarely meet on a lock.
 struct Cache {
-    shards: Vec<Mutex<lru::LruCache<u64, Arc<[u8]>>>>,
+    shards: Vec<Mutex<lru::LruCache<u64, Box<[u8]>>>>,
 }
 
 impl Cache {
@@ -476,15 +474,23 @@ impl Cache {
         }
     }
 
-    fn shard(&self, i: u64) -> &Mutex<lru::LruCache<u64, Arc<[u8]>>> {
+    fn shard(&self, i: u64) -> &Mutex<lru::LruCache<u64, Box<[u8]>>> {
         &self.shards[(i as usize) % SHARDS]
     }
 
-    fn get(&self, i: u64) -> Option<Arc<[u8]>> {
-        self.shard(i).lock().get(&i).cloned()
+    /// Copies from chunk `i` if cached (under the shard's lock: no reference count
+    /// traffic on the hot path).
+    fn copy(&self, i: u64, at: usize, out: &mut [u8]) -> bool {
+        match self.shard(i).lock().get(&i) {
+            Some(c) => {
+                out.copy_from_slice(&c[at..at + out.len()]);
+                true
+            }
+            None => false,
+        }
     }
 
-    fn put(&self, i: u64, c: Arc<[u8]>) {
+    fn put(&self, i: u64, c: Box<[u8]>) {
         self.shard(i).lock().put(i, c);
     }
 }
