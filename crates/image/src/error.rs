@@ -6,7 +6,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{context}: {source}")]
+    /// What was being done; the I/O error is the source (printed after it by anyhow).
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

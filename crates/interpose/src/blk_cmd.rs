@@ -35,6 +35,21 @@ pub enum BlkCommand {
         #[arg(long, value_name = "N", default_value_t = 4)]
         threads: usize,
     },
+    /// Make a read-only kernel block device (/dev/loopN over a FUSE file served by
+    /// this process) from SOURCE (as for serve), print its path, and serve it until
+    /// SIGINT/SIGTERM or `interpose blk detach`; the device goes away with the process.
+    Attach {
+        #[arg(value_name = "SOURCE")]
+        source: String,
+        /// Bound of an image's decompressed-chunk cache, MiB.
+        #[arg(long, value_name = "MIB", default_value_t = 256)]
+        cache_mib: usize,
+    },
+    /// Remove a device made by `interpose blk attach` (refused while it is mounted).
+    Detach {
+        #[arg(value_name = "DEVICE")]
+        device: PathBuf,
+    },
 }
 
 /// Opens `PATH[,mapfile=MAP]`: an image if it has the image magic, a raw source otherwise.
@@ -70,6 +85,18 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
 
 pub fn run(cmd: BlkCommand) -> Result<()> {
     match cmd {
+        BlkCommand::Attach { source, cache_mib } => attach(&source, cache_mib),
+        BlkCommand::Detach { device } => {
+            let pid = interpose_blkdev::detach(&device)?;
+            // The serving process ends once it sees the device gone; wait for it.
+            let proc = PathBuf::from(format!("/proc/{pid}"));
+            let started = std::time::Instant::now();
+            while proc.exists() && started.elapsed() < std::time::Duration::from_secs(30) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            eprintln!("detached {}", device.display());
+            Ok(())
+        }
         BlkCommand::Serve {
             sources,
             unix,
@@ -161,4 +188,31 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn attach(spec: &str, cache_mib: usize) -> Result<()> {
+    let source = open_source(spec, cache_mib << 20)?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    let attached =
+        interpose_blkdev::Attached::attach(source).with_context(|| format!("attaching {spec}"))?;
+    // The readiness line: the device's path.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", attached.device.display()).and_then(|()| out.flush());
+    }
+    tracing::info!(
+        "{} serves {spec} read-only; Ctrl-C or `interpose blk detach {}` removes it",
+        attached.device.display(),
+        attached.device.display()
+    );
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!("signal {sig}: detaching {}", attached.device.display());
+    }
+    drop(attached);
+    Ok(())
 }

@@ -330,7 +330,7 @@ fn verify(path: &Path) -> Result<()> {
     }
     let report = report?;
     for d in &report.damaged {
-        eprintln!("damaged: {d}");
+        eprintln!("damaged: {}", chain(d));
     }
     for p in &report.problems {
         eprintln!("problem: {p}");
@@ -361,4 +361,16 @@ fn verify(path: &Path) -> Result<()> {
             }
         )
     }
+}
+
+/// An error and its sources, as anyhow prints them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
