@@ -259,7 +259,8 @@ pub fn owner_of(device: &Path) -> Result<u32, Error> {
 }
 
 /// Detaches a device made by [`Attached::attach`] in another process: refuses if it is
-/// in use, detaches the loop device, and asks the serving process to end.
+/// in use, detaches the loop device, asks the serving process to end and waits (up to
+/// 30 s) until it has.
 pub fn detach(device: &Path) -> Result<u32, Error> {
     let pid = owner_of(device)?;
     // O_EXCL on a block device fails with EBUSY while it is mounted or otherwise claimed.
@@ -286,7 +287,20 @@ pub fn detach(device: &Path) -> Result<u32, Error> {
         )));
     }
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+        // A pidfd becomes readable when the process ends: wait on that, not on /proc.
+        let pidfd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty());
         let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        if let Ok(fd) = pidfd {
+            let mut fds = [rustix::event::PollFd::new(
+                &fd,
+                rustix::event::PollFlags::IN,
+            )];
+            let timeout = rustix::event::Timespec {
+                tv_sec: 30,
+                tv_nsec: 0,
+            };
+            let _ = rustix::event::poll(&mut fds, Some(&timeout));
+        }
     }
     Ok(pid)
 }

@@ -511,6 +511,11 @@ fn write_chunks(
                 } else {
                     DATA_OFFSET + data_len
                 };
+                if offset + stored.len() as u64 > format::MAX_OFFSET {
+                    return Err(Error::Invalid(
+                        "the image would hold more than 2^48 bytes of chunk data".into(),
+                    ));
+                }
                 sink.write(stored)?;
                 data_len += stored.len() as u64;
                 stats[c.kind as usize] += 1;

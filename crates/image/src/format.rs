@@ -395,8 +395,9 @@ impl Entry {
     }
 }
 
-/// The most a chunk of `len` bytes may take compressed (zstd's bound; a writer stores
-/// a chunk raw rather than anything bigger than the chunk itself).
+/// The most a chunk of `len` bytes may take compressed: the chunk's own length (a
+/// writer stores a chunk raw unless compressing makes it strictly smaller; readers
+/// accept up to equal).
 pub fn compress_bound(len: u64) -> u64 {
     len
 }
@@ -500,7 +501,10 @@ pub struct Metadata {
 
 impl Metadata {
     pub fn decode(b: &[u8]) -> Result<Metadata> {
-        serde_json::from_slice(b).map_err(|e| corrupt(format!("metadata is not valid: {e}")))
+        // All of it UTF-8, also the values of keys this version does not know.
+        let text = std::str::from_utf8(b)
+            .map_err(|e| corrupt(format!("metadata is not valid UTF-8: {e}")))?;
+        serde_json::from_str(text).map_err(|e| corrupt(format!("metadata is not valid: {e}")))
     }
 }
 

@@ -162,7 +162,12 @@ impl Image {
             Err(Error::NotAnImage) => return Err(Error::Incomplete),
             Err(e) => return Err(Error::Corrupt(format!("the trailer: {e}"))),
         };
-        if !t.sealed() || t.uuid != h.uuid {
+        if !t.sealed()
+            || t.uuid != h.uuid
+            || t.virtual_size != h.virtual_size
+            || t.chunk_shift != h.chunk_shift
+            || t.codec != h.codec
+        {
             return Err(Error::Corrupt(
                 "the trailer does not belong to this image's header".into(),
             ));
@@ -273,6 +278,15 @@ impl Image {
                     self.file
                         .read_exact_at(&mut stored, e.offset)
                         .map_err(|err| Error::io(format!("reading chunk {i}"), err))?;
+                    // Exactly one zstd frame filling the stored bytes (libzstd would
+                    // also take several frames, or skippable ones).
+                    match zstd::zstd_safe::find_frame_compressed_size(&stored[..]) {
+                        Ok(n) if n == stored.len() && stored.starts_with(&ZSTD_MAGIC) => {}
+                        _ => {
+                            return Err(self
+                                .damaged(i, "stored bytes are not exactly one zstd frame".into()))
+                        }
+                    }
                     DECOMPRESSOR.with(|d| {
                         let mut d = d.borrow_mut();
                         let n = d
@@ -350,6 +364,7 @@ impl Image {
     /// Ranges of zero chunks inside `range`, merged.
     pub fn zero_chunk_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         let mut out: Vec<Range<u64>> = Vec::new();
+        let range = range.start..range.end.min(self.header.virtual_size);
         if range.start >= range.end {
             return Ok(out);
         }
@@ -419,6 +434,9 @@ impl Image {
         Ok(report)
     }
 }
+
+/// The magic number a zstd frame starts with (little-endian 0xFD2FB528).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 thread_local! {
     static STORED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };

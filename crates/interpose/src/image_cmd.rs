@@ -199,16 +199,29 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
             };
             let bad = if output.as_os_str() == "-" {
                 let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                extract::extract(&img, &mut out, fill, &mut progress)
+                extract::extract(&img, &mut out, fill, &mut progress).map_err(anyhow::Error::from)
             } else {
+                let existed = output.exists();
                 let f = std::fs::File::create(&output)
                     .with_context(|| format!("creating {}", output.display()))?;
+                let regular = f.metadata().is_ok_and(|m| m.is_file());
                 let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
-                let bad = extract::extract(&img, &mut out, fill, &mut progress)?;
-                let f = out.into_inner().map_err(|e| e.into_error())?;
-                f.sync_all()
-                    .with_context(|| format!("syncing {}", output.display()))?;
-                Ok(bad)
+                let res = extract::extract(&img, &mut out, fill, &mut progress)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|bad| {
+                        let f = out.into_inner().map_err(|e| e.into_error())?;
+                        // Devices and pipes (e.g. /dev/null) have nothing to sync.
+                        if regular {
+                            f.sync_all()
+                                .with_context(|| format!("syncing {}", output.display()))?;
+                        }
+                        Ok(bad)
+                    });
+                if res.is_err() && regular && !existed {
+                    // Half a raw image is worse than none.
+                    let _ = std::fs::remove_file(&output);
+                }
+                res
             }
             .with_context(|| format!("extracting {}", image.display()))?;
             if let Some(b) = pb {

@@ -1,0 +1,238 @@
+//! `interpose blk attach` / `detach` with the real kernel: an ext4 image (mke2fs -d) made
+//! into an interpose image with bad sectors from a mapfile, attached as /dev/loopN over
+//! the FUSE file this process serves, mounted read-only with mount(8): files whose
+//! blocks are readable read back exactly, files touching bad sectors fail with EIO (and
+//! only those); sector-exact direct reads of the device fail exactly on the bad sectors;
+//! detach is refused while mounted and afterwards removes the device and ends the
+//! process; SIGTERM and a raw source with a mapfile do the same.
+
+mod common;
+mod support;
+use common::*;
+use support::*;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A running `interpose blk attach`; on drop: SIGTERM, then the device must be gone.
+struct Attach {
+    child: Option<Child>,
+    device: PathBuf,
+}
+
+impl Attach {
+    fn start(source: &str) -> Attach {
+        let mut child = Command::new(bin())
+            .args(["blk", "attach", source])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let line = BufReader::new(child.stdout.take().unwrap()).lines().next();
+        let device = match line {
+            Some(Ok(l)) if l.starts_with("/dev/loop") => PathBuf::from(l),
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!("blk attach did not print a device: {other:?}\n{err}");
+            }
+        };
+        Attach {
+            child: Some(child),
+            device,
+        }
+    }
+
+    fn loop_attached(&self) -> bool {
+        let name = self.device.file_name().unwrap().to_str().unwrap();
+        Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists()
+    }
+
+    /// Waits for the process to end by itself; its exit status.
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        wait_timeout(&mut child, Duration::from_secs(20)).expect("blk attach did not end")
+    }
+}
+
+impl Drop for Attach {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGTERM);
+            if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Reads `len` bytes at `offset` of the device with O_DIRECT (no page cache rounding).
+fn direct_read(dev: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)?;
+    // O_DIRECT wants an aligned buffer: take a 4096-aligned window of a larger one.
+    let mut raw = vec![0u8; len + 4096];
+    let pad = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[pad..pad + len];
+    f.read_exact_at(buf, offset)?;
+    Ok(buf.to_vec())
+}
+
+#[test]
+fn an_attached_image_mounts_and_reads_fail_exactly_on_bad_sectors() {
+    let t = plain_dir("interpose-test-blkattach-");
+    let d = t.path();
+    let tree = d.join("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    for i in 0..30 {
+        let body: Vec<u8> = (0..20_000 + i * 777)
+            .map(|k| (k as u8).wrapping_mul(i as u8 + 3))
+            .collect();
+        fs::write(tree.join(format!("sub/f{i}")), body).unwrap();
+    }
+    fs::write(tree.join("victim"), vec![0x5a; 256 * 1024]).unwrap();
+    let raw = d.join("fs.raw");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
+        .arg(&tree)
+        .arg(&raw)
+        .arg("16M"));
+    // Which device blocks hold "victim"? debugfs says (4 KiB blocks).
+    let blocks = run(Command::new("debugfs")
+        .arg("-R")
+        .arg("blocks /victim")
+        .arg(&raw));
+    let first: u64 = blocks
+        .split_whitespace()
+        .next()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or_else(|| panic!("debugfs blocks: {blocks:?}"));
+    // One bad 512-byte sector in the middle of victim's second block.
+    let bad = (first + 1) * 4096 + 1024;
+    let size = fs::metadata(&raw).unwrap().len();
+    let map = d.join("fs.map");
+    fs::write(
+        &map,
+        format!(
+            "# Mapfile. Created by GNU ddrescue version 1.27\n0x00000000     +               1\n\
+             0x00000000  {:#010X}  +\n{:#010X}  0x00000200  -\n{:#010X}  {:#010X}  +\n",
+            bad,
+            bad,
+            bad + 512,
+            size - bad - 512
+        ),
+    )
+    .unwrap();
+    let img = d.join("fs.img");
+    run(Command::new(bin())
+        .args(["image", "create"])
+        .arg(&raw)
+        .arg("-o")
+        .arg(&img)
+        .arg("--mapfile")
+        .arg(&map));
+
+    for source in [
+        s(&img).to_owned(),
+        format!("{},mapfile={}", s(&raw), s(&map)),
+    ] {
+        let mut a = Attach::start(&source);
+        assert!(a.loop_attached(), "{source}: no loop device");
+        // Sector-exact: the bad sector fails, its neighbours read the original bytes.
+        let original = fs::read(&raw).unwrap();
+        for (off, len, ok) in [
+            (bad - 512, 512usize, true),
+            (bad, 512, false),
+            (bad + 512, 512, true),
+            (bad - 4096, 8192, false),
+            (0, 65536, true),
+        ] {
+            match direct_read(&a.device, off, len) {
+                Ok(b) => {
+                    assert!(ok, "{source}: read of {len} at {off} must fail");
+                    assert!(
+                        b == original[off as usize..off as usize + len],
+                        "{source}: data at {off}"
+                    );
+                }
+                Err(e) => {
+                    assert!(!ok, "{source}: read of {len} at {off}: {e}");
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                }
+            }
+        }
+
+        // Mounted by the kernel: every file reads back but the one on the bad sector.
+        let mnt = d.join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "ext4", "-o", "ro,noload"])
+            .arg(&a.device)
+            .arg(&mnt));
+        let m = Mounted(mnt.clone());
+        for i in 0..30 {
+            let p = format!("sub/f{i}");
+            assert!(
+                fs::read(mnt.join(&p)).unwrap() == fs::read(tree.join(&p)).unwrap(),
+                "{source}: {p} differs"
+            );
+        }
+        let e = fs::read(mnt.join("victim")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{source}: victim: {e}");
+        // Detach is refused while mounted.
+        let out = output(Command::new(bin()).args(["blk", "detach", s(&a.device)]));
+        assert!(
+            !out.status.success(),
+            "detach of a mounted device succeeded"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("in use"),
+            "{}",
+            describe(&out)
+        );
+        drop(m);
+        // Now it works, and the serving process ends by itself.
+        let out = output(Command::new(bin()).args(["blk", "detach", s(&a.device)]));
+        assert!(out.status.success(), "{}", describe(&out));
+        let status = a.wait();
+        assert!(status.success(), "blk attach exited with {status}");
+        assert!(!a.loop_attached(), "{source}: loop device still attached");
+    }
+
+    // SIGTERM also removes the device.
+    let a = Attach::start(s(&img));
+    let dev = a.device.clone();
+    drop(a);
+    let name = dev.file_name().unwrap().to_str().unwrap().to_owned();
+    let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+    assert!(
+        backing.map_or(true, |b| !b.contains("/run/interpose/blk/")),
+        "{name} still attached to interpose after SIGTERM"
+    );
+    // Not ours: refused.
+    let out = output(Command::new(bin()).args(["blk", "detach", "/dev/null"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a device attached by interpose"));
+}
