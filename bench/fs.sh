@@ -170,21 +170,9 @@ trap 'log "terminated"; exit 143' TERM HUP
 
 # ---------------------------------------------------------------- one run per bench dir
 
-# Another run on the same directory would delete this one's files: take a lock first.
-LOCK_DIR=/run/lock
-[[ -d $LOCK_DIR && -w $LOCK_DIR ]] || LOCK_DIR=${TMPDIR:-/tmp}
-LOCK=$LOCK_DIR/interpose-bench.$(printf '%s' "$BENCH_DIR" | md5sum | cut -c1-12).lock
-exec {LOCK_FD}>"$LOCK"
-if ! flock -n "$LOCK_FD"; then
-    log "another bench/fs.sh run is using $BENCH_DIR (lock $LOCK held by pid $(cat "$LOCK.pid" 2>/dev/null || echo '?'))"
-    LOCK="" # not ours to remove
-    exit 1
-fi
-echo $$ >"$LOCK.pid"
-if [[ -e $BENCH_DIR && -n $(ls -A "$BENCH_DIR") && ! -e $MARKER ]]; then
-    log "$BENCH_DIR exists and is not ours (no .interpose-bench marker): refusing to use it"
-    exit 1
-fi
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
+take_bench_lock bench/fs.sh
 
 # ---------------------------------------------------------------- dependencies and build
 
