@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 attr acl libcap2-bin sqlite3 git python3 jq util-linux e2fsprogs tar coreutils findutils procps strace make gcc
-    nbdkit libnbd-bin gddrescue zstd qemu-utils python3-zstandard b3sum python3-libnbd)
+    nbdkit libnbd-bin gddrescue zstd qemu-utils python3-zstandard b3sum python3-libnbd systemd)
 if [[ "${INTERPOSE_BENCH_DEPS:-0}" == 1 ]]; then
     APT_PACKAGES+=(fio bindfs)
 fi

@@ -77,12 +77,13 @@ pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
 // base:allocation status bits.
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
-/// interpose:bad status bits (our own context).
+/// x-interpose:bad status bits (our own context).
 pub const STATE_BAD: u32 = 1 << 0;
 pub const STATE_UNTRIED: u32 = 1 << 1;
 
 pub const CONTEXT_BASE_ALLOCATION: &str = "base:allocation";
-pub const CONTEXT_BAD: &str = "interpose:bad";
+/// Our own context: proto.md reserves unregistered namespaces to the `x-` prefix.
+pub const CONTEXT_BAD: &str = "x-interpose:bad";
 
 // Errors on the wire.
 pub const EPERM: u32 = 1;

@@ -80,10 +80,10 @@ impl Conn {
         })
     }
 
-    fn shutdown(&self) {
+    fn shutdown(&self, how: Shutdown) {
         let _ = match self {
-            Conn::Unix(s) => s.shutdown(Shutdown::Both),
-            Conn::Tcp(s) => s.shutdown(Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(how),
+            Conn::Tcp(s) => s.shutdown(how),
         };
     }
 
@@ -257,7 +257,7 @@ impl Server {
             }
             // Shutting down: cut open connections so their threads end.
             for (_, c) in live.lock().iter() {
-                c.shutdown();
+                c.shutdown(Shutdown::Both);
             }
             Ok(())
         })
@@ -502,6 +502,10 @@ impl Server {
 
     fn meta_context(&self, option: u32, data: &[u8], session: &mut Session, out: &mut Vec<u8>) {
         let set = option == OPT_SET_META_CONTEXT;
+        if set {
+            // proto.md: this replaces all previous contexts, also when it fails.
+            session.contexts.clear();
+        }
         if set && !session.structured {
             option_reply(
                 out,
@@ -566,15 +570,25 @@ impl Server {
         std::thread::scope(|scope| {
             for _ in 0..threads {
                 scope.spawn(|| {
-                    if let Err(e) = self.serve_requests(session, &reader, &writer, &done) {
-                        first_error.lock().get_or_insert(e);
+                    let res = self.serve_requests(session, &reader, &writer, &done);
+                    let first_to_end = !done.swap(true, Ordering::SeqCst);
+                    match res {
+                        // A broken connection: stop everything now.
+                        Err(e) => {
+                            conn.shutdown(Shutdown::Both);
+                            first_error.lock().get_or_insert(e);
+                        }
+                        // NBD_CMD_DISC or end of input: no more requests, but replies
+                        // under way are still written (the protocol requires that
+                        // outstanding requests are handled). Wake the thread waiting
+                        // for the next request.
+                        Ok(()) if first_to_end => conn.shutdown(Shutdown::Read),
+                        Ok(()) => {}
                     }
-                    // One thread's end (DISC, error, EOF) ends the connection.
-                    done.store(true, Ordering::SeqCst);
-                    conn.shutdown();
                 });
             }
         });
+        conn.shutdown(Shutdown::Both);
         match first_error.into_inner() {
             Some(e) => Err(e),
             None => Ok(()),
@@ -597,12 +611,11 @@ impl Server {
                     return Ok(());
                 }
                 let mut head = [0u8; REQUEST_LEN];
-                match r.read_exact(&mut head) {
-                    Ok(()) => {}
-                    Err(e) if done.load(Ordering::SeqCst) => {
-                        let _ = e;
-                        return Ok(());
-                    }
+                match read_request(&mut r, &mut head) {
+                    Ok(true) => {}
+                    // End of input between requests: the client is done.
+                    Ok(false) => return Ok(()),
+                    Err(_) if done.load(Ordering::SeqCst) => return Ok(()),
                     Err(e) => return Err(e.into()),
                 }
                 let Some(req) = Request::decode(&head) else {
@@ -638,8 +651,15 @@ impl Server {
         req: &Request,
         out: &mut Vec<u8>,
     ) {
-        let known_flags =
-            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+        // The flags each command may carry (proto.md: others are EINVAL). FUA is not
+        // advertised, NO_HOLE and FAST_ZERO only apply to writing commands.
+        let allowed = match req.kind {
+            CMD_READ if session.structured => CMD_FLAG_DF,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            _ => 0,
+        };
         let fail = |out: &mut Vec<u8>, errno: u32, msg: &str| {
             if session.structured {
                 error_chunk(out, REPLY_FLAG_DONE, req.cookie, errno, msg, None);
@@ -647,8 +667,13 @@ impl Server {
                 simple_reply(out, errno, req.cookie);
             }
         };
-        if req.flags & !known_flags != 0 {
-            return fail(out, EINVAL, "unknown command flags");
+        if req.flags & !allowed != 0 && !matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
+        {
+            return fail(
+                out,
+                EINVAL,
+                "command flags that do not apply to this command",
+            );
         }
         let in_range = req
             .offset
@@ -661,9 +686,6 @@ impl Server {
                 fail(out, EINVAL, "request beyond the end of the export")
             }
             CMD_READ if req.length > MAX_REQUEST_LEN => fail(out, EINVAL, "read too long"),
-            CMD_READ if req.flags & CMD_FLAG_DF != 0 && !session.structured => {
-                fail(out, EINVAL, "DF without structured replies")
-            }
             CMD_READ => self.read(source, session, req, out),
             CMD_CACHE => {
                 // Warm the source's cache; errors here are not the client's concern.
@@ -717,7 +739,7 @@ impl Server {
         let zero = if df {
             Vec::new()
         } else {
-            source.zero_ranges(off..end).unwrap_or_default()
+            zero_and_readable(source, off..end)
         };
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new(); // (start, end, hole)
         let mut at = off;
@@ -799,7 +821,7 @@ impl Server {
             match ctx {
                 Context::BaseAllocation => {
                     let mut at = start;
-                    for z in source.zero_ranges(start..end).unwrap_or_default() {
+                    for z in zero_and_readable(source, start..end) {
                         if z.start > at {
                             push(z.start - at, 0);
                         }
@@ -846,6 +868,55 @@ impl Server {
             }
         }
     }
+}
+
+/// Reads a request header; `false` at end of input before its first byte (a client
+/// that closed between requests), an error for half a header.
+fn read_request(r: &mut Conn, head: &mut [u8; REQUEST_LEN]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the client closed after {got} bytes of a request"),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// The parts of `range` the source knows read as zeros, without bad extents (whose bytes
+/// cannot be read at all, so they must never be reported as reading as zeros).
+fn zero_and_readable(
+    source: &dyn BlockSource,
+    range: std::ops::Range<u64>,
+) -> Vec<std::ops::Range<u64>> {
+    let zero = source.zero_ranges(range.clone()).unwrap_or_default();
+    let bad = interpose_image::source::bad_within(
+        source.bad_extents(),
+        range.start,
+        range.end - range.start,
+    );
+    let mut out = Vec::new();
+    for z in zero {
+        let mut at = z.start;
+        for b in bad.iter().filter(|b| b.end() > z.start && b.offset < z.end) {
+            if b.offset > at {
+                out.push(at..b.offset);
+            }
+            at = at.max(b.end());
+        }
+        if z.end > at {
+            out.push(at..z.end);
+        }
+    }
+    out
 }
 
 /// A successful reply without data.
