@@ -1514,3 +1514,100 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// nbdfuse (libnbd's FUSE client) exposing one export as a file, unmounted on drop.
+struct NbdFuse {
+    child: Child,
+    mnt: PathBuf,
+}
+
+impl NbdFuse {
+    fn mount(dir: &Path, uri: &str) -> NbdFuse {
+        let mnt = dir.join("nbdfuse");
+        fs::create_dir_all(&mnt).unwrap();
+        let pidfile = dir.join("nbdfuse.pid");
+        // A pid file left by an earlier mount would look like readiness.
+        let _ = fs::remove_file(&pidfile);
+        let child = Command::new("nbdfuse")
+            .arg("-r")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(&mnt)
+            .arg(uri)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nbdfuse");
+        let mut f = NbdFuse { child, mnt };
+        // nbdfuse writes its pid file once the file is served.
+        let started = Instant::now();
+        while !pidfile.exists() {
+            if let Some(status) = f.child.try_wait().unwrap() {
+                panic!("nbdfuse exited before serving: {status}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "nbdfuse did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        f
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn nbdfuse_shows_the_export_as_a_file_with_eio_only_on_bad_pages() {
+    let fx = Fixture::new();
+    let server = fx.serve();
+    let clean = NbdFuse::mount(&fx.dir, &server.uri("clean"));
+    let got = fs::read(clean.mnt.join("nbd")).unwrap();
+    assert!(
+        got == fx.data,
+        "the clean export read through nbdfuse differs"
+    );
+    drop(clean);
+    let bad = NbdFuse::mount(&fx.dir, &server.uri("img"));
+    let f = fs::File::open(bad.mnt.join("nbd")).unwrap();
+    // Page by page (the kernel's page cache reads whole pages): pages holding a bad or
+    // untried byte fail with EIO, every other page reads the disk's bytes.
+    let mut failed = 0;
+    for page in 0..SIZE / 4096 {
+        let mut b = vec![0u8; 4096];
+        let off = page * 4096;
+        match std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, off) {
+            Ok(()) => {
+                assert!(
+                    !Fixture::touches_bad(off, 4096),
+                    "page at {off} touches a bad range but read fine"
+                );
+                assert!(
+                    b == fx.data[off as usize..off as usize + 4096],
+                    "page at {off}"
+                );
+            }
+            Err(e) => {
+                assert!(
+                    Fixture::touches_bad(off, 4096),
+                    "page at {off} failed but has no bad byte: {e}"
+                );
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "no page failed");
+}
