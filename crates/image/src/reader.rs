@@ -151,6 +151,7 @@ impl Image {
                     Err(Error::NotAnImage) => Error::Truncated(
                         "the trailer is missing (the file was cut short or appended to)".into(),
                     ),
+                    Err(Error::Corrupt(e)) => Error::Corrupt(format!("the trailer: {e}")),
                     Err(e) => Error::Corrupt(format!("the trailer: {e}")),
                     Ok(_) => Error::Corrupt("the trailer differs from the header".into()),
                 });
@@ -160,6 +161,7 @@ impl Image {
         let t = match Header::decode(&tail) {
             Ok(t) => t,
             Err(Error::NotAnImage) => return Err(Error::Incomplete),
+            Err(Error::Corrupt(e)) => return Err(Error::Corrupt(format!("the trailer: {e}"))),
             Err(e) => return Err(Error::Corrupt(format!("the trailer: {e}"))),
         };
         if !t.sealed()
@@ -212,6 +214,13 @@ impl Image {
     }
 
     pub fn entry(&self, i: u64) -> Result<Entry> {
+        if i >= self.header.chunk_count {
+            return Err(Error::OutOfRange {
+                offset: i << self.header.chunk_shift,
+                len: 0,
+                size: self.header.virtual_size,
+            });
+        }
         let at = i as usize * INDEX_ENTRY_SIZE;
         Entry::decode(&self.index[at..at + INDEX_ENTRY_SIZE], i, &self.header)
     }
