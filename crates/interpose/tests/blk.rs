@@ -1515,73 +1515,19 @@ impl Drop for ChildGuard {
     }
 }
 
-/// nbdfuse (libnbd's FUSE client) exposing one export as a file, unmounted on drop.
-struct NbdFuse {
-    child: Child,
-    mnt: PathBuf,
-}
-
-impl NbdFuse {
-    fn mount(dir: &Path, uri: &str) -> NbdFuse {
-        let mnt = dir.join("nbdfuse");
-        fs::create_dir_all(&mnt).unwrap();
-        let pidfile = dir.join("nbdfuse.pid");
-        // A pid file left by an earlier mount would look like readiness.
-        let _ = fs::remove_file(&pidfile);
-        let child = Command::new("nbdfuse")
-            .arg("-r")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(&mnt)
-            .arg(uri)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nbdfuse");
-        let mut f = NbdFuse { child, mnt };
-        // nbdfuse writes its pid file once the file is served.
-        let started = Instant::now();
-        while !pidfile.exists() {
-            if let Some(status) = f.child.try_wait().unwrap() {
-                panic!("nbdfuse exited before serving: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "nbdfuse did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        f
-    }
-}
-
-impl Drop for NbdFuse {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status();
-        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 #[test]
 fn nbdfuse_shows_the_export_as_a_file_with_eio_only_on_bad_pages() {
     let fx = Fixture::new();
     let server = fx.serve();
-    let clean = NbdFuse::mount(&fx.dir, &server.uri("clean"));
-    let got = fs::read(clean.mnt.join("nbd")).unwrap();
+    let clean = NbdFuse::start(&fx.dir.join("nbdfuse"), [server.uri("clean")]);
+    let got = fs::read(clean.file()).unwrap();
     assert!(
         got == fx.data,
         "the clean export read through nbdfuse differs"
     );
     drop(clean);
-    let bad = NbdFuse::mount(&fx.dir, &server.uri("img"));
-    let f = fs::File::open(bad.mnt.join("nbd")).unwrap();
+    let bad = NbdFuse::start(&fx.dir.join("nbdfuse"), [server.uri("img")]);
+    let f = fs::File::open(bad.file()).unwrap();
     // Page by page (the kernel's page cache reads whole pages): pages holding a bad or
     // untried byte fail with EIO, every other page reads the disk's bytes.
     let mut failed = 0;

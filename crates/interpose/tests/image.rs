@@ -24,7 +24,7 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use interpose_image::format::{self, Header, HEADER_SIZE};
@@ -327,79 +327,31 @@ impl Drop for LoopDevice {
     }
 }
 
-/// nbdfuse serving, as the file DIR/nbd, an nbdkit eval plugin that reads `src` and
-/// fails with EIO every request touching one of `bad` (byte ranges). Unmounted on drop.
-struct FailingSource {
-    child: Child,
-    mnt: PathBuf,
-}
-
-impl FailingSource {
-    fn start(d: &Path, src: &Path, bad: &[(u64, u64)]) -> FailingSource {
-        let size = fs::metadata(src).unwrap().len();
-        let mnt = d.join("nbdfuse");
-        fs::create_dir(&mnt).unwrap();
-        let ranges: Vec<String> = bad.iter().map(|(a, b)| format!("{a}-{b}")).collect();
-        let pread = format!(
-            "off=$4; cnt=$3; for r in {}; do s=${{r%-*}}; e=${{r#*-}}; \
-             if [ $off -lt $e ] && [ $((off+cnt)) -gt $s ]; then \
-             echo 'EIO injected bad sector' >&2; exit 1; fi; done; \
-             exec dd if={} iflag=skip_bytes,count_bytes skip=$off count=$cnt status=none",
-            ranges.join(" "),
-            src.display()
-        );
-        let pidfile = d.join("nbdfuse.pid");
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(&mnt)
-            .args(["--command", "nbdkit", "-s", "--exit-with-parent", "eval"])
-            .arg(format!("get_size=echo {size}"))
-            .arg(format!("pread={pread}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nbdfuse");
-        let mut src = FailingSource { child, mnt };
-        // nbdfuse writes its pid file once the file is served.
-        let started = Instant::now();
-        while !pidfile.exists() {
-            if let Some(status) = src.child.try_wait().unwrap() {
-                panic!("nbdfuse exited before serving: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "nbdfuse did not start"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(
-            is_mounted(&src.mnt),
-            "nbdfuse wrote its pid but is not mounted"
-        );
-        src
-    }
-
-    fn file(&self) -> PathBuf {
-        self.mnt.join("nbd")
-    }
-}
-
-impl Drop for FailingSource {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&self.mnt)
-            .status();
-        if wait_timeout(&mut self.child, Duration::from_secs(10)).is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-    }
+/// nbdfuse serving, as a file, an nbdkit eval plugin that reads `src` and fails with EIO
+/// every request touching one of `bad` (byte ranges).
+fn failing_source(d: &Path, src: &Path, bad: &[(u64, u64)]) -> NbdFuse {
+    let size = fs::metadata(src).unwrap().len();
+    let ranges: Vec<String> = bad.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+    let pread = format!(
+        "off=$4; cnt=$3; for r in {}; do s=${{r%-*}}; e=${{r#*-}}; \
+         if [ $off -lt $e ] && [ $((off+cnt)) -gt $s ]; then \
+         echo 'EIO injected bad sector' >&2; exit 1; fi; done; \
+         exec dd if={} iflag=skip_bytes,count_bytes skip=$off count=$cnt status=none",
+        ranges.join(" "),
+        src.display()
+    );
+    NbdFuse::start(
+        &d.join("nbdfuse"),
+        [
+            "--command".to_owned(),
+            "nbdkit".to_owned(),
+            "-s".to_owned(),
+            "--exit-with-parent".to_owned(),
+            "eval".to_owned(),
+            format!("get_size=echo {size}"),
+            format!("pread={pread}"),
+        ],
+    )
 }
 
 fn extents_of(v: &Value) -> Vec<(u64, u64, String)> {
@@ -434,7 +386,7 @@ fn ddrescue_of_a_source_that_fails_reads_is_recorded_exactly() {
         ((3 << 20) - 4096, (3 << 20) + 4096),
         (4 << 20, (4 << 20) + 65536),
     ];
-    let failing = FailingSource::start(d, &src, &bad);
+    let failing = failing_source(d, &src, &bad);
     // It really fails: a read across a bad range is EIO, one beside it is fine.
     let f = fs::File::open(failing.file()).unwrap();
     let mut buf = vec![0u8; 4096];

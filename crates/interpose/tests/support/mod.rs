@@ -400,3 +400,79 @@ pub fn errno_name(n: i32) -> String {
 pub fn os(b: &[u8]) -> &OsStr {
     OsStr::from_bytes(b)
 }
+
+/// nbdfuse (libnbd's FUSE client) serving one NBD export read-only as the file
+/// `MNT/nbd`: `nbdfuse -r -P PIDFILE MNT ARGS...` (ARGS: a URI, or `--command nbdkit -s ...`).
+/// Unmounted and reaped on drop.
+pub struct NbdFuse {
+    child: std::process::Child,
+    pub mnt: PathBuf,
+}
+
+impl NbdFuse {
+    pub fn start<I, S>(mnt: &Path, args: I) -> NbdFuse
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        fs::create_dir_all(mnt).unwrap();
+        let pidfile = mnt.with_extension("pid");
+        // A pid file left by an earlier mount would look like readiness.
+        let _ = fs::remove_file(&pidfile);
+        let child = Command::new("nbdfuse")
+            .arg("-r")
+            .arg("-P")
+            .arg(&pidfile)
+            .arg(mnt)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nbdfuse");
+        let mut f = NbdFuse {
+            child,
+            mnt: mnt.to_path_buf(),
+        };
+        // nbdfuse writes its pid file once the file is served.
+        let started = std::time::Instant::now();
+        while !pidfile.exists() {
+            if let Some(status) = f.child.try_wait().unwrap() {
+                panic!("nbdfuse exited before serving: {status}");
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(30),
+                "nbdfuse did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            crate::common::is_mounted(mnt),
+            "nbdfuse wrote its pid but is not mounted"
+        );
+        f
+    }
+
+    /// The file that is the export.
+    pub fn file(&self) -> PathBuf {
+        self.mnt.join("nbd")
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        if crate::common::wait_timeout(&mut self.child, std::time::Duration::from_secs(10))
+            .is_none()
+        {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if crate::common::is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
