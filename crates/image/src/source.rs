@@ -151,6 +151,34 @@ impl BlockSource for RawSource {
         &self.extents
     }
 
+    /// The file system's holes (SEEK_DATA/SEEK_HOLE) of a sparse file; none for a
+    /// device or a file system that cannot tell.
+    fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        use rustix::fs::{seek, SeekFrom};
+        let end = range.end.min(self.size);
+        let mut out = Vec::new();
+        let mut at = range.start;
+        while at < end {
+            let data = match seek(&self.file, SeekFrom::Data(at)) {
+                Ok(d) => d,
+                // No data from here on: a hole to the end.
+                Err(rustix::io::Errno::NXIO) => end,
+                Err(_) => return Ok(Vec::new()),
+            };
+            if data > at {
+                out.push(at..data.min(end));
+            }
+            if data >= end {
+                break;
+            }
+            at = match seek(&self.file, SeekFrom::Hole(data)) {
+                Ok(h) => h,
+                Err(_) => break,
+            };
+        }
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         format!(
             "raw {} ({} bytes, {} bad extents)",

@@ -558,89 +558,110 @@ impl Server {
     // -------------------------------------------------------------------------------
     // Transmission
 
-    /// Several threads take turns: whoever is free reads the next request and answers
-    /// it, so requests are served concurrently and answered out of order, and a single
-    /// outstanding request costs no thread hand-off.
+    /// One thread reads requests (buffered, so a burst of pipelined requests costs one
+    /// system call). A request with nothing queued behind it is answered right there,
+    /// with no hand-off between threads; requests that arrive together go to a few
+    /// worker threads and are answered concurrently, out of order.
     fn transmission(&self, conn: Conn, session: &Session) -> Result<(), ConnError> {
-        let reader = Mutex::new(conn.try_clone()?);
-        let writer = Mutex::new(conn.try_clone()?);
-        let done = AtomicBool::new(false);
-        let first_error: Mutex<Option<ConnError>> = Mutex::new(None);
-        let threads = self.config.threads_per_connection.max(1);
-        std::thread::scope(|scope| {
-            for _ in 0..threads {
+        let source = &*self.exports[session.export].source;
+        let writer = std::sync::Mutex::new(conn.try_clone()?);
+        let mut reader = io::BufReader::with_capacity(64 << 10, conn.try_clone()?);
+        let failed = AtomicBool::new(false);
+        let workers = self.config.threads_per_connection.max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(workers * 16);
+        let rx = std::sync::Mutex::new(rx);
+        let res = std::thread::scope(|scope| {
+            for _ in 0..workers {
                 scope.spawn(|| {
-                    let res = self.serve_requests(session, &reader, &writer, &done);
-                    let first_to_end = !done.swap(true, Ordering::SeqCst);
-                    match res {
-                        // A broken connection: stop everything now.
-                        Err(e) => {
-                            conn.shutdown(Shutdown::Both);
-                            first_error.lock().get_or_insert(e);
+                    let mut out = Vec::new();
+                    loop {
+                        let next = rx.lock().map(|r| r.recv());
+                        let Ok(Ok(req)) = next else { return };
+                        if !failed.load(Ordering::Relaxed) {
+                            self.reply(source, session, &req, &mut out, &writer, &failed, &conn);
                         }
-                        // NBD_CMD_DISC or end of input: no more requests, but replies
-                        // under way are still written (the protocol requires that
-                        // outstanding requests are handled). Wake the thread waiting
-                        // for the next request.
-                        Ok(()) if first_to_end => conn.shutdown(Shutdown::Read),
-                        Ok(()) => {}
                     }
                 });
             }
+            let mut out = Vec::new();
+            let res = (|| -> Result<(), ConnError> {
+                loop {
+                    let mut head = [0u8; REQUEST_LEN];
+                    if !read_request(&mut reader, &mut head)? {
+                        return Ok(()); // the client closed between requests
+                    }
+                    let Some(req) = Request::decode(&head) else {
+                        return violation("request magic is wrong");
+                    };
+                    if req.kind == CMD_WRITE {
+                        // The payload must be read to stay in step, and is thrown away.
+                        if req.length > MAX_REQUEST_LEN {
+                            return violation(format!("write of {} bytes", req.length));
+                        }
+                        io::copy(&mut (&mut reader).take(req.length as u64), &mut io::sink())?;
+                    }
+                    if req.kind == CMD_DISC {
+                        return Ok(());
+                    }
+                    if failed.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    if reader.buffer().len() >= REQUEST_LEN {
+                        // More requests are waiting: let a worker answer this one.
+                        if tx.send(req).is_err() {
+                            return Ok(());
+                        }
+                    } else {
+                        self.reply(source, session, &req, &mut out, &writer, &failed, &conn);
+                    }
+                }
+            })();
+            // No more requests. On DISC or end of input the workers still answer what
+            // they were given (the protocol requires outstanding requests to be
+            // handled); after an error they drop it.
+            if res.is_err() {
+                failed.store(true, Ordering::Relaxed);
+                conn.shutdown(Shutdown::Both);
+            }
+            drop(tx);
+            res
         });
         conn.shutdown(Shutdown::Both);
-        match first_error.into_inner() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        res
     }
 
-    fn serve_requests(
+    /// Answers one request and writes the reply whole.
+    #[allow(clippy::too_many_arguments)]
+    fn reply(
         &self,
+        source: &dyn BlockSource,
         session: &Session,
-        reader: &Mutex<Conn>,
-        writer: &Mutex<Conn>,
-        done: &AtomicBool,
-    ) -> Result<(), ConnError> {
-        let source = &*self.exports[session.export].source;
-        let mut out = Vec::new();
-        while !done.load(Ordering::SeqCst) {
-            let req = {
-                let mut r = reader.lock();
-                if done.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                let mut head = [0u8; REQUEST_LEN];
-                match read_request(&mut r, &mut head) {
-                    Ok(true) => {}
-                    // End of input between requests: the client is done.
-                    Ok(false) => return Ok(()),
-                    Err(_) if done.load(Ordering::SeqCst) => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                }
-                let Some(req) = Request::decode(&head) else {
-                    return violation("request magic is wrong");
-                };
-                if req.kind == CMD_WRITE {
-                    // The payload must be read to stay in step, and is thrown away.
-                    if req.length > MAX_REQUEST_LEN {
-                        return violation(format!("write of {} bytes", req.length));
-                    }
-                    io::copy(&mut (&mut *r).take(req.length as u64), &mut io::sink())?;
-                }
-                if req.kind == CMD_DISC {
-                    done.store(true, Ordering::SeqCst);
-                    return Ok(());
-                }
-                req
-            };
-            out.clear();
-            self.answer(source, session, &req, &mut out);
-            if !out.is_empty() {
-                writer.lock().write_all(&out)?;
-            }
+        req: &Request,
+        out: &mut Vec<u8>,
+        writer: &std::sync::Mutex<Conn>,
+        failed: &AtomicBool,
+        conn: &Conn,
+    ) {
+        out.clear();
+        self.answer(source, session, req, out);
+        if out.is_empty() {
+            return;
         }
-        Ok(())
+        let written = match writer.lock() {
+            Ok(mut w) => w.write_all(out),
+            Err(_) => Err(io::Error::other("writer lock poisoned")),
+        };
+        if let Err(e) = written {
+            // The client is gone or stuck: stop the whole connection.
+            if !failed.swap(true, Ordering::Relaxed) {
+                tracing::info!("writing a reply: {e}");
+            }
+            conn.shutdown(Shutdown::Both);
+        }
+        // Large replies should not pin their buffer for the connection's lifetime.
+        if out.capacity() > 1 << 20 {
+            *out = Vec::new();
+        }
     }
 
     /// Builds the reply to one request into `out`.
@@ -705,51 +726,36 @@ impl Server {
     fn read(&self, source: &dyn BlockSource, session: &Session, req: &Request, out: &mut Vec<u8>) {
         let len = req.length as usize;
         let off = req.offset;
+        let end = off + len as u64;
+        // What is bad (and, for structured replies, what is zero) is known from the
+        // source's tables before any byte is read.
+        let bad = interpose_image::source::bad_within(source.bad_extents(), off, len as u64);
         if !session.structured {
+            if !bad.is_empty() {
+                simple_reply(out, EIO, req.cookie);
+                return;
+            }
             // Header, then the data in place after it.
             simple_reply(out, 0, req.cookie);
             let at = out.len();
             out.resize(at + len, 0);
-            match source.read_at(&mut out[at..], off) {
-                Ok(o) if o.is_clean() => {}
-                Ok(_) => {
-                    out.clear();
-                    simple_reply(out, EIO, req.cookie);
-                }
-                Err(e) => {
-                    tracing::warn!("read of {len} bytes at {off}: {e}");
-                    out.clear();
-                    simple_reply(out, EIO, req.cookie);
-                }
+            if let Err(e) = source.read_at(&mut out[at..], off) {
+                tracing::warn!("read of {len} bytes at {off}: {e}");
+                out.clear();
+                simple_reply(out, EIO, req.cookie);
             }
             return;
         }
-        let mut data = vec![0u8; len];
-        let outcome = match source.read_at(&mut data, off) {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::warn!("read of {len} bytes at {off}: {e}");
-                error_chunk(out, REPLY_FLAG_DONE, req.cookie, EIO, &e.to_string(), None);
-                return;
-            }
-        };
         let df = req.flags & CMD_FLAG_DF != 0;
-        // The good pieces, as data or (if the source knows they are zero) holes.
-        let end = off + len as u64;
         let zero = if df {
             Vec::new()
         } else {
             zero_and_readable(source, off..end)
         };
+        // The good pieces between the bad extents, as data or holes.
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new(); // (start, end, hole)
         let mut at = off;
-        for b in outcome
-            .bad
-            .iter()
-            .map(|b| (b.offset, b.end()))
-            .chain([(end, end)])
-        {
-            // Good bytes at..b.0
+        for b in bad.iter().map(|b| (b.offset, b.end())).chain([(end, end)]) {
             let mut p = at;
             let (lo, hi) = (at, b.0);
             for z in zero.iter().filter(|z| z.end > lo && z.start < hi) {
@@ -764,7 +770,7 @@ impl Server {
                 pieces.push((p, b.0, false));
             }
             at = b.1;
-            if df && !outcome.bad.is_empty() {
+            if df && !bad.is_empty() {
                 break; // one content chunk at most: the good bytes before the first bad one
             }
         }
@@ -773,19 +779,27 @@ impl Server {
                 chunk_header(out, 0, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
                 out.extend_from_slice(&s.to_be_bytes());
                 out.extend_from_slice(&((e - s) as u32).to_be_bytes());
-            } else {
-                chunk_header(
-                    out,
-                    0,
-                    REPLY_TYPE_OFFSET_DATA,
-                    req.cookie,
-                    8 + (e - s) as u32,
-                );
-                out.extend_from_slice(&s.to_be_bytes());
-                out.extend_from_slice(&data[(s - off) as usize..(e - off) as usize]);
+                continue;
+            }
+            let mark = out.len();
+            chunk_header(
+                out,
+                0,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                8 + (e - s) as u32,
+            );
+            out.extend_from_slice(&s.to_be_bytes());
+            let at = out.len();
+            out.resize(at + (e - s) as usize, 0);
+            if let Err(err) = source.read_at(&mut out[at..], s) {
+                // A damaged image: no data for this piece, an error for it instead.
+                tracing::warn!("read of {} bytes at {s}: {err}", e - s);
+                out.truncate(mark);
+                error_chunk(out, 0, req.cookie, EIO, &err.to_string(), Some(s));
             }
         }
-        for b in &outcome.bad {
+        for b in &bad {
             let msg = format!(
                 "{} sectors at {}..{}",
                 match b.state {
@@ -872,7 +886,7 @@ impl Server {
 
 /// Reads a request header; `false` at end of input before its first byte (a client
 /// that closed between requests), an error for half a header.
-fn read_request(r: &mut Conn, head: &mut [u8; REQUEST_LEN]) -> io::Result<bool> {
+fn read_request(r: &mut impl Read, head: &mut [u8; REQUEST_LEN]) -> io::Result<bool> {
     let mut got = 0;
     while got < head.len() {
         match r.read(&mut head[got..]) {
@@ -898,6 +912,9 @@ fn zero_and_readable(
     range: std::ops::Range<u64>,
 ) -> Vec<std::ops::Range<u64>> {
     let zero = source.zero_ranges(range.clone()).unwrap_or_default();
+    if zero.is_empty() {
+        return zero;
+    }
     let bad = interpose_image::source::bad_within(
         source.bad_extents(),
         range.start,
