@@ -331,10 +331,19 @@ impl Image {
         if self.cache.copy(i, at, out) {
             return Ok(());
         }
-        let mut buf = vec![0u8; self.header.chunk_len(i)];
-        self.decode_chunk(i, e, &mut buf)?;
+        // Decoded into a buffer the cache evicted earlier, when there is one: once the
+        // cache is full, misses allocate nothing (and the heap does not fragment).
+        let len = self.header.chunk_len(i);
+        let mut buf = self
+            .cache
+            .spare(i, len)
+            .unwrap_or_else(|| vec![0u8; len].into_boxed_slice());
+        if let Err(err) = self.decode_chunk(i, e, &mut buf) {
+            self.cache.recycle(i, buf);
+            return Err(err);
+        }
         out.copy_from_slice(&buf[at..at + out.len()]);
-        self.cache.put(i, buf.into());
+        self.cache.put(i, buf);
         Ok(())
     }
 
@@ -488,27 +497,41 @@ impl BlockSource for Image {
 /// A bounded cache of decompressed chunks, split in shards so that threads reading
 /// different chunks rarely meet on a lock.
 struct Cache {
-    shards: Vec<Mutex<lru::LruCache<u64, Box<[u8]>>>>,
+    shards: Vec<Mutex<Shard>>,
 }
+
+struct Shard {
+    lru: lru::LruCache<u64, Box<[u8]>>,
+    /// Buffers of evicted chunks, reused for the next miss.
+    spare: Vec<Box<[u8]>>,
+}
+
+/// Evicted buffers kept per shard for reuse.
+const SPARES: usize = 4;
 
 impl Cache {
     fn new(bytes: usize, chunk_size: usize) -> Cache {
         let per_shard = (bytes / chunk_size / SHARDS).max(1);
         Cache {
             shards: (0..SHARDS)
-                .map(|_| Mutex::new(lru::LruCache::new(NonZeroUsize::new(per_shard).unwrap())))
+                .map(|_| {
+                    Mutex::new(Shard {
+                        lru: lru::LruCache::new(NonZeroUsize::new(per_shard).unwrap()),
+                        spare: Vec::new(),
+                    })
+                })
                 .collect(),
         }
     }
 
-    fn shard(&self, i: u64) -> &Mutex<lru::LruCache<u64, Box<[u8]>>> {
+    fn shard(&self, i: u64) -> &Mutex<Shard> {
         &self.shards[(i as usize) % SHARDS]
     }
 
     /// Copies from chunk `i` if cached (under the shard's lock: no reference count
     /// traffic on the hot path).
     fn copy(&self, i: u64, at: usize, out: &mut [u8]) -> bool {
-        match self.shard(i).lock().get(&i) {
+        match self.shard(i).lock().lru.get(&i) {
             Some(c) => {
                 out.copy_from_slice(&c[at..at + out.len()]);
                 true
@@ -518,6 +541,25 @@ impl Cache {
     }
 
     fn put(&self, i: u64, c: Box<[u8]>) {
-        self.shard(i).lock().put(i, c);
+        let mut shard = self.shard(i).lock();
+        if let Some((_, old)) = shard.lru.push(i, c) {
+            if shard.spare.len() < SPARES {
+                shard.spare.push(old);
+            }
+        }
+    }
+
+    /// A spare buffer of exactly `len` bytes from chunk `i`'s shard, if any.
+    fn spare(&self, i: u64, len: usize) -> Option<Box<[u8]>> {
+        let mut shard = self.shard(i).lock();
+        let at = shard.spare.iter().position(|b| b.len() == len)?;
+        Some(shard.spare.swap_remove(at))
+    }
+
+    fn recycle(&self, i: u64, buf: Box<[u8]>) {
+        let mut shard = self.shard(i).lock();
+        if shard.spare.len() < SPARES {
+            shard.spare.push(buf);
+        }
     }
 }

@@ -99,6 +99,41 @@ pub struct RawSource {
     path: PathBuf,
     size: u64,
     extents: Vec<BadExtent>,
+    /// Holes of a sparse file (read once at open: asking per read would cost system calls).
+    holes: Vec<Range<u64>>,
+}
+
+/// More holes than this (a badly fragmented sparse file) are not tracked.
+const MAX_HOLES: usize = 1 << 20;
+
+/// The holes of a file (SEEK_DATA/SEEK_HOLE); none for a block device, a file system
+/// that cannot tell, or too many to keep.
+fn find_holes(file: &File, size: u64) -> Vec<Range<u64>> {
+    use rustix::fs::{seek, SeekFrom};
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let data = match seek(file, SeekFrom::Data(at)) {
+            Ok(d) => d.min(size),
+            // No data from here on: a hole to the end.
+            Err(rustix::io::Errno::NXIO) => size,
+            Err(_) => return Vec::new(),
+        };
+        if data > at {
+            out.push(at..data);
+            if out.len() > MAX_HOLES {
+                return Vec::new();
+            }
+        }
+        if data >= size {
+            break;
+        }
+        at = match seek(file, SeekFrom::Hole(data)) {
+            Ok(h) => h,
+            Err(_) => break,
+        };
+    }
+    out
 }
 
 impl RawSource {
@@ -112,11 +147,13 @@ impl RawSource {
             Some(m) => mapfile::read(m)?.bad_extents(size)?,
             None => Vec::new(),
         };
+        let holes = find_holes(&file, size);
         Ok(RawSource {
             file,
             path: path.to_path_buf(),
             size,
             extents,
+            holes,
         })
     }
 
@@ -151,32 +188,14 @@ impl BlockSource for RawSource {
         &self.extents
     }
 
-    /// The file system's holes (SEEK_DATA/SEEK_HOLE) of a sparse file; none for a
-    /// device or a file system that cannot tell.
+    /// The file system's holes of a sparse file, as found at open.
     fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
-        use rustix::fs::{seek, SeekFrom};
-        let end = range.end.min(self.size);
-        let mut out = Vec::new();
-        let mut at = range.start;
-        while at < end {
-            let data = match seek(&self.file, SeekFrom::Data(at)) {
-                Ok(d) => d,
-                // No data from here on: a hole to the end.
-                Err(rustix::io::Errno::NXIO) => end,
-                Err(_) => return Ok(Vec::new()),
-            };
-            if data > at {
-                out.push(at..data.min(end));
-            }
-            if data >= end {
-                break;
-            }
-            at = match seek(&self.file, SeekFrom::Hole(data)) {
-                Ok(h) => h,
-                Err(_) => break,
-            };
-        }
-        Ok(out)
+        let first = self.holes.partition_point(|h| h.end <= range.start);
+        Ok(self.holes[first..]
+            .iter()
+            .take_while(|h| h.start < range.end)
+            .map(|h| h.start.max(range.start)..h.end.min(range.end))
+            .collect())
     }
 
     fn describe(&self) -> String {
