@@ -774,7 +774,13 @@ impl Server {
                 break; // one content chunk at most: the good bytes before the first bad one
             }
         }
+        // Where the last chunk starts: without errors it carries the DONE flag itself
+        // (every byte was read before sending, so no error can follow), saving the
+        // client a separate final chunk.
+        let mut last_chunk = None;
+        let mut errored = false;
         for (s, e, hole) in pieces {
+            last_chunk = Some(out.len());
             if hole {
                 chunk_header(out, 0, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
                 out.extend_from_slice(&s.to_be_bytes());
@@ -797,6 +803,15 @@ impl Server {
                 tracing::warn!("read of {} bytes at {s}: {err}", e - s);
                 out.truncate(mark);
                 error_chunk(out, 0, req.cookie, EIO, &err.to_string(), Some(s));
+                errored = true;
+                continue;
+            }
+        }
+        if bad.is_empty() && !errored {
+            if let Some(at) = last_chunk {
+                // The flags field follows the 4-byte magic.
+                out[at + 4..at + 6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+                return;
             }
         }
         for b in &bad {
