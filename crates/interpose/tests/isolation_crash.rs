@@ -18,54 +18,19 @@
 //! writing it.
 
 mod common;
+mod isomodel;
 use common::*;
+use isomodel::*;
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/scripts")
-        .join(name)
-}
-
-fn seed() -> u64 {
-    match std::env::var("INTERPOSE_ISO_SEED") {
-        Ok(s) => s.parse().expect("INTERPOSE_ISO_SEED must be a number"),
-        Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        }
-    }
-}
-
-/// SplitMix64, for the kill schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in lo..=hi.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 /// Kills and reaps child processes when dropped, so a failing test leaves none behind.
 #[derive(Default)]
@@ -86,94 +51,9 @@ fn read_lossy(path: &Path) -> String {
         .unwrap_or_else(|e| format!("<{}: {e}>", path.display()))
 }
 
-/// A temporary directory with `backing/` and `reference/` (both the initial tree of
-/// iso_model.py), `mnt/`, `store/`, a log of operations and BACKING's manifest.
-struct Dirs {
-    seed: u64,
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    backing: PathBuf,
-    reference: PathBuf,
-    mnt: PathBuf,
-    store: PathBuf,
-    oplog: PathBuf,
-    manifest: PathBuf,
-}
+type Dirs = ModelDirs;
 
-impl Dirs {
-    fn new(seed: u64) -> Dirs {
-        let tmp = tempfile::Builder::new()
-            .prefix("interpose-test-isocrash-")
-            .tempdir_in(test_root())
-            .unwrap();
-        let root = tmp.path().to_path_buf();
-        let d = Dirs {
-            seed,
-            backing: root.join("backing"),
-            reference: root.join("reference"),
-            mnt: root.join("mnt"),
-            store: root.join("store"),
-            oplog: root.join("oplog.jsonl"),
-            manifest: root.join("backing-manifest.json"),
-            root,
-            _tmp: tmp,
-        };
-        std::fs::create_dir(&d.mnt).unwrap();
-        d.model(&["build".as_ref(), d.backing.as_os_str()]);
-        d.model(&["build".as_ref(), d.reference.as_os_str()]);
-        d.model(&[
-            "manifest".as_ref(),
-            d.backing.as_os_str(),
-            d.manifest.as_os_str(),
-        ]);
-        d
-    }
-
-    fn python(&self, name: &str, args: &[&OsStr]) -> String {
-        let out = Command::new("python3")
-            .arg(script(name))
-            .args(args)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "seed {} (INTERPOSE_ISO_SEED={} repeats it): {name} {args:?} failed ({}):\n{}{}",
-            self.seed,
-            self.seed,
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout),
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn model(&self, args: &[&OsStr]) -> String {
-        self.python("iso_model.py", args)
-    }
-
-    fn mount(&self) -> Mount {
-        Mount::start(
-            &self.backing,
-            &self.mnt,
-            &["--isolate", self.store.to_str().unwrap()],
-        )
-    }
-
-    fn assert_backing_untouched(&self, when: &str) {
-        let out = Command::new("python3")
-            .arg(script("iso_model.py"))
-            .arg("same-manifest")
-            .arg(&self.backing)
-            .arg(&self.manifest)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "{when}: BACKING changed before any commit:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
+impl ModelDirs {
     fn compare(&self, checked: &Path, reference: &Path) {
         self.model(&[
             "compare".as_ref(),
@@ -238,7 +118,7 @@ fn crash_daemon_sigkill_keeps_fsynced_operations() {
     let seed = seed();
     eprintln!("daemon kills: seed {seed} (INTERPOSE_ISO_SEED={seed} repeats the schedule)");
     let mut rng = Rng(seed ^ 0xdead);
-    let d = Dirs::new(seed);
+    let d = Dirs::new("interpose-test-isocrash-", seed);
     let work = d.root.join("work");
     std::fs::create_dir(&work).unwrap();
     let started = Instant::now();
@@ -530,7 +410,7 @@ fn crash_offline_commit_sigkill_resumes() {
     let mut kills = 0u64;
     let mut round = 0;
     while round < COMMIT_ROUNDS || (kills < MIN_COMMIT_KILLS && round < 3 * COMMIT_ROUNDS) {
-        let d = Dirs::new(seed.wrapping_add(round));
+        let d = Dirs::new("interpose-test-isocrash-", seed.wrapping_add(round));
         let mnt = d.mount();
         let out = d.model(&[
             "run".as_ref(),

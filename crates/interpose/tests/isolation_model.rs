@@ -20,31 +20,15 @@
 //! `INTERPOSE_ISO_EXCLUDE=a,b` leaves kinds of operations out (see iso_model.py).
 
 mod common;
+mod isomodel;
 use common::*;
+use isomodel::*;
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
 use serde_json::Value;
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/iso_model.py")
-}
-
-fn seed() -> u64 {
-    match std::env::var("INTERPOSE_ISO_SEED") {
-        Ok(s) => s.parse().expect("INTERPOSE_ISO_SEED must be a number"),
-        Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        }
-    }
-}
 
 fn op_count() -> u64 {
     match std::env::var("INTERPOSE_ISO_OPS") {
@@ -53,96 +37,12 @@ fn op_count() -> u64 {
     }
 }
 
-/// SplitMix64: the test's own choices (which operation to commit up to, ...) from the seed.
-struct Rng(u64);
+type Model = ModelDirs;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in lo..=hi.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
-/// The directories of one model run: `backing/` (what is mounted), `reference/` (a plain
-/// directory that always holds what the mount must show), `store/`, `mnt/`, the log of
-/// operations, and BACKING's manifest from before anything ran.
-struct Model {
-    seed: u64,
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    backing: PathBuf,
-    reference: PathBuf,
-    mnt: PathBuf,
-    store: PathBuf,
-    oplog: PathBuf,
-    manifest: PathBuf,
-}
-
-impl Model {
-    fn new(seed: u64) -> Model {
-        let tmp = tempfile::Builder::new()
-            .prefix("interpose-test-isomodel-")
-            .tempdir_in(test_root())
-            .unwrap();
-        let root = tmp.path().to_path_buf();
-        let m = Model {
-            seed,
-            backing: root.join("backing"),
-            reference: root.join("reference"),
-            mnt: root.join("mnt"),
-            store: root.join("store"),
-            oplog: root.join("oplog.jsonl"),
-            manifest: root.join("backing-manifest.json"),
-            root,
-            _tmp: tmp,
-        };
-        std::fs::create_dir(&m.mnt).unwrap();
-        m.py(&["build".as_ref(), m.backing.as_os_str()]);
-        m.py(&["build".as_ref(), m.reference.as_os_str()]);
-        m.py(&[
-            "manifest".as_ref(),
-            m.backing.as_os_str(),
-            m.manifest.as_os_str(),
-        ]);
-        m
-    }
-
-    /// Runs iso_model.py; a failure fails the test with the script's message and the seed.
-    fn py(&self, args: &[&OsStr]) -> String {
-        let out = Command::new("python3")
-            .arg(script())
-            .args(args)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "seed {} (INTERPOSE_ISO_SEED={} repeats it): iso_model.py {:?} failed ({}):\n{}{}",
-            self.seed,
-            self.seed,
-            args,
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout),
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn mount(&self, extra: &[&str]) -> Mount {
-        let mut args = vec!["--isolate", self.store.to_str().unwrap()];
-        args.extend_from_slice(extra);
-        Mount::start(&self.backing, &self.mnt, &args)
-    }
-
+impl ModelDirs {
     /// Operations first..first+count-1 on the mount and the reference; the script's summary.
     fn run_ops(&self, first: u64, count: u64) -> Value {
-        let out = self.py(&[
+        let out = self.model(&[
             "run".as_ref(),
             self.mnt.as_os_str(),
             self.reference.as_os_str(),
@@ -171,8 +71,8 @@ impl Model {
     fn state_after(&self, k: u64) -> PathBuf {
         let dir = self.root.join(format!("after-{k}"));
         if !dir.exists() {
-            self.py(&["build".as_ref(), dir.as_os_str()]);
-            self.py(&[
+            self.model(&["build".as_ref(), dir.as_os_str()]);
+            self.model(&[
                 "replay".as_ref(),
                 dir.as_os_str(),
                 self.oplog.as_os_str(),
@@ -185,7 +85,7 @@ impl Model {
     /// `checked` must equal `reference` (see iso_model.py compare).
     fn compare(&self, checked: &Path, reference: &Path, what: &str) {
         let out = Command::new("python3")
-            .arg(script())
+            .arg(script("iso_model.py"))
             .arg("compare")
             .arg(checked)
             .arg(reference)
@@ -195,22 +95,6 @@ impl Model {
         assert!(
             out.status.success(),
             "seed {}: {what}:\n{}",
-            self.seed,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn assert_backing_untouched(&self, when: &str) {
-        let out = Command::new("python3")
-            .arg(script())
-            .arg("same-manifest")
-            .arg(&self.backing)
-            .arg(&self.manifest)
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "seed {}: BACKING changed {when}, before any commit:\n{}",
             self.seed,
             String::from_utf8_lossy(&out.stderr)
         );
@@ -328,7 +212,7 @@ fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
     let n = op_count();
     let half = n / 2;
     let started = Instant::now();
-    let mnt = m.mount(mount_args);
+    let mnt = m.mount_with(mount_args);
     let first = m.run_ops(1, half);
     let seqs = m.seqs();
     m.assert_status(true, seqs[half as usize], 0, "after the first half");
@@ -340,7 +224,7 @@ fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
         0,
         "unmounted after the first half",
     );
-    let mnt = m.mount(mount_args);
+    let mnt = m.mount_with(mount_args);
     m.compare(
         &m.mnt,
         &m.reference,
@@ -364,7 +248,7 @@ fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
 fn model_mounted_commit_discard() {
     let seed = seed();
     eprintln!("model_mounted_commit_discard: seed {seed} (INTERPOSE_ISO_SEED={seed} repeats it)");
-    let m = Model::new(seed);
+    let m = Model::new("interpose-test-isomodel-", seed);
     let mut rng = Rng(seed ^ 0x5eed);
     let n = op_count();
     let mnt = run_in_two_halves(&m, &[]);
@@ -425,7 +309,7 @@ fn model_mounted_commit_discard() {
         "after committing the rest, the mount changed",
     );
     stop(mnt);
-    let mnt = m.mount(&[]);
+    let mnt = m.mount();
     m.compare(
         &m.mnt,
         &after_j,
@@ -442,7 +326,7 @@ fn model_offline_commit_discard() {
         "model_offline_commit_discard: seed {seed} (INTERPOSE_ISO_SEED={} repeats it)",
         seed.wrapping_sub(1)
     );
-    let m = Model::new(seed);
+    let m = Model::new("interpose-test-isomodel-", seed);
     let mut rng = Rng(seed ^ 0x0ff1);
     let n = op_count();
     let args = ["--no-passthrough"];
@@ -464,7 +348,7 @@ fn model_offline_commit_discard() {
         &after_k,
         &format!("after an offline commit --upto {sk}, BACKING is not the initial tree with operations 1..={k}"),
     );
-    let mnt = m.mount(&args);
+    let mnt = m.mount_with(&args);
     m.compare(
         &m.mnt,
         &m.reference,
@@ -484,7 +368,7 @@ fn model_offline_commit_discard() {
         &format!("an offline discard --after {sj} changed BACKING"),
     );
     let after_j = m.state_after(j);
-    let mnt = m.mount(&args);
+    let mnt = m.mount_with(&args);
     m.compare(
         &m.mnt,
         &after_j,
@@ -504,7 +388,7 @@ fn model_offline_commit_discard() {
             "after committing everything up to {sj}, BACKING is not the tree after operation {j}"
         ),
     );
-    let mnt = m.mount(&args);
+    let mnt = m.mount_with(&args);
     m.compare(
         &m.mnt,
         &after_j,
