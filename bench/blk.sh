@@ -89,6 +89,8 @@ umask 022
 export LC_ALL=C
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 COMMAND_LINE=""
 for v in BENCH_SIZE BENCH_REPS BENCH_SECONDS BENCH_CACHE_MIB BENCH_THREADS BENCH_RSS_ALLOWANCE_MIB \
     BENCH_CONFIGS BENCH_DIR BENCH_IMAGE_DIR BENCH_BIN; do
@@ -96,18 +98,7 @@ for v in BENCH_SIZE BENCH_REPS BENCH_SECONDS BENCH_CACHE_MIB BENCH_THREADS BENCH
 done
 COMMAND_LINE+="$0${*:+ $*}"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-fi
-if (($#)); then
-    echo "blk.sh: takes no arguments (see --help); settings come from BENCH_* variables" >&2
-    exit 2
-fi
-if ((EUID != 0)); then
-    echo "blk.sh: run as root (loop devices, FUSE mounts, dropping caches, installing packages)" >&2
-    exit 2
-fi
+bench_preamble blk.sh "loop devices, FUSE mounts, dropping caches, installing packages" "$@"
 
 SIZE_ARG=${BENCH_SIZE:-1G}
 SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "blk.sh: BENCH_SIZE=$SIZE_ARG is not a size (1G, 128M, ...)" >&2; exit 2; }
@@ -240,8 +231,6 @@ trap 'log "terminated"; exit 143' TERM HUP
 
 # ---------------------------------------------------------------- one run per bench dir
 
-# shellcheck source=bench/lib.sh
-source "$REPO/bench/lib.sh"
 take_bench_lock bench/blk.sh
 
 # ---------------------------------------------------------------- dependencies and build
@@ -632,10 +621,7 @@ T_START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((rep = 1; rep <= REPS; rep++)); do
     CUR_REP=$rep
-    n=${#CONFIGS[@]}
-    for ((i = 0; i < n; i++)); do
-        session "${CONFIGS[(i + rep - 1) % n]}"
-    done
+    round_robin session "${CONFIGS[@]}"
 done
 T_TOTAL=$((SECONDS - T_START))
 log "measurements done in ${T_TOTAL}s"

@@ -45,24 +45,15 @@ umask 022
 export LC_ALL=C
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 COMMAND_LINE=""
 for v in BENCH_DIR BENCH_REPS BENCH_QUICK BENCH_RUNTIME BENCH_CONFIGS BENCH_BIN BENCH_INTERPOSE_ARGS; do
     if [[ -n ${!v:-} ]]; then COMMAND_LINE+="$(printf '%s=%q' "$v" "${!v}") "; fi
 done
 COMMAND_LINE+="$0${*:+ $*}"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-fi
-if (($#)); then
-    echo "fs.sh: takes no arguments (see --help); settings come from BENCH_* variables" >&2
-    exit 2
-fi
-if ((EUID != 0)); then
-    echo "fs.sh: run as root (mounting, dropping caches, installing packages)" >&2
-    exit 2
-fi
+bench_preamble fs.sh "mounting, dropping caches, installing packages" "$@"
 
 QUICK=${BENCH_QUICK:-0}
 [[ $QUICK == 1 ]] || QUICK=0
@@ -170,8 +161,6 @@ trap 'log "terminated"; exit 143' TERM HUP
 
 # ---------------------------------------------------------------- one run per bench dir
 
-# shellcheck source=bench/lib.sh
-source "$REPO/bench/lib.sh"
 take_bench_lock bench/fs.sh
 
 # ---------------------------------------------------------------- dependencies and build
@@ -679,10 +668,7 @@ T_START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((rep = 1; rep <= REPS; rep++)); do
     CUR_REP=$rep
-    n=${#CONFIGS[@]}
-    for ((i = 0; i < n; i++)); do
-        session "${CONFIGS[(i + rep - 1) % n]}"
-    done
+    round_robin session "${CONFIGS[@]}"
 done
 T_TOTAL=$((SECONDS - T_START))
 log "measurements done in ${T_TOTAL}s"

@@ -49,24 +49,15 @@ umask 022
 export LC_ALL=C
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 COMMAND_LINE=""
 for v in BENCH_SIZE BENCH_REPS BENCH_SECONDS BENCH_DIR BENCH_IMAGE_DIR BENCH_BIN BENCH_READ_BENCH; do
     if [[ -n ${!v:-} ]]; then COMMAND_LINE+="$(printf '%s=%q' "$v" "${!v}") "; fi
 done
 COMMAND_LINE+="$0${*:+ $*}"
 
-if [[ ${1:-} == -h || ${1:-} == --help ]]; then
-    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-    exit 0
-fi
-if (($#)); then
-    echo "image.sh: takes no arguments (see --help); settings come from BENCH_* variables" >&2
-    exit 2
-fi
-if ((EUID != 0)); then
-    echo "image.sh: run as root (dropping caches, installing packages)" >&2
-    exit 2
-fi
+bench_preamble image.sh "dropping caches, installing packages" "$@"
 
 SIZE_ARG=${BENCH_SIZE:-1G}
 SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "image.sh: BENCH_SIZE=$SIZE_ARG is not a size (1G, 128M, ...)" >&2; exit 2; }
@@ -107,8 +98,6 @@ trap 'log "terminated"; exit 143' TERM HUP
 
 # ---------------------------------------------------------------- one run per bench dir
 
-# shellcheck source=bench/lib.sh
-source "$REPO/bench/lib.sh"
 take_bench_lock bench/image.sh
 
 # ---------------------------------------------------------------- dependencies and build
@@ -286,10 +275,7 @@ T_START=$SECONDS
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for ((rep = 1; rep <= REPS; rep++)); do
     CUR_REP=$rep
-    n=${#TOOLS[@]}
-    for ((i = 0; i < n; i++)); do
-        create_step "${TOOLS[(i + rep - 1) % n]}"
-    done
+    round_robin create_step "${TOOLS[@]}"
     ((rep == 1)) && check_outputs
 done
 # The image the reads use: interpose's output of the last repetition (kept apart, so nothing
@@ -303,10 +289,7 @@ QCOW_CLUSTER=$( [[ -s ${OUTFILE[qemu-img]} ]] && qemu-img info --output=json "${
 rm -f "${OUTFILE[qemu-img]}" "${OUTFILE[zstd]}"
 for ((rep = 1; rep <= REPS; rep++)); do
     CUR_REP=$rep
-    n=${#ROWS[@]}
-    for ((i = 0; i < n; i++)); do
-        read_step "${ROWS[(i + rep - 1) % n]}"
-    done
+    round_robin read_step "${ROWS[@]}"
 done
 T_TOTAL=$((SECONDS - T_START))
 log "measurements done in ${T_TOTAL}s"

@@ -20,3 +20,34 @@ take_bench_lock() {
         exit 1
     fi
 }
+
+# Usage: bench_preamble NAME WHY "$@": prints the script's header comment for --help,
+# refuses arguments (settings come from BENCH_* variables) and requires root (WHY says
+# what for).
+bench_preamble() {
+    local name=$1 why=$2
+    shift 2
+    if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+        sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+        exit 0
+    fi
+    if (($#)); then
+        echo "$name: takes no arguments (see --help); settings come from BENCH_* variables" >&2
+        exit 2
+    fi
+    if ((EUID != 0)); then
+        echo "$name: run as root ($why)" >&2
+        exit 2
+    fi
+}
+
+# Usage: round_robin FUNC ITEM...: runs FUNC on every ITEM once, starting one later in
+# each repetition (CUR_REP, from 1), so no item always runs first.
+round_robin() {
+    local fn=$1
+    shift
+    local items=("$@") n=$# k
+    for ((k = 0; k < n; k++)); do
+        "$fn" "${items[(k + CUR_REP - 1) % n]}"
+    done
+}

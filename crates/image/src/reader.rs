@@ -476,7 +476,10 @@ impl BlockSource for Image {
     }
 
     fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
-        self.zero_chunk_ranges(range)
+        Ok(crate::source::without_bad(
+            self.zero_chunk_ranges(range)?,
+            &self.extents,
+        ))
     }
 
     fn preferred_block_size(&self) -> u32 {

@@ -39,7 +39,9 @@ pub trait BlockSource: Send + Sync {
     fn bad_extents(&self) -> &[BadExtent];
 
     /// Ranges inside `range` known to read as zeros without being stored (holes, zero
-    /// chunks), sorted and disjoint. A source that cannot tell says none.
+    /// chunks), sorted and disjoint, never overlapping a bad extent (bad bytes cannot be
+    /// read, so they must not be reported as reading as zeros; see [`without_bad`]). A
+    /// source that cannot tell says none.
     fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         let _ = range;
         Ok(Vec::new())
@@ -82,6 +84,27 @@ pub fn bad_within(extents: &[BadExtent], offset: u64, len: u64) -> Vec<BadExtent
             }
         })
         .collect()
+}
+
+/// `ranges` (sorted, disjoint) with every byte of a bad extent taken out.
+pub fn without_bad(ranges: Vec<Range<u64>>, extents: &[BadExtent]) -> Vec<Range<u64>> {
+    if ranges.is_empty() || extents.is_empty() {
+        return ranges;
+    }
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let mut at = r.start;
+        for b in bad_within(extents, r.start, r.end - r.start) {
+            if b.offset > at {
+                out.push(at..b.offset);
+            }
+            at = b.end();
+        }
+        if r.end > at {
+            out.push(at..r.end);
+        }
+    }
+    out
 }
 
 /// Zeroes the bytes of `buf` (which holds the range starting at `offset`) that `bad`
@@ -147,7 +170,7 @@ impl RawSource {
             Some(m) => mapfile::read(m)?.bad_extents(size)?,
             None => Vec::new(),
         };
-        let holes = find_holes(&file, size);
+        let holes = without_bad(find_holes(&file, size), &extents);
         Ok(RawSource {
             file,
             path: path.to_path_buf(),
@@ -188,7 +211,7 @@ impl BlockSource for RawSource {
         &self.extents
     }
 
-    /// The file system's holes of a sparse file, as found at open.
+    /// The file system's holes of a sparse file, as found at open (bad extents taken out).
     fn zero_ranges(&self, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         let first = self.holes.partition_point(|h| h.end <= range.start);
         Ok(self.holes[first..]

@@ -77,34 +77,12 @@ const BAD: &[(u64, u64, char)] = &[
 /// The only bad sector of `zbad`: inside a chunk that is otherwise all zeros.
 const ZBAD: (u64, u64, char) = (2 * MIB + CHUNK + 512, 512, '-');
 
-/// Deterministic pseudo-random bytes.
 fn random(len: u64, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    random_bytes(len as usize, seed)
 }
 
 fn text(len: u64, first_line: u64) -> Vec<u8> {
-    let mut t = Vec::with_capacity(len as usize + 80);
-    let mut i = first_line;
-    while (t.len() as u64) < len {
-        t.extend_from_slice(
-            format!(
-                "line {i}: the quick brown fox jumps over the lazy dog {}\n",
-                i * 7
-            )
-            .as_bytes(),
-        );
-        i += 1;
-    }
-    t.truncate(len as usize);
-    t
+    text_lines(len as usize, first_line)
 }
 
 /// The disk: text, zeros, random, zeros, text, random, zeros (not chunk-aligned at its

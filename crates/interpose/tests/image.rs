@@ -68,34 +68,12 @@ fn info(img: &Path) -> Value {
     serde_json::from_str(&image_ok(&["info", s(img), "--json"])).unwrap()
 }
 
-/// Deterministic pseudo-random bytes.
 fn random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    random_bytes(len, seed)
 }
 
 fn text(len: usize) -> Vec<u8> {
-    let mut t = Vec::with_capacity(len + 64);
-    let mut i = 0u64;
-    while t.len() < len {
-        t.extend_from_slice(
-            format!(
-                "line {i}: the quick brown fox jumps over the lazy dog {}\n",
-                i * 7
-            )
-            .as_bytes(),
-        );
-        i += 1;
-    }
-    t.truncate(len);
-    t
+    text_lines(len, 0)
 }
 
 /// create, verify, info, extract: the raw bytes come back.

@@ -750,7 +750,7 @@ impl Server {
         let zero = if df {
             Vec::new()
         } else {
-            zero_and_readable(source, off..end)
+            source.zero_ranges(off..end).unwrap_or_default()
         };
         // The good pieces between the bad extents, as data or holes.
         let mut pieces: Vec<(u64, u64, bool)> = Vec::new(); // (start, end, hole)
@@ -850,7 +850,7 @@ impl Server {
             match ctx {
                 Context::BaseAllocation => {
                     let mut at = start;
-                    for z in zero_and_readable(source, start..end) {
+                    for z in source.zero_ranges(start..end).unwrap_or_default() {
                         if z.start > at {
                             push(z.start - at, 0);
                         }
@@ -918,37 +918,6 @@ fn read_request(r: &mut impl Read, head: &mut [u8; REQUEST_LEN]) -> io::Result<b
         }
     }
     Ok(true)
-}
-
-/// The parts of `range` the source knows read as zeros, without bad extents (whose bytes
-/// cannot be read at all, so they must never be reported as reading as zeros).
-fn zero_and_readable(
-    source: &dyn BlockSource,
-    range: std::ops::Range<u64>,
-) -> Vec<std::ops::Range<u64>> {
-    let zero = source.zero_ranges(range.clone()).unwrap_or_default();
-    if zero.is_empty() {
-        return zero;
-    }
-    let bad = interpose_image::source::bad_within(
-        source.bad_extents(),
-        range.start,
-        range.end - range.start,
-    );
-    let mut out = Vec::new();
-    for z in zero {
-        let mut at = z.start;
-        for b in bad.iter().filter(|b| b.end() > z.start && b.offset < z.end) {
-            if b.offset > at {
-                out.push(at..b.offset);
-            }
-            at = at.max(b.end());
-        }
-        if z.end > at {
-            out.push(at..z.end);
-        }
-    }
-    out
 }
 
 /// A successful reply without data.

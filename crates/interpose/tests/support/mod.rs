@@ -476,3 +476,34 @@ impl Drop for NbdFuse {
         }
     }
 }
+
+/// Deterministic pseudo-random bytes (xorshift), the same for the same seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// `len` bytes of numbered text lines, the first numbered `first_line`.
+pub fn text_lines(len: usize, first_line: u64) -> Vec<u8> {
+    let mut t = Vec::with_capacity(len + 80);
+    let mut i = first_line;
+    while t.len() < len {
+        t.extend_from_slice(
+            format!(
+                "line {i}: the quick brown fox jumps over the lazy dog {}\n",
+                i * 7
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    t.truncate(len);
+    t
+}
