@@ -7,6 +7,7 @@ use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -31,6 +32,9 @@ pub struct Image {
     extents: Vec<BadExtent>,
     meta: Metadata,
     cache: Cache,
+    /// One bit per chunk: a raw chunk whose checksum was checked once, so that parts of
+    /// it can be read straight from the file (see [`Image::copy_from_chunk`]).
+    raw_checked: Box<[AtomicU64]>,
 }
 
 /// Counts of chunks by how they are stored.
@@ -109,6 +113,9 @@ impl Image {
             file,
             path: path.to_path_buf(),
             cache: Cache::new(cache_bytes, header.chunk_size() as usize),
+            raw_checked: (0..header.chunk_count.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             header,
             index,
             extents,
@@ -327,9 +334,22 @@ impl Image {
 
     /// Copies `out.len()` bytes at `at` within chunk `i` out of the cache, decoding the
     /// chunk into it first if needed.
+    ///
+    /// Raw chunks cost no decoding, only their checksum: once a raw chunk was read whole
+    /// and its checksum matched, parts of it are read straight from the file, and it
+    /// enters the cache only while the cache has room. A full cache then holds the chunks
+    /// that are expensive to get again (compressed ones) rather than copies of bytes the
+    /// page cache has anyway.
     fn copy_from_chunk(&self, i: u64, e: &Entry, at: usize, out: &mut [u8]) -> Result<()> {
         if self.cache.copy(i, at, out) {
             return Ok(());
+        }
+        let raw = e.kind == Kind::Raw;
+        if raw && self.raw_is_checked(i) {
+            return self
+                .file
+                .read_exact_at(out, e.offset + at as u64)
+                .map_err(|err| Error::io(format!("reading chunk {i}"), err));
         }
         // Decoded into a buffer the cache evicted earlier, when there is one: once the
         // cache is full, misses allocate nothing (and the heap does not fragment).
@@ -343,8 +363,17 @@ impl Image {
             return Err(err);
         }
         out.copy_from_slice(&buf[at..at + out.len()]);
-        self.cache.put(i, buf);
+        if raw {
+            self.raw_checked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+            self.cache.put_if_room(i, buf);
+        } else {
+            self.cache.put(i, buf);
+        }
         Ok(())
+    }
+
+    fn raw_is_checked(&self, i: u64) -> bool {
+        self.raw_checked[(i / 64) as usize].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
     }
 
     /// Reads `buf.len()` bytes at `offset`. Whole chunks are decoded straight into `buf`
@@ -482,6 +511,24 @@ impl BlockSource for Image {
         ))
     }
 
+    fn read_is_cheap(&self, offset: u64, len: usize) -> bool {
+        let shift = self.header.chunk_shift;
+        let end = offset
+            .saturating_add(len as u64)
+            .min(self.header.virtual_size);
+        if len == 0 || offset >= end || len > 2 << shift {
+            return false;
+        }
+        (offset >> shift..=(end - 1) >> shift).all(|i| match self.entry(i) {
+            Ok(e) => match e.kind {
+                Kind::Zero => true,
+                Kind::Raw => self.raw_is_checked(i) || self.cache.contains(i),
+                Kind::Compressed => self.cache.contains(i),
+            },
+            Err(_) => false,
+        })
+    }
+
     fn preferred_block_size(&self) -> u32 {
         self.header.chunk_size() as u32
     }
@@ -543,12 +590,27 @@ impl Cache {
         }
     }
 
+    /// Whether chunk `i` is cached (without making it recently used).
+    fn contains(&self, i: u64) -> bool {
+        self.shard(i).lock().lru.contains(&i)
+    }
+
     fn put(&self, i: u64, c: Box<[u8]>) {
         let mut shard = self.shard(i).lock();
         if let Some((_, old)) = shard.lru.push(i, c) {
             if shard.spare.len() < SPARES {
                 shard.spare.push(old);
             }
+        }
+    }
+
+    /// Caches chunk `i` only if that evicts nothing; otherwise keeps the buffer as a spare.
+    fn put_if_room(&self, i: u64, c: Box<[u8]>) {
+        let mut shard = self.shard(i).lock();
+        if shard.lru.len() < shard.lru.cap().get() {
+            shard.lru.put(i, c);
+        } else if shard.spare.len() < SPARES {
+            shard.spare.push(c);
         }
     }
 

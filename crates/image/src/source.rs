@@ -52,6 +52,14 @@ pub trait BlockSource: Send + Sync {
         4096
     }
 
+    /// Whether reading `len` bytes at `offset` needs no decoding now (zeros, cached or
+    /// stored plain), so that a server may answer it on the spot rather than hand it to
+    /// a worker thread. A hint only; `false` is always safe.
+    fn read_is_cheap(&self, offset: u64, len: usize) -> bool {
+        let _ = (offset, len);
+        false
+    }
+
     /// One line for logs and listings.
     fn describe(&self) -> String;
 }

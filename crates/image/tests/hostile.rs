@@ -19,6 +19,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+mod common;
+use common::{create_image, Rng};
 use interpose_image::create::{create, Options, Output};
 use interpose_image::format::{
     self, Entry, Header, Kind, DATA_OFFSET, EXTENT_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE,
@@ -78,31 +80,6 @@ fn justified(file_len: usize, chunk: usize) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------
-// Deterministic pseudo-random numbers (xorshift64*).
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() >> 11) as usize % n.max(1)
-    }
-    fn fill(&mut self, b: &mut [u8]) {
-        for x in b {
-            *x = self.next() as u8;
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // Sample images, built with the library.
 
 /// Compressible but not trivially so.
@@ -151,28 +128,7 @@ const MAP_A: &str = "\
 const MAP_F: &str = "0 + 1\n0 0x1000 +\n0x1000 0x1000 -\n0x2000 0x1000 +\n";
 
 fn build(dir: &Path, name: &'static str, data: &[u8], shift: u32, map: Option<&str>) -> Sample {
-    let src = dir.join(format!("{name}.raw"));
-    std::fs::write(&src, data).unwrap();
-    let mapfile: Option<PathBuf> = map.map(|m| {
-        let p = dir.join(format!("{name}.map"));
-        std::fs::write(&p, m).unwrap();
-        p
-    });
-    let out = dir.join(format!("{name}.img"));
-    let opts = Options {
-        chunk_shift: shift,
-        threads: 2,
-        mapfile,
-        ..Options::default()
-    };
-    create(
-        &src,
-        Output::Path(&out),
-        &opts,
-        &|_, _| {},
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let out = create_image(dir, name, data, shift, map);
     let bytes = std::fs::read(&out).unwrap();
     let header = Header::decode(&bytes).unwrap();
     let img = Image::open(&out).unwrap();
