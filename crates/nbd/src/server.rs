@@ -147,6 +147,10 @@ enum ConnError {
     Protocol(String),
 }
 
+/// The reader sends the replies it made itself once this much has gathered (or when no
+/// request is waiting).
+const BATCH_FLUSH_BYTES: usize = 256 << 10;
+
 fn violation<T>(what: impl Into<String>) -> Result<T, ConnError> {
     Err(ConnError::Protocol(what.into()))
 }
@@ -559,9 +563,11 @@ impl Server {
     // Transmission
 
     /// One thread reads requests (buffered, so a burst of pipelined requests costs one
-    /// system call). A request with nothing queued behind it is answered right there,
-    /// with no hand-off between threads; requests that arrive together go to a few
-    /// worker threads and are answered concurrently, out of order.
+    /// system call). It answers itself a request with nothing queued behind it, and any
+    /// that is cheap (zeros, cached data): a hand-off between threads costs more than
+    /// such a reply, and its replies to one burst leave in one write. Requests that take
+    /// work (decoding) and arrive together go to a few worker threads and are answered
+    /// concurrently, out of order.
     fn transmission(&self, conn: Conn, session: &Session) -> Result<(), ConnError> {
         let source = &*self.exports[session.export].source;
         let writer = std::sync::Mutex::new(conn.try_clone()?);
@@ -583,9 +589,20 @@ impl Server {
                     }
                 });
             }
-            let mut out = Vec::new();
+            // Replies the reader made itself, sent together once no request is waiting.
+            let mut batch = Vec::new();
+            let flush = |batch: &mut Vec<u8>| {
+                self.send(batch, &writer, &failed, &conn);
+                batch.clear();
+                if batch.capacity() > 1 << 20 {
+                    *batch = Vec::new();
+                }
+            };
             let res = (|| -> Result<(), ConnError> {
                 loop {
+                    if reader.buffer().len() < REQUEST_LEN && !batch.is_empty() {
+                        flush(&mut batch); // the next read may wait for the client
+                    }
                     let mut head = [0u8; REQUEST_LEN];
                     if !read_request(&mut reader, &mut head)? {
                         return Ok(()); // the client closed between requests
@@ -598,21 +615,33 @@ impl Server {
                         if req.length > MAX_REQUEST_LEN {
                             return violation(format!("write of {} bytes", req.length));
                         }
+                        if !batch.is_empty() {
+                            flush(&mut batch);
+                        }
                         io::copy(&mut (&mut reader).take(req.length as u64), &mut io::sink())?;
                     }
                     if req.kind == CMD_DISC {
+                        flush(&mut batch);
                         return Ok(());
                     }
                     if failed.load(Ordering::Relaxed) {
                         return Ok(());
                     }
-                    if reader.buffer().len() >= REQUEST_LEN {
-                        // More requests are waiting: let a worker answer this one.
+                    if reader.buffer().len() >= REQUEST_LEN
+                        && !(req.kind == CMD_READ
+                            && source.read_is_cheap(req.offset, req.length as usize))
+                    {
+                        // More requests are waiting and this one takes work (decoding):
+                        // let a worker answer it. A cheap one costs less than the
+                        // hand-off.
                         if tx.send(req).is_err() {
                             return Ok(());
                         }
                     } else {
-                        self.reply(source, session, &req, &mut out, &writer, &failed, &conn);
+                        self.answer(source, session, &req, &mut batch);
+                        if batch.len() >= BATCH_FLUSH_BYTES {
+                            flush(&mut batch);
+                        }
                     }
                 }
             })();
@@ -644,6 +673,15 @@ impl Server {
     ) {
         out.clear();
         self.answer(source, session, req, out);
+        self.send(out, writer, failed, conn);
+        // Large replies should not pin their buffer for the connection's lifetime.
+        if out.capacity() > 1 << 20 {
+            *out = Vec::new();
+        }
+    }
+
+    /// Writes whole replies; on failure stops the connection.
+    fn send(&self, out: &[u8], writer: &std::sync::Mutex<Conn>, failed: &AtomicBool, conn: &Conn) {
         if out.is_empty() {
             return;
         }
@@ -657,10 +695,6 @@ impl Server {
                 tracing::info!("writing a reply: {e}");
             }
             conn.shutdown(Shutdown::Both);
-        }
-        // Large replies should not pin their buffer for the connection's lifetime.
-        if out.capacity() > 1 << 20 {
-            *out = Vec::new();
         }
     }
 
