@@ -966,6 +966,58 @@ fn read_at(p: &Path, off: u64, n: usize) -> Vec<u8> {
     b
 }
 
+/// st_blocks of an isolated file counts the blocks the store holds for it (in 512-byte
+/// units) plus what still shows through from BACKING, through writes, overwrites and
+/// truncation.
+#[test]
+fn st_blocks_of_an_isolated_file_follows_its_stored_blocks() {
+    let d = dirs();
+    fs::write(d.backing.join("old"), pattern(3 * 4096, 9)).unwrap();
+    let m = d.mount();
+    let blocks = |name: &str| fs::metadata(d.mnt.join(name)).unwrap().blocks();
+    let new = d.mnt.join("new");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&new)
+        .unwrap();
+    f.write_all_at(&pattern(3 * 4096, 1), 0).unwrap();
+    assert_eq!(blocks("new"), 3 * 8, "three blocks written");
+    f.write_all_at(&pattern(4096, 2), 4096).unwrap();
+    assert_eq!(blocks("new"), 3 * 8, "one of them written again");
+    f.write_all_at(b"x", 10 * 4096 + 5).unwrap();
+    assert_eq!(blocks("new"), 4 * 8, "one more, after a hole");
+    f.set_len(2 * 4096 + 100).unwrap();
+    assert_eq!(
+        blocks("new"),
+        3 * 8,
+        "cut to three blocks (the last one partly)"
+    );
+    f.set_len(4096).unwrap();
+    assert_eq!(blocks("new"), 8, "cut to one block");
+    f.set_len(0).unwrap();
+    assert_eq!(blocks("new"), 0, "empty");
+    drop(f);
+    // A file from BACKING: its 3 blocks show through until written over or cut.
+    assert_eq!(blocks("old"), 3 * 8);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("old"))
+        .unwrap();
+    f.write_all_at(&pattern(4096, 3), 0).unwrap();
+    assert_eq!(
+        blocks("old"),
+        8 + 3 * 8,
+        "one block stored, three still from BACKING"
+    );
+    f.set_len(0).unwrap();
+    assert_eq!(blocks("old"), 0, "nothing stored nor showing through");
+    drop(f);
+    m.stop();
+}
+
 #[test]
 fn one_byte_written_into_a_10_gib_sparse_file_costs_one_block() {
     const SIZE: u64 = 10 << 30;

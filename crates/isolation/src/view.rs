@@ -95,6 +95,9 @@ pub enum Loc {
 #[derive(Clone, Debug, Default)]
 pub struct Data {
     pub blocks: BTreeMap<u64, Loc>,
+    /// How many of `blocks` are in the journal (kept in step by `do_data`, so that a
+    /// write does not count the whole map).
+    pub journal_blocks: u64,
     /// Bytes of the backing file that still show through (below blocks not in the map).
     pub origin_limit: u64,
 }
@@ -866,6 +869,7 @@ impl View {
             let limit = if n.origin.is_some() { n.attr.size } else { 0 };
             n.data = Some(Data {
                 blocks: BTreeMap::new(),
+                journal_blocks: 0,
                 origin_limit: limit,
             });
         }
@@ -879,7 +883,11 @@ impl View {
         let d = n.data.as_mut().expect("ensured");
         if size < n.attr.size {
             let keep = size.div_ceil(BLOCK);
-            d.blocks.split_off(&keep);
+            let cut = d.blocks.split_off(&keep);
+            d.journal_blocks -= cut
+                .values()
+                .filter(|l| matches!(l, Loc::Journal(_)))
+                .count() as u64;
             d.origin_limit = d.origin_limit.min(size);
         }
         let mut off = data_offset;
@@ -894,16 +902,13 @@ impl View {
                     off += BLOCK;
                     l
                 };
-                d.blocks.insert(r.block + i, loc);
+                let new = matches!(loc, Loc::Journal(_)) as u64;
+                let old = matches!(d.blocks.insert(r.block + i, loc), Some(Loc::Journal(_))) as u64;
+                d.journal_blocks = d.journal_blocks + new - old;
             }
         }
         n.attr.size = size;
-        let stored = d
-            .blocks
-            .values()
-            .filter(|l| matches!(l, Loc::Journal(_)))
-            .count() as u64;
-        n.attr.blocks = stored * (BLOCK / 512) + d.origin_limit.div_ceil(512);
+        n.attr.blocks = d.journal_blocks * (BLOCK / 512) + d.origin_limit.div_ceil(512);
         let t = clock;
         n.attr.mtime = t;
         n.attr.ctime = t;
