@@ -763,8 +763,9 @@ if any(c in configs for c, _ in NBD):
               f"{cell(c, 'server', 'VmHWM_MiB')} |")
     short = [c for c, _ in NBD if (med(c, "fullread", "seconds") or 99) < 2]
     if short:
-        print(f"\n**Full reads under 2 s ({', '.join(short)}) mostly measure start-up, connection set-up and noise: "
-              "use BENCH_SIZE=1G for numbers that mean something.**")
+        print(f"\n**Full reads under 2 s ({', '.join(short)}) swing with the machine's load from one repetition "
+              "to the next (a few tens of ms of scheduling are several percent): compare the samples below, "
+              "or use a larger BENCH_SIZE (e.g. 4G) for steadier figures.**")
     shown = [c for c, _ in NBD if c in configs and first.get(c)]
     if shown:
         print("\nWhat each server told nbdinfo (first repetition): multi-conn (nbdcopy then opens 4 connections), "
