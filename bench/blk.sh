@@ -148,27 +148,6 @@ CREATED_DIR=0
 LOCK=""
 BLK_RUN_DIR=/run/interpose/blk # crates/blkdev: an attached device's FUSE mount is BLK_RUN_DIR/<pid>
 
-mounted() { # is $1 a mount point? (reads mountinfo: never touches a possibly hung mount)
-    awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
-}
-
-force_unmount() { # $1: mount point
-    local mp=$1 minor
-    mounted "$mp" || return 0
-    umount "$mp" 2>/dev/null && return 0
-    # A FUSE daemon that no longer answers: abort its connection, then detach.
-    minor=$(awk -v m="$mp" '$5 == m { split($3, d, ":"); print d[2]; exit }' /proc/self/mountinfo)
-    if [[ -n $minor && -w /sys/fs/fuse/connections/$minor/abort ]]; then
-        echo 1 >"/sys/fs/fuse/connections/$minor/abort" 2>/dev/null || true
-    fi
-    umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || true
-}
-
-wait_exit() { # $1: pid, $2: timeout seconds; 0 when it has exited
-    timeout "$2" tail --pid="$1" -s 0.05 -f /dev/null 2>/dev/null
-    ! kill -0 "$1" 2>/dev/null
-}
-
 loop_backing() { # $1: /dev/loopN; its backing file, or nothing when detached
     local n=${1##*/}
     cat "/sys/block/$n/loop/backing_file" 2>/dev/null || true
@@ -247,13 +226,7 @@ command -v jq >/dev/null || need_pkgs+=(jq)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 command -v losetup >/dev/null || need_pkgs+=(mount)
 command -v fusermount3 >/dev/null || need_pkgs+=(fuse3)
-if ((${#need_pkgs[@]})); then
-    read -r -a need_pkgs <<<"$(printf '%s\n' "${need_pkgs[@]}" | sort -u | tr '\n' ' ')"
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
+install_packages "${need_pkgs[@]}"
 fio --enghelp=nbd >/dev/null 2>&1 || { log "this fio has no nbd engine (fio --enghelp=nbd)"; exit 1; }
 KERNEL_CONFIGS=0
 for c in "${CONFIGS[@]}"; do [[ $c == kernel-* || $c == loop-raw ]] && KERNEL_CONFIGS=1; done

@@ -113,27 +113,6 @@ BINDFS_PID=""   # bindfs daemon of the current session
 CREATED_DIR=0
 LOCK=""
 
-mounted() { # is $1 a mount point? (reads mountinfo: never touches a possibly hung mount)
-    awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
-}
-
-force_unmount() { # $1: mount point
-    local mp=$1 minor
-    mounted "$mp" || return 0
-    umount "$mp" 2>/dev/null && return 0
-    # A FUSE daemon that no longer answers: abort its connection, then detach.
-    minor=$(awk -v m="$mp" '$5 == m { split($3, d, ":"); print d[2]; exit }' /proc/self/mountinfo)
-    if [[ -n $minor && -w /sys/fs/fuse/connections/$minor/abort ]]; then
-        echo 1 >"/sys/fs/fuse/connections/$minor/abort" 2>/dev/null || true
-    fi
-    umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || true
-}
-
-wait_exit() { # $1: pid, $2: timeout seconds; 0 when it has exited
-    timeout "$2" tail --pid="$1" -s 0.05 -f /dev/null 2>/dev/null
-    ! kill -0 "$1" 2>/dev/null
-}
-
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM HUP
@@ -173,12 +152,7 @@ command -v fusermount3 >/dev/null || need_pkgs+=(fuse3)
 command -v jq >/dev/null || need_pkgs+=(jq)
 command -v python3 >/dev/null || need_pkgs+=(python3)
 command -v findmnt >/dev/null || need_pkgs+=(util-linux)
-if ((${#need_pkgs[@]})); then
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
+install_packages "${need_pkgs[@]}"
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true
 [[ -e /dev/fuse ]] || { log "/dev/fuse is missing (modprobe fuse)"; exit 1; }
 

@@ -108,12 +108,7 @@ command -v zstd >/dev/null || need_pkgs+=(zstd)
 command -v mke2fs >/dev/null || need_pkgs+=(e2fsprogs)
 command -v jq >/dev/null || need_pkgs+=(jq)
 command -v python3 >/dev/null || need_pkgs+=(python3)
-if ((${#need_pkgs[@]})); then
-    log "installing ${need_pkgs[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-fi
+install_packages "${need_pkgs[@]}"
 
 if [[ -z ${BENCH_BIN:-} || -z ${BENCH_READ_BENCH:-} ]]; then
     [[ -x $HOME/.cargo/bin/cargo ]] && PATH=$HOME/.cargo/bin:$PATH

@@ -51,3 +51,36 @@ round_robin() {
         "$fn" "${items[(k + CUR_REP - 1) % n]}"
     done
 }
+
+mounted() { # is $1 a mount point? (reads mountinfo: never touches a possibly hung mount)
+    awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo
+}
+
+force_unmount() { # $1: mount point
+    local mp=$1 minor
+    mounted "$mp" || return 0
+    umount "$mp" 2>/dev/null && return 0
+    # A FUSE daemon that no longer answers: abort its connection, then detach.
+    minor=$(awk -v m="$mp" '$5 == m { split($3, d, ":"); print d[2]; exit }' /proc/self/mountinfo)
+    if [[ -n $minor && -w /sys/fs/fuse/connections/$minor/abort ]]; then
+        echo 1 >"/sys/fs/fuse/connections/$minor/abort" 2>/dev/null || true
+    fi
+    umount "$mp" 2>/dev/null || umount -l "$mp" 2>/dev/null || true
+}
+
+wait_exit() { # $1: pid, $2: timeout seconds; 0 when it has exited
+    timeout "$2" tail --pid="$1" -s 0.05 -f /dev/null 2>/dev/null
+    ! kill -0 "$1" 2>/dev/null
+}
+
+# Usage: install_packages PKG...: installs the Debian packages given (duplicates allowed),
+# if any.
+install_packages() {
+    (($#)) || return 0
+    local pkgs
+    read -r -a pkgs <<<"$(printf '%s\n' "$@" | sort -u | tr '\n' ' ')"
+    log "installing ${pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+}

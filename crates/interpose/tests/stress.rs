@@ -194,21 +194,8 @@ fn diff_snapshots(mount: &BTreeMap<PathBuf, Node>, backing: &BTreeMap<PathBuf, N
 
 const WORKERS: u64 = 4;
 
-fn stress_seed() -> u64 {
-    match std::env::var("STRESS_SEED") {
-        Ok(s) => s.parse().expect("STRESS_SEED must be a number"),
-        Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        }
-    }
-}
-
 fn stress(args: &[&str], ops_per_worker: u64) {
-    let seed = stress_seed();
+    let seed = seed_from_env("STRESS_SEED");
     eprintln!("stress {args:?}: seed {seed} (STRESS_SEED={seed} repeats it)");
     let m = Mount::new(args);
     let shared = m.mnt.join("shared");

@@ -151,6 +151,15 @@ enum ConnError {
 /// request is waiting).
 const BATCH_FLUSH_BYTES: usize = 256 << 10;
 
+/// Empties a reply buffer for the next reply; a large one is let go, so that one big reply
+/// does not pin its memory for the connection's lifetime.
+fn reuse(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > 1 << 20 {
+        *buf = Vec::new();
+    }
+}
+
 fn violation<T>(what: impl Into<String>) -> Result<T, ConnError> {
     Err(ConnError::Protocol(what.into()))
 }
@@ -593,10 +602,7 @@ impl Server {
             let mut batch = Vec::new();
             let flush = |batch: &mut Vec<u8>| {
                 self.send(batch, &writer, &failed, &conn);
-                batch.clear();
-                if batch.capacity() > 1 << 20 {
-                    *batch = Vec::new();
-                }
+                reuse(batch);
             };
             let res = (|| -> Result<(), ConnError> {
                 loop {
@@ -674,10 +680,7 @@ impl Server {
         out.clear();
         self.answer(source, session, req, out);
         self.send(out, writer, failed, conn);
-        // Large replies should not pin their buffer for the connection's lifetime.
-        if out.capacity() > 1 << 20 {
-            *out = Vec::new();
-        }
+        reuse(out);
     }
 
     /// Writes whole replies; on failure stops the connection.

@@ -169,6 +169,23 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
     }
 }
 
+/// The seed in environment variable `var`, or one from the clock (tests print it, so a
+/// failure can be repeated).
+pub fn seed_from_env(var: &str) -> u64 {
+    match std::env::var(var) {
+        Ok(s) => s
+            .parse()
+            .unwrap_or_else(|_| panic!("{var} must be a number")),
+        Err(_) => {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000_007
+        }
+    }
+}
+
 /// Where test directories go: $INTERPOSE_TEST_DIR or the system temp dir.
 pub fn test_root() -> PathBuf {
     std::env::var_os("INTERPOSE_TEST_DIR")

@@ -18,16 +18,7 @@ pub fn script(name: &str) -> PathBuf {
 /// `INTERPOSE_ISO_SEED`, or one from the clock (printed by the tests, so a failure can be
 /// repeated).
 pub fn seed() -> u64 {
-    match std::env::var("INTERPOSE_ISO_SEED") {
-        Ok(s) => s.parse().expect("INTERPOSE_ISO_SEED must be a number"),
-        Err(_) => {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000_007
-        }
-    }
+    crate::common::seed_from_env("INTERPOSE_ISO_SEED")
 }
 
 /// SplitMix64: the test's own choices (what to commit up to, when to kill) from the seed.
