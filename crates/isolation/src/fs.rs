@@ -669,7 +669,7 @@ impl Filesystem for IsolatedFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.view.lock().sync());
+        reply_empty(reply, self.0.view.lock().fsync());
     }
 
     fn opendir(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -752,7 +752,7 @@ impl Filesystem for IsolatedFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.view.lock().sync());
+        reply_empty(reply, self.0.view.lock().fsync());
     }
 
     fn statfs(&self, _req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -11,10 +11,20 @@
 //!   8  seq u64   16 meta_len u32   20 data_len u32
 //!   24 meta: the change as JSON   24+meta_len: data (data_len bytes, whole blocks)
 //! ```
-//! A record whose length runs past the end of the file, or the last record when its CRC
-//! fails, is a write cut short by a crash: it was never acknowledged by fsync, and opening
-//! the journal for writing cuts it off. A bad record with good data after it is corruption:
-//! opening refuses, naming the offset.
+//! A record whose length runs past the end of the file, zeros where a record should start,
+//! or a record that fails its checks with no good record after it, is where the journal
+//! ends: a write cut short by a crash (never acknowledged by fsync: an fsync after a later
+//! record would have made this one durable too), or space written ahead (below). Opening
+//! the journal for writing cuts it off. A bad record with a good record after it is
+//! corruption: opening refuses, naming the offset.
+//!
+//! Space written ahead: when a program's fsync finds less than [`TAIL_LOW`] bytes of zeros
+//! after the last record, it first writes [`TAIL_AHEAD`] bytes of zeros there, so that the
+//! appends the following fsyncs make durable are overwrites of allocated blocks inside the
+//! file's size: an fdatasync then writes the data without committing the file system's
+//! metadata (on ext4: 10,500 against 6,800 syncs per second on the bench disk). Journals
+//! that programs never fsync (bulk writes) get no zeros written ahead, and neither does
+//! the sync of an unmount.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -31,6 +41,9 @@ const VERSION: u32 = 1;
 const RECORD_HEADER: u64 = 24;
 /// Largest record accepted when reading: a change carries at most a few MiB of data.
 const MAX_RECORD: u64 = 64 << 20;
+/// Zeros written after the last record by a sync that finds less than [`TAIL_LOW`] there.
+pub const TAIL_AHEAD: u64 = 1 << 20;
+pub const TAIL_LOW: u64 = 256 << 10;
 
 /// What a record's JSON holds: the change and when it was made.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -64,6 +77,8 @@ pub struct Journal {
     path: PathBuf,
     file: Arc<File>,
     end: u64,
+    /// The file holds zeros written by us from `end` up to here (if beyond `end`).
+    zeroed_end: u64,
     base_seq: u64,
     last_seq: u64,
 }
@@ -101,6 +116,7 @@ impl Journal {
             path: path.to_path_buf(),
             file: Arc::new(file),
             end: HEADER_LEN,
+            zeroed_end: HEADER_LEN,
             base_seq,
             last_seq: base_seq,
         })
@@ -170,13 +186,24 @@ impl Journal {
             let data_len = u32::from_le_bytes(rh[20..24].try_into().unwrap()) as u64;
             if !(RECORD_HEADER..=MAX_RECORD).contains(&rlen) {
                 if rlen == 0 && rh.iter().all(|&b| b == 0) {
-                    // Zeros where a record should start: space allocated but never written.
-                    torn("zeros".into())?;
+                    // Zeros where a record should start: written ahead, or allocated
+                    // and never written.
+                    if len - off > TAIL_AHEAD + RECORD_HEADER {
+                        tracing::debug!("{}: journal ends at {off}", path.display());
+                    }
+                    break;
+                }
+                if !good_record_after(&file, off + 1, len, last_seq)
+                    .map_err(|e| Error::io(path, e))?
+                {
+                    torn(format!("a record header of impossible length {rlen}"))?;
                     break;
                 }
                 return Err(corrupt(
                     path,
-                    format!("record at offset {off}: impossible length {rlen}"),
+                    format!(
+                        "record at offset {off}: impossible length {rlen}, with records after it"
+                    ),
                 ));
             }
             if off + rlen > len {
@@ -189,7 +216,9 @@ impl Journal {
             let crc_ok = crc_of(&[&buf[8..]]) == rcrc;
             let shape_ok = RECORD_HEADER + meta_len + data_len == rlen;
             if !crc_ok || !shape_ok {
-                if off + rlen == len {
+                // Look after its payload if the header is whole, else at every byte.
+                let from = if shape_ok { off + rlen } else { off + 1 };
+                if !good_record_after(&file, from, len, last_seq).map_err(|e| Error::io(path, e))? {
                     torn("checksum mismatch in the last record".into())?;
                     break;
                 }
@@ -232,6 +261,7 @@ impl Journal {
                 path: path.to_path_buf(),
                 file: Arc::new(file),
                 end: off,
+                zeroed_end: off,
                 base_seq,
                 last_seq,
             },
@@ -274,6 +304,7 @@ impl Journal {
         write_all_vectored_at(&self.file, &mut bufs, start).map_err(|e| {
             // Leave no partial record behind: the next append would follow garbage.
             let _ = self.file.set_len(start);
+            self.zeroed_end = start;
             Error::io(&self.path, e)
         })?;
         self.end = start + len;
@@ -281,7 +312,23 @@ impl Journal {
         Ok((seq, start + head.len() as u64))
     }
 
+    /// Makes every appended record durable.
     pub fn sync(&self) -> Result<(), Error> {
+        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// [`Journal::sync`] for a program's fsync: writes zeros ahead first if few are left
+    /// (see the module documentation), as more fsyncs are likely to follow.
+    pub fn sync_ahead(&mut self) -> Result<(), Error> {
+        if self.zeroed_end < self.end + TAIL_LOW {
+            let from = self.zeroed_end.max(self.end);
+            let to = (self.end + TAIL_AHEAD).next_multiple_of(4096);
+            match write_zeros(&self.file, from, to) {
+                Ok(()) => self.zeroed_end = to,
+                // Only an optimisation: on a full disk, sync what there is.
+                Err(e) => tracing::debug!("{}: writing ahead: {e}", self.path.display()),
+            }
+        }
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))
     }
 
@@ -312,9 +359,57 @@ impl Journal {
             .map_err(|e| Error::io(&self.path, e))?;
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         self.end = end;
+        self.zeroed_end = end;
         self.last_seq = seq;
         Ok(())
     }
+}
+
+/// Whether a record that passes every check, with a sequence number after `after_seq`,
+/// starts anywhere in `from..len`: the difference between a journal's torn end and a
+/// damaged record in its middle. Reads the rest of the file once; only on a bad record.
+fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Result<bool> {
+    const WINDOW: usize = 1 << 20;
+    let head = RECORD_HEADER as usize;
+    let mut buf = vec![0u8; WINDOW + head];
+    let mut record = Vec::new();
+    let mut base = from;
+    while base + RECORD_HEADER <= len {
+        let n = ((len - base) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], base)?;
+        for p in 0..=(n - head).min(WINDOW - 1) {
+            let h = &buf[p..p + head];
+            let rlen = u32::from_le_bytes(h[0..4].try_into().unwrap()) as u64;
+            if !(RECORD_HEADER..=MAX_RECORD).contains(&rlen) || base + p as u64 + rlen > len {
+                continue;
+            }
+            let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+            let meta_len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as u64;
+            let data_len = u32::from_le_bytes(h[20..24].try_into().unwrap()) as u64;
+            if seq <= after_seq || RECORD_HEADER + meta_len + data_len != rlen {
+                continue;
+            }
+            record.resize(rlen as usize, 0);
+            file.read_exact_at(&mut record, base + p as u64)?;
+            let crc = u32::from_le_bytes(h[4..8].try_into().unwrap());
+            if crc_of(&[&record[8..]]) == crc {
+                return Ok(true);
+            }
+        }
+        base += WINDOW as u64;
+    }
+    Ok(false)
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, mut from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    while from < to {
+        let n = ((to - from) as usize).min(ZEROS.len());
+        file.write_all_at(&ZEROS[..n], from)?;
+        from += n as u64;
+    }
+    Ok(())
 }
 
 fn write_all_vectored_at(
@@ -398,5 +493,94 @@ mod tests {
         f.write_all_at(&[0x55], d1 + 5).unwrap();
         let err = Journal::open(&p, id, true).err().unwrap().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
+    }
+
+    /// A new journal in `dir` with one record of one block, synced with zeros ahead.
+    fn one_record_synced_ahead(dir: &Path) -> (PathBuf, [u8; 16], Vec<u8>, Journal) {
+        let (p, id, block) = (dir.join("j"), [7; 16], vec![0xcd; BLOCK as usize]);
+        let mut j = Journal::create(&p, 0, id).unwrap();
+        j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.sync_ahead().unwrap();
+        (p, id, block, j)
+    }
+
+    fn file_len(p: &Path) -> u64 {
+        std::fs::metadata(p).unwrap().len()
+    }
+
+    #[test]
+    fn a_sync_writes_zeros_ahead_and_reopening_ends_the_journal_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, block, mut j) = one_record_synced_ahead(dir.path());
+        let ahead = file_len(&p);
+        assert!(
+            ahead >= j.len() + TAIL_AHEAD - 4096,
+            "{ahead} after {}",
+            j.len()
+        );
+        // Appends fill the zeros; the file grows again only when they run low.
+        let mut last_end = j.len();
+        for _ in 0..(TAIL_AHEAD - TAIL_LOW) / (2 * BLOCK) {
+            j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+            j.sync_ahead().unwrap();
+            last_end = j.len();
+        }
+        assert_eq!(file_len(&p), ahead, "no growth while zeros remain");
+        drop(j);
+        let (j, recs) = Journal::open(&p, id, false).unwrap();
+        assert_eq!(recs.len() as u64, 1 + (TAIL_AHEAD - TAIL_LOW) / (2 * BLOCK));
+        assert_eq!(j.len(), last_end);
+        assert_eq!(file_len(&p), ahead, "a read-only open changes nothing");
+        drop(j);
+        let (j, _) = Journal::open(&p, id, true).unwrap();
+        assert_eq!(
+            file_len(&p),
+            last_end,
+            "opening for writing cuts the zeros off"
+        );
+        assert_eq!(j.len(), last_end);
+    }
+
+    /// A record cut short inside the zeros written ahead is the torn end, not corruption,
+    /// however much of the file follows it; a bad record with a good one after it is
+    /// corruption.
+    #[test]
+    fn a_torn_record_before_zeros_is_the_end_and_a_bad_one_before_a_good_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, block, mut j) = one_record_synced_ahead(dir.path());
+        let good_end = j.len();
+        let (_, d2) = j
+            .append(&data_change(2), (1, 0), &[&block, &block])
+            .unwrap();
+        drop(j);
+        assert!(file_len(&p) > good_end + 3 * BLOCK);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        // Its second block never reached the disk.
+        f.write_all_at(&vec![0; BLOCK as usize], d2 + BLOCK)
+            .unwrap();
+        let (j, recs) = Journal::open(&p, id, false).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, good_end));
+        // Only its header reached the disk, torn: impossible length, zeros after.
+        f.write_all_at(&[0xff; 8], good_end).unwrap();
+        f.write_all_at(&vec![0; 2 * BLOCK as usize], good_end + 8)
+            .unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, good_end));
+        assert_eq!(file_len(&p), good_end);
+        drop((j, f));
+
+        // The same shapes with a good record after them are corruption.
+        let mut j = Journal::open(&p, id, true).unwrap().0;
+        let (_, d2) = j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.sync_ahead().unwrap();
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0], d2 + 10).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap().to_string();
+        assert!(err.contains("with records after it"), "{err}");
+        f.write_all_at(&[0xff; 8], good_end).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap().to_string();
+        assert!(err.contains("impossible length"), "{err}");
     }
 }

@@ -67,6 +67,10 @@ pub struct Status {
     pub data_bytes: u64,
     /// Bytes the store takes on disk.
     pub store_bytes: u64,
+    /// Of `store_bytes`, zeros written ahead after the journal's last record (at most
+    /// about 1.25 MiB; see docs/ISOLATION.md).
+    #[serde(default)]
+    pub journal_ahead_bytes: u64,
     /// A commit was interrupted and must be run again (up to this number).
     pub interrupted_commit: Option<u64>,
     pub mounted: bool,
@@ -410,6 +414,11 @@ impl Store {
                 }
             }
         }
+        let journal_ahead_bytes = journal
+            .file()
+            .metadata()
+            .map(|m| m.len().saturating_sub(journal.len()))
+            .unwrap_or(0);
         let wt = self.meta.write_through;
         Ok(Status {
             store: self.dir.clone(),
@@ -424,6 +433,7 @@ impl Store {
             files: paths.len() as u64,
             data_bytes: data,
             store_bytes,
+            journal_ahead_bytes,
             interrupted_commit: self.interrupted_commit()?,
             mounted,
         })

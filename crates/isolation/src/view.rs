@@ -634,8 +634,23 @@ impl View {
 
     /// Makes every change so far durable.
     pub fn sync(&mut self) -> Res<()> {
+        self.sync_for(false)
+    }
+
+    /// [`View::sync`] for a program's fsync, fdatasync or fsyncdir: lets the journal write
+    /// zeros ahead, since more are likely to follow (see [`crate::journal`]).
+    pub fn fsync(&mut self) -> Res<()> {
+        self.sync_for(true)
+    }
+
+    fn sync_for(&mut self, program: bool) -> Res<()> {
         if self.unsynced {
-            self.journal.sync().map_err(|e| e.errno())?;
+            if program {
+                self.journal.sync_ahead()
+            } else {
+                self.journal.sync()
+            }
+            .map_err(|e| e.errno())?;
             self.unsynced = false;
         }
         if !matches!(self.mode, Mode::Isolated) {
