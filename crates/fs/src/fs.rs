@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -121,6 +121,8 @@ pub struct FilterFs {
     inodes: Inodes,
     chain: Arc<Chain>,
     blocking: BlockingPool,
+    /// Blocking calls running on request threads now (see [`Self::offload`]).
+    blocking_inline: AtomicUsize,
     opts: Options,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
@@ -207,6 +209,7 @@ impl FilterFs {
             inodes,
             chain: Arc::new(chain),
             blocking: BlockingPool::new(opts.blocking_threads),
+            blocking_inline: AtomicUsize::new(0),
             opts,
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -293,7 +296,10 @@ impl FilterFs {
     }
 
     /// Like [`Self::filtered`] for a call that may wait on the disk: the filters' `before`
-    /// runs here, the call, the `after` hooks and the reply on the blocking pool.
+    /// runs here; the call, the `after` hooks and the reply run here too while another
+    /// request thread stays free, else on the blocking pool. Handing every call to the pool
+    /// cost a wake-up and a context switch each: fio's write+fsync loop ran 13–18% slower
+    /// that way on the 2-core VM (bench/RESULTS.md).
     fn offload(
         &self,
         req: &fuser::Request,
@@ -325,7 +331,13 @@ impl FilterFs {
             }
             reply_empty(reply, res);
         };
-        self.blocking.run(job)
+        let limit = self.opts.threads.saturating_sub(1);
+        if self.blocking_inline.fetch_add(1, Ordering::AcqRel) < limit {
+            job();
+        } else {
+            self.blocking.run(job);
+        }
+        self.blocking_inline.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn node_path(&self, id: u64) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {

@@ -1,5 +1,7 @@
-//! A few threads for operations that wait on the disk (fsync), so that one slow call does
-//! not stall the request loop behind it.
+//! A few threads for operations that wait on the disk (fsync), so that slow calls do not
+//! stall the request loop behind them. A call runs on the request thread that received it
+//! while another request thread stays free, and comes here only beyond that (see
+//! `FilterFs::offload`).
 //!
 //! The request loop runs on a handful of threads (4 by default): with 1, the disk waits of
 //! create and unlink serialise (bench/fs.sh's metadata workload: 13.5x native time with 1
