@@ -368,8 +368,13 @@ impl Journal {
 /// Whether a record that passes every check, with a sequence number after `after_seq`,
 /// starts anywhere in `from..len`: the difference between a journal's torn end and a
 /// damaged record in its middle. Reads the rest of the file once; only on a bad record.
+/// Garbage can look like many record headers, each asking for a CRC of up to 64 MiB:
+/// after 4,096 of them it answers yes, so the journal is refused as corrupt
+/// rather than cut (the cautious side).
 fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Result<bool> {
     const WINDOW: usize = 1 << 20;
+    const MAX_CANDIDATES: usize = 4096;
+    let mut candidates = 0;
     let head = RECORD_HEADER as usize;
     let mut buf = vec![0u8; WINDOW + head];
     let mut record = Vec::new();
@@ -388,6 +393,10 @@ fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Re
             let data_len = u32::from_le_bytes(h[20..24].try_into().unwrap()) as u64;
             if seq <= after_seq || RECORD_HEADER + meta_len + data_len != rlen {
                 continue;
+            }
+            candidates += 1;
+            if candidates > MAX_CANDIDATES {
+                return Ok(true);
             }
             record.resize(rlen as usize, 0);
             file.read_exact_at(&mut record, base + p as u64)?;
@@ -582,5 +591,32 @@ mod tests {
         f.write_all_at(&[0xff; 8], good_end).unwrap();
         let err = Journal::open(&p, id, true).err().unwrap().to_string();
         assert!(err.contains("impossible length"), "{err}");
+    }
+
+    /// Garbage that looks like thousands of record headers after a bad record is not
+    /// checked without end: past a bound the journal is refused, not cut.
+    #[test]
+    fn endless_lookalike_headers_after_a_bad_record_are_refused_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, _, j) = one_record_synced_ahead(dir.path());
+        let good_end = j.len();
+        drop(j);
+        let mut fake = Vec::new();
+        for _ in 0..5000 {
+            // A whole empty record by shape, with a later sequence number and a wrong CRC.
+            fake.extend_from_slice(&24u32.to_le_bytes());
+            fake.extend_from_slice(&1u32.to_le_bytes());
+            fake.extend_from_slice(&99u64.to_le_bytes());
+            fake.extend_from_slice(&[0; 8]);
+        }
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff; 8], good_end).unwrap();
+        f.write_all_at(&fake, good_end + 24).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap().to_string();
+        assert!(err.contains("impossible length"), "{err}");
+        // With fewer of them, none good, it is a torn end.
+        f.set_len(good_end + 24 + 100 * 24).unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, good_end));
     }
 }
