@@ -439,14 +439,11 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
             println!("pending changes:  {}", s.pending_changes);
             println!("files changed:    {}", s.files);
             println!("data held:        {} bytes", s.data_bytes);
-            if s.journal_ahead_bytes > 0 {
-                println!(
-                    "store on disk:    {} bytes ({} of them zeros written ahead of the journal)",
-                    s.store_bytes, s.journal_ahead_bytes
-                );
-            } else {
-                println!("store on disk:    {} bytes", s.store_bytes);
-            }
+            let ahead = match s.journal_ahead_bytes {
+                0 => String::new(),
+                n => format!(" ({n} of them zeros written ahead of the journal)"),
+            };
+            println!("store on disk:    {} bytes{ahead}", s.store_bytes);
             if let Some(t) = s.interrupted_commit {
                 println!("interrupted commit up to {t}: run `interpose isolation commit` again");
             }

@@ -179,18 +179,12 @@ impl Journal {
             let mut rh = [0u8; RECORD_HEADER as usize];
             file.read_exact_at(&mut rh, off)
                 .map_err(|e| Error::io(path, e))?;
-            let rlen = u32::from_le_bytes(rh[0..4].try_into().unwrap()) as u64;
-            let rcrc = u32::from_le_bytes(rh[4..8].try_into().unwrap());
-            let seq = u64::from_le_bytes(rh[8..16].try_into().unwrap());
-            let meta_len = u32::from_le_bytes(rh[16..20].try_into().unwrap()) as u64;
-            let data_len = u32::from_le_bytes(rh[20..24].try_into().unwrap()) as u64;
-            if !(RECORD_HEADER..=MAX_RECORD).contains(&rlen) {
-                if rlen == 0 && rh.iter().all(|&b| b == 0) {
+            let h = RecordHeader::parse(&rh);
+            let (rlen, seq, meta_len, data_len) = (h.len, h.seq, h.meta_len, h.data_len);
+            if !h.plausible_len() {
+                if rh.iter().all(|&b| b == 0) {
                     // Zeros where a record should start: written ahead, or allocated
                     // and never written.
-                    if len - off > TAIL_AHEAD + RECORD_HEADER {
-                        tracing::debug!("{}: journal ends at {off}", path.display());
-                    }
                     break;
                 }
                 if !good_record_after(&file, off + 1, len, last_seq)
@@ -213,8 +207,8 @@ impl Journal {
             buf.resize(rlen as usize, 0);
             file.read_exact_at(&mut buf, off)
                 .map_err(|e| Error::io(path, e))?;
-            let crc_ok = crc_of(&[&buf[8..]]) == rcrc;
-            let shape_ok = RECORD_HEADER + meta_len + data_len == rlen;
+            let crc_ok = crc_of(&[&buf[8..]]) == h.crc;
+            let shape_ok = h.shape_ok();
             if !crc_ok || !shape_ok {
                 // Look after its payload if the header is whole, else at every byte.
                 let from = if shape_ok { off + rlen } else { off + 1 };
@@ -365,6 +359,37 @@ impl Journal {
     }
 }
 
+/// The fixed fields at the start of a record (see the module documentation).
+struct RecordHeader {
+    len: u64,
+    crc: u32,
+    seq: u64,
+    meta_len: u64,
+    data_len: u64,
+}
+
+impl RecordHeader {
+    fn parse(h: &[u8; RECORD_HEADER as usize]) -> RecordHeader {
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().unwrap());
+        RecordHeader {
+            len: u32_at(0) as u64,
+            crc: u32_at(4),
+            seq: u64::from_le_bytes(h[8..16].try_into().unwrap()),
+            meta_len: u32_at(16) as u64,
+            data_len: u32_at(20) as u64,
+        }
+    }
+
+    fn plausible_len(&self) -> bool {
+        (RECORD_HEADER..=MAX_RECORD).contains(&self.len)
+    }
+
+    /// The lengths add up.
+    fn shape_ok(&self) -> bool {
+        RECORD_HEADER + self.meta_len + self.data_len == self.len
+    }
+}
+
 /// Whether a record that passes every check, with a sequence number after `after_seq`,
 /// starts anywhere in `from..len`: the difference between a journal's torn end and a
 /// damaged record in its middle. Reads the rest of the file once; only on a bad record.
@@ -383,25 +408,18 @@ fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Re
         let n = ((len - base) as usize).min(buf.len());
         file.read_exact_at(&mut buf[..n], base)?;
         for p in 0..=(n - head).min(WINDOW - 1) {
-            let h = &buf[p..p + head];
-            let rlen = u32::from_le_bytes(h[0..4].try_into().unwrap()) as u64;
-            if !(RECORD_HEADER..=MAX_RECORD).contains(&rlen) || base + p as u64 + rlen > len {
-                continue;
-            }
-            let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
-            let meta_len = u32::from_le_bytes(h[16..20].try_into().unwrap()) as u64;
-            let data_len = u32::from_le_bytes(h[20..24].try_into().unwrap()) as u64;
-            if seq <= after_seq || RECORD_HEADER + meta_len + data_len != rlen {
+            let h = RecordHeader::parse(buf[p..p + head].try_into().unwrap());
+            let at = base + p as u64;
+            if !h.plausible_len() || at + h.len > len || h.seq <= after_seq || !h.shape_ok() {
                 continue;
             }
             candidates += 1;
             if candidates > MAX_CANDIDATES {
                 return Ok(true);
             }
-            record.resize(rlen as usize, 0);
-            file.read_exact_at(&mut record, base + p as u64)?;
-            let crc = u32::from_le_bytes(h[4..8].try_into().unwrap());
-            if crc_of(&[&record[8..]]) == crc {
+            record.resize(h.len as usize, 0);
+            file.read_exact_at(&mut record, at)?;
+            if crc_of(&[&record[8..]]) == h.crc {
                 return Ok(true);
             }
         }
