@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -260,6 +260,10 @@ impl Filesystem for IsolatedFs {
         for flag in [
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            // Listings carry the entries' attributes when the kernel expects them to be
+            // used (ls -l, du, rm -rf): one request per batch instead of one per entry.
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
             // No security.capability lookup before every write; set-ID bits are ours.
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
             // The kernel checks ACLs; the view keeps the mode and the ACL mask in step.
@@ -293,21 +297,7 @@ impl Filesystem for IsolatedFs {
         })();
         match res {
             Err(libc::ENOENT) => {
-                let mut a = fattr(
-                    0,
-                    &Attr {
-                        mode: 0,
-                        uid: 0,
-                        gid: 0,
-                        size: 0,
-                        atime: (0, 0),
-                        mtime: (0, 0),
-                        ctime: (0, 0),
-                        nlink: 0,
-                        rdev: 0,
-                        blocks: 0,
-                    },
-                );
+                let mut a = fattr(0, &Attr::zeroed(0));
                 a.ino = INodeNo(0);
                 reply.entry_with_ttls(&Duration::ZERO, &self.0.opts.ttl, &a, Generation(0));
             }
@@ -729,6 +719,72 @@ impl Filesystem for IsolatedFs {
                 break;
             }
         }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(d) = self.0.dirs.lock().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let mut v = self.0.view.lock();
+        for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+            let next = (i + 1) as u64;
+            if e.name == "." || e.name == ".." {
+                // The kernel takes no reference for these, so they are not lookups.
+                let a = fattr(e.ino, &Attr::zeroed(libc::S_IFDIR));
+                if reply.add(
+                    INodeNo(e.ino),
+                    next,
+                    &e.name,
+                    &Duration::ZERO,
+                    &a,
+                    Generation(0),
+                ) {
+                    break;
+                }
+                continue;
+            }
+            // Each entry sent is a lookup the kernel will forget. The listing is the one
+            // taken at opendir, so a name gone since is sent without attributes (node 0).
+            let found = v
+                .lookup(ino.0, &e.name)
+                .and_then(|id| v.attr(id).map(|a| (id, a)));
+            let full = match &found {
+                Ok((id, a)) => reply.add(
+                    INodeNo(*id),
+                    next,
+                    &e.name,
+                    &self.0.opts.ttl,
+                    &fattr(*id, a),
+                    Generation(0),
+                ),
+                Err(_) => {
+                    let a = fattr(e.ino, &Attr::zeroed(e.kind));
+                    reply.add(
+                        INodeNo(0),
+                        next,
+                        &e.name,
+                        &Duration::ZERO,
+                        &a,
+                        Generation(0),
+                    )
+                }
+            };
+            if full {
+                if let Ok((id, _)) = found {
+                    v.forget(id, 1); // not sent: the kernel holds no reference
+                }
+                break;
+            }
+        }
+        drop(v);
         reply.ok();
     }
 

@@ -56,6 +56,23 @@ pub struct Attr {
 }
 
 impl Attr {
+    /// Attributes that say nothing but the kind (`mode` holds only S_IFMT bits): for
+    /// negative entries and listing entries sent without attributes.
+    pub fn zeroed(mode: u32) -> Attr {
+        Attr {
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            atime: (0, 0),
+            mtime: (0, 0),
+            ctime: (0, 0),
+            nlink: 0,
+            rdev: 0,
+            blocks: 0,
+        }
+    }
+
     fn from_stat(st: &rustix::fs::Stat) -> Attr {
         Attr {
             mode: st.st_mode,
