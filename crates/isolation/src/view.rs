@@ -153,6 +153,9 @@ pub struct Node {
     pub passthrough_opens: u32,
     /// The backing file, open for reading while the node is open.
     pub origin_file: Option<Arc<File>>,
+    /// The backing inode number `by_ino` knows this node under (nodes made from a
+    /// backing object), so that dropping the node finds its entry without a scan.
+    pub backing_ino: Option<u64>,
 }
 
 impl Node {
@@ -173,6 +176,7 @@ impl Node {
             writers: 0,
             passthrough_opens: 0,
             origin_file: None,
+            backing_ino: None,
         }
     }
 }
@@ -262,6 +266,7 @@ impl View {
             .map_err(|e| Error::io(backing.path(), e))?;
         let mut root = Node::new(ROOT, Some(PathBuf::new()), Attr::from_stat(&st));
         root.refs = 1; // never dropped
+        root.backing_ino = Some(st.st_ino);
         let mut nodes = HashMap::new();
         nodes.insert(ROOT, root);
         let mut by_ino = HashMap::new();
@@ -398,6 +403,7 @@ impl View {
             return Err(libc::ENOENT);
         }
         let mut n = Node::new(id, Some(rel), Attr::from_stat(&st));
+        n.backing_ino = Some(st.st_ino);
         n.links.push((parent, name.to_owned()));
         self.nodes.insert(id, n);
         self.by_ino.insert(st.st_ino, id);
@@ -451,8 +457,10 @@ impl View {
             return;
         }
         let n = self.nodes.remove(&id).expect("present");
-        if n.origin.is_some() {
-            self.by_ino.retain(|_, v| *v != id);
+        if let Some(ino) = n.backing_ino {
+            if self.by_ino.get(&ino) == Some(&id) {
+                self.by_ino.remove(&ino);
+            }
         }
     }
 
