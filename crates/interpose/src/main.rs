@@ -444,6 +444,9 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 n => format!(" ({n} of them zeros written ahead of the journal)"),
             };
             println!("store on disk:    {} bytes{ahead}", s.store_bytes);
+            if let Some(n) = s.view_nodes {
+                println!("in memory:        {n} files and directories (the mount's view)");
+            }
             if let Some(t) = s.interrupted_commit {
                 println!("interrupted commit up to {t}: run `interpose isolation commit` again");
             }

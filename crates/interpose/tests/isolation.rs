@@ -746,14 +746,37 @@ fn listing(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `view_nodes` of a mounted store once the kernel has dropped every unused dentry and the
+/// daemon has handled the forgets that follow (they arrive asynchronously): the same count
+/// twice in a row, 50 ms apart, within 20 s.
+fn view_nodes_at_rest(store: &Path) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut last = u64::MAX;
+    loop {
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let n = num(&status(store), "view_nodes");
+        if n == last {
+            return n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "view_nodes still moving: {last} -> {n}"
+        );
+        last = n;
+    }
+}
+
 #[test]
 fn listings_carry_the_views_attributes() {
     // Listings of an isolated mount come with attributes (READDIRPLUS), each entry sent
     // counting as a lookup. Checked: the attributes are the view's (changed, created,
-    // removed and untouched entries) and agree with lstat, inode numbers included; they
-    // stay so after the kernel has dropped its dentries and forgotten the nodes, several
-    // times over; a directory of 3,000 entries, which takes many replies, lists completely;
-    // a name removed after opendir is listed but resolves to nothing.
+    // removed and untouched entries) and agree with lstat, inode numbers included; a
+    // directory of 3,000 entries, which takes many replies, lists completely; once the
+    // kernel has dropped its dentries, the daemon holds as many nodes as before (`status`'s
+    // view_nodes): every entry sent was one lookup, later forgotten, and entries that did
+    // not fit in a reply were not counted; all of it four times over; a name removed after
+    // opendir is listed but resolves to nothing.
     let d = dirs();
     let dir = d.backing.join("d");
     fs::create_dir_all(dir.join("sub")).unwrap();
@@ -793,11 +816,25 @@ fn listings_carry_the_views_attributes() {
         })
         .collect();
     many_expected.sort();
+    let nodes = || num(&status(&d.store), "view_nodes");
+    let resting = view_nodes_at_rest(&d.store);
     for round in 0..4 {
         assert_eq!(listing(&md), expected, "round {round}");
         assert_eq!(listing(&d.mnt.join("many")), many_expected, "round {round}");
-        // The kernel forgets what it looked up (and the listings' entries with it).
-        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        let listed = nodes();
+        assert!(
+            listed >= resting + 3000,
+            "round {round}: {listed} nodes after listing 3,000 entries"
+        );
+        // The kernel forgets what it looked up, the listings' entries with it: every entry
+        // sent was counted once, and entries that did not fit in a reply were not.
+        let after = view_nodes_at_rest(&d.store);
+        // The view keeps directory nodes: `d/sub` stays once looked up.
+        assert_eq!(
+            after,
+            resting + 1,
+            "round {round}: nodes in memory after the kernel dropped its dentries (from {listed})"
+        );
     }
     let du = run(Command::new("du")
         .args(["-s", "--apparent-size", "-b"])

@@ -114,9 +114,12 @@ fn handle(
         "status" | "log" => {
             let v = shared.view.lock();
             let (j, recs) = reopen(store, &jpath)?;
+            let nodes = v.node_count() as u64;
             drop(v);
             if req.cmd == "status" {
-                Ok(serde_json::to_value(store.status(&j, &recs, true)?).expect("serialises"))
+                let mut status = store.status(&j, &recs, true)?;
+                status.view_nodes = Some(nodes);
+                Ok(serde_json::to_value(status).expect("serialises"))
             } else {
                 Ok(
                     serde_json::to_value(Store::log(&recs, req.since.unwrap_or(0)))

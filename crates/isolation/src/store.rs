@@ -74,6 +74,10 @@ pub struct Status {
     /// A commit was interrupted and must be run again (up to this number).
     pub interrupted_commit: Option<u64>,
     pub mounted: bool,
+    /// Mounted: files and directories the daemon's view holds in memory (those with
+    /// changes, and those the kernel has looked up and not yet forgotten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub view_nodes: Option<u64>,
 }
 
 /// One line of `isolation log`.
@@ -436,6 +440,7 @@ impl Store {
             journal_ahead_bytes,
             interrupted_commit: self.interrupted_commit()?,
             mounted,
+            view_nodes: None,
         })
     }
 
