@@ -868,6 +868,146 @@ fn listings_carry_the_views_attributes() {
     assert_untouched(&d.backing, &before, "after listing an isolated mount");
 }
 
+/// `os.rename(FROM, TO)` through python: "ok" or the errno's name.
+fn py_rename(from: &Path, to: &Path) -> String {
+    let script = "import errno, os, sys\n\
+        try:\n\
+        \x20   os.rename(sys.argv[1], sys.argv[2]); print('ok')\n\
+        except OSError as e:\n\
+        \x20   print(errno.errorcode[e.errno])\n";
+    run(Command::new(python()).args(["-c", script, s(from), s(to)]))
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
+    // --isolate-path iso: changes under iso/ go to the store, every other change goes to
+    // BACKING at once and is not recorded; renames across the border fail with EXDEV; a
+    // large non-isolated tree whose nodes the daemon holds is removed (rm -rf) and made
+    // again under the same names; commit then brings iso/ to BACKING.
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("iso")).unwrap();
+    fs::create_dir_all(d.backing.join("plain/tree/sub")).unwrap();
+    fs::write(d.backing.join("iso/a"), b"one\n").unwrap();
+    fs::write(d.backing.join("plain/b"), b"two\n").unwrap();
+    fs::write(d.backing.join("plain/x"), b"x\n").unwrap();
+    for i in 0..500 {
+        fs::write(d.backing.join(format!("plain/tree/f{i}")), format!("{i}\n")).unwrap();
+        fs::write(d.backing.join(format!("plain/tree/sub/g{i}")), b"g").unwrap();
+    }
+    let iso_before = fingerprint(&d.backing.join("iso"));
+
+    let m = Mount::start(
+        &d.backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--isolate-path", "iso"],
+    );
+    let (mi, mp) = (d.mnt.join("iso"), d.mnt.join("plain"));
+    fs::write(mi.join("a"), b"changed\n").unwrap();
+    fs::write(mi.join("new"), b"new\n").unwrap();
+    fs::write(mp.join("b"), b"changed\n").unwrap();
+    fs::write(mp.join("new2"), b"new2\n").unwrap();
+    fs::rename(mp.join("x"), mp.join("y")).unwrap();
+    assert_eq!(listing(&mp.join("tree")).len(), 501); // the daemon now holds its nodes
+    run(Command::new("rm").arg("-rf").arg(mp.join("tree")));
+    assert_eq!(py_rename(&mi.join("a"), &mp.join("a2")), "EXDEV");
+    assert_eq!(py_rename(&mp.join("b"), &mi.join("b2")), "EXDEV");
+
+    // Outside iso/: in BACKING at once.
+    assert_eq!(read(&d.backing.join("plain/b")), b"changed\n");
+    assert_eq!(read(&d.backing.join("plain/new2")), b"new2\n");
+    assert_eq!(read(&d.backing.join("plain/y")), b"x\n");
+    assert!(!d.backing.join("plain/x").exists() && !d.backing.join("plain/tree").exists());
+    // The same names again, through the mount: they resolve to the new objects.
+    fs::create_dir_all(mp.join("tree/sub")).unwrap();
+    for i in 0..500 {
+        fs::write(mp.join(format!("tree/f{i}")), format!("again {i}\n")).unwrap();
+    }
+    assert_eq!(read_str(&mp.join("tree/f7")), "again 7\n");
+    assert_eq!(read_str(&d.backing.join("plain/tree/f7")), "again 7\n");
+    assert_eq!(listing(&mp.join("tree")).len(), 501);
+    assert_eq!(listing(&mp.join("tree/sub")), Vec::<String>::new());
+    // Inside iso/: only in the view and the store.
+    assert_untouched(
+        &d.backing.join("iso"),
+        &iso_before,
+        "under the isolated path",
+    );
+    assert_eq!(read(&mi.join("a")), b"changed\n");
+    assert_eq!(read(&mi.join("new")), b"new\n");
+    assert_eq!(
+        log_text(&d.store, 0),
+        [
+            "1 data /iso/a (size 0, 0 bytes of blocks)",
+            "2 data /iso/a (size 8, 4096 bytes of blocks)",
+            "3 create /iso/new",
+            "4 data /iso/new (size 4, 4096 bytes of blocks)",
+        ]
+    );
+    commit(&d.store, None);
+    assert_eq!(read(&d.backing.join("iso/a")), b"changed\n");
+    assert_eq!(read(&d.backing.join("iso/new")), b"new\n");
+    m.stop();
+}
+
+#[test]
+fn write_through_applies_every_change_at_once_and_records_it() {
+    // --write-through: each change is in BACKING when the call returns, and in the store
+    // with its sequence number; nothing is pending, so commit and discard refuse, and the
+    // store refuses to be mounted as an isolating one.
+    let d = dirs();
+    fs::create_dir(d.backing.join("d")).unwrap();
+    fs::write(d.backing.join("d/a"), b"one\n").unwrap();
+    fs::write(d.backing.join("x"), b"x\n").unwrap();
+    let m = Mount::start(
+        &d.backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--write-through"],
+    );
+    fs::write(d.mnt.join("d/a"), b"changed\n").unwrap();
+    assert_eq!(read(&d.backing.join("d/a")), b"changed\n");
+    fs::create_dir(d.mnt.join("e")).unwrap();
+    assert!(d.backing.join("e").is_dir());
+    fs::rename(d.mnt.join("x"), d.mnt.join("e/y")).unwrap();
+    assert_eq!(read(&d.backing.join("e/y")), b"x\n");
+    fs::set_permissions(d.mnt.join("d/a"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(mode_of(&d.backing.join("d/a")) & 0o7777, 0o600);
+    set_xattr(&d.mnt.join("d/a"), "user.k", b"v");
+    assert_eq!(
+        xattrs(&d.backing.join("d/a")).get(b"user.k".as_slice()),
+        Some(&b"v".to_vec())
+    );
+    fs::remove_file(d.mnt.join("e/y")).unwrap();
+    assert!(!d.backing.join("e/y").exists());
+    assert_eq!(
+        log_text(&d.store, 0),
+        [
+            "1 data /d/a (size 0, 0 bytes of blocks)",
+            "2 data /d/a (size 8, 4096 bytes of blocks)",
+            "3 mkdir /e",
+            "4 rename /x -> /e/y",
+            "5 setattr /d/a",
+            "6 setxattr /d/a",
+            "7 unlink /e/y",
+        ]
+    );
+    let st = status(&d.store);
+    assert_eq!(
+        (
+            num(&st, "last_seq"),
+            num(&st, "committed_upto"),
+            num(&st, "pending_changes")
+        ),
+        (7, 7, 0)
+    );
+    assert!(iso_fails("commit", &d.store, &[]).contains("nothing to commit"));
+    assert!(iso_fails("discard", &d.store, &[]).contains("cannot discard"));
+    m.stop();
+    let err = mount_fails(&d.backing, &d.mnt, &d.store);
+    assert!(err.contains("made for --write-through"), "{err}");
+}
+
 #[test]
 fn rm_rf_of_a_large_tree_is_isolated_until_commit() {
     let d = dirs();

@@ -389,18 +389,32 @@ impl View {
                 Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
                 Some(e) => e,
             })?;
+        let same_dev = st.st_dev == self.backing.dev();
         if let Some(&id) = self.by_ino.get(&st.st_ino) {
-            // Known already (a hard link, or an earlier lookup).
             let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
-            if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
-                n.links.push((parent, name.to_owned()));
+            if !same_dev || n.attr.kind() == st.st_mode & libc::S_IFMT {
+                // Known already (a hard link, or an earlier lookup).
+                if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
+                    n.links.push((parent, name.to_owned()));
+                }
+                return Ok(id);
             }
-            return Ok(id);
+            // Another kind under the same number: the object was removed behind the
+            // node's back (straight in BACKING) and its inode reused. The node stands for
+            // nothing there any more.
+            n.backing_ino = None;
+            self.by_ino.remove(&st.st_ino);
         }
-        let id = st.st_ino;
-        if id == ROOT || id >= FIRST_NEW_ID || self.nodes.contains_key(&id) {
+        let mut id = st.st_ino;
+        if id == ROOT || id >= FIRST_NEW_ID || (self.nodes.contains_key(&id) && !same_dev) {
             // Cannot be numbered by its inode number: a foreign file system under BACKING.
             return Err(libc::ENOENT);
+        }
+        if self.nodes.contains_key(&id) {
+            // The number is still taken by a node of a removed object that the kernel
+            // has not forgotten yet.
+            id = self.next_new;
+            self.next_new += 1;
         }
         let mut n = Node::new(id, Some(rel), Attr::from_stat(&st));
         n.backing_ino = Some(st.st_ino);
@@ -585,6 +599,11 @@ impl View {
     /// Applies a change to the backing directory at once if the mode says so; then the
     /// view needs no state for it. Returns whether it did.
     fn pass(&mut self, change: &Change, data: &[&[u8]]) -> Res<bool> {
+        self.pass_named(change, data, None)
+    }
+
+    /// [`View::pass`] for a change whose (first) path the caller has resolved to `named`.
+    fn pass_named(&mut self, change: &Change, data: &[&[u8]], named: Option<u64>) -> Res<bool> {
         let route = self.route(change)?;
         let res = match route {
             Route::Keep => return Ok(false),
@@ -616,18 +635,35 @@ impl View {
             }
         };
         res.map_err(io_errno)?;
-        self.after_direct(change);
+        self.after_direct(change, named);
         Ok(true)
     }
 
     /// Keeps cached nodes right after a change went straight to the backing directory.
-    fn after_direct(&mut self, change: &Change) {
+    /// `named`: the node the change's path named, if the caller knows it (then only that
+    /// node's names need fixing, not a scan of every node: `rm -rf` of a large tree).
+    fn after_direct(&mut self, change: &Change, named: Option<u64>) {
         match change {
             Change::Unlink { path } | Change::Rmdir { path } => {
                 if let Ok((parent, name)) = self.resolve_parent(path) {
                     let name = name.to_owned();
-                    for n in self.nodes.values_mut() {
-                        n.links.retain(|(p, nm)| !(*p == parent && *nm == name));
+                    let unlink =
+                        |n: &mut Node| n.links.retain(|(p, nm)| !(*p == parent && *nm == name));
+                    match named.and_then(|id| self.nodes.get_mut(&id)) {
+                        Some(n) => {
+                            unlink(n);
+                            // Its last name gone, the object is gone from BACKING and its
+                            // inode number may be reused by the next object made there.
+                            let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
+                            if gone {
+                                if let Some(ino) = n.backing_ino.take() {
+                                    if self.by_ino.get(&ino) == Some(&n.id) {
+                                        self.by_ino.remove(&ino);
+                                    }
+                                }
+                            }
+                        }
+                        None => self.nodes.values_mut().for_each(unlink),
                     }
                 }
             }
@@ -1187,7 +1223,7 @@ impl View {
         } else {
             Change::Unlink { path }
         };
-        if self.pass(&change, &[])? {
+        if self.pass_named(&change, &[], Some(id))? {
             return Ok(());
         }
         self.record(&change, &[])?;
