@@ -17,7 +17,11 @@
 //! - two descriptors and a shared mapping of one isolated file, also across a discard;
 //! - files read, closed and at once rewritten or truncated (8 threads, so the kernel's
 //!   release of the passthrough open is still in flight), and a file held open read-only
-//!   refusing writers with ETXTBSY until closed.
+//!   refusing writers with ETXTBSY until closed;
+//! - listings with attributes (READDIRPLUS) agree with lstat, and every entry sent is a
+//!   lookup the daemon later forgets (`status`'s view_nodes);
+//! - `--isolate-path` (only matching subtrees isolated, the rest straight to BACKING) and
+//!   `--write-through` (every change applied at once and recorded).
 
 mod common;
 mod support;
