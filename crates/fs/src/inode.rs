@@ -58,7 +58,6 @@ struct Table {
     nodes: HashMap<u64, Node>,
     synthetic_ids: HashMap<(u64, u64), u64>,
     next_synthetic: u64,
-    next_generation: u64,
 }
 
 /// Identity of a freshly looked-up backing object.
@@ -182,11 +181,13 @@ impl Inodes {
         if dev == self.root_dev && ino == self.root_ino {
             return ROOT_ID;
         }
-        if dev == self.root_dev && ino != ROOT_ID && ino & SYNTHETIC == 0 {
-            return ino;
-        }
+        // First: an object of the backing file system gets a synthetic id too when its
+        // inode number was reused while the kernel held the old object (see `remember`).
         if let Some(id) = table.synthetic_ids.get(&(dev, ino)) {
             return *id;
+        }
+        if dev == self.root_dev && ino != ROOT_ID && ino & SYNTHETIC == 0 {
+            return ino;
         }
         let id = SYNTHETIC | table.next_synthetic;
         table.next_synthetic += 1;
@@ -246,17 +247,34 @@ impl Inodes {
                     _ => true,
                 };
                 if !same || node.kind != found.kind {
-                    // Kernel references to the old object are still counted here: its
-                    // late FORGET subtracts them, so the count stays the sum of both.
-                    node.anchor = anchor;
-                    node.kind = found.kind;
-                    node.backing = Weak::new();
-                    table.next_generation += 1;
-                    let generation = table.next_generation;
-                    table.nodes.get_mut(&id).expect("present").generation = generation;
+                    // The kernel still holds the old object under this id. The new one
+                    // gets an id of its own: the same id with a new generation would make
+                    // the kernel mark its old inode bad, and a program racing through it
+                    // (lstat of a name being replaced) would get EIO, where the backing
+                    // file system gives ENOENT or the new object.
+                    node.nlookup -= 1; // counted above, but it is the new node's
+                    let new_id = SYNTHETIC | table.next_synthetic;
+                    table.next_synthetic += 1;
+                    table.synthetic_ids.insert((found.dev, found.ino), new_id);
+                    table.nodes.insert(
+                        new_id,
+                        Node {
+                            dev: found.dev,
+                            ino: found.ino,
+                            kind: found.kind,
+                            anchor,
+                            parent,
+                            name: name.into(),
+                            nlookup: 1,
+                            generation: 0,
+                            backing: Weak::new(),
+                            passthrough_opens: 0,
+                            cached_opens: 0,
+                        },
+                    );
                     drop(table);
-                    self.fds.lock().put(id, fd);
-                    return (id, generation);
+                    self.fds.lock().put(new_id, fd);
+                    return (new_id, 0);
                 }
                 let generation = node.generation;
                 drop(table);
@@ -299,7 +317,7 @@ impl Inodes {
         node.nlookup = node.nlookup.saturating_sub(n);
         if node.nlookup == 0 && node.passthrough_opens == 0 && node.cached_opens == 0 {
             let node = table.nodes.remove(&id).expect("present");
-            if id & SYNTHETIC != 0 {
+            if table.synthetic_ids.get(&(node.dev, node.ino)) == Some(&id) {
                 table.synthetic_ids.remove(&(node.dev, node.ino));
             }
             drop(table);
@@ -315,13 +333,10 @@ impl Inodes {
     /// Updates the remembered name of the object now at `parent`/`name` (after a rename).
     pub fn renamed(&self, dev: u64, ino: u64, parent: u64, name: &OsStr) {
         let mut table = self.table.lock();
-        let id = if dev == self.root_dev && ino & SYNTHETIC == 0 && ino != ROOT_ID {
-            ino
-        } else {
-            match table.synthetic_ids.get(&(dev, ino)) {
-                Some(id) => *id,
-                None => return,
-            }
+        let id = match table.synthetic_ids.get(&(dev, ino)) {
+            Some(id) => *id,
+            None if dev == self.root_dev && ino & SYNTHETIC == 0 && ino != ROOT_ID => ino,
+            None => return,
         };
         if let Some(node) = table.nodes.get_mut(&id) {
             node.parent = parent;
