@@ -236,46 +236,31 @@ impl Inodes {
             Some(h) => Anchor::Handle(h),
             None => Anchor::Pinned(fd.clone()),
         };
+        // The inode number was reused by a new object while the kernel still holds the old
+        // one under this id. The new object gets an id of its own: the same id with a new
+        // generation would make the kernel mark its old inode bad, and a program racing
+        // through it (lstat of a name being replaced) would get EIO, where the backing file
+        // system gives ENOENT or the new object.
+        let reused = table.nodes.get(&id).is_some_and(|node| {
+            let same = match (&node.anchor, &anchor) {
+                (Anchor::Handle(a), Anchor::Handle(b)) => a == b,
+                _ => true,
+            };
+            !same || node.kind != found.kind
+        });
+        let id = if reused {
+            let new_id = SYNTHETIC | table.next_synthetic;
+            table.next_synthetic += 1;
+            table.synthetic_ids.insert((found.dev, found.ino), new_id);
+            new_id
+        } else {
+            id
+        };
         match table.nodes.get_mut(&id) {
             Some(node) => {
                 node.nlookup += 1;
                 node.parent = parent;
                 node.name = name.into();
-                // The inode number was reused by a new object: follow the new one.
-                let same = match (&node.anchor, &anchor) {
-                    (Anchor::Handle(a), Anchor::Handle(b)) => a == b,
-                    _ => true,
-                };
-                if !same || node.kind != found.kind {
-                    // The kernel still holds the old object under this id. The new one
-                    // gets an id of its own: the same id with a new generation would make
-                    // the kernel mark its old inode bad, and a program racing through it
-                    // (lstat of a name being replaced) would get EIO, where the backing
-                    // file system gives ENOENT or the new object.
-                    node.nlookup -= 1; // counted above, but it is the new node's
-                    let new_id = SYNTHETIC | table.next_synthetic;
-                    table.next_synthetic += 1;
-                    table.synthetic_ids.insert((found.dev, found.ino), new_id);
-                    table.nodes.insert(
-                        new_id,
-                        Node {
-                            dev: found.dev,
-                            ino: found.ino,
-                            kind: found.kind,
-                            anchor,
-                            parent,
-                            name: name.into(),
-                            nlookup: 1,
-                            generation: 0,
-                            backing: Weak::new(),
-                            passthrough_opens: 0,
-                            cached_opens: 0,
-                        },
-                    );
-                    drop(table);
-                    self.fds.lock().put(new_id, fd);
-                    return (new_id, 0);
-                }
                 let generation = node.generation;
                 drop(table);
                 self.fds.lock().put(id, fd);
