@@ -291,9 +291,7 @@ impl Filesystem for IsolatedFs {
     fn lookup(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let res = (|| {
             check_name(name)?;
-            let mut v = self.0.view.lock();
-            let id = v.lookup(parent.0, name)?;
-            Ok((id, v.attr(id)?))
+            self.0.view.lock().lookup_attr(parent.0, name)
         })();
         match res {
             Err(libc::ENOENT) => {
@@ -753,9 +751,7 @@ impl Filesystem for IsolatedFs {
             }
             // Each entry sent is a lookup the kernel will forget. The listing is the one
             // taken at opendir, so a name gone since is sent without attributes (node 0).
-            let found = v
-                .lookup(ino.0, &e.name)
-                .and_then(|id| v.attr(id).map(|a| (id, a)));
+            let found = v.lookup_attr(ino.0, &e.name);
             let full = match &found {
                 Ok((id, a)) => reply.add(
                     INodeNo(*id),

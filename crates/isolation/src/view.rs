@@ -363,6 +363,12 @@ impl View {
 
     /// The node a directory's name is bound to, discovering backing objects as needed.
     pub fn child(&mut self, parent: u64, name: &OsStr) -> Res<u64> {
+        self.child_fresh(parent, name).map(|(id, _)| id)
+    }
+
+    /// [`View::child`], and whether the node's attributes are those of the lstat it just
+    /// made (then [`View::attr`] need not make another).
+    fn child_fresh(&mut self, parent: u64, name: &OsStr) -> Res<(u64, bool)> {
         if name.len() > 255 {
             return Err(libc::ENAMETOOLONG);
         }
@@ -372,7 +378,7 @@ impl View {
         }
         if let Some(ov) = &dir.overlay {
             if let Some(e) = ov.entries.get(name) {
-                return e.ok_or(libc::ENOENT);
+                return e.map(|id| (id, false)).ok_or(libc::ENOENT);
             }
             if ov.opaque {
                 return Err(libc::ENOENT);
@@ -392,12 +398,18 @@ impl View {
         let same_dev = st.st_dev == self.backing.dev();
         if let Some(&id) = self.by_ino.get(&st.st_ino) {
             let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
-            if !same_dev || n.attr.kind() == st.st_mode & libc::S_IFMT {
+            let same_kind = n.attr.kind() == st.st_mode & libc::S_IFMT;
+            if !same_dev || same_kind {
                 // Known already (a hard link, or an earlier lookup).
                 if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
                     n.links.push((parent, name.to_owned()));
                 }
-                return Ok(id);
+                // What `attr` would read again for an unchanged node.
+                let fresh = same_kind && !n.changed && n.origin.is_some();
+                if fresh {
+                    n.attr = Attr::from_stat(&st);
+                }
+                return Ok((id, fresh));
             }
             // Another kind under the same number: the object was removed behind the
             // node's back (straight in BACKING) and its inode reused. The node stands for
@@ -421,7 +433,7 @@ impl View {
         n.links.push((parent, name.to_owned()));
         self.nodes.insert(id, n);
         self.by_ino.insert(st.st_ino, id);
-        Ok(id)
+        Ok((id, true))
     }
 
     /// Resolves a view path ("" for the root).
@@ -448,6 +460,17 @@ impl View {
         let n = self.node_mut(id)?;
         n.lookups += 1;
         Ok(id)
+    }
+
+    /// [`View::lookup`] with the node's attributes: one lstat of BACKING, not two.
+    pub fn lookup_attr(&mut self, parent: u64, name: &OsStr) -> Res<(u64, Attr)> {
+        let (id, fresh) = self.child_fresh(parent, name)?;
+        let n = self.node_mut(id)?;
+        n.lookups += 1;
+        if fresh {
+            return Ok((id, n.attr.clone()));
+        }
+        Ok((id, self.attr(id)?))
     }
 
     pub fn forget(&mut self, id: u64, count: u64) {
@@ -640,30 +663,26 @@ impl View {
     }
 
     /// Keeps cached nodes right after a change went straight to the backing directory.
-    /// `named`: the node the change's path named, if the caller knows it (then only that
-    /// node's names need fixing, not a scan of every node: `rm -rf` of a large tree).
+    /// `named`: the node the change's path named, if the caller knows it; an unlink or
+    /// rmdir then fixes only that node's names, not every node's (`rm -rf` of a big tree).
     fn after_direct(&mut self, change: &Change, named: Option<u64>) {
         match change {
             Change::Unlink { path } | Change::Rmdir { path } => {
-                if let Ok((parent, name)) = self.resolve_parent(path) {
-                    let name = name.to_owned();
-                    let unlink =
-                        |n: &mut Node| n.links.retain(|(p, nm)| !(*p == parent && *nm == name));
-                    match named.and_then(|id| self.nodes.get_mut(&id)) {
-                        Some(n) => {
-                            unlink(n);
-                            // Its last name gone, the object is gone from BACKING and its
-                            // inode number may be reused by the next object made there.
-                            let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
-                            if gone {
-                                if let Some(ino) = n.backing_ino.take() {
-                                    if self.by_ino.get(&ino) == Some(&n.id) {
-                                        self.by_ino.remove(&ino);
-                                    }
-                                }
-                            }
-                        }
-                        None => self.nodes.values_mut().for_each(unlink),
+                let Ok((parent, name)) = self.resolve_parent(path) else {
+                    return;
+                };
+                let name = name.to_owned();
+                // `remove`, the only maker of these changes, always names the node.
+                let Some(n) = named.and_then(|id| self.nodes.get_mut(&id)) else {
+                    return;
+                };
+                n.links.retain(|(p, nm)| !(*p == parent && *nm == name));
+                // Its last name gone, the object is gone from BACKING and its inode
+                // number may be reused by the next object made there.
+                let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
+                if let Some(ino) = n.backing_ino.take_if(|_| gone) {
+                    if self.by_ino.get(&ino) == Some(&n.id) {
+                        self.by_ino.remove(&ino);
                     }
                 }
             }
