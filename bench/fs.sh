@@ -6,7 +6,11 @@
 # and measures, in one run on the same data, these configurations:
 #   native            the backing directory itself
 #   bindfs            Debian's bindfs, default options, backing -> mount point
-#   interpose         `interpose fs mount` with no filter (file data via FUSE passthrough)
+#   interpose         `interpose fs mount` with no filter (file data via FUSE passthrough),
+#                     served over io_uring (the script turns the kernel's switch for FUSE over
+#                     io_uring on for the run, and back to what it was afterwards)
+#   interpose-devfuse the same with --no-io-uring: requests served over /dev/fuse, which is
+#                     what a kernel with the switch off gets
 #   interpose-audit   `interpose fs mount --filter audit=FILE` (the daemon serves file data)
 #   interpose-isolated `interpose fs mount --isolate STORE` (STORE: a fresh directory in the bench
 #                     dir, outside the backing dir, removed after the mount): every change goes
@@ -37,7 +41,7 @@
 #   BENCH_REPS=5                         repetitions (BENCH_QUICK=1: 2)
 #   BENCH_QUICK=1                        small sizes and short runtimes: a smoke run
 #   BENCH_RUNTIME=SECONDS                runtime of the time-based fio jobs (20; quick: 5)
-#   BENCH_CONFIGS="native bindfs interpose interpose-audit interpose-isolated"
+#   BENCH_CONFIGS="native bindfs interpose interpose-devfuse interpose-audit interpose-isolated"
 #                                        a subset, in this order
 #   BENCH_BIN=PATH                       use this interpose binary instead of building one
 #   BENCH_INTERPOSE_ARGS="..."           extra `interpose fs mount` options for all interpose
@@ -82,7 +86,7 @@ fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "fs.sh: BENCH_REPS must be a positive integer" >&2; exit 2; }
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || { echo "fs.sh: BENCH_RUNTIME must be a positive integer" >&2; exit 2; }
 META_ENTRIES=$((1 + META_TOP + META_TOP * META_SUB + META_TOP * META_SUB * META_FILES))
-ALL_CONFIGS=(native bindfs interpose interpose-audit interpose-isolated)
+ALL_CONFIGS=(native bindfs interpose interpose-devfuse interpose-audit interpose-isolated)
 read -r -a CONFIGS <<<"${BENCH_CONFIGS:-${ALL_CONFIGS[*]}}"
 for c in "${CONFIGS[@]}"; do
     [[ " ${ALL_CONFIGS[*]} " == *" $c "* ]] || { echo "fs.sh: unknown configuration $c" >&2; exit 2; }
@@ -116,6 +120,8 @@ READY_FD=""     # our read-write end of its readiness fifo
 BINDFS_PID=""   # bindfs daemon of the current session
 CREATED_DIR=0
 LOCK=""
+URING_SWITCH=/sys/module/fuse/parameters/enable_uring
+URING_WAS=""    # the switch's value before the run, restored on exit
 
 cleanup() {
     local rc=$?
@@ -137,6 +143,7 @@ cleanup() {
         echo "fs.sh: $MNT is still mounted; left $BENCH_DIR in place" >&2
     fi
     [[ -n $LOCK ]] && rm -f "$LOCK" "$LOCK.pid"
+    [[ -n $URING_WAS ]] && echo "$URING_WAS" >"$URING_SWITCH"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -220,6 +227,16 @@ drop_caches() {
         DROP_OK=0
     fi
 }
+
+# FUSE over io_uring: a kernel switch, off by default. On for the run (interpose's mounts use
+# it where offered; interpose-devfuse opts out), back to what it was on exit.
+URING_STATE="not in this kernel"
+if [[ -w $URING_SWITCH ]]; then
+    URING_WAS=$(cat "$URING_SWITCH")
+    echo Y >"$URING_SWITCH"
+    URING_STATE="on for the run (was $URING_WAS)"
+fi
+log "FUSE over io_uring: $URING_STATE"
 
 # ---------------------------------------------------------------- data, made once
 
@@ -589,6 +606,7 @@ session() { # one configuration, one repetition: mount, all workloads, unmount
     native) path=$BACKING ;;
     bindfs) start_bindfs || return 0; pid=$BINDFS_PID ;;
     interpose) start_interpose || return 0; pid=$DAEMON_PID ;;
+    interpose-devfuse) start_interpose --no-io-uring || return 0; pid=$DAEMON_PID ;;
     interpose-audit)
         : >"$AUDIT_LOG"
         start_interpose --filter "audit=$AUDIT_LOG" || return 0
@@ -631,7 +649,7 @@ session() { # one configuration, one repetition: mount, all workloads, unmount
     fi
     case $cfg in
     bindfs) stop_bindfs ;;
-    interpose) stop_interpose ;;
+    interpose | interpose-devfuse) stop_interpose ;;
     interpose-audit)
         stop_interpose
         sample daemon audit_lines "$(wc -l <"$AUDIT_LOG")"
@@ -665,7 +683,7 @@ export LOAD_START LOAD_END
 export CONFIGS_STR="${CONFIGS[*]}" REPS QUICK RUNTIME SEQ_SIZE_MB RR_SIZE_MB FS_SIZE_MB \
     META_TOP META_SUB META_FILES META_ENTRIES TAR_SHA TAR_MB DROP_OK T_TOTAL COMMAND_LINE STAMP \
     COMMIT_SIZE_MB
-export MI_NPROC MI_KERNEL MI_FS MI_CPU MI_MEM MI_DEV MI_VERSIONS MI_COMMIT
+export MI_NPROC MI_KERNEL MI_FS MI_CPU MI_MEM MI_DEV MI_VERSIONS MI_COMMIT MI_URING
 MI_NPROC=$(nproc)
 MI_KERNEL=$(uname -sr)
 MI_FS="$(findmnt -no FSTYPE,SOURCE,OPTIONS -T "$BENCH_DIR" | tr -s ' ')"
@@ -678,6 +696,7 @@ if [[ -r /sys/block/$blk/queue/rotational ]]; then
     MI_DEV+=" (rotational=$(cat "/sys/block/$blk/queue/rotational"), read_ahead_kb=$(cat "/sys/block/$blk/queue/read_ahead_kb"), scheduler: $(cat "/sys/block/$blk/queue/scheduler"))"
 fi
 # shellcheck disable=SC1091
+MI_URING="$URING_STATE"
 MI_VERSIONS="$(fio --version), bindfs $(bindfs --version 2>&1 | awk '{ print $2; exit }'), $(. /etc/os-release && echo "$PRETTY_NAME")"
 MI_COMMIT+=", mount options: ${BENCH_INTERPOSE_ARGS:-defaults}"
 
@@ -717,7 +736,8 @@ print(f"Command: `{env['COMMAND_LINE']}`\n")
 print("| machine | |\n|---|---|")
 for k, v in [("nproc", env["MI_NPROC"]), ("kernel", env["MI_KERNEL"]), ("CPU", env["MI_CPU"]),
              ("memory", env["MI_MEM"]), ("bench dir fs", env["MI_FS"]), ("device", env["MI_DEV"] or "?"),
-             ("tools", env["MI_VERSIONS"]), ("interpose", env["MI_COMMIT"])]:
+             ("tools", env["MI_VERSIONS"]), ("interpose", env["MI_COMMIT"]),
+             ("FUSE over io_uring", env["MI_URING"])]:
     print(f"| {k} | {v} |")
 quick = env["QUICK"] == "1"
 print(f"\n{'**Quick (smoke) run: small sizes, not comparable with full runs.** ' if quick else ''}"
@@ -844,7 +864,7 @@ def check(name, cfg, r, op, limit):
     checks.append((name, cfg, f"{r:.3f}", f"{op} {limit}", "✅ pass" if ok else "❌ FAIL"))
 # the targets against native and bindfs are for the non-isolated mounts; interpose-isolated has
 # its own, against interpose in the same run
-ips = [c for c in configs if c in ("interpose", "interpose-audit")]
+ips = [c for c in configs if c in ("interpose", "interpose-devfuse", "interpose-audit")]
 if "interpose" in configs and "native" in configs:
     check("seqread vs native", "interpose", ratio(med("interpose", "seqread", "MiB/s"), med("native", "seqread", "MiB/s")), "≥", 0.9)
     check("randrw read IOPS vs native", "interpose", ratio(med("interpose", "randrw", "read_IOPS"), med("native", "randrw", "read_IOPS")), "≥", 0.9)
@@ -869,6 +889,14 @@ for c in ips:
     x = med(c, "daemon", "VmHWM_MiB")
     checks.append(("daemon peak RSS, info (MiB)", c, fmt(x, "MiB"), "(≤ 64)",
                    "⚪ no data" if x is None else ("✅ under" if x <= 64 else "⚠️ over")))
+if "interpose" in configs and "interpose-devfuse" in configs:
+    # the transport alone: the same mount served over io_uring and over /dev/fuse
+    for w, m, better in [("meta", "total_s", "≤"), ("fsyncw", "IOPS", "≥"), ("randrw", "total_IOPS", "≥"),
+                         ("seqwrite", "MiB/s", "≥")]:
+        x = ratio(med("interpose", w, m), med("interpose-devfuse", w, m))
+        checks.append((f"{w} {m}, io_uring / /dev/fuse, info", "interpose", "–" if x is None else f"{x:.3f}",
+                       f"({better} 1)", "⚪ no data" if x is None else
+                       ("✅ better" if (x < 1 if better == "≤" else x > 1) else "⚠️ not better")))
 if iso:
     c = "interpose-isolated"
     if "interpose" in configs:

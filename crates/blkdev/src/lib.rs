@@ -192,8 +192,11 @@ impl Attached {
             DiskFs { source },
             Path::new("interpose-blk"),
             &dir,
-            2,
-            false,
+            interpose_fs::Serving {
+                threads: 2,
+                allow_other: false,
+                io_uring: true,
+            },
         )?;
         let mut a = Attached {
             device: PathBuf::new(),

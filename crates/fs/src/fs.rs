@@ -48,6 +48,8 @@ pub struct Options {
     pub fd_cache: usize,
     /// Let users other than the mounting one use the mount (permission checks still apply).
     pub allow_other: bool,
+    /// Serve over io_uring where the kernel offers it (see [`crate::Serving`]).
+    pub io_uring: bool,
 }
 
 impl Default for Options {
@@ -61,6 +63,7 @@ impl Default for Options {
             blocking_threads: 4,
             fd_cache: 1024,
             allow_other: true,
+            io_uring: true,
         }
     }
 }

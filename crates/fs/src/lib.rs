@@ -55,12 +55,30 @@ pub enum MountError {
     Thread(io::Error),
 }
 
+/// How a mount talks to the kernel; the same for all of interpose's file systems.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving {
+    /// Threads reading requests from /dev/fuse (see [`crate::pool`] for why 4).
+    pub threads: usize,
+    /// Let users other than the mounting one use the mount (permission checks still apply).
+    pub allow_other: bool,
+    /// Also serve requests over io_uring where the kernel offers it (Linux 6.14+ with
+    /// `/sys/module/fuse/parameters/enable_uring` on): a request is served on the CPU that
+    /// made it, by a thread pinned there, instead of waking a thread on another CPU.
+    pub io_uring: bool,
+}
+
+/// Where the kernel's fuse module says whether it offers FUSE over io_uring.
+pub const IO_URING_SWITCH: &str = "/sys/module/fuse/parameters/enable_uring";
+
 /// A live mount; the session runs on its own thread until unmounted.
 pub struct Mounted {
     unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
     session: JoinHandle<io::Result<()>>,
     notifier: fuser::Notifier,
     pub mountpoint: PathBuf,
+    /// Requests are served over io_uring (the kernel took it at the handshake).
+    pub io_uring: bool,
 }
 
 /// Unmounts a mount from any thread.
@@ -142,24 +160,26 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
             source: io::Error::from_raw_os_error(libc::ENOTDIR),
         });
     }
-    let threads = options.threads.max(1);
-    let allow_other = options.allow_other;
+    let serving = Serving {
+        threads: options.threads.max(1),
+        allow_other: options.allow_other,
+        io_uring: options.io_uring,
+    };
     let fs = FilterFs::new(&backing, chain, options).map_err(|source| MountError::Backing {
         path: backing.clone(),
         source,
     })?;
-    mount_filesystem(fs, &backing, &mountpoint, threads, allow_other)
+    mount_filesystem(fs, &backing, &mountpoint, serving)
 }
 
 /// Mounts any of interpose's file systems (the filter file system, the isolated view) at
 /// `mountpoint` with the options they share: named after `backing`, kernel permission
-/// checks, `threads` request threads each with its own /dev/fuse clone.
+/// checks, request threads each with its own /dev/fuse clone, io_uring where offered.
 pub fn mount_filesystem<F: fuser::Filesystem + Send + Sync + 'static>(
     fs: F,
     backing: &std::path::Path,
     mountpoint: &std::path::Path,
-    threads: usize,
-    allow_other: bool,
+    serving: Serving,
 ) -> Result<Mounted, MountError> {
     let mountpoint = mountpoint.to_path_buf();
     let mut cfg = fuser::Config::default();
@@ -168,16 +188,20 @@ pub fn mount_filesystem<F: fuser::Filesystem + Send + Sync + 'static>(
         fuser::MountOption::Subtype("interpose".into()),
         fuser::MountOption::DefaultPermissions,
     ];
-    if allow_other {
+    if serving.allow_other {
         cfg.acl = fuser::SessionACL::All;
     }
-    cfg.n_threads = Some(threads.max(1));
+    cfg.n_threads = Some(serving.threads.max(1));
     cfg.clone_fd = true;
+    if serving.io_uring {
+        cfg.io_uring = Some(fuser::UringConfig::default());
+    }
     let mut session =
         fuser::Session::new(fs, &mountpoint, &cfg).map_err(|source| MountError::Mount {
             path: mountpoint.clone(),
             source,
         })?;
+    let io_uring = session.io_uring();
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
     let notifier = session.notifier();
     let session = std::thread::Builder::new()
@@ -189,5 +213,6 @@ pub fn mount_filesystem<F: fuser::Filesystem + Send + Sync + 'static>(
         session,
         notifier,
         mountpoint,
+        io_uring,
     })
 }

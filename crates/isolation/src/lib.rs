@@ -107,8 +107,7 @@ pub fn mount(
     store_dir: &Path,
     mode: view::Mode,
     opts: fs::Options,
-    threads: usize,
-    allow_other: bool,
+    serving: interpose_fs::Serving,
 ) -> Result<IsolatedMount, Error> {
     let write_through = matches!(mode, view::Mode::WriteThrough);
     let store = Store::open_or_create(store_dir, backing, write_through)?;
@@ -137,8 +136,7 @@ pub fn mount(
         fs::IsolatedFs(shared.clone()),
         b.path(),
         mountpoint,
-        threads,
-        allow_other,
+        serving,
     )
     .map_err(|e| Error::Control(e.to_string()))?;
     *shared.notifier.lock() = Some(mounted.notifier());

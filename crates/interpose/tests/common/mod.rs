@@ -45,9 +45,22 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
+/// Extra `fs mount` arguments for the transport under test: scripts/test.sh runs the file
+/// system tests once over io_uring (the default where the kernel offers it) and once more
+/// with `INTERPOSE_TEST_NO_IO_URING=1`, over /dev/fuse.
+pub fn transport_args() -> &'static [&'static str] {
+    if std::env::var_os("INTERPOSE_TEST_NO_IO_URING").is_some() {
+        &["--no-io-uring"]
+    } else {
+        &[]
+    }
+}
+
 /// A running `interpose fs mount` over a fresh backing directory.
 pub struct Mount {
     child: Option<Child>,
+    /// The daemon's readiness line ("mounted ... (...; FUSE over io_uring); ...").
+    pub ready: String,
     pub backing: PathBuf,
     pub mnt: PathBuf,
     pub dir: PathBuf,
@@ -239,6 +252,7 @@ impl Mount {
             .args(["fs", "mount"])
             .arg(backing)
             .arg(mnt)
+            .args(transport_args())
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -246,12 +260,15 @@ impl Mount {
             .spawn()
             .unwrap_or_else(|e| panic!("start interpose (prefix {prefix:?}): {e}"));
         let stdout = child.stdout.take().unwrap();
-        match BufReader::new(stdout).lines().next() {
-            Some(Ok(line)) if line.starts_with("mounted ") => event(format_args!(
-                "mounted pid {} {} {args:?}",
-                child.id(),
-                mnt.display()
-            )),
+        let ready = match BufReader::new(stdout).lines().next() {
+            Some(Ok(line)) if line.starts_with("mounted ") => {
+                event(format_args!(
+                    "mounted pid {} {} {args:?}",
+                    child.id(),
+                    mnt.display()
+                ));
+                line
+            }
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -259,7 +276,7 @@ impl Mount {
                 let _ = child.stderr.take().unwrap().read_to_string(&mut err);
                 panic!("interpose (under {prefix:?}) did not mount: {other:?}\nstderr:\n{err}");
             }
-        }
+        };
         assert!(
             is_mounted(mnt),
             "{} not in mountinfo after readiness line",
@@ -267,6 +284,7 @@ impl Mount {
         );
         Mount {
             child: Some(child),
+            ready,
             backing: backing.into(),
             mnt: mnt.into(),
             dir: PathBuf::new(),

@@ -33,7 +33,8 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import iso_model as M  # noqa: E402
 
-GONE = {"ENOTCONN", "ECONNABORTED"}
+# ECANCELED: a request the kernel was handing to the daemon's io_uring when it died.
+GONE = {"ENOTCONN", "ECONNABORTED", "ECANCELED"}
 
 
 def mount_gone(mnt):
@@ -42,7 +43,7 @@ def mount_gone(mnt):
         os.listdir(mnt)
         return False
     except OSError as e:
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED)
 
 
 def seq_or_none(store):

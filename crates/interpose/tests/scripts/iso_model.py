@@ -59,7 +59,8 @@ READ_ONLY = {"read", "listdir", "stat", "readlink", "getxattr", "listxattr"}
 MUST_RECORD = {"create", "mkdir", "mkfifo", "symlink", "link", "unlink", "rmdir", "chmod",
                "chown", "utime", "setxattr", "removexattr", "truncate"}
 # Errors meaning the mount's daemon is gone.
-GONE = {"ENOTCONN", "ECONNABORTED"}
+# ECANCELED: a request the kernel was handing to the daemon's io_uring when it died.
+GONE = {"ENOTCONN", "ECONNABORTED", "ECANCELED"}
 
 NAMES = [f"n{j}" for j in range(10)] + ["d", "e", "x"]
 XATTRS = ["user.a", "user.b", "user.c", "user.big"]

@@ -1,0 +1,165 @@
+//! How the kernel's requests reach the daemon: over io_uring where the kernel offers it
+//! (scripts/test.sh turns `/sys/module/fuse/parameters/enable_uring` on for the run), over
+//! /dev/fuse with `--no-io-uring`. The rest of the suite runs over both (see
+//! `common::transport_args`); these tests check that the transport is the one asked for.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+const SWITCH: &str = "/sys/module/fuse/parameters/enable_uring";
+
+fn require_switch_on() {
+    let v = std::fs::read_to_string(SWITCH)
+        .unwrap_or_else(|e| panic!("{SWITCH}: {e} (this kernel has no FUSE over io_uring)"));
+    assert_eq!(
+        v.trim(),
+        "Y",
+        "{SWITCH} is off; scripts/test.sh turns it on for the test run"
+    );
+}
+
+/// (thread name, nanoseconds on a CPU so far) of every thread of `pid`.
+fn thread_times(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("schedstat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let ns = stat.split_whitespace().next().unwrap().parse().unwrap();
+        out.push((comm.trim().to_owned(), ns));
+    }
+    out
+}
+
+/// CPU time of `pid`'s io_uring workers and of its /dev/fuse threads while `work` runs.
+fn cpu_during(pid: u32, work: impl FnOnce()) -> (u64, u64) {
+    let sum = |prefix: &str, times: &[(String, u64)]| -> u64 {
+        times
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, t)| t)
+            .sum()
+    };
+    let before = thread_times(pid);
+    work();
+    let after = thread_times(pid);
+    (
+        sum("fuser-uring-", &after) - sum("fuser-uring-", &before),
+        sum("fuser-", &after)
+            - sum("fuser-uring-", &after)
+            - (sum("fuser-", &before) - sum("fuser-uring-", &before)),
+    )
+}
+
+/// 5,000 lookups the kernel cannot answer from its caches (the mount caches nothing).
+fn stat_storm(dir: &Path) {
+    for i in 0..5_000 {
+        let _ = std::fs::symlink_metadata(dir.join(format!("f{}", i % 50)));
+    }
+}
+
+#[test]
+fn requests_are_served_over_io_uring_where_the_kernel_offers_it() {
+    require_switch_on();
+    let m = Mount::new_with_prefix(&[], &["--cache-timeout", "0"]);
+    if !transport_args().is_empty() {
+        // The /dev/fuse pass of the suite: this test is about the default.
+        assert!(m.ready.contains("FUSE over /dev/fuse"), "{}", m.ready);
+        m.stop();
+        return;
+    }
+    assert!(m.ready.contains("FUSE over io_uring"), "{}", m.ready);
+    for i in 0..50 {
+        std::fs::write(m.backing.join(format!("f{i}")), b"x").unwrap();
+    }
+    let names: Vec<String> = thread_times(m.pid()).into_iter().map(|(n, _)| n).collect();
+    let cpus = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    assert!(
+        names.iter().any(|n| n.starts_with("fuser-uring-0-")),
+        "no worker for queue 0 (CPUs {cpus:?}): {names:?}"
+    );
+    let (uring, dev) = cpu_during(m.pid(), || stat_storm(&m.mnt));
+    // The io_uring workers did the work; the /dev/fuse threads (which the kernel still
+    // sends FORGET and INTERRUPT) next to nothing.
+    assert!(
+        uring > 10 * dev,
+        "io_uring workers ran {uring} ns, /dev/fuse threads {dev} ns"
+    );
+    m.stop();
+}
+
+#[test]
+fn no_io_uring_serves_dev_fuse_only() {
+    // (the /dev/fuse pass of the suite adds --no-io-uring itself)
+    let args: &[&str] = if transport_args().is_empty() {
+        &["--cache-timeout", "0", "--no-io-uring"]
+    } else {
+        &["--cache-timeout", "0"]
+    };
+    let m = Mount::new_with_prefix(&[], args);
+    assert!(m.ready.contains("FUSE over /dev/fuse"), "{}", m.ready);
+    for i in 0..50 {
+        std::fs::write(m.backing.join(format!("f{i}")), b"x").unwrap();
+    }
+    let names: Vec<String> = thread_times(m.pid()).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("fuser-uring-")),
+        "{names:?}"
+    );
+    let (_, dev) = cpu_during(m.pid(), || stat_storm(&m.mnt));
+    assert!(dev > 0, "the /dev/fuse threads did nothing");
+    m.stop();
+}
+
+#[test]
+fn a_daemon_killed_while_serving_leaves_a_mount_that_unmounts() {
+    let mut m = Mount::new_with_prefix(&[], &["--cache-timeout", "0"]);
+    std::fs::write(m.mnt.join("kept"), b"fsynced").unwrap();
+    std::fs::File::open(m.mnt.join("kept"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    // Kill while a reader keeps requests coming: it stats until the mount fails it.
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let mnt = m.mnt.clone();
+    let reader = std::thread::spawn(move || {
+        for i in 0..10_000_000u64 {
+            if let Err(e) = std::fs::symlink_metadata(mnt.join("kept")) {
+                return Some(e.raw_os_error());
+            }
+            if i == 100 {
+                started_tx.send(()).unwrap();
+            }
+        }
+        None
+    });
+    started.recv().unwrap();
+    m.kill();
+    let errno = reader
+        .join()
+        .unwrap()
+        .expect("the reader's stats never failed");
+    // Over io_uring, a request the kernel was handing to the daemon as it died ends with
+    // ECANCELED; later ones, and any over /dev/fuse, with ENOTCONN.
+    // (ECONNABORTED: one the kernel had sent when the connection was cut.)
+    let gone: &[i32] = if m.ready.contains("io_uring") {
+        &[libc::ENOTCONN, libc::ECONNABORTED, libc::ECANCELED]
+    } else {
+        &[libc::ENOTCONN, libc::ECONNABORTED]
+    };
+    assert!(
+        errno.is_some_and(|e| gone.contains(&e)),
+        "the reader's stat after the kill: {errno:?} ({})",
+        m.ready
+    );
+    m.cleanup_dead();
+    let m2 = Mount::start(&m.backing, &m.mnt, &[]);
+    assert_eq!(std::fs::read(m2.mnt.join("kept")).unwrap(), b"fsynced");
+    m2.stop();
+}
