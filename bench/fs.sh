@@ -6,11 +6,10 @@
 # and measures, in one run on the same data, these configurations:
 #   native            the backing directory itself
 #   bindfs            Debian's bindfs, default options, backing -> mount point
-#   interpose         `interpose fs mount` with no filter (file data via FUSE passthrough),
-#                     served over io_uring (the script turns the kernel's switch for FUSE over
-#                     io_uring on for the run, and back to what it was afterwards)
-#   interpose-devfuse the same with --no-io-uring: requests served over /dev/fuse, which is
-#                     what a kernel with the switch off gets
+#   interpose         `interpose fs mount` with no filter (file data via FUSE passthrough)
+#   interpose-uring   the same with --io-uring: requests served over io_uring (the script
+#                     turns the kernel's switch for FUSE over io_uring on for the run, and
+#                     back to what it was afterwards)
 #   interpose-audit   `interpose fs mount --filter audit=FILE` (the daemon serves file data)
 #   interpose-isolated `interpose fs mount --isolate STORE` (STORE: a fresh directory in the bench
 #                     dir, outside the backing dir, removed after the mount): every change goes
@@ -41,7 +40,7 @@
 #   BENCH_REPS=5                         repetitions (BENCH_QUICK=1: 2)
 #   BENCH_QUICK=1                        small sizes and short runtimes: a smoke run
 #   BENCH_RUNTIME=SECONDS                runtime of the time-based fio jobs (20; quick: 5)
-#   BENCH_CONFIGS="native bindfs interpose interpose-devfuse interpose-audit interpose-isolated"
+#   BENCH_CONFIGS="native bindfs interpose interpose-uring interpose-audit interpose-isolated"
 #                                        a subset, in this order
 #   BENCH_BIN=PATH                       use this interpose binary instead of building one
 #   BENCH_INTERPOSE_ARGS="..."           extra `interpose fs mount` options for all interpose
@@ -86,7 +85,7 @@ fi
 [[ $REPS =~ ^[1-9][0-9]*$ ]] || { echo "fs.sh: BENCH_REPS must be a positive integer" >&2; exit 2; }
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || { echo "fs.sh: BENCH_RUNTIME must be a positive integer" >&2; exit 2; }
 META_ENTRIES=$((1 + META_TOP + META_TOP * META_SUB + META_TOP * META_SUB * META_FILES))
-ALL_CONFIGS=(native bindfs interpose interpose-devfuse interpose-audit interpose-isolated)
+ALL_CONFIGS=(native bindfs interpose interpose-uring interpose-audit interpose-isolated)
 read -r -a CONFIGS <<<"${BENCH_CONFIGS:-${ALL_CONFIGS[*]}}"
 for c in "${CONFIGS[@]}"; do
     [[ " ${ALL_CONFIGS[*]} " == *" $c "* ]] || { echo "fs.sh: unknown configuration $c" >&2; exit 2; }
@@ -228,8 +227,8 @@ drop_caches() {
     fi
 }
 
-# FUSE over io_uring: a kernel switch, off by default. On for the run (interpose's mounts use
-# it where offered; interpose-devfuse opts out), back to what it was on exit.
+# FUSE over io_uring: a kernel switch, off by default. On for the run (interpose-uring asks
+# for it), back to what it was on exit.
 URING_STATE="not in this kernel"
 if [[ -w $URING_SWITCH ]]; then
     URING_WAS=$(cat "$URING_SWITCH")
@@ -606,7 +605,7 @@ session() { # one configuration, one repetition: mount, all workloads, unmount
     native) path=$BACKING ;;
     bindfs) start_bindfs || return 0; pid=$BINDFS_PID ;;
     interpose) start_interpose || return 0; pid=$DAEMON_PID ;;
-    interpose-devfuse) start_interpose --no-io-uring || return 0; pid=$DAEMON_PID ;;
+    interpose-uring) start_interpose --io-uring || return 0; pid=$DAEMON_PID ;;
     interpose-audit)
         : >"$AUDIT_LOG"
         start_interpose --filter "audit=$AUDIT_LOG" || return 0
@@ -649,7 +648,7 @@ session() { # one configuration, one repetition: mount, all workloads, unmount
     fi
     case $cfg in
     bindfs) stop_bindfs ;;
-    interpose | interpose-devfuse) stop_interpose ;;
+    interpose | interpose-uring) stop_interpose ;;
     interpose-audit)
         stop_interpose
         sample daemon audit_lines "$(wc -l <"$AUDIT_LOG")"
@@ -864,7 +863,7 @@ def check(name, cfg, r, op, limit):
     checks.append((name, cfg, f"{r:.3f}", f"{op} {limit}", "✅ pass" if ok else "❌ FAIL"))
 # the targets against native and bindfs are for the non-isolated mounts; interpose-isolated has
 # its own, against interpose in the same run
-ips = [c for c in configs if c in ("interpose", "interpose-devfuse", "interpose-audit")]
+ips = [c for c in configs if c in ("interpose", "interpose-uring", "interpose-audit")]
 if "interpose" in configs and "native" in configs:
     check("seqread vs native", "interpose", ratio(med("interpose", "seqread", "MiB/s"), med("native", "seqread", "MiB/s")), "≥", 0.9)
     check("randrw read IOPS vs native", "interpose", ratio(med("interpose", "randrw", "read_IOPS"), med("native", "randrw", "read_IOPS")), "≥", 0.9)
@@ -889,12 +888,12 @@ for c in ips:
     x = med(c, "daemon", "VmHWM_MiB")
     checks.append(("daemon peak RSS, info (MiB)", c, fmt(x, "MiB"), "(≤ 64)",
                    "⚪ no data" if x is None else ("✅ under" if x <= 64 else "⚠️ over")))
-if "interpose" in configs and "interpose-devfuse" in configs:
+if "interpose" in configs and "interpose-uring" in configs:
     # the transport alone: the same mount served over io_uring and over /dev/fuse
     for w, m, better in [("meta", "total_s", "≤"), ("fsyncw", "IOPS", "≥"), ("randrw", "total_IOPS", "≥"),
                          ("seqwrite", "MiB/s", "≥")]:
-        x = ratio(med("interpose", w, m), med("interpose-devfuse", w, m))
-        checks.append((f"{w} {m}, io_uring / /dev/fuse, info", "interpose", "–" if x is None else f"{x:.3f}",
+        x = ratio(med("interpose-uring", w, m), med("interpose", w, m))
+        checks.append((f"{w} {m}, io_uring / /dev/fuse, info", "interpose-uring", "–" if x is None else f"{x:.3f}",
                        f"({better} 1)", "⚪ no data" if x is None else
                        ("✅ better" if (x < 1 if better == "≤" else x > 1) else "⚠️ not better")))
 if iso:

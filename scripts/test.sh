@@ -20,9 +20,9 @@ echo "== tests" >&2
 INTERPOSE_TEST_EVENTS="$(mktemp /tmp/interpose-test-events.XXXXXX)"
 export INTERPOSE_TEST_EVENTS
 status=0
-# FUSE over io_uring is a kernel switch, off by default: on for this run (the mounts use
-# it where offered), back to what it was afterwards. The file system tests then run once
-# more over /dev/fuse, which is what a kernel with the switch off gets.
+# FUSE over io_uring (`fs mount --io-uring`) needs a kernel switch, off by default: on for
+# this run, back to what it was afterwards. The suite runs over /dev/fuse (the default);
+# the file system tests then run once more over io_uring.
 URING_SWITCH=/sys/module/fuse/parameters/enable_uring
 uring_was=""
 if [ -w "$URING_SWITCH" ]; then
@@ -34,8 +34,8 @@ else
 fi
 cargo nextest run --workspace --locked --profile ci "$@" || status=$?
 if [ "$#" = 0 ]; then
-    echo "== file system tests again, over /dev/fuse (--no-io-uring)" >&2
-    INTERPOSE_TEST_NO_IO_URING=1 cargo nextest run --workspace --locked --profile ci \
+    echo "== file system tests again, over io_uring (--io-uring)" >&2
+    INTERPOSE_TEST_IO_URING=1 cargo nextest run --workspace --locked --profile ci \
         -E 'binary(edge_cases) | binary(escape) | binary(filters) | binary(fsx) | binary(nonroot) | binary(programs) | binary(smoke) | binary(stress) | binary(transport) | binary(/^isolation/)' \
         || status=$?
 fi

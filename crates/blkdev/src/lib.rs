@@ -195,7 +195,7 @@ impl Attached {
             interpose_fs::Serving {
                 threads: 2,
                 allow_other: false,
-                io_uring: true,
+                io_uring: false,
             },
         )?;
         let mut a = Attached {

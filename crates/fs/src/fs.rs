@@ -63,7 +63,7 @@ impl Default for Options {
             blocking_threads: 4,
             fd_cache: 1024,
             allow_other: true,
-            io_uring: true,
+            io_uring: false,
         }
     }
 }

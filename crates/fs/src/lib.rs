@@ -64,7 +64,9 @@ pub struct Serving {
     pub allow_other: bool,
     /// Also serve requests over io_uring where the kernel offers it (Linux 6.14+ with
     /// `/sys/module/fuse/parameters/enable_uring` on): a request is served on the CPU that
-    /// made it, by a thread pinned there, instead of waking a thread on another CPU.
+    /// made it, by a thread pinned there, instead of waking a thread on another CPU. Off by
+    /// default: on a 2-CPU VM metadata-heavy work ran 1.5x faster, fsync-heavy work 20%
+    /// slower (bench/RESULTS.md).
     pub io_uring: bool,
 }
 
@@ -204,10 +206,17 @@ pub fn mount_filesystem<F: fuser::Filesystem + Send + Sync + 'static>(
     let io_uring = session.io_uring();
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
     let notifier = session.notifier();
+    // Return once the serving threads are up (so that, with io_uring, requests made from
+    // then on take it); if the session ends first, `recv` fails and `join` says why.
+    let (serving_tx, serving_rx) = std::sync::mpsc::channel();
+    session.on_serving(move || {
+        let _ = serving_tx.send(());
+    });
     let session = std::thread::Builder::new()
         .name("fuse-session".into())
         .spawn(move || session.run())
         .map_err(MountError::Thread)?;
+    let _ = serving_rx.recv();
     Ok(Mounted {
         unmounter,
         session,

@@ -112,9 +112,11 @@ struct MountArgs {
     /// Only the mounting user may use the mount (default: everyone, with normal permission checks).
     #[arg(long)]
     private: bool,
-    /// Serve /dev/fuse only, even where the kernel offers FUSE over io_uring.
+    /// Serve requests over io_uring where the kernel offers it (Linux 6.14+, with
+    /// /sys/module/fuse/parameters/enable_uring set to Y): metadata-heavy work is faster,
+    /// fsync-heavy work slower (see docs/guide.md). Default: /dev/fuse.
     #[arg(long)]
-    no_io_uring: bool,
+    io_uring: bool,
     /// Isolate: keep every change in the store directory STORE (made if missing or empty);
     /// BACKING is left untouched until `interpose isolation commit STORE`.
     #[arg(long, value_name = "STORE")]
@@ -178,7 +180,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
         passthrough: !args.no_passthrough,
         fd_cache: args.fd_cache,
         allow_other: !args.private,
-        io_uring: !args.no_io_uring,
+        io_uring: args.io_uring,
         ..Options::default()
     };
     if let Some(t) = args.threads {
@@ -250,7 +252,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     let transport = if mounted.io_uring {
         "FUSE over io_uring"
     } else {
-        if !args.no_io_uring {
+        if args.io_uring {
             io_uring_hint();
         }
         "FUSE over /dev/fuse"
@@ -294,14 +296,13 @@ fn fs_mount(args: MountArgs) -> Result<()> {
 }
 
 /// A file server holds many descriptors: lift the soft limit to the hard one.
-/// Says why a mount is not served over io_uring, and how to change that.
+/// Says why a mount asked to use io_uring is not, and how to change that.
 fn io_uring_hint() {
     let switch = interpose_fs::IO_URING_SWITCH;
     match std::fs::read_to_string(switch) {
         Ok(v) if v.trim() == "N" => tracing::info!(
             "FUSE over io_uring is off in this kernel ({switch} is N); serving /dev/fuse. \
-             As root, `echo Y > {switch}` turns it on for mounts made afterwards \
-             (metadata-heavy work runs about 1.4x faster; see docs/guide.md)"
+             As root, `echo Y > {switch}` turns it on for mounts made afterwards"
         ),
         Ok(_) => tracing::warn!("the kernel did not take FUSE over io_uring; serving /dev/fuse"),
         Err(_) => tracing::info!(

@@ -1,7 +1,7 @@
-//! How the kernel's requests reach the daemon: over io_uring where the kernel offers it
-//! (scripts/test.sh turns `/sys/module/fuse/parameters/enable_uring` on for the run), over
-//! /dev/fuse with `--no-io-uring`. The rest of the suite runs over both (see
-//! `common::transport_args`); these tests check that the transport is the one asked for.
+//! How the kernel's requests reach the daemon: over /dev/fuse by default, over io_uring with
+//! `--io-uring` where the kernel offers it (scripts/test.sh turns
+//! `/sys/module/fuse/parameters/enable_uring` on for the run). The file system tests run over
+//! both (see `common::transport_args`); these check that the transport is the one asked for.
 
 mod common;
 use common::*;
@@ -64,16 +64,19 @@ fn stat_storm(dir: &Path) {
     }
 }
 
-#[test]
-fn requests_are_served_over_io_uring_where_the_kernel_offers_it() {
-    require_switch_on();
-    let m = Mount::new_with_prefix(&[], &["--cache-timeout", "0"]);
-    if !transport_args().is_empty() {
-        // The /dev/fuse pass of the suite: this test is about the default.
-        assert!(m.ready.contains("FUSE over /dev/fuse"), "{}", m.ready);
-        m.stop();
-        return;
+/// `--io-uring` unless the io_uring pass of the suite adds it already.
+fn with_io_uring<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if transport_args().is_empty() {
+        v.push("--io-uring");
     }
+    v
+}
+
+#[test]
+fn io_uring_serves_the_requests_when_asked_for_and_offered() {
+    require_switch_on();
+    let m = Mount::new_with_prefix(&[], &with_io_uring(&["--cache-timeout", "0"]));
     assert!(m.ready.contains("FUSE over io_uring"), "{}", m.ready);
     for i in 0..50 {
         std::fs::write(m.backing.join(format!("f{i}")), b"x").unwrap();
@@ -95,14 +98,14 @@ fn requests_are_served_over_io_uring_where_the_kernel_offers_it() {
 }
 
 #[test]
-fn no_io_uring_serves_dev_fuse_only() {
-    // (the /dev/fuse pass of the suite adds --no-io-uring itself)
-    let args: &[&str] = if transport_args().is_empty() {
-        &["--cache-timeout", "0", "--no-io-uring"]
-    } else {
-        &["--cache-timeout", "0"]
-    };
-    let m = Mount::new_with_prefix(&[], args);
+fn the_default_is_dev_fuse_only() {
+    let m = Mount::new_with_prefix(&[], &["--cache-timeout", "0"]);
+    if !transport_args().is_empty() {
+        // The io_uring pass of the suite asked for it.
+        assert!(m.ready.contains("FUSE over io_uring"), "{}", m.ready);
+        m.stop();
+        return;
+    }
     assert!(m.ready.contains("FUSE over /dev/fuse"), "{}", m.ready);
     for i in 0..50 {
         std::fs::write(m.backing.join(format!("f{i}")), b"x").unwrap();
@@ -118,8 +121,10 @@ fn no_io_uring_serves_dev_fuse_only() {
 }
 
 #[test]
-fn a_daemon_killed_while_serving_leaves_a_mount_that_unmounts() {
-    let mut m = Mount::new_with_prefix(&[], &["--cache-timeout", "0"]);
+fn a_daemon_killed_while_serving_over_io_uring_leaves_a_mount_that_unmounts() {
+    require_switch_on();
+    let mut m = Mount::new_with_prefix(&[], &with_io_uring(&["--cache-timeout", "0"]));
+    assert!(m.ready.contains("FUSE over io_uring"), "{}", m.ready);
     std::fs::write(m.mnt.join("kept"), b"fsynced").unwrap();
     std::fs::File::open(m.mnt.join("kept"))
         .unwrap()
@@ -145,14 +150,10 @@ fn a_daemon_killed_while_serving_leaves_a_mount_that_unmounts() {
         .join()
         .unwrap()
         .expect("the reader's stats never failed");
-    // Over io_uring, a request the kernel was handing to the daemon as it died ends with
-    // ECANCELED; later ones, and any over /dev/fuse, with ENOTCONN.
-    // (ECONNABORTED: one the kernel had sent when the connection was cut.)
-    let gone: &[i32] = if m.ready.contains("io_uring") {
-        &[libc::ENOTCONN, libc::ECONNABORTED, libc::ECANCELED]
-    } else {
-        &[libc::ENOTCONN, libc::ECONNABORTED]
-    };
+    // A request the kernel was handing to the daemon's ring as it died ends with ECANCELED,
+    // one the daemon had when the connection was cut with ECONNABORTED, later ones with
+    // ENOTCONN.
+    let gone = [libc::ENOTCONN, libc::ECONNABORTED, libc::ECANCELED];
     assert!(
         errno.is_some_and(|e| gone.contains(&e)),
         "the reader's stat after the kill: {errno:?} ({})",

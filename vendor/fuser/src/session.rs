@@ -141,6 +141,22 @@ pub struct Session<FS: Filesystem> {
     pub(crate) config: Config,
     /// Payload size of io_uring entries, when the kernel took FUSE_OVER_IO_URING.
     pub(crate) uring_payload: Option<usize>,
+    /// Called by `run` once every serving thread is up (io_uring entries registered).
+    on_serving: OnServing,
+}
+
+/// A callback, with a `Debug` that `Session`'s derive can use.
+#[derive(Default)]
+struct OnServing(Option<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for OnServing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "OnServing(Some)"
+        } else {
+            "OnServing(None)"
+        })
+    }
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -189,6 +205,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config: options.clone(),
             uring_payload: None,
+            on_serving: OnServing::default(),
         };
 
         session.handshake()?;
@@ -218,6 +235,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: None,
             config,
             uring_payload: None,
+            on_serving: OnServing::default(),
         };
 
         session.handshake()?;
@@ -257,6 +275,7 @@ impl<FS: Filesystem> Session<FS> {
             proto_version: _,
             config,
             uring_payload,
+            on_serving,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -324,6 +343,10 @@ impl<FS: Filesystem> Session<FS> {
                     .name(thread_name)
                     .spawn(move || event_loop.event_loop())?,
             );
+        }
+
+        if let Some(f) = on_serving.0 {
+            f();
         }
 
         let mut reply: io::Result<()> = Ok(());
@@ -520,6 +543,12 @@ impl<FS: Filesystem> Session<FS> {
     /// `Config::io_uring`); `run` then serves its queues as well as /dev/fuse.
     pub fn io_uring(&self) -> bool {
         self.uring_payload.is_some()
+    }
+
+    /// Calls `f` from `run` once every thread serving requests is up (with io_uring: its
+    /// entries are registered, so requests from then on take that way).
+    pub fn on_serving(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_serving = OnServing(Some(Box::new(f)));
     }
 
     /// Unmount the filesystem

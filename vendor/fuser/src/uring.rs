@@ -534,7 +534,14 @@ fn run_worker<FS: Filesystem>(
         }
         // SAFETY: only this thread reads the completion queue.
         done.extend(unsafe { ring.uring.completion_shared() }.map(|c| (c.user_data(), c.result())));
-        for (user_data, result) in done.drain(..) {
+        for (i, (user_data, result)) in done.drain(..).enumerate() {
+            if i > 0 {
+                // A reply made by this thread waits for its next io_uring_enter; do not
+                // let it wait for the next request of the batch too.
+                if let Err(err) = ring.uring.submit() {
+                    error!("FUSE io_uring worker {}: {err}", ring.qid);
+                }
+            }
             if user_data == STOP {
                 return;
             }

@@ -45,12 +45,12 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
-/// Extra `fs mount` arguments for the transport under test: scripts/test.sh runs the file
-/// system tests once over io_uring (the default where the kernel offers it) and once more
-/// with `INTERPOSE_TEST_NO_IO_URING=1`, over /dev/fuse.
+/// Extra `fs mount` arguments for the transport under test: scripts/test.sh runs the suite
+/// over /dev/fuse (the default), then the file system tests once more with
+/// `INTERPOSE_TEST_IO_URING=1`, over io_uring (`--io-uring`).
 pub fn transport_args() -> &'static [&'static str] {
-    if std::env::var_os("INTERPOSE_TEST_NO_IO_URING").is_some() {
-        &["--no-io-uring"]
+    if std::env::var_os("INTERPOSE_TEST_IO_URING").is_some() {
+        &["--io-uring"]
     } else {
         &[]
     }
