@@ -52,6 +52,17 @@ pub struct Options {
     pub io_uring: bool,
 }
 
+impl Options {
+    /// How the mount talks to the kernel.
+    pub fn serving(&self) -> crate::Serving {
+        crate::Serving {
+            threads: self.threads.max(1),
+            allow_other: self.allow_other,
+            io_uring: self.io_uring,
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {

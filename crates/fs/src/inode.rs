@@ -60,6 +60,16 @@ struct Table {
     next_synthetic: u64,
 }
 
+impl Table {
+    /// A new synthetic id for the object (`dev`, `ino`), remembered for its next lookups.
+    fn new_synthetic(&mut self, dev: u64, ino: u64) -> u64 {
+        let id = SYNTHETIC | self.next_synthetic;
+        self.next_synthetic += 1;
+        self.synthetic_ids.insert((dev, ino), id);
+        id
+    }
+}
+
 /// Identity of a freshly looked-up backing object.
 pub struct Found {
     pub dev: u64,
@@ -189,10 +199,7 @@ impl Inodes {
         if dev == self.root_dev && ino != ROOT_ID && ino & SYNTHETIC == 0 {
             return ino;
         }
-        let id = SYNTHETIC | table.next_synthetic;
-        table.next_synthetic += 1;
-        table.synthetic_ids.insert((dev, ino), id);
-        id
+        table.new_synthetic(dev, ino)
     }
 
     /// Records one more kernel reference to the object `fd` (just opened `O_PATH` as
@@ -249,10 +256,7 @@ impl Inodes {
             !same || node.kind != found.kind
         });
         let id = if reused {
-            let new_id = SYNTHETIC | table.next_synthetic;
-            table.next_synthetic += 1;
-            table.synthetic_ids.insert((found.dev, found.ino), new_id);
-            new_id
+            table.new_synthetic(found.dev, found.ino)
         } else {
             id
         };

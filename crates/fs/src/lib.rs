@@ -162,11 +162,7 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
             source: io::Error::from_raw_os_error(libc::ENOTDIR),
         });
     }
-    let serving = Serving {
-        threads: options.threads.max(1),
-        allow_other: options.allow_other,
-        io_uring: options.io_uring,
-    };
+    let serving = options.serving();
     let fs = FilterFs::new(&backing, chain, options).map_err(|source| MountError::Backing {
         path: backing.clone(),
         source,

@@ -230,11 +230,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
                     ttl,
                     passthrough: !args.no_passthrough,
                 },
-                interpose_fs::Serving {
-                    threads: options.threads,
-                    allow_other: options.allow_other,
-                    io_uring: options.io_uring,
-                },
+                options.serving(),
             )
             .with_context(|| format!("isolated mount of {}", args.backing.display()))?;
             let interpose_isolation::IsolatedMount { mounted, guard, .. } = iso;

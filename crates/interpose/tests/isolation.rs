@@ -77,7 +77,14 @@ fn dirs() -> Dirs {
 impl Dirs {
     /// `interpose fs mount BACKING MNT --isolate STORE`, waiting for its readiness line.
     fn mount(&self) -> Mount {
-        Mount::start(&self.backing, &self.mnt, &["--isolate", s(&self.store)])
+        self.mount_with(&[])
+    }
+
+    /// [`Dirs::mount`] with more `fs mount` arguments.
+    fn mount_with(&self, extra: &[&str]) -> Mount {
+        let mut args = vec!["--isolate", s(&self.store)];
+        args.extend_from_slice(extra);
+        Mount::start(&self.backing, &self.mnt, &args)
     }
 }
 
@@ -902,11 +909,7 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     }
     let iso_before = fingerprint(&d.backing.join("iso"));
 
-    let m = Mount::start(
-        &d.backing,
-        &d.mnt,
-        &["--isolate", s(&d.store), "--isolate-path", "iso"],
-    );
+    let m = d.mount_with(&["--isolate-path", "iso"]);
     let (mi, mp) = (d.mnt.join("iso"), d.mnt.join("plain"));
     fs::write(mi.join("a"), b"changed\n").unwrap();
     fs::write(mi.join("new"), b"new\n").unwrap();
@@ -964,11 +967,7 @@ fn write_through_applies_every_change_at_once_and_records_it() {
     fs::create_dir(d.backing.join("d")).unwrap();
     fs::write(d.backing.join("d/a"), b"one\n").unwrap();
     fs::write(d.backing.join("x"), b"x\n").unwrap();
-    let m = Mount::start(
-        &d.backing,
-        &d.mnt,
-        &["--isolate", s(&d.store), "--write-through"],
-    );
+    let m = d.mount_with(&["--write-through"]);
     fs::write(d.mnt.join("d/a"), b"changed\n").unwrap();
     assert_eq!(read(&d.backing.join("d/a")), b"changed\n");
     fs::create_dir(d.mnt.join("e")).unwrap();

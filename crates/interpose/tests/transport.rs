@@ -39,22 +39,22 @@ fn thread_times(pid: u32) -> Vec<(String, u64)> {
 
 /// CPU time of `pid`'s io_uring workers and of its /dev/fuse threads while `work` runs.
 fn cpu_during(pid: u32, work: impl FnOnce()) -> (u64, u64) {
-    let sum = |prefix: &str, times: &[(String, u64)]| -> u64 {
-        times
-            .iter()
-            .filter(|(n, _)| n.starts_with(prefix))
-            .map(|(_, t)| t)
-            .sum()
+    // (io_uring workers, /dev/fuse threads)
+    let split = |times: &[(String, u64)]| {
+        times.iter().fold((0, 0), |(uring, dev), (name, t)| {
+            if name.starts_with("fuser-uring-") {
+                (uring + t, dev)
+            } else if name.starts_with("fuser-") {
+                (uring, dev + t)
+            } else {
+                (uring, dev)
+            }
+        })
     };
-    let before = thread_times(pid);
+    let before = split(&thread_times(pid));
     work();
-    let after = thread_times(pid);
-    (
-        sum("fuser-uring-", &after) - sum("fuser-uring-", &before),
-        sum("fuser-", &after)
-            - sum("fuser-uring-", &after)
-            - (sum("fuser-", &before) - sum("fuser-uring-", &before)),
-    )
+    let after = split(&thread_times(pid));
+    (after.0 - before.0, after.1 - before.1)
 }
 
 /// 5,000 lookups the kernel cannot answer from its caches (the mount caches nothing).

@@ -733,48 +733,22 @@ impl Filesystem for IsolatedFs {
         };
         let mut v = self.0.view.lock();
         for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
-            let next = (i + 1) as u64;
-            if e.name == "." || e.name == ".." {
-                // The kernel takes no reference for these, so they are not lookups.
+            // (node sent, its attributes' lifetime, attributes, lookup taken). "." and ".."
+            // take no kernel reference, so they are not lookups. Every other entry sent is
+            // a lookup the kernel will forget; the listing is the one taken at opendir, so a
+            // name gone since is sent without attributes (node 0).
+            let (node, ttl, attr, looked_up) = if e.name == "." || e.name == ".." {
                 let a = fattr(e.ino, &Attr::zeroed(libc::S_IFDIR));
-                if reply.add(
-                    INodeNo(e.ino),
-                    next,
-                    &e.name,
-                    &Duration::ZERO,
-                    &a,
-                    Generation(0),
-                ) {
-                    break;
-                }
-                continue;
-            }
-            // Each entry sent is a lookup the kernel will forget. The listing is the one
-            // taken at opendir, so a name gone since is sent without attributes (node 0).
-            let found = v.lookup_attr(ino.0, &e.name);
-            let full = match &found {
-                Ok((id, a)) => reply.add(
-                    INodeNo(*id),
-                    next,
-                    &e.name,
-                    &self.0.opts.ttl,
-                    &fattr(*id, a),
-                    Generation(0),
-                ),
-                Err(_) => {
-                    let a = fattr(e.ino, &Attr::zeroed(e.kind));
-                    reply.add(
-                        INodeNo(0),
-                        next,
-                        &e.name,
-                        &Duration::ZERO,
-                        &a,
-                        Generation(0),
-                    )
+                (e.ino, Duration::ZERO, a, None)
+            } else {
+                match v.lookup_attr(ino.0, &e.name) {
+                    Ok((id, a)) => (id, self.0.opts.ttl, fattr(id, &a), Some(id)),
+                    Err(_) => (0, Duration::ZERO, fattr(e.ino, &Attr::zeroed(e.kind)), None),
                 }
             };
-            if full {
-                if let Ok((id, _)) = found {
+            let next = (i + 1) as u64;
+            if reply.add(INodeNo(node), next, &e.name, &ttl, &attr, Generation(0)) {
+                if let Some(id) = looked_up {
                     v.forget(id, 1); // not sent: the kernel holds no reference
                 }
                 break;

@@ -55,6 +55,14 @@ pub struct Attr {
     pub blocks: u64,
 }
 
+/// Forgets that backing inode `ino` is node `id`, unless the number maps to another
+/// node by now (a newer object that got the same number).
+fn unmap_ino(by_ino: &mut HashMap<u64, u64>, ino: u64, id: u64) {
+    if by_ino.get(&ino) == Some(&id) {
+        by_ino.remove(&ino);
+    }
+}
+
 impl Attr {
     /// Attributes that say nothing but the kind (`mode` holds only S_IFMT bits): for
     /// negative entries and listing entries sent without attributes.
@@ -495,9 +503,7 @@ impl View {
         }
         let n = self.nodes.remove(&id).expect("present");
         if let Some(ino) = n.backing_ino {
-            if self.by_ino.get(&ino) == Some(&id) {
-                self.by_ino.remove(&ino);
-            }
+            unmap_ino(&mut self.by_ino, ino, id);
         }
     }
 
@@ -681,9 +687,7 @@ impl View {
                 // number may be reused by the next object made there.
                 let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
                 if let Some(ino) = n.backing_ino.take_if(|_| gone) {
-                    if self.by_ino.get(&ino) == Some(&n.id) {
-                        self.by_ino.remove(&ino);
-                    }
+                    unmap_ino(&mut self.by_ino, ino, n.id);
                 }
             }
             Change::Rename { from, to, .. } => {

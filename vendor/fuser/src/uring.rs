@@ -71,14 +71,6 @@ struct ReqHeader {
     ent: EntInOut,
 }
 
-#[repr(C)]
-struct CmdReq {
-    flags: u64,
-    commit_id: u64,
-    qid: u16,
-    padding: [u8; 6],
-}
-
 /// How many workers and entries serve each of the kernel's per-CPU queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UringConfig {
@@ -254,16 +246,10 @@ impl Ring {
     }
 
     fn entry_sqe(&self, slot: usize, cmd_op: u32, commit_id: u64) -> squeue::Entry128 {
-        let cmd = CmdReq {
-            flags: 0,
-            commit_id,
-            qid: self.qid,
-            padding: [0; 6],
-        };
+        // struct fuse_uring_cmd_req { u64 flags (0); u64 commit_id; u16 qid; u8 pad[6]; }
         let mut bytes = [0u8; 80];
-        bytes[0..8].copy_from_slice(&cmd.flags.to_ne_bytes());
-        bytes[8..16].copy_from_slice(&cmd.commit_id.to_ne_bytes());
-        bytes[16..18].copy_from_slice(&cmd.qid.to_ne_bytes());
+        bytes[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        bytes[16..18].copy_from_slice(&self.qid.to_ne_bytes());
         let mut sqe = opcode::UringCmd80::new(types::Fd(self.dev.as_raw_fd()), cmd_op)
             .cmd(bytes)
             .addr(Some(self.slots[slot].iov.get() as u64))
