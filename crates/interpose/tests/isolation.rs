@@ -21,7 +21,8 @@
 //! - listings with attributes (READDIRPLUS) agree with lstat, and every entry sent is a
 //!   lookup the daemon later forgets (`status`'s view_nodes);
 //! - `--isolate-path` (only matching subtrees isolated, the rest straight to BACKING) and
-//!   `--write-through` (every change applied at once and recorded).
+//!   `--write-through` (every change applied at once and recorded), and files open while
+//!   changes straight to BACKING rename over them or unlink them.
 
 mod common;
 mod support;
@@ -956,6 +957,55 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     assert_eq!(read(&d.backing.join("iso/a")), b"changed\n");
     assert_eq!(read(&d.backing.join("iso/new")), b"new\n");
     m.stop();
+}
+
+#[test]
+fn changes_straight_to_backing_leave_open_files_their_own_object() {
+    // Outside --isolate-path and with --write-through, changes go straight to BACKING. A
+    // file open through the mount keeps reading, writing and stat'ing its own object after
+    // another file is renamed over it, or after it is unlinked and a new file is made under
+    // its name, as on any file system; the names reach the new files at once.
+    for extra in [&["--isolate-path", "iso"][..], &["--write-through"][..]] {
+        let d = dirs();
+        let m = d.mount_with(extra);
+        let by_fd = |file: &File, want: &[u8], what: &str| {
+            let mut buf = [0u8; 16];
+            let n = file.read_at(&mut buf, 0).unwrap();
+            assert_eq!(&buf[..n], want, "{extra:?}: {what}, by its descriptor");
+            let size = file.metadata().unwrap().len();
+            assert_eq!(size, want.len() as u64, "{extra:?}: {what}, fstat");
+        };
+        let by_name = |name: &str, want: &[u8]| {
+            assert_eq!(
+                read(&d.mnt.join(name)),
+                want,
+                "{extra:?}: {name} on the mount"
+            );
+            assert_eq!(
+                read(&d.backing.join(name)),
+                want,
+                "{extra:?}: {name} in BACKING"
+            );
+        };
+        let (f, g, h) = (d.mnt.join("f"), d.mnt.join("g"), d.mnt.join("h"));
+        fs::write(&f, b"AAAA").unwrap();
+        fs::write(&g, b"BBBB").unwrap();
+        let over = OpenOptions::new().read(true).write(true).open(&f).unwrap();
+        fs::rename(&g, &f).unwrap();
+        over.write_at(b"XX", 0).unwrap();
+        over.sync_all().unwrap();
+        by_fd(&over, b"XXAA", "the file renamed over");
+        by_name("f", b"BBBB");
+        fs::write(&h, b"HHHHHHHH").unwrap();
+        let unlinked = OpenOptions::new().read(true).write(true).open(&h).unwrap();
+        fs::remove_file(&h).unwrap();
+        fs::write(&h, b"NEW!").unwrap();
+        unlinked.write_at(b"YY", 0).unwrap();
+        by_fd(&unlinked, b"YYHHHHHH", "the file unlinked");
+        by_name("h", b"NEW!");
+        drop((over, unlinked));
+        m.stop();
+    }
 }
 
 #[test]

@@ -15,6 +15,12 @@
 //!   equal to the replay up to that point. Once through the daemon's control socket, once
 //!   on an unmounted store (and a mount without passthrough).
 //!
+//! - with `--write-through`, BACKING equals the reference after the operations, every
+//!   change is in the log and none is pending; with `--isolate-path d1/d2`, changes below
+//!   d1/d2 are isolated (BACKING's d1/d2 untouched until commit), all others reach BACKING
+//!   at once and record nothing, renames and links across the border fail with EXDEV, and
+//!   after a commit BACKING is what the mount showed.
+//!
 //! The seed is printed; `INTERPOSE_ISO_SEED=N` repeats a run, `INTERPOSE_ISO_OPS=N` sets
 //! the number of operations. For narrowing a failure down (never in a normal run),
 //! `INTERPOSE_ISO_EXCLUDE=a,b` leaves kinds of operations out (see iso_model.py).
@@ -124,6 +130,16 @@ impl ModelDirs {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}:\n{out}"))
     }
 
+    /// The sequence numbers `log --json` lists.
+    fn logged_seqs(&self) -> Vec<u64> {
+        let log: Value = serde_json::from_str(&self.iso("log", &["--json"])).unwrap();
+        log.as_array()
+            .expect("log --json is an array")
+            .iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect()
+    }
+
     /// status --json says what it must; log --json lists exactly the pending changes.
     fn assert_status(&self, mounted: bool, last: u64, committed: u64, what: &str) {
         let s = self.status();
@@ -141,20 +157,22 @@ impl ModelDirs {
                 self.seed
             );
         }
-        let log: Value = serde_json::from_str(&self.iso("log", &["--json"])).unwrap();
-        let seqs: Vec<u64> = log
-            .as_array()
-            .expect("log --json is an array")
-            .iter()
-            .map(|e| e["seq"].as_u64().expect("seq"))
-            .collect();
         assert_eq!(
-            seqs,
+            self.logged_seqs(),
             (committed + 1..=last).collect::<Vec<_>>(),
             "seed {}: {what}: log --json sequence numbers",
             self.seed
         );
     }
+}
+
+/// The directories of test `name`'s run, seeded with the run's seed plus `offset` (each
+/// test its own sequence of operations); the seed is printed.
+fn model_for(name: &str, offset: u64) -> Model {
+    let base = seed();
+    let seed = base.wrapping_add(offset);
+    eprintln!("{name}: seed {seed} (INTERPOSE_ISO_SEED={base} repeats it)");
+    Model::new("interpose-test-isomodel-", seed)
 }
 
 /// Unmounts cleanly (SIGTERM); the daemon must not have panicked or logged errors.
@@ -207,23 +225,19 @@ fn assert_coverage(seed: u64, summaries: &[Value]) {
 }
 
 /// The common first part: operations in two halves with an unmount and remount between
-/// them (BACKING untouched, same view). Returns the mount, still up, and the summaries.
-fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
+/// them (the remount must show the same view). `check(when, last_seq, mounted)` runs after
+/// the first half, again once unmounted, and after all operations. Returns the mount,
+/// still up.
+fn two_halves(m: &Model, mount_args: &[&str], check: impl Fn(&str, u64, bool)) -> Mount {
     let n = op_count();
     let half = n / 2;
     let started = Instant::now();
     let mnt = m.mount_with(mount_args);
     let first = m.run_ops(1, half);
     let seqs = m.seqs();
-    m.assert_status(true, seqs[half as usize], 0, "after the first half");
+    check("after the first half", seqs[half as usize], true);
     stop(mnt);
-    m.assert_backing_untouched("after the first half and an unmount");
-    m.assert_status(
-        false,
-        seqs[half as usize],
-        0,
-        "unmounted after the first half",
-    );
+    check("unmounted after the first half", seqs[half as usize], false);
     let mnt = m.mount_with(mount_args);
     m.compare(
         &m.mnt,
@@ -239,17 +253,22 @@ fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
         seqs[n as usize]
     );
     assert_coverage(m.seed, &[first, second]);
-    m.assert_backing_untouched("after all operations");
-    m.assert_status(true, seqs[n as usize], 0, "after all operations");
+    check("after all operations", seqs[n as usize], true);
     mnt
+}
+
+/// [`two_halves`] on an isolating mount: BACKING untouched, every change pending.
+fn run_in_two_halves(m: &Model, mount_args: &[&str]) -> Mount {
+    two_halves(m, mount_args, |when, last, mounted| {
+        m.assert_backing_untouched(when);
+        m.assert_status(mounted, last, 0, when);
+    })
 }
 
 #[test]
 fn model_mounted_commit_discard() {
-    let seed = seed();
-    eprintln!("model_mounted_commit_discard: seed {seed} (INTERPOSE_ISO_SEED={seed} repeats it)");
-    let m = Model::new("interpose-test-isomodel-", seed);
-    let mut rng = Rng(seed ^ 0x5eed);
+    let m = model_for("model_mounted_commit_discard", 0);
+    let mut rng = Rng(m.seed ^ 0x5eed);
     let n = op_count();
     let mnt = run_in_two_halves(&m, &[]);
     let seqs = m.seqs();
@@ -321,13 +340,8 @@ fn model_mounted_commit_discard() {
 
 #[test]
 fn model_offline_commit_discard() {
-    let seed = seed().wrapping_add(1);
-    eprintln!(
-        "model_offline_commit_discard: seed {seed} (INTERPOSE_ISO_SEED={} repeats it)",
-        seed.wrapping_sub(1)
-    );
-    let m = Model::new("interpose-test-isomodel-", seed);
-    let mut rng = Rng(seed ^ 0x0ff1);
+    let m = model_for("model_offline_commit_discard", 1);
+    let mut rng = Rng(m.seed ^ 0x0ff1);
     let n = op_count();
     let args = ["--no-passthrough"];
     let mnt = run_in_two_halves(&m, &args);
@@ -394,5 +408,69 @@ fn model_offline_commit_discard() {
         &after_j,
         "remounted after the last commit, the view is not BACKING",
     );
+    stop(mnt);
+}
+
+/// A --write-through store: `last` changes, all of them in BACKING (committed, none
+/// pending), and all of them in `log --json` (the audit trail).
+fn assert_trail(m: &Model, last: u64, what: &str) {
+    let s = m.status();
+    for (key, want) in [
+        ("last_seq", last),
+        ("committed_upto", last),
+        ("pending_changes", 0),
+    ] {
+        assert_eq!(
+            s[key],
+            Value::from(want),
+            "seed {}: {what}: {key}:\n{s:#}",
+            m.seed
+        );
+    }
+    assert_eq!(
+        m.logged_seqs(),
+        (1..=last).collect::<Vec<_>>(),
+        "seed {}: {what}: log --json",
+        m.seed
+    );
+}
+
+#[test]
+fn model_write_through() {
+    // --write-through: every operation is in BACKING when it returns (BACKING equals the
+    // reference, not only the mount) and recorded with its sequence number; nothing is
+    // pending; a remount shows the same tree.
+    let m = model_for("model_write_through", 2);
+    let mnt = two_halves(&m, &["--write-through"], |when, last, _| {
+        assert_trail(&m, last, when);
+        let what = format!("{when}, BACKING is not what the mount shows");
+        m.compare(&m.backing, &m.reference, &what);
+    });
+    stop(mnt);
+}
+
+#[test]
+fn model_isolate_path() {
+    // --isolate-path d1/d2: operations inside d1/d2 are isolated (recorded, BACKING's
+    // d1/d2 untouched until commit), all others go straight to BACKING and record nothing,
+    // renames and links across the border fail with EXDEV; a remount shows the same view;
+    // after a commit BACKING is what the mount showed.
+    let mut m = model_for("model_isolate_path", 3);
+    m.border = Some("d1/d2");
+    let initial = m.state_after(0);
+    let mnt = two_halves(&m, &["--isolate-path", "d1/d2"], |when, last, mounted| {
+        let what = format!("{when}, BACKING's d1/d2 (isolated) changed before any commit");
+        m.compare(&m.backing.join("d1/d2"), &initial.join("d1/d2"), &what);
+        m.assert_status(mounted, last, 0, when);
+    });
+    let last = m.seqs()[op_count() as usize];
+    m.iso("commit", &[]);
+    m.assert_status(true, last, last, "after the commit");
+    m.compare(
+        &m.backing,
+        &m.reference,
+        "after the commit, BACKING is not what the mount showed",
+    );
+    m.compare(&m.mnt, &m.reference, "after the commit, the mount changed");
     stop(mnt);
 }

@@ -590,7 +590,7 @@ impl Filesystem for IsolatedFs {
             }
             let mut v = self.0.view.lock();
             let offset = if flags.0 & libc::O_APPEND != 0 {
-                v.node(ino.0)?.attr.size
+                v.attr(ino.0)?.size
             } else {
                 offset
             };

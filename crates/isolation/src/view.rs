@@ -138,8 +138,13 @@ pub struct Overlay {
 #[derive(Debug)]
 pub struct Node {
     pub id: u64,
-    /// Path of the backing object this node started as ("" is the root).
+    /// Path of the backing object this node started as ("" is the root), or a name it
+    /// has in BACKING now (see `detached`).
     pub origin: Option<PathBuf>,
+    /// `origin` no longer names the object: its name went with a change made straight to
+    /// BACKING (outside --isolate-path, --write-through) and no other name of it is known.
+    /// Then the object is reached only through `origin_file`, kept while it is open.
+    pub detached: bool,
     pub attr: Attr,
     /// Differs from the backing object in attributes, xattrs, data or links.
     pub changed: bool,
@@ -171,6 +176,7 @@ impl Node {
         Node {
             id,
             origin,
+            detached: false,
             attr,
             changed: false,
             data: None,
@@ -412,6 +418,12 @@ impl View {
                 if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
                     n.links.push((parent, name.to_owned()));
                 }
+                if same_dev && same_kind && n.origin.is_some() {
+                    // A name that surely reaches the object in BACKING now; the one kept
+                    // may have gone with a change made straight to BACKING.
+                    n.origin = Some(rel);
+                    n.detached = false;
+                }
                 // What `attr` would read again for an unchanged node.
                 let fresh = same_kind && !n.changed && n.origin.is_some();
                 if fresh {
@@ -512,11 +524,14 @@ impl View {
         let backing = self.backing.clone();
         let n = self.node_mut(id)?;
         if !n.changed {
-            if let Some(origin) = &n.origin {
-                if let Ok(st) = backing.lstat(origin) {
-                    if st.st_mode & libc::S_IFMT == n.attr.kind() {
-                        n.attr = Attr::from_stat(&st);
-                    }
+            let st = match (&n.origin, &n.origin_file) {
+                (_, Some(f)) if n.detached => rustix::fs::fstat(f).ok(),
+                (Some(origin), _) if !n.detached => backing.lstat(origin).ok(),
+                _ => None,
+            };
+            if let Some(st) = st {
+                if st.st_mode & libc::S_IFMT == n.attr.kind() {
+                    n.attr = Attr::from_stat(&st);
                 }
             }
         }
@@ -608,6 +623,11 @@ impl View {
     }
 
     fn route(&self, change: &Change) -> Res<Route> {
+        if let Change::Data { path: None, .. } = change {
+            // A file without a name in BACKING any more (removed there while open): its
+            // data can only be kept by the view, for as long as it is open.
+            return Ok(Route::Keep);
+        }
         match &self.mode {
             Mode::Isolated => Ok(Route::Keep),
             Mode::WriteThrough => Ok(Route::Trail),
@@ -616,7 +636,6 @@ impl View {
                 let iso = |p: Option<&RawPath>| p.map(|p| Self::is_isolated_path(set, p.as_path()));
                 match (iso(a), iso(b)) {
                     (Some(true), None | Some(true)) => Ok(Route::Keep),
-                    // A file without a name any more: keep what the view holds for it.
                     (None, _) => Ok(Route::Keep),
                     (Some(false), None | Some(false)) => Ok(Route::Direct),
                     _ => Err(libc::EXDEV),
@@ -634,6 +653,9 @@ impl View {
     /// [`View::pass`] for a change whose (first) path the caller has resolved to `named`.
     fn pass_named(&mut self, change: &Change, data: &[&[u8]], named: Option<u64>) -> Res<bool> {
         let route = self.route(change)?;
+        if !matches!(route, Route::Keep) {
+            self.hold_victim(change, named);
+        }
         let res = match route {
             Route::Keep => return Ok(false),
             Route::Direct => {
@@ -679,10 +701,13 @@ impl View {
                 };
                 let name = name.to_owned();
                 // `remove`, the only maker of these changes, always names the node.
-                let Some(n) = named.and_then(|id| self.nodes.get_mut(&id)) else {
+                let Some(id) = named.filter(|id| self.nodes.contains_key(id)) else {
                     return;
                 };
+                let n = self.nodes.get_mut(&id).expect("checked above");
                 n.links.retain(|(p, nm)| !(*p == parent && *nm == name));
+                self.lost_name(id, path.as_path());
+                let n = self.nodes.get_mut(&id).expect("checked above");
                 // Its last name gone, the object is gone from BACKING and its inode
                 // number may be reused by the next object made there.
                 let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
@@ -690,29 +715,116 @@ impl View {
                     unmap_ino(&mut self.by_ino, ino, n.id);
                 }
             }
-            Change::Rename { from, to, .. } => {
+            Change::Rename { from, to, flags } => {
                 let (Ok((p1, n1)), Ok((p2, n2))) =
                     (self.resolve_parent(from), self.resolve_parent(to))
                 else {
                     return;
                 };
+                let exchange = flags & libc::RENAME_EXCHANGE != 0;
                 let (n1, n2) = (n1.to_owned(), n2.to_owned());
                 let (fromp, top) = (from.to_path_buf(), to.to_path_buf());
+                // Where an origin below `from` (and, for an exchange, below `to`) is now.
+                let moved = |o: &Path| -> Option<PathBuf> {
+                    let (rest, base) = match o.strip_prefix(&fromp) {
+                        Ok(rest) => (rest, &top),
+                        Err(_) if exchange => (o.strip_prefix(&top).ok()?, &fromp),
+                        Err(_) => return None,
+                    };
+                    // Not `join` for the renamed object itself: "to" joined with "" is
+                    // "to/", which names only a directory.
+                    Some(if rest.as_os_str().is_empty() {
+                        base.clone()
+                    } else {
+                        base.join(rest)
+                    })
+                };
+                let mut displaced = Vec::new();
                 for n in self.nodes.values_mut() {
-                    n.links.retain(|(p, nm)| !(*p == p2 && *nm == n2));
+                    if !exchange && n.links.iter().any(|(p, nm)| *p == p2 && *nm == n2) {
+                        n.links.retain(|(p, nm)| !(*p == p2 && *nm == n2));
+                        displaced.push(n.id);
+                    }
                     for l in n.links.iter_mut() {
                         if l.0 == p1 && l.1 == n1 {
                             *l = (p2, n2.clone());
+                        } else if exchange && l.0 == p2 && l.1 == n2 {
+                            *l = (p1, n1.clone());
                         }
                     }
-                    if let Some(o) = &n.origin {
-                        if let Ok(rest) = o.strip_prefix(&fromp) {
-                            n.origin = Some(top.join(rest));
+                    if let Some(o) = n.origin.as_deref().and_then(moved) {
+                        n.origin = Some(o);
+                    }
+                }
+                for id in displaced {
+                    let Some(n) = self.nodes.get_mut(&id) else {
+                        continue;
+                    };
+                    if n.origin.as_ref() != Some(&top) {
+                        continue; // the object renamed onto another name of itself
+                    }
+                    // Its last name gone, its inode number may be reused in BACKING.
+                    if n.attr.is_dir() || n.attr.nlink <= 1 {
+                        if let Some(ino) = n.backing_ino.take() {
+                            unmap_ino(&mut self.by_ino, ino, id);
                         }
                     }
+                    self.lost_name(id, &top);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Node `id` lost the name `path` in BACKING. If it was reached through that name,
+    /// it is reached through another it still has, if one is known; else it is detached
+    /// (the next lookup of another name of it attaches it again).
+    fn lost_name(&mut self, id: u64, path: &Path) {
+        let Some(n) = self.nodes.get(&id) else {
+            return;
+        };
+        if n.origin.as_deref() != Some(path) {
+            return;
+        }
+        let other = n.links.first().cloned();
+        let origin = other.and_then(|(p, nm)| Some(self.nodes.get(&p)?.origin.as_ref()?.join(nm)));
+        let n = self.nodes.get_mut(&id).expect("checked above");
+        match origin {
+            Some(o) => n.origin = Some(o),
+            None => n.detached = true,
+        }
+    }
+
+    /// Before a change made straight to BACKING takes a name away: a file open through
+    /// the mount that may lose its last name keeps its object open, so that it can still
+    /// be read and stat'ed (as a file unlinked or renamed over while open can).
+    fn hold_victim(&mut self, change: &Change, named: Option<u64>) {
+        let victim = match change {
+            Change::Unlink { .. } => named,
+            Change::Rename { to, flags, .. } if flags & libc::RENAME_EXCHANGE == 0 => {
+                let Ok((p2, n2)) = self.resolve_parent(to) else {
+                    return;
+                };
+                let n2 = n2.to_owned();
+                self.nodes
+                    .values()
+                    .find(|n| n.links.iter().any(|(p, nm)| *p == p2 && *nm == n2))
+                    .map(|n| n.id)
+            }
+            _ => None,
+        };
+        if let Some(id) = victim {
+            // Its link count as it is now, for telling whether this is its last name.
+            let _ = self.attr(id);
+            if self
+                .nodes
+                .get(&id)
+                .is_some_and(|n| n.opens > 0 && n.attr.is_file())
+            {
+                if let Err(e) = self.origin_file(id) {
+                    tracing::debug!("keeping node {id} open before it loses its name: errno {e}");
+                }
+            }
         }
     }
 
@@ -1543,6 +1655,9 @@ impl View {
         if let Some(f) = &n.origin_file {
             return Ok(Some(f.clone()));
         }
+        if n.detached {
+            return Err(libc::ESTALE);
+        }
         let Some(origin) = &n.origin else {
             return Ok(None);
         };
@@ -1554,9 +1669,11 @@ impl View {
     }
 
     /// Where the bytes `[offset, offset + len)` come from (clipped to the size).
-    pub fn plan_read(&self, id: u64, offset: u64, len: u64) -> Res<Vec<Seg>> {
+    pub fn plan_read(&mut self, id: u64, offset: u64, len: u64) -> Res<Vec<Seg>> {
+        // The size as it is now: an unchanged file may have been written straight to
+        // BACKING (outside --isolate-path, --write-through) through another name.
+        let size = self.attr(id)?.size;
         let n = self.node(id)?;
-        let size = n.attr.size;
         if offset >= size || len == 0 {
             return Ok(Vec::new());
         }
@@ -1648,8 +1765,9 @@ impl View {
     }
 
     pub fn write(&mut self, id: u64, offset: u64, data: &[u8]) -> Res<usize> {
-        let n = self.node(id)?;
-        if !n.attr.is_file() {
+        // Fresh attributes (see `plan_read`): the new size is computed from them.
+        let n = self.attr(id)?;
+        if !n.is_file() {
             return Err(libc::EINVAL);
         }
         if data.is_empty() {
@@ -1657,7 +1775,7 @@ impl View {
         }
         let len = data.len() as u64;
         let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
-        let size = n.attr.size.max(end);
+        let size = n.size.max(end);
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let count = last - first + 1;
@@ -1687,14 +1805,14 @@ impl View {
     }
 
     pub fn truncate(&mut self, id: u64, size: u64) -> Res<()> {
-        let n = self.node(id)?;
-        if n.attr.is_dir() {
+        let a = self.attr(id)?;
+        if a.is_dir() {
             return Err(libc::EISDIR);
         }
-        if !n.attr.is_file() {
+        if !a.is_file() {
             return Err(libc::EINVAL);
         }
-        let cur = n.attr.size;
+        let cur = a.size;
         if size < cur && !size.is_multiple_of(BLOCK) {
             // The block the new end falls in keeps only what is before it.
             let b = size / BLOCK;
@@ -1715,13 +1833,14 @@ impl View {
     /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
     /// ZERO_RANGE; others are not supported in an isolated view.
     pub fn fallocate(&mut self, id: u64, offset: u64, len: u64, mode: i32) -> Res<()> {
-        let n = self.node(id)?;
-        if !n.attr.is_file() {
+        let a = self.attr(id)?;
+        if !a.is_file() {
             return Err(libc::ENODEV);
         }
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
-        let cur = n.attr.size;
+        let cur = a.size;
+        let n = self.node(id)?;
         let new_size = if keep { cur } else { cur.max(end) };
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;

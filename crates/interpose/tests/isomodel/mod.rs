@@ -53,6 +53,9 @@ pub struct ModelDirs {
     pub store: PathBuf,
     pub oplog: PathBuf,
     pub manifest: PathBuf,
+    /// The subtree a `--isolate-path` mount isolates (INTERPOSE_ISO_BORDER for the model
+    /// script), None for a mount that isolates everything.
+    pub border: Option<&'static str>,
 }
 
 impl ModelDirs {
@@ -72,6 +75,7 @@ impl ModelDirs {
             store: root.join("store"),
             oplog: root.join("oplog.jsonl"),
             manifest: root.join("backing-manifest.json"),
+            border: None,
             root,
             _tmp: tmp,
         };
@@ -89,11 +93,12 @@ impl ModelDirs {
     /// Runs a script of tests/scripts; a failure fails the test with its message and the
     /// seed. Its stdout.
     pub fn python(&self, name: &str, args: &[&OsStr]) -> String {
-        let out = Command::new("python3")
-            .arg(script(name))
-            .args(args)
-            .output()
-            .expect("python3");
+        let mut cmd = Command::new("python3");
+        cmd.arg(script(name)).args(args);
+        if let Some(b) = self.border {
+            cmd.env("INTERPOSE_ISO_BORDER", b);
+        }
+        let out = cmd.output().expect("python3");
         assert!(
             out.status.success(),
             "seed {} (INTERPOSE_ISO_SEED={} repeats it): {name} {args:?} failed ({}):\n{}{}",

@@ -31,6 +31,13 @@ differ: the view stamps its own times). INTERPOSE_ISO_EXCLUDE=op,op leaves opera
 (for narrowing a failure down; the tests never set it); "bigxattr" in it keeps xattr
 values small, "root" leaves the root directory alone,
 "longname" makes no names over 255 bytes, "fifosuid" no set-ID bits on fifos.
+
+INTERPOSE_ISO_BORDER=SUBTREE: the mount isolates only SUBTREE (`--isolate-path SUBTREE`);
+everything else goes straight to BACKING. Then a rename or link between the two sides must
+fail with EXDEV on the mount (it is logged as skipped and not applied to the reference);
+changes made entirely outside SUBTREE must record nothing and changes entirely inside it
+must record as usual; operations that would rename or remove a directory above SUBTREE
+are not generated (BACKING still holds what the view has removed below it until commit).
 """
 
 import ctypes
@@ -711,6 +718,58 @@ def explicit_mtimes(ops):
 # Commands
 
 
+BORDER = os.environ.get("INTERPOSE_ISO_BORDER")
+
+
+def inside(rel):
+    return BORDER is not None and (rel == BORDER or rel.startswith(BORDER + "/"))
+
+
+# Operations that always follow a final symlink, and those that never do (python's
+# os.link with follow_symlinks=True calls link(2), which on Linux does not follow).
+FOLLOWS = {"write", "truncate", "fallocate", "chmod", "read", "listdir"}
+NO_FOLLOW = {"rename", "unlink", "rmdir", "create", "mkdir", "mkfifo", "symlink", "stat",
+             "readlink", "link"}
+
+
+def effective_paths(ref, a):
+    """The paths in ref an operation acts on once symlinks in them are resolved, as the
+    daemon sees them (the kernel resolves every component but a final one not followed)."""
+    out = []
+    for key in ("path", "src", "dst"):
+        if key not in a:
+            continue
+        full = P(ref, a[key])
+        follow = key != "dst" and a["op"] not in NO_FOLLOW and (
+            a["op"] in FOLLOWS or a.get("follow", False))
+        if follow:
+            r = os.path.realpath(full)
+        else:
+            r = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+        rel = os.path.relpath(r, ref)
+        out.append("" if rel == "." else rel)
+    return out
+
+
+def above_border(ref, a):
+    """The operation would rename or remove the root or a directory above the border."""
+    if BORDER is None or a["op"] not in ("rename", "rmdir"):
+        return False
+    parts = BORDER.split("/")
+    ups = {"/".join(parts[:n]) for n in range(len(parts))}  # "" and each directory above
+    return any(p in ups for p in effective_paths(ref, a))
+
+
+def next_op(seed, i, ref):
+    """Operation i; with a border, one that leaves the directories above it alone."""
+    op = gen_op(seed, i, ref)
+    tries = 0
+    while above_border(ref, op):
+        tries += 1
+        op = gen_op(seed, f"{i}.{tries}", ref)
+    return op
+
+
 def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
     logged = read_oplog(oplog)
     if logged and logged[-1]["i"] != first - 1:
@@ -731,11 +790,16 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
         fail(f"seed {seed}: {msg}\nthe operations before it, last one last:\n{ctx}")
 
     for i in range(first, first + count):
-        op = gen_op(seed, i, ref)
+        op = next_op(seed, i, ref)
+        where = [inside(p) for p in effective_paths(ref, op)]
+        crossing = op["op"] in ("rename", "link") and len(set(where)) > 1
         rm = apply_op(mnt, op)
-        rr = apply_op(ref, op)
+        skipped = crossing and rm == ["err", "EXDEV"]
+        rr = rm if skipped else apply_op(ref, op)
         seq = last_seq(store)
         entry = {"i": i, "op": op, "res": rm, "seq": seq}
+        if skipped:
+            entry["skipped"] = True
         recent.append(entry)
         if rm != rr:
             die(f"operation {i} {short(op)}: the mount gave {rm}, the reference {rr}")
@@ -748,10 +812,14 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
             die(f"operation {i} {short(op)} failed with {rm[1]} everywhere, but the "
                 f"daemon recorded changes {prev + 1}..={seq} for it")
         trivial = k == "chown" and op["uid"] == -1 and op["gid"] == -1
-        if rm[0] == "ok" and k in MUST_RECORD and not trivial and seq == prev:
+        if BORDER is not None and not any(where) and seq != prev:
+            die(f"operation {i} {short(op)} acts outside the isolated {BORDER} only, but "
+                f"the daemon recorded changes {prev + 1}..={seq} for it")
+        recorded = BORDER is None or all(where)
+        if rm[0] == "ok" and k in MUST_RECORD and recorded and not trivial and seq == prev:
             die(f"operation {i} {short(op)} succeeded but recorded no change "
                 f"(last sequence number still {seq})")
-        if rm[0] == "ok" and k not in READ_ONLY and seq == prev:
+        if rm[0] == "ok" and k not in READ_ONLY and recorded and seq == prev:
             norecord[k] = norecord.get(k, 0) + 1
         if k == "utime" and rm[0] == "ok":
             explicit.add(op["mtime"])
@@ -778,7 +846,7 @@ def cmd_replay(d, oplog, k):
     for e in read_oplog(oplog):
         if e["i"] > k:
             break
-        if e["op"]["op"] in READ_ONLY:
+        if e["op"]["op"] in READ_ONLY or e.get("skipped"):
             continue
         r = apply_op(d, e["op"])
         if r != e["res"]:
