@@ -241,6 +241,15 @@ enum Route {
     Trail,
 }
 
+/// The nodes a change's paths name, where the caller has resolved them (a rename: the
+/// node renamed, and the one at the destination if any), so that a change made straight
+/// to BACKING updates just those instead of searching every node.
+#[derive(Clone, Copy, Default)]
+struct Named {
+    first: Option<u64>,
+    second: Option<u64>,
+}
+
 pub struct View {
     /// The time changes being applied happened (their journal record's time on replay),
     /// so a remount or a rebuilt view shows the same times.
@@ -647,29 +656,25 @@ impl View {
     /// Applies a change to the backing directory at once if the mode says so; then the
     /// view needs no state for it. Returns whether it did.
     fn pass(&mut self, change: &Change, data: &[&[u8]]) -> Res<bool> {
-        self.pass_named(change, data, None)
+        self.pass_named(change, data, Named::default())
     }
 
-    /// [`View::pass`] for a change whose (first) path the caller has resolved to `named`.
-    fn pass_named(&mut self, change: &Change, data: &[&[u8]], named: Option<u64>) -> Res<bool> {
+    /// [`View::pass`] for a change whose paths the caller has resolved to nodes.
+    fn pass_named(&mut self, change: &Change, data: &[&[u8]], named: Named) -> Res<bool> {
         let route = self.route(change)?;
-        if !matches!(route, Route::Keep) {
-            self.hold_victim(change, named);
+        if matches!(route, Route::Keep) {
+            return Ok(false);
         }
+        self.hold_victim(change, named);
         let res = match route {
-            Route::Keep => return Ok(false),
+            Route::Keep => unreachable!("returned above"),
             Route::Direct => {
-                if let Change::Rename { from, .. } = change {
+                if let Change::Rename { from, to, flags } = change {
                     // Names kept for later under a directory that moves would go stale.
-                    let from = from.as_path();
-                    let pending_below = self.nodes.values().any(|n| {
-                        n.changed
-                            && n.id != ROOT
-                            && self
-                                .path_of(n.id)
-                                .is_some_and(|p| p.starts_with(from) && p != from)
-                    });
-                    if pending_below {
+                    let exchange = flags & libc::RENAME_EXCHANGE != 0;
+                    if self.pending_below(from.as_path(), named.first)
+                        || (exchange && self.pending_below(to.as_path(), named.second))
+                    {
                         return Err(libc::EXDEV);
                     }
                 }
@@ -690,10 +695,29 @@ impl View {
         Ok(true)
     }
 
+    /// Whether the view holds pending changes below `path`, the path of node `id` (if
+    /// known: a file has nothing below it, and then nothing is scanned).
+    fn pending_below(&self, path: &Path, id: Option<u64>) -> bool {
+        if id
+            .and_then(|id| self.nodes.get(&id))
+            .is_some_and(|n| !n.attr.is_dir())
+        {
+            return false;
+        }
+        self.nodes.values().any(|n| {
+            n.changed
+                && n.id != ROOT
+                && self
+                    .path_of(n.id)
+                    .is_some_and(|p| p.starts_with(path) && p != path)
+        })
+    }
+
     /// Keeps cached nodes right after a change went straight to the backing directory.
-    /// `named`: the node the change's path named, if the caller knows it; an unlink or
-    /// rmdir then fixes only that node's names, not every node's (`rm -rf` of a big tree).
-    fn after_direct(&mut self, change: &Change, named: Option<u64>) {
+    /// `named`: the nodes the change's paths named, if the caller knows them; an unlink,
+    /// rmdir or rename of files then fixes only those nodes' names, not every node's
+    /// (`rm -rf` of a big tree, renames in a tree of which the view holds many nodes).
+    fn after_direct(&mut self, change: &Change, named: Named) {
         match change {
             Change::Unlink { path } | Change::Rmdir { path } => {
                 let Ok((parent, name)) = self.resolve_parent(path) else {
@@ -701,7 +725,7 @@ impl View {
                 };
                 let name = name.to_owned();
                 // `remove`, the only maker of these changes, always names the node.
-                let Some(id) = named.filter(|id| self.nodes.contains_key(id)) else {
+                let Some(id) = named.first.filter(|id| self.nodes.contains_key(id)) else {
                     return;
                 };
                 let n = self.nodes.get_mut(&id).expect("checked above");
@@ -739,8 +763,19 @@ impl View {
                         base.join(rest)
                     })
                 };
+                // Names below a directory move with it; files have none.
+                let is_dir = |id: &u64| self.nodes.get(id).is_some_and(|n| n.attr.is_dir());
+                let ids: Vec<u64> = match (named.first, named.second) {
+                    (Some(a), b) if !is_dir(&a) && !b.is_some_and(|b| is_dir(&b)) => {
+                        [Some(a), b].into_iter().flatten().collect()
+                    }
+                    _ => self.nodes.keys().copied().collect(),
+                };
                 let mut displaced = Vec::new();
-                for n in self.nodes.values_mut() {
+                for id in ids {
+                    let Some(n) = self.nodes.get_mut(&id) else {
+                        continue;
+                    };
                     if !exchange && n.links.iter().any(|(p, nm)| *p == p2 && *nm == n2) {
                         n.links.retain(|(p, nm)| !(*p == p2 && *nm == n2));
                         displaced.push(n.id);
@@ -798,19 +833,10 @@ impl View {
     /// Before a change made straight to BACKING takes a name away: a file open through
     /// the mount that may lose its last name keeps its object open, so that it can still
     /// be read and stat'ed (as a file unlinked or renamed over while open can).
-    fn hold_victim(&mut self, change: &Change, named: Option<u64>) {
+    fn hold_victim(&mut self, change: &Change, named: Named) {
         let victim = match change {
-            Change::Unlink { .. } => named,
-            Change::Rename { to, flags, .. } if flags & libc::RENAME_EXCHANGE == 0 => {
-                let Ok((p2, n2)) = self.resolve_parent(to) else {
-                    return;
-                };
-                let n2 = n2.to_owned();
-                self.nodes
-                    .values()
-                    .find(|n| n.links.iter().any(|(p, nm)| *p == p2 && *nm == n2))
-                    .map(|n| n.id)
-            }
+            Change::Unlink { .. } => named.first,
+            Change::Rename { flags, .. } if flags & libc::RENAME_EXCHANGE == 0 => named.second,
             _ => None,
         };
         if let Some(id) = victim {
@@ -1358,7 +1384,11 @@ impl View {
         } else {
             Change::Unlink { path }
         };
-        if self.pass_named(&change, &[], Some(id))? {
+        let named = Named {
+            first: Some(id),
+            second: None,
+        };
+        if self.pass_named(&change, &[], named)? {
             return Ok(());
         }
         self.record(&change, &[])?;
@@ -1431,7 +1461,11 @@ impl View {
             to: self.child_path(p2, n2)?,
             flags,
         };
-        if self.pass(&change, &[])? {
+        let named = Named {
+            first: Some(a),
+            second: b,
+        };
+        if self.pass_named(&change, &[], named)? {
             return Ok(());
         }
         self.record(&change, &[])?;
