@@ -1706,7 +1706,10 @@ impl View {
     pub fn plan_read(&mut self, id: u64, offset: u64, len: u64) -> Res<Vec<Seg>> {
         // The size as it is now: an unchanged file may have been written straight to
         // BACKING (outside --isolate-path, --write-through) through another name.
-        let size = self.attr(id)?.size;
+        let size = match self.mode {
+            Mode::Isolated => self.node(id)?.attr.size,
+            _ => self.attr(id)?.size,
+        };
         let n = self.node(id)?;
         if offset >= size || len == 0 {
             return Ok(Vec::new());
