@@ -22,7 +22,8 @@
 //!   lookup the daemon later forgets (`status`'s view_nodes);
 //! - `--isolate-path` (only matching subtrees isolated, the rest straight to BACKING) and
 //!   `--write-through` (every change applied at once and recorded), and files open while
-//!   changes straight to BACKING rename over them or unlink them.
+//!   changes straight to BACKING rename over them or unlink them; an unchanged file open
+//!   many times at once, and `git init`, in each mode.
 
 mod common;
 mod support;
@@ -957,6 +958,41 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     assert_eq!(read(&d.backing.join("iso/a")), b"changed\n");
     assert_eq!(read(&d.backing.join("iso/new")), b"new\n");
     m.stop();
+}
+
+#[test]
+fn unchanged_files_open_many_times_at_once_read_right() {
+    // An unchanged file opened read-only is passed through to the backing file; the kernel
+    // takes one backing file per inode, so later opens while one is open must share it
+    // (they got EIO). git init on a --write-through mount was one way to meet it.
+    for extra in [
+        &[][..],
+        &["--isolate-path", "iso"][..],
+        &["--write-through"][..],
+    ] {
+        let d = dirs();
+        fs::write(d.backing.join("f"), b"data\n").unwrap();
+        let m = d.mount_with(extra);
+        let f = d.mnt.join("f");
+        let first = File::open(&f).unwrap();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        assert_eq!(read(&f), b"data\n", "{extra:?}: another open");
+                    }
+                });
+            }
+        });
+        let mut text = String::new();
+        (&first).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "data\n", "{extra:?}: the first open");
+        drop(first);
+        run(Command::new("git")
+            .args(["init", "-q"])
+            .arg(d.mnt.join("repo")));
+        m.stop();
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -62,6 +62,9 @@ pub struct Shared {
     /// Signalled when a passthrough open is released (see [`IsolatedFs::await_passthrough_closed`]).
     passthrough_released: Condvar,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// The backing file registered for each node open with passthrough: the kernel takes
+    /// one backing file per inode, so every passthrough open of the node shares it.
+    backing_ids: Mutex<HashMap<u64, Weak<BackingId>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
@@ -75,6 +78,7 @@ impl Shared {
             notifier: Mutex::new(None),
             passthrough_released: Condvar::new(),
             files: Mutex::new(HashMap::new()),
+            backing_ids: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough: AtomicBool::new(false),
@@ -227,9 +231,15 @@ impl IsolatedFs {
             && n.writers == 0
             && cached_opens == 0
         {
-            if let Some(origin) = &n.origin {
+            let mut ids = self.0.backing_ids.lock();
+            bid = ids.get(&id).and_then(Weak::upgrade);
+            if let (None, Some(origin)) = (&bid, &n.origin) {
                 match backing.open_read(origin).and_then(|f| reply_backing(&f)) {
-                    Ok(b) => bid = Some(b),
+                    Ok(b) => {
+                        let b = Arc::new(b);
+                        ids.insert(id, Arc::downgrade(&b));
+                        bid = Some(b);
+                    }
                     Err(e) => tracing::debug!("passthrough refused, serving from the daemon: {e}"),
                 }
             }
@@ -242,7 +252,7 @@ impl IsolatedFs {
             n.passthrough_opens += 1;
         }
         let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
-        let backing = bid.map(Arc::new);
+        let backing = bid;
         self.0.files.lock().insert(
             fh,
             Arc::new(OpenFile {
@@ -639,6 +649,9 @@ impl Filesystem for IsolatedFs {
             }
             if pt {
                 n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
+                if n.passthrough_opens == 0 {
+                    self.0.backing_ids.lock().remove(&f.node);
+                }
                 self.0.passthrough_released.notify_all();
             }
             if n.opens == 0 {
