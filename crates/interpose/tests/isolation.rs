@@ -23,7 +23,7 @@
 //! - `--isolate-path` (only matching subtrees isolated, the rest straight to BACKING) and
 //!   `--write-through` (every change applied at once and recorded), and files open while
 //!   changes straight to BACKING rename over them or unlink them; an unchanged file open
-//!   many times at once, and `git init`, in each mode.
+//!   many times at once, and `git init`, in each mode; chmod of a file with an ACL.
 
 mod common;
 mod support;
@@ -960,16 +960,16 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     m.stop();
 }
 
+/// Mount arguments for each mode, added to `--isolate STORE`: all isolated, only iso/
+/// isolated (what the tests do elsewhere goes straight to BACKING), and write-through.
+const EVERY_MODE: [&[&str]; 3] = [&[], &["--isolate-path", "iso"], &["--write-through"]];
+
 #[test]
 fn unchanged_files_open_many_times_at_once_read_right() {
     // An unchanged file opened read-only is passed through to the backing file; the kernel
     // takes one backing file per inode, so later opens while one is open must share it
     // (they got EIO). git init on a --write-through mount was one way to meet it.
-    for extra in [
-        &[][..],
-        &["--isolate-path", "iso"][..],
-        &["--write-through"][..],
-    ] {
+    for extra in EVERY_MODE {
         let d = dirs();
         fs::write(d.backing.join("f"), b"data\n").unwrap();
         let m = d.mount_with(extra);
@@ -996,12 +996,47 @@ fn unchanged_files_open_many_times_at_once_read_right() {
 }
 
 #[test]
-fn changes_straight_to_backing_leave_open_files_their_own_object() {
-    // Outside --isolate-path and with --write-through, changes go straight to BACKING. A
-    // file open through the mount keeps reading, writing and stat'ing its own object after
-    // another file is renamed over it, or after it is unlinked and a new file is made under
-    // its name, as on any file system; the names reach the new files at once.
-    for extra in [&["--isolate-path", "iso"][..], &["--write-through"][..]] {
+fn chmod_keeps_an_access_acl_in_step_as_on_a_plain_directory() {
+    // With an access ACL, chmod sets the ACL's mask (the group bits) and others too;
+    // the view must do that itself, and the commit must give BACKING the same.
+    let d = dirs();
+    let plain = d.tmp.path().join("plain");
+    fs::create_dir(&plain).unwrap();
+    let m = d.mount();
+    let steps = |dir: &Path| -> Vec<String> {
+        let f = dir.join("f");
+        fs::write(&f, b"x").unwrap();
+        run(Command::new("setfacl").args(["-m", "u:1000:rw"]).arg(&f));
+        let mut out = Vec::new();
+        for mode in ["600", "664", "750"] {
+            run(Command::new("chmod").arg(mode).arg(&f));
+            out.push(run(Command::new("getfacl").args(["-cp"]).arg(&f)));
+        }
+        out
+    };
+    let want = steps(&plain);
+    assert_eq!(steps(&d.mnt), want, "getfacl after each chmod on the mount");
+    commit(&d.store, None);
+    let backing = run(Command::new("getfacl")
+        .args(["-cp"])
+        .arg(d.backing.join("f")));
+    assert_eq!(
+        &backing,
+        want.last().unwrap(),
+        "getfacl in BACKING after the commit"
+    );
+    m.stop();
+}
+
+#[test]
+fn open_files_keep_their_object_when_their_name_goes() {
+    // A file open through the mount keeps reading, writing and stat'ing its own object
+    // after another file is renamed over it, or after it is unlinked and a new file is made
+    // under its name, and takes fchmod, fchown, futimens, fsetxattr and flistxattr, as on
+    // any file system; the names reach the new files at once. Isolated, and where changes
+    // go straight to BACKING (outside --isolate-path, --write-through).
+    for extra in EVERY_MODE {
+        let isolated = extra.is_empty();
         let d = dirs();
         let m = d.mount_with(extra);
         let by_fd = |file: &File, want: &[u8], what: &str| {
@@ -1017,11 +1052,10 @@ fn changes_straight_to_backing_leave_open_files_their_own_object() {
                 want,
                 "{extra:?}: {name} on the mount"
             );
-            assert_eq!(
-                read(&d.backing.join(name)),
-                want,
-                "{extra:?}: {name} in BACKING"
-            );
+            if !isolated {
+                let what = format!("{extra:?}: {name} in BACKING");
+                assert_eq!(read(&d.backing.join(name)), want, "{what}");
+            }
         };
         let (f, g, h) = (d.mnt.join("f"), d.mnt.join("g"), d.mnt.join("h"));
         fs::write(&f, b"AAAA").unwrap();
@@ -1039,6 +1073,23 @@ fn changes_straight_to_backing_leave_open_files_their_own_object() {
         unlinked.write_at(b"YY", 0).unwrap();
         by_fd(&unlinked, b"YYHHHHHH", "the file unlinked");
         by_name("h", b"NEW!");
+        unlinked
+            .set_permissions(fs::Permissions::from_mode(0o640))
+            .unwrap();
+        std::os::unix::fs::fchown(&unlinked, Some(1), Some(2)).unwrap();
+        unlinked.set_modified(std::time::UNIX_EPOCH).unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&unlinked);
+        rustix::fs::fsetxattr(fd, "user.k", b"v", rustix::fs::XattrFlags::empty()).unwrap();
+        let st = unlinked.metadata().unwrap();
+        let got = (st.mode() & 0o7777, st.uid(), st.gid(), st.mtime());
+        assert_eq!(
+            got,
+            (0o640, 1, 2, 0),
+            "{extra:?}: fstat after fchmod, fchown, futimens"
+        );
+        let mut names = [0u8; 64];
+        let n = rustix::fs::flistxattr(fd, &mut names).unwrap();
+        assert_eq!(&names[..n], b"user.k\0", "{extra:?}: flistxattr");
         drop((over, unlinked));
         m.stop();
     }

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -1081,22 +1082,32 @@ impl View {
         }
     }
 
+    /// A descriptor of node `id`'s backing object, for its xattrs: opened by its name, or
+    /// (detached) the one kept open; None for an object made in the view.
+    fn origin_fd(&self, id: u64) -> Res<Option<OwnedFd>> {
+        let n = self.node(id)?;
+        if n.detached {
+            let f = n.origin_file.as_ref().ok_or(libc::ESTALE)?;
+            return f.try_clone().map(|f| Some(f.into())).map_err(io_errno);
+        }
+        let Some(origin) = &n.origin else {
+            return Ok(None);
+        };
+        let fd = self.backing.open_at(origin, rustix::fs::OFlags::PATH, 0);
+        fd.map(Some).map_err(io_errno)
+    }
+
     fn load_xattrs(&mut self, id: u64) -> Res<()> {
-        let backing = self.backing.clone();
-        let n = self.node_mut(id)?;
-        if n.xattrs.is_some() {
+        if self.node(id)?.xattrs.is_some() {
             return Ok(());
         }
         let mut map = BTreeMap::new();
-        if let Some(origin) = &n.origin {
-            let fd = backing
-                .open_at(origin, rustix::fs::OFlags::PATH, 0)
-                .map_err(io_errno)?;
+        if let Some(fd) = self.origin_fd(id)? {
             for (k, v) in crate::backing::read_xattrs(&fd).map_err(io_errno)? {
                 map.insert(k, v);
             }
         }
-        n.xattrs = Some(map);
+        self.node_mut(id)?.xattrs = Some(map);
         Ok(())
     }
 
@@ -1186,6 +1197,16 @@ impl View {
         }
         n.attr.ctime = clock;
         n.changed = true;
+        if let Some(m) = mode {
+            // The access ACL follows the mode, as the kernel's posix_acl_chmod makes it.
+            if let Ok(acl) = self.xattr_get(id, ACL_ACCESS) {
+                if let Some(acl) = acl_chmod(&acl, m) {
+                    self.load_xattrs(id)?;
+                    let x = self.node_mut(id)?.xattrs.as_mut().expect("loaded");
+                    x.insert(ACL_ACCESS.to_vec(), acl);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1483,19 +1504,33 @@ impl View {
         atime: Option<Time>,
         mtime: Option<Time>,
     ) -> Res<()> {
-        let change = Change::Attr {
-            path: self.node_path(id)?,
+        let change = |path| Change::Attr {
+            path,
             mode,
             uid,
             gid,
             atime,
             mtime,
         };
-        if self.pass(&change, &[])? {
+        if self.pass_or_record(id, change)? {
             return Ok(());
         }
-        self.record(&change, &[])?;
         self.do_attr(id, mode, uid, gid, atime, mtime)
+    }
+
+    /// Passes straight to BACKING (true) or records a change made to node `id` by its path.
+    /// A node without a name (a file removed while open) has its change made in the view
+    /// only, unrecorded: nothing of it can reach BACKING, and it lives while it is open.
+    fn pass_or_record(&mut self, id: u64, change: impl FnOnce(RawPath) -> Change) -> Res<bool> {
+        let Some(path) = self.path_of(id) else {
+            return Ok(false);
+        };
+        let change = change(RawPath::from_path(&path));
+        if self.pass(&change, &[])? {
+            return Ok(true);
+        }
+        self.record(&change, &[])?;
+        Ok(false)
     }
 
     pub fn xattr_get(&mut self, id: u64, name: &[u8]) -> Res<Vec<u8>> {
@@ -1503,11 +1538,7 @@ impl View {
         if let Some(x) = &n.xattrs {
             return x.get(name).cloned().ok_or(libc::ENODATA);
         }
-        let origin = n.origin.clone().ok_or(libc::ENODATA)?;
-        let fd = self
-            .backing
-            .open_at(&origin, rustix::fs::OFlags::PATH, 0)
-            .map_err(io_errno)?;
+        let fd = self.origin_fd(id)?.ok_or(libc::ENODATA)?;
         let p = crate::backing::proc_path(&fd);
         let mut v = vec![0u8; 256];
         loop {
@@ -1526,11 +1557,7 @@ impl View {
         let n = self.node(id)?;
         let names: Vec<Vec<u8>> = if let Some(x) = &n.xattrs {
             x.keys().cloned().collect()
-        } else if let Some(origin) = n.origin.clone() {
-            let fd = self
-                .backing
-                .open_at(&origin, rustix::fs::OFlags::PATH, 0)
-                .map_err(io_errno)?;
+        } else if let Some(fd) = self.origin_fd(id)? {
             crate::backing::read_xattrs(&fd)
                 .map_err(io_errno)?
                 .into_iter()
@@ -1628,16 +1655,15 @@ impl View {
             }
             res?;
         }
-        let change = Change::SetXattr {
-            path: self.node_path(id)?,
+        let change = |path| Change::SetXattr {
+            path,
             name: RawPath(name.to_vec()),
             value: value.to_vec(),
         };
-        if self.pass(&change, &[])? {
+        if self.pass_or_record(id, change)? {
             self.node_mut(id)?.xattrs = None;
             return Ok(());
         }
-        self.record(&change, &[])?;
         let n = self.node_mut(id)?;
         n.xattrs
             .as_mut()
@@ -1660,15 +1686,14 @@ impl View {
         {
             return Err(libc::ENODATA);
         }
-        let change = Change::RemoveXattr {
-            path: self.node_path(id)?,
+        let change = |path| Change::RemoveXattr {
+            path,
             name: RawPath(name.to_vec()),
         };
-        if self.pass(&change, &[])? {
+        if self.pass_or_record(id, change)? {
             self.node_mut(id)?.xattrs = None;
             return Ok(());
         }
-        self.record(&change, &[])?;
         let n = self.node_mut(id)?;
         n.xattrs.as_mut().expect("loaded").remove(name);
         n.attr.ctime = clock;
@@ -2181,6 +2206,29 @@ fn acl_create_masq(v: &[u8], mode: u32) -> Option<(Vec<u8>, u32, bool)> {
     let group = perm & (mode >> 3) & 7;
     out[at + 2..at + 4].copy_from_slice(&(group as u16).to_le_bytes());
     Some((out, (owner << 6) | (group << 3) | other, extended))
+}
+
+/// An access ACL after a chmod to `mode`, as the kernel's posix_acl_chmod makes it: the
+/// owner, the mask (without one, the owning group) and others take the mode's bits.
+fn acl_chmod(v: &[u8], mode: u32) -> Option<Vec<u8>> {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) {
+        return None;
+    }
+    let tag = |e: &[u8]| u16::from_le_bytes([e[0], e[1]]);
+    let has_mask = v[4..].chunks_exact(8).any(|e| tag(e) == 0x10);
+    let mut out = v.to_vec();
+    for (i, e) in v[4..].chunks_exact(8).enumerate() {
+        let bits = match tag(e) {
+            0x01 => (mode >> 6) & 7,
+            0x10 => (mode >> 3) & 7,
+            0x04 if !has_mask => (mode >> 3) & 7,
+            0x20 => mode & 7,
+            _ => continue,
+        };
+        let at = 4 + i * 8 + 2;
+        out[at..at + 2].copy_from_slice(&(bits as u16).to_le_bytes());
+    }
+    Some(out)
 }
 
 /// The permission bits an access ACL (Linux xattr format, version 2) stands for, and
