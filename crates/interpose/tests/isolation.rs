@@ -23,7 +23,8 @@
 //! - `--isolate-path` (only matching subtrees isolated, the rest straight to BACKING) and
 //!   `--write-through` (every change applied at once and recorded), and files open while
 //!   changes straight to BACKING rename over them or unlink them; an unchanged file open
-//!   many times at once, and `git init`, in each mode; chmod of a file with an ACL.
+//!   many times at once, and `git init`, in each mode; chmod of a file with an ACL;
+//!   descriptors across a discard that brings a replaced file back.
 
 mod common;
 mod support;
@@ -993,6 +994,43 @@ fn unchanged_files_open_many_times_at_once_read_right() {
             .arg(d.mnt.join("repo")));
         m.stop();
     }
+}
+
+#[test]
+fn a_discard_gives_open_descriptors_their_own_objects_back() {
+    // A descriptor stays with its object across a discard: one of the backing file that a
+    // rename had replaced reads it again once the discard brings it back; one of the file
+    // the discard threw away goes stale (it used to be rebound by path to the backing
+    // file, and a write through it then reached BACKING on the next commit).
+    let d = dirs();
+    fs::write(d.backing.join("f"), b"ORIGINAL").unwrap();
+    let m = d.mount();
+    let f = d.mnt.join("f");
+    let rw = || OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    let original = rw();
+    fs::write(d.mnt.join("tmp"), b"replacement").unwrap();
+    fs::rename(d.mnt.join("tmp"), &f).unwrap();
+    let replacement = rw();
+    discard(&d.store, None);
+    let mut buf = [0u8; 32];
+    let n = original.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"ORIGINAL", "the backing file's descriptor");
+    let err = replacement.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ESTALE),
+        "the discarded file's descriptor"
+    );
+    let err = replacement.write_at(b"XX", 0).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ESTALE),
+        "a write to the discarded file"
+    );
+    commit(&d.store, None);
+    assert_eq!(read(&d.backing.join("f")), b"ORIGINAL");
+    drop((original, replacement));
+    m.stop();
 }
 
 #[test]

@@ -138,7 +138,7 @@ fn handle(
             };
             let res = store.commit(&backing, &v.journal, &recs, req.upto, &mut progress);
             // Whatever happened, the view is rebuilt from what the store now says.
-            let rebuilt = rebuild(store, &mut v);
+            let rebuilt = rebuild(store, &mut v, true);
             let (j, rest) = res?;
             rebuilt?;
             Ok(json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}))
@@ -153,7 +153,7 @@ fn handle(
                     v.ids().into_iter().map(|i| (i, None)).collect();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
                 let kept = store.discard(&mut v.journal, &recs, req.after)?;
-                rebuild(store, &mut v)?;
+                rebuild(store, &mut v, false)?;
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
                 (kept.len(), stale)
             };
@@ -183,8 +183,9 @@ fn reopen(store: &Store, path: &Path) -> Result<(Journal, Vec<crate::journal::Re
 }
 
 /// Replaces the view with one built from the store, keeping the node numbers the kernel
-/// knows for the paths that still exist.
-fn rebuild(store: &Store, v: &mut View) -> Result<(), Error> {
+/// knows for the objects that still exist (see [`View::adopt`]); `committed`: after a
+/// commit, else after a discard.
+fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
     let (journal, records) = store.journal()?;
     let mut fresh = View::new(v.backing.clone(), journal)?;
     // New nodes must not take numbers the kernel still holds for others.
@@ -192,7 +193,7 @@ fn rebuild(store: &Store, v: &mut View) -> Result<(), Error> {
     fresh.replay(&records)?;
     fresh.mode = v.mode.clone();
     fresh.xattr_probe = v.xattr_probe.clone();
-    fresh.adopt(v.known(), v.next_new());
+    fresh.adopt(v.known(), v.next_new(), committed);
     *v = fresh;
     Ok(())
 }

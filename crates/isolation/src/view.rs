@@ -13,7 +13,7 @@
 //! Node numbers: a backed node is numbered by its backing inode number (so hard links
 //! stay one inode), the root is 1, and new nodes count up from 2^62.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -207,7 +207,11 @@ pub enum Seg {
 /// A node the kernel holds, as carried over a rebuild of the view.
 pub struct Known {
     pub id: u64,
-    pub path: PathBuf,
+    /// Its path in the view (None: removed while open).
+    pub path: Option<PathBuf>,
+    /// The backing object it stands for, if any: its inode number and its name in BACKING.
+    pub backing_ino: Option<u64>,
+    pub origin: Option<PathBuf>,
     pub kind: u32,
     pub lookups: u64,
     pub opens: u32,
@@ -2080,16 +2084,16 @@ impl View {
         self.nodes
             .values()
             .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
-            .filter_map(|n| {
-                self.path_of(n.id).map(|path| Known {
-                    id: n.id,
-                    path,
-                    kind: n.attr.kind(),
-                    lookups: n.lookups,
-                    opens: n.opens,
-                    writers: n.writers,
-                    passthrough_opens: n.passthrough_opens,
-                })
+            .map(|n| Known {
+                id: n.id,
+                path: self.path_of(n.id),
+                backing_ino: n.backing_ino,
+                origin: n.origin.clone().filter(|_| !n.detached),
+                kind: n.attr.kind(),
+                lookups: n.lookups,
+                opens: n.opens,
+                writers: n.writers,
+                passthrough_opens: n.passthrough_opens,
             })
             .collect()
     }
@@ -2108,25 +2112,44 @@ impl View {
         out
     }
 
-    /// Gives the nodes at the paths the kernel knows the numbers the kernel knows them by
-    /// (when the object there is still of the same kind), with their references and opens.
-    pub fn adopt(&mut self, known: Vec<Known>, next_new: u64) {
+    /// Gives the nodes the kernel knows the numbers the kernel knows them by, with their
+    /// references and opens, when they stand for the same object: an object of BACKING is
+    /// the node of the same backing inode, looked for at the kernel's path and at its name
+    /// in BACKING; an object made in the view is the node at its path, if that is one made
+    /// in the view too or, after a commit (`committed`), the one the commit made of it.
+    /// The rest (objects that a discard threw away, or whose name went) are not carried:
+    /// the kernel's numbers for them go stale.
+    pub fn adopt(&mut self, mut known: Vec<Known>, next_new: u64, committed: bool) {
         self.next_new = self.next_new.max(next_new);
         let mut remap: HashMap<u64, u64> = HashMap::new();
+        let mut claimed: HashSet<u64> = HashSet::new();
         let mut carried = Vec::new();
+        // Objects of BACKING first: their identity is certain, a path is not.
+        known.sort_by_key(|k| k.backing_ino.is_none());
         for k in known {
-            let Ok(id) = self.resolve(&k.path) else {
+            let places = [
+                k.path.clone(),
+                k.origin.clone().filter(|_| k.backing_ino.is_some()),
+            ];
+            let found = places.into_iter().flatten().find_map(|path| {
+                let id = self.resolve(&path).ok()?;
+                let n = self.nodes.get(&id)?;
+                let same = match k.backing_ino {
+                    Some(ino) => n.backing_ino == Some(ino),
+                    None => n.backing_ino.is_none() || committed,
+                };
+                (same && n.attr.kind() == k.kind && !claimed.contains(&id)).then_some(id)
+            });
+            let Some(id) = found else {
                 continue;
             };
-            if self.nodes.get(&id).map(|n| n.attr.kind()) != Some(k.kind) {
-                continue;
-            }
             if id != k.id {
                 if remap.contains_key(&id) || self.nodes.contains_key(&k.id) {
                     continue;
                 }
                 remap.insert(id, k.id);
             }
+            claimed.insert(id);
             carried.push(k);
         }
         if !remap.is_empty() {
