@@ -24,7 +24,8 @@
 //!   `--write-through` (every change applied at once and recorded), and files open while
 //!   changes straight to BACKING rename over them or unlink them; an unchanged file open
 //!   many times at once, and `git init`, in each mode; chmod of a file with an ACL;
-//!   descriptors across a discard that brings a replaced file back.
+//!   descriptors across a discard that brings a replaced file back; readers and writers
+//!   of one file at once where nothing is isolated.
 
 mod common;
 mod support;
@@ -1064,6 +1065,40 @@ fn chmod_keeps_an_access_acl_in_step_as_on_a_plain_directory() {
         "getfacl in BACKING after the commit"
     );
     m.stop();
+}
+
+#[test]
+fn readers_do_not_hold_up_writers_where_nothing_is_isolated() {
+    // Outside the isolated paths a writer shares the readers' passthrough (and a truncate
+    // reaches the file they read); --write-through passes nothing through. Either way a
+    // file held open for reading does not make a writer wait and fail with ETXTBSY, as it
+    // must where the file is isolated (see the test of that).
+    for extra in [&["--isolate-path", "iso"][..], &["--write-through"][..]] {
+        let d = dirs();
+        fs::write(d.backing.join("log"), b"one\n").unwrap();
+        let m = d.mount_with(extra);
+        let log = d.mnt.join("log");
+        let reader = File::open(&log).unwrap();
+        let mut w = OpenOptions::new().append(true).open(&log).unwrap();
+        w.write_all(b"two\n").unwrap();
+        let mut buf = [0u8; 16];
+        let n = reader.read_at(&mut buf, 0).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"one\ntwo\n",
+            "{extra:?}: the reader sees the append"
+        );
+        fs::write(&log, b"new\n").unwrap(); // O_TRUNC while the reader has it open
+        let n = reader.read_at(&mut buf, 0).unwrap();
+        assert_eq!(
+            &buf[..n],
+            b"new\n",
+            "{extra:?}: the reader sees the rewrite"
+        );
+        assert_eq!(read(&d.backing.join("log")), b"new\n", "{extra:?}: BACKING");
+        drop((reader, w));
+        m.stop();
+    }
 }
 
 #[test]

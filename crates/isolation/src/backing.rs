@@ -98,6 +98,10 @@ impl Backing {
     pub fn open_read(&self, rel: &Path) -> io::Result<File> {
         Ok(File::from(self.open_at(rel, OFlags::RDONLY, 0)?))
     }
+
+    pub fn open_rw(&self, rel: &Path) -> io::Result<File> {
+        Ok(File::from(self.open_at(rel, OFlags::RDWR, 0)?))
+    }
 }
 
 /// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a

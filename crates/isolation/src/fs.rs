@@ -26,7 +26,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use interpose_fs::reply::{check_name, reply_empty, reply_xattr};
 
 use crate::change::{NewKind, RawPath, Time};
-use crate::view::{self, Attr, Res, View, ROOT};
+use crate::view::{self, Attr, Mode, Res, View, ROOT};
 
 /// Options of an isolated mount.
 #[derive(Clone, Debug)]
@@ -64,7 +64,8 @@ pub struct Shared {
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     /// The backing file registered for each node open with passthrough: the kernel takes
     /// one backing file per inode, so every passthrough open of the node shares it.
-    backing_ids: Mutex<HashMap<u64, Weak<BackingId>>>,
+    /// Whether it is open for writing too (a node outside the isolated paths).
+    backing_ids: Mutex<HashMap<u64, (Weak<BackingId>, bool)>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     next_fh: AtomicU64,
     passthrough: AtomicBool,
@@ -213,34 +214,62 @@ impl IsolatedFs {
     ) -> Res<(u64, Option<Arc<BackingId>>)> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut v = self.0.view.lock();
+        let passthrough = self.0.passthrough.load(Ordering::Relaxed);
+        // Outside the isolated paths nothing is recorded: writers may be passed through
+        // too, sharing a backing file open for writing with the readers.
+        let direct = passthrough && v.is_direct(id);
+        let shared = |ids: &HashMap<u64, (Weak<BackingId>, bool)>| {
+            let (b, writable) = ids.get(&id)?;
+            Some((b.upgrade()?, *writable))
+        };
         if write {
             if v.node(id)?.attr.is_dir() {
                 return Err(libc::EISDIR);
             }
-            self.await_passthrough_closed(&mut v, id)?;
+            let read_only = shared(&self.0.backing_ids.lock()).is_some_and(|(_, w)| !w);
+            if !direct || read_only {
+                self.await_passthrough_closed(&mut v, id)?;
+            }
         }
         let backing = v.backing.clone();
         let n = v.node_mut(id)?;
         let cached_opens = n.opens - n.passthrough_opens;
         let mut bid = None;
-        if !write
-            && self.0.passthrough.load(Ordering::Relaxed)
+        if passthrough
             && n.attr.is_file()
             && n.data.is_none()
             && !n.changed
-            && n.writers == 0
             && cached_opens == 0
+            && (direct || (!write && n.writers == 0))
         {
             let mut ids = self.0.backing_ids.lock();
-            bid = ids.get(&id).and_then(Weak::upgrade);
-            if let (None, Some(origin)) = (&bid, &n.origin) {
-                match backing.open_read(origin).and_then(|f| reply_backing(&f)) {
-                    Ok(b) => {
-                        let b = Arc::new(b);
-                        ids.insert(id, Arc::downgrade(&b));
-                        bid = Some(b);
+            match shared(&ids) {
+                Some((b, writable)) if writable || !write => bid = Some(b),
+                Some(_) => {}
+                None => {
+                    let opened = n.origin.as_ref().map(|origin| match direct {
+                        true => backing.open_rw(origin).map(|f| (f, true)).or_else(|e| {
+                            // (a running program's file cannot be opened for writing)
+                            if write {
+                                return Err(e);
+                            }
+                            backing.open_read(origin).map(|f| (f, false))
+                        }),
+                        false => backing.open_read(origin).map(|f| (f, false)),
+                    });
+                    let registered = opened
+                        .map(|o| o.and_then(|(f, writable)| Ok((reply_backing(&f)?, writable))));
+                    match registered {
+                        Some(Ok((b, writable))) => {
+                            let b = Arc::new(b);
+                            ids.insert(id, (Arc::downgrade(&b), writable));
+                            bid = Some(b);
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!("passthrough refused, serving from the daemon: {e}")
+                        }
+                        None => {}
                     }
-                    Err(e) => tracing::debug!("passthrough refused, serving from the daemon: {e}"),
                 }
             }
         }
@@ -283,7 +312,11 @@ impl Filesystem for IsolatedFs {
         ] {
             let _ = config.add_capabilities(flag);
         }
-        if self.0.opts.passthrough {
+        // --write-through records every write, so a file open for writing is served by the
+        // daemon, and the kernel lets no other open of it be passed through meanwhile:
+        // readers passed through would make writers wait (ETXTBSY). So no passthrough.
+        let write_through = matches!(self.0.view.lock().mode, Mode::WriteThrough);
+        if self.0.opts.passthrough && !write_through {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             self.0.passthrough.store(ok, Ordering::Relaxed);
@@ -352,7 +385,11 @@ impl Filesystem for IsolatedFs {
         let res = (|| {
             let mut v = self.0.view.lock();
             if let Some(size) = size {
-                self.await_passthrough_closed(&mut v, id)?;
+                // (Outside the isolated paths the truncation reaches the backing file that
+                // passthrough opens use: nothing to wait for.)
+                if !v.is_direct(id) {
+                    self.await_passthrough_closed(&mut v, id)?;
+                }
                 if size != v.node(id)?.attr.size || v.node(id)?.attr.is_file() {
                     v.truncate(id, size)?;
                 }

@@ -630,6 +630,17 @@ impl View {
         Ok(off)
     }
 
+    /// Whether changes to node `id` go straight to BACKING unrecorded (a node outside the
+    /// isolated paths).
+    pub fn is_direct(&self, id: u64) -> bool {
+        match &self.mode {
+            Mode::Paths(set) => self
+                .path_of(id)
+                .is_some_and(|p| !Self::is_isolated_path(set, &p)),
+            _ => false,
+        }
+    }
+
     fn is_isolated_path(set: &globset::GlobSet, path: &Path) -> bool {
         path.ancestors()
             .filter(|a| !a.as_os_str().is_empty())
