@@ -34,6 +34,9 @@ pub enum BlkCommand {
         /// Threads answering requests on each connection.
         #[arg(long, value_name = "N", default_value_t = 4)]
         threads: usize,
+        /// Seconds a client has for the whole handshake (option haggling).
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        handshake_timeout: u64,
     },
     /// Make a read-only kernel block device (/dev/loopN over a FUSE file served by
     /// this process) from SOURCE (as for serve), print its path, and serve it until
@@ -98,6 +101,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             names,
             cache_mib,
             threads,
+            handshake_timeout,
         } => {
             if names.len() > sources.len() {
                 bail!("{} names for {} sources", names.len(), sources.len());
@@ -155,7 +159,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             }
             let config = Config {
                 threads_per_connection: threads.clamp(1, 64),
-                ..Config::default()
+                handshake_timeout: std::time::Duration::from_secs(handshake_timeout.max(1)),
             };
             let server = Server::new(exports, config).context("starting the server")?;
             let mut signals = signal_hook::iterator::Signals::new([

@@ -1238,10 +1238,31 @@ fn badclient(fx: &Fixture, server: &mut Server, fuzz: u32, cases: &[&str]) -> (V
 }
 
 #[test]
+fn a_stopping_server_answers_the_reads_in_flight_then_exits() {
+    // SIGTERM while 39 reads of 1 MiB are in flight (tests/scripts/nbd_badclient.py sends
+    // it after the first reply): every reply arrives whole, then the server exits 0.
+    let fx = Fixture::new();
+    let server = fx.serve();
+    let case = "in_flight_reads_are_answered_when_the_server_stops";
+    let out = client(
+        case,
+        Command::new(python())
+            .arg(script("nbd_badclient.py"))
+            .arg(server.socket.as_ref().unwrap())
+            .arg(&fx.raw)
+            .args(["clean", "big", "0", case])
+            .env("NBD_SERVER_PID", server.pid().to_string()),
+    );
+    assert!(out.status.success(), "{case}: {}", describe(&out));
+    server.stop_within(Duration::from_secs(20));
+}
+
+#[test]
 fn malformed_clients_are_dropped_and_the_others_keep_being_served() {
     let fx = Fixture::new();
-    // Every case once, then the server is stopped so that its log is complete.
-    let mut server = fx.serve();
+    // Every case once, then the server is stopped so that its log is complete. (A short
+    // handshake deadline, for the case of a client that drips its options.)
+    let mut server = fx.serve_with(&["--handshake-timeout", "3"]);
     let (mut failed, dropped) = badclient(&fx, &mut server, 0, &[]);
     let err = server.stop();
     let warned = err

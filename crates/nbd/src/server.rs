@@ -9,10 +9,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use interpose_image::{BlockSource, ExtentState};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::proto::{self, *};
 
@@ -136,6 +136,62 @@ pub struct Server {
     stop: AtomicBool,
     wake: (UnixStream, UnixStream),
     next_conn: AtomicU64,
+    /// Signalled when a connection ends (for the drain at shutdown).
+    ended: Condvar,
+}
+
+/// How long a stopping server lets its connections answer what they have read.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
+/// The options this server implements (others are answered NBD_REP_ERR_UNSUP).
+const IMPLEMENTED_OPTIONS: [u32; 9] = [
+    OPT_EXPORT_NAME,
+    OPT_ABORT,
+    OPT_LIST,
+    OPT_INFO,
+    OPT_GO,
+    OPT_STRUCTURED_REPLY,
+    OPT_LIST_META_CONTEXT,
+    OPT_SET_META_CONTEXT,
+    OPT_STARTTLS,
+];
+
+/// A connection in the handshake: every read must end by one deadline for the whole
+/// handshake (a read timeout alone would let a client that sends a byte now and then
+/// hold the connection for ever).
+struct Timed<'a> {
+    conn: &'a mut Conn,
+    deadline: Instant,
+}
+
+impl<'a> Timed<'a> {
+    fn new(conn: &'a mut Conn, deadline: Instant) -> Timed<'a> {
+        Timed { conn, deadline }
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        self.conn.set_read_timeout(Some(left));
+        self.conn.read(buf)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.conn.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 /// Why a connection ended early: logged, never fatal to the server.
@@ -222,6 +278,7 @@ impl Server {
             stop: AtomicBool::new(false),
             wake: UnixStream::pair()?,
             next_conn: AtomicU64::new(1),
+            ended: Condvar::new(),
         }))
     }
 
@@ -265,11 +322,21 @@ impl Server {
                         .spawn_scoped(scope, move || {
                             self.connection(id, conn);
                             live.lock().retain(|(i, _)| *i != id);
+                            self.ended.notify_all();
                         })?;
                 }
             }
-            // Shutting down: cut open connections so their threads end.
-            for (_, c) in live.lock().iter() {
+            // Shutting down (proto.md: a server SHOULD wait for inflight requests to be
+            // serviced before it disconnects): stop reading from every connection, so
+            // that each answers what it has read and closes; cut those that have not
+            // done so after SHUTDOWN_DRAIN (a client that does not read its replies).
+            let mut l = live.lock();
+            for (_, c) in l.iter() {
+                c.shutdown(Shutdown::Read);
+            }
+            let deadline = Instant::now() + SHUTDOWN_DRAIN;
+            while !l.is_empty() && !self.ended.wait_until(&mut l, deadline).timed_out() {}
+            for (_, c) in l.iter() {
                 c.shutdown(Shutdown::Both);
             }
             Ok(())
@@ -289,8 +356,8 @@ impl Server {
     }
 
     fn handle(&self, id: u64, mut conn: Conn) -> Result<(), ConnError> {
-        conn.set_read_timeout(Some(self.config.handshake_timeout));
-        let Some(session) = self.handshake(&mut conn)? else {
+        let deadline = Instant::now() + self.config.handshake_timeout;
+        let Some(session) = self.handshake(&mut Timed::new(&mut conn, deadline))? else {
             return Ok(());
         };
         conn.set_read_timeout(None);
@@ -311,7 +378,7 @@ impl Server {
     // -------------------------------------------------------------------------------
     // Handshake
 
-    fn handshake(&self, conn: &mut Conn) -> Result<Option<Session>, ConnError> {
+    fn handshake(&self, conn: &mut Timed<'_>) -> Result<Option<Session>, ConnError> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -339,15 +406,31 @@ impl Server {
             let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
             let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
             if len > MAX_OPTION_LEN {
-                // Cannot skip it safely without reading it all: refuse and hang up.
+                // Not kept in memory: read past it (within the handshake's time) and say
+                // why it is refused, as for any option this server does not implement.
+                io::copy(&mut (&mut *conn).take(len as u64), &mut io::sink())?;
                 let mut out = Vec::new();
-                option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option too long");
-                let _ = conn.write_all(&out);
-                return violation(format!("option {option} of {len} bytes"));
+                match IMPLEMENTED_OPTIONS.contains(&option) {
+                    true => option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option too long"),
+                    false => option_reply(&mut out, option, REP_ERR_UNSUP, b"unknown option"),
+                }
+                conn.write_all(&out)?;
+                continue;
             }
             let mut data = vec![0u8; len as usize];
             conn.read_exact(&mut data)?;
             let mut out = Vec::new();
+            if self.stop.load(Ordering::SeqCst) && option != OPT_ABORT {
+                // proto.md: a server shutting down errors further options.
+                option_reply(
+                    &mut out,
+                    option,
+                    REP_ERR_SHUTDOWN,
+                    b"the server is stopping",
+                );
+                conn.write_all(&out)?;
+                return Ok(None);
+            }
             let phase = self.option(option, &data, &mut session, no_zeroes, &mut out)?;
             conn.write_all(&out)?;
             match phase {
@@ -558,7 +641,9 @@ impl Server {
             }
         }
         for c in &chosen {
-            let mut d = c.id().to_be_bytes().to_vec();
+            // proto.md: in a LIST reply the ID is reserved and SHOULD be zero.
+            let id = if set { c.id() } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
             d.extend_from_slice(c.name().as_bytes());
             option_reply(out, option, REP_META_CONTEXT, &d);
         }
@@ -743,11 +828,13 @@ impl Server {
             CMD_READ | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => {
                 fail(out, EINVAL, "request beyond the end of the export")
             }
-            CMD_READ if req.length > MAX_REQUEST_LEN => fail(out, EINVAL, "read too long"),
+            CMD_READ | CMD_CACHE if req.length > MAX_REQUEST_LEN => {
+                fail(out, EINVAL, "longer than the maximum block size")
+            }
             CMD_READ => self.read(source, session, req, out),
             CMD_CACHE => {
                 // Warm the source's cache; errors here are not the client's concern.
-                let mut buf = vec![0u8; (req.length as usize).min(MAX_REQUEST_LEN as usize)];
+                let mut buf = vec![0u8; req.length as usize];
                 let _ = source.read_at(&mut buf, req.offset);
                 ok_reply(out, session, req.cookie)
             }

@@ -12,7 +12,8 @@ GOOD    name of that export
 BIG     name of an export of at least 40 MiB (for reads longer than the maximum block
         size and for 32 MiB replies the client does not read)
 FUZZ_CONNECTIONS  how many connections `random_garbage` makes
-CASE    run only these cases (default: all)
+CASE    run only these cases (default: all but those that stop the server, which run
+        only when named: they need NBD_SERVER_PID)
 
 Every case runs even when an earlier one failed. Standard output: one line per case
 (`ok NAME` or `FAIL NAME: why`), then `dropped N`: how many connections of the cases
@@ -49,6 +50,7 @@ REP_ERR_UNSUP = REP_ERR + 1
 REP_ERR_POLICY = REP_ERR + 2
 REP_ERR_INVALID = REP_ERR + 3
 REP_ERR_UNKNOWN = REP_ERR + 6
+REP_ERR_TOO_BIG = REP_ERR + 9
 INFO_EXPORT = 0
 
 TFLAG_HAS_FLAGS, TFLAG_READ_ONLY = 1, 2
@@ -293,11 +295,12 @@ CASES = []
 DROPPED = 0
 
 
-def case(dropped=0):
-    """Registers a case; `dropped` is how many of its connections the server must drop."""
+def case(dropped=0, stops_server=False):
+    """Registers a case; `dropped` is how many of its connections the server must drop.
+    A case that stops the server runs only when named."""
 
     def register(f):
-        CASES.append((f.__name__, f, dropped))
+        CASES.append((f.__name__, f, dropped, stops_server))
         return f
 
     return register
@@ -368,16 +371,80 @@ def wrong_option_magic():
     assert not got, f"the server answered an option with a wrong magic: {got!r}"
 
 
-@case(dropped=1)
+@case()
 def option_with_a_huge_length():
+    # The server reads past an option it will not keep in memory; this client sends 4 KiB
+    # of the 4 GiB it announced and stops sending: the server must hang up, answering
+    # nothing but (possibly) an error.
     s = connect()
     hello(s)
     send(s, struct.pack(">QII", IHAVEOPT, OPT_GO, 0xFFFFFFF0) + b"\0" * 4096)
+    s.shutdown(socket.SHUT_WR)
     got = expect_closed(s, "option of 0xFFFFFFF0 bytes")
     if got:
-        # An error reply before hanging up is fine; a success is not.
         _, _, typ, _ = struct.unpack(">QIII", got[:20])
         assert typ & REP_ERR, f"option of 0xFFFFFFF0 bytes answered with {typ:#x}"
+
+
+@case()
+def options_too_long_to_keep_are_read_past_and_refused():
+    # proto.md: an option the server does not implement gets NBD_REP_ERR_UNSUP and the
+    # next one is parsed; one it implements but will not take that long, ERR_TOO_BIG.
+    s = connect()
+    hello(s)
+    option(s, 999, b"\xab" * 100_000)
+    assert final(s, 999) == REP_ERR_UNSUP, "unknown option of 100,000 bytes"
+    infos = struct.pack(">H", 40_000) + struct.pack(">H", 77) * 40_000
+    option(s, OPT_INFO, name_data(GOOD)[:-2] + infos)
+    assert final(s, OPT_INFO) == REP_ERR_TOO_BIG, "NBD_OPT_INFO of 40,000 info requests"
+    option(s, OPT_LIST)
+    assert replies(s, OPT_LIST)[-1][0] == REP_ACK, "NBD_OPT_LIST afterwards"
+    go(s, GOOD)
+    check_read(s, structured=True)
+
+
+@case(dropped=1)
+def a_handshake_that_drips_is_cut_at_its_deadline():
+    # One byte now and then must not keep a connection in the handshake for ever (the
+    # server under test has a 3-second handshake deadline).
+    s = connect()
+    hello(s)
+    started = time.monotonic()
+    head = struct.pack(">QII", IHAVEOPT, OPT_LIST, 0)
+    for b in head[:-1]:
+        try:
+            s.sendall(bytes([b]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(0.5)  # the dripping client's own pace, not synchronisation
+    got = expect_closed(s, "a dripping handshake")
+    assert not got, f"the server answered a dripping client: {got!r}"
+    took = time.monotonic() - started
+    assert took < 9, f"the dripping client was cut after {took:.1f} s"
+
+
+@case(stops_server=True)
+def in_flight_reads_are_answered_when_the_server_stops():
+    # proto.md: "On a server shutdown, the server SHOULD wait for inflight requests to be
+    # serviced prior to initiating a hard disconnect." 40 reads of 1 MiB in flight; the
+    # server is stopped (SIGTERM) after the first reply, when the rest cannot all have
+    # left (the socket holds far less): every reply must still arrive whole.
+    n = min(1 << 20, len(RAW))
+    s = session(GOOD)
+    for cookie in range(1, 41):
+        request(s, CMD_READ, 0, n, cookie=cookie)
+    pending = {c: [] for c in range(1, 41)}  # replies come in any order
+    while pending:
+        magic, flags, typ, c, length = struct.unpack(">IHHQI", rx(s, 20))
+        assert magic == STRUCTURED_REPLY_MAGIC and c in pending, f"chunk of cookie {c}"
+        pending[c].append((typ, rx(s, length)))
+        if flags & REPLY_FLAG_DONE:
+            chunks = pending.pop(c)
+            assert error_of(chunks) == 0, f"read {c}: {chunks}"
+            assert data_of(chunks, 0, n) == RAW[:n], f"read {c}: wrong bytes"
+            if len(pending) == 39:
+                os.kill(int(os.environ["NBD_SERVER_PID"]), 15)
+    expect_closed(s, "after the server answered what was in flight")
 
 
 @case()
@@ -587,6 +654,9 @@ def list_meta_context_by_namespace():
         assert r[-1][0] == REP_ACK, f"LIST_META_CONTEXT {queries}: {r}"
         got = {d[4:].decode() for t, d in r[:-1]}
         assert got == want, f"LIST_META_CONTEXT {queries}: {got}, expected {want}"
+        # proto.md: the context ID of a LIST reply is reserved and SHOULD be zero.
+        ids = [d[:4] for t, d in r[:-1]]
+        assert all(i == b"\0\0\0\0" for i in ids), f"LIST_META_CONTEXT ids {ids}"
     go(s, GOOD)
     check_read(s, structured=True)
 
@@ -632,6 +702,14 @@ def reads_past_the_end_get_einval():
 def a_read_longer_than_the_maximum_block_size_gets_einval():
     s = session(BIG)
     expect_error(s, True, CMD_READ, 0, (32 << 20) + 512, EINVAL, what="read of 32 MiB + 512")
+    request(s, CMD_READ, 0, 4096, cookie=3)
+    assert error_of(structured_reply(s, 3)) == 0
+
+
+@case()
+def a_cache_longer_than_the_maximum_block_size_gets_einval():
+    s = session(BIG)
+    expect_error(s, True, CMD_CACHE, 0, (32 << 20) + 512, EINVAL, what="cache of 32 MiB + 512")
     request(s, CMD_READ, 0, 4096, cookie=3)
     assert error_of(structured_reply(s, 3)) == 0
 
@@ -814,14 +892,15 @@ def random_garbage():
 def main():
     global DROPPED
     failed = 0
-    unknown = ONLY - {name for name, _, _ in CASES}
+    unknown = ONLY - {name for name, _, _, _ in CASES}
     assert not unknown, f"no such cases: {unknown}"
-    for name, f, dropped in CASES:
-        if ONLY and name not in ONLY:
+    for name, f, dropped, stops_server in CASES:
+        if (ONLY or stops_server) and name not in ONLY:
             continue
         try:
             f()
-            good_client()
+            if not stops_server:
+                good_client()
             print(f"ok {name}", flush=True)
         except Exception as e:  # one case's failure must not hide the others'
             failed += 1
