@@ -1169,6 +1169,24 @@ fn open_files_keep_their_object_when_their_name_goes() {
 }
 
 #[test]
+fn a_directory_holding_an_isolated_path_counts_its_subdirectories() {
+    // p is outside the isolated paths, p/iso inside: p's link count must follow both the
+    // subdirectories made straight in BACKING and those the view makes or removes.
+    let d = dirs();
+    fs::create_dir(d.backing.join("p")).unwrap();
+    let m = d.mount_with(&["--isolate-path", "p/iso"]);
+    let p = d.mnt.join("p");
+    let nlink = || fs::metadata(&p).unwrap().nlink();
+    fs::create_dir(p.join("iso")).unwrap();
+    assert_eq!(nlink(), 3, "after mkdir p/iso (isolated)");
+    fs::create_dir(p.join("other")).unwrap();
+    assert_eq!(nlink(), 4, "after mkdir p/other (straight to BACKING)");
+    fs::remove_dir(p.join("iso")).unwrap();
+    assert_eq!(nlink(), 3, "after rmdir p/iso");
+    m.stop();
+}
+
+#[test]
 fn write_through_applies_every_change_at_once_and_records_it() {
     // --write-through: each change is in BACKING when the call returns, and in the store
     // with its sequence number; nothing is pending, so commit and discard refuse, and the

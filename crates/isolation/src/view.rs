@@ -548,8 +548,41 @@ impl View {
                     n.attr = Attr::from_stat(&st);
                 }
             }
+        } else if n.attr.is_dir() && n.overlay.is_some() && self.is_direct(id) {
+            self.refresh_direct_dir(id);
         }
-        Ok(n.attr.clone())
+        Ok(self.node(id)?.attr.clone())
+    }
+
+    /// A directory outside the isolated paths that holds isolated names (made, removed or
+    /// replaced in the view): its attributes are BACKING's, which changes go straight to,
+    /// with the link count of the subdirectories the view shows instead of BACKING's.
+    fn refresh_direct_dir(&mut self, id: u64) {
+        let n = &self.nodes[&id];
+        let (Some(origin), Some(overlay)) = (&n.origin, &n.overlay) else {
+            return;
+        };
+        let Ok(st) = self.backing.lstat(origin) else {
+            return;
+        };
+        let is_dir = |mode: u32| mode & libc::S_IFMT == libc::S_IFDIR;
+        let mut nlink = st.st_nlink as i64;
+        for (name, bound) in &overlay.entries {
+            let shown = bound
+                .and_then(|c| self.nodes.get(&c))
+                .is_some_and(|c| c.attr.is_dir());
+            let there = self
+                .backing
+                .lstat(&origin.join(name))
+                .is_ok_and(|s| is_dir(s.st_mode));
+            nlink += shown as i64 - there as i64;
+        }
+        if !is_dir(st.st_mode) {
+            return;
+        }
+        let mut a = Attr::from_stat(&st);
+        a.nlink = nlink.max(2) as u32;
+        self.nodes.get_mut(&id).expect("checked above").attr = a;
     }
 
     pub fn readlink(&self, id: u64) -> Res<Vec<u8>> {
