@@ -199,10 +199,18 @@ fn stat_fd(fd: BorrowedFd<'_>) -> Res<Stat> {
     rustix::fs::statat(fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)
 }
 
-/// Flags for reopening a backing file on behalf of the caller's open.
+/// Flags for reopening a backing file on behalf of the caller's open. Never O_APPEND:
+/// every write the kernel sends carries its offset (for an append, the end the kernel
+/// computed), and a write it sends to any other place through an append open (a shared
+/// mapping's writeback, a write after `fcntl(F_SETFL)` dropped O_APPEND, the pieces of a
+/// large O_DIRECT append) would otherwise land at the end, as pwrite(2) does on Linux.
 fn reopen_flags(flags: i32, keep_direct: bool) -> OFlags {
-    let mut strip =
-        libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC | libc::O_NOFOLLOW;
+    let mut strip = libc::O_CREAT
+        | libc::O_EXCL
+        | libc::O_NOCTTY
+        | libc::O_TRUNC
+        | libc::O_NOFOLLOW
+        | libc::O_APPEND;
     if !keep_direct {
         strip |= libc::O_DIRECT;
     }
@@ -1892,6 +1900,7 @@ mod tests {
     fn reopen_never_follows_or_creates() {
         let f = reopen_flags(
             libc::O_RDWR
+                | libc::O_APPEND
                 | libc::O_CREAT
                 | libc::O_EXCL
                 | libc::O_TRUNC

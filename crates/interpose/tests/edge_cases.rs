@@ -45,6 +45,18 @@ const MAY_DIFFER: &[(&str, &str, &str)] = &[
         "ENOTTY",
         "the daemon implements no ioctls (lsattr, chattr)",
     ),
+    (
+        "append.setfl_cleared",
+        "103",
+        "with passthrough the kernel's backing file keeps the open's O_APPEND: \
+         fcntl(F_SETFL) does not reach it",
+    ),
+    (
+        "append.rwf_noappend",
+        "103",
+        "with passthrough the kernel's backing file does not honour RWF_NOAPPEND \
+         (nor does overlayfs on this kernel)",
+    ),
 ];
 
 struct ScriptRun {

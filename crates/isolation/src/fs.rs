@@ -627,7 +627,7 @@ impl Filesystem for IsolatedFs {
         offset: u64,
         data: &[u8],
         wf: WriteFlags,
-        flags: OpenFlags,
+        _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -636,11 +636,9 @@ impl Filesystem for IsolatedFs {
                 return Err(libc::EBADF);
             }
             let mut v = self.0.view.lock();
-            let offset = if flags.0 & libc::O_APPEND != 0 {
-                v.attr(ino.0)?.size
-            } else {
-                offset
-            };
+            // The offset is the kernel's, also for an append (it computed the end): the
+            // open's O_APPEND does not say this write appends (RWF_NOAPPEND, a shared
+            // mapping's writeback).
             let n = v.write(ino.0, offset, data)?;
             if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                 kill_suid_sgid(&mut v, ino.0)?;

@@ -672,6 +672,57 @@ def check_open_flags(d):
         os.close(fd)
 
 
+def check_append_opens(d):
+    # Writes the kernel sends to a given place through an O_APPEND open must land there:
+    # a shared mapping's writeback, and the pieces of one large O_DIRECT append. (The
+    # daemon's own descriptor kept O_APPEND, so pwrite(2) put them at the end.)
+    f = j(d, "mapped")
+    write(f, b"." * 8192)
+    fd = os.open(f, os.O_RDWR | os.O_APPEND)
+    try:
+        m = mmap.mmap(fd, 8192)
+        m[0:6] = b"MAPPED"
+        m.flush()
+        m.close()
+    finally:
+        os.close(fd)
+    got = read(f)
+    eq((len(got), got[:6]), (8192, b"MAPPED"), "shared mapping of an O_APPEND open")
+    n = 8 << 20
+    buf = mmap.mmap(-1, n)  # page-aligned, for O_DIRECT
+    for i in range(n // 4096):
+        buf[i * 4096 : (i + 1) * 4096] = (b"%08d" % i) * 512
+    f = j(d, "direct")
+    try:
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_DIRECT, 0o644)
+    except OSError as e:
+        OBS["append.o_direct"] = ename(e)  # a backing FS without O_DIRECT
+    else:
+        try:
+            os.writev(fd, [buf])
+        finally:
+            os.close(fd)
+        got = read(f)
+        misplaced = sum(got[i * 4096 : i * 4096 + 8] != b"%08d" % i for i in range(n // 4096))
+        eq((len(got), misplaced), (n, 0), "8 MiB through an O_CREAT|O_APPEND|O_DIRECT open")
+    # Dropping O_APPEND later (fcntl) or for one write (RWF_NOAPPEND): observed, since
+    # with passthrough the kernel's backing file keeps the open's flags.
+    for key, how in [("append.setfl_cleared", "setfl"), ("append.rwf_noappend", "rwf")]:
+        f = j(d, key)
+        write(f, b"." * 100)
+        fd = os.open(f, os.O_WRONLY | os.O_APPEND)
+        try:
+            if how == "setfl":
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_APPEND)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, b"AT0")
+            else:
+                os.pwritev(fd, [b"AT0"], 0, 0x20)  # RWF_NOAPPEND
+        finally:
+            os.close(fd)
+        OBS[key] = str(len(read(f)))
+
+
 def check_truncate(d):
     f = j(d, "f")
     fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
@@ -1584,6 +1635,7 @@ CHECKS = [
     check_acl,
     check_umask,
     check_open_flags,
+    check_append_opens,
     check_truncate,
     check_times,
     check_chmod_chown,
