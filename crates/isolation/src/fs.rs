@@ -243,34 +243,21 @@ impl IsolatedFs {
             && (direct || (!write && n.writers == 0))
         {
             let mut ids = self.0.backing_ids.lock();
-            match shared(&ids) {
-                Some((b, writable)) if writable || !write => bid = Some(b),
-                Some(_) => {}
-                None => {
-                    let opened = n.origin.as_ref().map(|origin| match direct {
-                        true => backing.open_rw(origin).map(|f| (f, true)).or_else(|e| {
-                            // (a running program's file cannot be opened for writing)
-                            if write {
-                                return Err(e);
-                            }
-                            backing.open_read(origin).map(|f| (f, false))
-                        }),
-                        false => backing.open_read(origin).map(|f| (f, false)),
-                    });
-                    let registered = opened
-                        .map(|o| o.and_then(|(f, writable)| Ok((reply_backing(&f)?, writable))));
-                    match registered {
-                        Some(Ok((b, writable))) => {
+            match (shared(&ids), &n.origin) {
+                (Some((b, writable)), _) if writable || !write => bid = Some(b),
+                (None, Some(origin)) => {
+                    match register_backing(&backing, origin, direct, write, reply_backing) {
+                        Ok((b, writable)) => {
                             let b = Arc::new(b);
                             ids.insert(id, (Arc::downgrade(&b), writable));
                             bid = Some(b);
                         }
-                        Some(Err(e)) => {
+                        Err(e) => {
                             tracing::debug!("passthrough refused, serving from the daemon: {e}")
                         }
-                        None => {}
                     }
                 }
+                _ => {}
             }
         }
         n.opens += 1;
@@ -281,17 +268,39 @@ impl IsolatedFs {
             n.passthrough_opens += 1;
         }
         let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
-        let backing = bid;
         self.0.files.lock().insert(
             fh,
             Arc::new(OpenFile {
                 node: id,
                 write,
-                backing: backing.clone(),
+                backing: bid.clone(),
             }),
         );
-        Ok((fh, backing))
+        Ok((fh, bid))
     }
+}
+
+/// Opens the backing file at `origin` and registers it for passthrough; whether it is
+/// open for writing too. Outside the isolated paths (`direct`) it is opened for reading
+/// and writing, to be shared by readers and writers, falling back to reading only for a
+/// reader (a running program's file cannot be opened for writing).
+fn register_backing(
+    backing: &crate::backing::Backing,
+    origin: &Path,
+    direct: bool,
+    write: bool,
+    reply_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
+) -> std::io::Result<(BackingId, bool)> {
+    let (f, writable) = if !direct {
+        (backing.open_read(origin)?, false)
+    } else {
+        match backing.open_rw(origin) {
+            Ok(f) => (f, true),
+            Err(e) if write => return Err(e),
+            Err(_) => (backing.open_read(origin)?, false),
+        }
+    };
+    Ok((reply_backing(&f)?, writable))
 }
 
 impl Filesystem for IsolatedFs {

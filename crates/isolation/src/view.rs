@@ -562,10 +562,15 @@ impl View {
         let (Some(origin), Some(overlay)) = (&n.origin, &n.overlay) else {
             return;
         };
-        let Ok(st) = self.backing.lstat(origin) else {
+        let is_dir = |mode: u32| mode & libc::S_IFMT == libc::S_IFDIR;
+        let Some(st) = self
+            .backing
+            .lstat(origin)
+            .ok()
+            .filter(|s| is_dir(s.st_mode))
+        else {
             return;
         };
-        let is_dir = |mode: u32| mode & libc::S_IFMT == libc::S_IFDIR;
         let mut nlink = st.st_nlink as i64;
         for (name, bound) in &overlay.entries {
             let shown = bound
@@ -576,9 +581,6 @@ impl View {
                 .lstat(&origin.join(name))
                 .is_ok_and(|s| is_dir(s.st_mode));
             nlink += shown as i64 - there as i64;
-        }
-        if !is_dir(st.st_mode) {
-            return;
         }
         let mut a = Attr::from_stat(&st);
         a.nlink = nlink.max(2) as u32;
@@ -1775,14 +1777,20 @@ impl View {
         Ok(Some(f))
     }
 
+    /// The attributes data operations size themselves by. Where changes go straight to
+    /// BACKING (outside --isolate-path, --write-through) an unchanged file may have been
+    /// written there through another name, so they are read afresh; a fully isolated
+    /// view holds them.
+    fn live_attr(&mut self, id: u64) -> Res<Attr> {
+        match self.mode {
+            Mode::Isolated => Ok(self.node(id)?.attr.clone()),
+            _ => self.attr(id),
+        }
+    }
+
     /// Where the bytes `[offset, offset + len)` come from (clipped to the size).
     pub fn plan_read(&mut self, id: u64, offset: u64, len: u64) -> Res<Vec<Seg>> {
-        // The size as it is now: an unchanged file may have been written straight to
-        // BACKING (outside --isolate-path, --write-through) through another name.
-        let size = match self.mode {
-            Mode::Isolated => self.node(id)?.attr.size,
-            _ => self.attr(id)?.size,
-        };
+        let size = self.live_attr(id)?.size;
         let n = self.node(id)?;
         if offset >= size || len == 0 {
             return Ok(Vec::new());
@@ -1875,9 +1883,8 @@ impl View {
     }
 
     pub fn write(&mut self, id: u64, offset: u64, data: &[u8]) -> Res<usize> {
-        // Fresh attributes (see `plan_read`): the new size is computed from them.
-        let n = self.attr(id)?;
-        if !n.is_file() {
+        let a = self.live_attr(id)?;
+        if !a.is_file() {
             return Err(libc::EINVAL);
         }
         if data.is_empty() {
@@ -1885,7 +1892,7 @@ impl View {
         }
         let len = data.len() as u64;
         let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
-        let size = n.size.max(end);
+        let size = a.size.max(end);
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let count = last - first + 1;
@@ -1915,7 +1922,7 @@ impl View {
     }
 
     pub fn truncate(&mut self, id: u64, size: u64) -> Res<()> {
-        let a = self.attr(id)?;
+        let a = self.live_attr(id)?;
         if a.is_dir() {
             return Err(libc::EISDIR);
         }
@@ -1943,7 +1950,7 @@ impl View {
     /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
     /// ZERO_RANGE; others are not supported in an isolated view.
     pub fn fallocate(&mut self, id: u64, offset: u64, len: u64, mode: i32) -> Res<()> {
-        let a = self.attr(id)?;
+        let a = self.live_attr(id)?;
         if !a.is_file() {
             return Err(libc::ENODEV);
         }

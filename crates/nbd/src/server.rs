@@ -143,8 +143,9 @@ pub struct Server {
 /// How long a stopping server lets its connections answer what they have read.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
 
-/// The options this server implements (others are answered NBD_REP_ERR_UNSUP).
-const IMPLEMENTED_OPTIONS: [u32; 9] = [
+/// The options this server implements: those `Server::option` answers other than with
+/// NBD_REP_ERR_UNSUP (which STARTTLS gets).
+const IMPLEMENTED_OPTIONS: [u32; 8] = [
     OPT_EXPORT_NAME,
     OPT_ABORT,
     OPT_LIST,
@@ -153,7 +154,6 @@ const IMPLEMENTED_OPTIONS: [u32; 9] = [
     OPT_STRUCTURED_REPLY,
     OPT_LIST_META_CONTEXT,
     OPT_SET_META_CONTEXT,
-    OPT_STARTTLS,
 ];
 
 /// A connection in the handshake: every read must end by one deadline for the whole
