@@ -1702,6 +1702,61 @@ fn one_byte_written_into_a_10_gib_sparse_file_costs_one_block() {
     assert_eq!(num(&st, "data_bytes"), 0, "{st:#}");
 }
 
+/// The daemon's peak resident memory in KiB (VmHWM of /proc/PID/status).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Block maps are extents: 80 GiB allocated, a hole punched in the middle and a byte
+/// written cost the daemon a few entries, not one per 4 KiB block (20 million of them
+/// would be well over a GiB), and SEEK_DATA/SEEK_HOLE step over them at once.
+#[test]
+fn eighty_gib_allocated_and_punched_costs_a_few_extents() {
+    const SIZE: u64 = 80 << 30;
+    const HOLE: (u64, u64) = (20 << 30, 40 << 30);
+    const AT: u64 = (60 << 30) + 5;
+    let d = dirs();
+    let m = d.mount();
+    let big = d.mnt.join("big");
+    let f = File::create(&big).unwrap();
+    for (mode, off, len) in [
+        (0, 0, SIZE),
+        (
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            HOLE.0,
+            HOLE.1 - HOLE.0,
+        ),
+    ] {
+        // SAFETY: fallocate(2) on a descriptor we own.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as i64, len as i64) };
+        assert_eq!(
+            rc,
+            0,
+            "fallocate mode {mode:#x}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    f.write_all_at(b"x", AT).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let probes = [0, HOLE.0 - 1, HOLE.0, HOLE.1 - 1, HOLE.1, AT, SIZE - 1];
+    let report = seek_report(&big, &probes);
+    let want = vec![(0, HOLE.0), (HOLE.1, SIZE)];
+    assert_eq!(regions_of(&report), want, "data regions through the mount");
+    assert_eq!(report["probes"], expected_probes(&want, SIZE, &probes));
+    assert_eq!(read_at(&big, AT - 1, 3), [0, b'x', 0]);
+    let peak = peak_rss_kib(m.pid());
+    assert!(
+        peak < 64 << 10,
+        "the daemon peaked at {peak} KiB holding the block map of an 80 GiB file"
+    );
+    let st = status(&d.store);
+    assert!(num(&st, "data_bytes") <= 2 * 4096, "{st:#}");
+    m.stop();
+}
+
 // ---------------------------------------------------------------------------------------
 // Status, log, commit --upto, discard --after
 

@@ -8,12 +8,14 @@
 //! crash-safely; `discard --after N` throws changes away. See docs/ISOLATION.md.
 //!
 //! Layers: [`change`] (what is recorded), [`journal`] (how it is stored), [`backing`]
-//! (safe access to the backing directory and applying a change to it), [`view`] (the
+//! (safe access to the backing directory and applying a change to it), [`blockmap`] (which
+//! blocks of a changed file the view holds, as extents), [`view`] (the
 //! in-memory picture of the isolated tree), [`store`] (the store directory: open,
 //! status, log, commit, discard), [`fs`] (the FUSE front end) and [`control`] (the
 //! running daemon's control socket).
 
 pub mod backing;
+pub mod blockmap;
 pub mod change;
 pub mod control;
 pub mod fs;

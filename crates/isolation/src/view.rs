@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::backing::Backing;
+pub use crate::blockmap::{BlockMap, Loc};
 use crate::change::{Change, NewKind, RawPath, Run, Time, BLOCK};
 use crate::journal::{Journal, Record};
 use crate::Error;
@@ -107,23 +108,9 @@ impl Attr {
     }
 }
 
-/// Where a block of a changed file lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Loc {
-    /// At this offset of the journal.
-    Journal(u64),
-    /// Nowhere: reads as zeros, and is a hole for SEEK_HOLE.
-    Hole,
-    /// Allocated zeros: reads as zeros, and is data for SEEK_DATA.
-    Zeros,
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct Data {
-    pub blocks: BTreeMap<u64, Loc>,
-    /// How many of `blocks` are in the journal (kept in step by `do_data`, so that a
-    /// write does not count the whole map).
-    pub journal_blocks: u64,
+    pub blocks: BlockMap,
     /// Bytes of the backing file that still show through (below blocks not in the map).
     pub origin_limit: u64,
 }
@@ -1166,8 +1153,7 @@ impl View {
         if n.data.is_none() {
             let limit = if n.origin.is_some() { n.attr.size } else { 0 };
             n.data = Some(Data {
-                blocks: BTreeMap::new(),
-                journal_blocks: 0,
+                blocks: BlockMap::default(),
                 origin_limit: limit,
             });
         }
@@ -1180,33 +1166,23 @@ impl View {
         let n = self.node_mut(id)?;
         let d = n.data.as_mut().expect("ensured");
         if size < n.attr.size {
-            let keep = size.div_ceil(BLOCK);
-            let cut = d.blocks.split_off(&keep);
-            d.journal_blocks -= cut
-                .values()
-                .filter(|l| matches!(l, Loc::Journal(_)))
-                .count() as u64;
+            d.blocks.truncate(size.div_ceil(BLOCK));
             d.origin_limit = d.origin_limit.min(size);
         }
         let mut off = data_offset;
         for r in runs {
-            for i in 0..r.count {
-                let loc = if r.alloc {
-                    Loc::Zeros
-                } else if r.hole {
-                    Loc::Hole
-                } else {
-                    let l = Loc::Journal(off);
-                    off += BLOCK;
-                    l
-                };
-                let new = matches!(loc, Loc::Journal(_)) as u64;
-                let old = matches!(d.blocks.insert(r.block + i, loc), Some(Loc::Journal(_))) as u64;
-                d.journal_blocks = d.journal_blocks + new - old;
-            }
+            let loc = if r.alloc {
+                Loc::Zeros
+            } else if r.hole {
+                Loc::Hole
+            } else {
+                off += r.count * BLOCK;
+                Loc::Journal(off - r.count * BLOCK)
+            };
+            d.blocks.set(r.block, r.count, loc);
         }
         n.attr.size = size;
-        n.attr.blocks = d.journal_blocks * (BLOCK / 512) + d.origin_limit.div_ceil(512);
+        n.attr.blocks = d.blocks.journal_blocks() * (BLOCK / 512) + d.origin_limit.div_ceil(512);
         let t = clock;
         n.attr.mtime = t;
         n.attr.ctime = t;
@@ -1822,36 +1798,41 @@ impl View {
             }
             segs.push(s);
         };
+        // One step per extent (or unmapped stretch), not per block.
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK;
             let in_block = pos % BLOCK;
-            let stop = end.min((b + 1) * BLOCK);
-            let len = stop - pos;
-            match d.blocks.get(&b) {
-                Some(Loc::Journal(o)) => push(Seg::Journal {
-                    offset: o + in_block,
-                    len,
-                }),
-                Some(Loc::Hole) | Some(Loc::Zeros) => push(Seg::Zero { len }),
+            match d.blocks.get(b) {
+                Some((loc, run)) => {
+                    let stop = end.min((b + run) * BLOCK);
+                    let len = stop - pos;
+                    push(match loc {
+                        Loc::Journal(o) => Seg::Journal {
+                            offset: o + in_block,
+                            len,
+                        },
+                        Loc::Hole | Loc::Zeros => Seg::Zero { len },
+                    });
+                    pos = stop;
+                }
                 None => {
+                    let next = d.blocks.next_mapped(b).map_or(u64::MAX, |m| m * BLOCK);
+                    let stop = end.min(next);
                     if pos < d.origin_limit {
-                        let from_origin = len.min(d.origin_limit - pos);
+                        let from_origin = (stop - pos).min(d.origin_limit - pos);
                         push(Seg::Origin {
                             offset: pos,
                             len: from_origin,
                         });
-                        if from_origin < len {
-                            push(Seg::Zero {
-                                len: len - from_origin,
-                            });
-                        }
-                    } else {
-                        push(Seg::Zero { len });
+                        pos += from_origin;
                     }
+                    if pos < stop {
+                        push(Seg::Zero { len: stop - pos });
+                    }
+                    pos = stop;
                 }
             }
-            pos = stop;
         }
         Ok(segs)
     }
@@ -1974,27 +1955,42 @@ impl View {
                 .data
                 .as_ref()
                 .map_or(if n.origin.is_some() { cur } else { 0 }, |d| d.origin_limit);
-            let blocks = n.data.as_ref().map(|d| &d.blocks);
+            let empty = BlockMap::default();
+            let blocks = n.data.as_ref().map_or(&empty, |d| &d.blocks);
+            // Blocks past the backing file's bytes that nothing maps are holes too.
+            let first_unbacked = limit.div_ceil(BLOCK);
             let mut runs: Vec<Run> = Vec::new();
+            let mut hole = |block: u64, count: u64| match runs.last_mut() {
+                Some(r) if r.block + r.count == block => r.count += count,
+                _ => runs.push(Run {
+                    block,
+                    count,
+                    hole: false,
+                    alloc: true,
+                }),
+            };
             if len > 0 {
-                for b in offset / BLOCK..=(end - 1) / BLOCK {
-                    let holeish = match blocks.and_then(|m| m.get(&b)) {
-                        Some(Loc::Hole) => true,
-                        Some(_) => false,
-                        None => b * BLOCK >= limit,
+                let last = (end - 1) / BLOCK;
+                let mut b = offset / BLOCK;
+                while b <= last {
+                    let stop = match blocks.get(b) {
+                        Some((loc, run)) => {
+                            let stop = (b + run).min(last + 1);
+                            if loc == Loc::Hole {
+                                hole(b, stop - b);
+                            }
+                            stop
+                        }
+                        None => {
+                            let stop = blocks.next_mapped(b).unwrap_or(u64::MAX).min(last + 1);
+                            let from = b.max(first_unbacked);
+                            if from < stop {
+                                hole(from, stop - from);
+                            }
+                            stop
+                        }
                     };
-                    if !holeish {
-                        continue;
-                    }
-                    match runs.last_mut() {
-                        Some(r) if r.block + r.count == b => r.count += 1,
-                        _ => runs.push(Run {
-                            block: b,
-                            count: 1,
-                            hole: false,
-                            alloc: true,
-                        }),
-                    }
+                    b = stop;
                 }
             }
             if new_size != cur || !runs.is_empty() {
@@ -2049,8 +2045,7 @@ impl View {
         if offset >= size {
             return Err(libc::ENXIO);
         }
-        let d = n.data.clone();
-        let origin = match &d {
+        let origin = match &n.data {
             Some(d) if d.origin_limit == 0 => None,
             _ => self.origin_file(id)?,
         };
@@ -2064,7 +2059,7 @@ impl View {
             };
             rustix::fs::seek(f.as_fd(), w).ok()
         };
-        let Some(d) = d else {
+        let Some(d) = &self.node(id)?.data else {
             // Unchanged file: the backing file answers.
             return match origin_seek(offset, data) {
                 Some(p) if p < size || !data => Ok(p.min(size)),
@@ -2073,33 +2068,19 @@ impl View {
             };
         };
         let limit = d.origin_limit.min(size);
+        // Every turn returns or moves past an extent or an unmapped stretch.
         let mut pos = offset;
-        let mut guard = 0u64;
         while pos < size {
-            guard += 1;
-            if guard > 1 << 24 {
-                return Err(libc::EIO);
-            }
             let b = pos / BLOCK;
-            match d.blocks.get(&b) {
-                Some(Loc::Journal(_)) | Some(Loc::Zeros) => {
-                    if data {
-                        return Ok(pos);
-                    }
-                    pos = (b + 1) * BLOCK;
-                    continue;
+            if let Some((loc, run)) = d.blocks.get(b) {
+                if (loc != Loc::Hole) == data {
+                    return Ok(pos);
                 }
-                Some(Loc::Hole) => {
-                    if !data {
-                        return Ok(pos);
-                    }
-                    pos = (b + 1) * BLOCK;
-                    continue;
-                }
-                None => {}
+                pos = (b + run) * BLOCK;
+                continue;
             }
             // Not in the map: the backing file below `limit`, zeros above.
-            let next_mapped = d.blocks.range(b + 1..).next().map(|(k, _)| k * BLOCK);
+            let next_mapped = d.blocks.next_mapped(b).map(|m| m * BLOCK);
             if pos >= limit {
                 if !data {
                     return Ok(pos);
