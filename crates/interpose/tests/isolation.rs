@@ -1170,19 +1170,35 @@ fn open_files_keep_their_object_when_their_name_goes() {
 
 #[test]
 fn a_directory_holding_an_isolated_path_counts_its_subdirectories() {
-    // p is outside the isolated paths, p/iso inside: p's link count must follow both the
-    // subdirectories made straight in BACKING and those the view makes or removes.
+    // p is outside the isolated paths, p/iso* inside: p's link count must follow both the
+    // subdirectories made straight in BACKING and those the view makes or removes, also
+    // after a remount (the view rebuilt from the journal) and after a commit.
     let d = dirs();
-    fs::create_dir(d.backing.join("p")).unwrap();
-    let m = d.mount_with(&["--isolate-path", "p/iso"]);
+    fs::create_dir_all(d.backing.join("p/iso_b")).unwrap();
+    let mut m = d.mount_with(&["--isolate-path", "p/iso*"]);
     let p = d.mnt.join("p");
     let nlink = || fs::metadata(&p).unwrap().nlink();
+    assert_eq!(nlink(), 3, "BACKING's p/iso_b");
     fs::create_dir(p.join("iso")).unwrap();
-    assert_eq!(nlink(), 3, "after mkdir p/iso (isolated)");
+    assert_eq!(nlink(), 4, "after mkdir p/iso (isolated)");
     fs::create_dir(p.join("other")).unwrap();
-    assert_eq!(nlink(), 4, "after mkdir p/other (straight to BACKING)");
+    assert_eq!(nlink(), 5, "after mkdir p/other (straight to BACKING)");
     fs::remove_dir(p.join("iso")).unwrap();
-    assert_eq!(nlink(), 3, "after rmdir p/iso");
+    assert_eq!(nlink(), 4, "after rmdir p/iso");
+    fs::remove_dir(p.join("iso_b")).unwrap();
+    assert_eq!(nlink(), 3, "after rmdir p/iso_b (still in BACKING)");
+    fs::write(p.join("iso_b"), b"a file now\n").unwrap();
+    fs::create_dir(p.join("iso_c")).unwrap();
+    assert_eq!(nlink(), 4, "after a file p/iso_b and mkdir p/iso_c");
+    for round in ["remount", "commit"] {
+        m.stop();
+        if round == "commit" {
+            commit(&d.store, None);
+        }
+        m = d.mount_with(&["--isolate-path", "p/iso*"]);
+        assert_eq!(nlink(), 4, "after the {round}");
+    }
+    assert_eq!(fs::metadata(d.backing.join("p")).unwrap().nlink(), 4);
     m.stop();
 }
 

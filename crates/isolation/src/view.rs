@@ -121,6 +121,10 @@ pub struct Overlay {
     pub opaque: bool,
     /// Names that differ from the backing directory: bound to a node, or hidden (None).
     pub entries: BTreeMap<OsString, Option<u64>>,
+    /// Not opaque: the subdirectories `entries` show minus the backing subdirectories
+    /// they stand for. Kept by `set_entry` so that the link count of a directory outside
+    /// the isolated paths costs no walk over its entries.
+    pub subdir_delta: i64,
 }
 
 #[derive(Debug)]
@@ -558,17 +562,7 @@ impl View {
         else {
             return;
         };
-        let mut nlink = st.st_nlink as i64;
-        for (name, bound) in &overlay.entries {
-            let shown = bound
-                .and_then(|c| self.nodes.get(&c))
-                .is_some_and(|c| c.attr.is_dir());
-            let there = self
-                .backing
-                .lstat(&origin.join(name))
-                .is_ok_and(|s| is_dir(s.st_mode));
-            nlink += shown as i64 - there as i64;
-        }
+        let nlink = st.st_nlink as i64 + overlay.subdir_delta;
         let mut a = Attr::from_stat(&st);
         a.nlink = nlink.max(2) as u32;
         self.nodes.get_mut(&id).expect("checked above").attr = a;
@@ -932,12 +926,35 @@ impl View {
 
     fn set_entry(&mut self, dir: u64, name: &OsStr, to: Option<u64>) {
         let clock = self.clock();
+        let shows_dir = |bound: Option<u64>| {
+            bound
+                .and_then(|c| self.nodes.get(&c))
+                .is_some_and(|c| c.attr.is_dir())
+        };
+        let d = &self.nodes[&dir];
+        let delta = match (
+            &d.origin,
+            d.overlay.as_ref().and_then(|o| o.entries.get(name)),
+        ) {
+            (None, _) => 0,
+            _ if d.overlay.as_ref().is_some_and(|o| o.opaque) => 0,
+            (Some(_), Some(&was)) => shows_dir(to) as i64 - shows_dir(was) as i64,
+            (Some(origin), None) => {
+                // The first entry for this name: it stands for what BACKING has there.
+                let there = self
+                    .backing
+                    .lstat(&origin.join(name))
+                    .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR);
+                shows_dir(to) as i64 - there as i64
+            }
+        };
         let d = self.nodes.get_mut(&dir).expect("dir exists");
         let opaque = d.origin.is_none();
         let ov = d.overlay.get_or_insert_with(|| Overlay {
             opaque,
             ..Default::default()
         });
+        ov.subdir_delta += delta;
         let old = match (to, ov.opaque) {
             (None, true) => ov.entries.remove(name).flatten(),
             _ => ov.entries.insert(name.to_owned(), to).flatten(),
