@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::fs::Shared;
-use crate::journal::Journal;
+use crate::journal::{Journal, Record};
 use crate::store::{CommitProgress, Store};
 use crate::view::View;
 use crate::Error;
@@ -94,11 +94,48 @@ fn serve(conn: &UnixStream, store: &Store, shared: &Shared) -> std::io::Result<(
         Ok(r) => r,
         Err(e) => return send(conn, json!({"error": format!("bad request: {e}")})),
     };
-    let res = handle(conn, store, shared, &req);
-    match res {
-        Ok(v) => send(conn, json!({ "ok": v })),
+    match handle(conn, store, shared, &req) {
+        Ok(Answer::Value(v)) => send(conn, json!({ "ok": v })),
+        Ok(Answer::Log(records, since)) => {
+            // Written as it is serialised: a log of a million changes is never one value
+            // in memory.
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, conn);
+            w.write_all(b"{\"ok\":")?;
+            serde_json::to_writer(&mut w, &Store::log(&records, since))
+                .map_err(std::io::Error::other)?;
+            w.write_all(b"}\n")?;
+            w.flush()
+        }
         Err(e) => send(conn, json!({ "error": e.to_string() })),
     }
+}
+
+/// What a request answers.
+enum Answer {
+    Value(Value),
+    /// The records, and the sequence number to list them after.
+    Log(Vec<Record>, u64),
+}
+
+/// The journal's records and the view's node count, read without holding up the mount
+/// for the journal's length (seconds for some GiB). A commit or discard that cuts the
+/// journal meanwhile makes it read again; the third time, under the view's lock.
+fn read_records(shared: &Shared) -> Result<(Journal, Vec<Record>, u64), Error> {
+    for attempt in 1..=3 {
+        let v = shared.view.lock();
+        let snap = v.journal.snapshot();
+        let nodes = v.node_count() as u64;
+        if attempt == 3 {
+            let recs = snap.records()?;
+            return Ok((snap, recs, nodes));
+        }
+        drop(v);
+        let recs = snap.records();
+        if shared.view.lock().journal.extends(&snap) {
+            return Ok((snap, recs?, nodes));
+        }
+    }
+    unreachable!("the third attempt returns")
 }
 
 use std::io::Read;
@@ -108,23 +145,19 @@ fn handle(
     store: &Store,
     shared: &Shared,
     req: &Request,
-) -> Result<Value, Error> {
+) -> Result<Answer, Error> {
     let jpath = store.dir().join("journal");
     match req.cmd.as_str() {
         "status" | "log" => {
-            let v = shared.view.lock();
-            let (j, recs) = reopen(store, &jpath)?;
-            let nodes = v.node_count() as u64;
-            drop(v);
+            let (j, recs, nodes) = read_records(shared)?;
             if req.cmd == "status" {
                 let mut status = store.status(&j, &recs, true)?;
                 status.view_nodes = Some(nodes);
-                Ok(serde_json::to_value(status).expect("serialises"))
+                Ok(Answer::Value(
+                    serde_json::to_value(status).expect("serialises"),
+                ))
             } else {
-                Ok(
-                    serde_json::to_value(Store::log(&recs, req.since.unwrap_or(0)))
-                        .expect("serialises"),
-                )
+                Ok(Answer::Log(recs, req.since.unwrap_or(0)))
             }
         }
         "commit" => {
@@ -141,7 +174,9 @@ fn handle(
             let rebuilt = rebuild(store, &mut v, true);
             let (j, rest) = res?;
             rebuilt?;
-            Ok(json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}))
+            Ok(Answer::Value(
+                json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}),
+            ))
         }
         "discard" => {
             let (kept, stale) = {
@@ -171,7 +206,7 @@ fn handle(
                     }
                 }
             }
-            Ok(json!({"pending_changes": kept}))
+            Ok(Answer::Value(json!({"pending_changes": kept})))
         }
         other => Err(Error::Control(format!("unknown command {other:?}"))),
     }

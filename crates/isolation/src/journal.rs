@@ -81,6 +81,9 @@ pub struct Journal {
     zeroed_end: u64,
     base_seq: u64,
     last_seq: u64,
+    /// How many times the file was cut short in place ([`Journal::truncate`]): a reader of
+    /// a [`Journal::snapshot`] taken before may have read bytes that are gone.
+    truncations: u64,
 }
 
 fn crc_of(parts: &[&[u8]]) -> u32 {
@@ -119,6 +122,7 @@ impl Journal {
             zeroed_end: HEADER_LEN,
             base_seq,
             last_seq: base_seq,
+            truncations: 0,
         })
     }
 
@@ -160,92 +164,7 @@ impl Journal {
             return Err(corrupt(path, "journal belongs to another store".into()));
         }
         let base_seq = u64::from_le_bytes(h[16..24].try_into().unwrap());
-        let mut records = Vec::new();
-        let mut off = HEADER_LEN;
-        let mut last_seq = base_seq;
-        let mut buf = Vec::new();
-        while off < len {
-            let torn = |why: String| -> Result<(), Error> {
-                tracing::warn!(
-                    "{}: cutting off an unfinished last record at offset {off} ({why})",
-                    path.display()
-                );
-                Ok(())
-            };
-            if len - off < RECORD_HEADER {
-                torn(format!("{} bytes of a record header", len - off))?;
-                break;
-            }
-            let mut rh = [0u8; RECORD_HEADER as usize];
-            file.read_exact_at(&mut rh, off)
-                .map_err(|e| Error::io(path, e))?;
-            let h = RecordHeader::parse(&rh);
-            let (rlen, seq, meta_len, data_len) = (h.len, h.seq, h.meta_len, h.data_len);
-            if !h.plausible_len() {
-                if rh.iter().all(|&b| b == 0) {
-                    // Zeros where a record should start: written ahead, or allocated
-                    // and never written.
-                    break;
-                }
-                if !good_record_after(&file, off + 1, len, last_seq)
-                    .map_err(|e| Error::io(path, e))?
-                {
-                    torn(format!("a record header of impossible length {rlen}"))?;
-                    break;
-                }
-                return Err(corrupt(
-                    path,
-                    format!(
-                        "record at offset {off}: impossible length {rlen}, with records after it"
-                    ),
-                ));
-            }
-            if off + rlen > len {
-                torn(format!("record of {rlen} bytes, {} in the file", len - off))?;
-                break;
-            }
-            buf.resize(rlen as usize, 0);
-            file.read_exact_at(&mut buf, off)
-                .map_err(|e| Error::io(path, e))?;
-            let crc_ok = crc_of(&[&buf[8..]]) == h.crc;
-            let shape_ok = h.shape_ok();
-            if !crc_ok || !shape_ok {
-                // Look after its payload if the header is whole, else at every byte.
-                let from = if shape_ok { off + rlen } else { off + 1 };
-                if !good_record_after(&file, from, len, last_seq).map_err(|e| Error::io(path, e))? {
-                    torn("checksum mismatch in the last record".into())?;
-                    break;
-                }
-                return Err(corrupt(
-                    path,
-                    format!("record at offset {off} (seq {seq}): checksum mismatch, with records after it"),
-                ));
-            }
-            if seq != last_seq + 1 {
-                return Err(corrupt(
-                    path,
-                    format!("record at offset {off}: sequence {seq} follows {last_seq}"),
-                ));
-            }
-            let meta = &buf[RECORD_HEADER as usize..(RECORD_HEADER + meta_len) as usize];
-            let Entry { at, change }: Entry<Change> = serde_json::from_slice(meta)
-                .map_err(|e| corrupt(path, format!("record at offset {off} (seq {seq}): {e}")))?;
-            if change.data_len() != data_len {
-                return Err(corrupt(
-                    path,
-                    format!("record at offset {off} (seq {seq}): {data_len} bytes of data for {} bytes of blocks", change.data_len()),
-                ));
-            }
-            records.push(Record {
-                seq,
-                at,
-                offset: off,
-                data_offset: off + RECORD_HEADER + meta_len,
-                change,
-            });
-            last_seq = seq;
-            off += rlen;
-        }
+        let (records, off, last_seq) = scan(&file, path, len, base_seq, true)?;
         if repair && off < len {
             file.set_len(off).map_err(|e| Error::io(path, e))?;
             file.sync_all().map_err(|e| Error::io(path, e))?;
@@ -258,9 +177,46 @@ impl Journal {
                 zeroed_end: off,
                 base_seq,
                 last_seq,
+                truncations: 0,
             },
             records,
         ))
+    }
+
+    /// A read-only copy of this journal as it is now (sharing the open file), for
+    /// [`Journal::records`] without holding up the one being appended to.
+    pub fn snapshot(&self) -> Journal {
+        Journal {
+            path: self.path.clone(),
+            file: self.file.clone(),
+            end: self.end,
+            zeroed_end: self.zeroed_end,
+            base_seq: self.base_seq,
+            last_seq: self.last_seq,
+            truncations: self.truncations,
+        }
+    }
+
+    /// Whether `snap` (a [`Journal::snapshot`] of this journal) still describes a prefix
+    /// of it: same file, not cut short since.
+    pub fn extends(&self, snap: &Journal) -> bool {
+        Arc::ptr_eq(&self.file, &snap.file) && self.truncations == snap.truncations
+    }
+
+    /// The records, read again from the file, without reading or checking their data
+    /// (checked when the journal was opened or the records appended).
+    pub fn records(&self) -> Result<Vec<Record>, Error> {
+        let (records, _, last_seq) = scan(&self.file, &self.path, self.end, self.base_seq, false)?;
+        if last_seq != self.last_seq {
+            return Err(corrupt(
+                &self.path,
+                format!(
+                    "read up to sequence {last_seq}, the journal has {}",
+                    self.last_seq
+                ),
+            ));
+        }
+        Ok(records)
     }
 
     /// Appends a change with its data; returns its sequence number and data offset.
@@ -355,6 +311,7 @@ impl Journal {
         self.end = end;
         self.zeroed_end = end;
         self.last_seq = seq;
+        self.truncations += 1;
         Ok(())
     }
 }
@@ -396,6 +353,110 @@ impl RecordHeader {
 /// Garbage can look like many record headers, each asking for a CRC of up to 64 MiB:
 /// after 4,096 of them it answers yes, so the journal is refused as corrupt
 /// rather than cut (the cautious side).
+/// Reads the records of `file` from its header up to `len`: (records, where the last
+/// whole one ends, its sequence). A torn last record is left out (with a warning); damage
+/// with good records after it is an error. `verify_data`: read each record whole and
+/// check its checksum; else read only headers and changes.
+fn scan(
+    file: &File,
+    path: &Path,
+    len: u64,
+    base_seq: u64,
+    verify_data: bool,
+) -> Result<(Vec<Record>, u64, u64), Error> {
+    let mut records = Vec::new();
+    let mut off = HEADER_LEN;
+    let mut last_seq = base_seq;
+    let mut buf = Vec::new();
+    while off < len {
+        let torn = |why: String| -> Result<(), Error> {
+            tracing::warn!(
+                "{}: cutting off an unfinished last record at offset {off} ({why})",
+                path.display()
+            );
+            Ok(())
+        };
+        if len - off < RECORD_HEADER {
+            torn(format!("{} bytes of a record header", len - off))?;
+            break;
+        }
+        let mut rh = [0u8; RECORD_HEADER as usize];
+        file.read_exact_at(&mut rh, off)
+            .map_err(|e| Error::io(path, e))?;
+        let h = RecordHeader::parse(&rh);
+        let (rlen, seq, meta_len, data_len) = (h.len, h.seq, h.meta_len, h.data_len);
+        if !h.plausible_len() {
+            if rh.iter().all(|&b| b == 0) {
+                // Zeros where a record should start: written ahead, or allocated
+                // and never written.
+                break;
+            }
+            if !good_record_after(file, off + 1, len, last_seq).map_err(|e| Error::io(path, e))? {
+                torn(format!("a record header of impossible length {rlen}"))?;
+                break;
+            }
+            return Err(corrupt(
+                path,
+                format!("record at offset {off}: impossible length {rlen}, with records after it"),
+            ));
+        }
+        if off + rlen > len {
+            torn(format!("record of {rlen} bytes, {} in the file", len - off))?;
+            break;
+        }
+        // Without `verify_data`, only the header and the change are read.
+        let read_len = if verify_data {
+            rlen
+        } else {
+            (RECORD_HEADER + meta_len).min(rlen)
+        };
+        buf.resize(read_len as usize, 0);
+        file.read_exact_at(&mut buf, off)
+            .map_err(|e| Error::io(path, e))?;
+        let crc_ok = !verify_data || crc_of(&[&buf[8..]]) == h.crc;
+        let shape_ok = h.shape_ok();
+        if !crc_ok || !shape_ok {
+            // Look after its payload if the header is whole, else at every byte.
+            let from = if shape_ok { off + rlen } else { off + 1 };
+            if !good_record_after(file, from, len, last_seq).map_err(|e| Error::io(path, e))? {
+                torn("checksum mismatch in the last record".into())?;
+                break;
+            }
+            return Err(corrupt(
+                path,
+                format!(
+                    "record at offset {off} (seq {seq}): checksum mismatch, with records after it"
+                ),
+            ));
+        }
+        if seq != last_seq + 1 {
+            return Err(corrupt(
+                path,
+                format!("record at offset {off}: sequence {seq} follows {last_seq}"),
+            ));
+        }
+        let meta = &buf[RECORD_HEADER as usize..(RECORD_HEADER + meta_len) as usize];
+        let Entry { at, change }: Entry<Change> = serde_json::from_slice(meta)
+            .map_err(|e| corrupt(path, format!("record at offset {off} (seq {seq}): {e}")))?;
+        if change.data_len() != data_len {
+            return Err(corrupt(
+                path,
+                format!("record at offset {off} (seq {seq}): {data_len} bytes of data for {} bytes of blocks", change.data_len()),
+            ));
+        }
+        records.push(Record {
+            seq,
+            at,
+            offset: off,
+            data_offset: off + RECORD_HEADER + meta_len,
+            change,
+        });
+        last_seq = seq;
+        off += rlen;
+    }
+    Ok((records, off, last_seq))
+}
+
 fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Result<bool> {
     const WINDOW: usize = 1 << 20;
     const MAX_CANDIDATES: usize = 4096;
@@ -475,6 +536,34 @@ mod tests {
                 alloc: false,
             }],
         }
+    }
+
+    #[test]
+    fn a_snapshot_reads_the_records_appended_before_it_and_knows_a_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let id = [7; 16];
+        let mut j = Journal::create(&p, 0, id).unwrap();
+        let block = vec![0xab; BLOCK as usize];
+        for n in 1..=3 {
+            j.append(&data_change(n), (1, 0), &[&block.repeat(n as usize)])
+                .unwrap();
+        }
+        let snap = j.snapshot();
+        let end_of_two = j.records().unwrap()[1].end();
+        // Appended after the snapshot: not in it, and the snapshot still holds.
+        j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        assert!(j.extends(&snap));
+        let read = snap.records().unwrap();
+        let opened = Journal::open(&p, id, false).unwrap().1;
+        assert_eq!(read.len(), 3);
+        for (a, b) in read.iter().zip(&opened) {
+            assert_eq!((a.seq, a.offset, a.data_offset), (b.seq, b.offset, b.data_offset));
+            assert_eq!(a.change, b.change);
+        }
+        j.truncate(end_of_two, 2).unwrap();
+        assert!(!j.extends(&snap), "a truncation since the snapshot");
+        assert_eq!(j.records().unwrap().len(), 2);
     }
 
     #[test]

@@ -90,6 +90,36 @@ pub struct LogEntry {
     pub data_bytes: u64,
 }
 
+/// [`Store::log`]'s answer: serialises like a `Vec<LogEntry>` without copying a change.
+pub struct LogOf<'a> {
+    records: &'a [Record],
+    since: u64,
+}
+
+impl Serialize for LogOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        /// [`LogEntry`] borrowing its change.
+        #[derive(Serialize)]
+        struct Borrowed<'a> {
+            seq: u64,
+            #[serde(flatten)]
+            change: &'a Change,
+            #[serde(skip_serializing_if = "is_zero")]
+            data_bytes: u64,
+        }
+        s.collect_seq(
+            self.records
+                .iter()
+                .filter(|r| r.seq > self.since)
+                .map(|r| Borrowed {
+                    seq: r.seq,
+                    change: &r.change,
+                    data_bytes: r.change.data_len(),
+                }),
+        )
+    }
+}
+
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -444,16 +474,10 @@ impl Store {
         })
     }
 
-    pub fn log(records: &[Record], since: u64) -> Vec<LogEntry> {
-        records
-            .iter()
-            .filter(|r| r.seq > since)
-            .map(|r| LogEntry {
-                seq: r.seq,
-                data_bytes: r.change.data_len(),
-                change: r.change.clone(),
-            })
-            .collect()
+    /// The entries of `isolation log` after `since`, serialised as a list of
+    /// [`LogEntry`] straight from the records.
+    pub fn log(records: &[Record], since: u64) -> LogOf<'_> {
+        LogOf { records, since }
     }
 
     fn write_state(&self, f: &File, s: &CommitState) -> Result<(), Error> {
