@@ -783,6 +783,55 @@ fn view_nodes_at_rest(store: &Path) -> u64 {
 }
 
 #[test]
+fn files_removed_in_the_view_leave_no_node_behind() {
+    // What the view removed lives on in the journal only: its node goes once nothing holds
+    // it (a program making and removing temporary files does not grow the daemon), and a
+    // file removed while open stays readable until closed.
+    let d = dirs();
+    fs::write(d.backing.join("old"), b"backing").unwrap();
+    let m = d.mount();
+    let resting = view_nodes_at_rest(&d.store);
+    let tmp = d.mnt.join("tmp");
+    for i in 0..500 {
+        fs::write(&tmp, format!("temporary {i}")).unwrap();
+        fs::remove_file(&tmp).unwrap();
+    }
+    fs::create_dir(d.mnt.join("dir")).unwrap();
+    fs::remove_dir(d.mnt.join("dir")).unwrap();
+    fs::write(d.mnt.join("old"), b"changed").unwrap();
+    fs::remove_file(d.mnt.join("old")).unwrap();
+    let held = d.mnt.join("held");
+    fs::write(&held, b"held data").unwrap();
+    let open = File::open(&held).unwrap();
+    fs::remove_file(&held).unwrap();
+    assert_eq!(
+        view_nodes_at_rest(&d.store),
+        resting + 1,
+        "nodes after 502 files made or changed and removed, one of them still open"
+    );
+    let mut buf = Vec::new();
+    (&open).read_to_end(&mut buf).unwrap();
+    assert_eq!(
+        buf, b"held data",
+        "the removed file, read through its descriptor"
+    );
+    drop(open);
+    assert_eq!(view_nodes_at_rest(&d.store), resting, "after closing it");
+    let pending = num(&status(&d.store), "pending_changes");
+    assert!(
+        pending > 1000,
+        "{pending} changes pending: the removed ones are recorded"
+    );
+    m.stop();
+    commit(&d.store, None);
+    let names: Vec<_> = fs::read_dir(&d.backing)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.is_empty(), "BACKING after the commit: {names:?}");
+}
+
+#[test]
 fn listings_carry_the_views_attributes() {
     // Listings of an isolated mount come with attributes (READDIRPLUS), each entry sent
     // counting as a lookup. Checked: the attributes are the view's (changed, created,

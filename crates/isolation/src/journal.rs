@@ -558,7 +558,10 @@ mod tests {
         let opened = Journal::open(&p, id, false).unwrap().1;
         assert_eq!(read.len(), 3);
         for (a, b) in read.iter().zip(&opened) {
-            assert_eq!((a.seq, a.offset, a.data_offset), (b.seq, b.offset, b.data_offset));
+            assert_eq!(
+                (a.seq, a.offset, a.data_offset),
+                (b.seq, b.offset, b.data_offset)
+            );
             assert_eq!(a.change, b.change);
         }
         j.truncate(end_of_two, 2).unwrap();

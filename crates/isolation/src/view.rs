@@ -505,17 +505,15 @@ impl View {
         self.maybe_drop(id);
     }
 
-    /// Drops a node that is only a cache of the backing directory and unused.
+    /// Drops an unused node that is only a cache of the backing directory, or that lost
+    /// every name in the view (its changes are in the journal; nothing can reach it).
     pub fn maybe_drop(&mut self, id: u64) {
         let Some(n) = self.nodes.get(&id) else { return };
-        if id == ROOT
-            || n.changed
-            || n.refs > 0
-            || n.lookups > 0
-            || n.opens > 0
-            || n.attr.is_dir()
-            || n.overlay.is_some()
-        {
+        if id == ROOT || n.refs > 0 || n.lookups > 0 || n.opens > 0 {
+            return;
+        }
+        let removed = n.attr.nlink == 0 && n.links.is_empty();
+        if !removed && (n.changed || n.attr.is_dir() || n.overlay.is_some()) {
             return;
         }
         let n = self.nodes.remove(&id).expect("present");
