@@ -34,6 +34,7 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 
 pub use fs::{FilterFs, Options};
+pub use sys::return_free_memory;
 
 /// What to mount where.
 pub struct MountConfig {

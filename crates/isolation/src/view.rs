@@ -261,7 +261,15 @@ pub struct View {
     next_new: u64,
     /// Journal appends not yet made durable.
     pub unsynced: bool,
+    /// Unchanged directories the kernel forgot: dropped by [`View::sweep_dirs`] once no
+    /// node names one of them as its parent.
+    dir_candidates: HashSet<u64>,
+    /// [`View::sweep_dirs`] runs when `dir_candidates` reaches this size.
+    sweep_at: usize,
 }
+
+/// The fewest forgotten directories worth a sweep over every node.
+const SWEEP_MIN: usize = 256;
 
 fn kind_of_dtype(t: rustix::fs::FileType) -> u32 {
     use rustix::fs::FileType as T;
@@ -300,6 +308,8 @@ impl View {
             by_ino,
             next_new: FIRST_NEW_ID,
             unsynced: false,
+            dir_candidates: HashSet::new(),
+            sweep_at: SWEEP_MIN,
         })
     }
 
@@ -513,13 +523,76 @@ impl View {
             return;
         }
         let removed = n.attr.nlink == 0 && n.links.is_empty();
-        if !removed && (n.changed || n.attr.is_dir() || n.overlay.is_some()) {
+        if !removed && (n.changed || n.overlay.is_some()) {
+            return;
+        }
+        if !removed && n.attr.is_dir() {
+            // Nodes below it name it as their parent: dropped later, if none is left.
+            self.dir_candidates.insert(id);
+            if self.dir_candidates.len() >= self.sweep_at {
+                self.sweep_dirs();
+            }
             return;
         }
         let n = self.nodes.remove(&id).expect("present");
         if let Some(ino) = n.backing_ino {
             unmap_ino(&mut self.by_ino, ino, id);
         }
+    }
+
+    /// Drops the forgotten unchanged directories that no node names as its parent any
+    /// more, again and again as long as that frees more (a forgotten tree goes from the
+    /// leaves up). Each sweep looks at every node, so the next one waits for a quarter as
+    /// many candidates as there are nodes, and for twice as many as are left (directories
+    /// kept by what is below them): a forget storm costs a few looks per node, not a
+    /// sweep every few hundred forgets.
+    fn sweep_dirs(&mut self) {
+        let before = self.nodes.len();
+        loop {
+            let parents: HashSet<u64> = self
+                .nodes
+                .values()
+                .flat_map(|n| n.links.iter().map(|(p, _)| *p))
+                .collect();
+            let nodes = &self.nodes;
+            self.dir_candidates.retain(|id| {
+                nodes.get(id).is_some_and(|n| {
+                    n.lookups == 0
+                        && n.opens == 0
+                        && n.refs == 0
+                        && !n.changed
+                        && n.overlay.is_none()
+                        && n.attr.is_dir()
+                })
+            });
+            let free: Vec<u64> = self
+                .dir_candidates
+                .iter()
+                .copied()
+                .filter(|id| !parents.contains(id))
+                .collect();
+            if free.is_empty() {
+                break;
+            }
+            for id in free {
+                self.dir_candidates.remove(&id);
+                let n = self.nodes.remove(&id).expect("candidates exist");
+                if let Some(ino) = n.backing_ino {
+                    unmap_ino(&mut self.by_ino, ino, id);
+                }
+            }
+        }
+        if before - self.nodes.len() >= 4096 {
+            // The maps keep the room of their largest size (a few hundred bytes a node).
+            if self.nodes.capacity() > 4 * self.nodes.len() {
+                self.nodes.shrink_to(2 * self.nodes.len());
+                self.by_ino.shrink_to(2 * self.by_ino.len());
+            }
+            interpose_fs::return_free_memory();
+        }
+        self.sweep_at = (2 * self.dir_candidates.len())
+            .max(self.nodes.len() / 4)
+            .max(SWEEP_MIN);
     }
 
     /// Current attributes: fresh from the backing directory for an unchanged node.
