@@ -255,14 +255,16 @@ pub fn request(
     send(&conn, serde_json::to_value(req).expect("serialises")).map_err(|e| Error::io(&path, e))?;
     for line in BufReader::new(&conn).lines() {
         let line = line.map_err(|e| Error::io(&path, e))?;
-        let v: Value = serde_json::from_str(&line)
+        let mut v: Value = serde_json::from_str(&line)
             .map_err(|e| Error::Control(format!("bad reply from the daemon: {e}")))?;
-        if let Some(p) = v.get("progress") {
-            if let Ok(p) = serde_json::from_value(p.clone()) {
+        drop(line);
+        if let Some(p) = v.get_mut("progress") {
+            if let Ok(p) = serde_json::from_value(p.take()) {
                 progress(p);
             }
-        } else if let Some(ok) = v.get("ok") {
-            return Ok(Some(ok.clone()));
+        } else if let Some(ok) = v.get_mut("ok") {
+            // Taken, not copied: a log's answer can be large.
+            return Ok(Some(ok.take()));
         } else if let Some(e) = v.get("error") {
             return Err(Error::Control(e.as_str().unwrap_or("error").to_owned()));
         }
