@@ -988,6 +988,53 @@ fn py_rename(from: &Path, to: &Path) -> String {
 }
 
 #[test]
+fn a_directory_whose_isolated_names_changed_is_neither_removed_nor_moved_before_a_commit() {
+    // d and top are outside the isolated paths and look empty (or hold only BACKING's
+    // names), but the journal holds changes to isolated names in them: removing or moving
+    // them in BACKING would leave records naming a directory that is gone, and the store
+    // could be neither mounted again nor committed. ENOTEMPTY and EXDEV, then a commit
+    // makes them removable and movable.
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("top/iso1")).unwrap();
+    fs::create_dir_all(d.backing.join("top/keep")).unwrap();
+    fs::create_dir_all(d.backing.join("outer/inner")).unwrap();
+    fs::write(d.backing.join("outer/inner/iso_x"), b"x").unwrap();
+    let args = ["--isolate-path", "**/iso*"];
+    let mut m = d.mount_with(&args);
+    let md = d.mnt.join("d");
+    fs::create_dir(&md).unwrap();
+    fs::write(md.join("iso1"), b"hi").unwrap();
+    fs::remove_file(md.join("iso1")).unwrap();
+    let err = fs::remove_dir(&md).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "rmdir d: {err}");
+    fs::remove_dir(d.mnt.join("top/iso1")).unwrap();
+    assert_eq!(py_rename(&d.mnt.join("top"), &d.mnt.join("top2")), "EXDEV");
+    // Changed names deeper down count too.
+    fs::remove_file(d.mnt.join("outer/inner/iso_x")).unwrap();
+    assert_eq!(
+        py_rename(&d.mnt.join("outer"), &d.mnt.join("outer2")),
+        "EXDEV"
+    );
+    m.stop();
+    m = d.mount_with(&args);
+    assert!(
+        md.is_dir() && !d.mnt.join("top/iso1").exists(),
+        "after a remount"
+    );
+    m.stop();
+    commit(&d.store, None);
+    assert!(!d.backing.join("top/iso1").exists());
+    m = d.mount_with(&args);
+    fs::remove_dir(&md).unwrap();
+    assert_eq!(py_rename(&d.mnt.join("top"), &d.mnt.join("top2")), "ok");
+    assert_eq!(py_rename(&d.mnt.join("outer"), &d.mnt.join("outer2")), "ok");
+    assert!(!d.backing.join("d").exists() && d.backing.join("top2/keep").is_dir());
+    assert!(d.backing.join("outer2/inner").is_dir());
+    assert!(!d.backing.join("outer2/inner/iso_x").exists());
+    m.stop();
+}
+
+#[test]
 fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     // --isolate-path iso: changes under iso/ go to the store, every other change goes to
     // BACKING at once and is not recorded; renames across the border fail with EXDEV; a

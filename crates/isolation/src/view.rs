@@ -781,6 +781,13 @@ impl View {
                         return Err(libc::EXDEV);
                     }
                 }
+                if let Change::Rmdir { path } = change {
+                    // Its records would name a directory BACKING no longer has: the store
+                    // could be neither mounted again nor committed.
+                    if self.pending_below(path.as_path(), named.first) {
+                        return Err(libc::ENOTEMPTY);
+                    }
+                }
                 crate::backing::apply_from(
                     &self.backing,
                     change,
@@ -799,20 +806,29 @@ impl View {
     }
 
     /// Whether the view holds pending changes below `path`, the path of node `id` (if
-    /// known: a file has nothing below it, and then nothing is scanned).
+    /// known: a file has nothing below it, and then nothing is scanned): a changed node
+    /// below it, or a directory at or below it whose names changed in the view (the
+    /// names may be gone again, their records are not).
     fn pending_below(&self, path: &Path, id: Option<u64>) -> bool {
-        if id
-            .and_then(|id| self.nodes.get(&id))
-            .is_some_and(|n| !n.attr.is_dir())
-        {
-            return false;
+        let names_changed = |n: &Node| n.overlay.as_ref().is_some_and(|o| !o.entries.is_empty());
+        if let Some(n) = id.and_then(|id| self.nodes.get(&id)) {
+            if !n.attr.is_dir() {
+                return false;
+            }
+            if names_changed(n) {
+                return true;
+            }
         }
         self.nodes.values().any(|n| {
-            n.changed
-                && n.id != ROOT
-                && self
+            if n.id == ROOT || !(n.changed || names_changed(n)) {
+                return false;
+            }
+            match id {
+                Some(dir) => n.id != dir && self.is_ancestor(dir, n.id),
+                None => self
                     .path_of(n.id)
-                    .is_some_and(|p| p.starts_with(path) && p != path)
+                    .is_some_and(|p| p.starts_with(path) && (p != path || names_changed(n))),
+            }
         })
     }
 
