@@ -832,6 +832,44 @@ fn files_removed_in_the_view_leave_no_node_behind() {
 }
 
 #[test]
+fn a_write_through_a_removed_name_reaches_the_other_hard_link_at_commit() {
+    // a and sub/b are one file in BACKING. The view removes a while a descriptor of it is
+    // open and has not met sub/b yet; writes and a chmod through the descriptor must be
+    // recorded under sub/b (the file's remaining name), not kept in the view alone: after
+    // a remount and after a commit, sub/b has them.
+    let d = dirs();
+    fs::write(d.backing.join("a"), b"hello world\n").unwrap();
+    fs::create_dir(d.backing.join("sub")).unwrap();
+    fs::hard_link(d.backing.join("a"), d.backing.join("sub/b")).unwrap();
+    let mut m = d.mount();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.mnt.join("a"))
+        .unwrap();
+    fs::remove_file(d.mnt.join("a")).unwrap();
+    f.write_all_at(b"XY", 0).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .unwrap();
+    drop(f);
+    let b = d.mnt.join("sub/b");
+    assert_eq!(read(&b), b"XYllo world\n", "through the mount");
+    m.stop();
+    m = d.mount();
+    assert_eq!(read(&b), b"XYllo world\n", "after a remount");
+    assert_eq!(mode_of(&b) & 0o7777, 0o600, "after a remount");
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(
+        read(&d.backing.join("sub/b")),
+        b"XYllo world\n",
+        "after the commit"
+    );
+    assert_eq!(mode_of(&d.backing.join("sub/b")) & 0o7777, 0o600);
+    assert!(!d.backing.join("a").exists());
+}
+
+#[test]
 fn directories_the_kernel_forgot_are_dropped_unless_something_below_is_held() {
     // 3,000 backing directories walked once: once the kernel forgets them the daemon
     // lets them go (in sweeps, so fewer than a sweep's worth may stay), except those on

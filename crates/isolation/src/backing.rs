@@ -102,6 +102,52 @@ impl Backing {
     pub fn open_rw(&self, rel: &Path) -> io::Result<File> {
         Ok(File::from(self.open_at(rel, OFlags::RDWR, 0)?))
     }
+
+    /// Names of inode `ino` beneath the root (hard links) other than `known`: those in
+    /// `known`'s directory first, then the rest of the tree, breadth first, looking at
+    /// `limit` entries at most.
+    pub fn names_of(&self, ino: u64, known: &Path, limit: usize) -> Vec<PathBuf> {
+        let near = known.parent().unwrap_or(Path::new(""));
+        let mut found = Vec::new();
+        let mut seen = 0usize;
+        // (directory, whether to descend): `near` alone first, then the whole tree (which
+        // lists `near` again: it held no match).
+        let mut queue = std::collections::VecDeque::new();
+        if !near.as_os_str().is_empty() {
+            queue.push_back((near.to_path_buf(), false));
+        }
+        queue.push_back((PathBuf::new(), true));
+        while let Some((dir, walk)) = queue.pop_front() {
+            let Ok(fd) = self.open_at(&dir, OFlags::RDONLY | OFlags::DIRECTORY, 0) else {
+                continue;
+            };
+            let Ok(entries) = rustix::fs::Dir::read_from(&fd) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = OsStr::from_bytes(e.file_name().to_bytes());
+                if name == "." || name == ".." {
+                    continue;
+                }
+                seen += 1;
+                if seen > limit {
+                    return found;
+                }
+                if e.ino() == ino && e.file_type() != rustix::fs::FileType::Directory {
+                    let path = dir.join(name);
+                    if path != known && !found.contains(&path) {
+                        found.push(path);
+                    }
+                } else if walk && e.file_type() == rustix::fs::FileType::Directory {
+                    queue.push_back((dir.join(name), true));
+                }
+            }
+            if !found.is_empty() {
+                return found;
+            }
+        }
+        found
+    }
 }
 
 /// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a

@@ -268,6 +268,9 @@ pub struct View {
     sweep_at: usize,
 }
 
+/// How many BACKING entries [`View::name_of`] looks at, at most, for another name.
+const NAME_SEARCH_LIMIT: usize = 200_000;
+
 /// The fewest forgotten directories worth a sweep over every node.
 const SWEEP_MIN: usize = 256;
 
@@ -376,6 +379,32 @@ impl View {
             path.push(p);
         }
         Some(path)
+    }
+
+    /// [`View::path_of`], or, for a file that lost every name the view knew of it but is
+    /// still linked (a hard link in BACKING the view has not met), one of those other
+    /// names: a change made through a descriptor must be recorded under a name, or a
+    /// commit or a remount would lose it.
+    fn name_of(&mut self, id: u64) -> Option<PathBuf> {
+        if let Some(p) = self.path_of(id) {
+            return Some(p);
+        }
+        let n = self.nodes.get(&id)?;
+        if n.attr.nlink == 0 || n.attr.is_dir() || n.detached {
+            return None;
+        }
+        let (ino, origin) = (n.backing_ino?, n.origin.clone()?);
+        for candidate in self.backing.names_of(ino, &origin, NAME_SEARCH_LIMIT) {
+            // Through the view: the name must show this node (not be hidden or replaced).
+            if self.resolve(&candidate) == Ok(id) {
+                return Some(candidate);
+            }
+        }
+        tracing::warn!(
+            "a change to {} (inode {ino}) is kept in the view only: no other name of it found",
+            origin.display()
+        );
+        None
     }
 
     fn child_path(&self, parent: u64, name: &OsStr) -> Res<RawPath> {
@@ -1652,7 +1681,7 @@ impl View {
     /// A node without a name (a file removed while open) has its change made in the view
     /// only, unrecorded: nothing of it can reach BACKING, and it lives while it is open.
     fn pass_or_record(&mut self, id: u64, change: impl FnOnce(RawPath) -> Change) -> Res<bool> {
-        let Some(path) = self.path_of(id) else {
+        let Some(path) = self.name_of(id) else {
             return Ok(false);
         };
         let change = change(RawPath::from_path(&path));
@@ -1956,7 +1985,7 @@ impl View {
 
     fn data_change(&mut self, id: u64, size: u64, runs: Vec<Run>, data: &[&[u8]]) -> Res<()> {
         let change = Change::Data {
-            path: self.path_of(id).map(|p| RawPath::from_path(&p)),
+            path: self.name_of(id).map(|p| RawPath::from_path(&p)),
             size,
             runs: runs.clone(),
         };
