@@ -832,6 +832,51 @@ fn files_removed_in_the_view_leave_no_node_behind() {
 }
 
 #[test]
+fn a_discard_brings_back_a_directory_a_process_still_sits_in() {
+    // rm -rf of a/b/c while a process has its working directory there, then a discard:
+    // the kernel marked the removed directory's inode dead, so the directory the discard
+    // brings back must be a new inode for it, with its contents; the process's directory
+    // stays the removed one.
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("a/b/c")).unwrap();
+    fs::write(d.backing.join("a/b/c/file"), b"kept\n").unwrap();
+    let m = d.mount();
+    let c = d.mnt.join("a/b/c");
+    /// Ends the process however the test ends, or the mount could not be unmounted.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let holder = Holder(
+        Command::new("sleep")
+            .arg("60")
+            .current_dir(&c)
+            .spawn()
+            .unwrap(),
+    );
+    fs::remove_dir_all(&c).unwrap();
+    assert!(!c.exists());
+    iso("discard", &d.store, &[]);
+    let names: Vec<_> = fs::read_dir(&c)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["file"], "the directory brought back, listed");
+    assert_eq!(read(&c.join("file")), b"kept\n");
+    fs::write(c.join("new"), b"n").unwrap();
+    let cwd = fs::read_link(format!("/proc/{}/cwd", holder.0.id())).unwrap();
+    assert!(
+        cwd.to_string_lossy().ends_with("(deleted)"),
+        "the holder's directory: {cwd:?}"
+    );
+    drop(holder);
+    m.stop();
+}
+
+#[test]
 fn a_write_through_a_removed_name_reaches_the_other_hard_link_at_commit() {
     // a and sub/b are one file in BACKING. The view removes a while a descriptor of it is
     // open and has not met sub/b yet; writes and a chmod through the descriptor must be

@@ -204,6 +204,9 @@ pub struct Known {
     pub backing_ino: Option<u64>,
     pub origin: Option<PathBuf>,
     pub kind: u32,
+    /// Its attributes (what a directory removed in the view keeps showing, see
+    /// [`View::adopt`]).
+    pub attr: Attr,
     pub lookups: u64,
     pub opens: u32,
     pub writers: u32,
@@ -2255,6 +2258,7 @@ impl View {
                 backing_ino: n.backing_ino,
                 origin: n.origin.clone().filter(|_| !n.detached),
                 kind: n.attr.kind(),
+                attr: n.attr.clone(),
                 lookups: n.lookups,
                 opens: n.opens,
                 writers: n.writers,
@@ -2291,7 +2295,15 @@ impl View {
         let mut carried = Vec::new();
         // Objects of BACKING first: their identity is certain, a path is not.
         known.sort_by_key(|k| k.backing_ino.is_none());
+        let mut dead_dirs = Vec::new();
         for k in known {
+            if k.path.is_none() && k.kind == libc::S_IFDIR {
+                // A directory the view removed that the kernel still holds (a process's
+                // working directory): the kernel has marked its inode dead, so its number
+                // must not name the directory a discard brings back.
+                dead_dirs.push(k);
+                continue;
+            }
             let places = [
                 k.path.clone(),
                 k.origin.clone().filter(|_| k.backing_ino.is_some()),
@@ -2317,6 +2329,12 @@ impl View {
             claimed.insert(id);
             carried.push(k);
         }
+        for k in &dead_dirs {
+            if self.nodes.contains_key(&k.id) && !remap.contains_key(&k.id) {
+                remap.insert(k.id, self.next_new);
+                self.next_new += 1;
+            }
+        }
         if !remap.is_empty() {
             let nodes = std::mem::take(&mut self.nodes);
             let m = |id: u64| *remap.get(&id).unwrap_or(&id);
@@ -2335,6 +2353,17 @@ impl View {
             for v in self.by_ino.values_mut() {
                 *v = m(*v);
             }
+        }
+        for k in dead_dirs {
+            if self.nodes.contains_key(&k.id) {
+                continue;
+            }
+            let mut n = Node::new(k.id, None, k.attr);
+            n.attr.nlink = 0;
+            n.changed = true;
+            n.lookups = k.lookups;
+            n.opens = k.opens;
+            self.nodes.insert(k.id, n);
         }
         for k in carried {
             if let Some(n) = self.nodes.get_mut(&k.id) {
