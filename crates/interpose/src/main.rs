@@ -417,19 +417,32 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
             ));
         }
     };
-    // A mounted store answers through its daemon; otherwise work on the store directly.
-    let answer = match request(store_dir, &req, &mut progress)? {
+    let json = match &cmd {
+        IsolationCommand::Status { json, .. } | IsolationCommand::Log { json, .. } => *json,
+        _ => false,
+    };
+    let mut log = LogPrinter::new(json);
+    // A mounted store answers through its daemon (a log one entry at a time); otherwise
+    // work on the store directly.
+    let answer = match request(store_dir, &req, &mut progress, &mut |e| log.entry(e))? {
         Some(v) => v,
         None => {
             let store = Store::open(store_dir)?;
             match &cmd {
                 IsolationCommand::Status { .. } => {
                     let (j, recs) = store.journal()?;
-                    serde_json::to_value(store.status(&j, &recs, false)?)?
+                    let mut tally = interpose_isolation::store::Tally::default();
+                    recs.iter().for_each(|r| tally.add(r));
+                    serde_json::to_value(store.status(&j, &tally, false)?)?
                 }
                 IsolationCommand::Log { since, .. } => {
                     let (_, recs) = store.journal()?;
-                    serde_json::to_value(Store::log(&recs, *since))?
+                    for r in recs.iter().filter(|r| r.seq > *since) {
+                        log.entry(serde_json::to_value(
+                            interpose_isolation::store::LogEntryRef::of(r),
+                        )?);
+                    }
+                    serde_json::json!({})
                 }
                 IsolationCommand::Commit { upto, .. } => {
                     let backing = store.backing()?;
@@ -448,10 +461,9 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let json = match &cmd {
-        IsolationCommand::Status { json, .. } | IsolationCommand::Log { json, .. } => *json,
-        _ => false,
-    };
+    if matches!(cmd, IsolationCommand::Log { .. }) {
+        return log.finish();
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
         return Ok(());
@@ -479,24 +491,7 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 println!("interrupted commit up to {t}: run `interpose isolation commit` again");
             }
         }
-        IsolationCommand::Log { .. } => {
-            let entries: Vec<interpose_isolation::LogEntry> = serde_json::from_value(answer)?;
-            for e in entries {
-                let (a, b) = e.change.paths();
-                let show = |p: Option<&interpose_isolation::change::RawPath>| {
-                    p.map(|p| format!("/{}", p.display()))
-                        .unwrap_or_else(|| "(unlinked)".into())
-                };
-                let mut line = format!("{:>8}  {:<11} {}", e.seq, e.change.name(), show(a));
-                if b.is_some() {
-                    line += &format!(" -> {}", show(b));
-                }
-                if let interpose_isolation::change::Change::Data { size, .. } = &e.change {
-                    line += &format!("  (size {size}, {} bytes of blocks)", e.data_bytes);
-                }
-                println!("{line}");
-            }
-        }
+        IsolationCommand::Log { .. } => unreachable!("printed above"),
         IsolationCommand::Commit { .. } => println!(
             "committed up to change {}; {} changes pending",
             answer["committed_upto"], answer["pending_changes"]
@@ -506,4 +501,70 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints `isolation log` entries as they come: text lines, or (`--json`) one JSON array.
+struct LogPrinter {
+    json: bool,
+    count: u64,
+    out: std::io::BufWriter<std::io::Stdout>,
+    failed: Option<anyhow::Error>,
+}
+
+impl LogPrinter {
+    fn new(json: bool) -> LogPrinter {
+        LogPrinter {
+            json,
+            count: 0,
+            out: std::io::BufWriter::new(std::io::stdout()),
+            failed: None,
+        }
+    }
+
+    fn entry(&mut self, v: serde_json::Value) {
+        if self.failed.is_none() {
+            if let Err(e) = self.write(v) {
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        use std::io::Write;
+        self.count += 1;
+        if self.json {
+            let sep = if self.count == 1 { "[\n" } else { ",\n" };
+            let text = serde_json::to_string_pretty(&v)?;
+            let indented: Vec<String> = text.lines().map(|l| format!("  {l}")).collect();
+            write!(self.out, "{sep}{}", indented.join("\n"))?;
+            return Ok(());
+        }
+        let e: interpose_isolation::LogEntry = serde_json::from_value(v)?;
+        let (a, b) = e.change.paths();
+        let show = |p: Option<&interpose_isolation::change::RawPath>| {
+            p.map(|p| format!("/{}", p.display()))
+                .unwrap_or_else(|| "(unlinked)".into())
+        };
+        let mut line = format!("{:>8}  {:<11} {}", e.seq, e.change.name(), show(a));
+        if b.is_some() {
+            line += &format!(" -> {}", show(b));
+        }
+        if let interpose_isolation::change::Change::Data { size, .. } = &e.change {
+            line += &format!("  (size {size}, {} bytes of blocks)", e.data_bytes);
+        }
+        writeln!(self.out, "{line}")?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        use std::io::Write;
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        if self.json {
+            writeln!(self.out, "{}", if self.count == 0 { "[]" } else { "\n]" })?;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! → {"cmd":"status"} | {"cmd":"log","since":N} | {"cmd":"commit","upto":N} | {"cmd":"discard","after":N}
-//! ← {"progress":{...}}*  then  {"ok":VALUE} or {"error":"MESSAGE"}
+//! ← {"progress":{...}}* or {"entry":{...}}* (log)  then  {"ok":VALUE} or {"error":"MESSAGE"}
 //! ```
 //! While a commit or discard runs, file-system requests wait: the view never shows a
 //! half-done state. After a discard the kernel's caches of the view are invalidated.
@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::fs::Shared;
-use crate::journal::{Journal, Record};
-use crate::store::{CommitProgress, Store};
+use crate::journal::Journal;
+use crate::store::{CommitProgress, LogEntryRef, Store, Tally};
 use crate::view::View;
 use crate::Error;
 
@@ -95,47 +95,9 @@ fn serve(conn: &UnixStream, store: &Store, shared: &Shared) -> std::io::Result<(
         Err(e) => return send(conn, json!({"error": format!("bad request: {e}")})),
     };
     match handle(conn, store, shared, &req) {
-        Ok(Answer::Value(v)) => send(conn, json!({ "ok": v })),
-        Ok(Answer::Log(records, since)) => {
-            // Written as it is serialised: a log of a million changes is never one value
-            // in memory.
-            let mut w = std::io::BufWriter::with_capacity(1 << 16, conn);
-            w.write_all(b"{\"ok\":")?;
-            serde_json::to_writer(&mut w, &Store::log(&records, since))
-                .map_err(std::io::Error::other)?;
-            w.write_all(b"}\n")?;
-            w.flush()
-        }
+        Ok(v) => send(conn, json!({ "ok": v })),
         Err(e) => send(conn, json!({ "error": e.to_string() })),
     }
-}
-
-/// What a request answers.
-enum Answer {
-    Value(Value),
-    /// The records, and the sequence number to list them after.
-    Log(Vec<Record>, u64),
-}
-
-/// The journal's records and the view's node count, read without holding up the mount
-/// for the journal's length (seconds for some GiB). A commit or discard that cuts the
-/// journal meanwhile makes it read again; the third time, under the view's lock.
-fn read_records(shared: &Shared) -> Result<(Journal, Vec<Record>, u64), Error> {
-    for attempt in 1..=3 {
-        let v = shared.view.lock();
-        let snap = v.journal.snapshot();
-        let nodes = v.node_count() as u64;
-        if attempt == 3 {
-            let recs = snap.records()?;
-            return Ok((snap, recs, nodes));
-        }
-        drop(v);
-        let recs = snap.records();
-        if shared.view.lock().journal.extends(&snap) {
-            return Ok((snap, recs?, nodes));
-        }
-    }
-    unreachable!("the third attempt returns")
 }
 
 use std::io::Read;
@@ -145,20 +107,61 @@ fn handle(
     store: &Store,
     shared: &Shared,
     req: &Request,
-) -> Result<Answer, Error> {
+) -> Result<Value, Error> {
     let jpath = store.dir().join("journal");
     match req.cmd.as_str() {
-        "status" | "log" => {
-            let (j, recs, nodes) = read_records(shared)?;
-            if req.cmd == "status" {
-                let mut status = store.status(&j, &recs, true)?;
-                status.view_nodes = Some(nodes);
-                Ok(Answer::Value(
-                    serde_json::to_value(status).expect("serialises"),
-                ))
-            } else {
-                Ok(Answer::Log(recs, req.since.unwrap_or(0)))
+        "status" => {
+            // Read without holding up the mount for the journal's length (seconds for
+            // some GiB); a commit or discard that cut the journal meanwhile makes it read
+            // again, the third time under the view's lock.
+            for attempt in 1..=3 {
+                let v = shared.view.lock();
+                let (snap, nodes) = (v.journal.snapshot(), v.node_count() as u64);
+                let held = (attempt == 3).then_some(v);
+                let mut tally = Tally::default();
+                let read = snap.for_each_record(&mut |r| {
+                    tally.add(&r);
+                    Ok(())
+                });
+                if held.is_some() || shared.view.lock().journal.extends(&snap) {
+                    read?;
+                    let mut status = store.status(&snap, &tally, true)?;
+                    status.view_nodes = Some(nodes);
+                    return Ok(serde_json::to_value(status).expect("serialises"));
+                }
             }
+            unreachable!("the third attempt returns")
+        }
+        "log" => {
+            // One line per change, written as the journal is read: a log of millions of
+            // changes is never in memory. A discard that cuts the journal meanwhile
+            // does not touch the snapshot's bytes before the cut; the log is as it was.
+            let snap = shared.view.lock().journal.snapshot();
+            let since = req.since.unwrap_or(0);
+            let mut w = std::io::BufWriter::with_capacity(1 << 16, conn);
+            let mut entries = 0u64;
+            let path = snap.path().to_path_buf();
+            snap.for_each_record(&mut |r| {
+                if r.seq <= since {
+                    return Ok(());
+                }
+                entries += 1;
+                #[derive(Serialize)]
+                struct Line<'a> {
+                    entry: LogEntryRef<'a>,
+                }
+                serde_json::to_writer(
+                    &mut w,
+                    &Line {
+                        entry: LogEntryRef::of(&r),
+                    },
+                )
+                .map_err(std::io::Error::other)
+                .and_then(|()| w.write_all(b"\n"))
+                .map_err(|e| Error::io(&path, e))
+            })?;
+            w.flush().map_err(|e| Error::io(&path, e))?;
+            Ok(json!({ "entries": entries }))
         }
         "commit" => {
             let mut v = shared.view.lock();
@@ -174,9 +177,7 @@ fn handle(
             let rebuilt = rebuild(store, &mut v, true);
             let (j, rest) = res?;
             rebuilt?;
-            Ok(Answer::Value(
-                json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}),
-            ))
+            Ok(json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}))
         }
         "discard" => {
             let (kept, stale) = {
@@ -206,7 +207,7 @@ fn handle(
                     }
                 }
             }
-            Ok(Answer::Value(json!({"pending_changes": kept})))
+            Ok(json!({"pending_changes": kept}))
         }
         other => Err(Error::Control(format!("unknown command {other:?}"))),
     }
@@ -238,6 +239,7 @@ pub fn request(
     store_dir: &Path,
     req: &Request,
     progress: &mut dyn FnMut(CommitProgress),
+    entry: &mut dyn FnMut(Value),
 ) -> Result<Option<Value>, Error> {
     let path = Store::socket_path(store_dir);
     let conn = match UnixStream::connect(&path) {
@@ -258,7 +260,9 @@ pub fn request(
         let mut v: Value = serde_json::from_str(&line)
             .map_err(|e| Error::Control(format!("bad reply from the daemon: {e}")))?;
         drop(line);
-        if let Some(p) = v.get_mut("progress") {
+        if let Some(e) = v.get_mut("entry") {
+            entry(e.take());
+        } else if let Some(p) = v.get_mut("progress") {
             if let Ok(p) = serde_json::from_value(p.take()) {
                 progress(p);
             }

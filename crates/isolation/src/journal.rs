@@ -164,7 +164,11 @@ impl Journal {
             return Err(corrupt(path, "journal belongs to another store".into()));
         }
         let base_seq = u64::from_le_bytes(h[16..24].try_into().unwrap());
-        let (records, off, last_seq) = scan(&file, path, len, base_seq, true)?;
+        let mut records = Vec::new();
+        let (off, last_seq) = scan(&file, path, len, base_seq, true, &mut |r| {
+            records.push(r);
+            Ok(())
+        })?;
         if repair && off < len {
             file.set_len(off).map_err(|e| Error::io(path, e))?;
             file.sync_all().map_err(|e| Error::io(path, e))?;
@@ -206,7 +210,20 @@ impl Journal {
     /// The records, read again from the file, without reading or checking their data
     /// (checked when the journal was opened or the records appended).
     pub fn records(&self) -> Result<Vec<Record>, Error> {
-        let (records, _, last_seq) = scan(&self.file, &self.path, self.end, self.base_seq, false)?;
+        let mut records = Vec::new();
+        self.for_each_record(&mut |r| {
+            records.push(r);
+            Ok(())
+        })?;
+        Ok(records)
+    }
+
+    /// [`Journal::records`], one at a time, without keeping them.
+    pub fn for_each_record(
+        &self,
+        f: &mut dyn FnMut(Record) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let (_, last_seq) = scan(&self.file, &self.path, self.end, self.base_seq, false, f)?;
         if last_seq != self.last_seq {
             return Err(corrupt(
                 &self.path,
@@ -216,7 +233,7 @@ impl Journal {
                 ),
             ));
         }
-        Ok(records)
+        Ok(())
     }
 
     /// Appends a change with its data; returns its sequence number and data offset.
@@ -353,8 +370,8 @@ impl RecordHeader {
 /// Garbage can look like many record headers, each asking for a CRC of up to 64 MiB:
 /// after 4,096 of them it answers yes, so the journal is refused as corrupt
 /// rather than cut (the cautious side).
-/// Reads the records of `file` from its header up to `len`: (records, where the last
-/// whole one ends, its sequence). A torn last record is left out (with a warning); damage
+/// Reads the records of `file` from its header up to `len`, handing each to `sink`:
+/// (where the last whole one ends, its sequence). A torn last record is left out (with a warning); damage
 /// with good records after it is an error. `verify_data`: read each record whole and
 /// check its checksum; else read only headers and changes.
 fn scan(
@@ -363,8 +380,8 @@ fn scan(
     len: u64,
     base_seq: u64,
     verify_data: bool,
-) -> Result<(Vec<Record>, u64, u64), Error> {
-    let mut records = Vec::new();
+    sink: &mut dyn FnMut(Record) -> Result<(), Error>,
+) -> Result<(u64, u64), Error> {
     let mut off = HEADER_LEN;
     let mut last_seq = base_seq;
     let mut buf = Vec::new();
@@ -444,17 +461,17 @@ fn scan(
                 format!("record at offset {off} (seq {seq}): {data_len} bytes of data for {} bytes of blocks", change.data_len()),
             ));
         }
-        records.push(Record {
+        sink(Record {
             seq,
             at,
             offset: off,
             data_offset: off + RECORD_HEADER + meta_len,
             change,
-        });
+        })?;
         last_seq = seq;
         off += rlen;
     }
-    Ok((records, off, last_seq))
+    Ok((off, last_seq))
 }
 
 fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Result<bool> {

@@ -90,33 +90,43 @@ pub struct LogEntry {
     pub data_bytes: u64,
 }
 
-/// [`Store::log`]'s answer: serialises like a `Vec<LogEntry>` without copying a change.
-pub struct LogOf<'a> {
-    records: &'a [Record],
-    since: u64,
+/// What `status` counts of the pending records, one record at a time.
+#[derive(Default)]
+pub struct Tally {
+    paths: BTreeSet<RawPath>,
+    data: u64,
+    changes: u64,
 }
 
-impl Serialize for LogOf<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        /// [`LogEntry`] borrowing its change.
-        #[derive(Serialize)]
-        struct Borrowed<'a> {
-            seq: u64,
-            #[serde(flatten)]
-            change: &'a Change,
-            #[serde(skip_serializing_if = "is_zero")]
-            data_bytes: u64,
+impl Tally {
+    pub fn add(&mut self, r: &Record) {
+        if let (Some(p), _) = r.change.paths() {
+            if !self.paths.contains(p) {
+                self.paths.insert(p.clone());
+            }
         }
-        s.collect_seq(
-            self.records
-                .iter()
-                .filter(|r| r.seq > self.since)
-                .map(|r| Borrowed {
-                    seq: r.seq,
-                    change: &r.change,
-                    data_bytes: r.change.data_len(),
-                }),
-        )
+        self.data += r.change.data_len();
+        self.changes += 1;
+    }
+}
+
+/// [`LogEntry`] borrowing its change from a record: serialises the same.
+#[derive(Serialize)]
+pub struct LogEntryRef<'a> {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub change: &'a Change,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub data_bytes: u64,
+}
+
+impl<'a> LogEntryRef<'a> {
+    pub fn of(r: &'a Record) -> LogEntryRef<'a> {
+        LogEntryRef {
+            seq: r.seq,
+            change: &r.change,
+            data_bytes: r.change.data_len(),
+        }
     }
 }
 
@@ -425,20 +435,9 @@ impl Store {
         Ok(self.read_state()?.map(|s| s.target))
     }
 
-    pub fn status(
-        &self,
-        journal: &Journal,
-        records: &[Record],
-        mounted: bool,
-    ) -> Result<Status, Error> {
-        let mut paths = BTreeSet::new();
-        let mut data = 0;
-        for r in records {
-            if let (Some(p), _) = r.change.paths() {
-                paths.insert(p.clone());
-            }
-            data += r.change.data_len();
-        }
+    /// The status, from the pending records counted into `tally`.
+    pub fn status(&self, journal: &Journal, tally: &Tally, mounted: bool) -> Result<Status, Error> {
+        let (paths, data) = (&tally.paths, tally.data);
         let mut store_bytes = 0;
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             use std::os::unix::fs::MetadataExt;
@@ -463,7 +462,7 @@ impl Store {
             } else {
                 journal.base_seq()
             },
-            pending_changes: if wt { 0 } else { records.len() as u64 },
+            pending_changes: if wt { 0 } else { tally.changes },
             files: paths.len() as u64,
             data_bytes: data,
             store_bytes,
@@ -472,12 +471,6 @@ impl Store {
             mounted,
             view_nodes: None,
         })
-    }
-
-    /// The entries of `isolation log` after `since`, serialised as a list of
-    /// [`LogEntry`] straight from the records.
-    pub fn log(records: &[Record], since: u64) -> LogOf<'_> {
-        LogOf { records, since }
     }
 
     fn write_state(&self, f: &File, s: &CommitState) -> Result<(), Error> {
