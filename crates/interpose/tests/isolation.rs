@@ -1189,6 +1189,30 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
 const EVERY_MODE: [&[&str]; 3] = [&[], &["--isolate-path", "iso"], &["--write-through"]];
 
 #[test]
+fn a_removed_working_directory_lists_empty_with_no_links() {
+    // A process whose working directory is removed (rm -rf from elsewhere) sees it as on
+    // any file system: an empty listing and a link count of 0, in every mode (where the
+    // removal goes straight to BACKING too).
+    let script = "import os, shutil, sys\n\
+        shutil.rmtree(sys.argv[1])\n\
+        print(len(os.listdir('.')), os.stat('.').st_nlink)\n";
+    for extra in EVERY_MODE {
+        let d = dirs();
+        let m = d.mount_with(extra);
+        for dir in ["x/y", "iso/y"] {
+            let top = d.mnt.join(dir.split('/').next().unwrap());
+            fs::create_dir_all(d.mnt.join(dir)).unwrap();
+            fs::write(d.mnt.join(dir).join("f"), b"f").unwrap();
+            let out = run(Command::new(python())
+                .args(["-c", script, s(&top)])
+                .current_dir(d.mnt.join(dir)));
+            assert_eq!(out.trim(), "0 0", "{extra:?}: {dir}, removed while the cwd");
+        }
+        m.stop();
+    }
+}
+
+#[test]
 fn unchanged_files_open_many_times_at_once_read_right() {
     // An unchanged file opened read-only is passed through to the backing file; the kernel
     // takes one backing file per inode, so later opens while one is open must share it

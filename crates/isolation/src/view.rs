@@ -694,7 +694,8 @@ impl View {
         }
         let overlay = n.overlay.clone().unwrap_or_default();
         let mut out = Vec::new();
-        if let (Some(origin), false) = (n.origin.clone(), overlay.opaque) {
+        // A detached directory was removed straight in BACKING: it lists empty.
+        if let (Some(origin), false, false) = (n.origin.clone(), overlay.opaque, n.detached) {
             let fd = self
                 .backing
                 .open_at(
@@ -888,6 +889,10 @@ impl View {
                 let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
                 if let Some(ino) = n.backing_ino.take_if(|_| gone) {
                     unmap_ino(&mut self.by_ino, ino, n.id);
+                }
+                if matches!(change, Change::Rmdir { .. }) {
+                    // Still someone's working directory, maybe: removed, as rmdir leaves it.
+                    n.attr.nlink = 0;
                 }
             }
             Change::Rename { from, to, flags } => {
