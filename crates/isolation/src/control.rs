@@ -35,6 +35,12 @@ pub struct Request {
     pub since: Option<u64>,
 }
 
+/// A line of a log's answer.
+#[derive(Serialize)]
+struct Line<'a> {
+    entry: LogEntryRef<'a>,
+}
+
 /// Listens on the store's socket; serves requests on their own threads until the
 /// process ends. The socket file is removed by [`Listening`]'s drop.
 pub struct Listening {
@@ -146,10 +152,6 @@ fn handle(
                     return Ok(());
                 }
                 entries += 1;
-                #[derive(Serialize)]
-                struct Line<'a> {
-                    entry: LogEntryRef<'a>,
-                }
                 serde_json::to_writer(
                     &mut w,
                     &Line {

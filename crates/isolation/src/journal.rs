@@ -188,7 +188,7 @@ impl Journal {
     }
 
     /// A read-only copy of this journal as it is now (sharing the open file), for
-    /// [`Journal::records`] without holding up the one being appended to.
+    /// [`Journal::for_each_record`] without holding up the one being appended to.
     pub fn snapshot(&self) -> Journal {
         Journal {
             path: self.path.clone(),
@@ -207,18 +207,9 @@ impl Journal {
         Arc::ptr_eq(&self.file, &snap.file) && self.truncations == snap.truncations
     }
 
-    /// The records, read again from the file, without reading or checking their data
-    /// (checked when the journal was opened or the records appended).
-    pub fn records(&self) -> Result<Vec<Record>, Error> {
-        let mut records = Vec::new();
-        self.for_each_record(&mut |r| {
-            records.push(r);
-            Ok(())
-        })?;
-        Ok(records)
-    }
-
-    /// [`Journal::records`], one at a time, without keeping them.
+    /// The records, read again from the file one at a time, without keeping them and
+    /// without reading or checking their data (checked when the journal was opened or
+    /// the records appended).
     pub fn for_each_record(
         &self,
         f: &mut dyn FnMut(Record) -> Result<(), Error>,
@@ -555,6 +546,16 @@ mod tests {
         }
     }
 
+    fn records_of(j: &Journal) -> Vec<Record> {
+        let mut records = Vec::new();
+        j.for_each_record(&mut |r| {
+            records.push(r);
+            Ok(())
+        })
+        .unwrap();
+        records
+    }
+
     #[test]
     fn a_snapshot_reads_the_records_appended_before_it_and_knows_a_truncation() {
         let dir = tempfile::tempdir().unwrap();
@@ -567,11 +568,11 @@ mod tests {
                 .unwrap();
         }
         let snap = j.snapshot();
-        let end_of_two = j.records().unwrap()[1].end();
+        let end_of_two = records_of(&j)[1].end();
         // Appended after the snapshot: not in it, and the snapshot still holds.
         j.append(&data_change(1), (1, 0), &[&block]).unwrap();
         assert!(j.extends(&snap));
-        let read = snap.records().unwrap();
+        let read = records_of(&snap);
         let opened = Journal::open(&p, id, false).unwrap().1;
         assert_eq!(read.len(), 3);
         for (a, b) in read.iter().zip(&opened) {
@@ -583,7 +584,7 @@ mod tests {
         }
         j.truncate(end_of_two, 2).unwrap();
         assert!(!j.extends(&snap), "a truncation since the snapshot");
-        assert_eq!(j.records().unwrap().len(), 2);
+        assert_eq!(records_of(&j).len(), 2);
     }
 
     #[test]

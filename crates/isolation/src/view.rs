@@ -164,6 +164,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// Nothing holds it: no kernel reference, no open, no overlay entry bound to it.
+    fn unused(&self) -> bool {
+        self.refs == 0 && self.lookups == 0 && self.opens == 0
+    }
+
+    /// Only a cache of its backing object: the view changed nothing of it.
+    fn cache_only(&self) -> bool {
+        !self.changed && self.overlay.is_none()
+    }
+
     fn new(id: u64, origin: Option<PathBuf>, attr: Attr) -> Node {
         Node {
             id,
@@ -551,11 +561,11 @@ impl View {
     /// every name in the view (its changes are in the journal; nothing can reach it).
     pub fn maybe_drop(&mut self, id: u64) {
         let Some(n) = self.nodes.get(&id) else { return };
-        if id == ROOT || n.refs > 0 || n.lookups > 0 || n.opens > 0 {
+        if id == ROOT || !n.unused() {
             return;
         }
         let removed = n.attr.nlink == 0 && n.links.is_empty();
-        if !removed && (n.changed || n.overlay.is_some()) {
+        if !removed && !n.cache_only() {
             return;
         }
         if !removed && n.attr.is_dir() {
@@ -566,9 +576,14 @@ impl View {
             }
             return;
         }
-        let n = self.nodes.remove(&id).expect("present");
-        if let Some(ino) = n.backing_ino {
-            unmap_ino(&mut self.by_ino, ino, id);
+        self.drop_node(id);
+    }
+
+    fn drop_node(&mut self, id: u64) {
+        if let Some(n) = self.nodes.remove(&id) {
+            if let Some(ino) = n.backing_ino {
+                unmap_ino(&mut self.by_ino, ino, id);
+            }
         }
     }
 
@@ -588,14 +603,9 @@ impl View {
                 .collect();
             let nodes = &self.nodes;
             self.dir_candidates.retain(|id| {
-                nodes.get(id).is_some_and(|n| {
-                    n.lookups == 0
-                        && n.opens == 0
-                        && n.refs == 0
-                        && !n.changed
-                        && n.overlay.is_none()
-                        && n.attr.is_dir()
-                })
+                nodes
+                    .get(id)
+                    .is_some_and(|n| n.unused() && n.cache_only() && n.attr.is_dir())
             });
             let free: Vec<u64> = self
                 .dir_candidates
@@ -608,10 +618,7 @@ impl View {
             }
             for id in free {
                 self.dir_candidates.remove(&id);
-                let n = self.nodes.remove(&id).expect("candidates exist");
-                if let Some(ino) = n.backing_ino {
-                    unmap_ino(&mut self.by_ino, ino, id);
-                }
+                self.drop_node(id);
             }
         }
         if before - self.nodes.len() >= 4096 {
