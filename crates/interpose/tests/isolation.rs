@@ -1415,6 +1415,105 @@ fn open_files_keep_their_object_when_their_name_goes() {
 }
 
 #[test]
+fn files_open_without_a_name_read_and_write_the_same_across_mounted_commits() {
+    // A mounted commit rebuilds the view from BACKING and the records left, where nothing
+    // leads to a file that lost its last name while open. Its descriptors must go on as on
+    // any file system: reading what they read before, taking writes, fstat right. Each
+    // kind: one committed before (its unlink then pending, then committed), one made in
+    // the view (renamed over), one never opened but written (sparse, 8 MiB hole).
+    let d = dirs();
+    fs::write(d.backing.join("old"), b"OLD-CONTENT").unwrap();
+    let m = d.mount();
+    let (old, made, sparse) = (d.mnt.join("old"), d.mnt.join("made"), d.mnt.join("sparse"));
+    fs::write(&made, b"MADE-IN-VIEW").unwrap();
+    let f_old = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&old)
+        .unwrap();
+    let f_made = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&made)
+        .unwrap();
+    let f_sparse = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&sparse)
+        .unwrap();
+    f_sparse.write_at(b"TAIL", 8 << 20).unwrap();
+    f_old.write_at(b"o", 0).unwrap();
+    fs::remove_file(&old).unwrap();
+    fs::write(d.mnt.join("other"), b"x").unwrap();
+    fs::rename(d.mnt.join("other"), &made).unwrap();
+    fs::remove_file(&sparse).unwrap();
+    let check = |when: &str, old_want: &[u8], made_want: &[u8]| {
+        let read_all = |f: &File| {
+            let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
+            f.read_exact_at(&mut buf, 0)
+                .unwrap_or_else(|e| panic!("{when}: read by descriptor: {e}"));
+            buf
+        };
+        assert_eq!(read_all(&f_old), old_want, "{when}: the unlinked file");
+        assert_eq!(
+            read_all(&f_made),
+            made_want,
+            "{when}: the file renamed over"
+        );
+        let tail = read_all(&f_sparse);
+        assert_eq!(tail.len(), (8 << 20) + 4, "{when}: the sparse file's size");
+        assert_eq!(&tail[8 << 20..], b"TAIL", "{when}: the sparse file's tail");
+        assert!(tail[..8 << 20].iter().all(|&b| b == 0), "{when}: its hole");
+        assert_eq!(
+            f_old.metadata().unwrap().nlink(),
+            0,
+            "{when}: fstat's nlink"
+        );
+    };
+    check("before any commit", b"oLD-CONTENT", b"MADE-IN-VIEW");
+    let last = num(&status(&d.store), "last_seq");
+    // Up to before the unlinks, then everything: the unlinks pending, then applied.
+    iso("commit", &d.store, &["--upto", &(last - 4).to_string()]);
+    check(
+        "after a commit of what came before the unlinks",
+        b"oLD-CONTENT",
+        b"MADE-IN-VIEW",
+    );
+    f_old.write_at(b"O", 1).unwrap();
+    f_made.write_at(b"m", 0).unwrap();
+    iso("commit", &d.store, &[]);
+    check(
+        "after the commit of everything",
+        b"oOD-CONTENT",
+        b"mADE-IN-VIEW",
+    );
+    f_made.write_at(b"!", 12).unwrap();
+    iso("commit", &d.store, &[]);
+    check("after another commit", b"oOD-CONTENT", b"mADE-IN-VIEW!");
+    assert!(
+        !d.backing.join("old").exists(),
+        "the unlink reached BACKING"
+    );
+    assert_eq!(
+        read(&d.backing.join("made")),
+        b"x",
+        "the rename reached BACKING"
+    );
+    drop((f_old, f_made, f_sparse));
+    let left: Vec<_> = fs::read_dir(&d.store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    m.stop();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().contains("orphan")),
+        "copies of files open without a name left in the store: {left:?}"
+    );
+}
+
+#[test]
 fn a_directory_holding_an_isolated_path_counts_its_subdirectories() {
     // p is outside the isolated paths, p/iso* inside: p's link count must follow both the
     // subdirectories made straight in BACKING and those the view makes or removes, also

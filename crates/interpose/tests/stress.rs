@@ -194,10 +194,10 @@ fn diff_snapshots(mount: &BTreeMap<PathBuf, Node>, backing: &BTreeMap<PathBuf, N
 
 const WORKERS: u64 = 4;
 
-fn stress(args: &[&str], ops_per_worker: u64) {
+/// Runs the workers on `m` and checks what they report; returns the seed.
+fn run_workers(m: &Mount, args: &[&str], ops_per_worker: u64) -> u64 {
     let seed = seed_from_env("STRESS_SEED");
     eprintln!("stress {args:?}: seed {seed} (STRESS_SEED={seed} repeats it)");
-    let m = Mount::new(args);
     let shared = m.mnt.join("shared");
     for d in 0..4 {
         std::fs::create_dir_all(shared.join(format!("d{d}"))).unwrap();
@@ -252,11 +252,12 @@ fn stress(args: &[&str], ops_per_worker: u64) {
     let elapsed = started.elapsed();
     if !failures.is_empty() {
         drop(workers);
-        let daemon_err = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.stop()))
-            .unwrap_or_else(|_| "(stopping the daemon failed too, see above)".into());
+        // The mount is stopped when the caller's `Mount` is dropped during the unwind.
         panic!(
-            "seed {seed}: {}\ndaemon stderr:\n{daemon_err}",
-            failures.join("\n")
+            "seed {seed}: {}\n(daemon pid {}, alive: {:?})",
+            failures.join("\n"),
+            m.pid(),
+            proc_state(m.pid())
         );
     }
     eprintln!(
@@ -290,7 +291,13 @@ fn stress(args: &[&str], ops_per_worker: u64) {
         );
     }
 
-    assert_daemon_alive(&m);
+    assert_daemon_alive(m);
+    seed
+}
+
+fn stress(args: &[&str], ops_per_worker: u64) {
+    let m = Mount::new(args);
+    let seed = run_workers(&m, args, ops_per_worker);
     let through_mount = snapshot(&m.mnt);
     let in_backing = snapshot(&m.backing);
     assert!(
@@ -315,6 +322,71 @@ fn stress_concurrent_namespace_and_data_ops() {
 #[test]
 fn stress_concurrent_namespace_and_data_ops_no_passthrough() {
     stress(&["--no-passthrough"], 3000);
+}
+
+/// `snapshot` with inode numbers replaced by the first path of their hard-link group, so
+/// that two trees with different numbering but the same links compare equal.
+fn links_by_path(tree: BTreeMap<PathBuf, Node>) -> BTreeMap<PathBuf, Node> {
+    let mut first: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (n, (path, mut node)) in tree.into_iter().enumerate() {
+        node.ino = *first.entry(node.ino).or_insert(n as u64);
+        out.insert(path, node);
+    }
+    out
+}
+
+/// The same workers on an isolated mount: BACKING stays empty while they run; a mounted
+/// commit of the first half of the changes, then one of the rest, make BACKING exactly
+/// what the mount showed (names, contents, modes, link counts and which names are links
+/// of one file), and the mount shows the same throughout.
+#[test]
+fn stress_concurrent_namespace_and_data_ops_isolated() {
+    let store = tempfile::Builder::new()
+        .prefix("interpose-test-store-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let store_arg = store.path().join("store");
+    let args = ["--isolate", store_arg.to_str().unwrap()];
+    let m = Mount::new(&args);
+    let seed = run_workers(&m, &args, 2000);
+    let view = links_by_path(snapshot(&m.mnt));
+    assert!(
+        view.len() > 20,
+        "seed {seed}: suspiciously small tree: {:?}",
+        view.keys().collect::<Vec<_>>()
+    );
+    let untouched = snapshot(&m.backing);
+    assert!(
+        untouched.is_empty(),
+        "seed {seed}: BACKING changed before the commit: {:?}",
+        untouched.keys().collect::<Vec<_>>()
+    );
+    let status: serde_json::Value = serde_json::from_str(&run(Command::new(bin())
+        .args(["isolation", "status", "--json"])
+        .arg(&store_arg)))
+    .unwrap();
+    let half = status["last_seq"].as_u64().unwrap() / 2;
+    for upto in [Some(half), None] {
+        let mut commit = Command::new(bin());
+        commit.args(["isolation", "commit"]).arg(&store_arg);
+        if let Some(n) = upto {
+            commit.args(["--upto", &n.to_string()]);
+        }
+        run(&mut commit);
+        let diff = diff_snapshots(&view, &links_by_path(snapshot(&m.mnt)));
+        assert!(
+            diff.is_empty(),
+            "seed {seed}: the mount changed across the commit up to {upto:?}:\n{diff}"
+        );
+    }
+    let diff = diff_snapshots(&view, &links_by_path(snapshot(&m.backing)));
+    assert!(
+        diff.is_empty(),
+        "seed {seed}: BACKING after the commit differs from what the mount showed:\n{diff}"
+    );
+    let daemon_err = m.stop();
+    assert_quiet_daemon(&daemon_err, &[]);
 }
 
 #[test]

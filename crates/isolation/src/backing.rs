@@ -103,15 +103,20 @@ impl Backing {
         Ok(File::from(self.open_at(rel, OFlags::RDWR, 0)?))
     }
 
-    /// Names of inode `ino` beneath the root (hard links) other than `known`: those in
-    /// `known`'s directory first, then the rest of the tree, breadth first, looking at
-    /// `limit` entries at most.
-    pub fn names_of(&self, ino: u64, known: &Path, limit: usize) -> Vec<PathBuf> {
+    /// The first name of inode `ino` beneath the root (a hard link) other than `known`
+    /// that `accept` takes: those in `known`'s directory first, then the rest of the tree,
+    /// breadth first, looking at `limit` entries at most.
+    pub fn find_name_of(
+        &self,
+        ino: u64,
+        known: &Path,
+        limit: usize,
+        mut accept: impl FnMut(&Path) -> bool,
+    ) -> Option<PathBuf> {
         let near = known.parent().unwrap_or(Path::new(""));
-        let mut found = Vec::new();
         let mut seen = 0usize;
         // (directory, whether to descend): `near` alone first, then the whole tree (which
-        // lists `near` again: it held no match).
+        // lists `near` again: none of its names was taken).
         let mut queue = std::collections::VecDeque::new();
         if !near.as_os_str().is_empty() {
             queue.push_back((near.to_path_buf(), false));
@@ -131,22 +136,19 @@ impl Backing {
                 }
                 seen += 1;
                 if seen > limit {
-                    return found;
+                    return None;
                 }
                 if e.ino() == ino && e.file_type() != rustix::fs::FileType::Directory {
                     let path = dir.join(name);
-                    if path != known && !found.contains(&path) {
-                        found.push(path);
+                    if path != known && accept(&path) {
+                        return Some(path);
                     }
                 } else if walk && e.file_type() == rustix::fs::FileType::Directory {
                     queue.push_back((dir.join(name), true));
                 }
             }
-            if !found.is_empty() {
-                return found;
-            }
         }
-        found
+        None
     }
 }
 

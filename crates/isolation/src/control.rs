@@ -170,6 +170,7 @@ fn handle(
             v.sync()
                 .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
             let (_, recs) = reopen(store, &jpath)?;
+            v.hold_nameless_origins();
             let backing = v.backing.clone();
             let mut progress = |p: CommitProgress| {
                 let _ = send(conn, json!({ "progress": p }));
@@ -231,7 +232,15 @@ fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
     fresh.replay(&records)?;
     fresh.mode = v.mode.clone();
     fresh.xattr_probe = v.xattr_probe.clone();
+    // A commit changes nothing the mount shows: files open without a name stay readable.
+    // (A discard may throw such a file away; then its number goes stale.)
+    let orphans = if committed {
+        v.take_orphans(store.dir())
+    } else {
+        Vec::new()
+    };
     fresh.adopt(v.known(), v.next_new(), committed);
+    fresh.install_orphans(orphans);
     *v = fresh;
     Ok(())
 }

@@ -698,7 +698,9 @@ impl Filesystem for IsolatedFs {
                 }
                 self.0.passthrough_released.notify_all();
             }
-            if n.opens == 0 {
+            // A detached file is reached through nothing else, should the kernel open it
+            // again before it forgets it (an open racing the loss of its last name).
+            if n.opens == 0 && !n.detached {
                 n.origin_file = None;
             }
         }

@@ -394,11 +394,28 @@ impl View {
         Some(path)
     }
 
+    /// [`View::find_name`], warning when there is none: a change made through a
+    /// descriptor must be recorded under a name, or a commit or a remount would lose it.
+    fn name_of(&mut self, id: u64) -> Option<PathBuf> {
+        let found = self.find_name(id);
+        if found.is_none() {
+            if let Some(n) = self.nodes.get(&id) {
+                if n.attr.nlink > 0 && n.attr.is_file() && !n.detached {
+                    tracing::warn!(
+                        "a change to {} (inode {:?}) is kept in the view only: no other name of it found",
+                        n.origin.as_deref().unwrap_or(Path::new("?")).display(),
+                        n.backing_ino
+                    );
+                }
+            }
+        }
+        found
+    }
+
     /// [`View::path_of`], or, for a file that lost every name the view knew of it but is
     /// still linked (a hard link in BACKING the view has not met), one of those other
-    /// names: a change made through a descriptor must be recorded under a name, or a
-    /// commit or a remount would lose it.
-    fn name_of(&mut self, id: u64) -> Option<PathBuf> {
+    /// names as the view shows it.
+    fn find_name(&mut self, id: u64) -> Option<PathBuf> {
         if let Some(p) = self.path_of(id) {
             return Some(p);
         }
@@ -407,17 +424,39 @@ impl View {
             return None;
         }
         let (ino, origin) = (n.backing_ino?, n.origin.clone()?);
-        for candidate in self.backing.names_of(ino, &origin, NAME_SEARCH_LIMIT) {
-            // Through the view: the name must show this node (not be hidden or replaced).
-            if self.resolve(&candidate) == Ok(id) {
-                return Some(candidate);
+        let backing = self.backing.clone();
+        let mut found = None;
+        backing.find_name_of(ino, &origin, NAME_SEARCH_LIMIT, |candidate| {
+            found = self.view_name_of(candidate, id);
+            found.is_some()
+        });
+        found
+    }
+
+    /// Where the view shows BACKING's `backing_path`, if that is node `id`: the same name
+    /// below the view's path of its nearest directory the view has a node of (found by
+    /// inode number: a directory renamed in the view keeps its backing inode).
+    fn view_name_of(&mut self, backing_path: &Path, id: u64) -> Option<PathBuf> {
+        let mut below: Vec<&OsStr> = vec![backing_path.file_name()?];
+        let mut dir = backing_path.parent()?;
+        let base = loop {
+            if dir.as_os_str().is_empty() {
+                break PathBuf::new();
             }
+            let st = self.backing.lstat(dir).ok()?;
+            if let Some(&d) = self.by_ino.get(&st.st_ino) {
+                // Removed in the view: nothing below it shows.
+                break self.path_of(d)?;
+            }
+            below.push(dir.file_name()?);
+            dir = dir.parent()?;
+        };
+        let mut path = base;
+        for name in below.iter().rev() {
+            path.push(name);
         }
-        tracing::warn!(
-            "a change to {} (inode {ino}) is kept in the view only: no other name of it found",
-            origin.display()
-        );
-        None
+        // Through the view: the name must show this node (not be hidden or replaced).
+        (self.resolve(&path) == Ok(id)).then_some(path)
     }
 
     fn child_path(&self, parent: u64, name: &OsStr) -> Res<RawPath> {
@@ -2260,13 +2299,24 @@ impl View {
     // ---- rebuilding after commit or discard ----
 
     /// Paths, kernel references and opens of nodes the kernel knows, to carry over.
-    pub fn known(&self) -> Vec<Known> {
+    pub fn known(&mut self) -> Vec<Known> {
+        let ids: Vec<u64> = self
+            .nodes
+            .values()
+            .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
+            .map(|n| n.id)
+            .collect();
+        // A file that lost the names the view knew but is still linked is found by another.
+        let paths: HashMap<u64, PathBuf> = ids
+            .into_iter()
+            .filter_map(|id| Some((id, self.find_name(id)?)))
+            .collect();
         self.nodes
             .values()
             .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
             .map(|n| Known {
                 id: n.id,
-                path: self.path_of(n.id),
+                path: paths.get(&n.id).cloned(),
                 backing_ino: n.backing_ino,
                 origin: n.origin.clone().filter(|_| !n.detached),
                 kind: n.attr.kind(),
@@ -2347,25 +2397,7 @@ impl View {
                 self.next_new += 1;
             }
         }
-        if !remap.is_empty() {
-            let nodes = std::mem::take(&mut self.nodes);
-            let m = |id: u64| *remap.get(&id).unwrap_or(&id);
-            for (id, mut n) in nodes {
-                n.id = m(id);
-                for l in &mut n.links {
-                    l.0 = m(l.0);
-                }
-                if let Some(ov) = &mut n.overlay {
-                    for v in ov.entries.values_mut().flatten() {
-                        *v = m(*v);
-                    }
-                }
-                self.nodes.insert(n.id, n);
-            }
-            for v in self.by_ino.values_mut() {
-                *v = m(*v);
-            }
-        }
+        self.renumber(&remap);
         for k in dead_dirs {
             if self.nodes.contains_key(&k.id) {
                 continue;
@@ -2387,8 +2419,179 @@ impl View {
         }
     }
 
+    /// Gives nodes other numbers: `remap` maps old numbers to new ones.
+    fn renumber(&mut self, remap: &HashMap<u64, u64>) {
+        if remap.is_empty() {
+            return;
+        }
+        let nodes = std::mem::take(&mut self.nodes);
+        let m = |id: u64| *remap.get(&id).unwrap_or(&id);
+        for (id, mut n) in nodes {
+            n.id = m(id);
+            for l in &mut n.links {
+                l.0 = m(l.0);
+            }
+            if let Some(ov) = &mut n.overlay {
+                for v in ov.entries.values_mut().flatten() {
+                    *v = m(*v);
+                }
+            }
+            self.nodes.insert(n.id, n);
+        }
+        for v in self.by_ino.values_mut() {
+            *v = m(*v);
+        }
+    }
+
+    /// Takes out the objects the kernel holds that no name in the view reaches any more (a
+    /// file still open after its unlink, or after a rename over it), made independent of
+    /// the journal and of BACKING's names. A commit's new view is built from BACKING and
+    /// the records left, where nothing leads to such an object, yet a program reading it
+    /// must go on seeing what it saw: [`View::install_orphans`] puts them into that view. A
+    /// file whose contents the view changed gets them copied into an unnamed file in `dir`
+    /// (the store's directory, so the space shows there); an unchanged one keeps the
+    /// backing file it holds open. One that cannot be carried (its backing file not open
+    /// and gone, no room for the copy) is left behind, and its number goes stale.
+    pub fn take_orphans(&mut self, dir: &Path) -> Vec<Orphan> {
+        let nameless = self.nameless(|n| n.lookups > 0 || n.opens > 0);
+        let mut out = Vec::new();
+        for id in nameless {
+            // Best effort: xattrs of an object of BACKING are read from it while it can be.
+            let _ = self.load_xattrs(id);
+            let n = &self.nodes[&id];
+            // Held only by a lookup, it may still be opened: the kernel resolved its name
+            // before the name went (an open racing an unlink, then this commit).
+            let copy = if n.attr.is_file() && (n.data.is_some() || n.origin_file.is_none()) {
+                match self.copy_out(id, dir) {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        tracing::warn!(
+                            "a file open without a name cannot be kept across the commit ({}); reading it will fail with ESTALE",
+                            std::io::Error::from_raw_os_error(e)
+                        );
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let n = self.nodes.get_mut(&id).expect("held above");
+            let mut o = Node::new(id, None, n.attr.clone());
+            o.detached = true;
+            o.changed = true;
+            o.xattrs = n.xattrs.take();
+            o.target = n.target.take();
+            o.origin_file = copy.or_else(|| n.origin_file.clone());
+            o.lookups = std::mem::take(&mut n.lookups);
+            o.opens = std::mem::take(&mut n.opens);
+            o.writers = n.writers;
+            o.passthrough_opens = n.passthrough_opens;
+            out.push(Orphan(o));
+        }
+        out
+    }
+
+    /// Before a commit: each file the kernel holds that has no name in the view holds
+    /// its backing file open, since the commit may take that file's last name in BACKING
+    /// away before [`View::take_orphans`] copies what it needs.
+    pub fn hold_nameless_origins(&mut self) {
+        let ids = self.nameless(|n| {
+            (n.lookups > 0 || n.opens > 0)
+                && n.attr.is_file()
+                && n.origin_file.is_none()
+                && !n.detached
+        });
+        for id in ids {
+            // A failure shows when it is read.
+            if let Ok(Some(f)) = self.origin_file(id) {
+                self.nodes.get_mut(&id).expect("listed above").origin_file = Some(f);
+            }
+        }
+    }
+
+    /// The objects other than directories that have no name left in the view and pass
+    /// `with`. One the view still counts links of is not among them even when none of
+    /// its names is known: carried apart, it would part from the named object.
+    fn nameless(&self, with: impl Fn(&Node) -> bool) -> Vec<u64> {
+        self.nodes
+            .values()
+            .filter(|n| n.id != ROOT && !n.attr.is_dir() && n.attr.nlink == 0 && with(n))
+            .map(|n| n.id)
+            .filter(|&id| self.path_of(id).is_none())
+            .collect()
+    }
+
+    /// The contents of file `id` in an unnamed file in `dir`, holes kept.
+    fn copy_out(&mut self, id: u64, dir: &Path) -> Res<File> {
+        let f = unnamed_file(dir).map_err(io_errno)?;
+        let size = self.node(id)?.attr.size;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < size {
+            let start = match self.seek(id, pos, true) {
+                Ok(s) => s,
+                Err(libc::ENXIO) => break,
+                Err(e) => return Err(e),
+            };
+            let end = self.seek(id, start, false)?.min(size);
+            let mut at = start;
+            while at < end {
+                let n = ((end - at) as usize).min(buf.len());
+                self.read_into(id, at, &mut buf[..n])?;
+                f.write_all_at(&buf[..n], at).map_err(io_errno)?;
+                at += n as u64;
+            }
+            pos = end;
+        }
+        f.set_len(size).map_err(io_errno)?;
+        Ok(f)
+    }
+
+    /// Puts the objects [`View::take_orphans`] took from the view before a commit into
+    /// the view built after it, under the numbers the kernel knows them by (a node of this
+    /// view that has one of those numbers gets another).
+    pub fn install_orphans(&mut self, orphans: Vec<Orphan>) {
+        let mut remap = HashMap::new();
+        for Orphan(o) in &orphans {
+            if self.nodes.contains_key(&o.id) {
+                remap.insert(o.id, self.next_new);
+                self.next_new += 1;
+            }
+        }
+        self.renumber(&remap);
+        for Orphan(o) in orphans {
+            self.nodes.insert(o.id, o);
+        }
+    }
+
     pub fn next_new(&self) -> u64 {
         self.next_new
+    }
+}
+
+/// An object the kernel holds without a name in the view, carried across a commit (see
+/// [`View::take_orphans`]).
+pub struct Orphan(Node);
+
+/// A file in `dir` without a name: gone when closed, also after a crash.
+fn unnamed_file(dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).mode(0o600);
+    match opts.clone().custom_flags(libc::O_TMPFILE).open(dir) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)
+            ) =>
+        {
+            // A file system without O_TMPFILE: a name, removed at once.
+            let path = dir.join(format!("orphan-{}.tmp", std::process::id()));
+            let f = opts.create(true).truncate(true).open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(f)
+        }
+        other => other,
     }
 }
 
