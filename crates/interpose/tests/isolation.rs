@@ -1877,12 +1877,36 @@ fn st_blocks_of_an_isolated_file_follows_its_stored_blocks() {
     f.write_all_at(&pattern(4096, 3), 0).unwrap();
     assert_eq!(
         blocks("old"),
-        8 + 3 * 8,
-        "one block stored, three still from BACKING"
+        3 * 8,
+        "one block written over: three, as before"
     );
     f.set_len(0).unwrap();
     assert_eq!(blocks("old"), 0, "nothing stored nor showing through");
     drop(f);
+    // A sparse file from BACKING stays sparse with a byte written into it, so that cp
+    // copies its data only (it copies every zero of a file whose st_blocks says dense).
+    let sparse = File::create(d.backing.join("sparse")).unwrap();
+    sparse.set_len(256 << 20).unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("sparse"))
+        .unwrap();
+    f.write_all_at(b"x", 100 << 20).unwrap();
+    drop(f);
+    assert_eq!(
+        blocks("sparse"),
+        8,
+        "one block written into 256 MiB of hole"
+    );
+    let before = num(&status(&d.store), "data_bytes");
+    run(Command::new("cp")
+        .arg(d.mnt.join("sparse"))
+        .arg(d.mnt.join("copy")));
+    let stored = num(&status(&d.store), "data_bytes") - before;
+    assert!(
+        stored <= 64 << 10,
+        "cp of the sparse file stored {stored} bytes: it copied zeros"
+    );
     m.stop();
 }
 
@@ -2396,6 +2420,74 @@ fn status_log_commit_upto_and_discard_after_on_a_mounted_store() {
     );
     assert_eq!(get_xattr(&d.backing.join("d"), "user.color"), b"blue");
     m.stop();
+}
+
+/// A commit gives BACKING the modification times the mount showed: those of when each
+/// change was made, not of the commit (make compares them: a source edited after its
+/// object was built must stay newer). Mounted, partly then wholly; the mount's own times
+/// do not move either.
+#[test]
+fn a_commit_gives_backing_the_times_the_mount_showed() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("src")).unwrap();
+    fs::write(d.backing.join("src/old.c"), b"old\n").unwrap();
+    fs::write(d.backing.join("src/gone.c"), b"gone\n").unwrap();
+    let m = d.mount();
+    let src = d.mnt.join("src");
+    fs::write(src.join("main.c"), b"int main;\n").unwrap();
+    fs::write(src.join("main.o"), b"object\n").unwrap();
+    fs::create_dir(d.mnt.join("build")).unwrap();
+    fs::write(src.join("old.c"), b"edited after the object\n").unwrap();
+    fs::remove_file(src.join("gone.c")).unwrap();
+    fs::rename(src.join("main.o"), d.mnt.join("build/main.o")).unwrap();
+    std::os::unix::fs::symlink("../src/main.c", d.mnt.join("build/link")).unwrap();
+    fs::hard_link(src.join("main.c"), d.mnt.join("build/hard.c")).unwrap();
+    let view = manifest(&d.mnt, FULL);
+    let last = num(&status(&d.store), "last_seq");
+    // The log says when each change was made: here, the time the mount shows for old.c.
+    let out = iso("log", &d.store, &["--json"]);
+    let log: Value = serde_json::from_str(&out).unwrap();
+    let edit = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["op"] == "data" && e["path"] == "src/old.c")
+        .unwrap_or_else(|| panic!("no data change of src/old.c in {out}"));
+    let shown = fs::metadata(src.join("old.c")).unwrap();
+    assert_eq!(
+        (edit["at"][0].as_i64(), edit["at"][1].as_i64()),
+        (Some(shown.mtime()), Some(shown.mtime_nsec())),
+        "log --json: the time of the last write of src/old.c"
+    );
+    commit(&d.store, Some(last / 2));
+    assert_same(
+        "a commit of half",
+        "the mount before",
+        &view,
+        "the mount after",
+        &manifest(&d.mnt, FULL),
+    );
+    commit(&d.store, None);
+    assert_same(
+        "the commit of the rest",
+        "the mount before",
+        &view,
+        "the mount after",
+        &manifest(&d.mnt, FULL),
+    );
+    m.stop();
+    assert_same(
+        "the commit of the rest",
+        "the mount",
+        &view,
+        "backing",
+        &manifest(&d.backing, FULL),
+    );
+    let mtime = |p: &str| fs::metadata(d.backing.join(p)).unwrap().modified().unwrap();
+    assert!(
+        mtime("src/old.c") > mtime("build/main.o"),
+        "the source edited last is newer than the object in BACKING"
+    );
 }
 
 /// "The view after commit is the view before it", modification times included, for the

@@ -227,6 +227,41 @@ pub fn apply(
     apply_from(backing, change, DataSrc::Journal(journal, data_offset))
 }
 
+/// After [`apply`] in a commit: gives what the change touched the modification time the
+/// view gave it, the time the change was made rather than the commit's (what the mount
+/// showed is what a build tool comparing times must find in BACKING): a written file, a
+/// made object (and its access time), the directories whose entries changed.
+pub fn stamp(backing: &Backing, change: &Change, at: crate::change::Time) -> io::Result<()> {
+    let set = |rel: &Path, access_too: bool| -> io::Result<()> {
+        // Through an O_PATH descriptor, so the root ("") and symlinks work like any path.
+        let fd = backing.open_at(rel, OFlags::PATH, 0)?;
+        let times = Timestamps {
+            last_access: timespec(access_too.then_some(at)),
+            last_modification: timespec(Some(at)),
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, proc_path(&fd), &times, AtFlags::empty())
+            .map_err(errno)
+    };
+    let path = |r: &RawPath| r.to_path_buf();
+    let parent = |r: &RawPath| split(&r.to_path_buf()).0.to_path_buf();
+    match change {
+        Change::Data {
+            path: Some(file), ..
+        } => set(&path(file), false),
+        Change::Create { path: made, .. } => {
+            set(&path(made), true)?;
+            set(&parent(made), false)
+        }
+        Change::Link { to, .. } => set(&parent(to), false),
+        Change::Unlink { path: gone } | Change::Rmdir { path: gone } => set(&parent(gone), false),
+        Change::Rename { from, to, .. } => {
+            set(&parent(from), false)?;
+            set(&parent(to), false)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// [`apply`] with the data from anywhere.
 pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::Result<()> {
     let p = |r: &RawPath| r.to_path_buf();

@@ -84,6 +84,9 @@ pub struct Status {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogEntry {
     pub seq: u64,
+    /// When the change was made (seconds and nanoseconds since the epoch).
+    #[serde(default)]
+    pub at: crate::change::Time,
     #[serde(flatten)]
     pub change: Change,
     #[serde(skip_serializing_if = "is_zero", default)]
@@ -114,6 +117,7 @@ impl Tally {
 #[derive(Serialize)]
 pub struct LogEntryRef<'a> {
     pub seq: u64,
+    pub at: crate::change::Time,
     #[serde(flatten)]
     pub change: &'a Change,
     #[serde(skip_serializing_if = "is_zero")]
@@ -124,6 +128,7 @@ impl<'a> LogEntryRef<'a> {
     pub fn of(r: &'a Record) -> LogEntryRef<'a> {
         LogEntryRef {
             seq: r.seq,
+            at: r.at,
             change: &r.change,
             data_bytes: r.change.data_len(),
         }
@@ -578,6 +583,11 @@ impl Store {
                         path: c.paths().0.map(RawPath::display).unwrap_or_default(),
                         source,
                     });
+                }
+                // Times are not worth stopping a commit for (one not run as the owner may
+                // not set them).
+                if let Err(e) = backing::stamp(backing, c, r.at) {
+                    tracing::debug!("change {}: setting its times: {e}", r.seq);
                 }
             }
             dirty = true;

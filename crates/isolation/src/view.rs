@@ -113,6 +113,8 @@ pub struct Data {
     pub blocks: BlockMap,
     /// Bytes of the backing file that still show through (below blocks not in the map).
     pub origin_limit: u64,
+    /// 512-byte blocks the backing file had allocated (its st_blocks).
+    pub origin_blocks: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -1338,10 +1340,14 @@ impl View {
     fn ensure_data(&mut self, id: u64) -> Res<()> {
         let n = self.node_mut(id)?;
         if n.data.is_none() {
-            let limit = if n.origin.is_some() { n.attr.size } else { 0 };
+            let (limit, allocated) = match n.origin {
+                Some(_) => (n.attr.size, n.attr.blocks),
+                None => (0, 0),
+            };
             n.data = Some(Data {
                 blocks: BlockMap::default(),
                 origin_limit: limit,
+                origin_blocks: allocated,
             });
         }
         Ok(())
@@ -1369,7 +1375,13 @@ impl View {
             d.blocks.set(r.block, r.count, loc);
         }
         n.attr.size = size;
-        n.attr.blocks = d.blocks.journal_blocks() * (BLOCK / 512) + d.origin_limit.div_ceil(512);
+        // The journal's blocks and the backing file's that still show overlap where the
+        // view wrote over data: the larger of the two is close to the truth for a dense
+        // file rewritten and for a sparse one written into, and never makes a sparse file
+        // look dense (cp copies only the data SEEK_DATA finds when st_blocks says there
+        // are holes, and every zero otherwise).
+        let from_origin = d.origin_blocks.min(d.origin_limit.div_ceil(512));
+        n.attr.blocks = (d.blocks.journal_blocks() * (BLOCK / 512)).max(from_origin);
         let t = clock;
         n.attr.mtime = t;
         n.attr.ctime = t;
