@@ -142,6 +142,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    // Past RLIMIT_FSIZE a write fails with EFBIG, reported like any error, instead of
+    // SIGXFSZ killing the daemon (and the mount with it) or a half-built image.
+    if let Err(e) = signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    ) {
+        tracing::debug!("cannot catch SIGXFSZ: {e}");
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -3079,6 +3079,70 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Past the daemon's RLIMIT_FSIZE the journal cannot grow: the writer gets EFBIG, and the
+/// daemon lives on (SIGXFSZ used to kill it, and the mount with it).
+#[test]
+fn a_file_size_limit_gives_efbig_and_the_daemon_lives_on() {
+    let d = dirs();
+    let m = Mount::start_with_prefix(
+        &["prlimit", "--fsize=1048576", "--"],
+        &d.backing,
+        &d.mnt,
+        &["--isolate", s(&d.store)],
+    );
+    let f = File::create(d.mnt.join("f")).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    let err = (0..64u64)
+        .find_map(|i| {
+            f.write_all_at(&chunk, i * chunk.len() as u64)
+                .and_then(|_| f.sync_all())
+                .err()
+        })
+        .expect("writes of 4 MiB under a 1 MiB file size limit all succeeded");
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+    assert!(fs::metadata(d.mnt.join("f")).is_ok(), "the mount answers");
+    drop(f);
+    m.stop();
+}
+
+/// A commit up to a point must copy the later records into a new journal; when that copy
+/// does not fit, the commit fails and leaves no half-made copy taking the room, and a
+/// commit of everything (which copies nothing) then goes through.
+#[test]
+fn a_commit_whose_rest_does_not_fit_leaves_no_partial_journal() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("first"), b"first\n").unwrap();
+    let upto = num(&status(&store), "last_seq");
+    let chunk = pattern(128 << 10, 3);
+    let mut f = File::create(d.mnt.join("big")).unwrap();
+    while f.write_all(&chunk).is_ok() {}
+    drop(f);
+    let view = manifest(&d.mnt, NO_MTIME);
+    m.stop();
+    let err = iso_fails("commit", &store, &["--upto", &upto.to_string()]);
+    assert!(err.contains("No space left"), "{err}");
+    let left: Vec<_> = fs::read_dir(&store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !left.iter().any(|n| n.starts_with("journal.")),
+        "a partial journal was left in the store: {left:?}"
+    );
+    iso("commit", &store, &[]);
+    assert_same(
+        "a commit of everything after the failed one",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    drop(tmpfs);
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

@@ -616,7 +616,31 @@ impl Store {
         let rest: Vec<&Record> = records.iter().filter(|r| r.seq > target).collect();
         let newp = self.dir.join(JOURNAL_NEW);
         let _ = std::fs::remove_file(&newp);
-        let new = Journal::create(&newp, target, self.meta.id_bytes())?;
+        let copied = self.copy_rest(journal, &jfile, &rest, target, &newp);
+        if copied.is_err() {
+            // A full disk, most likely: the half-made copy must not keep the room.
+            let _ = std::fs::remove_file(&newp);
+        }
+        copied?;
+        let jp = self.dir.join(JOURNAL);
+        std::fs::rename(&newp, &jp).map_err(|e| Error::io(&jp, e))?;
+        sync_dir(&self.dir)?;
+        std::fs::remove_file(&sp).map_err(|e| Error::io(&sp, e))?;
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+
+    /// The records `rest` (those after `target`) copied verbatim into a new, synced journal
+    /// at `newp`.
+    fn copy_rest(
+        &self,
+        journal: &Journal,
+        jfile: &File,
+        rest: &[&Record],
+        target: u64,
+        newp: &Path,
+    ) -> Result<(), Error> {
+        let new = Journal::create(newp, target, self.meta.id_bytes())?;
         let shift = rest.first().map(|r| r.offset).unwrap_or(journal.len());
         let tail = journal.len() - shift;
         if tail > 0 {
@@ -632,19 +656,13 @@ impl Store {
                     Some(&mut d_o),
                     want,
                 )
-                .map_err(|e| Error::io(&newp, e.into()))?;
+                .map_err(|e| Error::io(newp, e.into()))?;
                 if n == 0 {
-                    return Err(Error::io(&newp, std::io::ErrorKind::UnexpectedEof.into()));
+                    return Err(Error::io(newp, std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }
-            dst.sync_all().map_err(|e| Error::io(&newp, e))?;
+            dst.sync_all().map_err(|e| Error::io(newp, e))?;
         }
-        drop(new);
-        let jp = self.dir.join(JOURNAL);
-        std::fs::rename(&newp, &jp).map_err(|e| Error::io(&jp, e))?;
-        sync_dir(&self.dir)?;
-        std::fs::remove_file(&sp).map_err(|e| Error::io(&sp, e))?;
-        sync_dir(&self.dir)?;
         Ok(())
     }
 
