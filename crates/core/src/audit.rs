@@ -7,7 +7,9 @@
 //! Waking it for every record cost a context switch per file-system operation (fio's
 //! write+fsync loop through an audited mount: about three futex calls per request). The
 //! buffer is bounded: when the writer falls behind by [`MAX_QUEUED`] bytes, producers wait
-//! (backpressure) rather than records being dropped.
+//! (backpressure) rather than records being dropped. A write that fails (a full disk)
+//! keeps what it did not write, ahead of newer lines, and is tried again every
+//! [`RETRY_AFTER`]: no record is dropped and no line torn by another.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -152,8 +154,12 @@ fn open_append(path: &Path) -> Result<std::fs::File, AuditError> {
         })
 }
 
+/// How long the writer waits before trying again after a failed write.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
 fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
     let mut batch = Vec::new();
+    let mut failing = false;
     loop {
         let closed = {
             let mut p = queue.pending.lock();
@@ -165,8 +171,36 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
             p.closed
         };
         if !batch.is_empty() {
-            if let Err(err) = out.write_all(&batch).and_then(|()| out.flush()) {
-                tracing::error!("audit log write failed: {err}");
+            if let Err((written, err)) = write_counting(&mut *out, &batch) {
+                // A full disk, say: what was not written goes back ahead of what came
+                // meanwhile, to be written once it can be. Nothing is dropped, no line is
+                // torn by another written after its first half, and producers wait
+                // once MAX_QUEUED bytes are held.
+                let mut p = queue.pending.lock();
+                let newer = std::mem::take(&mut p.lines);
+                p.lines = batch.split_off(written);
+                p.lines.extend_from_slice(&newer);
+                batch.clear();
+                if closed {
+                    tracing::error!(
+                        "audit log write failed: {err}; {} bytes of records are lost at exit",
+                        p.lines.len()
+                    );
+                    break;
+                }
+                if !failing {
+                    tracing::error!(
+                        "audit log write failed: {err}; records are kept and written when it works again"
+                    );
+                    failing = true;
+                }
+                drop(p);
+                std::thread::sleep(RETRY_AFTER);
+                continue;
+            }
+            if failing {
+                tracing::info!("audit log writable again: the records kept meanwhile are written");
+                failing = false;
             }
             batch.clear();
         }
@@ -176,6 +210,20 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
             break;
         }
     }
+}
+
+/// `write_all` and `flush`, telling on failure how many bytes were written.
+fn write_counting(out: &mut dyn Write, buf: &[u8]) -> Result<(), (usize, io::Error)> {
+    let mut done = 0;
+    while done < buf.len() {
+        match out.write(&buf[done..]) {
+            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    out.flush().map_err(|e| (done, e))
 }
 
 /// Seconds since the epoch as an RFC 3339 UTC timestamp with microseconds.
@@ -229,6 +277,61 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A writer that takes `room` bytes, then fails (a full disk) until given more.
+    #[derive(Clone, Default)]
+    struct Filling {
+        out: Arc<Mutex<Vec<u8>>>,
+        room: Arc<Mutex<usize>>,
+    }
+    impl Write for Filling {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let mut room = self.room.lock();
+            if *room == 0 {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+            let n = buf.len().min(*room);
+            *room -= n;
+            self.out.lock().extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A full disk loses no record and tears no line: what could not be written is
+    /// written, whole and in order, once there is room.
+    #[test]
+    fn a_full_disk_keeps_records_until_there_is_room() {
+        let disk = Filling::default();
+        *disk.room.lock() = 100; // a line and a half
+        let sink = AuditSink::with_writer(Box::new(disk.clone())).unwrap();
+        for i in 0..1000 {
+            sink.record(&serde_json::json!({"op": "write", "n": i, "path": "some/file"}));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while disk.out.lock().len() < 100 {
+            assert!(std::time::Instant::now() < deadline, "nothing written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *disk.room.lock() = usize::MAX;
+        sink.close();
+        let out = String::from_utf8(disk.out.lock().clone()).unwrap();
+        let ns: Vec<u64> = out
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line {l:?}: {e}"));
+                v["n"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            ns,
+            (0..1000).collect::<Vec<_>>(),
+            "records lost or out of order"
+        );
     }
 
     /// Lines reach the writer without close and without filling the buffer (`tail -f`).
