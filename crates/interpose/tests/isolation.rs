@@ -3143,6 +3143,62 @@ fn a_commit_whose_rest_does_not_fit_leaves_no_partial_journal() {
     drop(tmpfs);
 }
 
+/// With --write-through the journal is an audit trail of what BACKING took: a change
+/// BACKING refused (a full disk) fails for the program and leaves no record behind.
+#[test]
+fn write_through_records_only_what_backing_took() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let backing = tmpfs.0.join("backing");
+    fs::create_dir(&backing).unwrap();
+    fs::write(backing.join("x"), b"x\n").unwrap();
+    let m = Mount::start(
+        &backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--write-through"],
+    );
+    let ballast = pattern(64 << 10, 4);
+    let mut b = File::create(backing.join("ballast")).unwrap();
+    while b.write_all(&ballast).is_ok() {}
+    drop(b);
+    let before = log_json(&d.store, 0);
+    let res = fs::write(d.mnt.join("new.bin"), pattern(256 << 10, 5));
+    assert!(res.is_err(), "256 KiB written into a full BACKING");
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(d.mnt.join("x"))
+        .unwrap();
+    assert!(
+        f.write_all(&pattern(64 << 10, 6)).is_err(),
+        "an append to a full BACKING"
+    );
+    drop(f);
+    let after = log_json(&d.store, 0);
+    let failed: Vec<_> = after
+        .iter()
+        .filter(|l| !before.contains(l) && l.contains(" data "))
+        .filter(|l| {
+            let size: u64 = l
+                .split("size=")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let path = l.split(' ').nth(2).unwrap();
+            fs::metadata(backing.join(path)).map_or(true, |m| m.len() < size)
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "the trail records writes BACKING does not hold: {failed:?}"
+    );
+    m.stop();
+    drop(tmpfs);
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

@@ -876,9 +876,17 @@ impl View {
                 )
             }
             Route::Trail => {
+                let (end, seq) = (self.journal.len(), self.journal.last_seq());
                 let off = self.record(change, data)?;
                 let j = self.journal_file();
-                crate::backing::apply(&self.backing, change, &j, off)
+                let applied = crate::backing::apply(&self.backing, change, &j, off);
+                if applied.is_err() {
+                    // Not in BACKING (a full disk, say): not in the trail either.
+                    if let Err(e) = self.journal.truncate(end, seq) {
+                        tracing::error!("taking back the record of a change that failed: {e}");
+                    }
+                }
+                applied
             }
         };
         res.map_err(io_errno)?;
