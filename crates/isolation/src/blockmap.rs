@@ -82,6 +82,19 @@ impl BlockMap {
         self.insert_merged(start, Extent { count, loc });
     }
 
+    /// How many blocks of `[from, to)` are mapped (to anything).
+    pub fn mapped_in(&self, from: u64, to: u64) -> u64 {
+        if from >= to {
+            return 0;
+        }
+        let first = self.extents.range(..from).next_back();
+        first
+            .into_iter()
+            .chain(self.extents.range(from..to))
+            .map(|(&s, e)| (s + e.count).min(to).saturating_sub(s.max(from)))
+            .sum()
+    }
+
     /// Forgets every block from `keep` on.
     pub fn truncate(&mut self, keep: u64) {
         self.remove(keep, u64::MAX);
@@ -172,6 +185,17 @@ mod tests {
         assert_eq!(m.journal_blocks(), 1000);
         assert_eq!(m.get(999), Some((Loc::Journal((1 << 20) + 999 * BLOCK), 1)));
         assert_eq!(m.get(1000), None);
+    }
+
+    #[test]
+    fn mapped_blocks_of_a_range_are_counted() {
+        let mut m = BlockMap::default();
+        m.set(2, 3, Loc::Journal(0));
+        m.set(8, 2, Loc::Hole);
+        assert_eq!(m.mapped_in(0, 20), 5);
+        assert_eq!(m.mapped_in(3, 9), 3);
+        assert_eq!(m.mapped_in(5, 8), 0);
+        assert_eq!(m.mapped_in(4, 4), 0);
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub struct Data {
     pub origin_limit: u64,
     /// 512-byte blocks the backing file had allocated (its st_blocks).
     pub origin_blocks: u64,
+    /// Blocks below `origin_limit` the map covers (the backing file's there no longer
+    /// show), kept as the map changes so that st_blocks costs no walk over it.
+    pub origin_covered: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -1356,6 +1359,7 @@ impl View {
                 blocks: BlockMap::default(),
                 origin_limit: limit,
                 origin_blocks: allocated,
+                origin_covered: 0,
             });
         }
         Ok(())
@@ -1369,7 +1373,9 @@ impl View {
         if size < n.attr.size {
             d.blocks.truncate(size.div_ceil(BLOCK));
             d.origin_limit = d.origin_limit.min(size);
+            d.origin_covered = d.blocks.mapped_in(0, d.origin_limit.div_ceil(BLOCK));
         }
+        let lim = d.origin_limit.div_ceil(BLOCK);
         let mut off = data_offset;
         for r in runs {
             let loc = if r.alloc {
@@ -1380,16 +1386,21 @@ impl View {
                 off += r.count * BLOCK;
                 Loc::Journal(off - r.count * BLOCK)
             };
+            let below = r.block.min(lim)..(r.block + r.count).min(lim);
+            d.origin_covered +=
+                (below.end - below.start) - d.blocks.mapped_in(below.start, below.end);
             d.blocks.set(r.block, r.count, loc);
         }
         n.attr.size = size;
-        // The journal's blocks and the backing file's that still show overlap where the
-        // view wrote over data: the larger of the two is close to the truth for a dense
-        // file rewritten and for a sparse one written into, and never makes a sparse file
-        // look dense (cp copies only the data SEEK_DATA finds when st_blocks says there
-        // are holes, and every zero otherwise).
+        // The journal's blocks, and the backing file's allocation less the blocks the map
+        // covers: exact for a file appended to or rewritten; for a sparse file written
+        // into its holes, the covered blocks were none of the backing file's, and the
+        // count comes out low by at most its allocation. Never a sparse file counted
+        // dense (cp copies only the data SEEK_DATA finds when st_blocks says there are
+        // holes, and every zero otherwise).
         let from_origin = d.origin_blocks.min(d.origin_limit.div_ceil(512));
-        n.attr.blocks = (d.blocks.journal_blocks() * (BLOCK / 512)).max(from_origin);
+        n.attr.blocks = d.blocks.journal_blocks() * (BLOCK / 512)
+            + from_origin.saturating_sub(d.origin_covered * (BLOCK / 512));
         let t = clock;
         n.attr.mtime = t;
         n.attr.ctime = t;
