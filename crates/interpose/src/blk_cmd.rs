@@ -132,8 +132,16 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             }
             let mut _socket_path = None;
             if let Some(path) = &unix {
-                if path.exists() {
-                    // A stale socket of a dead server is replaced; a live one is not.
+                if let Ok(md) = std::fs::symlink_metadata(path) {
+                    // A stale socket of a dead server is replaced; a live one is not, nor
+                    // anything that is not a socket.
+                    use std::os::unix::fs::FileTypeExt;
+                    if !md.file_type().is_socket() {
+                        bail!(
+                            "{} exists and is not a socket; give --unix a path that is free",
+                            path.display()
+                        );
+                    }
                     if std::os::unix::net::UnixStream::connect(path).is_ok() {
                         bail!("{} is in use by a running server", path.display());
                     }

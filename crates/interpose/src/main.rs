@@ -194,6 +194,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     if let Some(t) = args.threads {
         options.threads = t.clamp(1, 256);
     }
+    check_layout(&args.backing, &args.mountpoint, args.isolate.as_deref())?;
     raise_fd_limit();
     // Signals first, so a SIGTERM that races the mount still unmounts.
     let mut signals =
@@ -313,6 +314,48 @@ fn io_uring_hint() {
             "this kernel has no FUSE over io_uring (Linux 6.14+ with CONFIG_FUSE_IO_URING); serving /dev/fuse"
         ),
     }
+}
+
+/// Refuses layouts in which the daemon would reach its own mount through the paths it
+/// serves from: every request thread could end up waiting on the mount it serves (a
+/// `find` through a mount point inside BACKING; a commit of a store inside the mount).
+/// A path that does not exist is left to the checks that report it.
+fn check_layout(
+    backing: &std::path::Path,
+    mountpoint: &std::path::Path,
+    store: Option<&std::path::Path>,
+) -> Result<()> {
+    let (Ok(b), Ok(m)) = (
+        std::fs::canonicalize(backing),
+        std::fs::canonicalize(mountpoint),
+    ) else {
+        return Ok(());
+    };
+    if m != b && m.starts_with(&b) {
+        bail!(
+            "the mount point {} is inside BACKING {}: the mount would show inside itself, \
+             and a walk through it would wait on itself; mount it elsewhere",
+            m.display(),
+            b.display()
+        );
+    }
+    if let Some(store) = store {
+        // A store not made yet: where it would be made.
+        let s = std::fs::canonicalize(store).ok().or_else(|| {
+            let parent = store.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent = std::fs::canonicalize(parent.unwrap_or(std::path::Path::new("."))).ok()?;
+            Some(parent.join(store.file_name()?))
+        });
+        if let Some(s) = s.filter(|s| s.starts_with(&m)) {
+            bail!(
+                "the store {} is inside the mount point {}: its journal would be written \
+                 through the mount it records; put it elsewhere",
+                s.display(),
+                m.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn raise_fd_limit() {

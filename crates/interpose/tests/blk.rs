@@ -1469,6 +1469,22 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken_over() {
     let v = nbdinfo_json(&[&server.uri("clean")]);
     assert_eq!(v["exports"][0]["export-size"], SIZE, "{v:#}");
     server.stop();
+    // A file that is not a socket is never taken for a stale one (and removed).
+    let precious = fx.dir.join("precious.txt");
+    std::fs::write(&precious, b"keep me\n").unwrap();
+    let out = client(
+        "a server asked to listen on a regular file",
+        Command::new(bin())
+            .args(["blk", "serve", s(&fx.clean), "--unix"])
+            .arg(&precious)
+            .stdin(Stdio::null()),
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not a socket"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me\n");
 }
 
 #[test]

@@ -3199,6 +3199,24 @@ fn write_through_records_only_what_backing_took() {
     drop(tmpfs);
 }
 
+/// Layouts in which the daemon would reach its own mount through what it serves from
+/// are refused before anything is made: a store inside the mount point (its journal
+/// written through the mount, a commit waiting on itself), a mount point inside BACKING
+/// (a walk through it waits on itself). Both deadlocked the daemon.
+#[test]
+fn layouts_where_the_daemon_would_wait_on_itself_are_refused() {
+    let d = dirs();
+    for store in [d.mnt.clone(), d.mnt.join("store")] {
+        let err = mount_fails(&d.backing, &d.mnt, &store);
+        assert!(err.contains("inside the mount point"), "{err}");
+    }
+    let inner = d.backing.join("inner");
+    fs::create_dir(&inner).unwrap();
+    let err = mount_fails(&d.backing, &inner, &d.store);
+    assert!(err.contains("inside BACKING"), "{err}");
+    assert!(!d.store.exists(), "a store was made for a refused mount");
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();
