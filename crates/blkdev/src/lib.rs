@@ -186,6 +186,7 @@ pub struct Attached {
 impl Attached {
     /// Serves `source` as a read-only loop device.
     pub fn attach(source: Arc<dyn BlockSource>) -> Result<Attached, Error> {
+        sweep_dead();
         let dir = Path::new(RUN_DIR).join(std::process::id().to_string());
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let mounted = interpose_fs::mount_filesystem(
@@ -261,11 +262,65 @@ pub fn owner_of(device: &Path) -> Result<u32, Error> {
         .map_err(|_| Error::NotOurs(device.to_path_buf()))
 }
 
+/// Whether `pid` is an `interpose blk attach` process, and not another that took the pid
+/// of one that died.
+fn is_attach_process(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"blk".as_slice() && w[1] == b"attach".as_slice())
+}
+
+/// Loop devices whose backing file is `file`.
+fn loop_devices_of(file: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file"))
+                .is_ok_and(|b| Path::new(b.trim()) == file)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect()
+}
+
+/// Removes what an attach process that died without cleaning up (SIGKILL) left in
+/// `dir` (`RUN_DIR/<pid>`): the loop devices over its file, its dead FUSE mount and
+/// the directory.
+fn clean_dead(dir: &Path) {
+    for dev in loop_devices_of(&dir.join("disk")) {
+        tracing::info!("detaching {}, left by a process that ended", dev.display());
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    }
+    let _ = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH);
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// [`clean_dead`] for every attach process under [`RUN_DIR`] that is gone.
+pub fn sweep_dead() {
+    let Ok(entries) = std::fs::read_dir(RUN_DIR) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let pid = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !is_attach_process(pid)) {
+            clean_dead(&e.path());
+        }
+    }
+}
+
 /// Detaches a device made by [`Attached::attach`] in another process: refuses if it is
 /// in use, detaches the loop device, asks the serving process to end and waits (up to
-/// 30 s) until it has.
+/// 30 s) until it has. If that process is gone (killed), what it left is removed, and
+/// no process is signalled (its pid may be another's by now).
 pub fn detach(device: &Path) -> Result<u32, Error> {
     let pid = owner_of(device)?;
+    let alive = is_attach_process(pid);
     // O_EXCL on a block device fails with EBUSY while it is mounted or otherwise claimed.
     match std::fs::OpenOptions::new()
         .read(true)
@@ -288,6 +343,10 @@ pub fn detach(device: &Path) -> Result<u32, Error> {
             "losetup -d: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )));
+    }
+    if !alive {
+        clean_dead(&Path::new(RUN_DIR).join(pid.to_string()));
+        return Ok(pid);
     }
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
         // A pidfd becomes readable when the process ends: wait on that, not on /proc.

@@ -236,3 +236,96 @@ fn an_attached_image_mounts_and_reads_fail_exactly_on_bad_sectors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a device attached by interpose"));
 }
+
+/// Whether `cond` holds within 10 s (a loop device's detach completes once whoever has it
+/// open, udev's probe say, closes it: there is no event to wait for).
+fn within_10s(cond: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Whether anything is mounted at `dir` (from /proc/self/mountinfo).
+fn mounted_at(dir: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+}
+
+/// An attach process killed with SIGKILL cannot clean up: its loop device, its dead FUSE
+/// mount and its directory stay until `blk detach` of the device, or the next `blk
+/// attach`, removes them. And detach signals no process that merely has the dead one's
+/// pid now.
+#[test]
+fn what_a_killed_attach_left_is_removed_and_no_stranger_is_signalled() {
+    let t = plain_dir("interpose-test-blkdead-");
+    let raw = t.path().join("zeros.raw");
+    fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let leftovers = |a: &mut Attach| {
+        let pid = a.child.as_ref().unwrap().id();
+        let mut child = a.child.take().unwrap();
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait();
+        let dir = Path::new("/run/interpose/blk").join(pid.to_string());
+        assert!(a.loop_attached(), "the loop device went with SIGKILL");
+        assert!(mounted_at(&dir), "no dead mount at {}", dir.display());
+        dir
+    };
+    // Removed by detach of the device.
+    let mut a = Attach::start(s(&raw));
+    let dir = leftovers(&mut a);
+    run(Command::new(bin()).args(["blk", "detach"]).arg(&a.device));
+    assert!(
+        within_10s(|| !a.loop_attached()),
+        "detach left the loop device"
+    );
+    assert!(
+        !mounted_at(&dir) && !dir.exists(),
+        "detach left {}",
+        dir.display()
+    );
+    // Removed by the next attach (which may take the same loop device again).
+    let mut a = Attach::start(s(&raw));
+    let dir = leftovers(&mut a);
+    let b = Attach::start(s(&raw));
+    let name = a.device.file_name().unwrap().to_str().unwrap().to_owned();
+    let backs_dead = || {
+        fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .is_ok_and(|f| Path::new(f.trim()) == dir.join("disk"))
+    };
+    assert!(
+        within_10s(|| !backs_dead()),
+        "the next attach left the dead one's loop device"
+    );
+    assert!(
+        !mounted_at(&dir) && !dir.exists(),
+        "the next attach left {}",
+        dir.display()
+    );
+    drop(b);
+    // A loop device that names a live process that is no attach (a pid reused).
+    let mut stranger = Command::new("sleep").arg("300").spawn().unwrap();
+    let dir = Path::new("/run/interpose/blk").join(stranger.id().to_string());
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(&raw, dir.join("disk")).unwrap();
+    let dev = run(Command::new("losetup")
+        .args(["--find", "--show", "--read-only"])
+        .arg(dir.join("disk")));
+    let dev = dev.trim();
+    let out = output(Command::new(bin()).args(["blk", "detach", dev]));
+    let alive = stranger.try_wait().unwrap().is_none();
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    let _ = Command::new("losetup").args(["-d", dev]).status();
+    let _ = fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        alive,
+        "blk detach killed a process that only had a dead attach's pid"
+    );
+}
