@@ -279,17 +279,31 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     let handle = signals.handle();
     let mountpoint = args.mountpoint.clone();
     let waiter = std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        let mut signals = signals.forever();
+        if let Some(sig) = signals.next() {
             tracing::info!("signal {sig}: unmounting {}", mountpoint.display());
             if let Err(err) = unmounter.unmount() {
                 if err.raw_os_error() == Some(libc::EBUSY) {
-                    tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
+                    tracing::warn!(
+                        "{} is busy; detaching it lazily: it is served until its last user \
+                         leaves (a second signal stops serving at once)",
+                        mountpoint.display()
+                    );
                     let _ =
                         rustix::mount::unmount(&mountpoint, rustix::mount::UnmountFlags::DETACH);
                 } else {
                     tracing::error!("unmount failed: {err}");
                 }
             }
+        }
+        // A second signal while the detached mount is still in use: stop now. Programs
+        // still in it get ENOTCONN; what they had fsync'ed is kept (as after a crash).
+        if let Some(sig) = signals.next() {
+            tracing::warn!(
+                "signal {sig} again: stopping while {} is still in use",
+                mountpoint.display()
+            );
+            std::process::exit(1);
         }
     });
     let res = mounted.join();

@@ -27,3 +27,34 @@ fn killed_daemon_leaves_a_mount_that_unmount_removes() {
     assert_eq!(std::fs::read(m2.mnt.join("f")).unwrap(), b"x");
     m2.stop();
 }
+
+/// The first SIGTERM on a busy mount detaches it lazily and serves on until its last user
+/// leaves; a second stops the daemon at once (it used to be ignored: only SIGKILL ended a
+/// daemon whose mount a shell sat in).
+#[test]
+fn a_second_signal_stops_a_daemon_whose_mount_is_busy() {
+    let m = Mount::new(&[]);
+    let mut user = std::process::Command::new("sleep")
+        .arg("300")
+        .current_dir(&m.mnt)
+        .spawn()
+        .unwrap();
+    m.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while is_mounted(&m.mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the busy mount was not detached"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    m.signal(libc::SIGTERM);
+    let status = m.wait_exit(std::time::Duration::from_secs(20));
+    let _ = user.kill();
+    let _ = user.wait();
+    let status = status.expect("the daemon did not stop on a second SIGTERM");
+    assert!(
+        !status.success(),
+        "{status}: a forced stop is not a clean exit"
+    );
+}

@@ -109,6 +109,23 @@ impl Mount {
         err
     }
 
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        signal(self.child.as_ref().unwrap(), sig);
+    }
+
+    /// Waits up to `timeout` for the daemon to end by itself; its exit status (None: it
+    /// did not end, and was killed).
+    pub fn wait_exit(mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().unwrap();
+        let status = wait_timeout(&mut child, timeout);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        status
+    }
+
     /// SIGKILL the daemon (a crash); the dead mount stays until [`Mount::cleanup_dead`].
     pub fn kill(&mut self) {
         let mut child = self.child.take().unwrap();
