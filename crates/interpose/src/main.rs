@@ -153,10 +153,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("interpose: {err:#}");
+            eprintln!("interpose: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: the libraries' errors name their cause in their
+/// own message already (they are also shown alone, over the control socket), so a cause
+/// whose text an earlier message holds is not repeated.
+fn report(err: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {

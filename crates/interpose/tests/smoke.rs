@@ -58,3 +58,16 @@ fn a_second_signal_stops_a_daemon_whose_mount_is_busy() {
         "{status}: a forced stop is not a clean exit"
     );
 }
+
+/// An error names its cause once (it used to print the OS error twice: once in the
+/// library's message and again as the message's cause).
+#[test]
+fn an_error_names_its_cause_once() {
+    let out = std::process::Command::new(bin())
+        .args(["fs", "mount", "/nonexistent-backing-dir", "/tmp"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+}
