@@ -401,8 +401,51 @@ fn raise_fd_limit() {
     }
 }
 
+/// The file system type mounted at `path` (its last mount there), from mountinfo.
+fn mounted_type(path: &std::path::Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mountpoint options [optional...] - type source
+    info.lines().rev().find_map(|l| {
+        let mut fields = l.split(' ');
+        let mp = fields.nth(4)?;
+        if unescape_mountinfo(mp) != path.as_os_str().as_encoded_bytes() {
+            return None;
+        }
+        let mut rest = fields.skip_while(|f| *f != "-");
+        rest.next();
+        rest.next().map(str::to_owned)
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as octal escapes.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     use rustix::mount::{unmount, UnmountFlags};
+    match mounted_type(mountpoint) {
+        Some(t) if t == "fuse.interpose" => {}
+        Some(t) => bail!(
+            "{} is a {t} mount, not interpose's; unmount it with umount",
+            mountpoint.display()
+        ),
+        None => bail!("{} is not a mount point", mountpoint.display()),
+    }
     let flags = if lazy {
         UnmountFlags::DETACH
     } else {

@@ -71,3 +71,31 @@ fn an_error_names_its_cause_once() {
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
+
+/// `fs unmount` unmounts interpose's mounts only (it used to unmount anything).
+#[test]
+fn unmount_refuses_a_mount_that_is_not_interposes() {
+    let dir = tempfile::Builder::new()
+        .prefix("interpose-test-tmpfs-")
+        .tempdir_in(test_root())
+        .unwrap();
+    run(std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "none"])
+        .arg(dir.path()));
+    let out = std::process::Command::new(bin())
+        .args(["fs", "unmount"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let still = is_mounted(dir.path());
+    let _ = std::process::Command::new("umount")
+        .arg(dir.path())
+        .status();
+    assert!(!out.status.success(), "fs unmount of a tmpfs succeeded");
+    assert!(still, "fs unmount removed a tmpfs mount");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not interpose's"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
