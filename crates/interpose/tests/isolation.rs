@@ -3217,6 +3217,51 @@ fn layouts_where_the_daemon_would_wait_on_itself_are_refused() {
     assert!(!d.store.exists(), "a store was made for a refused mount");
 }
 
+/// Out of descriptors, an isolated mount fails the open (EMFILE), where programs expect
+/// it; every file it did open reads and writes (reads and writes failed with EMFILE, as
+/// the backing file was opened only then).
+#[test]
+fn out_of_descriptors_the_open_fails_not_the_reads_and_writes() {
+    let d = dirs();
+    for i in 0..100 {
+        fs::write(d.backing.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    let m = Mount::start_with_prefix(
+        &["prlimit", "--nofile=64:64", "--"],
+        &d.backing,
+        &d.mnt,
+        &["--isolate", s(&d.store)],
+    );
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for i in 0..100 {
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(d.mnt.join(format!("f{i}")))
+        {
+            Ok(f) => open.push((i, f)),
+            Err(e) if e.raw_os_error() == Some(libc::EMFILE) => refused += 1,
+            Err(e) => panic!("open of f{i}: {e}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "100 files open through a daemon limited to 64 descriptors"
+    );
+    for (i, f) in &open {
+        let want = format!("file {i}\n");
+        let mut buf = vec![0u8; want.len()];
+        f.read_exact_at(&mut buf, 0)
+            .unwrap_or_else(|e| panic!("read of f{i}, open: {e}"));
+        assert_eq!(buf, want.as_bytes());
+        f.write_all_at(b"F", 0)
+            .unwrap_or_else(|e| panic!("write of f{i}, open: {e}"));
+    }
+    drop(open);
+    m.stop();
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

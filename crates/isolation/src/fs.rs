@@ -267,6 +267,24 @@ impl IsolatedFs {
         if bid.is_some() {
             n.passthrough_opens += 1;
         }
+        let needs_origin = bid.is_none()
+            && n.attr.is_file()
+            && n.origin.is_some()
+            && !n.detached
+            && n.origin_file.is_none()
+            && n.data.as_ref().is_none_or(|d| d.origin_limit > 0);
+        if needs_origin {
+            // Opened now, kept while open: out of descriptors, the open fails (EMFILE),
+            // where programs expect it, not a read or write later.
+            if let Err(e @ (libc::EMFILE | libc::ENFILE)) = v.origin_file_pub(id) {
+                let n = v.node_mut(id)?;
+                n.opens -= 1;
+                if write {
+                    n.writers -= 1;
+                }
+                return Err(e);
+            }
+        }
         let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
         self.0.files.lock().insert(
             fh,
