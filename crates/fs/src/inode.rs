@@ -146,7 +146,30 @@ impl Inodes {
         for _ in 0..n {
             fds.pop_lru();
         }
-        tracing::warn!("out of file descriptors: closed {n} cached inode descriptors");
+        // One warning per 10 s: a program holding every descriptor makes each request
+        // land here (hundreds of lines a second otherwise).
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 10
+            && LAST
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                "out of file descriptors: closed {n} cached inode descriptors (further such \
+                 events in the next 10 s are logged at debug level)"
+            );
+        } else {
+            tracing::debug!("out of file descriptors: closed {n} cached inode descriptors");
+        }
     }
 
     /// An `O_PATH` descriptor for the node, from the cache or by reopening its handle.
