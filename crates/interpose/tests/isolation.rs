@@ -3262,6 +3262,27 @@ fn out_of_descriptors_the_open_fails_not_the_reads_and_writes() {
     m.stop();
 }
 
+/// A store that cannot be made (its file system full) leaves nothing half-made: the same
+/// mount works once there is room (it used to say the directory was not a store).
+#[test]
+fn a_store_made_on_a_full_disk_can_be_made_again_once_there_is_room() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let store = tmpfs.0.join("store");
+    let ballast = tmpfs.0.join("ballast");
+    let mut b = File::create(&ballast).unwrap();
+    while b.write_all(&[0u8; 4096]).is_ok() {}
+    drop(b);
+    let err = mount_fails(&d.backing, &d.mnt, &store);
+    assert!(err.contains("No space left"), "{err}");
+    fs::remove_file(&ballast).unwrap();
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("f"), b"made\n").unwrap();
+    m.stop();
+    assert_eq!(num(&status(&store), "pending_changes"), 2);
+    drop(tmpfs);
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

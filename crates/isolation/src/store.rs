@@ -20,6 +20,8 @@ const JOURNAL: &str = "journal";
 const JOURNAL_NEW: &str = "journal.new";
 const COMMIT: &str = "commit";
 const LOCK: &str = "lock";
+/// store.json while it is written (renamed into place when whole).
+const META_TMP: &str = "store.json.tmp";
 pub const SOCKET: &str = "control.sock";
 const FORMAT: &str = "interpose-isolation-store";
 
@@ -277,7 +279,23 @@ impl Store {
             )));
         }
         let fresh = match std::fs::read_dir(dir) {
-            Ok(mut it) => it.next().is_none(),
+            // Empty, or what a creation that failed half-way (a full disk) left: the
+            // files made before store.json, which is made last; no change is recorded
+            // before it exists.
+            Ok(it) => {
+                let names: Vec<_> = it.flatten().map(|e| e.file_name()).collect();
+                let leftover = names
+                    .iter()
+                    .all(|n| [JOURNAL, LOCK, META_TMP].iter().any(|m| n == *m));
+                if leftover && !names.is_empty() {
+                    // Under the lock: another process may be making it right now.
+                    let _lock = Self::lock(dir)?;
+                    for name in [JOURNAL, META_TMP] {
+                        let _ = std::fs::remove_file(dir.join(name));
+                    }
+                }
+                leftover
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
                 true
@@ -305,14 +323,24 @@ impl Store {
                 created: rfc3339_now(),
                 write_through,
             };
-            Journal::create(&dir.join(JOURNAL), 0, id)?;
-            let tmp = dir.join("store.json.tmp");
-            let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            f.write_all(&serde_json::to_vec_pretty(&meta).expect("serialises"))
-                .and_then(|_| f.sync_all())
-                .map_err(|e| Error::io(&tmp, e))?;
-            std::fs::rename(&tmp, dir.join(META)).map_err(|e| Error::io(&tmp, e))?;
-            sync_dir(&dir)?;
+            let made = (|| {
+                Journal::create(&dir.join(JOURNAL), 0, id)?;
+                let tmp = dir.join(META_TMP);
+                let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                f.write_all(&serde_json::to_vec_pretty(&meta).expect("serialises"))
+                    .and_then(|_| f.sync_all())
+                    .map_err(|e| Error::io(&tmp, e))?;
+                std::fs::rename(&tmp, dir.join(META)).map_err(|e| Error::io(&tmp, e))?;
+                sync_dir(&dir)
+            })();
+            if let Err(e) = made {
+                // Nothing half-made stays: the same command works once there is room.
+                // (The lock file stays: another process may be waiting on it.)
+                for name in [JOURNAL, META_TMP] {
+                    let _ = std::fs::remove_file(dir.join(name));
+                }
+                return Err(e);
+            }
             return Ok(Store {
                 dir,
                 meta,
