@@ -3283,6 +3283,41 @@ fn a_store_made_on_a_full_disk_can_be_made_again_once_there_is_room() {
     drop(tmpfs);
 }
 
+/// A discard after a commit that stopped half-way (BACKING full) needs no room for what
+/// it throws away: it empties a full store (it used to copy the changes it was about to
+/// drop first, and failed with ENOSPC exactly then).
+#[test]
+fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
+    let d = dirs();
+    let small = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let store_fs = Tmpfs::new(d.tmp.path().join("storefs"), "2m");
+    let backing = small.0.join("backing");
+    fs::create_dir(&backing).unwrap();
+    let store = store_fs.0.join("store");
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&store)]);
+    for i in 0..3 {
+        fs::write(d.mnt.join(format!("f{i}")), pattern(600 << 10, i)).unwrap();
+    }
+    m.stop();
+    let err = iso_fails("commit", &store, &[]);
+    assert!(err.contains("No space left"), "{err}");
+    // "change N (...): No space left on device": everything before N was applied.
+    let failed: u64 = err
+        .split("change ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("which change failed? {err}"));
+    let applied = failed - 1;
+    let mut filler = File::create(store_fs.0.join("filler")).unwrap();
+    while filler.write_all(&[0u8; 4096]).is_ok() {}
+    drop(filler);
+    iso("discard", &store, &["--after", &applied.to_string()]);
+    assert_eq!(num(&status(&store), "pending_changes"), 0);
+    assert_eq!(read(&backing.join("f0")), pattern(600 << 10, 0));
+    drop((small, store_fs));
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

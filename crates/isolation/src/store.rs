@@ -631,17 +631,26 @@ impl Store {
         }
         barrier(&mut state, target)?;
         progress(prog);
-        self.finish_at(journal, records, target)?;
+        self.finish_at(journal, records, target, u64::MAX)?;
         self.journal()
     }
 
     /// Ends a commit whose changes up to `target` are durably in BACKING: the records after
-    /// it are copied verbatim into a new journal, which replaces the old one, and the
-    /// commit state goes.
-    fn finish_at(&self, journal: &Journal, records: &[Record], target: u64) -> Result<(), Error> {
+    /// it, up to `keep_upto` (a discard throws the others away), are copied verbatim into
+    /// a new journal, which replaces the old one, and the commit state goes.
+    fn finish_at(
+        &self,
+        journal: &Journal,
+        records: &[Record],
+        target: u64,
+        keep_upto: u64,
+    ) -> Result<(), Error> {
         let jfile = journal.file().clone();
         let sp = self.dir.join(COMMIT);
-        let rest: Vec<&Record> = records.iter().filter(|r| r.seq > target).collect();
+        let rest: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.seq > target && r.seq <= keep_upto)
+            .collect();
         let newp = self.dir.join(JOURNAL_NEW);
         let _ = std::fs::remove_file(&newp);
         let copied = self.copy_rest(journal, &jfile, &rest, target, &newp);
@@ -658,8 +667,8 @@ impl Store {
         Ok(())
     }
 
-    /// The records `rest` (those after `target`) copied verbatim into a new, synced journal
-    /// at `newp`.
+    /// The records `rest` (those after `target`, in order, back to back) copied verbatim
+    /// into a new, synced journal at `newp`.
     fn copy_rest(
         &self,
         journal: &Journal,
@@ -670,13 +679,13 @@ impl Store {
     ) -> Result<(), Error> {
         let new = Journal::create(newp, target, self.meta.id_bytes())?;
         let shift = rest.first().map(|r| r.offset).unwrap_or(journal.len());
-        let tail = journal.len() - shift;
-        if tail > 0 {
+        let end = rest.last().map(|r| r.end()).unwrap_or(journal.len());
+        if end > shift {
             let dst = new.file();
             let (mut so, mut d_o) = (shift, HEADER_LEN);
             use std::os::fd::AsFd;
-            while so < journal.len() {
-                let want = (journal.len() - so) as usize;
+            while so < end {
+                let want = (end - so) as usize;
                 let n = rustix::fs::copy_file_range(
                     jfile.as_fd(),
                     Some(&mut so),
@@ -723,11 +732,34 @@ impl Store {
                     st.applied, st.applied
                 )));
             }
-            // Give the rest of the interrupted commit up: keep what it applied.
-            self.finish_at(journal, records, st.applied)?;
+            // Give the rest of the interrupted commit up: keep what it applied, and of the
+            // rest only what the discard keeps. What goes is cut off first, so that a full
+            // store is emptied this way: the copy then has room. The commit's target comes
+            // down first, so that a crash in between leaves a commit that can be run.
+            if st.target > after {
+                let sp = self.dir.join(COMMIT);
+                let sf = OpenOptions::new()
+                    .write(true)
+                    .open(&sp)
+                    .map_err(|e| Error::io(&sp, e))?;
+                self.write_state(
+                    &sf,
+                    &CommitState {
+                        target: after,
+                        ..st
+                    },
+                )?;
+            }
+            let cut = records
+                .iter()
+                .find(|r| r.seq > after)
+                .map(|r| r.offset)
+                .unwrap_or(journal.len());
+            journal.truncate(cut, after)?;
+            self.finish_at(journal, records, st.applied, after)?;
             let (j, recs) = self.journal()?;
             *journal = j;
-            return self.discard(journal, &recs, Some(after));
+            return Ok(recs);
         }
         let cut = records
             .iter()
