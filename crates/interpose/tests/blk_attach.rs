@@ -26,6 +26,7 @@ fn s(p: &Path) -> &str {
 struct Attach {
     child: Option<Child>,
     device: PathBuf,
+    pid: u32,
 }
 
 impl Attach {
@@ -49,14 +50,21 @@ impl Attach {
             }
         };
         Attach {
+            pid: child.id(),
             child: Some(child),
             device,
         }
     }
 
+    /// Whether the loop device still reads this attach's file (another test's attach may
+    /// have taken the same device since).
     fn loop_attached(&self) -> bool {
         let name = self.device.file_name().unwrap().to_str().unwrap();
-        Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists()
+        let ours = Path::new("/run/interpose/blk")
+            .join(self.pid.to_string())
+            .join("disk");
+        fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .is_ok_and(|f| Path::new(f.trim()) == ours)
     }
 
     /// Waits for the process to end by itself; its exit status.
@@ -102,6 +110,7 @@ fn direct_read(dev: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> 
 
 #[test]
 fn an_attached_image_mounts_and_reads_fail_exactly_on_bad_sectors() {
+    let _serial = one_at_a_time();
     let t = plain_dir("interpose-test-blkattach-");
     let d = t.path();
     let tree = d.join("tree");
@@ -218,23 +227,38 @@ fn an_attached_image_mounts_and_reads_fail_exactly_on_bad_sectors() {
         assert!(out.status.success(), "{}", describe(&out));
         let status = a.wait();
         assert!(status.success(), "blk attach exited with {status}");
-        assert!(!a.loop_attached(), "{source}: loop device still attached");
+        assert!(
+            within_10s(|| !a.loop_attached()),
+            "{source}: loop device still attached"
+        );
     }
 
     // SIGTERM also removes the device.
-    let a = Attach::start(s(&img));
-    let dev = a.device.clone();
-    drop(a);
-    let name = dev.file_name().unwrap().to_str().unwrap().to_owned();
-    let backing = fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+    let mut a = Attach::start(s(&img));
+    let mut child = a.child.take().unwrap();
+    signal(&child, libc::SIGTERM);
     assert!(
-        backing.map_or(true, |b| !b.contains("/run/interpose/blk/")),
-        "{name} still attached to interpose after SIGTERM"
+        wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|st| st.success()),
+        "blk attach did not end cleanly on SIGTERM"
+    );
+    assert!(
+        within_10s(|| !a.loop_attached()),
+        "{} still attached after SIGTERM",
+        a.device.display()
     );
     // Not ours: refused.
     let out = output(Command::new(bin()).args(["blk", "detach", "/dev/null"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a device attached by interpose"));
+}
+
+/// Holds the attach tests of this file one at a time (nextest runs each in its own
+/// process, so a file lock): an attach sweeps what dead attaches left under
+/// /run/interpose/blk, and one test plants such an entry on purpose.
+fn one_at_a_time() -> fs::File {
+    let f = fs::File::create(std::env::temp_dir().join("interpose-test-blk-attach.lock")).unwrap();
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    f
 }
 
 /// Whether `cond` holds within 10 s (a loop device's detach completes once whoever has it
@@ -263,6 +287,7 @@ fn mounted_at(dir: &Path) -> bool {
 /// pid now.
 #[test]
 fn what_a_killed_attach_left_is_removed_and_no_stranger_is_signalled() {
+    let _serial = one_at_a_time();
     let t = plain_dir("interpose-test-blkdead-");
     let raw = t.path().join("zeros.raw");
     fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
@@ -293,13 +318,8 @@ fn what_a_killed_attach_left_is_removed_and_no_stranger_is_signalled() {
     let mut a = Attach::start(s(&raw));
     let dir = leftovers(&mut a);
     let b = Attach::start(s(&raw));
-    let name = a.device.file_name().unwrap().to_str().unwrap().to_owned();
-    let backs_dead = || {
-        fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
-            .is_ok_and(|f| Path::new(f.trim()) == dir.join("disk"))
-    };
     assert!(
-        within_10s(|| !backs_dead()),
+        within_10s(|| !a.loop_attached()),
         "the next attach left the dead one's loop device"
     );
     assert!(

@@ -750,25 +750,24 @@ impl Store {
                     },
                 )?;
             }
-            let cut = records
-                .iter()
-                .find(|r| r.seq > after)
-                .map(|r| r.offset)
-                .unwrap_or(journal.len());
-            journal.truncate(cut, after)?;
+            journal.truncate(cut_after(journal, records, after), after)?;
             self.finish_at(journal, records, st.applied, after)?;
             let (j, recs) = self.journal()?;
             *journal = j;
             return Ok(recs);
         }
-        let cut = records
-            .iter()
-            .find(|r| r.seq > after)
-            .map(|r| r.offset)
-            .unwrap_or(journal.len());
-        journal.truncate(cut, after)?;
+        journal.truncate(cut_after(journal, records, after), after)?;
         Ok(records.iter().filter(|r| r.seq <= after).cloned().collect())
     }
+}
+
+/// Where the journal ends when the records after `after` go.
+fn cut_after(journal: &Journal, records: &[Record], after: u64) -> u64 {
+    records
+        .iter()
+        .find(|r| r.seq > after)
+        .map(|r| r.offset)
+        .unwrap_or(journal.len())
 }
 
 #[cfg(test)]
