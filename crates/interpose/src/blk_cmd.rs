@@ -11,7 +11,7 @@ use interpose_nbd::{Config, Export, Listener, Server};
 
 #[derive(Subcommand)]
 pub enum BlkCommand {
-    /// Serve read-only NBD exports until SIGINT/SIGTERM. Each SOURCE is an interpose
+    /// Serve read-only NBD exports until SIGINT/SIGTERM/SIGHUP. Each SOURCE is an interpose
     /// image, or a raw file or block device written `PATH[,mapfile=MAPFILE]` (its
     /// ddrescue mapfile marks bad sectors). Without --unix or --tcp (and no systemd
     /// sockets), listens on 127.0.0.1:10809.
@@ -40,7 +40,7 @@ pub enum BlkCommand {
     },
     /// Make a read-only kernel block device (/dev/loopN over a FUSE file served by
     /// this process) from SOURCE (as for serve), print its path, and serve it until
-    /// SIGINT/SIGTERM or `interpose blk detach`; the device goes away with the process.
+    /// SIGINT/SIGTERM/SIGHUP or `interpose blk detach`; the device goes away with the process.
     Attach {
         #[arg(value_name = "SOURCE")]
         source: String,
@@ -65,6 +65,12 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
             Some(("mapfile", m)) => mapfile = Some(PathBuf::from(m)),
             _ => bail!("{spec}: unknown option {p:?} (expected mapfile=MAPFILE)"),
         }
+    }
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_dir()) {
+        bail!(
+            "{}: a directory, not an image or a raw file",
+            path.display()
+        );
     }
     let mut magic = [0u8; 8];
     let is_image = std::fs::File::open(&path)
@@ -173,6 +179,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             let mut signals = signal_hook::iterator::Signals::new([
                 signal_hook::consts::SIGINT,
                 signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
             ])
             .context("installing signal handlers")?;
             let s2 = server.clone();
@@ -201,6 +208,9 @@ fn attach(spec: &str, cache_mib: usize) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        // A closed terminal: clean up as for SIGTERM (the default kills, leaving the
+        // loop device and the FUSE mount behind).
+        signal_hook::consts::SIGHUP,
     ])
     .context("installing signal handlers")?;
     let attached =

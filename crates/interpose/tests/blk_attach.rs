@@ -349,3 +349,31 @@ fn what_a_killed_attach_left_is_removed_and_no_stranger_is_signalled() {
         "blk detach killed a process that only had a dead attach's pid"
     );
 }
+
+/// SIGHUP (a closed terminal) ends an attach as SIGTERM does, device removed (it used to
+/// kill it, leaving the device and the mount); a directory is no source.
+#[test]
+fn sighup_detaches_and_a_directory_is_refused() {
+    let _serial = one_at_a_time();
+    let t = plain_dir("interpose-test-blkhup-");
+    let raw = t.path().join("zeros.raw");
+    fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let mut a = Attach::start(s(&raw));
+    let mut child = a.child.take().unwrap();
+    signal(&child, libc::SIGHUP);
+    assert!(
+        wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|st| st.success()),
+        "blk attach did not end cleanly on SIGHUP"
+    );
+    assert!(
+        within_10s(|| !a.loop_attached()),
+        "{} still attached after SIGHUP",
+        a.device.display()
+    );
+    let out = output(Command::new(bin()).args(["blk", "attach"]).arg(t.path()));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("a directory"),
+        "{}",
+        describe(&out)
+    );
+}
