@@ -3318,6 +3318,37 @@ fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
     drop((small, store_fs));
 }
 
+/// A commit on a store whose file system is full to the last byte fails before applying
+/// anything, names the file it could not write, and leaves nothing behind; it works once
+/// there is room.
+#[test]
+fn a_commit_that_cannot_start_leaves_no_state_behind() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("f"), b"f\n").unwrap();
+    m.stop();
+    let filler = tmpfs.0.join("filler");
+    let mut f = File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 4096]).is_ok() {}
+    drop(f);
+    let err = iso_fails("commit", &store, &[]);
+    assert!(
+        err.contains("commit.tmp") && err.contains("No space left"),
+        "{err}"
+    );
+    assert!(!store.join("commit.tmp").exists(), "commit.tmp left behind");
+    assert!(
+        !d.backing.join("f").exists(),
+        "a change applied by a commit that failed"
+    );
+    fs::remove_file(&filler).unwrap();
+    iso("commit", &store, &[]);
+    assert_eq!(read(&d.backing.join("f")), b"f\n");
+    drop(tmpfs);
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

@@ -550,9 +550,17 @@ impl Store {
         if pending.is_none() {
             // Made whole under another name, then renamed: never seen empty or torn.
             let tmp = self.dir.join("commit.tmp");
-            let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-            self.write_state(&f, &state)?;
-            std::fs::rename(&tmp, &sp).map_err(|e| Error::io(&sp, e))?;
+            let made = File::create(&tmp)
+                .and_then(|f| {
+                    f.write_all_at(&state.encode(), 0)
+                        .and_then(|_| f.sync_data())
+                })
+                .and_then(|_| std::fs::rename(&tmp, &sp));
+            if let Err(e) = made {
+                // A full store, say: nothing was applied, and nothing is left behind.
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Error::io(&tmp, e));
+            }
             sync_dir(&self.dir)?;
         }
         let sf = OpenOptions::new()
