@@ -614,7 +614,13 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 println!("in memory:        {n} files and directories (the mount's view)");
             }
             if let Some(t) = s.interrupted_commit {
-                println!("interrupted commit up to {t}: run `interpose isolation commit` again");
+                let applied = s
+                    .interrupted_commit_applied
+                    .map(|a| format!(", changes up to {a} in BACKING already"))
+                    .unwrap_or_default();
+                println!(
+                    "interrupted commit up to {t}{applied}: run `interpose isolation commit` again"
+                );
             }
         }
         IsolationCommand::Log { .. } => unreachable!("printed above"),

@@ -3309,6 +3309,12 @@ fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("which change failed? {err}"));
     let applied = failed - 1;
+    let st = status(&store);
+    assert_eq!(
+        st["interrupted_commit_applied"].as_u64(),
+        Some(applied),
+        "status tells how far the interrupted commit got: {st:#}"
+    );
     let mut filler = File::create(store_fs.0.join("filler")).unwrap();
     while filler.write_all(&[0u8; 4096]).is_ok() {}
     drop(filler);

@@ -75,6 +75,9 @@ pub struct Status {
     pub journal_ahead_bytes: u64,
     /// A commit was interrupted and must be run again (up to this number).
     pub interrupted_commit: Option<u64>,
+    /// Of that commit, the changes up to this number are in BACKING already.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted_commit_applied: Option<u64>,
     pub mounted: bool,
     /// Mounted: files and directories the daemon's view holds in memory (those with
     /// changes, and those the kernel has looked up and not yet forgotten).
@@ -501,6 +504,7 @@ impl Store {
             store_bytes,
             journal_ahead_bytes,
             interrupted_commit: self.interrupted_commit()?,
+            interrupted_commit_applied: self.read_state()?.map(|s| s.applied),
             mounted,
             view_nodes: None,
         })
