@@ -43,7 +43,7 @@ pub enum Error {
     },
     #[error("{} is not an isolation store (no store.json); to make one, mount with --isolate", .0.display())]
     NotAStore(PathBuf),
-    #[error("store {} is in use by another process (a mount or a commit); its control socket did not answer", .0.display())]
+    #[error("store {} is in use by another process (a mount of it, or a commit or discard running on it)", .0.display())]
     Busy(PathBuf),
     #[error("change {seq} ({op} {path}): {source}")]
     Apply {
