@@ -3355,6 +3355,53 @@ fn a_commit_that_cannot_start_leaves_no_state_behind() {
     drop(tmpfs);
 }
 
+/// A create in a directory with a default ACL is recorded as the create and the ACL it
+/// inherits: when the journal cannot grow (here its file size limit, at ten different
+/// points), the create fails whole; it used to be able to leave the file without its ACL
+/// (its group then had the mode's bits, not the ACL's mask).
+#[test]
+fn a_create_and_its_inherited_acl_land_whole_or_not_at_all() {
+    for k in 0..10u64 {
+        let d = dirs();
+        let limit = 20_000 + 41 * k;
+        let m = Mount::start_with_prefix(
+            &["prlimit", &format!("--fsize={limit}"), "--"],
+            &d.backing,
+            &d.mnt,
+            &["--isolate", s(&d.store)],
+        );
+        let dir = d.mnt.join("acl");
+        fs::create_dir(&dir).unwrap();
+        run(Command::new("setfacl")
+            .args(["-d", "-m", "u:1:r,g::r,m::r"])
+            .arg(&dir));
+        let mut made = 0;
+        let failed = loop {
+            let f = dir.join(format!("f{made}"));
+            match File::create(&f) {
+                Ok(_) => made += 1,
+                Err(e) => break (f, e),
+            }
+            assert!(made < 10_000, "the journal never filled up");
+        };
+        let (f, err) = failed;
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::EFBIG) | Some(libc::ENOSPC)),
+            "limit {limit}: {err}"
+        );
+        // From a listing (the kernel caches the name's absence from before the create).
+        let name = f.file_name().unwrap().to_owned();
+        assert!(
+            !fs::read_dir(&dir)
+                .unwrap()
+                .any(|e| e.unwrap().file_name() == name),
+            "limit {limit}: the create failed, but {} exists (without its ACL)",
+            f.display()
+        );
+        m.stop();
+    }
+}
+
 #[test]
 fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();

@@ -411,6 +411,18 @@ impl Filesystem for IsolatedFs {
         let id = ino.0;
         let res = (|| {
             let mut v = self.0.view.lock();
+            let changes = [
+                size.is_some(),
+                mode.is_some() || uid.is_some() || gid.is_some(),
+            ]
+            .into_iter()
+            .chain([atime.is_some() || mtime.is_some()])
+            .filter(|&b| b)
+            .count();
+            if changes > 1 {
+                // Several records for one setattr: all or none.
+                v.reserve(view::RESERVE_FOR_SEVERAL)?;
+            }
             if let Some(size) = size {
                 // (Outside the isolated paths the truncation reaches the backing file that
                 // passthrough opens use: nothing to wait for.)

@@ -270,6 +270,26 @@ impl Journal {
         Ok((seq, start + head.len() as u64))
     }
 
+    /// Makes sure records of `bytes` more bytes can be appended without the file system
+    /// running out of room (they overwrite zeros written ahead, in blocks already
+    /// allocated): an operation recorded as several changes (a create and the ACL it
+    /// inherits, a truncate and a chmod) then lands whole or, on a full disk, not at all.
+    pub fn reserve(&mut self, bytes: u64) -> Result<(), Error> {
+        let want = self.end + bytes;
+        if self.zeroed_end >= want {
+            return Ok(());
+        }
+        let from = self.zeroed_end.max(self.end);
+        let to = want.next_multiple_of(4096);
+        if let Err(e) = write_zeros(&self.file, from, to) {
+            // Nothing half-written stays past what was zeroed before.
+            let _ = self.file.set_len(from);
+            return Err(Error::io(&self.path, e));
+        }
+        self.zeroed_end = to;
+        Ok(())
+    }
+
     /// Makes every appended record durable.
     pub fn sync(&self) -> Result<(), Error> {
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))

@@ -790,6 +790,15 @@ impl View {
 
     // ---- recording ----
 
+    /// Room for the next records (see [`Journal::reserve`]); nothing to do where changes
+    /// go straight to BACKING (a --write-through store records them too, and reserves).
+    pub fn reserve(&mut self, bytes: u64) -> Res<()> {
+        self.journal.reserve(bytes).map_err(|e| {
+            tracing::error!("journal: {e}");
+            e.errno()
+        })
+    }
+
     fn record(&mut self, change: &Change, data: &[&[u8]]) -> Res<u64> {
         let t = now();
         self.clock = Some(t);
@@ -1593,6 +1602,10 @@ impl View {
             uid,
             gid,
         };
+        if inherited.is_some() {
+            // The create and its ACLs are two or three records: all or none.
+            self.reserve(RESERVE_FOR_SEVERAL)?;
+        }
         let id = if self.pass(&change, &[])? {
             self.lookup(parent, name)?
         } else {
@@ -2625,6 +2638,10 @@ fn unnamed_file(dir: &Path) -> std::io::Result<File> {
         other => other,
     }
 }
+
+/// What an operation recorded as several changes reserves in the journal first: far more
+/// than a few records without data take (paths up to 4 KiB, ACLs of a few hundred bytes).
+pub const RESERVE_FOR_SEVERAL: u64 = 64 << 10;
 
 const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
