@@ -229,6 +229,19 @@ fn attach(spec: &str, cache_mib: usize) -> Result<()> {
     if let Some(sig) = signals.forever().next() {
         tracing::info!("signal {sig}: detaching {}", attached.device.display());
     }
+    // The device goes once nothing holds it (a mount of it, say), and is served until
+    // then; a second signal stops serving at once (its reads then fail with EIO; the next
+    // attach or a detach removes what is left).
+    let device = attached.device.clone();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::warn!(
+                "signal {sig} again: stopping while {} is still in use",
+                device.display()
+            );
+            std::process::exit(1);
+        }
+    });
     drop(attached);
     Ok(())
 }

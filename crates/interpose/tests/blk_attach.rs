@@ -377,3 +377,34 @@ fn sighup_detaches_and_a_directory_is_refused() {
         describe(&out)
     );
 }
+
+/// An attach asked to end while its device is held (opened, mounted) serves until it is
+/// let go; a second signal stops it at once (it used to be ignored), and what it leaves
+/// goes with the next attach.
+#[test]
+fn a_second_signal_stops_an_attach_whose_device_is_held() {
+    let _serial = one_at_a_time();
+    let t = plain_dir("interpose-test-blkheld-");
+    let raw = t.path().join("zeros.raw");
+    fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let mut a = Attach::start(s(&raw));
+    let holder = fs::File::open(&a.device).unwrap();
+    let mut child = a.child.take().unwrap();
+    signal(&child, libc::SIGTERM);
+    assert!(
+        wait_timeout(&mut child, Duration::from_millis(500)).is_none(),
+        "the attach ended while its device was held"
+    );
+    signal(&child, libc::SIGTERM);
+    let status = wait_timeout(&mut child, Duration::from_secs(20));
+    drop(holder);
+    let status = status.expect("the attach did not stop on a second SIGTERM");
+    assert!(
+        !status.success(),
+        "{status}: a forced stop is not a clean exit"
+    );
+    let b = Attach::start(s(&raw));
+    let dir = Path::new("/run/interpose/blk").join(a.pid.to_string());
+    assert!(!dir.exists(), "the next attach left {}", dir.display());
+    drop(b);
+}
