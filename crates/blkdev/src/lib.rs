@@ -250,11 +250,10 @@ pub fn owner_of(device: &Path) -> Result<u32, Error> {
         .and_then(|n| n.to_str())
         .filter(|n| n.starts_with("loop"))
         .ok_or_else(|| Error::NotOurs(device.to_path_buf()))?;
-    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
-        .map_err(|_| Error::NotOurs(device.to_path_buf()))?;
+    let backing = backing_file_of(name).ok_or_else(|| Error::NotOurs(device.to_path_buf()))?;
     let rest = backing
-        .trim()
-        .strip_prefix(RUN_DIR)
+        .to_str()
+        .and_then(|b| b.strip_prefix(RUN_DIR))
         .and_then(|r| r.strip_prefix('/'))
         .and_then(|r| r.strip_suffix("/disk"))
         .ok_or_else(|| Error::NotOurs(device.to_path_buf()))?;
@@ -273,6 +272,12 @@ fn is_attach_process(pid: u32) -> bool {
         .any(|w| w[0] == b"blk".as_slice() && w[1] == b"attach".as_slice())
 }
 
+/// The file loop device `name` (`loopN`) reads, if it is attached.
+fn backing_file_of(name: &str) -> Option<PathBuf> {
+    let b = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(b.trim_end_matches('\n')))
+}
+
 /// Loop devices whose backing file is `file`.
 fn loop_devices_of(file: &Path) -> Vec<PathBuf> {
     let Ok(entries) = std::fs::read_dir("/sys/block") else {
@@ -281,10 +286,7 @@ fn loop_devices_of(file: &Path) -> Vec<PathBuf> {
     entries
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
-        .filter(|e| {
-            std::fs::read_to_string(e.path().join("loop/backing_file"))
-                .is_ok_and(|b| Path::new(b.trim()) == file)
-        })
+        .filter(|e| backing_file_of(&e.file_name().to_string_lossy()).as_deref() == Some(file))
         .map(|e| Path::new("/dev").join(e.file_name()))
         .collect()
 }

@@ -67,6 +67,21 @@ impl Attach {
             .is_ok_and(|f| Path::new(f.trim()) == ours)
     }
 
+    /// Sends `sig`; the process must end cleanly and its device go.
+    fn ends_cleanly_on(&mut self, sig: i32, name: &str) {
+        let mut child = self.child.take().unwrap();
+        signal(&child, sig);
+        assert!(
+            wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|st| st.success()),
+            "blk attach did not end cleanly on {name}"
+        );
+        assert!(
+            within_10s(|| !self.loop_attached()),
+            "{} still attached after {name}",
+            self.device.display()
+        );
+    }
+
     /// Waits for the process to end by itself; its exit status.
     fn wait(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
@@ -234,18 +249,7 @@ fn an_attached_image_mounts_and_reads_fail_exactly_on_bad_sectors() {
     }
 
     // SIGTERM also removes the device.
-    let mut a = Attach::start(s(&img));
-    let mut child = a.child.take().unwrap();
-    signal(&child, libc::SIGTERM);
-    assert!(
-        wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|st| st.success()),
-        "blk attach did not end cleanly on SIGTERM"
-    );
-    assert!(
-        within_10s(|| !a.loop_attached()),
-        "{} still attached after SIGTERM",
-        a.device.display()
-    );
+    Attach::start(s(&img)).ends_cleanly_on(libc::SIGTERM, "SIGTERM");
     // Not ours: refused.
     let out = output(Command::new(bin()).args(["blk", "detach", "/dev/null"]));
     assert!(!out.status.success());
@@ -358,18 +362,7 @@ fn sighup_detaches_and_a_directory_is_refused() {
     let t = plain_dir("interpose-test-blkhup-");
     let raw = t.path().join("zeros.raw");
     fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
-    let mut a = Attach::start(s(&raw));
-    let mut child = a.child.take().unwrap();
-    signal(&child, libc::SIGHUP);
-    assert!(
-        wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|st| st.success()),
-        "blk attach did not end cleanly on SIGHUP"
-    );
-    assert!(
-        within_10s(|| !a.loop_attached()),
-        "{} still attached after SIGHUP",
-        a.device.display()
-    );
+    Attach::start(s(&raw)).ends_cleanly_on(libc::SIGHUP, "SIGHUP");
     let out = output(Command::new(bin()).args(["blk", "attach"]).arg(t.path()));
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("a directory"),

@@ -103,16 +103,16 @@ impl Backing {
         Ok(File::from(self.open_at(rel, OFlags::RDWR, 0)?))
     }
 
-    /// The first name of inode `ino` beneath the root (a hard link) other than `known`
-    /// that `accept` takes: those in `known`'s directory first, then the rest of the tree,
-    /// breadth first, looking at `limit` entries at most.
-    pub fn find_name_of(
+    /// What `accept` makes of the first name of inode `ino` beneath the root (a hard link)
+    /// other than `known` that it takes: those in `known`'s directory first, then the rest
+    /// of the tree, breadth first, looking at `limit` entries at most.
+    pub fn find_name_of<T>(
         &self,
         ino: u64,
         known: &Path,
         limit: usize,
-        mut accept: impl FnMut(&Path) -> bool,
-    ) -> Option<PathBuf> {
+        mut accept: impl FnMut(&Path) -> Option<T>,
+    ) -> Option<T> {
         let near = known.parent().unwrap_or(Path::new(""));
         let mut seen = 0usize;
         // (directory, whether to descend): `near` alone first, then the whole tree (which
@@ -140,8 +140,10 @@ impl Backing {
                 }
                 if e.ino() == ino && e.file_type() != rustix::fs::FileType::Directory {
                     let path = dir.join(name);
-                    if path != known && accept(&path) {
-                        return Some(path);
+                    if path != known {
+                        if let Some(t) = accept(&path) {
+                            return Some(t);
+                        }
                     }
                 } else if walk && e.file_type() == rustix::fs::FileType::Directory {
                     queue.push_back((dir.join(name), true));

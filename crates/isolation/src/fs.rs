@@ -411,15 +411,12 @@ impl Filesystem for IsolatedFs {
         let id = ino.0;
         let res = (|| {
             let mut v = self.0.view.lock();
-            let changes = [
+            let records = [
                 size.is_some(),
                 mode.is_some() || uid.is_some() || gid.is_some(),
-            ]
-            .into_iter()
-            .chain([atime.is_some() || mtime.is_some()])
-            .filter(|&b| b)
-            .count();
-            if changes > 1 {
+                atime.is_some() || mtime.is_some(),
+            ];
+            if records.iter().filter(|&&r| r).count() > 1 {
                 // Several records for one setattr: all or none.
                 v.reserve(view::RESERVE_FOR_SEVERAL)?;
             }

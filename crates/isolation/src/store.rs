@@ -511,10 +511,7 @@ impl Store {
     }
 
     fn write_state(&self, f: &File, s: &CommitState) -> Result<(), Error> {
-        let p = self.dir.join(COMMIT);
-        f.write_all_at(&s.encode(), 0)
-            .and_then(|_| f.sync_data())
-            .map_err(|e| Error::io(&p, e))
+        write_commit_state(f, s).map_err(|e| Error::io(&self.dir.join(COMMIT), e))
     }
 
     /// Applies pending changes up to `upto` (default: all) to the backing directory and
@@ -555,10 +552,7 @@ impl Store {
             // Made whole under another name, then renamed: never seen empty or torn.
             let tmp = self.dir.join("commit.tmp");
             let made = File::create(&tmp)
-                .and_then(|f| {
-                    f.write_all_at(&state.encode(), 0)
-                        .and_then(|_| f.sync_data())
-                })
+                .and_then(|f| write_commit_state(&f, &state))
                 .and_then(|_| std::fs::rename(&tmp, &sp));
             if let Err(e) = made {
                 // A full store, say: nothing was applied, and nothing is left behind.
@@ -771,6 +765,11 @@ impl Store {
         journal.truncate(cut_after(journal, records, after), after)?;
         Ok(records.iter().filter(|r| r.seq <= after).cloned().collect())
     }
+}
+
+/// Writes the commit state at the start of `f`, durably.
+fn write_commit_state(f: &File, s: &CommitState) -> std::io::Result<()> {
+    f.write_all_at(&s.encode(), 0).and_then(|_| f.sync_data())
 }
 
 /// Where the journal ends when the records after `after` go.

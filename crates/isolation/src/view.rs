@@ -430,12 +430,9 @@ impl View {
         }
         let (ino, origin) = (n.backing_ino?, n.origin.clone()?);
         let backing = self.backing.clone();
-        let mut found = None;
         backing.find_name_of(ino, &origin, NAME_SEARCH_LIMIT, |candidate| {
-            found = self.view_name_of(candidate, id);
-            found.is_some()
-        });
-        found
+            self.view_name_of(candidate, id)
+        })
     }
 
     /// Where the view shows BACKING's `backing_path`, if that is node `id`: the same name
@@ -790,8 +787,7 @@ impl View {
 
     // ---- recording ----
 
-    /// Room for the next records (see [`Journal::reserve`]); nothing to do where changes
-    /// go straight to BACKING (a --write-through store records them too, and reserves).
+    /// Room for the next records (see [`Journal::reserve`]).
     pub fn reserve(&mut self, bytes: u64) -> Res<()> {
         self.journal.reserve(bytes).map_err(|e| {
             tracing::error!("journal: {e}");
@@ -2350,25 +2346,24 @@ impl View {
             .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
             .map(|n| n.id)
             .collect();
-        // A file that lost the names the view knew but is still linked is found by another.
-        let paths: HashMap<u64, PathBuf> = ids
-            .into_iter()
-            .filter_map(|id| Some((id, self.find_name(id)?)))
-            .collect();
-        self.nodes
-            .values()
-            .filter(|n| n.id != ROOT && (n.lookups > 0 || n.opens > 0))
-            .map(|n| Known {
-                id: n.id,
-                path: paths.get(&n.id).cloned(),
-                backing_ino: n.backing_ino,
-                origin: n.origin.clone().filter(|_| !n.detached),
-                kind: n.attr.kind(),
-                attr: n.attr.clone(),
-                lookups: n.lookups,
-                opens: n.opens,
-                writers: n.writers,
-                passthrough_opens: n.passthrough_opens,
+        ids.into_iter()
+            .map(|id| {
+                // A file that lost the names the view knew but is still linked is found
+                // by another.
+                let path = self.find_name(id);
+                let n = &self.nodes[&id];
+                Known {
+                    id,
+                    path,
+                    backing_ino: n.backing_ino,
+                    origin: n.origin.clone().filter(|_| !n.detached),
+                    kind: n.attr.kind(),
+                    attr: n.attr.clone(),
+                    lookups: n.lookups,
+                    opens: n.opens,
+                    writers: n.writers,
+                    passthrough_opens: n.passthrough_opens,
+                }
             })
             .collect()
     }
