@@ -1415,6 +1415,45 @@ fn open_files_keep_their_object_when_their_name_goes() {
 }
 
 #[test]
+fn a_file_held_open_opens_again_after_its_mode_or_links_change() {
+    // An unchanged file of BACKING is read through passthrough; while one descriptor holds
+    // it, a chmod, a hard link, a rename and a removed name change it in the view but not
+    // its contents. Opening it again must work: the kernel fails with EIO an open the
+    // daemon serves itself of a file it holds through passthrough. With a mounted commit
+    // in between too (the committed file is BACKING's again).
+    for extra in EVERY_MODE {
+        let d = dirs();
+        fs::write(d.backing.join("f"), b"contents").unwrap();
+        let m = d.mount_with(extra);
+        let f = d.mnt.join("f");
+        let held = File::open(&f).unwrap();
+        let again = |name: &str, what: &str| {
+            let got = fs::read(d.mnt.join(name))
+                .unwrap_or_else(|e| panic!("{extra:?}: opening {name} after {what}: {e}"));
+            assert_eq!(got, b"contents", "{extra:?}: {name} after {what}");
+        };
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        again("f", "a chmod");
+        fs::hard_link(&f, d.mnt.join("g")).unwrap();
+        again("g", "a hard link");
+        fs::rename(&f, d.mnt.join("h")).unwrap();
+        again("h", "a rename");
+        fs::remove_file(d.mnt.join("g")).unwrap();
+        again("h", "removing another name");
+        if extra.is_empty() {
+            commit(&d.store, None);
+            fs::set_permissions(d.mnt.join("h"), fs::Permissions::from_mode(0o640)).unwrap();
+            again("h", "a mounted commit and a chmod");
+        }
+        let mut buf = Vec::new();
+        (&held).read_to_end(&mut buf).unwrap();
+        assert_eq!(buf, b"contents", "{extra:?}: the descriptor held all along");
+        drop(held);
+        drop(m);
+    }
+}
+
+#[test]
 fn files_open_without_a_name_read_and_write_the_same_across_mounted_commits() {
     // A mounted commit rebuilds the view from BACKING and the records left, where nothing
     // leads to a file that lost its last name while open. Its descriptors must go on as on

@@ -235,10 +235,13 @@ impl IsolatedFs {
         let n = v.node_mut(id)?;
         let cached_opens = n.opens - n.passthrough_opens;
         let mut bid = None;
+        // Its contents are BACKING's (`data` is None): other changes (a mode, a link, a
+        // rename) leave reads to the backing file. A node the kernel holds open through
+        // passthrough must not get an open served by the daemon, which the kernel fails
+        // with EIO, and a change of its attributes does not close those opens.
         if passthrough
             && n.attr.is_file()
             && n.data.is_none()
-            && !n.changed
             && cached_opens == 0
             && (direct || (!write && n.writers == 0))
         {
