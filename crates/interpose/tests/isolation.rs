@@ -1071,12 +1071,13 @@ fn py_rename(from: &Path, to: &Path) -> String {
 }
 
 #[test]
-fn a_directory_whose_isolated_names_changed_is_neither_removed_nor_moved_before_a_commit() {
-    // d and top are outside the isolated paths and look empty (or hold only BACKING's
-    // names), but the journal holds changes to isolated names in them: removing or moving
-    // them in BACKING would leave records naming a directory that is gone, and the store
-    // could be neither mounted again nor committed. ENOTEMPTY and EXDEV, then a commit
-    // makes them removable and movable.
+fn a_directory_whose_isolated_names_changed_is_removed_and_moved_in_isolation() {
+    // d, top and outer are outside the isolated paths and look empty (or hold only
+    // BACKING's names), but the journal holds changes to isolated names in them: removing
+    // or moving them in BACKING at once would leave records naming a directory that is
+    // gone, and the store could be neither mounted again nor committed. So the rmdir and
+    // the renames are isolated too: BACKING keeps the directories until the commit, the
+    // new names stay isolated until then, and a remount shows the same view.
     let d = dirs();
     fs::create_dir_all(d.backing.join("top/iso1")).unwrap();
     fs::create_dir_all(d.backing.join("top/keep")).unwrap();
@@ -1086,41 +1087,71 @@ fn a_directory_whose_isolated_names_changed_is_neither_removed_nor_moved_before_
     let mut m = d.mount_with(&args);
     let md = d.mnt.join("d");
     fs::create_dir(&md).unwrap();
+    assert!(
+        d.backing.join("d").is_dir(),
+        "mkdir d reaches BACKING at once"
+    );
     fs::write(md.join("iso1"), b"hi").unwrap();
     fs::remove_file(md.join("iso1")).unwrap();
-    let err = fs::remove_dir(&md).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY), "rmdir d: {err}");
+    fs::remove_dir(&md).unwrap();
     fs::remove_dir(d.mnt.join("top/iso1")).unwrap();
-    assert_eq!(py_rename(&d.mnt.join("top"), &d.mnt.join("top2")), "EXDEV");
+    assert_eq!(py_rename(&d.mnt.join("top"), &d.mnt.join("top2")), "ok");
     // Changed names deeper down count too.
     fs::remove_file(d.mnt.join("outer/inner/iso_x")).unwrap();
+    assert_eq!(py_rename(&d.mnt.join("outer"), &d.mnt.join("outer2")), "ok");
+    // Below a name a pending change made, changes are isolated as well.
+    fs::write(d.mnt.join("top2/keep/f"), b"f").unwrap();
+    let in_backing = ["d", "top/keep", "outer/inner/iso_x"];
+    for p in in_backing {
+        assert!(
+            d.backing.join(p).exists(),
+            "{p} left BACKING before a commit"
+        );
+    }
+    assert!(!d.backing.join("top2").exists() && !d.backing.join("top/keep/f").exists());
+    let view = |mnt: &Path| {
+        (
+            mnt.join("d").exists(),
+            mnt.join("top").exists(),
+            names(&mnt.join("top2")),
+            names(&mnt.join("top2/keep")),
+            names(&mnt.join("outer2/inner")),
+        )
+    };
+    let before = view(&d.mnt);
     assert_eq!(
-        py_rename(&d.mnt.join("outer"), &d.mnt.join("outer2")),
-        "EXDEV"
+        before,
+        (false, false, vec!["keep".into()], vec!["f".into()], vec![])
     );
     m.stop();
     m = d.mount_with(&args);
+    assert_eq!(view(&d.mnt), before, "after a remount");
+    fs::write(d.mnt.join("top2/keep/g"), b"g").unwrap();
     assert!(
-        md.is_dir() && !d.mnt.join("top/iso1").exists(),
-        "after a remount"
+        !d.backing.join("top/keep/g").exists(),
+        "isolated after a remount too"
     );
     m.stop();
     commit(&d.store, None);
-    assert!(!d.backing.join("top/iso1").exists());
-    m = d.mount_with(&args);
-    fs::remove_dir(&md).unwrap();
-    assert_eq!(py_rename(&d.mnt.join("top"), &d.mnt.join("top2")), "ok");
-    assert_eq!(py_rename(&d.mnt.join("outer"), &d.mnt.join("outer2")), "ok");
-    assert!(!d.backing.join("d").exists() && d.backing.join("top2/keep").is_dir());
-    assert!(d.backing.join("outer2/inner").is_dir());
+    assert!(!d.backing.join("d").exists() && !d.backing.join("top").exists());
+    assert_eq!(read(&d.backing.join("top2/keep/f")), b"f");
     assert!(!d.backing.join("outer2/inner/iso_x").exists());
+    // Committed, the names are BACKING's again: changes to them go there at once.
+    m = d.mount_with(&args);
+    fs::write(d.mnt.join("top2/keep/h"), b"h").unwrap();
+    assert_eq!(read(&d.backing.join("top2/keep/h")), b"h");
+    assert_eq!(
+        py_rename(&d.mnt.join("outer2"), &d.mnt.join("outer3")),
+        "ok"
+    );
+    assert!(d.backing.join("outer3/inner").is_dir());
     m.stop();
 }
 
 #[test]
 fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     // --isolate-path iso: changes under iso/ go to the store, every other change goes to
-    // BACKING at once and is not recorded; renames across the border fail with EXDEV; a
+    // BACKING at once and is not recorded; a
     // large non-isolated tree whose nodes the daemon holds is removed (rm -rf) and made
     // again under the same names; commit then brings iso/ to BACKING.
     let d = dirs();
@@ -1144,8 +1175,6 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     fs::rename(mp.join("x"), mp.join("y")).unwrap();
     assert_eq!(listing(&mp.join("tree")).len(), 501); // the daemon now holds its nodes
     run(Command::new("rm").arg("-rf").arg(mp.join("tree")));
-    assert_eq!(py_rename(&mi.join("a"), &mp.join("a2")), "EXDEV");
-    assert_eq!(py_rename(&mp.join("b"), &mi.join("b2")), "EXDEV");
 
     // Outside iso/: in BACKING at once.
     assert_eq!(read(&d.backing.join("plain/b")), b"changed\n");
@@ -1181,6 +1210,152 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
     commit(&d.store, None);
     assert_eq!(read(&d.backing.join("iso/a")), b"changed\n");
     assert_eq!(read(&d.backing.join("iso/new")), b"new\n");
+    m.stop();
+}
+
+/// The names in a directory, sorted.
+fn names(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Names and contents of a tree (directories as "dir", symlinks by target), with link counts.
+fn contents(root: &Path) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in walkdir(root) {
+        let rel = e.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let md = fs::symlink_metadata(&e).unwrap();
+        let what = if md.is_dir() {
+            "dir".to_owned()
+        } else if md.is_symlink() {
+            format!("-> {}", fs::read_link(&e).unwrap().display())
+        } else {
+            format!("{:?} nlink={}", read_str(&e), md.nlink())
+        };
+        out.insert(rel, what);
+    }
+    out
+}
+
+fn walkdir(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walkdir(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
+#[test]
+fn renames_across_the_border_are_isolated_and_keep_the_outside_name_isolated() {
+    // --isolate-path '*.conf': sed -i writes a temporary file next to app.conf (outside the
+    // isolated paths, so in BACKING at once) and renames it over app.conf. The rename is
+    // isolated: BACKING's app.conf is untouched and the temporary file stays in BACKING
+    // until the commit renames it over app.conf; a discard brings it back. The same for a
+    // program's atomic replace, a rename out of the isolated paths (whose new name then
+    // takes changes in isolation) and a hard link across the border, also after a
+    // remount; committed, the names pass through again.
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("plain")).unwrap();
+    fs::write(d.backing.join("app.conf"), b"a=1\n").unwrap();
+    fs::write(d.backing.join("old.conf"), b"old\n").unwrap();
+    fs::write(d.backing.join("plain/shared"), b"shared\n").unwrap();
+    let args = ["--isolate-path", "*.conf"];
+    let mut m = d.mount_with(&args);
+    let sed = || {
+        run(Command::new("sed")
+            .arg("-i")
+            .arg("s/1/2/")
+            .arg(d.mnt.join("app.conf")))
+    };
+    let sed_temp = || -> Vec<String> {
+        let names = names(&d.backing).into_iter();
+        names.filter(|n| n.starts_with("sed")).collect()
+    };
+    sed();
+    assert_eq!(read(&d.mnt.join("app.conf")), b"a=2\n");
+    assert_eq!(read(&d.backing.join("app.conf")), b"a=1\n");
+    let temp = sed_temp();
+    assert_eq!(temp.len(), 1, "sed's temporary file in BACKING: {temp:?}");
+    assert_eq!(names(&d.mnt), ["app.conf", "old.conf", "plain"]);
+    discard(&d.store, None);
+    assert_eq!(read(&d.mnt.join("app.conf")), b"a=1\n");
+    assert_eq!(
+        read(&d.mnt.join(&temp[0])),
+        b"a=2\n",
+        "discarded, sed's file is back"
+    );
+    fs::remove_file(d.mnt.join(&temp[0])).unwrap();
+    assert!(sed_temp().is_empty(), "outside the isolated paths again");
+
+    let before = contents(&d.backing);
+    sed();
+    let temp = sed_temp();
+    let script = r#"
+import os
+with open('plain/new.tmp', 'w') as f:
+    f.write('new\n'); f.flush(); os.fsync(f.fileno())
+os.replace('plain/new.tmp', 'new.conf')
+os.rename('old.conf', 'plain/old.bak')
+open('plain/old.bak', 'a').write('more\n')
+os.link('plain/shared', 'shared.conf')
+open('plain/shared', 'a').write('through the outside name\n')
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .current_dir(&d.mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let view = contents(&d.mnt);
+    let expect = [
+        ("app.conf", "\"a=2\\n\" nlink=1"),
+        ("new.conf", "\"new\\n\" nlink=1"),
+        ("plain", "dir"),
+        ("plain/old.bak", "\"old\\nmore\\n\" nlink=1"),
+        (
+            "plain/shared",
+            "\"shared\\nthrough the outside name\\n\" nlink=2",
+        ),
+        (
+            "shared.conf",
+            "\"shared\\nthrough the outside name\\n\" nlink=2",
+        ),
+    ];
+    let expect: std::collections::BTreeMap<String, String> = expect
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    assert_eq!(view, expect);
+    // BACKING: only the temporary files, made outside the isolated paths, are new.
+    let mut now = contents(&d.backing);
+    assert!(now.remove(&temp[0]).is_some() && now.remove("plain/new.tmp").is_some());
+    assert_eq!(now, before, "BACKING changed before a commit");
+    m.stop();
+    m = d.mount_with(&args);
+    assert_eq!(contents(&d.mnt), view, "after a remount");
+    let last = log_text(&d.store, 0).len() as u64;
+    fs::write(d.mnt.join("plain/old.bak"), b"after the remount\n").unwrap();
+    assert!(!d.backing.join("plain/old.bak").exists());
+    discard(&d.store, Some(last));
+    assert_eq!(contents(&d.mnt), view, "after discarding the write");
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(contents(&d.backing), view, "BACKING after the commit");
+    m = d.mount_with(&args);
+    fs::write(d.mnt.join("plain/old.bak"), b"passes through\n").unwrap();
+    assert_eq!(read(&d.backing.join("plain/old.bak")), b"passes through\n");
     m.stop();
 }
 

@@ -229,21 +229,28 @@ pub fn apply(
     apply_from(backing, change, DataSrc::Journal(journal, data_offset))
 }
 
+/// Sets the modification time of `rel` (and its access time if `access_too`) to `at`.
+pub fn set_times(
+    backing: &Backing,
+    rel: &Path,
+    at: crate::change::Time,
+    access_too: bool,
+) -> io::Result<()> {
+    // Through an O_PATH descriptor, so the root ("") and symlinks work like any path.
+    let fd = backing.open_at(rel, OFlags::PATH, 0)?;
+    let times = Timestamps {
+        last_access: timespec(access_too.then_some(at)),
+        last_modification: timespec(Some(at)),
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, proc_path(&fd), &times, AtFlags::empty()).map_err(errno)
+}
+
 /// After [`apply`] in a commit: gives what the change touched the modification time the
 /// view gave it, the time the change was made rather than the commit's (what the mount
 /// showed is what a build tool comparing times must find in BACKING): a written file, a
 /// made object (and its access time), the directories whose entries changed.
 pub fn stamp(backing: &Backing, change: &Change, at: crate::change::Time) -> io::Result<()> {
-    let set = |rel: &Path, access_too: bool| -> io::Result<()> {
-        // Through an O_PATH descriptor, so the root ("") and symlinks work like any path.
-        let fd = backing.open_at(rel, OFlags::PATH, 0)?;
-        let times = Timestamps {
-            last_access: timespec(access_too.then_some(at)),
-            last_modification: timespec(Some(at)),
-        };
-        rustix::fs::utimensat(rustix::fs::CWD, proc_path(&fd), &times, AtFlags::empty())
-            .map_err(errno)
-    };
+    let set = |rel: &Path, access_too: bool| set_times(backing, rel, at, access_too);
     let path = |r: &RawPath| r.to_path_buf();
     let parent = |r: &RawPath| split(&r.to_path_buf()).0.to_path_buf();
     match change {

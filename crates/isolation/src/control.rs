@@ -229,8 +229,8 @@ fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
     let mut fresh = View::new(v.backing.clone(), journal)?;
     // New nodes must not take numbers the kernel still holds for others.
     fresh.set_next_new(v.next_new());
-    fresh.replay(&records)?;
     fresh.mode = v.mode.clone();
+    fresh.replay(&records)?;
     fresh.xattr_probe = v.xattr_probe.clone();
     // A commit changes nothing the mount shows: files open without a name stay readable.
     // (A discard may throw such a file away; then its number goes stale.)

@@ -32,7 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::change::{Change, Time};
+use crate::change::{Change, RawPath, Time};
 use crate::Error;
 
 pub const HEADER_LEN: u64 = 64;
@@ -51,6 +51,10 @@ struct Entry<C> {
     at: Time,
     #[serde(flatten)]
     change: C,
+    /// Directories outside the isolated paths whose entries the change changes: the mount
+    /// showed BACKING's times for them, so a commit keeps those (see docs/ISOLATION.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    keep_times: Vec<RawPath>,
 }
 
 /// A record as found in the journal.
@@ -64,6 +68,8 @@ pub struct Record {
     /// File offset of the record's data.
     pub data_offset: u64,
     pub change: Change,
+    /// Directories whose times a commit leaves as they were (see [`Journal::append_keeping`]).
+    pub keep_times: Vec<RawPath>,
 }
 
 impl Record {
@@ -235,7 +241,25 @@ impl Journal {
         at: Time,
         data: &[&[u8]],
     ) -> Result<(u64, u64), Error> {
-        let meta = serde_json::to_vec(&Entry { at, change }).expect("changes serialise");
+        self.append_keeping(change, at, data, &[])
+    }
+
+    /// [`Journal::append`] of a change to the entries of directories outside the isolated
+    /// paths, `keep_times`, whose times a commit must leave as they are: the mount shows
+    /// BACKING's for them.
+    pub fn append_keeping(
+        &mut self,
+        change: &Change,
+        at: Time,
+        data: &[&[u8]],
+        keep_times: &[RawPath],
+    ) -> Result<(u64, u64), Error> {
+        let entry = Entry {
+            at,
+            change,
+            keep_times: keep_times.to_vec(),
+        };
+        let meta = serde_json::to_vec(&entry).expect("changes serialise");
         let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
         debug_assert_eq!(data_len, change.data_len());
         let len = RECORD_HEADER + meta.len() as u64 + data_len;
@@ -464,7 +488,11 @@ fn scan(
             ));
         }
         let meta = &buf[RECORD_HEADER as usize..(RECORD_HEADER + meta_len) as usize];
-        let Entry { at, change }: Entry<Change> = serde_json::from_slice(meta)
+        let Entry {
+            at,
+            change,
+            keep_times,
+        }: Entry<Change> = serde_json::from_slice(meta)
             .map_err(|e| corrupt(path, format!("record at offset {off} (seq {seq}): {e}")))?;
         if change.data_len() != data_len {
             return Err(corrupt(
@@ -478,6 +506,7 @@ fn scan(
             offset: off,
             data_offset: off + RECORD_HEADER + meta_len,
             change,
+            keep_times,
         })?;
         last_seq = seq;
         off += rlen;

@@ -124,10 +124,12 @@ pub fn mount(
     }
     let (journal, records) = store.journal()?;
     let mut view = view::View::new(b.clone(), journal)?;
+    // The mode first: with --isolate-path, replaying notes which paths pending changes
+    // keep isolated.
+    view.mode = mode;
     if !write_through {
         view.replay(&records)?;
     }
-    view.mode = mode;
     let probe = store.dir().join("xattr-probe");
     let _ = std::fs::create_dir(probe.with_extension("d"));
     if std::fs::File::create(&probe).is_ok() {

@@ -609,6 +609,15 @@ impl Store {
                 }
             }
             if !skip {
+                // Directories outside the isolated paths keep the times the mount showed.
+                let kept: Vec<_> = r
+                    .keep_times
+                    .iter()
+                    .filter_map(|dir| {
+                        let st = backing.lstat(dir.as_path()).ok()?;
+                        Some((dir.as_path(), (st.st_mtime, st.st_mtime_nsec as u32)))
+                    })
+                    .collect();
                 if let Err(source) = backing::apply(backing, c, &jfile, r.data_offset) {
                     let _ = barrier(&mut state, r.seq - 1);
                     return Err(Error::Apply {
@@ -622,6 +631,11 @@ impl Store {
                 // not set them).
                 if let Err(e) = backing::stamp(backing, c, r.at) {
                     tracing::debug!("change {}: setting its times: {e}", r.seq);
+                }
+                for (dir, mtime) in kept {
+                    if let Err(e) = backing::set_times(backing, dir, mtime, false) {
+                        tracing::debug!("change {}: keeping the times of {dir:?}: {e}", r.seq);
+                    }
                 }
             }
             dirty = true;

@@ -284,6 +284,19 @@ pub struct View {
     dir_candidates: HashSet<u64>,
     /// [`View::sweep_dirs`] runs when `dir_candidates` reaches this size.
     sweep_at: usize,
+    /// With `--isolate-path`: the paths outside the isolated ones that pending changes name
+    /// (a rename or link across the border, a change entangled with pending ones). They and
+    /// everything below them stay isolated until those changes are committed or
+    /// discarded: BACKING still has there what the changes will replace.
+    spread: HashSet<PathBuf>,
+}
+
+/// Whether `path` is isolated: it or a directory above it matches the globs, or is one of
+/// the `spread` paths pending changes name (see [`View`]).
+fn isolates(set: &globset::GlobSet, spread: &HashSet<PathBuf>, path: &Path) -> bool {
+    path.ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .any(|a| set.is_match(a) || spread.contains(a))
 }
 
 /// How many BACKING entries [`View::name_of`] looks at, at most, for another name.
@@ -331,6 +344,7 @@ impl View {
             unsynced: false,
             dir_candidates: HashSet::new(),
             sweep_at: SWEEP_MIN,
+            spread: HashSet::new(),
         })
     }
 
@@ -340,6 +354,9 @@ impl View {
             self.clock = Some(r.at);
             let res = self.apply_recorded(&r.change, r.data_offset);
             self.clock = None;
+            if res.is_ok() {
+                self.note_isolated(&r.change);
+            }
             res.map_err(|what| Error::Replay {
                 seq: r.seq,
                 op: r.change.name(),
@@ -798,11 +815,16 @@ impl View {
     fn record(&mut self, change: &Change, data: &[&[u8]]) -> Res<u64> {
         let t = now();
         self.clock = Some(t);
-        let (_, off) = self.journal.append(change, t, data).map_err(|e| {
-            tracing::error!("journal append failed: {e}");
-            e.errno()
-        })?;
+        let keep = self.outside_parents(change);
+        let (_, off) = self
+            .journal
+            .append_keeping(change, t, data, &keep)
+            .map_err(|e| {
+                tracing::error!("journal append failed: {e}");
+                e.errno()
+            })?;
         self.unsynced = true;
+        self.note_isolated(change);
         Ok(off)
     }
 
@@ -810,38 +832,140 @@ impl View {
     /// isolated paths).
     pub fn is_direct(&self, id: u64) -> bool {
         match &self.mode {
-            Mode::Paths(set) => self
-                .path_of(id)
-                .is_some_and(|p| !Self::is_isolated_path(set, &p)),
+            Mode::Paths(_) => self.path_of(id).is_some() && !self.isolated_node(id),
             _ => false,
         }
     }
 
-    fn is_isolated_path(set: &globset::GlobSet, path: &Path) -> bool {
-        path.ancestors()
-            .filter(|a| !a.as_os_str().is_empty())
-            .any(|a| set.is_match(a))
+    /// With `--isolate-path`, whether changes to node `id` are isolated whatever name they
+    /// come through: it has a name the view knows among the isolated paths (a hard link
+    /// across the border, or one whose other name a pending change moved), or it is not a
+    /// directory and has pending changes (what the view shows of it is no longer
+    /// BACKING's). Made in BACKING, such a change would not show in the view, or the view
+    /// and the commit would part. (A directory outside the isolated paths whose names
+    /// changed shows BACKING's attributes: see [`View::refresh_direct_dir`].)
+    fn isolated_node(&self, id: u64) -> bool {
+        let (Mode::Paths(set), Some(n)) = (&self.mode, self.nodes.get(&id)) else {
+            return false;
+        };
+        (!n.attr.is_dir() && (n.changed || n.data.is_some()))
+            || n.links.iter().any(|(parent, name)| {
+                self.path_of(*parent)
+                    .is_some_and(|p| isolates(set, &self.spread, &p.join(name)))
+            })
     }
 
-    fn route(&self, change: &Change) -> Res<Route> {
+    /// With `--isolate-path`, reads again BACKING's attributes of unchanged nodes an
+    /// isolated change is about to change (their link count): changes made straight to
+    /// BACKING through other names (a hard link's) may have changed them.
+    fn reread_backing_attrs(&mut self, ids: &[u64]) {
+        if matches!(self.mode, Mode::Paths(_)) {
+            for &id in ids {
+                let _ = self.attr(id);
+            }
+        }
+    }
+
+    /// [`View::pass`] for a change made to node `id` (its data, attributes or xattrs, or a
+    /// new name for it).
+    fn pass_node(&mut self, id: u64, change: &Change, data: &[&[u8]]) -> Res<bool> {
+        if self.isolated_node(id) {
+            return Ok(false);
+        }
+        self.pass(change, data)
+    }
+
+    /// The directories outside the isolated paths whose entries `change` changes: the
+    /// mount shows BACKING's times for them, and a commit keeps those.
+    fn outside_parents(&mut self, change: &Change) -> Vec<RawPath> {
+        if !matches!(self.mode, Mode::Paths(_)) {
+            return Vec::new();
+        }
+        let names = match change {
+            Change::Create { path, .. } | Change::Unlink { path } | Change::Rmdir { path } => {
+                vec![path]
+            }
+            Change::Link { to, .. } => vec![to],
+            Change::Rename { from, to, .. } => vec![from, to],
+            _ => Vec::new(),
+        };
+        let mut out: Vec<RawPath> = Vec::new();
+        for name in names {
+            let Some(dir) = name.as_path().parent() else {
+                continue;
+            };
+            let dir = RawPath::from_path(dir);
+            if out.contains(&dir) {
+                continue;
+            }
+            if self
+                .resolve(dir.as_path())
+                .is_ok_and(|id| self.is_direct(id))
+            {
+                out.push(dir);
+            }
+        }
+        out
+    }
+
+    /// Keeps the paths outside the isolated ones that a recorded change names isolated
+    /// from now on (see `spread`).
+    fn note_isolated(&mut self, change: &Change) {
+        let Mode::Paths(set) = &self.mode else {
+            return;
+        };
+        let (a, b) = change.paths();
+        for p in [a, b].into_iter().flatten() {
+            if !isolates(set, &self.spread, p.as_path()) {
+                self.spread.insert(p.as_path().to_owned());
+            }
+        }
+    }
+
+    fn route(&self, change: &Change) -> Route {
         if let Change::Data { path: None, .. } = change {
             // A file without a name in BACKING any more (removed there while open): its
             // data can only be kept by the view, for as long as it is open.
-            return Ok(Route::Keep);
+            return Route::Keep;
         }
         match &self.mode {
-            Mode::Isolated => Ok(Route::Keep),
-            Mode::WriteThrough => Ok(Route::Trail),
+            Mode::Isolated => Route::Keep,
+            Mode::WriteThrough => Route::Trail,
             Mode::Paths(set) => {
+                // A change that names an isolated path is isolated, also when its other
+                // path is not (a rename or link across the border): BACKING keeps both
+                // until commit, and the other path is isolated from then on.
                 let (a, b) = change.paths();
-                let iso = |p: Option<&RawPath>| p.map(|p| Self::is_isolated_path(set, p.as_path()));
-                match (iso(a), iso(b)) {
-                    (Some(true), None | Some(true)) => Ok(Route::Keep),
-                    (None, _) => Ok(Route::Keep),
-                    (Some(false), None | Some(false)) => Ok(Route::Direct),
-                    _ => Err(libc::EXDEV),
+                let iso = |p: &RawPath| isolates(set, &self.spread, p.as_path());
+                if a.is_some_and(iso) || b.is_some_and(iso) {
+                    Route::Keep
+                } else {
+                    Route::Direct
                 }
             }
+        }
+    }
+
+    /// Whether a change outside the isolated paths is entangled with pending changes, and
+    /// must be isolated with them: the rename or removal of a directory with pending
+    /// changes below it (their records name paths below it, which BACKING must still have
+    /// when they are committed), or of a name of an isolated node (the rename's victim
+    /// too: its name goes).
+    fn entangled(&self, change: &Change, named: Named) -> bool {
+        let node = |id: Option<u64>| id.is_some_and(|id| self.isolated_node(id));
+        match change {
+            Change::Rename { from, to, flags } => {
+                let exchange = flags & libc::RENAME_EXCHANGE != 0;
+                node(named.first)
+                    || node(named.second)
+                    || self.pending_below(from.as_path(), named.first)
+                    || (exchange && self.pending_below(to.as_path(), named.second))
+            }
+            Change::Rmdir { path } => {
+                node(named.first) || self.pending_below(path.as_path(), named.first)
+            }
+            Change::Unlink { .. } => node(named.first),
+            _ => false,
         }
     }
 
@@ -853,36 +977,21 @@ impl View {
 
     /// [`View::pass`] for a change whose paths the caller has resolved to nodes.
     fn pass_named(&mut self, change: &Change, data: &[&[u8]], named: Named) -> Res<bool> {
-        let route = self.route(change)?;
+        let route = match self.route(change) {
+            Route::Direct if self.entangled(change, named) => Route::Keep,
+            r => r,
+        };
         if matches!(route, Route::Keep) {
             return Ok(false);
         }
         self.hold_victim(change, named);
         let res = match route {
             Route::Keep => unreachable!("returned above"),
-            Route::Direct => {
-                if let Change::Rename { from, to, flags } = change {
-                    // Names kept for later under a directory that moves would go stale.
-                    let exchange = flags & libc::RENAME_EXCHANGE != 0;
-                    if self.pending_below(from.as_path(), named.first)
-                        || (exchange && self.pending_below(to.as_path(), named.second))
-                    {
-                        return Err(libc::EXDEV);
-                    }
-                }
-                if let Change::Rmdir { path } = change {
-                    // Its records would name a directory BACKING no longer has: the store
-                    // could be neither mounted again nor committed.
-                    if self.pending_below(path.as_path(), named.first) {
-                        return Err(libc::ENOTEMPTY);
-                    }
-                }
-                crate::backing::apply_from(
-                    &self.backing,
-                    change,
-                    crate::backing::DataSrc::Mem(data),
-                )
-            }
+            Route::Direct => crate::backing::apply_from(
+                &self.backing,
+                change,
+                crate::backing::DataSrc::Mem(data),
+            ),
             Route::Trail => {
                 let (end, seq) = (self.journal.len(), self.journal.last_seq());
                 let off = self.record(change, data)?;
@@ -1630,10 +1739,11 @@ impl View {
             from: self.node_path(id)?,
             to: self.child_path(parent, name)?,
         };
-        if self.pass(&change, &[])? {
+        if self.pass_node(id, &change, &[])? {
             self.lookup(parent, name)?;
             return Ok(());
         }
+        self.reread_backing_attrs(&[id]);
         self.record(&change, &[])?;
         self.do_link(id, parent, name);
         self.node_mut(id)?.lookups += 1;
@@ -1665,6 +1775,7 @@ impl View {
         if self.pass_named(&change, &[], named)? {
             return Ok(());
         }
+        self.reread_backing_attrs(&[id]);
         self.record(&change, &[])?;
         self.do_remove(parent, name, id);
         Ok(())
@@ -1742,6 +1853,7 @@ impl View {
         if self.pass_named(&change, &[], named)? {
             return Ok(());
         }
+        self.reread_backing_attrs(&[Some(a), b].into_iter().flatten().collect::<Vec<_>>());
         self.record(&change, &[])?;
         self.do_rename(p1, n1, a, p2, n2, b, flags);
         Ok(())
@@ -1779,7 +1891,7 @@ impl View {
             return Ok(false);
         };
         let change = change(RawPath::from_path(&path));
-        if self.pass(&change, &[])? {
+        if self.pass_node(id, &change, &[])? {
             return Ok(true);
         }
         self.record(&change, &[])?;
@@ -2083,7 +2195,7 @@ impl View {
             size,
             runs: runs.clone(),
         };
-        if self.pass(&change, data)? {
+        if self.pass_node(id, &change, data)? {
             return Ok(());
         }
         let off = self.record(&change, data)?;

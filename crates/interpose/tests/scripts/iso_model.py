@@ -33,11 +33,14 @@ values small, "root" leaves the root directory alone,
 "longname" makes no names over 255 bytes, "fifosuid" no set-ID bits on fifos.
 
 INTERPOSE_ISO_BORDER=SUBTREE: the mount isolates only SUBTREE (`--isolate-path SUBTREE`);
-everything else goes straight to BACKING. Then a rename or link between the two sides must
-fail with EXDEV on the mount (it is logged as skipped and not applied to the reference);
-changes made entirely outside SUBTREE must record nothing and changes entirely inside it
-must record as usual; operations that would rename or remove a directory above SUBTREE
-are not generated (BACKING still holds what the view has removed below it until commit).
+everything else goes straight to BACKING. A change that names a path inside SUBTREE must be
+recorded, also a rename or link between the two sides; the outside paths a recorded change
+names (the "spread", kept in the oplog) are isolated from then on, with everything below
+them, and so are renames and removals of directories above them, and every change to an
+object a recorded change touched or with a name among them (through any of its names).
+Changes that name none of these must record nothing. Operations that would rename or remove a directory above
+SUBTREE are not generated (BACKING still holds what the view has removed below it until
+commit).
 """
 
 import ctypes
@@ -725,6 +728,52 @@ def inside(rel):
     return BORDER is not None and (rel == BORDER or rel.startswith(BORDER + "/"))
 
 
+def under(rel, top):
+    return rel == top or rel.startswith(top + "/")
+
+
+def isolated(rel, spread):
+    """Whether the mount must record a change naming rel (see INTERPOSE_ISO_BORDER)."""
+    return inside(rel) or any(under(rel, s) for s in spread)
+
+
+def entangled(rel, spread):
+    """Whether the mount may record a change naming rel: isolated, or a directory with
+    spread paths below it."""
+    return isolated(rel, spread) or any(under(s, rel) for s in spread)
+
+
+def inodes(ref, rels):
+    out = set()
+    for rel in rels:
+        try:
+            out.add(os.lstat(P(ref, rel)).st_ino)
+        except OSError:
+            pass
+    return out
+
+
+def other_links(ref, rels):
+    """The other names in ref of the files at rels that have several (a change to a file
+    with an isolated name is isolated through every name)."""
+    want = set()
+    for rel in rels:
+        try:
+            st = os.lstat(P(ref, rel))
+        except OSError:
+            continue
+        if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            want.add(st.st_ino)
+    out = []
+    if want:
+        for root, dirs, files in os.walk(ref):
+            for f in files:
+                full = os.path.join(root, f)
+                if os.lstat(full).st_ino in want:
+                    out.append(os.path.relpath(full, ref))
+    return out
+
+
 # Operations that always follow a final symlink, and those that never do (python's
 # os.link with follow_symlinks=True calls link(2), which on Linux does not follow).
 FOLLOWS = {"write", "truncate", "fallocate", "chmod", "read", "listdir"}
@@ -780,6 +829,10 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
         fail(f"the daemon's last sequence number is {prev}, but the log says "
              f"{logged[-1]['seq']} after operation {first - 1}")
     recent = logged[-8:]
+    spread = {p for e in logged for p in e.get("spread", [])}
+    # Reference inodes of the objects recorded changes touched: the mount may isolate
+    # every later change to them, through any name.
+    touched = {n for e in logged for n in e.get("inodes", [])}
     ok, err = {}, {}
     norecord = {}
     out = open(oplog, "a")
@@ -791,15 +844,18 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
 
     for i in range(first, first + count):
         op = next_op(seed, i, ref)
-        where = [inside(p) for p in effective_paths(ref, op)]
-        crossing = op["op"] in ("rename", "link") and len(set(where)) > 1
+        paths = effective_paths(ref, op)
+        links = other_links(ref, paths) if BORDER is not None else []
+        before = inodes(ref, paths) if BORDER is not None else set()
         rm = apply_op(mnt, op)
-        skipped = crossing and rm == ["err", "EXDEV"]
-        rr = rm if skipped else apply_op(ref, op)
+        rr = apply_op(ref, op)
         seq = last_seq(store)
         entry = {"i": i, "op": op, "res": rm, "seq": seq}
-        if skipped:
-            entry["skipped"] = True
+        if BORDER is not None and seq != prev:
+            new = sorted({p for p in paths if not isolated(p, spread)})
+            if new:
+                entry["spread"] = new
+            entry["inodes"] = sorted(before | inodes(ref, paths))
         recent.append(entry)
         if rm != rr:
             die(f"operation {i} {short(op)}: the mount gave {rm}, the reference {rr}")
@@ -812,10 +868,14 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
             die(f"operation {i} {short(op)} failed with {rm[1]} everywhere, but the "
                 f"daemon recorded changes {prev + 1}..={seq} for it")
         trivial = k == "chown" and op["uid"] == -1 and op["gid"] == -1
-        if BORDER is not None and not any(where) and seq != prev:
-            die(f"operation {i} {short(op)} acts outside the isolated {BORDER} only, but "
-                f"the daemon recorded changes {prev + 1}..={seq} for it")
-        recorded = BORDER is None or all(where)
+        if BORDER is not None and not any(entangled(p, spread) for p in paths + links) \
+                and not before & touched and seq != prev:
+            die(f"operation {i} {short(op)} acts outside the isolated {BORDER} and the paths "
+                f"pending changes name ({sorted(spread)}), but the daemon recorded changes "
+                f"{prev + 1}..={seq} for it")
+        recorded = BORDER is None or any(isolated(p, spread) for p in paths)
+        spread.update(entry.get("spread", []))
+        touched.update(entry.get("inodes", []))
         if rm[0] == "ok" and k in MUST_RECORD and recorded and not trivial and seq == prev:
             die(f"operation {i} {short(op)} succeeded but recorded no change "
                 f"(last sequence number still {seq})")
@@ -846,7 +906,7 @@ def cmd_replay(d, oplog, k):
     for e in read_oplog(oplog):
         if e["i"] > k:
             break
-        if e["op"]["op"] in READ_ONLY or e.get("skipped"):
+        if e["op"]["op"] in READ_ONLY:
             continue
         r = apply_op(d, e["op"])
         if r != e["res"]:
