@@ -227,6 +227,25 @@ pub trait Filter: Send + Sync {
         false
     }
 
+    /// Whether answers for `path` may depend on the caller or refuse a lookup: the kernel
+    /// must then not cache its name or attributes, so that every access is asked again
+    /// (a name looked up for one user would otherwise be used by the next).
+    fn varies_by_caller(&self, _path: &Path) -> bool {
+        false
+    }
+
+    /// Whether [`Filter::varies_by_caller`] may be true for any path.
+    fn may_vary_by_caller(&self) -> bool {
+        false
+    }
+
+    /// Whether `before` may refuse `req`, a rename of the directory `dir`, for some path
+    /// below `dir`: then the file system asks `before` about every object below it too,
+    /// with the paths they had and would have (moving a directory moves them all).
+    fn guards_below(&self, _dir: &Path, _req: &Request) -> bool {
+        false
+    }
+
     /// Called once at unmount, e.g. to flush logs.
     fn close(&self) {}
 }
@@ -298,6 +317,24 @@ impl Chain {
         self.filters
             .iter()
             .any(|s| s.applies_to(path) && s.filter.wants_data(path))
+    }
+
+    /// See [`Filter::varies_by_caller`].
+    pub fn varies_by_caller(&self, path: &Path) -> bool {
+        self.filters
+            .iter()
+            .any(|s| s.applies_to(path) && s.filter.varies_by_caller(path))
+    }
+
+    /// See [`Filter::may_vary_by_caller`].
+    pub fn may_vary_by_caller(&self) -> bool {
+        self.filters.iter().any(|s| s.filter.may_vary_by_caller())
+    }
+
+    /// See [`Filter::guards_below`]. Scopes are left to the requests about the objects
+    /// below: a directory above a filter's subtree holds paths inside it.
+    pub fn guards_below(&self, dir: &Path, req: &Request) -> bool {
+        self.filters.iter().any(|s| s.filter.guards_below(dir, req))
     }
 
     pub fn close(&self) {

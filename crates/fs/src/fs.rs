@@ -145,6 +145,9 @@ pub struct FilterFs {
     open_decisions: Mutex<()>,
     passthrough: AtomicBool,
     dont_mask: AtomicBool,
+    /// Some filter's answers depend on the caller somewhere ([`Chain::may_vary_by_caller`]):
+    /// names and attributes it covers are not cached by the kernel.
+    varies_by_caller: bool,
 }
 
 thread_local! {
@@ -229,6 +232,7 @@ impl FilterFs {
         let inodes = Inodes::new(root, st.st_dev, st.st_ino, opts.fd_cache)?;
         Ok(FilterFs {
             inodes,
+            varies_by_caller: chain.may_vary_by_caller(),
             chain: Arc::new(chain),
             blocking: BlockingPool::new(opts.blocking_threads),
             blocking_inline: AtomicUsize::new(0),
@@ -374,6 +378,73 @@ impl FilterFs {
         move || (self.inodes.child_path(parent, name), None)
     }
 
+    /// For a rename of `name` in `dir` from `from` to `to`: if it is a directory and a
+    /// filter guards paths below it ([`Chain::guards_below`]), asks the filters about the
+    /// rename of every object below it, and gives the first refusal.
+    fn check_below(
+        &self,
+        who: Caller,
+        flags: i32,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        from: &Path,
+        to: &Path,
+    ) -> Res<()> {
+        let rename = |from: &Path, to: &Path| {
+            let mut r = Request::new(Op::Rename, from, who);
+            r.path2 = Some(to.to_path_buf());
+            r.flags = Some(flags);
+            r
+        };
+        if !self.chain.guards_below(from, &rename(from, to)) {
+            return Ok(());
+        }
+        match open_dir(dir, name) {
+            Ok(top) => self.check_tree(&rename, &top, from, to, 0),
+            Err(_) => Ok(()), // not a directory: nothing below it
+        }
+    }
+
+    /// [`Self::check_below`] of the objects in the open directory `dir`, depth first (one
+    /// descriptor per level). A tree deeper than this is refused rather than moved
+    /// unchecked.
+    fn check_tree(
+        &self,
+        rename: &dyn Fn(&Path, &Path) -> Request,
+        dir: &OwnedFd,
+        from: &Path,
+        to: &Path,
+        depth: usize,
+    ) -> Res<()> {
+        const MAX_DEPTH: usize = 512;
+        if depth >= MAX_DEPTH {
+            return Err(libc::ELOOP);
+        }
+        let entries = rustix::fs::Dir::read_from(dir).map_err(errno_of)?;
+        for e in entries {
+            let e = e.map_err(errno_of)?;
+            let bytes = e.file_name().to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            let child = OsStr::from_bytes(bytes);
+            let (f, t) = (from.join(child), to.join(child));
+            if let Verdict::Deny(errno) = self.chain.before(&rename(&f, &t)) {
+                return Err(errno);
+            }
+            let dir_or_unknown = matches!(
+                e.file_type(),
+                rustix::fs::FileType::Directory | rustix::fs::FileType::Unknown
+            );
+            if dir_or_unknown {
+                if let Ok(sub) = open_dir(dir.as_fd(), child) {
+                    self.check_tree(rename, &sub, &f, &t, depth + 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the filters hide `path` from this caller (a lookup denied with ENOENT).
     fn hidden(&self, req: &fuser::Request, path: &Path) -> bool {
         let r = Request::new(Op::Lookup, path, caller(req));
@@ -409,16 +480,22 @@ impl FilterFs {
         self.lookup_at(parent, dir.as_fd(), name)
     }
 
+    /// How long the kernel may keep the attributes and the name of the object at `path`:
+    /// not at all where a filter's answer depends on the caller (each access is asked).
+    fn ttls(&self, path: impl FnOnce() -> PathBuf) -> (Duration, Duration) {
+        if self.varies_by_caller && self.chain.varies_by_caller(&path()) {
+            (Duration::ZERO, Duration::ZERO)
+        } else {
+            (self.opts.attr_timeout, self.opts.entry_timeout)
+        }
+    }
+
     fn reply_entry(&self, reply: ReplyEntry, res: Res<Entry>) {
         match res {
             Ok(e) => {
                 let attr = self.attr(e.id, &e.st);
-                reply.entry_with_ttls(
-                    &self.opts.attr_timeout,
-                    &self.opts.entry_timeout,
-                    &attr,
-                    Generation(e.generation),
-                )
+                let (attr_ttl, entry_ttl) = self.ttls(|| self.inodes.path(e.id));
+                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &attr, Generation(e.generation))
             }
             Err(e) => reply.error(Errno::from_i32(e)),
         }
@@ -813,8 +890,12 @@ impl Filesystem for FilterFs {
             },
             |_| 0,
         );
+        let remembered = || {
+            let (_, entry_ttl) = self.ttls(|| self.inodes.child_path(parent, name));
+            !entry_ttl.is_zero()
+        };
         match res {
-            Err(libc::ENOENT) if !self.opts.negative_timeout.is_zero() => {
+            Err(libc::ENOENT) if !self.opts.negative_timeout.is_zero() && remembered() => {
                 // A negative entry: the kernel remembers the absence for a while.
                 let mut attr = self.attr(0, &sys::zeroed_stat());
                 attr.ino = INodeNo(0);
@@ -854,7 +935,10 @@ impl Filesystem for FilterFs {
             |_| 0,
         );
         match res {
-            Ok(st) => reply.attr(&self.opts.attr_timeout, &self.attr(ino.0, &st)),
+            Ok(st) => reply.attr(
+                &self.ttls(|| self.inodes.path(ino.0)).0,
+                &self.attr(ino.0, &st),
+            ),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
@@ -903,7 +987,10 @@ impl Filesystem for FilterFs {
             |_| 0,
         );
         match res {
-            Ok(st) => reply.attr(&self.opts.attr_timeout, &self.attr(ino.0, &st)),
+            Ok(st) => reply.attr(
+                &self.ttls(|| self.inodes.path(ino.0)).0,
+                &self.attr(ino.0, &st),
+            ),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
@@ -1082,6 +1169,18 @@ impl Filesystem for FilterFs {
                 check_name(newname)?;
                 let old_dir = self.inodes.fd(parent)?;
                 let new_dir = self.inodes.fd(newparent)?;
+                if !self.chain.is_empty() {
+                    let (from, to) = (
+                        self.inodes.child_path(parent, name),
+                        self.inodes.child_path(newparent, newname),
+                    );
+                    let flags = flags.bits() as i32;
+                    let who = caller(req);
+                    self.check_below(who, flags, old_dir.as_fd(), name, &from, &to)?;
+                    if flags & libc::RENAME_EXCHANGE as i32 != 0 {
+                        self.check_below(who, flags, new_dir.as_fd(), newname, &to, &from)?;
+                    }
+                }
                 rustix::fs::renameat_with(
                     old_dir.as_fd(),
                     name,
@@ -1233,9 +1332,10 @@ impl Filesystem for FilterFs {
         match res {
             Ok((entry, fh, backing)) => {
                 let attr = self.attr(entry.id, &entry.st);
+                let (_, entry_ttl) = self.ttls(|| self.inodes.path(entry.id));
                 match backing {
                     Some(b) => reply.created_passthrough(
-                        &self.opts.entry_timeout,
+                        &entry_ttl,
                         &attr,
                         Generation(entry.generation),
                         FileHandle(fh),
@@ -1243,7 +1343,7 @@ impl Filesystem for FilterFs {
                         &b,
                     ),
                     None => reply.created(
-                        &self.opts.entry_timeout,
+                        &entry_ttl,
                         &attr,
                         Generation(entry.generation),
                         FileHandle(fh),
@@ -1553,11 +1653,12 @@ impl Filesystem for FilterFs {
                             Err(_) => return Ok(false), // vanished meanwhile: skip it
                         };
                         let attr = self.attr(entry.id, &entry.st);
+                        let (_, ttl) = self.ttls(|| self.inodes.child_path(ino.0, &e.name));
                         let full = reply.add(
                             INodeNo(entry.id),
                             e.next_offset as u64,
                             &e.name,
-                            &self.opts.entry_timeout,
+                            &ttl,
                             &attr,
                             Generation(entry.generation),
                         );
@@ -1870,6 +1971,16 @@ impl Filesystem for FilterFs {
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
+}
+
+/// Opens the directory `name` in `at` for listing, not following a symlink.
+fn open_dir(at: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat(
+        at,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
 }
 
 #[cfg(test)]

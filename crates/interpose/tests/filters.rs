@@ -141,6 +141,103 @@ fn deny_makes_a_subtree_read_only_and_hides_a_file() {
     m.stop();
 }
 
+fn as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn deny_rules_have_no_way_round_them() {
+    // Ways round the rules a probe found, each a real program's or a shell's:
+    // - a read-only subtree renamed away, written and renamed back, or a directory above
+    //   it renamed (the rename of a directory moves every path below it);
+    // - a read rule and an O_RDWR open (whose reads pass through the kernel);
+    // - a lookup rule and `ls -l`, which fills the kernel's cache of names without a
+    //   lookup, and per-uid rules and that cache (one user's lookup used by the next);
+    // - a name hidden by a lookup rule "created" again, truncating the hidden file.
+    let m = Mount::new(&[
+        "--filter",
+        "deny=proj/docs/**:write:EROFS;secret/**:read:EACCES;priv:lookup:EACCES;\
+         hidden.txt:lookup:ENOENT;mine/**:lookup:EACCES:uid=65534",
+    ]);
+    fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["proj/docs", "secret", "priv", "mine", "free"] {
+        fs::create_dir_all(m.backing.join(d)).unwrap();
+    }
+    for (f, text) in [
+        ("proj/docs/intro.txt", "intro"),
+        ("secret/k.txt", "TOPSECRET"),
+        ("priv/s.txt", "SECRET"),
+        ("hidden.txt", "PRECIOUS"),
+        ("mine/m.txt", "MINE"),
+        ("free/f.txt", "free"),
+    ] {
+        fs::write(m.backing.join(f), text).unwrap();
+        fs::set_permissions(m.backing.join(f), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let errno = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    let mnt = |p: &str| m.mnt.join(p);
+
+    assert_eq!(
+        errno(fs::rename(mnt("proj/docs"), mnt("proj/d2"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(errno(fs::rename(mnt("proj"), mnt("p2"))), Some(libc::EROFS));
+    assert_eq!(
+        errno(fs::set_permissions(
+            mnt("proj/docs"),
+            fs::Permissions::from_mode(0o777)
+        )),
+        Some(libc::EROFS)
+    );
+    fs::rename(mnt("free"), mnt("free2")).unwrap(); // nothing protected below it
+    assert_eq!(
+        fs::read(m.backing.join("proj/docs/intro.txt")).unwrap(),
+        b"intro"
+    );
+
+    let rdwr = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt("secret/k.txt"));
+    assert_eq!(rdwr.unwrap_err().raw_os_error(), Some(libc::EACCES));
+
+    // (ls fails: it cannot stat priv, which it lists.)
+    let ls = Command::new("ls").arg("-l").arg(&m.mnt).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&ls.stdout).contains("secret"),
+        "{ls:?}"
+    );
+    assert_eq!(
+        fs::read(mnt("priv/s.txt")).unwrap_err().raw_os_error(),
+        Some(libc::EACCES),
+        "after ls -l"
+    );
+    assert_eq!(fs::read(mnt("mine/m.txt")).unwrap(), b"MINE"); // root first
+    let out = as_nobody(&["cat", mnt("mine/m.txt").to_str().unwrap()]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("denied"),
+        "uid 65534 after root: {out:?}"
+    );
+    let out = as_nobody(&["cat", mnt("free2/f.txt").to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+
+    assert_eq!(
+        errno(fs::write(mnt("hidden.txt"), b"new")),
+        Some(libc::EACCES)
+    );
+    assert_eq!(errno(fs::create_dir(mnt("hidden.txt"))), Some(libc::EACCES));
+    assert_eq!(
+        errno(fs::rename(mnt("free2/f.txt"), mnt("hidden.txt"))),
+        Some(libc::EACCES)
+    );
+    assert_eq!(fs::read(m.backing.join("hidden.txt")).unwrap(), b"PRECIOUS");
+    m.stop();
+}
+
 #[test]
 fn deny_rules_can_target_one_uid_and_filters_can_be_scoped() {
     let m = Mount::new(&[

@@ -2,15 +2,21 @@
 //!
 //! A rule is `GLOB:OPS:ERRNO[:uid=N|uid!=N]`; rules are separated by `;`.
 //! - `GLOB` is matched against the path relative to the mount root, without a leading
-//!   `/` (`secret/**`, `**/*.key`, `notes.txt`); `*` does not cross `/`, `**` does.
+//!   `/` (`secret/**`, `**/*.key`, `notes.txt`); `*` does not cross `/`, `**` does. A glob
+//!   ending in `/**` also matches the directory itself (`docs/**` covers `docs`).
 //! - `OPS` is a `,`-separated list of operation names (`unlink`, `open`, ...) or classes:
 //!   `all`, `write` (everything that changes the tree, including opens for writing) and
-//!   `read` (opens for reading, read, readdir, readlink, getxattr, listxattr).
+//!   `read` (opens that allow reading, `O_RDWR` too, read, readdir, readlink, getxattr,
+//!   listxattr).
 //! - `ERRNO` is a name such as `EACCES`, `EROFS`, `EPERM` or `ENOENT`. A rule that answers
-//!   `lookup` with `ENOENT` hides matching entries: they are also left out of listings.
+//!   `lookup` with `ENOENT` hides matching entries: they are also left out of listings,
+//!   and nothing can be made under a hidden name (EACCES), which would reach the object.
 //! - `uid=N` / `uid!=N` limit the rule to callers with (or without) that uid.
 //!
-//! The first matching rule decides.
+//! The first matching rule decides. A rule refusing `rename` to a path also refuses
+//! renaming a directory above it (the file system asks about every object below a
+//! directory that moves). Names a rule may refuse to look up, stat or read are never
+//! cached by the kernel, so that every caller's access is asked again.
 //!
 //! Examples: a read-only subtree, `docs/**:write:EROFS`; a hidden file,
 //! `secret.txt:all:ENOENT`; keys unreadable for one user, `**/*.key:open:EACCES:uid=1000`.
@@ -55,7 +61,11 @@ impl OpSet {
             OpSet::All => true,
             OpSet::Write => req.mutates(),
             OpSet::Read => match req.op {
-                Op::Open => !req.mutates(),
+                // An open for reading and writing reads too (and with passthrough its
+                // reads never reach a filter).
+                Op::Open | Op::Create => req
+                    .flags
+                    .is_some_and(|f| f & libc::O_ACCMODE != libc::O_WRONLY),
                 op => matches!(
                     op,
                     Op::Read
@@ -69,6 +79,16 @@ impl OpSet {
             OpSet::One(op) => req.op == op,
         }
     }
+
+    /// Whether the kernel answers some requests of this set from its caches (names,
+    /// attributes, symlink targets) unless told not to cache.
+    fn cacheable(self) -> bool {
+        match self {
+            OpSet::All | OpSet::Read => true,
+            OpSet::Write => false,
+            OpSet::One(op) => matches!(op, Op::Lookup | Op::Getattr | Op::Readlink | Op::Access),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -79,10 +99,25 @@ enum UidCond {
 }
 
 struct Rule {
+    /// The glob as given, without a leading `/`.
+    text: String,
     glob: GlobMatcher,
+    /// For a glob ending in `/**`, the directory itself.
+    top: Option<GlobMatcher>,
     ops: Vec<OpSet>,
     errno: i32,
     uid: UidCond,
+}
+
+fn compile(glob: &str, rule: &str) -> Result<GlobMatcher, RuleError> {
+    Ok(GlobBuilder::new(glob)
+        .literal_separator(true)
+        .build()
+        .map_err(|source| RuleError::Glob {
+            rule: rule.into(),
+            source,
+        })?
+        .compile_matcher())
 }
 
 impl Rule {
@@ -98,14 +133,12 @@ impl Rule {
         if fields.next().is_some() {
             return Err(shape());
         }
-        let glob = GlobBuilder::new(glob.trim_start_matches('/'))
-            .literal_separator(true)
-            .build()
-            .map_err(|source| RuleError::Glob {
-                rule: text.into(),
-                source,
-            })?
-            .compile_matcher();
+        let glob_text = glob.trim_start_matches('/').to_owned();
+        let top = match glob_text.strip_suffix("/**") {
+            Some(dir) if !dir.is_empty() => Some(compile(dir, text)?),
+            _ => None,
+        };
+        let glob = compile(&glob_text, text)?;
         let ops = ops
             .split(',')
             .map(|op| match op {
@@ -141,7 +174,9 @@ impl Rule {
             }
         };
         Ok(Rule {
+            text: glob_text,
             glob,
+            top,
             ops,
             errno,
             uid,
@@ -150,16 +185,19 @@ impl Rule {
 
     fn matches_path(&self, path: &Path) -> bool {
         let rel = path.strip_prefix("/").unwrap_or(path);
-        self.glob.is_match(rel)
+        self.glob.is_match(rel) || self.top.as_ref().is_some_and(|t| t.is_match(rel))
     }
 
-    fn matches(&self, req: &Request) -> bool {
-        let uid_ok = match self.uid {
+    fn uid_ok(&self, req: &Request) -> bool {
+        match self.uid {
             UidCond::Any => true,
             UidCond::Is(u) => req.caller.uid == u,
             UidCond::IsNot(u) => req.caller.uid != u,
-        };
-        uid_ok
+        }
+    }
+
+    fn matches(&self, req: &Request) -> bool {
+        self.uid_ok(req)
             && self.ops.iter().any(|o| o.matches(req))
             && (self.matches_path(&req.path)
                 || req
@@ -167,6 +205,52 @@ impl Rule {
                     .as_deref()
                     .is_some_and(|p| self.matches_path(p) && req.op != Op::Symlink))
     }
+
+    /// Whether the rule hides `path` from this caller (answers its lookup with ENOENT).
+    fn hides(&self, req: &Request, path: &Path) -> bool {
+        self.errno == libc::ENOENT
+            && self.uid_ok(req)
+            && self.matches_path(path)
+            && self.ops.iter().any(|o| {
+                let lookup = Request::new(Op::Lookup, path, req.caller);
+                o.matches(&lookup)
+            })
+    }
+
+    /// Whether some path strictly below the directory `dir` could match the glob: the
+    /// glob's leading components, up to its first `**`, agree with `dir`'s.
+    fn may_match_below(&self, dir: &Path) -> bool {
+        let rel = dir.strip_prefix("/").unwrap_or(dir);
+        if self.text.contains('{') {
+            return true; // alternatives may hold a `/`: cannot split it safely
+        }
+        let glob: Vec<&str> = self.text.split('/').collect();
+        let mut depth = 0;
+        for comp in rel.components() {
+            let Some(&g) = glob.get(depth) else {
+                return false;
+            };
+            if g == "**" {
+                return true;
+            }
+            let name = comp.as_os_str();
+            let agrees = if g.contains(['*', '?', '[']) {
+                compile(g, "").is_ok_and(|m| m.is_match(name))
+            } else {
+                name == g
+            };
+            if !agrees {
+                return false;
+            }
+            depth += 1;
+        }
+        glob.len() > depth
+    }
+}
+
+/// Operations that make a new name at the request's first path.
+fn makes_name_at_path(op: Op) -> bool {
+    matches!(op, Op::Create | Op::Mknod | Op::Mkdir | Op::Symlink)
 }
 
 pub struct Deny {
@@ -195,10 +279,40 @@ impl Filter for Deny {
     }
 
     fn before(&self, req: &Request) -> Verdict {
-        match self.rules.iter().find(|r| r.matches(req)) {
-            Some(rule) => Verdict::Deny(rule.errno),
-            None => Verdict::Continue,
+        if let Some(rule) = self.rules.iter().find(|r| r.matches(req)) {
+            return Verdict::Deny(rule.errno);
         }
+        // A hidden name still names its object in the backing directory: making something
+        // under it would open, replace or reveal that object.
+        let new_name = match req.op {
+            op if makes_name_at_path(op) => Some(req.path.as_path()),
+            Op::Link | Op::Rename => req.path2.as_deref(),
+            _ => None,
+        };
+        if let Some(name) = new_name {
+            if self.rules.iter().any(|r| r.hides(req, name)) {
+                return Verdict::Deny(libc::EACCES);
+            }
+        }
+        Verdict::Continue
+    }
+
+    fn varies_by_caller(&self, path: &Path) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.ops.iter().any(|o| o.cacheable()) && r.matches_path(path))
+    }
+
+    fn may_vary_by_caller(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.ops.iter().any(|o| o.cacheable()))
+    }
+
+    fn guards_below(&self, dir: &Path, req: &Request) -> bool {
+        self.rules.iter().any(|r| {
+            r.uid_ok(req) && r.ops.iter().any(|o| o.matches(req)) && r.may_match_below(dir)
+        })
     }
 }
 
@@ -244,6 +358,78 @@ mod tests {
             deny.before(&req(Op::Unlink, "/docsx/a", 0)),
             Verdict::Continue
         );
+    }
+
+    #[test]
+    fn a_subtree_rule_covers_the_directory_and_renames_above_it() {
+        let deny = Deny::parse(&["proj/docs/**:write:EROFS"]).unwrap();
+        // The directory itself: chmod, rename, rmdir.
+        assert_eq!(
+            deny.before(&req(Op::Setattr, "/proj/docs", 0)),
+            Verdict::Deny(libc::EROFS)
+        );
+        assert_eq!(
+            deny.before(&req(Op::Rmdir, "/proj/docs", 0)),
+            Verdict::Deny(libc::EROFS)
+        );
+        assert_eq!(
+            deny.before(&req(Op::Setattr, "/proj/docs2", 0)),
+            Verdict::Continue
+        );
+        // Directories whose renames move protected paths: the file system asks about
+        // what is below them.
+        let mut rename = req(Op::Rename, "/proj", 0);
+        rename.path2 = Some("/p2".into());
+        assert!(deny.guards_below(Path::new("/proj"), &rename));
+        assert!(deny.guards_below(Path::new("/"), &rename));
+        assert!(!deny.guards_below(Path::new("/other"), &rename));
+        assert!(!deny.guards_below(Path::new("/proj/docs/x/y"), &req(Op::Getattr, "/", 0)));
+        let any_key = Deny::parse(&["**/*.key:write:EROFS"]).unwrap();
+        assert!(any_key.guards_below(Path::new("/a/b"), &rename));
+        let star = Deny::parse(&["*/cfg/*.conf:write:EROFS"]).unwrap();
+        assert!(star.guards_below(Path::new("/app"), &rename));
+        assert!(star.guards_below(Path::new("/app/cfg"), &rename));
+        assert!(!star.guards_below(Path::new("/app/data"), &rename));
+        assert!(!star.guards_below(Path::new("/app/cfg/x.conf"), &rename));
+    }
+
+    #[test]
+    fn a_read_rule_covers_opens_for_reading_and_writing() {
+        let deny = Deny::parse(&["secret/**:read:EACCES"]).unwrap();
+        for (flags, verdict) in [
+            (libc::O_RDONLY, Verdict::Deny(libc::EACCES)),
+            (libc::O_RDWR, Verdict::Deny(libc::EACCES)),
+            (libc::O_WRONLY, Verdict::Continue),
+        ] {
+            let mut open = req(Op::Open, "/secret/k", 0);
+            open.flags = Some(flags);
+            assert_eq!(deny.before(&open), verdict, "flags {flags:#o}");
+        }
+        assert!(deny.varies_by_caller(Path::new("/secret/k")));
+        assert!(!deny.varies_by_caller(Path::new("/public")));
+        let write_only = Deny::parse(&["docs/**:write:EROFS"]).unwrap();
+        assert!(!write_only.may_vary_by_caller());
+    }
+
+    #[test]
+    fn nothing_is_made_under_a_hidden_name() {
+        let deny = Deny::parse(&["secret.txt:lookup:ENOENT:uid=1000"]).unwrap();
+        assert_eq!(
+            deny.before(&req(Op::Lookup, "/secret.txt", 1000)),
+            Verdict::Deny(libc::ENOENT)
+        );
+        for op in [Op::Create, Op::Mknod, Op::Mkdir, Op::Symlink] {
+            assert_eq!(
+                deny.before(&req(op, "/secret.txt", 1000)),
+                Verdict::Deny(libc::EACCES),
+                "{op:?}"
+            );
+            assert_eq!(deny.before(&req(op, "/secret.txt", 0)), Verdict::Continue);
+        }
+        let mut rename = req(Op::Rename, "/x", 1000);
+        rename.path2 = Some("/secret.txt".into());
+        assert_eq!(deny.before(&rename), Verdict::Deny(libc::EACCES));
+        assert!(deny.varies_by_caller(Path::new("/secret.txt")));
     }
 
     #[test]
