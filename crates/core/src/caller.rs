@@ -18,10 +18,12 @@ pub struct Caller {
 /// When a pid was resolved, and to what.
 type Resolved = (Instant, Option<Arc<PathBuf>>);
 
-/// Resolves pids to executables through `/proc/PID/exe`, remembering answers briefly.
+/// Resolves pids to executables through `/proc/PID/exe`, remembering answers for `ttl`.
 ///
-/// Pids are reused, so entries expire after a short time rather than living forever; the
-/// cache is bounded so a fork storm cannot grow it without limit.
+/// The default remembers nothing: a process that calls exec keeps its pid and changes
+/// its executable (`cmd > file` in a shell, and every `exec` in a script), and a pid
+/// can be reused, so only a fresh read is right. With a `ttl`, the cache is bounded so a
+/// fork storm cannot grow it without limit.
 #[derive(Debug)]
 pub struct ExeCache {
     entries: Mutex<HashMap<u32, Resolved>>,
@@ -31,7 +33,7 @@ pub struct ExeCache {
 
 impl Default for ExeCache {
     fn default() -> Self {
-        Self::new(Duration::from_secs(2), 4096)
+        Self::new(Duration::ZERO, 4096)
     }
 }
 
@@ -49,15 +51,21 @@ impl ExeCache {
         if pid == 0 {
             return None;
         }
+        let read = || {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .map(Arc::new)
+        };
+        if self.ttl.is_zero() {
+            return read();
+        }
         let now = Instant::now();
         if let Some((at, exe)) = self.entries.lock().get(&pid) {
             if now.duration_since(*at) < self.ttl {
                 return exe.clone();
             }
         }
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(Arc::new);
+        let exe = read();
         let mut entries = self.entries.lock();
         if entries.len() >= self.capacity {
             let ttl = self.ttl;

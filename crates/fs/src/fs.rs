@@ -112,8 +112,6 @@ struct OpenFile {
     fd: OwnedFd,
     /// Set for passthrough opens; keeps the kernel's registration alive.
     backing: Option<Arc<BackingId>>,
-    /// The path filters saw at open, for the data operations (None without filters).
-    path: Option<Arc<PathBuf>>,
 }
 
 /// An open directory and where its stream stands.
@@ -564,7 +562,6 @@ impl FilterFs {
         node: u64,
         fd: OwnedFd,
         want_passthrough: bool,
-        path: Option<Arc<PathBuf>>,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> (u64, Option<Arc<BackingId>>) {
         // Decision, registration and count must be one step, or two first opens racing
@@ -624,7 +621,6 @@ impl FilterFs {
                 node,
                 fd,
                 backing: backing.clone(),
-                path,
             }),
         );
         (fh, backing)
@@ -651,16 +647,11 @@ impl FilterFs {
         }
     }
 
+    /// The path of an open file's data operation: where the file is now (a directory above
+    /// it may have been renamed since the open).
     fn data_path(&self, file: &OpenFile) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {
-        let path = file.path.clone();
         let node = file.node;
-        move || {
-            (
-                path.map(|p| (*p).clone())
-                    .unwrap_or_else(|| self.inodes.path(node)),
-                None,
-            )
-        }
+        move || (self.inodes.path(node), None)
     }
 
     fn wants_passthrough(&self, path: Option<&Path>) -> bool {
@@ -1253,9 +1244,7 @@ impl Filesystem for FilterFs {
             || {
                 let passthrough = self.wants_passthrough(path.as_deref().map(|p| p.as_path()));
                 let fd = self.reopen(ino.0, reopen_flags(flags, passthrough))?;
-                Ok(self.open_file(ino.0, fd, passthrough, path.clone(), |fd| {
-                    reply.open_backing(fd)
-                }))
+                Ok(self.open_file(ino.0, fd, passthrough, |fd| reply.open_backing(fd)))
             },
             |_| 0,
         );
@@ -1322,9 +1311,8 @@ impl Filesystem for FilterFs {
                     .map_err(errno_of)
                 })?;
                 let entry = self.lookup_at(parent, dir.as_fd(), name)?;
-                let (fh, backing) = self.open_file(entry.id, fd, passthrough, path.clone(), |fd| {
-                    reply.open_backing(fd)
-                });
+                let (fh, backing) =
+                    self.open_file(entry.id, fd, passthrough, |fd| reply.open_backing(fd));
                 Ok((entry, fh, backing))
             },
             |_| 0,
@@ -1936,17 +1924,10 @@ impl Filesystem for FilterFs {
     ) {
         let files = self.file(fh_in).and_then(|a| Ok((a, self.file(fh_out)?)));
         let res = files.and_then(|(src, dst)| {
-            let (src_path, dst_path) = (src.path.clone(), dst.path.clone());
             self.filtered(
                 req,
                 Op::CopyFileRange,
-                || {
-                    let p = |o: Option<Arc<PathBuf>>, n| {
-                        o.map(|p| (*p).clone())
-                            .unwrap_or_else(|| self.inodes.path(n))
-                    };
-                    (p(src_path, src.node), Some(p(dst_path, dst.node)))
-                },
+                || (self.inodes.path(src.node), Some(self.inodes.path(dst.node))),
                 |r| {
                     r.offset = Some(offset_in);
                     r.size = Some(len);

@@ -67,6 +67,37 @@ fn audit_logs_every_operation_with_caller_and_result() {
         .ends_with(&hex(b"bad\xffname")));
 }
 
+#[test]
+fn audit_lines_name_the_file_where_it_is_now_and_the_program_after_exec() {
+    // A write through a descriptor opened before its directory was renamed is logged
+    // under the new path; a shell that execs a program (`exec cat`, `cmd > file`) is
+    // logged as that program, not as the shell whose pid it kept.
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    fs::create_dir(m.backing.join("d1")).unwrap();
+    fs::write(m.backing.join("x"), b"x\n").unwrap();
+    let script = "exec 7>>d1/f; mv d1 d2; echo via-old-fd >&7; test -e x; exec cat x";
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .current_dir(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    m.stop();
+    let lines = audit_lines(&log);
+    let write = lines
+        .iter()
+        .find(|l| l["op"] == "write")
+        .unwrap_or_else(|| panic!("no write in {lines:#?}"));
+    assert_eq!(write["path"], "/d2/f", "{write}");
+    let cat = lines
+        .iter()
+        .find(|l| l["op"] == "read" && l["path"] == "/x")
+        .unwrap_or_else(|| panic!("no read of /x in {lines:#?}"));
+    assert_eq!(cat["exe"], "/usr/bin/cat", "{cat}");
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
