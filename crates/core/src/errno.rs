@@ -10,12 +10,19 @@ macro_rules! errno_table {
             }
         }
 
-        /// The errno value for a symbolic name (`"EACCES"`), case-insensitive.
+        /// The errno value for a symbolic name (`"EACCES"`), case-insensitive, its
+        /// aliases (`EWOULDBLOCK`, `ENOTSUP`, `EDEADLOCK`), or a number (`13`).
         pub fn errno_from_name(name: &str) -> Option<i32> {
             let upper = name.to_ascii_uppercase();
             match upper.as_str() {
                 $(stringify!($name) => Some(libc::$name),)*
-                _ => None,
+                "EWOULDBLOCK" => Some(libc::EWOULDBLOCK),
+                "ENOTSUP" => Some(libc::ENOTSUP),
+                "EDEADLOCK" => Some(libc::EDEADLOCK),
+                number => number
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|&n| errno_name(n).is_some()),
             }
         }
     };
@@ -84,6 +91,11 @@ mod tests {
         }
         assert_eq!(errno_from_name("eacces"), Some(libc::EACCES));
         assert_eq!(errno_from_name("ENOTANERRNO"), None);
+        assert_eq!(errno_from_name("EWOULDBLOCK"), Some(libc::EAGAIN));
+        assert_eq!(errno_from_name("enotsup"), Some(libc::EOPNOTSUPP));
+        assert_eq!(errno_from_name("13"), Some(libc::EACCES));
+        assert_eq!(errno_from_name("0"), None);
+        assert_eq!(errno_from_name("-1"), None);
         assert_eq!(errno_name(99999), None);
     }
 }

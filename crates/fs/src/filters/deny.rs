@@ -8,9 +8,10 @@
 //!   `all`, `write` (everything that changes the tree, including opens for writing) and
 //!   `read` (opens that allow reading, `O_RDWR` too, read, readdir, readlink, getxattr,
 //!   listxattr).
-//! - `ERRNO` is a name such as `EACCES`, `EROFS`, `EPERM` or `ENOENT`. A rule that answers
-//!   `lookup` with `ENOENT` hides matching entries: they are also left out of listings,
-//!   and nothing can be made under a hidden name (EACCES), which would reach the object.
+//! - `ERRNO` is a name such as `EACCES`, `EROFS`, `EPERM` or `ENOENT`, or a number. A rule
+//!   that answers `lookup` with `ENOENT` hides matching entries: they are also left out
+//!   of listings, and nothing can be made under a hidden name (EACCES), which would reach
+//!   the object.
 //! - `uid=N` / `uid!=N` limit the rule to callers with (or without) that uid.
 //!
 //! The first matching rule decides. A rule refusing `rename` to a path also refuses
