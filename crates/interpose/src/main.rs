@@ -188,6 +188,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn fs_mount(args: MountArgs) -> Result<()> {
+    check_audit_files(&args.filters, &args.mountpoint)?;
     let chain = Chain::new(
         args.filters
             .iter()
@@ -352,6 +353,29 @@ fn io_uring_hint() {
 /// serves from: every request thread could end up waiting on the mount it serves (a
 /// `find` through a mount point inside BACKING; a commit of a store inside the mount).
 /// A path that does not exist is left to the checks that report it.
+/// Refuses an audit log inside the mount point: it would be written into the directory
+/// the mount hides, where nobody sees it while mounted.
+fn check_audit_files(specs: &[String], mountpoint: &std::path::Path) -> Result<()> {
+    let Ok(m) = std::fs::canonicalize(mountpoint) else {
+        return Ok(());
+    };
+    for file in specs.iter().filter_map(|s| filters::audit_file(s)) {
+        let parent = file.parent().filter(|p| !p.as_os_str().is_empty());
+        let Ok(dir) = std::fs::canonicalize(parent.unwrap_or(std::path::Path::new("."))) else {
+            continue; // the audit filter says what is wrong with it
+        };
+        if dir.starts_with(&m) {
+            bail!(
+                "the audit log {} is inside the mount point {}: it would be written under the \
+                 mount, hidden while mounted; put it elsewhere",
+                file.display(),
+                m.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn check_layout(
     backing: &std::path::Path,
     mountpoint: &std::path::Path,

@@ -327,4 +327,22 @@ fn bad_filter_specs_are_refused_with_a_clear_message() {
         assert!(err.contains(needle), "{spec}: {err}");
         assert!(!is_mounted(tmp.path()));
     }
+    // An audit log inside the mount point would be hidden by the mount.
+    let (backing, mnt) = (tmp.path().join("b"), tmp.path().join("m"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let spec = format!("audit={}", mnt.join("a.jsonl").display());
+    let out = Command::new(bin())
+        .args(["fs", "mount"])
+        .arg(&backing)
+        .arg(&mnt)
+        .args(["--filter", &spec])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("inside the mount point"),
+        "{err}"
+    );
+    assert!(!mnt.join("a.jsonl").exists() && !is_mounted(&mnt));
 }

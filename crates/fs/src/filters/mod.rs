@@ -31,6 +31,15 @@ pub enum SpecError {
 }
 
 /// Parses one `--filter` argument into a scoped filter.
+/// The log file an `audit=` spec writes to (None for another kind, or `-`).
+pub fn audit_file(spec: &str) -> Option<PathBuf> {
+    let rest = spec.strip_prefix("audit=")?;
+    rest.split(';')
+        .find(|p| !p.is_empty() && !p.starts_with("under=") && !p.starts_with("io="))
+        .filter(|p| *p != "-")
+        .map(PathBuf::from)
+}
+
 pub fn parse_spec(spec: &str) -> Result<Scoped, SpecError> {
     let (kind, rest) = spec
         .split_once('=')
