@@ -214,6 +214,19 @@ fn fs_mount(args: MountArgs) -> Result<()> {
         options.threads = t.clamp(1, 256);
     }
     check_layout(&args.backing, &args.mountpoint, args.isolate.as_deref())?;
+    match mounted_type(&args.mountpoint).as_deref() {
+        Some("fuse.interpose") => bail!(
+            "{} is an interpose mount already (a second mount would hide it); \
+             unmount it first: interpose fs unmount {}",
+            args.mountpoint.display(),
+            args.mountpoint.display()
+        ),
+        Some(other) => tracing::warn!(
+            "{} is a mount point already ({other}); the new mount hides it until unmounted",
+            args.mountpoint.display()
+        ),
+        None => {}
+    }
     raise_fd_limit();
     // Signals first, so a SIGTERM that races the mount still unmounts.
     let mut signals =
