@@ -1359,6 +1359,36 @@ open('plain/shared', 'a').write('through the outside name\n')
     m.stop();
 }
 
+#[test]
+fn a_directory_outside_the_isolated_paths_keeps_its_times_across_a_remount_and_a_commit() {
+    // e is outside the isolated paths: it shows BACKING's times, also once a pending
+    // rename put a name into it and a utime set its mtime in BACKING. Renamed to f (the
+    // rename is isolated: e holds a pending change), f shows that mtime; a remount, which
+    // replays the records, and a commit must not stamp e with the records' times.
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("iso")).unwrap();
+    fs::create_dir_all(d.backing.join("e")).unwrap();
+    fs::write(d.backing.join("iso/a"), b"a").unwrap();
+    let args = ["--isolate-path", "iso"];
+    let mut m = d.mount_with(&args);
+    fs::rename(d.mnt.join("iso/a"), d.mnt.join("e/a")).unwrap();
+    let set = std::time::UNIX_EPOCH + std::time::Duration::new(1_500_000_000, 123_456_789);
+    File::open(d.mnt.join("e"))
+        .unwrap()
+        .set_modified(set)
+        .unwrap();
+    fs::rename(d.mnt.join("e"), d.mnt.join("f")).unwrap();
+    let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+    assert_eq!(mtime(&d.mnt.join("f")), set);
+    m.stop();
+    m = d.mount_with(&args);
+    assert_eq!(mtime(&d.mnt.join("f")), set, "after a remount");
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(mtime(&d.backing.join("f")), set, "after the commit");
+    assert_eq!(read(&d.backing.join("f/a")), b"a");
+}
+
 /// Mount arguments for each mode, added to `--isolate STORE`: all isolated, only iso/
 /// isolated (what the tests do elsewhere goes straight to BACKING), and write-through.
 const EVERY_MODE: [&[&str]; 3] = [&[], &["--isolate-path", "iso"], &["--write-through"]];

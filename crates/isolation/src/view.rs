@@ -289,6 +289,9 @@ pub struct View {
     /// everything below them stay isolated until those changes are committed or
     /// discarded: BACKING still has there what the changes will replace.
     spread: HashSet<PathBuf>,
+    /// While a record is replayed: the directories whose times it keeps (its
+    /// `keep_times`), which showed BACKING's times when the change was made.
+    keep_dirs: Vec<u64>,
 }
 
 /// Whether `path` is isolated: it or a directory above it matches the globs, or is one of
@@ -345,6 +348,7 @@ impl View {
             dir_candidates: HashSet::new(),
             sweep_at: SWEEP_MIN,
             spread: HashSet::new(),
+            keep_dirs: Vec::new(),
         })
     }
 
@@ -352,7 +356,12 @@ impl View {
     pub fn replay(&mut self, records: &[Record]) -> Result<(), Error> {
         for r in records {
             self.clock = Some(r.at);
+            let keep: Vec<u64> = (r.keep_times.iter())
+                .filter_map(|dir| self.resolve(dir.as_path()).ok())
+                .collect();
+            self.keep_dirs = keep;
             let res = self.apply_recorded(&r.change, r.data_offset);
+            self.keep_dirs.clear();
             self.clock = None;
             if res.is_ok() {
                 self.note_isolated(&r.change);
@@ -1256,9 +1265,10 @@ impl View {
             (None, true) => ov.entries.remove(name).flatten(),
             _ => ov.entries.insert(name.to_owned(), to).flatten(),
         };
-        let t = clock;
-        d.attr.mtime = t;
-        d.attr.ctime = t;
+        if !self.keep_dirs.contains(&dir) {
+            d.attr.mtime = clock;
+            d.attr.ctime = clock;
+        }
         d.changed = true;
         if let Some(o) = old {
             if let Some(n) = self.nodes.get_mut(&o) {
