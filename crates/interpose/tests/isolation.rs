@@ -1389,6 +1389,34 @@ fn a_directory_outside_the_isolated_paths_keeps_its_times_across_a_remount_and_a
     assert_eq!(read(&d.backing.join("f/a")), b"a");
 }
 
+#[test]
+fn a_directory_empty_only_in_the_view_can_be_renamed_over() {
+    // out is outside the isolated paths and empty in the view only (its one name was
+    // isolated and removed): renaming another directory over it works as on a plain
+    // directory, in isolation, since BACKING's out still has the name.
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("out")).unwrap();
+    fs::create_dir_all(d.backing.join("empty")).unwrap();
+    fs::write(d.backing.join("out/a.conf"), b"a").unwrap();
+    let m = d.mount_with(&["--isolate-path", "**/*.conf"]);
+    fs::remove_file(d.mnt.join("out/a.conf")).unwrap();
+    assert_eq!(py_rename(&d.mnt.join("empty"), &d.mnt.join("out")), "ok");
+    assert_eq!(names(&d.mnt), ["out"]);
+    assert_eq!(
+        read(&d.backing.join("out/a.conf")),
+        b"a",
+        "BACKING before the commit"
+    );
+    assert_eq!(
+        log_text(&d.store, 0),
+        ["1 unlink /out/a.conf", "2 rename /empty -> /out"]
+    );
+    commit(&d.store, None);
+    assert_eq!(names(&d.backing), ["out"]);
+    assert_eq!(names(&d.backing.join("out")), Vec::<String>::new());
+    m.stop();
+}
+
 /// Mount arguments for each mode, added to `--isolate STORE`: all isolated, only iso/
 /// isolated (what the tests do elsewhere goes straight to BACKING), and write-through.
 const EVERY_MODE: [&[&str]; 3] = [&[], &["--isolate-path", "iso"], &["--write-through"]];

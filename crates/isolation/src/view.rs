@@ -958,17 +958,17 @@ impl View {
     /// Whether a change outside the isolated paths is entangled with pending changes, and
     /// must be isolated with them: the rename or removal of a directory with pending
     /// changes below it (their records name paths below it, which BACKING must still have
-    /// when they are committed), or of a name of an isolated node (the rename's victim
-    /// too: its name goes).
+    /// when they are committed; a directory a rename replaces, empty in the view, may
+    /// still have entries in BACKING), or of a name of an isolated node (the rename's
+    /// victim too: its name goes).
     fn entangled(&self, change: &Change, named: Named) -> bool {
         let node = |id: Option<u64>| id.is_some_and(|id| self.isolated_node(id));
         match change {
-            Change::Rename { from, to, flags } => {
-                let exchange = flags & libc::RENAME_EXCHANGE != 0;
+            Change::Rename { from, to, .. } => {
                 node(named.first)
                     || node(named.second)
                     || self.pending_below(from.as_path(), named.first)
-                    || (exchange && self.pending_below(to.as_path(), named.second))
+                    || (named.second.is_some() && self.pending_below(to.as_path(), named.second))
             }
             Change::Rmdir { path } => {
                 node(named.first) || self.pending_below(path.as_path(), named.first)
@@ -2524,6 +2524,7 @@ impl View {
                 // A directory the view removed that the kernel still holds (a process's
                 // working directory): the kernel has marked its inode dead, so its number
                 // must not name the directory a discard brings back.
+                tracing::debug!("adopt: directory {} has no name: dead", k.id);
                 dead_dirs.push(k);
                 continue;
             }
@@ -2541,6 +2542,14 @@ impl View {
                 (same && n.attr.kind() == k.kind && !claimed.contains(&id)).then_some(id)
             });
             let Some(id) = found else {
+                tracing::debug!(
+                    "adopt: {} ({:o}) not carried: path {:?}, origin {:?}, backing inode {:?}",
+                    k.id,
+                    k.kind,
+                    k.path,
+                    k.origin,
+                    k.backing_ino
+                );
                 continue;
             };
             if id != k.id {
