@@ -718,8 +718,18 @@ impl LogPrinter {
         if b.is_some() {
             line += &format!(" -> {}", show(b));
         }
-        if let interpose_isolation::change::Change::Data { size, .. } = &e.change {
-            line += &format!("  (size {size}, {} bytes of blocks)", e.data_bytes);
+        use interpose_isolation::change::Change;
+        match &e.change {
+            Change::Data { size, .. } => {
+                line += &format!("  (size {size}, {} bytes of blocks)", e.data_bytes)
+            }
+            Change::Rename { flags, .. } if flags & libc::RENAME_EXCHANGE != 0 => {
+                line += "  (exchange)"
+            }
+            Change::Rename { flags, .. } if flags & libc::RENAME_NOREPLACE != 0 => {
+                line += "  (no replace)"
+            }
+            _ => {}
         }
         writeln!(self.out, "{line}")?;
         Ok(())

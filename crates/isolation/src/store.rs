@@ -96,6 +96,9 @@ pub struct LogEntry {
     pub change: Change,
     #[serde(skip_serializing_if = "is_zero", default)]
     pub data_bytes: u64,
+    /// Directories whose times a commit keeps (see [`Record::keep_times`]).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub keep_times: Vec<RawPath>,
 }
 
 /// What `status` counts of the pending records, one record at a time.
@@ -127,6 +130,8 @@ pub struct LogEntryRef<'a> {
     pub change: &'a Change,
     #[serde(skip_serializing_if = "is_zero")]
     pub data_bytes: u64,
+    #[serde(skip_serializing_if = "<[RawPath]>::is_empty")]
+    pub keep_times: &'a [RawPath],
 }
 
 impl<'a> LogEntryRef<'a> {
@@ -136,6 +141,7 @@ impl<'a> LogEntryRef<'a> {
             at: r.at,
             change: &r.change,
             data_bytes: r.change.data_len(),
+            keep_times: &r.keep_times,
         }
     }
 }
