@@ -117,7 +117,9 @@ struct OpenFile {
 /// An open directory and where its stream stands.
 struct OpenDir {
     fd: OwnedFd,
-    path: Option<Arc<PathBuf>>,
+    /// The directory's node: its entries' paths for the filters are taken from where it is
+    /// at each read (it may have been renamed since it was opened).
+    node: u64,
     state: Mutex<DirStream>,
 }
 
@@ -751,6 +753,7 @@ impl FilterFs {
         offset: u64,
         mut add: impl FnMut(&sys::DirEntry) -> Res<bool>,
     ) -> Res<()> {
+        let base = (!self.chain.is_empty()).then(|| self.inodes.path(dir.node));
         let mut st = dir.state.lock();
         if offset as i64 != st.pos {
             rustix::fs::seek(&dir.fd, rustix::fs::SeekFrom::Start(offset)).map_err(errno_of)?;
@@ -772,11 +775,9 @@ impl FilterFs {
                 st.pending.extend(batch);
             }
             let entry = st.pending.front().expect("not empty");
-            let skip = !self.chain.is_empty()
-                && entry.name.as_bytes() != b"."
+            let skip = entry.name.as_bytes() != b"."
                 && entry.name.as_bytes() != b".."
-                && dir
-                    .path
+                && base
                     .as_ref()
                     .is_some_and(|p| self.hidden(req, &p.join(&*entry.name)));
             if !skip && add(entry)? {
@@ -1235,14 +1236,14 @@ impl Filesystem for FilterFs {
 
     fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = flags.0;
-        let path = (!self.chain.is_empty()).then(|| Arc::new(self.inodes.path(ino.0)));
+        let path = (!self.chain.is_empty()).then(|| self.inodes.path(ino.0));
         let res = self.filtered(
             req,
             Op::Open,
-            || ((*path.clone().expect("filters present")).clone(), None),
+            || (path.clone().expect("filters present"), None),
             |r| r.flags = Some(flags),
             || {
-                let passthrough = self.wants_passthrough(path.as_deref().map(|p| p.as_path()));
+                let passthrough = self.wants_passthrough(path.as_deref());
                 let fd = self.reopen(ino.0, reopen_flags(flags, passthrough))?;
                 Ok(self.open_file(ino.0, fd, passthrough, |fd| reply.open_backing(fd)))
             },
@@ -1275,11 +1276,11 @@ impl Filesystem for FilterFs {
         reply: ReplyCreate,
     ) {
         let parent = parent.0;
-        let path = (!self.chain.is_empty()).then(|| Arc::new(self.inodes.child_path(parent, name)));
+        let path = (!self.chain.is_empty()).then(|| self.inodes.child_path(parent, name));
         let res = self.filtered(
             req,
             Op::Create,
-            || ((*path.clone().expect("filters present")).clone(), None),
+            || (path.clone().expect("filters present"), None),
             |r| {
                 r.flags = Some(flags);
                 r.mode = Some(mode);
@@ -1287,7 +1288,7 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
-                let passthrough = self.wants_passthrough(path.as_deref().map(|p| p.as_path()));
+                let passthrough = self.wants_passthrough(path.as_deref());
                 let oflags = reopen_flags(flags, passthrough)
                     | OFlags::CREATE
                     | OFlags::NOFOLLOW
@@ -1535,11 +1536,10 @@ impl Filesystem for FilterFs {
     }
 
     fn opendir(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let path = (!self.chain.is_empty()).then(|| Arc::new(self.inodes.path(ino.0)));
         let res = self.filtered(
             req,
             Op::Opendir,
-            || ((*path.clone().expect("filters present")).clone(), None),
+            self.node_path(ino.0),
             |r| r.flags = Some(flags.0),
             || {
                 let fd = self.inodes.fd(ino.0)?;
@@ -1560,7 +1560,7 @@ impl Filesystem for FilterFs {
                     fh,
                     Arc::new(OpenDir {
                         fd: dir,
-                        path: path.clone(),
+                        node: ino.0,
                         state,
                     }),
                 );

@@ -192,7 +192,7 @@ fn deny_rules_have_no_way_round_them() {
     let m = Mount::new(&[
         "--filter",
         "deny=proj/docs/**:write:EROFS;secret/**:read:EACCES;priv:lookup:EACCES;\
-         hidden.txt:lookup:ENOENT;mine/**:lookup:EACCES:uid=65534",
+         hidden.txt:lookup:ENOENT;mine/**:lookup:EACCES:uid=65534;moved/s.txt:lookup:ENOENT",
     ]);
     fs::set_permissions(&m.dir, fs::Permissions::from_mode(0o755)).unwrap();
     for d in ["proj/docs", "secret", "priv", "mine", "free"] {
@@ -266,6 +266,21 @@ fn deny_rules_have_no_way_round_them() {
         Some(libc::EACCES)
     );
     assert_eq!(fs::read(m.backing.join("hidden.txt")).unwrap(), b"PRECIOUS");
+
+    // A listing read through a descriptor opened before its directory moved hides what
+    // the directory's new place hides.
+    fs::create_dir(m.backing.join("d")).unwrap();
+    fs::write(m.backing.join("d/s.txt"), b"s").unwrap();
+    let script = "import os, sys\n\
+        fd = os.open('d', os.O_RDONLY | os.O_DIRECTORY)\n\
+        os.rename('d', 'moved')\n\
+        print(sorted(os.listdir(fd)))\n";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .current_dir(&m.mnt)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]", "{out:?}");
     m.stop();
 }
 
