@@ -305,32 +305,27 @@ fn what_a_killed_attach_left_is_removed_and_no_stranger_is_signalled() {
         assert!(mounted_at(&dir), "no dead mount at {}", dir.display());
         dir
     };
+    let assert_gone = |a: &Attach, dir: &Path, by: &str| {
+        assert!(
+            within_10s(|| !a.loop_attached()),
+            "{by} left the loop device"
+        );
+        assert!(
+            !mounted_at(dir) && !dir.exists(),
+            "{by} left {}",
+            dir.display()
+        );
+    };
     // Removed by detach of the device.
     let mut a = Attach::start(s(&raw));
     let dir = leftovers(&mut a);
     run(Command::new(bin()).args(["blk", "detach"]).arg(&a.device));
-    assert!(
-        within_10s(|| !a.loop_attached()),
-        "detach left the loop device"
-    );
-    assert!(
-        !mounted_at(&dir) && !dir.exists(),
-        "detach left {}",
-        dir.display()
-    );
+    assert_gone(&a, &dir, "detach");
     // Removed by the next attach (which may take the same loop device again).
     let mut a = Attach::start(s(&raw));
     let dir = leftovers(&mut a);
     let b = Attach::start(s(&raw));
-    assert!(
-        within_10s(|| !a.loop_attached()),
-        "the next attach left the dead one's loop device"
-    );
-    assert!(
-        !mounted_at(&dir) && !dir.exists(),
-        "the next attach left {}",
-        dir.display()
-    );
+    assert_gone(&a, &dir, "the next attach");
     drop(b);
     // A loop device that names a live process that is no attach (a pid reused).
     let mut stranger = Command::new("sleep").arg("300").spawn().unwrap();

@@ -2,7 +2,9 @@
 //! passthrough decision (files no filter inspects never send their data to the daemon).
 
 mod common;
+mod support;
 use common::*;
+use support::{as_user, output, NOBODY};
 
 use std::fs;
 use std::io::ErrorKind;
@@ -172,14 +174,6 @@ fn deny_makes_a_subtree_read_only_and_hides_a_file() {
     m.stop();
 }
 
-fn as_nobody(args: &[&str]) -> std::process::Output {
-    Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn deny_rules_have_no_way_round_them() {
     // Ways round the rules a probe found, each a real program's or a shell's:
@@ -248,12 +242,20 @@ fn deny_rules_have_no_way_round_them() {
         "after ls -l"
     );
     assert_eq!(fs::read(mnt("mine/m.txt")).unwrap(), b"MINE"); // root first
-    let out = as_nobody(&["cat", mnt("mine/m.txt").to_str().unwrap()]);
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .arg("cat")
+            .arg(mnt("mine/m.txt")),
+    );
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("denied"),
         "uid 65534 after root: {out:?}"
     );
-    let out = as_nobody(&["cat", mnt("free2/f.txt").to_str().unwrap()]);
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .arg("cat")
+            .arg(mnt("free2/f.txt")),
+    );
     assert!(out.status.success(), "{out:?}");
 
     assert_eq!(
@@ -297,11 +299,11 @@ fn deny_rules_can_target_one_uid_and_filters_can_be_scoped() {
     fs::set_permissions(m.backing.join("id.key"), fs::Permissions::from_mode(0o644)).unwrap();
     // Root reads it, nobody does not.
     assert_eq!(fs::read(m.mnt.join("id.key")).unwrap(), b"k");
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
-        .arg(m.mnt.join("id.key"))
-        .output()
-        .unwrap();
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .arg("cat")
+            .arg(m.mnt.join("id.key")),
+    );
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
@@ -330,15 +332,7 @@ fn bad_filter_specs_are_refused_with_a_clear_message() {
         ("deny=a:write:ENOPE", "unknown errno"),
         ("audit=/nonexistent-dir/x.jsonl", "cannot open audit log"),
     ] {
-        let out = Command::new(bin())
-            .args(["fs", "mount"])
-            .arg(tmp.path())
-            .arg(tmp.path())
-            .args(["--filter", spec])
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{spec} accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = mount_refused(tmp.path(), tmp.path(), &["--filter", spec]);
         assert!(err.contains(needle), "{spec}: {err}");
         assert!(!is_mounted(tmp.path()));
     }
@@ -347,17 +341,7 @@ fn bad_filter_specs_are_refused_with_a_clear_message() {
     fs::create_dir(&backing).unwrap();
     fs::create_dir(&mnt).unwrap();
     let spec = format!("audit={}", mnt.join("a.jsonl").display());
-    let out = Command::new(bin())
-        .args(["fs", "mount"])
-        .arg(&backing)
-        .arg(&mnt)
-        .args(["--filter", &spec])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("inside the mount point"),
-        "{err}"
-    );
+    let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
+    assert!(err.contains("inside the mount point"), "{err}");
     assert!(!mnt.join("a.jsonl").exists() && !is_mounted(&mnt));
 }

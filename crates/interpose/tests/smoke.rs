@@ -19,17 +19,8 @@ fn mount_shows_backing_and_unmounts_cleanly() {
 #[test]
 fn a_second_mount_on_an_interpose_mount_is_refused() {
     let m = Mount::new(&[]);
-    let out = std::process::Command::new(bin())
-        .args(["fs", "mount"])
-        .arg(&m.backing)
-        .arg(&m.mnt)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("an interpose mount already"),
-        "{err}"
-    );
+    let err = mount_refused(&m.backing, &m.mnt, &[]);
+    assert!(err.contains("an interpose mount already"), "{err}");
     std::fs::write(m.backing.join("f"), b"x").unwrap();
     assert_eq!(
         std::fs::read(m.mnt.join("f")).unwrap(),

@@ -867,9 +867,9 @@ impl View {
     /// With `--isolate-path`, reads again BACKING's attributes of unchanged nodes an
     /// isolated change is about to change (their link count): changes made straight to
     /// BACKING through other names (a hard link's) may have changed them.
-    fn reread_backing_attrs(&mut self, ids: &[u64]) {
+    fn reread_backing_attrs(&mut self, ids: impl IntoIterator<Item = u64>) {
         if matches!(self.mode, Mode::Paths(_)) {
-            for &id in ids {
+            for id in ids {
                 let _ = self.attr(id);
             }
         }
@@ -1753,7 +1753,7 @@ impl View {
             self.lookup(parent, name)?;
             return Ok(());
         }
-        self.reread_backing_attrs(&[id]);
+        self.reread_backing_attrs([id]);
         self.record(&change, &[])?;
         self.do_link(id, parent, name);
         self.node_mut(id)?.lookups += 1;
@@ -1785,7 +1785,7 @@ impl View {
         if self.pass_named(&change, &[], named)? {
             return Ok(());
         }
-        self.reread_backing_attrs(&[id]);
+        self.reread_backing_attrs([id]);
         self.record(&change, &[])?;
         self.do_remove(parent, name, id);
         Ok(())
@@ -1863,7 +1863,7 @@ impl View {
         if self.pass_named(&change, &[], named)? {
             return Ok(());
         }
-        self.reread_backing_attrs(&[Some(a), b].into_iter().flatten().collect::<Vec<_>>());
+        self.reread_backing_attrs(std::iter::once(a).chain(b));
         self.record(&change, &[])?;
         self.do_rename(p1, n1, a, p2, n2, b, flags);
         Ok(())

@@ -224,6 +224,20 @@ pub fn test_root() -> PathBuf {
 }
 
 /// Runs a command, panicking with its output when it fails.
+/// Runs `interpose fs mount BACKING MNT ARGS...`, which must refuse; its stderr.
+pub fn mount_refused(backing: &Path, mnt: &Path, args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(["fs", "mount"])
+        .arg(backing)
+        .arg(mnt)
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "fs mount {args:?} accepted: {err}");
+    err
+}
+
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
