@@ -138,7 +138,7 @@ fn main() -> ExitCode {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
@@ -153,9 +153,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("interpose: {}", report(&err));
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "interpose: {}", report(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Standard error for log lines, dropping a line it cannot write: a daemon whose log reader
+/// has gone away (a pipe nobody reads) must go on serving and stop cleanly on a signal.
+/// tracing-subscriber would report the failed write with `eprintln!`, which panics the
+/// thread that logged.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

@@ -21,7 +21,6 @@ use common::*;
 use support::*;
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -574,13 +573,7 @@ fn an_interrupted_create_leaves_nothing_that_opens_as_an_image() {
         signal(&child, sig);
         let status = child.wait().unwrap();
         assert!(!status.success());
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = stderr_of(&mut child);
         assert!(!out.exists(), "signal {sig}: {} exists", out.display());
         let left = files_starting(d, ".out.img.partial-");
         if sig == libc::SIGINT {

@@ -30,6 +30,20 @@ fn a_second_mount_on_an_interpose_mount_is_refused() {
     m.stop();
 }
 
+/// A daemon whose log reader has gone away (its standard error a pipe nobody reads) goes
+/// on serving, and unmounts and exits 0 on SIGTERM: a log line it cannot write is
+/// dropped. The logger used to panic the thread that logged, the signal thread among them,
+/// and the daemon then never unmounted.
+#[test]
+fn a_daemon_whose_log_reader_is_gone_still_serves_and_stops() {
+    let mut m = Mount::new(&[]);
+    m.close_stderr();
+    std::fs::write(m.mnt.join("f"), b"x").unwrap();
+    assert_eq!(std::fs::read(m.backing.join("f")).unwrap(), b"x");
+    let err = m.stop();
+    assert!(err.is_empty(), "{err}");
+}
+
 #[test]
 fn killed_daemon_leaves_a_mount_that_unmount_removes() {
     let mut m = Mount::new(&[]);

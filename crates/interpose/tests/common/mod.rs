@@ -94,19 +94,19 @@ impl Mount {
             "stop pid {pid} {}: {status}, mounted afterwards: {mounted}",
             self.mnt.display()
         ));
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let err = stderr_of(&mut child);
         assert!(
             status.success(),
             "daemon exit status {status:?}\nstderr:\n{err}"
         );
         assert!(!mounted, "still mounted after clean exit");
         err
+    }
+
+    /// Closes the reading end of the daemon's standard error, as when whoever read its
+    /// log has gone away.
+    pub fn close_stderr(&mut self) {
+        drop(self.child.as_mut().unwrap().stderr.take());
     }
 
     /// Sends `sig` to the daemon.
@@ -225,16 +225,48 @@ pub fn test_root() -> PathBuf {
 
 /// Runs a command, panicking with its output when it fails.
 /// Runs `interpose fs mount BACKING MNT ARGS...`, which must refuse; its stderr.
+/// A mount that is accepted after all is unmounted again before the test fails.
 pub fn mount_refused(backing: &Path, mnt: &Path, args: &[&str]) -> String {
-    let out = Command::new(bin())
+    let mounted_before = is_mounted(mnt);
+    let mut child = Command::new(bin())
         .args(["fs", "mount"])
         .arg(backing)
         .arg(mnt)
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "fs mount {args:?} accepted: {err}");
+    // A refusal comes before the mount; an accepted mount serves until told to stop.
+    let status = wait_timeout(&mut child, Duration::from_secs(20));
+    if status.is_none() {
+        signal(&child, libc::SIGTERM);
+        if wait_timeout(&mut child, Duration::from_secs(20)).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    let err = stderr_of(&mut child);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "fs mount {args:?} accepted ({status:?}): {err}"
+    );
+    assert_eq!(
+        is_mounted(mnt),
+        mounted_before,
+        "{}: a refused mount changed what is mounted there",
+        mnt.display()
+    );
+    err
+}
+
+/// The rest of a child's standard error (empty if it was not piped or was taken).
+pub fn stderr_of(child: &mut Child) -> String {
+    let mut err = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
     err
 }
 
