@@ -158,55 +158,73 @@ fn open_append(path: &Path) -> Result<std::fs::File, AuditError> {
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
 fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
-    let mut batch = Vec::new();
+    // Bytes taken from the queue and not yet written. After a failed write (a full disk,
+    // say) they are kept here and written first once it works again, whole and in order,
+    // and no more is taken meanwhile: the queue stays bounded by MAX_QUEUED, producers
+    // wait, and no record is dropped or torn.
+    let mut batch: Vec<u8> = Vec::new();
     let mut failing = false;
+    // The reader of a pipe (`audit=-` into a program that has ended) is gone for good:
+    // records kept for it would only stop the file system once MAX_QUEUED bytes wait.
+    let mut reader_gone = false;
     loop {
-        let closed = {
+        let (closed, took_all) = {
             let mut p = queue.pending.lock();
-            if p.lines.len() < WAKE_AT && !p.closed {
-                queue.wake_writer.wait_for(&mut p, FLUSH_EVERY);
+            let take = batch.is_empty() || reader_gone;
+            if take {
+                if p.lines.len() < WAKE_AT && !p.closed {
+                    queue.wake_writer.wait_for(&mut p, FLUSH_EVERY);
+                }
+                batch.append(&mut p.lines);
+                queue.space.notify_all();
             }
-            std::mem::swap(&mut p.lines, &mut batch);
-            queue.space.notify_all();
-            p.closed
+            // Records queued before close are taken by this round (close is set under
+            // the lock after them, and `record` refuses after it).
+            (p.closed, take)
         };
-        if !batch.is_empty() {
-            if let Err((written, err)) = write_counting(&mut *out, &batch) {
-                // A full disk, say: what was not written goes back ahead of what came
-                // meanwhile, to be written once it can be. Nothing is dropped, no line is
-                // torn by another written after its first half, and producers wait
-                // once MAX_QUEUED bytes are held.
-                let mut p = queue.pending.lock();
-                let newer = std::mem::take(&mut p.lines);
-                p.lines = batch.split_off(written);
-                p.lines.extend_from_slice(&newer);
-                batch.clear();
-                if closed {
-                    tracing::error!(
-                        "audit log write failed: {err}; {} bytes of records are lost at exit",
-                        p.lines.len()
-                    );
-                    break;
-                }
-                if !failing {
-                    tracing::error!(
-                        "audit log write failed: {err}; records are kept and written when it works again"
-                    );
-                    failing = true;
-                }
-                drop(p);
-                std::thread::sleep(RETRY_AFTER);
-                continue;
-            }
-            if failing {
-                tracing::info!("audit log writable again: the records kept meanwhile are written");
-                failing = false;
-            }
+        if reader_gone {
             batch.clear();
         }
-        // Records queued before close were taken by this round (close is set under the
-        // lock after them, and record refuses after it).
-        if closed {
+        if !batch.is_empty() {
+            match write_counting(&mut *out, &batch) {
+                Ok(()) => {
+                    if failing {
+                        tracing::info!(
+                            "audit log writable again: the records kept meanwhile are written"
+                        );
+                        failing = false;
+                    }
+                    batch.clear();
+                }
+                Err((written, err)) => {
+                    batch.drain(..written);
+                    if err.kind() == io::ErrorKind::BrokenPipe {
+                        tracing::error!(
+                            "audit log: its reader has gone away ({err}); records are dropped from now on"
+                        );
+                        reader_gone = true;
+                        batch.clear();
+                    } else if closed {
+                        let queued = queue.pending.lock().lines.len();
+                        tracing::error!(
+                            "audit log write failed: {err}; {} bytes of records are lost at exit",
+                            batch.len() + queued
+                        );
+                        break;
+                    } else {
+                        if !failing {
+                            tracing::error!(
+                                "audit log write failed: {err}; records are kept and written when it works again"
+                            );
+                            failing = true;
+                        }
+                        std::thread::sleep(RETRY_AFTER);
+                        continue;
+                    }
+                }
+            }
+        }
+        if closed && took_all {
             break;
         }
     }
@@ -332,6 +350,105 @@ mod tests {
             (0..1000).collect::<Vec<_>>(),
             "records lost or out of order"
         );
+    }
+
+    /// While writes fail, what waits stays bounded: the writer keeps retrying what it took
+    /// and takes no more, so producers wait at MAX_QUEUED bytes instead of the held bytes
+    /// growing with every retry; once there is room everything is written in order.
+    #[test]
+    fn records_held_while_the_disk_is_full_stay_bounded() {
+        #[derive(Clone, Default)]
+        struct Full {
+            disk: Filling,
+            failures: Arc<Mutex<usize>>,
+            largest: Arc<Mutex<usize>>,
+        }
+        impl Write for Full {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let mut largest = self.largest.lock();
+                *largest = (*largest).max(buf.len());
+                let res = self.disk.write(buf);
+                if res.is_err() {
+                    *self.failures.lock() += 1;
+                }
+                res
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let full = Full::default();
+        let sink = Arc::new(AuditSink::with_writer(Box::new(full.clone())).unwrap());
+        let line_len = 1000;
+        let records = 4 * MAX_QUEUED / line_len;
+        let producer = {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                for n in 0..records {
+                    sink.record(&serde_json::json!({"n": n, "path": "p".repeat(line_len)}));
+                }
+            })
+        };
+        // Many rounds of failed writes, each a chance for the held bytes to grow.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while *full.failures.lock() < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer stopped trying"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        *full.disk.room.lock() = usize::MAX;
+        producer.join().unwrap();
+        sink.close();
+        let largest = *full.largest.lock();
+        assert!(
+            largest <= MAX_QUEUED + 2 * line_len,
+            "{largest} bytes held for a full disk (bound {MAX_QUEUED})"
+        );
+        let out = full.disk.out.lock();
+        let ns: Vec<u64> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<serde_json::Value>(l).unwrap()["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ns, (0..records as u64).collect::<Vec<_>>());
+    }
+
+    /// A pipe whose reader has ended (`audit=-` into a program that is gone) takes no
+    /// record ever again: producers must not wait for it once the queue is full, which
+    /// would stop every operation on the mount.
+    #[test]
+    fn a_pipe_whose_reader_is_gone_does_not_stop_the_producers() {
+        struct Gone;
+        impl Write for Gone {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Arc::new(AuditSink::with_writer(Box::new(Gone)).unwrap());
+        let (done, finished) = std::sync::mpsc::channel();
+        let producer = {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let path = "p".repeat(1000);
+                for n in 0..4 * MAX_QUEUED / 1000 {
+                    sink.record(&serde_json::json!({"n": n, "path": path}));
+                }
+                done.send(()).unwrap();
+            })
+        };
+        let waited = finished.recv_timeout(Duration::from_secs(30));
+        sink.close(); // lets a stuck producer go, so that the test ends either way
+        producer.join().unwrap();
+        assert!(waited.is_ok(), "producers waited for a reader that is gone");
     }
 
     /// Lines reach the writer without close and without filling the buffer (`tail -f`).
