@@ -214,6 +214,14 @@ fn fs_mount(args: MountArgs) -> Result<()> {
             .map(|spec| filters::parse_spec(spec).with_context(|| format!("--filter {spec}")))
             .collect::<Result<_>>()?,
     );
+    for spec in &args.filters {
+        for path in filters::spec_paths(spec) {
+            check_anchor(&args.backing, &format!("--filter {spec}: {path:?}"), &path)?;
+        }
+    }
+    for glob in &args.isolate_path {
+        check_anchor(&args.backing, &format!("--isolate-path {glob:?}"), glob)?;
+    }
     let names = chain.names();
     if !(0.0..=86_400.0).contains(&args.cache_timeout) {
         bail!("--cache-timeout must be between 0 and 86400 seconds");
@@ -405,6 +413,31 @@ fn check_audit_files(specs: &[String], mountpoint: &std::path::Path) -> Result<(
             );
         }
     }
+    Ok(())
+}
+
+/// Refuses a glob or subtree written as an absolute path inside BACKING (it is matched
+/// relative to BACKING, so it would never match: a deny rule without effect), and warns
+/// about one whose leading literal components name nothing in BACKING yet.
+fn check_anchor(backing: &std::path::Path, what: &str, glob: &str) -> Result<()> {
+    let anchor = filters::glob_anchor(glob);
+    if anchor.as_os_str().is_empty() || backing.join(&anchor).symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let absolute = format!("/{}", glob.trim_start_matches('/'));
+    if let Ok(b) = std::fs::canonicalize(backing) {
+        let b = b.to_string_lossy();
+        if let Some(rel) = absolute.strip_prefix(&format!("{}/", b.trim_end_matches('/'))) {
+            bail!(
+                "{what} names a path of BACKING by its absolute path, which never matches: \
+                 globs and subtrees are relative to BACKING; write {rel:?}"
+            );
+        }
+    }
+    tracing::warn!(
+        "{what} matches nothing yet: BACKING has no {} (globs and subtrees are relative to BACKING)",
+        anchor.display()
+    );
     Ok(())
 }
 

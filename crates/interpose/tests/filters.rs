@@ -344,4 +344,31 @@ fn bad_filter_specs_are_refused_with_a_clear_message() {
     let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
     assert!(err.contains("inside the mount point"), "{err}");
     assert!(!mnt.join("a.jsonl").exists() && !is_mounted(&mnt));
+    // Globs are relative to BACKING: one written as BACKING's absolute path would never
+    // match, leaving the rule without effect.
+    fs::create_dir(backing.join("secret")).unwrap();
+    let abs = fs::canonicalize(&backing).unwrap().join("secret/**");
+    let spec = format!("deny={}:read:EACCES", abs.display());
+    let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
+    assert!(err.contains(r#"write "secret/**""#), "{err}");
+    let spec = format!("audit=-;under={}", backing.join("secret").display());
+    let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
+    assert!(err.contains(r#"write "secret""#), "{err}");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn a_glob_naming_nothing_in_backing_is_reported() {
+    let m = Mount::new(&[
+        "--filter",
+        "deny=secrets/**:read:EACCES;**/*.key:all:ENOENT",
+    ]);
+    fs::create_dir(m.backing.join("secret")).unwrap();
+    let err = m.stop();
+    assert!(
+        err.contains(r#""secrets/**" matches nothing yet: BACKING has no secrets"#),
+        "{err}"
+    );
+    // `**/*.key` can match anywhere: nothing to say about it.
+    assert!(!err.contains("*.key\" matches"), "{err}");
 }

@@ -3167,6 +3167,16 @@ fn a_mount_refused_for_its_store_changes_nothing() {
         &backing_before,
         "after a mount refused for a store inside it",
     );
+    // An isolated path written as BACKING's absolute path would never match: the whole
+    // change would go to BACKING unrecorded.
+    let abs = fs::canonicalize(&d.backing).unwrap().join("*.conf");
+    let err = mount_refused(
+        &d.backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--isolate-path", s(&abs)],
+    );
+    assert!(err.contains(r#"write "*.conf""#), "{err}");
+    assert!(!d.store.exists(), "a store made for a refused mount");
 }
 
 #[test]

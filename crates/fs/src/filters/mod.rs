@@ -10,6 +10,8 @@
 pub mod audit;
 pub mod deny;
 
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 
 use crate::filter::{Filter, Scoped};
@@ -30,7 +32,6 @@ pub enum SpecError {
     Audit(#[from] interpose_core::audit::AuditError),
 }
 
-/// Parses one `--filter` argument into a scoped filter.
 /// The log file an `audit=` spec writes to (None for another kind, or `-`).
 pub fn audit_file(spec: &str) -> Option<PathBuf> {
     let rest = spec.strip_prefix("audit=")?;
@@ -40,6 +41,35 @@ pub fn audit_file(spec: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// The paths a spec names inside the mount, as written: each
+/// `deny` rule's glob and each `under=` subtree. For a mount-time check that they name
+/// something (see `glob_anchor`).
+pub fn spec_paths(spec: &str) -> Vec<String> {
+    let Some((kind, rest)) = spec.split_once('=') else {
+        return Vec::new();
+    };
+    let mut paths = Vec::new();
+    for part in rest.split(';').filter(|p| !p.is_empty()) {
+        if let Some(path) = part.strip_prefix("under=") {
+            paths.push(path.to_owned());
+        } else if kind == "deny" && !part.starts_with("io=") {
+            let glob = part.split(':').next().unwrap_or("");
+            paths.push(glob.to_owned());
+        }
+    }
+    paths
+}
+
+/// The leading components of a glob that hold no wildcard: what must exist for the glob
+/// to match anything (`secret/keys` for `secret/keys/**/*.pem`; empty for `**/*.key`).
+pub fn glob_anchor(glob: &str) -> PathBuf {
+    glob.trim_start_matches('/')
+        .split('/')
+        .take_while(|c| !c.is_empty() && !c.contains(['*', '?', '[', '{', '\\']))
+        .collect()
+}
+
+/// Parses one `--filter` argument into a scoped filter.
 pub fn parse_spec(spec: &str) -> Result<Scoped, SpecError> {
     let (kind, rest) = spec
         .split_once('=')
@@ -79,4 +109,30 @@ pub fn parse_spec(spec: &str) -> Result<Scoped, SpecError> {
         _ => return Err(SpecError::UnknownKind(kind.to_owned())),
     };
     Ok(Scoped::new(filter, under))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_names_its_globs_and_subtrees() {
+        assert_eq!(
+            spec_paths("deny=/secret/**:read:EACCES;*.key:all:ENOENT;under=/home/a"),
+            ["/secret/**", "*.key", "/home/a"]
+        );
+        assert_eq!(spec_paths("audit=/tmp/a.jsonl;io=off;under=src"), ["src"]);
+        assert!(spec_paths("audit=-").is_empty());
+    }
+
+    #[test]
+    fn a_glob_is_anchored_at_its_literal_components() {
+        assert_eq!(
+            glob_anchor("secret/keys/**/*.pem"),
+            Path::new("secret/keys")
+        );
+        assert_eq!(glob_anchor("/srv/data/x"), Path::new("srv/data/x"));
+        assert_eq!(glob_anchor("**/*.key"), Path::new(""));
+        assert_eq!(glob_anchor("d[0-9]/x"), Path::new(""));
+    }
 }
