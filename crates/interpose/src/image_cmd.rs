@@ -276,58 +276,69 @@ fn info(path: &Path, json: bool) -> Result<()> {
             "bad_extents": img.extents(),
             "metadata": meta,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
-    println!("image:        {}", path.display());
-    println!(
+    outln!("image:        {}", path.display())?;
+    outln!(
         "format:       interpose image {}.{}, {}, {} chunks",
         format::VERSION_MAJOR,
         h.version_minor,
         h.codec.name(),
         human(h.chunk_size())
-    );
-    println!(
+    )?;
+    outln!(
         "virtual size: {} bytes ({})",
         h.virtual_size,
         human(h.virtual_size)
-    );
-    println!(
+    )?;
+    outln!(
         "file size:    {} bytes ({}), ratio {ratio:.2}:1",
         file_len,
         human(file_len)
-    );
-    println!(
+    )?;
+    outln!(
         "chunks:       {} ({} zero, {} raw, {} compressed); {} with bad bytes, {} wholly bad",
-        stats.total, stats.zero, stats.raw, stats.compressed, stats.bad, stats.all_bad
-    );
-    println!(
+        stats.total,
+        stats.zero,
+        stats.raw,
+        stats.compressed,
+        stats.bad,
+        stats.all_bad
+    )?;
+    outln!(
         "bad extents:  {} ({} bytes)",
         img.extents().len(),
         h.bad_bytes
-    );
-    print_extents(img.extents());
-    println!("source:       {}", meta.source);
-    println!("created:      {}", meta.created);
-    println!("tool:         {}", meta.tool);
-    println!("blake3:       {}", meta.blake3);
-    println!("uuid:         {uuid}");
+    )?;
+    print_extents(img.extents())?;
+    outln!("source:       {}", meta.source)?;
+    outln!("created:      {}", meta.created)?;
+    outln!("tool:         {}", meta.tool)?;
+    outln!("blake3:       {}", meta.blake3)?;
+    outln!("uuid:         {uuid}")?;
     for (k, v) in &meta.user {
-        println!("meta:         {k}={v}");
+        outln!("meta:         {k}={v}")?;
     }
     Ok(())
 }
 
-fn print_extents(extents: &[BadExtent]) {
+/// One line per extent; a long list may meet a reader that stopped (`| head`), hence
+/// errors rather than `println!`'s panic.
+fn print_extents(extents: &[BadExtent]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     for x in extents {
-        println!(
+        writeln!(
+            out,
             "  {:>14}..{:<14} {:>12} bytes  {}",
             x.offset,
             x.end(),
             x.length,
             x.state.name()
-        );
+        )?;
     }
+    out.flush()
 }
 
 fn verify(path: &Path) -> Result<()> {
@@ -356,11 +367,11 @@ fn verify(path: &Path) -> Result<()> {
         );
     }
     if report.intact() {
-        println!(
+        outln!(
             "{}: intact (blake3 {})",
             path.display(),
             report.computed_blake3
-        );
+        )?;
         Ok(())
     } else {
         bail!(

@@ -4,6 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// `println!` that returns the error instead of panicking: a reader that stopped early
+/// (`| head`) ends the command quietly (see `main`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)
+    }};
+}
+
 mod blk_cmd;
 mod image_cmd;
 
@@ -152,12 +161,20 @@ fn main() -> ExitCode {
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped reading (`interpose isolation log STORE | head`) is not
+        // a failure of ours.
+        Err(err) if err.chain().any(is_broken_pipe) => ExitCode::SUCCESS,
         Err(err) => {
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "interpose: {}", report(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+fn is_broken_pipe(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 /// Standard error for log lines, dropping a line it cannot write: a daemon whose log reader
@@ -680,45 +697,46 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
         return log.finish();
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        outln!("{}", serde_json::to_string_pretty(&answer)?)?;
         return Ok(());
     }
     match cmd {
         IsolationCommand::Status { .. } => {
             let s: interpose_isolation::Status = serde_json::from_value(answer)?;
-            println!("store:            {}", s.store.display());
-            println!("backing:          {}", s.backing.display());
-            println!("mounted:          {}", if s.mounted { "yes" } else { "no" });
-            println!("last change:      {}", s.last_seq);
-            println!("committed up to:  {}", s.committed_upto);
-            println!("pending changes:  {}", s.pending_changes);
-            println!("files changed:    {}", s.files);
-            println!("data held:        {} bytes", s.data_bytes);
+            outln!("store:            {}", s.store.display())?;
+            outln!("backing:          {}", s.backing.display())?;
+            outln!("mounted:          {}", if s.mounted { "yes" } else { "no" })?;
+            outln!("last change:      {}", s.last_seq)?;
+            outln!("committed up to:  {}", s.committed_upto)?;
+            outln!("pending changes:  {}", s.pending_changes)?;
+            outln!("files changed:    {}", s.files)?;
+            outln!("data held:        {} bytes", s.data_bytes)?;
             let ahead = match s.journal_ahead_bytes {
                 0 => String::new(),
                 n => format!(" ({n} of them zeros written ahead of the journal)"),
             };
-            println!("store on disk:    {} bytes{ahead}", s.store_bytes);
+            outln!("store on disk:    {} bytes{ahead}", s.store_bytes)?;
             if let Some(n) = s.view_nodes {
-                println!("in memory:        {n} files and directories (the mount's view)");
+                outln!("in memory:        {n} files and directories (the mount's view)")?;
             }
             if let Some(t) = s.interrupted_commit {
                 let applied = s
                     .interrupted_commit_applied
                     .map(|a| format!(", changes up to {a} in BACKING already"))
                     .unwrap_or_default();
-                println!(
+                outln!(
                     "interrupted commit up to {t}{applied}: run `interpose isolation commit` again"
-                );
+                )?;
             }
         }
         IsolationCommand::Log { .. } => unreachable!("printed above"),
-        IsolationCommand::Commit { .. } => println!(
+        IsolationCommand::Commit { .. } => outln!(
             "committed up to change {}; {} changes pending",
-            answer["committed_upto"], answer["pending_changes"]
-        ),
+            answer["committed_upto"],
+            answer["pending_changes"]
+        )?,
         IsolationCommand::Discard { .. } => {
-            println!("discarded; {} changes pending", answer["pending_changes"])
+            outln!("discarded; {} changes pending", answer["pending_changes"])?
         }
     }
     Ok(())

@@ -623,6 +623,39 @@ fn a_full_disk_gives_a_clear_error_and_no_partial_image() {
     );
 }
 
+/// `image info IMG | head -1` on an image with thousands of bad extents: the reader goes
+/// away long before the list ends, and info ends quietly (it used to panic).
+#[test]
+fn info_whose_reader_stops_early_ends_quietly() {
+    let t = dir();
+    let d = t.path();
+    let raw = d.join("raw");
+    fs::File::create(&raw).unwrap().set_len(64 << 20).unwrap();
+    let mut map = String::from("# Mapfile. Created by GNU ddrescue version 1.27\n0x0 ? 1\n");
+    for i in 0..5000u64 {
+        map += &format!(
+            "{:#x} 0x200 +\n{:#x} 0x200 -\n",
+            i * 0x400,
+            i * 0x400 + 0x200
+        );
+    }
+    map += &format!("{:#x} {:#x} +\n", 5000 * 0x400, (64 << 20) - 5000 * 0x400);
+    fs::write(d.join("map"), map).unwrap();
+    let img = d.join("x.img");
+    image_ok(&[
+        "create",
+        s(&raw),
+        "--mapfile",
+        s(&d.join("map")),
+        "-o",
+        s(&img),
+    ]);
+    let (first, status, err) =
+        first_line_then_close(Command::new(bin()).args(["image", "info", s(&img)]));
+    assert!(first.starts_with("image:"), "{first}");
+    assert!(status.success() && err.is_empty(), "{status}: {err}");
+}
+
 #[test]
 fn bad_arguments_and_malformed_mapfiles_are_refused_clearly() {
     let t = dir();

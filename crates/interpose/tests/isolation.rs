@@ -2791,6 +2791,36 @@ fn get_xattr(p: &Path, name: &str) -> Vec<u8> {
         .unwrap_or_else(|| panic!("no xattr {name} on {}", p.display()))
 }
 
+/// `isolation log STORE | head -1`: the reader goes away with most of the log unwritten,
+/// and the log ends quietly and successfully (it used to say "Broken pipe" and fail).
+#[test]
+fn a_log_whose_reader_stops_early_ends_quietly() {
+    let d = dirs();
+    let m = d.mount();
+    let made = output(
+        Command::new("python3")
+            .arg("-c")
+            .arg("import sys\nfor i in range(3000): open(sys.argv[1] + '/f%d' % i, 'w').close()")
+            .arg(&d.mnt),
+    );
+    assert!(made.status.success(), "{}", describe(&made));
+    m.stop();
+    for json in [false, true] {
+        let mut log = Command::new(bin());
+        log.args(["isolation", "log"]).arg(&d.store);
+        if json {
+            log.arg("--json");
+        }
+        // The pipe is closed after one line, 3,000 changes before the end of the log.
+        let (first, status, err) = first_line_then_close(&mut log);
+        assert!(!first.is_empty());
+        assert!(
+            status.success() && err.is_empty(),
+            "json {json}: {status}: {err}"
+        );
+    }
+}
+
 #[test]
 fn status_log_commit_upto_and_discard_after_on_an_unmounted_store() {
     let d = dirs();

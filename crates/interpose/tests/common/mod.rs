@@ -261,6 +261,24 @@ pub fn mount_refused(backing: &Path, mnt: &Path, args: &[&str]) -> String {
     err
 }
 
+/// Runs `cmd`, reads the first line of its output and closes the pipe (as `| head -1`
+/// does); then its exit status and standard error.
+pub fn first_line_then_close(cmd: &mut Command) -> (String, ExitStatus, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("{cmd:?} did not end after its reader went away"));
+    (first, status, stderr_of(&mut child))
+}
+
 /// The rest of a child's standard error (empty if it was not piped or was taken).
 pub fn stderr_of(child: &mut Child) -> String {
     let mut err = String::new();
