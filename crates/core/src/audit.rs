@@ -170,12 +170,13 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
     loop {
         let (closed, took_all) = {
             let mut p = queue.pending.lock();
-            let take = batch.is_empty() || reader_gone;
+            // Nothing held back from a failed write: take what is queued.
+            let take = batch.is_empty();
             if take {
                 if p.lines.len() < WAKE_AT && !p.closed {
                     queue.wake_writer.wait_for(&mut p, FLUSH_EVERY);
                 }
-                batch.append(&mut p.lines);
+                std::mem::swap(&mut p.lines, &mut batch);
                 queue.space.notify_all();
             }
             // Records queued before close are taken by this round (close is set under
