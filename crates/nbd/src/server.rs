@@ -221,6 +221,7 @@ fn violation<T>(what: impl Into<String>) -> Result<T, ConnError> {
 }
 
 /// Where the handshake stands.
+#[derive(PartialEq)]
 enum Phase {
     /// Options may follow.
     Options,
@@ -432,7 +433,13 @@ impl Server {
                 return Ok(None);
             }
             let phase = self.option(option, &data, &mut session, no_zeroes, &mut out)?;
-            conn.write_all(&out)?;
+            let sent = conn.write_all(&out);
+            if phase == Phase::Closed {
+                // After NBD_OPT_ABORT the client may close without reading the ACK
+                // (nbdinfo --list does): not a failure of the connection.
+                return Ok(None);
+            }
+            sent?;
             match phase {
                 Phase::Options => continue,
                 Phase::Transmission(export) => {
