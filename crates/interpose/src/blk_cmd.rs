@@ -134,7 +134,11 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             let mut listeners = systemd_listeners().context("systemd sockets")?;
             let mut where_ = Vec::new();
             if !listeners.is_empty() {
-                where_.push(format!("{} systemd sockets", listeners.len()));
+                let n = listeners.len();
+                where_.push(format!(
+                    "{n} systemd socket{}",
+                    if n == 1 { "" } else { "s" }
+                ));
             }
             let mut _socket_path = None;
             if let Some(path) = &unix {

@@ -87,7 +87,7 @@ enum IsolationCommand {
 #[derive(Subcommand)]
 enum FsCommand {
     /// Mount a filtered view of BACKING at MOUNTPOINT; runs in the foreground until
-    /// unmounted or sent SIGINT/SIGTERM (then unmounts and exits 0).
+    /// unmounted or sent SIGINT, SIGTERM or SIGHUP (then unmounts and exits 0).
     Mount(MountArgs),
     /// Unmount a mount made by `interpose fs mount` (also one whose daemon died).
     Unmount {

@@ -1512,7 +1512,9 @@ fn socket_activation_serves_through_listen_fds() {
         .arg(&fx.clean);
     let server = Server::spawn(c, None, &fx.dir);
     assert!(
-        server.line.contains("1 systemd sockets") && !server.line.contains("tcp:"),
+        server.line.contains("1 systemd socket")
+            && !server.line.contains("1 systemd sockets")
+            && !server.line.contains("tcp:"),
         "readiness line {:?}: the passed socket only",
         server.line
     );
@@ -1555,7 +1557,7 @@ fn socket_activation_serves_through_listen_fds() {
         .read_line(&mut ready)
         .unwrap();
     assert!(
-        ready.starts_with("serving img on 1 systemd sockets"),
+        ready.starts_with("serving img on 1 systemd socket"),
         "readiness line {ready:?}"
     );
     let m = map(&uri, Some("x-interpose:bad"));

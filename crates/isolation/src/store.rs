@@ -496,7 +496,8 @@ impl Store {
             .unwrap_or(0);
         let wt = self.meta.write_through;
         Ok(Status {
-            store: self.dir.clone(),
+            // Absolute, as the mounted daemon (which made the store) reports it.
+            store: std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone()),
             backing: self.meta.backing.clone(),
             last_seq: journal.last_seq(),
             committed_upto: if wt {
