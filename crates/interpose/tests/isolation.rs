@@ -1645,23 +1645,23 @@ fn files_open_without_a_name_read_and_write_the_same_across_mounted_commits() {
     // A mounted commit rebuilds the view from BACKING and the records left, where nothing
     // leads to a file that lost its last name while open. Its descriptors must go on as on
     // any file system: reading what they read before, taking writes, fstat right. Each
-    // kind: one committed before (its unlink then pending, then committed), one made in
-    // the view (renamed over), one never opened but written (sparse, 8 MiB hole).
+    // kind: one of BACKING (its unlink pending, then committed), one made in the view
+    // (renamed over), one never opened but written (sparse, 8 MiB hole); one of BACKING
+    // never written before its unlink was committed. The files span several blocks: a
+    // write into one block after the commit used to make the others read as zeros.
     let d = dirs();
-    fs::write(d.backing.join("old"), b"OLD-CONTENT").unwrap();
+    let with_tail = |head: &[u8], seed: u8| [head, &pattern(20_000, seed)].concat();
+    let mut old_want = with_tail(b"OLD-CONTENT", 1);
+    let mut made_want = with_tail(b"MADE-IN-VIEW", 2);
+    let mut kept_want = with_tail(b"KEPT", 3);
+    fs::write(d.backing.join("old"), &old_want).unwrap();
+    fs::write(d.backing.join("kept"), &kept_want).unwrap();
     let m = d.mount();
     let (old, made, sparse) = (d.mnt.join("old"), d.mnt.join("made"), d.mnt.join("sparse"));
-    fs::write(&made, b"MADE-IN-VIEW").unwrap();
-    let f_old = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&old)
-        .unwrap();
-    let f_made = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&made)
-        .unwrap();
+    let kept = d.mnt.join("kept");
+    fs::write(&made, &made_want).unwrap();
+    let open_rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let (f_old, f_made, f_kept) = (open_rw(&old), open_rw(&made), open_rw(&kept));
     let f_sparse = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1670,23 +1670,39 @@ fn files_open_without_a_name_read_and_write_the_same_across_mounted_commits() {
         .open(&sparse)
         .unwrap();
     f_sparse.write_at(b"TAIL", 8 << 20).unwrap();
-    f_old.write_at(b"o", 0).unwrap();
+    let write = |f: &File, want: &mut Vec<u8>, data: &[u8], at: usize| {
+        f.write_at(data, at as u64).unwrap();
+        if want.len() < at + data.len() {
+            want.resize(at + data.len(), 0);
+        }
+        want[at..at + data.len()].copy_from_slice(data);
+    };
+    write(&f_old, &mut old_want, b"o", 0);
+    let before_unlinks = num(&status(&d.store), "last_seq");
     fs::remove_file(&old).unwrap();
+    fs::remove_file(&kept).unwrap();
     fs::write(d.mnt.join("other"), b"x").unwrap();
     fs::rename(d.mnt.join("other"), &made).unwrap();
     fs::remove_file(&sparse).unwrap();
-    let check = |when: &str, old_want: &[u8], made_want: &[u8]| {
+    let check = |when: &str, old_want: &[u8], made_want: &[u8], kept_want: &[u8]| {
         let read_all = |f: &File| {
+            // What the daemon serves, not the pages the kernel kept.
+            // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+            let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(r, 0, "posix_fadvise");
             let mut buf = vec![0u8; f.metadata().unwrap().len() as usize];
             f.read_exact_at(&mut buf, 0)
                 .unwrap_or_else(|e| panic!("{when}: read by descriptor: {e}"));
             buf
         };
-        assert_eq!(read_all(&f_old), old_want, "{when}: the unlinked file");
-        assert_eq!(
-            read_all(&f_made),
-            made_want,
+        assert!(read_all(&f_old) == old_want, "{when}: the unlinked file");
+        assert!(
+            read_all(&f_made) == made_want,
             "{when}: the file renamed over"
+        );
+        assert!(
+            read_all(&f_kept) == kept_want,
+            "{when}: the unlinked unchanged file"
         );
         let tail = read_all(&f_sparse);
         assert_eq!(tail.len(), (8 << 20) + 4, "{when}: the sparse file's size");
@@ -1698,36 +1714,41 @@ fn files_open_without_a_name_read_and_write_the_same_across_mounted_commits() {
             "{when}: fstat's nlink"
         );
     };
-    check("before any commit", b"oLD-CONTENT", b"MADE-IN-VIEW");
-    let last = num(&status(&d.store), "last_seq");
+    check("before any commit", &old_want, &made_want, &kept_want);
     // Up to before the unlinks, then everything: the unlinks pending, then applied.
-    iso("commit", &d.store, &["--upto", &(last - 4).to_string()]);
+    iso("commit", &d.store, &["--upto", &before_unlinks.to_string()]);
     check(
         "after a commit of what came before the unlinks",
-        b"oLD-CONTENT",
-        b"MADE-IN-VIEW",
+        &old_want,
+        &made_want,
+        &kept_want,
     );
-    f_old.write_at(b"O", 1).unwrap();
-    f_made.write_at(b"m", 0).unwrap();
+    write(&f_old, &mut old_want, b"O", 1);
+    write(&f_made, &mut made_want, b"m", 0);
     iso("commit", &d.store, &[]);
     check(
         "after the commit of everything",
-        b"oOD-CONTENT",
-        b"mADE-IN-VIEW",
+        &old_want,
+        &made_want,
+        &kept_want,
     );
-    f_made.write_at(b"!", 12).unwrap();
+    let end = made_want.len();
+    write(&f_made, &mut made_want, b"!", end);
+    write(&f_old, &mut old_want, b"#", 5000);
+    write(&f_kept, &mut kept_want, b"k", 0);
+    check("after writes", &old_want, &made_want, &kept_want);
     iso("commit", &d.store, &[]);
-    check("after another commit", b"oOD-CONTENT", b"mADE-IN-VIEW!");
+    check("after another commit", &old_want, &made_want, &kept_want);
     assert!(
-        !d.backing.join("old").exists(),
-        "the unlink reached BACKING"
+        !d.backing.join("old").exists() && !d.backing.join("kept").exists(),
+        "the unlinks reached BACKING"
     );
     assert_eq!(
         read(&d.backing.join("made")),
         b"x",
         "the rename reached BACKING"
     );
-    drop((f_old, f_made, f_sparse));
+    drop((f_old, f_made, f_sparse, f_kept));
     let left: Vec<_> = fs::read_dir(&d.store)
         .unwrap()
         .map(|e| e.unwrap().file_name())

@@ -169,6 +169,14 @@ pub struct Node {
 }
 
 impl Node {
+    /// Its contents rest on a file below the view's own data: the backing file at its name
+    /// in BACKING, or, with no name there, the file it holds open (a detached object, or
+    /// one carried across a commit without a name). Blocks the view has not written read
+    /// from it; a first write must not take them for zeros.
+    fn has_base(&self) -> bool {
+        self.origin.is_some() || self.origin_file.is_some()
+    }
+
     /// Nothing holds it: no kernel reference, no open, no overlay entry bound to it.
     fn unused(&self) -> bool {
         self.refs == 0 && self.lookups == 0 && self.opens == 0
@@ -1475,9 +1483,9 @@ impl View {
     fn ensure_data(&mut self, id: u64) -> Res<()> {
         let n = self.node_mut(id)?;
         if n.data.is_none() {
-            let (limit, allocated) = match n.origin {
-                Some(_) => (n.attr.size, n.attr.blocks),
-                None => (0, 0),
+            let (limit, allocated) = match n.has_base() {
+                true => (n.attr.size, n.attr.blocks),
+                false => (0, 0),
             };
             n.data = Some(Data {
                 blocks: BlockMap::default(),
@@ -2303,7 +2311,7 @@ impl View {
             let limit = n
                 .data
                 .as_ref()
-                .map_or(if n.origin.is_some() { cur } else { 0 }, |d| d.origin_limit);
+                .map_or(if n.has_base() { cur } else { 0 }, |d| d.origin_limit);
             let empty = BlockMap::default();
             let blocks = n.data.as_ref().map_or(&empty, |d| &d.blocks);
             // Blocks past the backing file's bytes that nothing maps are holes too.
