@@ -1343,6 +1343,35 @@ fn a_directory_outside_the_isolated_paths_keeps_its_times_across_a_remount_and_a
     assert_eq!(read(&d.backing.join("f/a")), b"a");
 }
 
+/// POSIX: after rewinddir, a directory stream shows the directory as it is then. The
+/// isolated mount used to keep serving the listing taken when the directory was opened.
+#[test]
+fn a_directory_read_again_from_the_start_shows_what_was_made_since() {
+    let d = dirs();
+    fs::write(d.backing.join("old"), b"").unwrap();
+    let m = d.mount();
+    let script = r#"
+import os
+fd = os.open('.', os.O_RDONLY | os.O_DIRECTORY)
+first = sorted(os.listdir(fd))
+os.close(os.open('new', os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+os.unlink('old', dir_fd=fd)
+os.lseek(fd, 0, os.SEEK_SET)    # rewinddir
+print(first, sorted(os.listdir(fd)))
+"#;
+    let out = output(
+        Command::new("python3")
+            .args(["-c", script])
+            .current_dir(&d.mnt),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "['old'] ['new']"
+    );
+    m.stop();
+}
+
 #[test]
 fn a_directory_empty_only_in_the_view_can_be_renamed_over() {
     // out is outside the isolated paths and empty in the view only (its one name was

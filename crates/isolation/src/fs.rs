@@ -53,6 +53,9 @@ struct OpenFile {
 
 struct OpenDir {
     entries: Vec<view::DirEntry>,
+    /// Taken by opendir and not read yet: the first read from the start uses it as is;
+    /// any later one (rewinddir) takes the listing again, as POSIX requires.
+    fresh: AtomicBool,
 }
 
 /// State shared by the FUSE threads and the control socket.
@@ -157,6 +160,39 @@ fn kill_suid_sgid(v: &mut View, id: u64) -> Res<()> {
 }
 
 impl IsolatedFs {
+    /// Directory `ino`'s entries as the view has them now, `.` and `..` first.
+    fn listing(&self, ino: u64) -> Res<Vec<view::DirEntry>> {
+        let mut v = self.0.view.lock();
+        let mut entries = v.readdir(ino)?;
+        let parent = if ino == ROOT {
+            ROOT
+        } else {
+            v.node(ino)?.links.first().map(|l| l.0).unwrap_or(ROOT)
+        };
+        let dir = |name: &str, ino| view::DirEntry {
+            name: name.into(),
+            ino,
+            kind: libc::S_IFDIR,
+        };
+        entries.splice(0..0, [dir(".", ino), dir("..", parent)]);
+        Ok(entries)
+    }
+
+    /// The listing a read of open directory `fh` works on: a read from the start after
+    /// the first one (rewinddir) takes it again, so that it shows what was made since.
+    fn open_dir(&self, fh: u64, ino: u64, offset: u64) -> Res<Arc<OpenDir>> {
+        let d = self.0.dirs.lock().get(&fh).cloned().ok_or(libc::EBADF)?;
+        if offset != 0 || d.fresh.swap(false, Ordering::Relaxed) {
+            return Ok(d);
+        }
+        let d = Arc::new(OpenDir {
+            entries: self.listing(ino)?,
+            fresh: AtomicBool::new(false),
+        });
+        self.0.dirs.lock().insert(fh, d.clone());
+        Ok(d)
+    }
+
     fn entry(&self, reply: ReplyEntry, res: Res<(u64, Attr)>) {
         match res {
             Ok((id, a)) => reply.entry(&self.0.opts.ttl, &fattr(id, &a), Generation(0)),
@@ -751,31 +787,13 @@ impl Filesystem for IsolatedFs {
 
     fn opendir(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let res = (|| {
-            let mut v = self.0.view.lock();
-            let mut entries = v.readdir(ino.0)?;
-            let parent = if ino.0 == ROOT {
-                ROOT
-            } else {
-                v.node(ino.0)?.links.first().map(|l| l.0).unwrap_or(ROOT)
-            };
-            entries.insert(
-                0,
-                view::DirEntry {
-                    name: "..".into(),
-                    ino: parent,
-                    kind: libc::S_IFDIR,
-                },
-            );
-            entries.insert(
-                0,
-                view::DirEntry {
-                    name: ".".into(),
-                    ino: ino.0,
-                    kind: libc::S_IFDIR,
-                },
-            );
+            let entries = self.listing(ino.0)?;
             let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
-            self.0.dirs.lock().insert(fh, Arc::new(OpenDir { entries }));
+            let d = OpenDir {
+                entries,
+                fresh: AtomicBool::new(true),
+            };
+            self.0.dirs.lock().insert(fh, Arc::new(d));
             Ok(fh)
         })();
         match res {
@@ -787,15 +805,16 @@ impl Filesystem for IsolatedFs {
     fn readdir(
         &self,
         _req: &fuser::Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(d) = self.0.dirs.lock().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        let d = match self.open_dir(fh.0, ino.0, offset) {
+            Ok(d) => d,
+            Err(e) => return reply.error(err(e)),
         };
-        // Offsets index the listing taken at opendir: stable whatever changes meanwhile.
+        // Offsets index the listing taken at the start: stable whatever changes meanwhile.
         for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
             let kind = if e.kind == 0 {
                 FileType::RegularFile
@@ -817,8 +836,9 @@ impl Filesystem for IsolatedFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let Some(d) = self.0.dirs.lock().get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        let d = match self.open_dir(fh.0, ino.0, offset) {
+            Ok(d) => d,
+            Err(e) => return reply.error(err(e)),
         };
         let mut v = self.0.view.lock();
         for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
