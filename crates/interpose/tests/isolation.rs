@@ -1343,6 +1343,65 @@ fn a_directory_outside_the_isolated_paths_keeps_its_times_across_a_remount_and_a
     assert_eq!(read(&d.backing.join("f/a")), b"a");
 }
 
+/// With `--isolate-path`, a file open for writing outside the isolated paths is written
+/// through passthrough, straight to BACKING. Renamed or linked into the isolated paths
+/// while still open, its writes would go on reaching BACKING unrecorded (and an open of
+/// its new name failed with EIO): the rename or link waits for the writer to close, then
+/// fails with ETXTBSY; once it is closed, it is made (and recorded).
+#[test]
+fn a_file_open_for_writing_outside_the_isolated_paths_enters_them_once_closed() {
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("d1")).unwrap();
+    fs::create_dir(d.backing.join("iso")).unwrap();
+    fs::write(d.backing.join("d1/a"), b"outside\n").unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso"]);
+    let writer = OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("d1/a"))
+        .unwrap();
+    let busy = |what: &str, r: std::io::Result<()>| {
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::ETXTBSY)),
+            "{what} while a passthrough writer is open"
+        )
+    };
+    busy(
+        "rename",
+        fs::rename(d.mnt.join("d1/a"), d.mnt.join("iso/a")),
+    );
+    busy(
+        "link",
+        fs::hard_link(d.mnt.join("d1/a"), d.mnt.join("iso/a")),
+    );
+    busy(
+        "rename of its directory",
+        fs::rename(d.mnt.join("d1"), d.mnt.join("iso/d1")),
+    );
+    // Still outside: its writes are BACKING's, as before.
+    writer.write_all_at(b"OUT", 0).unwrap();
+    assert_eq!(read(&d.backing.join("d1/a")), b"OUTside\n");
+    drop(writer);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // The kernel releases a closed file a moment after close(2) returns.
+    while let Err(e) = fs::rename(d.mnt.join("d1/a"), d.mnt.join("iso/a")) {
+        assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "rename after close");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rename stayed refused after close"
+        );
+    }
+    fs::write(d.mnt.join("iso/a"), b"inside\n").unwrap();
+    assert_eq!(read(&d.mnt.join("iso/a")), b"inside\n");
+    assert_eq!(
+        read(&d.backing.join("d1/a")),
+        b"OUTside\n",
+        "BACKING untouched"
+    );
+    assert!(!d.backing.join("iso/a").exists());
+    m.stop();
+}
+
 /// POSIX: after rewinddir, a directory stream shows the directory as it is then. The
 /// isolated mount used to keep serving the listing taken when the directory was opened.
 #[test]

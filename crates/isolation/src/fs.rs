@@ -241,6 +241,35 @@ impl IsolatedFs {
         Ok(())
     }
 
+    /// With `--isolate-path`, a file a program writes through passthrough (opened outside
+    /// the isolated paths) must not enter them while that descriptor is open: its writes
+    /// would go on reaching BACKING unrecorded. Waits for such writers as an open for
+    /// writing waits for passthrough readers, then ETXTBSY.
+    fn await_direct_writers(
+        &self,
+        v: &mut MutexGuard<'_, View>,
+        id: u64,
+        to_parent: u64,
+        to_name: &OsStr,
+    ) -> Res<()> {
+        let deadline = Instant::now() + PASSTHROUGH_RELEASE_WAIT;
+        loop {
+            let writing = v.direct_writers_entering(id, to_parent, to_name);
+            if writing.is_empty() {
+                return Ok(());
+            }
+            if self
+                .0
+                .passthrough_released
+                .wait_until(v, deadline)
+                .timed_out()
+                && !v.direct_writers_entering(id, to_parent, to_name).is_empty()
+            {
+                return Err(libc::ETXTBSY);
+            }
+        }
+    }
+
     /// Registers an open; decides passthrough.
     fn open_node(
         &self,
@@ -578,10 +607,14 @@ impl Filesystem for IsolatedFs {
         let res = check_name(name)
             .and_then(|_| check_name(newname))
             .and_then(|_| {
-                self.0
-                    .view
-                    .lock()
-                    .rename(parent.0, name, newparent.0, newname, flags.bits())
+                let mut v = self.0.view.lock();
+                let id = v.child(parent.0, name)?;
+                self.await_direct_writers(&mut v, id, newparent.0, newname)?;
+                if flags.bits() & libc::RENAME_EXCHANGE != 0 {
+                    let other = v.child(newparent.0, newname)?;
+                    self.await_direct_writers(&mut v, other, parent.0, name)?;
+                }
+                v.rename(parent.0, name, newparent.0, newname, flags.bits())
             });
         reply_empty(reply, res);
     }
@@ -597,6 +630,7 @@ impl Filesystem for IsolatedFs {
         let res = (|| {
             check_name(newname)?;
             let mut v = self.0.view.lock();
+            self.await_direct_writers(&mut v, ino.0, newparent.0, newname)?;
             v.link(ino.0, newparent.0, newname)?;
             Ok((ino.0, v.attr(ino.0)?))
         })();

@@ -854,6 +854,32 @@ impl View {
         }
     }
 
+    /// With `--isolate-path`: the files programs write through passthrough (opened outside
+    /// the isolated paths) that a rename or link of node `id` to `to_parent`/`to_name`
+    /// would bring into the isolated paths, `id` itself or, for a directory, below it.
+    pub fn direct_writers_entering(&self, id: u64, to_parent: u64, to_name: &OsStr) -> Vec<u64> {
+        let Mode::Paths(set) = &self.mode else {
+            return Vec::new();
+        };
+        let dest = self.path_of(to_parent).map(|p| p.join(to_name));
+        let (Some(dest), Some(src)) = (dest, self.path_of(id)) else {
+            return Vec::new();
+        };
+        if !isolates(set, &self.spread, &dest) {
+            return Vec::new();
+        }
+        let below = self.nodes.get(&id).is_some_and(|n| n.attr.is_dir());
+        self.nodes
+            .values()
+            .filter(|n| n.writers > 0 && n.passthrough_opens > 0 && !n.attr.is_dir())
+            .filter(|n| {
+                n.id == id || (below && self.path_of(n.id).is_some_and(|p| p.starts_with(&src)))
+            })
+            .filter(|n| self.is_direct(n.id))
+            .map(|n| n.id)
+            .collect()
+    }
+
     /// With `--isolate-path`, whether changes to node `id` are isolated whatever name they
     /// come through: it has a name the view knows among the isolated paths (a hard link
     /// across the border, or one whose other name a pending change moved), or it is not a
