@@ -2218,6 +2218,18 @@ fn st_blocks_of_an_isolated_file_follows_its_stored_blocks() {
     f.set_len(0).unwrap();
     assert_eq!(blocks("old"), 0, "nothing stored nor showing through");
     drop(f);
+    // A short file of BACKING takes a whole block; a block allocated past a hole counts
+    // (ext4 says 16 after this: the file's block and the allocated one).
+    fs::write(d.backing.join("short"), b"twenty bytes of text").unwrap();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("short"))
+        .unwrap();
+    // SAFETY: fallocate only reads its integer arguments; the descriptor is open.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 2 * 4096, 4096) };
+    assert_eq!(r, 0, "fallocate: {}", std::io::Error::last_os_error());
+    assert_eq!(blocks("short"), 2 * 8, "its block and the allocated one");
+    drop(f);
     // A sparse file from BACKING stays sparse with a byte written into it, so that cp
     // copies its data only (it copies every zero of a file whose st_blocks says dense).
     let sparse = File::create(d.backing.join("sparse")).unwrap();

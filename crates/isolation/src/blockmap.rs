@@ -43,13 +43,14 @@ struct Extent {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockMap {
     extents: BTreeMap<u64, Extent>,
-    journal_blocks: u64,
+    allocated_blocks: u64,
 }
 
 impl BlockMap {
-    /// How many blocks are in the journal.
-    pub fn journal_blocks(&self) -> u64 {
-        self.journal_blocks
+    /// How many blocks hold data: in the journal, or allocated zeros (what a file system
+    /// counts in st_blocks; holes are not).
+    pub fn allocated_blocks(&self) -> u64 {
+        self.allocated_blocks
     }
 
     /// How many extents the map holds (what its memory is proportional to).
@@ -111,8 +112,8 @@ impl BlockMap {
         self.split_at(to);
         while let Some((&start, _)) = self.extents.range(from..to).next() {
             let e = self.extents.remove(&start).expect("just found");
-            if matches!(e.loc, Loc::Journal(_)) {
-                self.journal_blocks -= e.count;
+            if e.loc != Loc::Hole {
+                self.allocated_blocks -= e.count;
             }
         }
     }
@@ -142,8 +143,8 @@ impl BlockMap {
     /// Inserts `e` at `start` (where nothing is mapped), joined with the extents it
     /// continues and that continue it.
     fn insert_merged(&mut self, mut start: u64, mut e: Extent) {
-        if matches!(e.loc, Loc::Journal(_)) {
-            self.journal_blocks += e.count;
+        if e.loc != Loc::Hole {
+            self.allocated_blocks += e.count;
         }
         if let Some((&s, &prev)) = self.extents.range(..start).next_back() {
             if s + prev.count == start && prev.loc.advanced(prev.count) == e.loc {
@@ -182,7 +183,7 @@ mod tests {
             m.set(b, 1, Loc::Journal((1 << 20) + b * BLOCK));
         }
         assert_eq!(m.extent_count(), 1);
-        assert_eq!(m.journal_blocks(), 1000);
+        assert_eq!(m.allocated_blocks(), 1000);
         assert_eq!(m.get(999), Some((Loc::Journal((1 << 20) + 999 * BLOCK), 1)));
         assert_eq!(m.get(1000), None);
     }
@@ -204,13 +205,13 @@ mod tests {
         m.set(0, 10, Loc::Journal(0));
         m.set(4, 2, Loc::Hole);
         assert_eq!(m.extent_count(), 3);
-        assert_eq!(m.journal_blocks(), 8);
+        assert_eq!(m.allocated_blocks(), 8);
         assert_eq!(m.get(6), Some((Loc::Journal(6 * BLOCK), 4)));
         m.set(4, 2, Loc::Journal(4 * BLOCK));
         assert_eq!(m.extent_count(), 1);
-        assert_eq!(m.journal_blocks(), 10);
+        assert_eq!(m.allocated_blocks(), 10);
         m.truncate(3);
-        assert_eq!(m.journal_blocks(), 3);
+        assert_eq!(m.allocated_blocks(), 3);
         assert_eq!(m.next_mapped(3), None);
         assert_eq!(m.next_mapped(1), Some(1));
     }
@@ -258,11 +259,8 @@ mod tests {
                     }
                 }
             }
-            let in_journal = model
-                .values()
-                .filter(|l| matches!(l, Loc::Journal(_)))
-                .count() as u64;
-            assert_eq!(m.journal_blocks(), in_journal);
+            let allocated = model.values().filter(|l| **l != Loc::Hole).count() as u64;
+            assert_eq!(m.allocated_blocks(), allocated);
         }
         for b in 0..220 {
             assert_eq!(m.get(b).map(|(l, _)| l), model_get(&model, b), "block {b}");

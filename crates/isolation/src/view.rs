@@ -1550,14 +1550,17 @@ impl View {
             d.blocks.set(r.block, r.count, loc);
         }
         n.attr.size = size;
-        // The journal's blocks, and the backing file's allocation less the blocks the map
-        // covers: exact for a file appended to or rewritten; for a sparse file written
-        // into its holes, the covered blocks were none of the backing file's, and the
-        // count comes out low by at most its allocation. Never a sparse file counted
-        // dense (cp copies only the data SEEK_DATA finds when st_blocks says there are
-        // holes, and every zero otherwise).
-        let from_origin = d.origin_blocks.min(d.origin_limit.div_ceil(512));
-        n.attr.blocks = d.blocks.journal_blocks() * (BLOCK / 512)
+        // The blocks the map holds (in the journal, or allocated zeros), and the backing
+        // file's allocation (in whole blocks up to the bytes still read from it) less the
+        // blocks the map covers: exact for a file appended to or rewritten; for a sparse
+        // file written into its holes, the covered blocks were none of the backing file's,
+        // and the count comes out low by at most its allocation. Never a sparse file
+        // counted dense (cp copies only the data SEEK_DATA finds when st_blocks says there
+        // are holes, and every zero otherwise).
+        let from_origin = d
+            .origin_blocks
+            .min(d.origin_limit.div_ceil(BLOCK) * (BLOCK / 512));
+        n.attr.blocks = d.blocks.allocated_blocks() * (BLOCK / 512)
             + from_origin.saturating_sub(d.origin_covered * (BLOCK / 512));
         let t = clock;
         n.attr.mtime = t;
