@@ -72,11 +72,15 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
             path.display()
         );
     }
-    let mut magic = [0u8; 8];
-    let is_image = std::fs::File::open(&path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok()
-        && magic == interpose_image::format::MAGIC;
+    let (is_image, trailer_only) = image_magic(&path);
+    if trailer_only {
+        // Served as a raw disk, a damaged image would be its compressed bytes, silently.
+        bail!(
+            "{}: ends with an interpose image trailer but does not start with an image \
+             header: a damaged image, not served (`interpose image info` tells more)",
+            path.display()
+        );
+    }
     if is_image {
         if mapfile.is_some() {
             bail!("{spec}: an image carries its own bad extents; mapfile= is for raw files");
@@ -90,6 +94,24 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
                 .with_context(|| path.display().to_string())?,
         ))
     }
+}
+
+/// Whether `path` starts with the image magic, and whether only its trailer (the last
+/// 512 bytes) does.
+fn image_magic(path: &std::path::Path) -> (bool, bool) {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(path) else {
+        return (false, false);
+    };
+    let magic_at = |at: u64| {
+        let mut m = [0u8; 8];
+        f.read_exact_at(&mut m, at).is_ok() && m == interpose_image::format::MAGIC
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let head = magic_at(0);
+    let tail = len >= interpose_image::format::HEADER_SIZE as u64
+        && magic_at(len - interpose_image::format::HEADER_SIZE as u64);
+    (head, tail && !head)
 }
 
 pub fn run(cmd: BlkCommand) -> Result<()> {

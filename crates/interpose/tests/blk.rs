@@ -1488,6 +1488,25 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken_over() {
         describe(&out)
     );
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep me\n");
+    // An image whose header lost its magic (one bit) is not served as a raw disk (its
+    // compressed bytes, with no error): its trailer says what it is.
+    let mut bytes = std::fs::read(&fx.clean).unwrap();
+    bytes[0] ^= 0x20;
+    let damaged = fx.dir.join("damaged.img");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let out = client(
+        "a server given an image with a damaged header",
+        // (`timeout`: served after all, it would serve until stopped.)
+        Command::new("timeout")
+            .args(["20", bin(), "blk", "serve", s(&damaged), "--unix"])
+            .arg(fx.dir.join("damaged.sock"))
+            .stdin(Stdio::null()),
+    );
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("a damaged image"),
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
