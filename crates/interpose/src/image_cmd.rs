@@ -312,15 +312,29 @@ fn info(path: &Path, json: bool) -> Result<()> {
         h.bad_bytes
     )?;
     print_extents(img.extents())?;
-    outln!("source:       {}", meta.source)?;
-    outln!("created:      {}", meta.created)?;
-    outln!("tool:         {}", meta.tool)?;
+    outln!("source:       {}", printable(&meta.source))?;
+    outln!("created:      {}", printable(&meta.created))?;
+    outln!("tool:         {}", printable(&meta.tool))?;
     outln!("blake3:       {}", meta.blake3)?;
     outln!("uuid:         {uuid}")?;
     for (k, v) in &meta.user {
-        outln!("meta:         {k}={v}")?;
+        outln!("meta:         {}={}", printable(k), printable(v))?;
     }
     Ok(())
+}
+
+/// Metadata as text for a terminal: control characters escaped (`\u{1b}`, `\r`), so that
+/// an image cannot send escape sequences or fake lines of output (FORMAT.md §19).
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// One line per extent; a long list may meet a reader that stopped (`| head`), hence

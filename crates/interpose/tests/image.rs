@@ -656,6 +656,42 @@ fn info_whose_reader_stops_early_ends_quietly() {
     assert!(status.success() && err.is_empty(), "{status}: {err}");
 }
 
+/// Metadata is text from whoever made the image: `info` escapes its control characters,
+/// so that an image cannot send escape sequences to a terminal or fake a line of output.
+#[test]
+fn info_escapes_control_characters_of_the_metadata() {
+    let t = dir();
+    let d = t.path();
+    let raw = d.join("raw");
+    fs::write(&raw, text(70_000)).unwrap();
+    let img = d.join("x.img");
+    image_ok(&[
+        "create",
+        s(&raw),
+        "-o",
+        s(&img),
+        "--source-name",
+        "\x1b[31mred\r\nFAKE: line",
+        "--meta",
+        "k=\x1b]0;title\x07",
+    ]);
+    let out = image_ok(&["info", s(&img)]);
+    assert!(
+        !out.contains('\x1b') && !out.contains('\x07') && !out.contains('\r'),
+        "{out:?}"
+    );
+    assert!(!out.lines().any(|l| l.starts_with("FAKE")), "{out}");
+    assert!(
+        out.contains(r"source:       \u{1b}[31mred\r\nFAKE: line"),
+        "{out}"
+    );
+    // The JSON keeps the strings exact (JSON escapes them itself).
+    assert_eq!(
+        info(&img)["metadata"]["source"],
+        "\x1b[31mred\r\nFAKE: line"
+    );
+}
+
 #[test]
 fn bad_arguments_and_malformed_mapfiles_are_refused_clearly() {
     let t = dir();
