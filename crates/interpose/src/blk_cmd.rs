@@ -72,8 +72,8 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
             path.display()
         );
     }
-    let (is_image, trailer_only) = image_magic(&path);
-    if trailer_only {
+    let (head, tail) = image_magic(&path);
+    if tail && !head {
         // Served as a raw disk, a damaged image would be its compressed bytes, silently.
         bail!(
             "{}: ends with an interpose image trailer but does not start with an image \
@@ -81,7 +81,7 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
             path.display()
         );
     }
-    if is_image {
+    if head {
         if mapfile.is_some() {
             bail!("{spec}: an image carries its own bad extents; mapfile= is for raw files");
         }
@@ -96,8 +96,8 @@ fn open_source(spec: &str, cache: usize) -> Result<Arc<dyn BlockSource>> {
     }
 }
 
-/// Whether `path` starts with the image magic, and whether only its trailer (the last
-/// 512 bytes) does.
+/// Whether `path` starts with the image magic, and whether its trailer (the last 512
+/// bytes) does.
 fn image_magic(path: &std::path::Path) -> (bool, bool) {
     use std::os::unix::fs::FileExt;
     let Ok(f) = std::fs::File::open(path) else {
@@ -108,10 +108,9 @@ fn image_magic(path: &std::path::Path) -> (bool, bool) {
         f.read_exact_at(&mut m, at).is_ok() && m == interpose_image::format::MAGIC
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let head = magic_at(0);
     let tail = len >= interpose_image::format::HEADER_SIZE as u64
         && magic_at(len - interpose_image::format::HEADER_SIZE as u64);
-    (head, tail && !head)
+    (magic_at(0), tail)
 }
 
 pub fn run(cmd: BlkCommand) -> Result<()> {

@@ -337,14 +337,10 @@ fn printable(s: &str) -> String {
         .collect()
 }
 
-/// One line per extent; a long list may meet a reader that stopped (`| head`), hence
-/// errors rather than `println!`'s panic.
+/// One line per extent.
 fn print_extents(extents: &[BadExtent]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
     for x in extents {
-        writeln!(
-            out,
+        outln!(
             "  {:>14}..{:<14} {:>12} bytes  {}",
             x.offset,
             x.end(),
@@ -352,7 +348,7 @@ fn print_extents(extents: &[BadExtent]) -> std::io::Result<()> {
             x.state.name()
         )?;
     }
-    out.flush()
+    Ok(())
 }
 
 fn verify(path: &Path) -> Result<()> {
