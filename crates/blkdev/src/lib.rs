@@ -17,8 +17,16 @@ use fuser::{
 };
 use interpose_image::BlockSource;
 
+pub mod watchdog;
+
 /// Where attached devices keep their FUSE mount: `RUN_DIR/<pid>/disk`.
 pub const RUN_DIR: &str = "/run/interpose/blk";
+
+/// The directory of the attach process `pid`: its FUSE mount, whose one file the loop
+/// device reads.
+pub fn run_dir(pid: u32) -> PathBuf {
+    Path::new(RUN_DIR).join(pid.to_string())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -187,7 +195,7 @@ impl Attached {
     /// Serves `source` as a read-only loop device.
     pub fn attach(source: Arc<dyn BlockSource>) -> Result<Attached, Error> {
         sweep_dead();
-        let dir = Path::new(RUN_DIR).join(std::process::id().to_string());
+        let dir = run_dir(std::process::id());
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let mounted = interpose_fs::mount_filesystem(
             DiskFs { source },
@@ -293,8 +301,8 @@ fn loop_devices_of(file: &Path) -> Vec<PathBuf> {
 
 /// Removes what an attach process that died without cleaning up (SIGKILL) left in
 /// `dir` (`RUN_DIR/<pid>`): the loop devices over its file, its dead FUSE mount and
-/// the directory.
-fn clean_dead(dir: &Path) {
+/// the directory. A loop device in use goes once its last user lets go.
+fn remove_leftovers(dir: &Path) {
     for dev in loop_devices_of(&dir.join("disk")) {
         tracing::info!("detaching {}, left by a process that ended", dev.display());
         let _ = Command::new("losetup").arg("-d").arg(&dev).status();
@@ -303,7 +311,7 @@ fn clean_dead(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
-/// [`clean_dead`] for every attach process under [`RUN_DIR`] that is gone.
+/// [`remove_leftovers`] for every attach process under [`RUN_DIR`] that is gone.
 pub fn sweep_dead() {
     let Ok(entries) = std::fs::read_dir(RUN_DIR) else {
         return;
@@ -311,7 +319,7 @@ pub fn sweep_dead() {
     for e in entries.flatten() {
         let pid = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
         if pid.is_some_and(|pid| !is_attach_process(pid)) {
-            clean_dead(&e.path());
+            remove_leftovers(&e.path());
         }
     }
 }
@@ -347,7 +355,7 @@ pub fn detach(device: &Path) -> Result<u32, Error> {
         )));
     }
     if !alive {
-        clean_dead(&Path::new(RUN_DIR).join(pid.to_string()));
+        remove_leftovers(&run_dir(pid));
         return Ok(pid);
     }
     if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {

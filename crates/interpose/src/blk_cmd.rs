@@ -53,6 +53,13 @@ pub enum BlkCommand {
         #[arg(value_name = "DEVICE")]
         device: PathBuf,
     },
+    /// Internal: the watchdog an attach starts; removes what attach process PID leaves
+    /// if it ends without cleaning up (interpose_blkdev::watchdog).
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(value_name = "PID")]
+        pid: u32,
+    },
 }
 
 /// Opens `PATH[,mapfile=MAP]`: an image if it has the image magic, a raw source otherwise.
@@ -116,6 +123,25 @@ fn image_magic(path: &std::path::Path) -> (bool, bool) {
 pub fn run(cmd: BlkCommand) -> Result<()> {
     match cmd {
         BlkCommand::Attach { source, cache_mib } => attach(&source, cache_mib),
+        BlkCommand::Watchdog { pid } => {
+            // Signals meant for the attach (a service manager's SIGTERM to all its
+            // processes, say) must not end its watchdog first: it ends when the attach does.
+            for sig in [
+                signal_hook::consts::SIGINT,
+                signal_hook::consts::SIGTERM,
+                signal_hook::consts::SIGHUP,
+            ] {
+                let ignored = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                signal_hook::flag::register(sig, ignored).context("installing signal handlers")?;
+            }
+            let dir = interpose_blkdev::run_dir(pid);
+            if interpose_blkdev::watchdog::watch(&dir, std::io::stdin().lock()) {
+                tracing::warn!(
+                    "attach process {pid} ended without removing its device; removed what it left"
+                );
+            }
+            Ok(())
+        }
         BlkCommand::Detach { device } => {
             let pid = interpose_blkdev::detach(&device)?;
             eprintln!("detached {} (served by pid {pid})", device.display());
@@ -238,6 +264,7 @@ fn attach(spec: &str, cache_mib: usize) -> Result<()> {
         signal_hook::consts::SIGHUP,
     ])
     .context("installing signal handlers")?;
+    let watchdog = start_watchdog();
     let attached =
         interpose_blkdev::Attached::attach(source).with_context(|| format!("attaching {spec}"))?;
     // The readiness line: the device's path.
@@ -268,5 +295,30 @@ fn attach(spec: &str, cache_mib: usize) -> Result<()> {
         }
     });
     drop(attached);
+    drop(watchdog);
     Ok(())
+}
+
+/// Starts this program again as the watchdog of this attach process, which removes the
+/// device if this process is killed; without one, a killed attach leaves its device.
+fn start_watchdog() -> Option<interpose_blkdev::watchdog::Watchdog> {
+    use std::os::unix::process::CommandExt;
+    // The binary's own path, so that ps names the watchdog; /proc/self/exe if it is gone.
+    let exe = std::env::current_exe()
+        .ok()
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "/proc/self/exe".into());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg0("interpose")
+        .args(["blk", "watchdog", &std::process::id().to_string()]);
+    match interpose_blkdev::watchdog::Watchdog::spawn(cmd) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(
+                "cannot start a watchdog ({e}): if this process is killed, its device stays \
+                 until `interpose blk detach` of it"
+            );
+            None
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! blocks are readable read back exactly, files touching bad sectors fail with EIO (and
 //! only those); sector-exact direct reads of the device fail exactly on the bad sectors;
 //! detach is refused while mounted and afterwards removes the device and ends the
-//! process; SIGTERM and a raw source with a mapfile do the same.
+//! process; SIGTERM and a raw source with a mapfile do the same; a killed attach's
+//! watchdog removes its device.
 
 mod common;
 mod support;
@@ -67,13 +68,19 @@ impl Attach {
             .is_ok_and(|f| Path::new(f.trim()) == ours)
     }
 
-    /// Sends `sig`; the process must end cleanly and its device go.
+    /// Sends `sig`; the process must end cleanly, its device go, and its watchdog end
+    /// with it (reaped by it: no orphan).
     fn ends_cleanly_on(&mut self, sig: i32, name: &str) {
+        let watchdog = watchdog_of(self.pid);
         let mut child = self.child.take().unwrap();
         signal(&child, sig);
         assert!(
             wait_timeout(&mut child, Duration::from_secs(20)).is_some_and(|st| st.success()),
             "blk attach did not end cleanly on {name}"
+        );
+        assert!(
+            !Path::new(&format!("/proc/{watchdog}")).exists(),
+            "the watchdog outlived an attach that ended cleanly on {name}"
         );
         assert!(
             within_10s(|| !self.loop_attached()),
@@ -285,21 +292,127 @@ fn mounted_at(dir: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(dir))
 }
 
-/// An attach process killed with SIGKILL cannot clean up: its loop device, its dead FUSE
-/// mount and its directory stay until `blk detach` of the device, or the next `blk
-/// attach`, removes them. And detach signals no process that merely has the dead one's
-/// pid now.
+/// The watchdog an attach process `pid` started (`interpose blk watchdog PID`, its child).
+fn watchdog_of(pid: u32) -> u32 {
+    let want = format!("watchdog\0{pid}\0");
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": the fields after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|f| f.parse::<u32>().ok());
+        let cmdline = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+        if ppid == Some(pid) && String::from_utf8_lossy(&cmdline).contains(&want) {
+            return p;
+        }
+    }
+    panic!("attach process {pid} has no watchdog");
+}
+
+/// Makes this test process the one that inherits the orphans of its descendants: a
+/// watchdog outlives the attach it watches, and this machine's init does not reap
+/// orphans (they would stay zombies).
+fn adopt_orphans() {
+    rustix::process::set_child_subreaper(rustix::process::Pid::from_raw(std::process::id() as i32))
+        .unwrap();
+}
+
+/// Waits (up to 20 s) for the orphaned watchdog `pid`, adopted by [`adopt_orphans`], to
+/// end, and reaps it; whether it ended.
+fn reap(pid: u32) -> bool {
+    use rustix::process::{pidfd_open, waitpid, Pid, PidfdFlags, WaitOptions};
+    let pid = Pid::from_raw(pid as i32).unwrap();
+    // A pidfd becomes readable when the process ends.
+    let Ok(fd) = pidfd_open(pid, PidfdFlags::empty()) else {
+        return false;
+    };
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: 20,
+        tv_nsec: 0,
+    };
+    if rustix::event::poll(&mut fds, Some(&timeout)).unwrap_or(0) == 0 {
+        return false;
+    }
+    waitpid(Some(pid), WaitOptions::empty()).is_ok()
+}
+
+/// SIGKILL of an attach process: its watchdog removes its dead FUSE mount and its
+/// directory at once, and its loop device once nothing holds it (a held device reads EIO
+/// until then). It used to all stay until `blk detach`.
+#[test]
+fn a_killed_attach_s_device_goes_with_its_watchdog() {
+    let _serial = one_at_a_time();
+    adopt_orphans();
+    let t = plain_dir("interpose-test-blkwatch-");
+    let raw = t.path().join("r.raw");
+    fs::write(&raw, vec![0x6bu8; 1 << 20]).unwrap();
+    for held in [false, true] {
+        let mut a = Attach::start(s(&raw));
+        let watchdog = watchdog_of(a.pid);
+        let holder = held.then(|| fs::File::open(&a.device).unwrap());
+        assert_eq!(
+            direct_read(&a.device, 4096, 4096).unwrap(),
+            vec![0x6b; 4096]
+        );
+        let mut child = a.child.take().unwrap();
+        signal(&child, libc::SIGKILL);
+        let _ = child.wait();
+        assert!(reap(watchdog), "held {held}: the watchdog did not end");
+        let dir = Path::new("/run/interpose/blk").join(a.pid.to_string());
+        assert!(
+            !mounted_at(&dir) && !dir.exists(),
+            "held {held}: the watchdog left {}",
+            dir.display()
+        );
+        // Its file, unmounted (lazily: the loop device holds it), is "/disk" now.
+        let name = a.device.file_name().unwrap().to_str().unwrap().to_owned();
+        let reads_dead_file = || {
+            fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+                .is_ok_and(|f| f.trim() == "/disk")
+        };
+        if let Some(holder) = holder {
+            assert!(reads_dead_file(), "a held device went while held");
+            let autoclear = fs::read_to_string(format!("/sys/block/{name}/loop/autoclear"));
+            assert_eq!(autoclear.unwrap().trim(), "1", "not set to go when let go");
+            let err = direct_read(&a.device, 0, 4096).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+            drop(holder);
+        }
+        assert!(
+            within_10s(|| !a.loop_attached() && !reads_dead_file()),
+            "held {held}: the loop device stayed"
+        );
+    }
+}
+
+/// An attach process killed with SIGKILL together with its watchdog cannot clean up: its
+/// loop device, its dead FUSE mount and its directory stay until `blk detach` of the
+/// device, or the next `blk attach`, removes them. And detach signals no process that
+/// merely has the dead one's pid now.
 #[test]
 fn what_a_killed_attach_left_is_removed_and_no_stranger_is_signalled() {
     let _serial = one_at_a_time();
+    adopt_orphans();
     let t = plain_dir("interpose-test-blkdead-");
     let raw = t.path().join("zeros.raw");
     fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     let leftovers = |a: &mut Attach| {
         let pid = a.child.as_ref().unwrap().id();
+        let watchdog = watchdog_of(pid);
+        // SAFETY: kill(2) has no memory effects.
+        unsafe { libc::kill(watchdog as i32, libc::SIGKILL) };
         let mut child = a.child.take().unwrap();
         signal(&child, libc::SIGKILL);
         let _ = child.wait();
+        assert!(reap(watchdog), "the watchdog did not die");
         let dir = Path::new("/run/interpose/blk").join(pid.to_string());
         assert!(a.loop_attached(), "the loop device went with SIGKILL");
         assert!(mounted_at(&dir), "no dead mount at {}", dir.display());
@@ -367,15 +480,17 @@ fn sighup_detaches_and_a_directory_is_refused() {
 }
 
 /// An attach asked to end while its device is held (opened, mounted) serves until it is
-/// let go; a second signal stops it at once (it used to be ignored), and what it leaves
-/// goes with the next attach.
+/// let go; a second signal stops it at once (it used to be ignored), and its watchdog
+/// removes what it leaves (the device once let go).
 #[test]
 fn a_second_signal_stops_an_attach_whose_device_is_held() {
     let _serial = one_at_a_time();
     let t = plain_dir("interpose-test-blkheld-");
     let raw = t.path().join("zeros.raw");
     fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    adopt_orphans();
     let mut a = Attach::start(s(&raw));
+    let watchdog = watchdog_of(a.pid);
     let holder = fs::File::open(&a.device).unwrap();
     let mut child = a.child.take().unwrap();
     signal(&child, libc::SIGTERM);
@@ -391,8 +506,15 @@ fn a_second_signal_stops_an_attach_whose_device_is_held() {
         !status.success(),
         "{status}: a forced stop is not a clean exit"
     );
-    let b = Attach::start(s(&raw));
+    assert!(reap(watchdog), "the watchdog did not end");
     let dir = Path::new("/run/interpose/blk").join(a.pid.to_string());
-    assert!(!dir.exists(), "the next attach left {}", dir.display());
-    drop(b);
+    assert!(
+        !mounted_at(&dir) && !dir.exists(),
+        "the watchdog left {}",
+        dir.display()
+    );
+    assert!(
+        within_10s(|| !a.loop_attached()),
+        "the loop device stayed once let go"
+    );
 }
