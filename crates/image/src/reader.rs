@@ -144,7 +144,9 @@ impl Image {
         let h = Header::decode(&head)?;
         if file_len < 2 * HEADER_SIZE as u64 {
             return Err(if h.sealed() {
-                Error::Truncated("no room for the trailer".into())
+                Error::Truncated(format!(
+                    "no room for the trailer: the file has {file_len} bytes (was it cut short?)"
+                ))
             } else {
                 Error::Incomplete
             });
@@ -155,9 +157,7 @@ impl Image {
         if h.sealed() {
             if tail != head {
                 return Err(match Header::decode(&tail) {
-                    Err(Error::NotAnImage) => Error::Truncated(
-                        "the trailer is missing (the file was cut short or appended to)".into(),
-                    ),
+                    Err(Error::NotAnImage) => no_trailer(&h, file_len),
                     Err(Error::Corrupt(e)) => Error::Corrupt(format!("the trailer: {e}")),
                     Err(e) => Error::Corrupt(format!("the trailer: {e}")),
                     Ok(_) => Error::Corrupt("the trailer differs from the header".into()),
@@ -626,5 +626,30 @@ impl Cache {
         if shard.spare.len() < SPARES {
             shard.spare.push(buf);
         }
+    }
+}
+
+/// Why a sealed image has no trailer (no magic at `L − 512`), told from the length the
+/// header at 0 gives the file (FORMAT.md §13.1, step 4): shorter, cut short; longer,
+/// appended to; the same, the trailer itself is damaged.
+fn no_trailer(h: &Header, file_len: u64) -> Error {
+    let expected = h
+        .meta
+        .offset
+        .checked_add(h.meta.len)
+        .and_then(|end| end.checked_add(HEADER_SIZE as u64));
+    match expected {
+        Some(want) if file_len < want => Error::Truncated(format!(
+            "the trailer is missing: the file has {file_len} bytes, the header says {want} \
+             (was it cut short?)"
+        )),
+        Some(want) if file_len > want => Error::Corrupt(format!(
+            "no trailer at the end: the file has {file_len} bytes, the header says {want} \
+             (was something appended to it?)"
+        )),
+        Some(_) => Error::Corrupt(
+            "the trailer is damaged (no IPOSEIMG magic where the header says it is)".into(),
+        ),
+        None => Error::Corrupt("the header's metadata section ends past 2^64".into()),
     }
 }

@@ -404,8 +404,13 @@ class Image:
                     decode_header(tail)
                 except Problem as e:
                     if tail[0:8] != MAGIC:
-                        raise truncated("the trailer is missing (the file was cut short "
-                                        "or appended to)") from None
+                        # Where the header says the file ends (§13.1, step 4).
+                        want = h.meta.offset + h.meta.length + HEADER_SIZE
+                        if n < want:
+                            raise truncated("the trailer is missing: the file was cut short") from None
+                        if n > want:
+                            raise corrupt("no trailer at the end: something was appended") from None
+                        raise corrupt("the trailer is damaged") from None
                     raise corrupt(f"the trailer: {e}") from None
                 raise corrupt("the trailer differs from the header")
             return h
