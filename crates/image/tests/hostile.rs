@@ -884,6 +884,18 @@ fn truncated_appended_and_unsealed() {
     b[n - HEADER_SIZE..].copy_from_slice(&other.encode());
     let e = sc.open_err(&b, "foreign trailer");
     assert_error!(e, Error::Corrupt(_), "foreign trailer", ["does not belong"]);
+    // Unsealed header of the same uuid but another disk size (same chunk count): the
+    // trailer does not describe the disk the header announced.
+    let mut b = a.bytes.clone();
+    let mut resized = h.clone();
+    resized.virtual_size -= 1;
+    assert_eq!(
+        resized.virtual_size.div_ceil(1 << resized.chunk_shift),
+        h.chunk_count
+    );
+    b[..HEADER_SIZE].copy_from_slice(&resized.encode());
+    let e = sc.open_err(&b, "resized");
+    assert_error!(e, Error::Corrupt(_), "resized", ["does not belong"]);
     // Unsealed header, its own sealed trailer: a streamed image, fine.
     let mut b = a.bytes.clone();
     b[..HEADER_SIZE].copy_from_slice(&h.encode());

@@ -421,7 +421,8 @@ class Image:
             t = decode_header(tail)
         except Problem as e:
             raise corrupt(f"the trailer: {e}") from None
-        if not t.sealed or t.uuid != h.uuid:
+        shape = lambda x: (x.uuid, x.virtual_size, x.chunk_shift, x.codec)
+        if not t.sealed or shape(t) != shape(h):
             raise corrupt("the trailer does not belong to this image's header")
         return t
 
