@@ -48,7 +48,7 @@ use support::*;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -1211,7 +1211,8 @@ fn badclient(fx: &Fixture, server: &mut Server, fuzz: u32, cases: &[&str]) -> (V
             .arg(server.socket.as_ref().unwrap())
             .arg(&fx.raw)
             .args(["clean", "big", &fuzz.to_string()])
-            .args(cases),
+            .args(cases)
+            .env("NBD_SERVER_PID", server.pid().to_string()),
     );
     server.assert_running();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1647,4 +1648,102 @@ fn nbdfuse_shows_the_export_as_a_file_with_eio_only_on_bad_pages() {
         }
     }
     assert!(failed > 0, "no page failed");
+}
+
+/// A server out of descriptors (RLIMIT_NOFILE) or threads (RLIMIT_NPROC, for a non-root
+/// server) refuses or delays the connections it cannot take, says so once, and serves
+/// the others and the next ones. It used to spin on accept, logging each failure
+/// (millions of lines), and a failed thread start ended the whole server.
+#[test]
+fn a_server_out_of_descriptors_or_threads_serves_on() {
+    let t = plain_dir("interpose-test-blklimits-");
+    let dir = t.path();
+    // Readable and writable by the unprivileged server below.
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let raw = dir.join("r.raw");
+    fs::write(&raw, random(1 << 20, 3)).unwrap();
+    fs::set_permissions(&raw, fs::Permissions::from_mode(0o644)).unwrap();
+    let sock = dir.join("s.sock");
+    let uri = format!("nbd+unix:///?socket={}", s(&sock));
+    let read_ok = |what: &str| {
+        let out = client_bytes(what, Command::new("nbdcopy").arg(&uri).arg("-"));
+        assert!(out == fs::read(&raw).unwrap(), "{what}: wrong bytes");
+    };
+
+    // Descriptors: 100 clients that connect and stall in the handshake.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=40:40", bin(), "blk", "serve", "--log", "info"])
+        .arg(&raw)
+        .arg("--unix")
+        .arg(&sock);
+    let server = Server::spawn(cmd, Some(sock.clone()), dir);
+    let stalled: Vec<_> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    let log_has = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.stderr().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?} in the log");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    log_has("accept: Too many open files");
+    // Long enough for a spinning accept loop to log many thousands of lines.
+    std::thread::sleep(Duration::from_secs(1));
+    drop(stalled);
+    read_ok("a client once the stalled ones had gone");
+    let err = server.stop();
+    let accept_lines = err.lines().filter(|l| l.contains("accept:")).count();
+    assert!(
+        (1..=3).contains(&accept_lines),
+        "{accept_lines} log lines about failed accepts"
+    );
+
+    // Threads: the server unprivileged, with 30 threads for its user (one no other test
+    // uses: the limit counts every process of the user); each connection takes a reader
+    // and 4 workers.
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=64123", "--regid=64123", "--clear-groups"])
+        .args([
+            "prlimit",
+            "--nproc=30:30",
+            bin(),
+            "blk",
+            "serve",
+            "--log",
+            "info",
+        ])
+        .arg(&raw)
+        .arg("--unix")
+        .arg(&sock);
+    let mut server = Server::spawn(cmd, Some(sock.clone()), dir);
+    let opened = output(
+        Command::new("timeout")
+            .args(["60", python(), "-c"])
+            .arg(format!(
+                "import nbd\n\
+             hs, refused = [], 0\n\
+             for i in range(12):\n\
+             \x20   h = nbd.NBD()\n\
+             \x20   try:\n\
+             \x20       h.connect_uri({uri:?}); h.pread(4096, 0); hs.append(h)\n\
+             \x20   except nbd.Error:\n\
+             \x20       refused += 1\n\
+             print(len(hs), refused)\n"
+            )),
+    );
+    assert!(opened.status.success(), "{}", describe(&opened));
+    let counts = String::from_utf8_lossy(&opened.stdout).trim().to_owned();
+    server.assert_running();
+    assert!(
+        counts != "12 0",
+        "all 12 connections were served: the thread limit was never reached"
+    );
+    read_ok("a client after the thread limit was reached");
+    let err = server.stop();
+    assert!(
+        err.contains("no thread to serve it") || err.contains("worker threads"),
+        "nothing logged about the thread limit:\n{}",
+        tail(&err, 20)
+    );
 }

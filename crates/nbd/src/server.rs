@@ -94,6 +94,13 @@ impl Conn {
         };
     }
 
+    fn set_write_timeout(&self, t: Option<Duration>) {
+        let _ = match self {
+            Conn::Unix(s) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        };
+    }
+
     fn peer(&self) -> String {
         match self {
             Conn::Unix(s) => match crate::sys::peer_pid(s.as_raw_fd()) {
@@ -156,9 +163,9 @@ const IMPLEMENTED_OPTIONS: [u32; 8] = [
     OPT_SET_META_CONTEXT,
 ];
 
-/// A connection in the handshake: every read must end by one deadline for the whole
-/// handshake (a read timeout alone would let a client that sends a byte now and then
-/// hold the connection for ever).
+/// A connection in the handshake: every read and write must end by one deadline for the
+/// whole handshake (a read timeout alone would let a client that sends a byte now and
+/// then, or never reads the replies to its options, hold the connection for ever).
 struct Timed<'a> {
     conn: &'a mut Conn,
     deadline: Instant,
@@ -168,10 +175,9 @@ impl<'a> Timed<'a> {
     fn new(conn: &'a mut Conn, deadline: Instant) -> Timed<'a> {
         Timed { conn, deadline }
     }
-}
 
-impl Read for Timed<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// The time left, or the error that says it is up.
+    fn left(&self) -> io::Result<Duration> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(
@@ -179,6 +185,13 @@ impl Read for Timed<'_> {
                 "the handshake took too long",
             ));
         }
+        Ok(left)
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
         self.conn.set_read_timeout(Some(left));
         self.conn.read(buf)
     }
@@ -186,6 +199,8 @@ impl Read for Timed<'_> {
 
 impl Write for Timed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_write_timeout(Some(left));
         self.conn.write(buf)
     }
 
@@ -214,6 +229,72 @@ fn reuse(buf: &mut Vec<u8>) {
     if buf.capacity() > 1 << 20 {
         *buf = Vec::new();
     }
+}
+
+/// Replies up to this size are built without asking [`ReplyBudget`].
+const SMALL_REPLY: usize = 1 << 20;
+
+/// Bytes of large replies (reads up to the 32 MiB maximum) one connection may hold at
+/// once. Without a bound a client that sends large reads and does not read the replies
+/// held a full buffer on the reader and on every worker: 5 × 32 MiB per connection.
+const CONN_REPLY_BUDGET: usize = 2 * MAX_REQUEST_LEN as usize;
+
+/// A connection's allowance for large replies: a thread takes a share before it builds
+/// one and gives it back once the reply is sent; others wait meanwhile. Only the
+/// connection's own threads wait on it, so a client that does not read stalls itself.
+struct ReplyBudget {
+    left: Mutex<usize>,
+    freed: Condvar,
+    /// Whether any large reply was made (its memory is then given back at the end).
+    used: AtomicBool,
+}
+
+impl ReplyBudget {
+    fn new() -> ReplyBudget {
+        ReplyBudget {
+            left: Mutex::new(CONN_REPLY_BUDGET),
+            freed: Condvar::new(),
+            used: AtomicBool::new(false),
+        }
+    }
+
+    /// Takes what a reply to `req` needs (nothing for small ones); returns the share.
+    fn take(&self, req: &Request) -> usize {
+        let n = match req.kind {
+            CMD_READ | CMD_CACHE => req.length as usize,
+            _ => 0,
+        };
+        if n <= SMALL_REPLY {
+            return 0;
+        }
+        let n = n.min(CONN_REPLY_BUDGET);
+        let mut left = self.left.lock();
+        while *left < n {
+            self.freed.wait(&mut left);
+        }
+        *left -= n;
+        self.used.store(true, Ordering::Relaxed);
+        n
+    }
+
+    fn give(&self, n: usize) {
+        if n > 0 {
+            *self.left.lock() += n;
+            self.freed.notify_all();
+        }
+    }
+}
+
+/// How long the accept loop pauses when the process is out of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// An accept error that says the process or system has run out of something (it lasts
+/// until connections close), not that one connection failed.
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn violation<T>(what: impl Into<String>) -> Result<T, ConnError> {
@@ -297,11 +378,12 @@ impl Server {
     /// threads. Returns after every connection has ended.
     pub fn serve(self: &Arc<Self>, listeners: Vec<Listener>) -> io::Result<()> {
         let live: Arc<Mutex<Vec<(u64, Conn)>>> = Arc::new(Mutex::new(Vec::new()));
+        let starved = AtomicBool::new(false);
         std::thread::scope(|scope| -> io::Result<()> {
             while !self.stop.load(Ordering::SeqCst) {
                 let mut fds: Vec<BorrowedFd> = listeners.iter().map(|l| l.fd()).collect();
                 fds.push(self.wake.1.as_fd());
-                let ready = crate::sys::poll_readable(&fds)?;
+                let ready = crate::sys::poll_readable(&fds, None)?;
                 for (i, l) in listeners.iter().enumerate() {
                     if !ready[i] {
                         continue;
@@ -309,22 +391,57 @@ impl Server {
                     let conn = match l.accept() {
                         Ok(c) => c,
                         Err(e) => {
-                            tracing::warn!("accept: {e}");
+                            if out_of_resources(&e) {
+                                // The listener stays readable while the limit holds:
+                                // accepting again at once would spin. Pause (a shutdown
+                                // still ends the pause) and say so once per episode.
+                                if !starved.swap(true, Ordering::Relaxed) {
+                                    tracing::warn!(
+                                        "accept: {e}; new connections wait until some close"
+                                    );
+                                }
+                                crate::sys::poll_readable(
+                                    &[self.wake.1.as_fd()],
+                                    Some(ACCEPT_BACKOFF),
+                                )?;
+                            } else {
+                                tracing::warn!("accept: {e}");
+                            }
                             continue;
                         }
                     };
+                    if starved.swap(false, Ordering::Relaxed) {
+                        tracing::info!("accepting connections again");
+                    }
                     let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
                     if let Ok(c) = conn.try_clone() {
                         live.lock().push((id, c));
                     }
-                    let live = live.clone();
-                    std::thread::Builder::new()
+                    let live2 = live.clone();
+                    let started = std::thread::Builder::new()
                         .name(format!("nbd-conn-{id}"))
                         .spawn_scoped(scope, move || {
-                            self.connection(id, conn);
-                            live.lock().retain(|(i, _)| *i != id);
+                            // A bug that panics ends this connection, not the server
+                            // (the scope would re-raise the panic when it ends).
+                            let ran =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    self.connection(id, conn)
+                                }));
+                            if ran.is_err() {
+                                tracing::error!("connection {id}: internal error (panic); closed");
+                            }
+                            live2.lock().retain(|(i, _)| *i != id);
                             self.ended.notify_all();
-                        })?;
+                        });
+                    if let Err(e) = started {
+                        // A thread limit (RLIMIT_NPROC, a cgroup's pids.max): refuse this
+                        // connection, keep serving the others.
+                        tracing::warn!("connection {id}: no thread to serve it ({e}); closed");
+                        let mut l = live.lock();
+                        if let Some(at) = l.iter().position(|(i, _)| *i == id) {
+                            l.remove(at).1.shutdown(Shutdown::Both);
+                        }
+                    }
                 }
             }
             // Shutting down (proto.md: a server SHOULD wait for inflight requests to be
@@ -362,6 +479,7 @@ impl Server {
             return Ok(());
         };
         conn.set_read_timeout(None);
+        conn.set_write_timeout(None);
         let e = &self.exports[session.export];
         tracing::info!(
             "connection {id}: export {:?} ({}structured replies{})",
@@ -407,10 +525,21 @@ impl Server {
             let option = u32::from_be_bytes(head[8..12].try_into().unwrap());
             let len = u32::from_be_bytes(head[12..16].try_into().unwrap());
             if len > MAX_OPTION_LEN {
+                if option == OPT_EXPORT_NAME {
+                    // Its only answers are the export's size and flags, or a closed
+                    // connection (proto.md: no option reply may follow it).
+                    return violation(format!("NBD_OPT_EXPORT_NAME of {len} bytes"));
+                }
                 // Not kept in memory: read past it (within the handshake's time) and say
                 // why it is refused, as for any option this server does not implement.
                 io::copy(&mut (&mut *conn).take(len as u64), &mut io::sink())?;
                 let mut out = Vec::new();
+                if option == OPT_ABORT {
+                    // Its data is to be ignored; the ACK is due all the same.
+                    option_reply(&mut out, option, REP_ACK, &[]);
+                    let _ = conn.write_all(&out);
+                    return Ok(None);
+                }
                 match IMPLEMENTED_OPTIONS.contains(&option) {
                     true => option_reply(&mut out, option, REP_ERR_TOO_BIG, b"option too long"),
                     false => option_reply(&mut out, option, REP_ERR_UNSUP, b"unknown option"),
@@ -674,21 +803,38 @@ impl Server {
         let writer = std::sync::Mutex::new(conn.try_clone()?);
         let mut reader = io::BufReader::with_capacity(64 << 10, conn.try_clone()?);
         let failed = AtomicBool::new(false);
+        let budget = ReplyBudget::new();
         let workers = self.config.threads_per_connection.max(1);
         let (tx, rx) = std::sync::mpsc::sync_channel::<Request>(workers * 16);
         let rx = std::sync::Mutex::new(rx);
         let res = std::thread::scope(|scope| {
-            for _ in 0..workers {
-                scope.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let next = rx.lock().map(|r| r.recv());
-                        let Ok(Ok(req)) = next else { return };
-                        if !failed.load(Ordering::Relaxed) {
-                            self.reply(source, session, &req, &mut out, &writer, &failed, &conn);
+            let mut started = 0;
+            for i in 0..workers {
+                let worker = std::thread::Builder::new()
+                    .name(format!("nbd-worker-{i}"))
+                    .spawn_scoped(scope, || {
+                        let mut out = Vec::new();
+                        loop {
+                            let next = rx.lock().map(|r| r.recv());
+                            let Ok(Ok(req)) = next else { return };
+                            if !failed.load(Ordering::Relaxed) {
+                                let share = budget.take(&req);
+                                self.reply(
+                                    source, session, &req, &mut out, &writer, &failed, &conn,
+                                );
+                                budget.give(share);
+                            }
                         }
+                    });
+                match worker {
+                    Ok(_) => started += 1,
+                    Err(e) => {
+                        // A thread limit: serve with fewer workers (with none, the reader
+                        // answers every request itself).
+                        tracing::warn!("{started} of {workers} worker threads ({e})");
+                        break;
                     }
-                });
+                }
             }
             // Replies the reader made itself, sent together once no request is waiting.
             let mut batch = Vec::new();
@@ -725,7 +871,8 @@ impl Server {
                     if failed.load(Ordering::Relaxed) {
                         return Ok(());
                     }
-                    if reader.buffer().len() >= REQUEST_LEN
+                    if started > 0
+                        && reader.buffer().len() >= REQUEST_LEN
                         && !(req.kind == CMD_READ
                             && source.read_is_cheap(req.offset, req.length as usize))
                     {
@@ -736,10 +883,12 @@ impl Server {
                             return Ok(());
                         }
                     } else {
+                        let share = budget.take(&req);
                         self.answer(source, session, &req, &mut batch);
-                        if batch.len() >= BATCH_FLUSH_BYTES {
+                        if batch.len() >= BATCH_FLUSH_BYTES || share > 0 {
                             flush(&mut batch);
                         }
+                        budget.give(share);
                     }
                 }
             })();
@@ -754,6 +903,10 @@ impl Server {
             res
         });
         conn.shutdown(Shutdown::Both);
+        if budget.used.load(Ordering::Relaxed) {
+            // Freed large buffers stay in the threads' malloc arenas otherwise.
+            crate::sys::return_free_memory();
+        }
         res
     }
 
@@ -801,13 +954,14 @@ impl Server {
         req: &Request,
         out: &mut Vec<u8>,
     ) {
-        // The flags each command may carry (proto.md: others are EINVAL). FUA is not
-        // advertised, NO_HOLE and FAST_ZERO only apply to writing commands.
+        // The flags each command may carry (proto.md: others are EINVAL, FAST_ZERO too
+        // since NBD_FLAG_SEND_FAST_ZERO is not advertised). A writing command with valid
+        // flags gets EPERM below.
         let allowed = match req.kind {
             CMD_READ if session.structured => CMD_FLAG_DF,
             CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
             CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
             _ => 0,
         };
         let fail = |out: &mut Vec<u8>, errno: u32, msg: &str| {
@@ -817,8 +971,7 @@ impl Server {
                 simple_reply(out, errno, req.cookie);
             }
         };
-        if req.flags & !allowed != 0 && !matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES)
-        {
+        if req.flags & !allowed != 0 {
             return fail(
                 out,
                 EINVAL,

@@ -1,5 +1,5 @@
-//! The few system calls the server needs beyond std, through rustix; the one unsafe
-//! block takes ownership of a descriptor systemd passed.
+//! The few system calls the server needs beyond std, through rustix (and libc for
+//! malloc_trim); the unsafe blocks borrow or take a descriptor, or trim the allocator.
 
 use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -9,20 +9,35 @@ use rustix::net::{sockopt, AddressFamily};
 
 use crate::server::Listener;
 
-/// Waits until one of `fds` is readable; which ones are.
-pub fn poll_readable(fds: &[BorrowedFd]) -> io::Result<Vec<bool>> {
+/// Waits until one of `fds` is readable, or `timeout` has passed; which ones are.
+pub fn poll_readable(
+    fds: &[BorrowedFd],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Vec<bool>> {
     let mut pfds: Vec<PollFd> = fds
         .iter()
         .map(|fd| PollFd::new(fd, PollFlags::IN))
         .collect();
+    let timeout = timeout.map(|t| rustix::event::Timespec {
+        tv_sec: t.as_secs() as i64,
+        tv_nsec: t.subsec_nanos() as i64,
+    });
     loop {
-        match poll(&mut pfds, None) {
+        match poll(&mut pfds, timeout.as_ref()) {
             Ok(_) => break,
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }
     }
     Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect())
+}
+
+/// Gives the allocator's free memory back to the system: a connection's large reply
+/// buffers, once freed, would otherwise stay in its threads' arenas.
+pub fn return_free_memory() {
+    // SAFETY: malloc_trim only rearranges the allocator's free lists; no pointer we hold
+    // is affected.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// The pid of the process at the other end of a Unix socket.

@@ -671,6 +671,60 @@ def abort_is_acknowledged():
     expect_closed(s, "after NBD_OPT_ABORT")
 
 
+@case()
+def abort_with_data_too_long_to_keep_is_acknowledged():
+    # proto.md, NBD_OPT_ABORT: the server "MUST reply with NBD_REP_ACK" and "SHOULD ignore
+    # any data sent by the client" (it used to answer 64 KiB or more with ERR_TOO_BIG).
+    s = connect()
+    hello(s)
+    option(s, OPT_ABORT, bytes(70_000))
+    typ, _ = reply(s, OPT_ABORT)
+    assert typ == REP_ACK, f"ABORT with 70,000 bytes of data: reply {typ:#x}"
+    expect_closed(s, "after NBD_OPT_ABORT with data")
+
+
+@case(dropped=1)
+def export_name_too_long_to_keep_closes_without_a_reply():
+    # NBD_OPT_EXPORT_NAME has no option reply: a server that will not take it "MUST
+    # terminate the session". An option reply here (it used to send ERR_TOO_BIG) reads
+    # as an export size and flags to the client.
+    s = connect()
+    hello(s)
+    option(s, OPT_EXPORT_NAME, b"a" * 70_000)
+    got = expect_closed(s, "NBD_OPT_EXPORT_NAME of 70,000 bytes")
+    assert not got, f"bytes after an EXPORT_NAME the server would not take: {bytes(got[:20]).hex()}"
+
+
+@case(dropped=1)
+def a_handshake_whose_replies_are_not_read_is_cut_at_its_deadline():
+    # A client that sends options and never reads the replies must not hold the
+    # connection past the handshake deadline (3 s for the server under test): the
+    # server's writes end by it too (they used to wait for ever).
+    s = connect()
+    hello(s)
+    s.settimeout(0.5)
+    lst = struct.pack(">QII", IHAVEOPT, OPT_LIST, 0)
+    sent = 0
+    try:
+        while sent < 200_000:
+            s.sendall(lst)
+            sent += 1
+    except socket.timeout:
+        pass  # the server stopped reading: its replies fill both socket buffers
+    assert sent < 200_000, "the server read 200,000 options without its replies being read"
+    time.sleep(5)  # this client's behaviour (reading nothing past the deadline), not a wait for an event
+    # The server must have given up on its write and closed: a send now fails at once.
+    # (A server still blocked writing its reply leaves the send waiting.)
+    s.settimeout(2)
+    try:
+        s.sendall(lst)
+        raise AssertionError("the connection is still open 5 s after the handshake deadline")
+    except socket.timeout:
+        raise AssertionError("the server still holds the connection 5 s after the deadline") from None
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 @case(dropped=1)
 def request_with_a_wrong_magic():
     s = session()
@@ -771,6 +825,26 @@ def writes_get_eperm_and_the_session_stays_in_step():
         expect_error(s, structured, CMD_TRIM, 0, 4096, EPERM, what="trim")
         expect_error(s, structured, CMD_WRITE_ZEROES, 0, 4096, EPERM, what="write zeroes")
         check_read(s, structured, offset=0, length=65536)
+
+
+@case()
+def writing_commands_with_invalid_flags_get_einval():
+    # Error values: EINVAL for "a flag not explicitly documented as applicable"; FAST_ZERO
+    # without NBD_FLAG_SEND_FAST_ZERO "SHOULD fail with NBD_EINVAL". Valid flags get
+    # EPERM, as any write to a read-only export (they all used to get EPERM).
+    for structured in (True, False):
+        s = session(structured=structured)
+        for typ, flag, errno, what in [
+            (CMD_WRITE, 1 << 15, EINVAL, "write with flag 0x8000"),
+            (CMD_WRITE, CMD_FLAG_DF, EINVAL, "write with DF"),
+            (CMD_TRIM, CMD_FLAG_REQ_ONE, EINVAL, "trim with REQ_ONE"),
+            (CMD_WRITE_ZEROES, 1 << 4, EINVAL, "write zeroes with FAST_ZERO"),
+            (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, EPERM, "write zeroes with NO_HOLE"),
+            (CMD_WRITE, CMD_FLAG_FUA, EPERM, "write with FUA"),
+        ]:
+            payload = bytes(4096) if typ == CMD_WRITE else b""
+            expect_error(s, structured, typ, 0, 4096, errno, flags=flag, payload=payload, what=what)
+        check_read(s, structured)
 
 
 @case()
