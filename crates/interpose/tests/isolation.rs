@@ -1728,6 +1728,62 @@ fn a_file_held_open_opens_again_after_its_mode_or_links_change() {
     }
 }
 
+/// Outside the isolated paths of `--isolate-path`, an unlink or a rename over an open
+/// file goes straight to BACKING; the file must still be carried across a mounted commit
+/// like an isolated one. The view kept counting the name BACKING no longer had, so the
+/// commit did not see the file was nameless, dropped it, and its descriptors failed with
+/// ESTALE.
+#[test]
+fn files_outside_the_isolated_paths_open_without_a_name_survive_a_mounted_commit() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("iso")).unwrap();
+    fs::write(d.backing.join("old"), b"OLD").unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso"]);
+    let open_rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let f_old = open_rw(&d.mnt.join("old"));
+    let f_made = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(d.mnt.join("made"))
+        .unwrap();
+    f_made.write_all_at(b"MADE", 0).unwrap();
+    let f_over = {
+        fs::write(d.mnt.join("over"), b"OVER").unwrap();
+        open_rw(&d.mnt.join("over"))
+    };
+    fs::remove_file(d.mnt.join("old")).unwrap();
+    fs::remove_file(d.mnt.join("made")).unwrap();
+    fs::write(d.mnt.join("new"), b"NEW").unwrap();
+    fs::rename(d.mnt.join("new"), d.mnt.join("over")).unwrap();
+    fs::write(d.mnt.join("iso/pending"), b"p").unwrap(); // something to commit
+    iso("commit", &d.store, &[]);
+    for (f, want, what) in [
+        (&f_old, &b"OLD"[..], "a file of BACKING, unlinked"),
+        (&f_made, b"MADE", "a file made through the mount, unlinked"),
+        (&f_over, b"OVER", "a file renamed over"),
+    ] {
+        let st = f
+            .metadata()
+            .unwrap_or_else(|e| panic!("{what}: fstat after the commit: {e}"));
+        assert_eq!(st.nlink(), 0, "{what}: nlink");
+        let mut buf = vec![0u8; want.len()];
+        f.read_exact_at(&mut buf, 0)
+            .unwrap_or_else(|e| panic!("{what}: read after the commit: {e}"));
+        assert_eq!(buf, want, "{what}: contents after the commit");
+        f.write_all_at(b"!", want.len() as u64)
+            .unwrap_or_else(|e| panic!("{what}: write after the commit: {e}"));
+        let mut buf = vec![0u8; want.len() + 1];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[want.len()..], b"!", "{what}: its write");
+    }
+    assert_eq!(read(&d.backing.join("over")), b"NEW");
+    assert!(!d.backing.join("old").exists() && !d.backing.join("made").exists());
+    drop((f_old, f_made, f_over));
+    m.stop();
+}
+
 #[test]
 fn files_open_without_a_name_read_and_write_the_same_across_mounted_commits() {
     // A mounted commit rebuilds the view from BACKING and the records left, where nothing

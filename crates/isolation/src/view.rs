@@ -1106,6 +1106,9 @@ impl View {
                 if let Some(ino) = n.backing_ino.take_if(|_| gone) {
                     unmap_ino(&mut self.by_ino, ino, n.id);
                 }
+                // Counted as BACKING counts it: a file left with no link is one a commit
+                // must carry if it is still open (`nameless`).
+                n.attr.nlink = n.attr.nlink.saturating_sub(1);
                 if matches!(change, Change::Rmdir { .. }) {
                     // Still someone's working directory, maybe: removed, as rmdir leaves it.
                     n.attr.nlink = 0;
@@ -1176,6 +1179,11 @@ impl View {
                             unmap_ino(&mut self.by_ino, ino, id);
                         }
                     }
+                    n.attr.nlink = if n.attr.is_dir() {
+                        0
+                    } else {
+                        n.attr.nlink.saturating_sub(1)
+                    };
                     self.lost_name(id, &top);
                 }
             }
