@@ -545,6 +545,15 @@ def check_acl(d):
     OBS["acl.inherited_dir"] = out
     check("default:user:65534:rwx" in out, f"subdirectory did not inherit the default ACL:\n{out}")
     eq(stat.S_IMODE(os.stat(j(D, "sub")).st_mode), 0o770, "mode of a dir created under a default ACL")
+    # Removing an ACL that is not there succeeds (ext4 does so); an empty default ACL is
+    # such a removal (what acl_set_file, and so tar --acls, sends for every directory).
+    E = j(d, "acl_none")
+    os.mkdir(E)
+    write(j(E, "f"), b"")
+    os.setxattr(E, "system.posix_acl_default", b"\x02\x00\x00\x00")
+    os.removexattr(E, "system.posix_acl_default")
+    os.removexattr(j(E, "f"), "system.posix_acl_access")
+    expect_errno(lambda: os.removexattr(j(E, "f"), "user.none"), errno.ENODATA, what="removal of a user xattr not set")
 
 
 def check_umask(d):
