@@ -2225,6 +2225,49 @@ fn read_at(p: &Path, off: u64, n: usize) -> Vec<u8> {
     b
 }
 
+/// A file of BACKING whose last block is partial, grown through the mount: its data
+/// regions are those the same growth gives on the backing file system (data to the end of
+/// that block), before the commit and after it. The view used to put a hole right after
+/// the old size.
+#[test]
+fn a_grown_file_has_the_data_regions_of_the_same_file_grown_natively() {
+    let d = dirs();
+    let native = plain_dir("interpose-test-grown-");
+    for dir in [&d.backing, &native.path().to_path_buf()] {
+        fs::write(dir.join("f"), pattern(5000, 4)).unwrap();
+        fs::write(dir.join("g"), pattern(4096, 5)).unwrap();
+    }
+    let grow = |dir: &Path| {
+        for (name, size) in [("f", 1 << 20), ("g", 3 * 4096)] {
+            OpenOptions::new()
+                .write(true)
+                .open(dir.join(name))
+                .unwrap()
+                .set_len(size)
+                .unwrap();
+        }
+    };
+    grow(native.path());
+    let m = d.mount();
+    grow(&d.mnt);
+    let offsets = [0, 4999, 5000, 8191, 8192, 4096, 4097];
+    for name in ["f", "g"] {
+        let want = seek_report(&native.path().join(name), &offsets);
+        let got = seek_report(&d.mnt.join(name), &offsets);
+        assert_eq!(
+            got, want,
+            "{name} on the mount against the same growth natively"
+        );
+    }
+    iso("commit", &d.store, &[]);
+    for name in ["f", "g"] {
+        let want = seek_report(&native.path().join(name), &offsets);
+        let got = seek_report(&d.mnt.join(name), &offsets);
+        assert_eq!(got, want, "{name} on the mount after the commit");
+    }
+    m.stop();
+}
+
 /// st_blocks of an isolated file counts the blocks the store holds for it (in 512-byte
 /// units) plus what still shows through from BACKING, through writes, overwrites and
 /// truncation.

@@ -2467,6 +2467,23 @@ impl View {
             };
         };
         let limit = d.origin_limit.min(size);
+        // The backing file's last block, if partial and holding data, is data up to its
+        // end, as the file system that holds it says once the file is grown (ext4: a
+        // 5000-byte file grown to 1 MiB has data up to 8192), and as BACKING says after
+        // the commit.
+        let tail = limit - limit % BLOCK;
+        let rounded = limit % BLOCK != 0 && origin_seek(tail, true).is_some_and(|p| p < limit);
+        let limit = if rounded {
+            (tail + BLOCK).min(size)
+        } else {
+            limit
+        };
+        let origin_seek = |pos: u64, data: bool| match origin_seek(pos, data) {
+            // The backing file's end is not a hole of the view, up to `limit`.
+            Some(p) if rounded && !data && p >= d.origin_limit => Some(limit),
+            None if rounded && pos >= tail && pos < limit => Some(if data { pos } else { limit }),
+            other => other,
+        };
         // Every turn returns or moves past an extent or an unmapped stretch.
         let mut pos = offset;
         while pos < size {
