@@ -34,6 +34,14 @@ fn audit_logs_every_operation_with_caller_and_result() {
     fs::rename(m.mnt.join("a.txt"), m.mnt.join("b.txt")).unwrap();
     let odd: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(b"bad\xffname");
     fs::write(m.mnt.join(odd), b"x").unwrap();
+    let odd_xattr: &std::ffi::OsStr = std::os::unix::ffi::OsStrExt::from_bytes(b"user.x\xfe");
+    rustix::fs::setxattr(
+        m.mnt.join("b.txt").as_path(),
+        odd_xattr,
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
     m.stop(); // flushes the log
 
     let lines = audit_lines(&log);
@@ -67,6 +75,8 @@ fn audit_logs_every_operation_with_caller_and_result() {
         .as_str()
         .unwrap()
         .ends_with(&hex(b"bad\xffname")));
+    let set = find("setxattr", "/b.txt");
+    assert_eq!(set["xattr_hex"], hex(b"user.x\xfe"), "{set}");
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! Fields: `time` (RFC 3339, UTC), `op`, `path`, `path2` (rename/link target, symlink
 //! target), `pid`, `uid`, `gid`, `exe`, `result` (`"ok"` or the errno name), `errno`
 //! (0 on success), `bytes` (moved by read/write/copy), `offset`, `size`, `flags`, `mode`,
-//! `xattr` when they apply, and `latency_us`. A path that is not UTF-8 is written with
-//! U+FFFD replacements in `path` and exactly, hex-encoded, in `path_hex`.
+//! `xattr` when they apply, and `latency_us`. A path, executable or xattr name that is
+//! not UTF-8 is written with U+FFFD replacements in its field (`path`) and exactly,
+//! hex-encoded, in the same name with `_hex` (`path_hex`).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -34,7 +35,10 @@ impl Audit {
 }
 
 fn put_path(map: &mut Map<String, Value>, key: &str, path: &Path) {
-    let bytes = path.as_os_str().as_bytes();
+    put_bytes(map, key, path.as_os_str().as_bytes());
+}
+
+fn put_bytes(map: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             map.insert(key.into(), Value::String(s.into()));
@@ -70,13 +74,12 @@ impl Filter for Audit {
         map.insert("pid".into(), json!(req.caller.pid));
         map.insert("uid".into(), json!(req.caller.uid));
         map.insert("gid".into(), json!(req.caller.gid));
-        let exe = self.exes.exe(req.caller.pid);
-        map.insert(
-            "exe".into(),
-            exe.map_or(Value::Null, |e| {
-                Value::String(e.to_string_lossy().into_owned())
-            }),
-        );
+        match self.exes.exe(req.caller.pid) {
+            Some(exe) => put_path(&mut map, "exe", &exe),
+            None => {
+                map.insert("exe".into(), Value::Null);
+            }
+        }
         let (result, errno, bytes) = match outcome.result {
             Ok(bytes) => ("ok".to_owned(), 0, bytes),
             Err(e) => (
@@ -101,10 +104,7 @@ impl Filter for Audit {
             map.insert("mode".into(), Value::String(format!("{v:o}")));
         }
         if let Some(v) = &req.xattr {
-            map.insert(
-                "xattr".into(),
-                Value::String(v.to_string_lossy().into_owned()),
-            );
+            put_bytes(&mut map, "xattr", v.as_bytes());
         }
         map.insert(
             "latency_us".into(),
