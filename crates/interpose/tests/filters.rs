@@ -144,6 +144,44 @@ fn passthrough_keeps_data_out_of_the_daemon_unless_a_filter_wants_it() {
     }
 }
 
+/// A program that starts another (posix_spawn, as Rust, Go and Java programs and cargo
+/// do) while it has a file on an audited mount open with O_CLOEXEC: the kernel flushes
+/// that file as the child execs, holding a lock that reading the child's
+/// /proc/PID/exe waits for. The audit filter read it to log the flush, so the flush, the
+/// exec and the program all hung.
+#[test]
+fn spawning_a_program_with_a_file_of_the_audited_mount_open_does_not_hang() {
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    fs::write(m.mnt.join("held"), b"x").unwrap();
+    let out = output(
+        Command::new("timeout")
+            .args(["20", "python3", "-c"])
+            .arg(
+                "import os, sys\n\
+                 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)\n\
+                 for _ in range(3):\n\
+                 \x20   pid = os.posix_spawn('/bin/true', ['true'], os.environ)\n\
+                 \x20   assert os.waitpid(pid, 0)[1] == 0\n\
+                 print('spawned')\n",
+            )
+            .arg(m.mnt.join("held")),
+    );
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("spawned"),
+        "posix_spawn with a file of the mount open: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    m.stop();
+    let flushes = audit_lines(&log)
+        .into_iter()
+        .filter(|l| l["op"] == "flush" && l["path"] == "/held")
+        .count();
+    assert!(flushes >= 3, "{flushes} flushes of /held logged");
+}
+
 #[test]
 fn deny_makes_a_subtree_read_only_and_hides_a_file() {
     let m = Mount::new(&["--filter", "deny=docs/**:write:EROFS;secret.txt:all:ENOENT"]);

@@ -3,7 +3,8 @@
 //! Fields: `time` (RFC 3339, UTC), `op`, `path`, `path2` (rename/link target, symlink
 //! target), `pid`, `uid`, `gid`, `exe`, `result` (`"ok"` or the errno name), `errno`
 //! (0 on success), `bytes` (moved by read/write/copy), `offset`, `size`, `flags`, `mode`,
-//! `xattr` when they apply, and `latency_us`. A path, executable or xattr name that is
+//! `xattr` when they apply, and `latency_us`. `exe` is null when it cannot be known: the
+//! process is gone, or the operation is a flush (see [`Audit::after`]). A path, executable or xattr name that is
 //! not UTF-8 is written with U+FFFD replacements in its field (`path`) and exactly,
 //! hex-encoded, in the same name with `_hex` (`path_hex`).
 
@@ -74,7 +75,16 @@ impl Filter for Audit {
         map.insert("pid".into(), json!(req.caller.pid));
         map.insert("uid".into(), json!(req.caller.uid));
         map.insert("gid".into(), json!(req.caller.gid));
-        match self.exes.exe(req.caller.pid) {
+        // Not for a flush: the kernel sends one for each descriptor a process closes as
+        // it execs (close-on-exec), while holding the lock that reading its
+        // /proc/PID/exe waits for, and it waits for our answer: reading it here hung the
+        // request, and the program (posix_spawn of anything while a file on the mount is
+        // open with O_CLOEXEC: cargo, rustc, Go and Java programs).
+        let exe = match req.op {
+            crate::filter::Op::Flush => None,
+            _ => self.exes.exe(req.caller.pid),
+        };
+        match exe {
             Some(exe) => put_path(&mut map, "exe", &exe),
             None => {
                 map.insert("exe".into(), Value::Null);
