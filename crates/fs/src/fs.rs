@@ -1253,14 +1253,7 @@ impl Filesystem for FilterFs {
             Ok((fh, Some(backing))) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing)
             }
-            Ok((fh, None)) => {
-                let direct = if flags & libc::O_DIRECT != 0 {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), direct)
-            }
+            Ok((fh, None)) => reply.opened(FileHandle(fh), served_open_flags(flags)),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
@@ -1336,7 +1329,7 @@ impl Filesystem for FilterFs {
                         &attr,
                         Generation(entry.generation),
                         FileHandle(fh),
-                        FopenFlags::empty(),
+                        served_open_flags(flags),
                     ),
                 }
             }
@@ -1962,6 +1955,18 @@ fn open_dir(at: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<OwnedFd> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )
+}
+
+/// How the kernel handles an open the daemon serves (a filter sees its data): directly
+/// for O_DIRECT and for write-only opens, which cannot read or be mapped, so that the
+/// kernel's page cache serves them nothing (through it each write was first copied into
+/// pages the kernel kept); through the cache otherwise.
+fn served_open_flags(flags: i32) -> FopenFlags {
+    if flags & libc::O_DIRECT != 0 || flags & libc::O_ACCMODE == libc::O_WRONLY {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
 }
 
 #[cfg(test)]

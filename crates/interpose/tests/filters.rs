@@ -182,6 +182,56 @@ fn spawning_a_program_with_a_file_of_the_audited_mount_open_does_not_hang() {
     assert!(flushes >= 3, "{flushes} flushes of /held logged");
 }
 
+/// A write-only open a filter sees the data of goes around the kernel's page cache: its
+/// writes leave no cached pages (they used to be copied into pages first, which made cp
+/// or dd onto an audited mount several times slower), each is logged, and a reader with
+/// the file open and cached sees them at once.
+#[test]
+fn write_only_opens_the_daemon_serves_bypass_the_page_cache() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let m = Mount::new(&["--filter", &format!("audit={};io=on", log.display())]);
+    let resident_pages = |p: &Path| -> u64 {
+        let out = output(
+            Command::new("fincore")
+                .args(["--raw", "--noheadings", "--output", "PAGES"])
+                .arg(p),
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("fincore: {text:?}"))
+    };
+    let p = m.mnt.join("f");
+    let write_only = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .unwrap()
+    };
+    write_only().write_all_at(&vec![1u8; 4 << 20], 0).unwrap();
+    assert_eq!(resident_pages(&p), 0, "pages cached by a write-only open");
+    let reader = fs::File::open(&p).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    reader.read_exact_at(&mut buf, 0).unwrap(); // cached now (an open without
+                                                // FOPEN_KEEP_CACHE would drop them again)
+    let w = write_only();
+    w.write_all_at(b"NEW", 4096).unwrap();
+    let mut got = [0u8; 3];
+    reader.read_exact_at(&mut got, 4096).unwrap();
+    assert_eq!(&got, b"NEW", "the reader after the write");
+    drop((reader, w));
+    m.stop();
+    let writes = audit_lines(&log)
+        .iter()
+        .filter(|l| l["op"] == "write" && l["path"] == "/f")
+        .count();
+    assert!(writes >= 2, "{writes} writes logged");
+}
+
 #[test]
 fn deny_makes_a_subtree_read_only_and_hides_a_file() {
     let m = Mount::new(&["--filter", "deny=docs/**:write:EROFS;secret.txt:all:ENOENT"]);

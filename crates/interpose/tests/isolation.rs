@@ -2225,6 +2225,65 @@ fn read_at(p: &Path, off: u64, n: usize) -> Vec<u8> {
     b
 }
 
+/// A write-only open of an isolated file goes around the kernel's page cache: what it
+/// writes leaves no cached pages behind (it used to be copied into pages first, which
+/// made cp or dd onto the mount several times slower), and a reader that has the file
+/// open with cached pages sees each of its writes at once.
+#[test]
+fn write_only_opens_bypass_the_page_cache_and_readers_see_their_writes() {
+    let d = dirs();
+    fs::write(d.backing.join("f"), pattern(64 << 10, 1)).unwrap();
+    let m = d.mount();
+    let resident_pages = |p: &Path| -> u64 {
+        let out = run(Command::new("fincore")
+            .args(["--raw", "--noheadings", "--output", "PAGES"])
+            .arg(p));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("fincore: {out:?}"))
+    };
+    let write_only = |p: &Path| {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(p)
+            .unwrap()
+    };
+    let g = d.mnt.join("g");
+    let data = pattern(4 << 20, 2);
+    {
+        let w = write_only(&g);
+        w.write_all_at(&data, 0).unwrap();
+        w.sync_all().unwrap();
+    }
+    assert_eq!(resident_pages(&g), 0, "pages cached by a write-only open");
+    assert!(read(&g) == data, "what the write-only open wrote");
+    // A changed file (served by the daemon, cached) read while a writer writes it.
+    let f = d.mnt.join("f");
+    write_only(&f).write_all_at(b"first", 0).unwrap();
+    let reader = File::open(&f).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    reader.read_exact_at(&mut buf, 0).unwrap();
+    assert!(
+        resident_pages(&f) > 0,
+        "the reader's pages are not cached: no test"
+    );
+    let w = write_only(&f);
+    for (at, what) in [
+        (0u64, &b"AAAA"[..]),
+        (4096 + 10, b"BBBB"),
+        (60 << 10, b"CCCC"),
+    ] {
+        w.write_all_at(what, at).unwrap();
+        let mut got = vec![0u8; what.len()];
+        reader.read_exact_at(&mut got, at).unwrap();
+        assert_eq!(got, what, "the reader after a write at {at}");
+    }
+    drop((reader, w));
+    m.stop();
+}
+
 /// A file of BACKING whose last block is partial, grown through the mount: its data
 /// regions are those the same growth gives on the backing file system (data to the end of
 /// that block), before the commit and after it. The view used to put a hole right after

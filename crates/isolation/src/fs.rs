@@ -271,6 +271,21 @@ impl IsolatedFs {
     }
 
     /// Registers an open; decides passthrough.
+    /// How the kernel handles an open the daemon serves: through its page cache, kept
+    /// between opens (the daemon tells it when a commit or discard changes the file), or
+    /// directly for O_DIRECT and for write-only opens. A write-only open cannot read or
+    /// be mapped, so the cache serves it nothing: through it each write was first copied
+    /// into pages the kernel then kept (cp, tar -x, dd, a compiler's output), costing
+    /// time and memory; direct, the daemon takes the data from the program's buffer.
+    /// Opens that read too keep the cache: a database rereads its pages.
+    fn open_flags(flags: i32) -> FopenFlags {
+        if flags & libc::O_DIRECT != 0 || flags & libc::O_ACCMODE == libc::O_WRONLY {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        }
+    }
+
     fn open_node(
         &self,
         id: u64,
@@ -641,13 +656,7 @@ impl Filesystem for IsolatedFs {
         let res = self.open_node(ino.0, flags.0, |f| reply.open_backing(f));
         match res {
             Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
-            Ok((fh, None)) => {
-                let mut fl = FopenFlags::FOPEN_KEEP_CACHE;
-                if flags.0 & libc::O_DIRECT != 0 {
-                    fl = FopenFlags::FOPEN_DIRECT_IO;
-                }
-                reply.opened(FileHandle(fh), fl)
-            }
+            Ok((fh, None)) => reply.opened(FileHandle(fh), Self::open_flags(flags.0)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -681,7 +690,7 @@ impl Filesystem for IsolatedFs {
                 &fattr(id, &a),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                Self::open_flags(flags),
             ),
             Err(e) => reply.error(err(e)),
         }
