@@ -48,11 +48,6 @@ impl Watchdog {
             child,
         })
     }
-
-    /// The watchdog's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Watchdog {
