@@ -1957,12 +1957,18 @@ fn open_dir(at: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<OwnedFd> {
     )
 }
 
-/// How the kernel handles an open the daemon serves (a filter sees its data): directly
-/// for O_DIRECT and for write-only opens, which cannot read or be mapped, so that the
-/// kernel's page cache serves them nothing (through it each write was first copied into
-/// pages the kernel kept); through the cache otherwise.
-fn served_open_flags(flags: i32) -> FopenFlags {
-    if flags & libc::O_DIRECT != 0 || flags & libc::O_ACCMODE == libc::O_WRONLY {
+/// How the kernel should handle an open the daemon serves (an isolated file, a file a
+/// filter sees the data of): directly for O_DIRECT and for write-only opens, through its
+/// page cache otherwise (the caller adds FOPEN_KEEP_CACHE where it keeps the cache
+/// right across opens). A write-only open cannot read or be mapped, so the cache serves
+/// it nothing: through it each write was first copied into pages the kernel kept (cp,
+/// dd, tar -x and compilers write this way). An open that reads too keeps the cache,
+/// which a program rereading the file (a database) needs. So does a write-only open with
+/// O_SYNC or O_DSYNC: the kernel's direct path does not sync such writes (nor ones with
+/// RWF_DSYNC, which it does not tell the daemon about; see the guide's limitations).
+pub fn served_open_flags(flags: i32) -> FopenFlags {
+    let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
+    if flags & libc::O_DIRECT != 0 || (write_only && flags & libc::O_DSYNC == 0) {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()

@@ -270,22 +270,19 @@ impl IsolatedFs {
         }
     }
 
-    /// Registers an open; decides passthrough.
-    /// How the kernel handles an open the daemon serves: through its page cache, kept
-    /// between opens (the daemon tells it when a commit or discard changes the file), or
-    /// directly for O_DIRECT and for write-only opens. A write-only open cannot read or
-    /// be mapped, so the cache serves it nothing: through it each write was first copied
-    /// into pages the kernel then kept (cp, tar -x, dd, a compiler's output), costing
-    /// time and memory; direct, the daemon takes the data from the program's buffer.
-    /// Opens that read too keep the cache: a database rereads its pages.
+    /// How the kernel handles an open the daemon serves ([`interpose_fs::served_open_flags`]),
+    /// its cache kept between opens (the daemon tells it when a commit or discard changes
+    /// the file).
     fn open_flags(flags: i32) -> FopenFlags {
-        if flags & libc::O_DIRECT != 0 || flags & libc::O_ACCMODE == libc::O_WRONLY {
-            FopenFlags::FOPEN_DIRECT_IO
-        } else {
+        let direct = interpose_fs::served_open_flags(flags);
+        if direct.is_empty() {
             FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            direct
         }
     }
 
+    /// Registers an open; decides passthrough.
     fn open_node(
         &self,
         id: u64,
