@@ -718,11 +718,23 @@ fn listing(dir: &Path) -> Vec<String> {
 /// `view_nodes` of a mounted store once the kernel has dropped every unused dentry and the
 /// daemon has handled the forgets that follow (they arrive asynchronously): the same count
 /// twice in a row, 50 ms apart, within 20 s.
+/// Held while a test counts on the kernel keeping the dentries it made (dropping caches
+/// is machine-wide, and tests run in parallel): [`view_nodes_at_rest`] drops them only
+/// under it.
+fn dentries_kept() -> File {
+    let f = File::create(std::env::temp_dir().join("interpose-test-dentries.lock")).unwrap();
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    f
+}
+
 fn view_nodes_at_rest(store: &Path) -> u64 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut last = u64::MAX;
     loop {
-        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        {
+            let _kept = dentries_kept();
+            fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
         let n = num(&status(store), "view_nodes");
         if n == last {
@@ -962,9 +974,12 @@ fn listings_carry_the_views_attributes() {
     let nodes = || num(&status(&d.store), "view_nodes");
     let resting = view_nodes_at_rest(&d.store);
     for round in 0..4 {
+        // No other test drops the kernel's dentries (and so the view's nodes) meanwhile.
+        let kept = dentries_kept();
         assert_eq!(listing(&md), expected, "round {round}");
         assert_eq!(listing(&d.mnt.join("many")), many_expected, "round {round}");
         let listed = nodes();
+        drop(kept);
         assert!(
             listed >= resting + 3000,
             "round {round}: {listed} nodes after listing 3,000 entries"
