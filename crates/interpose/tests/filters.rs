@@ -192,17 +192,6 @@ fn write_only_opens_the_daemon_serves_bypass_the_page_cache() {
     let tmp = tempfile::tempdir_in(test_root()).unwrap();
     let log = tmp.path().join("audit.jsonl");
     let m = Mount::new(&["--filter", &format!("audit={};io=on", log.display())]);
-    let resident_pages = |p: &Path| -> u64 {
-        let out = output(
-            Command::new("fincore")
-                .args(["--raw", "--noheadings", "--output", "PAGES"])
-                .arg(p),
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("fincore: {text:?}"))
-    };
     let p = m.mnt.join("f");
     let write_only = || {
         fs::OpenOptions::new()

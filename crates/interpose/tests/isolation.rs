@@ -2249,14 +2249,6 @@ fn write_only_opens_bypass_the_page_cache_and_readers_see_their_writes() {
     let d = dirs();
     fs::write(d.backing.join("f"), pattern(64 << 10, 1)).unwrap();
     let m = d.mount();
-    let resident_pages = |p: &Path| -> u64 {
-        let out = run(Command::new("fincore")
-            .args(["--raw", "--noheadings", "--output", "PAGES"])
-            .arg(p));
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("fincore: {out:?}"))
-    };
     let write_only = |p: &Path| {
         OpenOptions::new()
             .write(true)

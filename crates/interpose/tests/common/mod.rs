@@ -373,3 +373,16 @@ impl Mount {
         }
     }
 }
+
+/// How many of the file's pages the kernel holds in its page cache (fincore).
+pub fn resident_pages(p: &Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--raw", "--noheadings", "--output", "PAGES"])
+        .arg(p)
+        .output()
+        .expect("fincore");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore {}: {text:?}", p.display()))
+}
