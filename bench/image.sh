@@ -9,13 +9,14 @@
 # bench/make-mixed-image.sh: an ext4 file system of BENCH_SIZE holding about equal parts text,
 # binaries and random data, ~75% full, cached in BENCH_IMAGE_DIR. Then, in one run, on it:
 #
-# Creation (repetitions interleaved: each one runs the three tools round-robin, starting one
+# Creation (repetitions interleaved: each one runs the tools round-robin, starting one
 # later each time; every step starts with `sync; echo 3 > /proc/sys/vm/drop_caches`, so each
 # tool reads the raw image cold from disk; each step's time includes a final `sync`, so each
 # pays for getting its output to disk: interpose fsyncs its output itself, qemu-img convert
 # writes with cache=unsafe by default and zstd does not sync):
 #   interpose   interpose image create RAW -o X.img       (defaults: 64 KiB chunks, zstd level 3,
 #                                                          threads = nproc)
+#   interpose-lz4  the same with --codec lz4 (LZ4 fast mode; for information, no target)
 #   qemu-img    qemu-img convert -c -O qcow2 -o compression_type=zstd RAW X.qcow2
 #                                                         (defaults: 64 KiB clusters, qemu's
 #                                                          zstd level, i.e. zstd's default 3)
@@ -31,7 +32,8 @@
 #             file in the page cache; GB/s (10^9 bytes) of decompressed output
 #   span image: the whole image (zero chunks included); span data: only chunks holding data
 # Rows: random4k and seq at 2 threads (span image: the targets; span data: stricter, for
-# information) and at 1 thread (span image, reference).
+# information) and at 1 thread (span image, reference); seq-2t-data and random4k-2t-data again
+# on the LZ4 image (for information).
 #
 # Environment:
 #   BENCH_SIZE=1G                   size of the mixed image (e.g. 128M for a smoke run)
@@ -160,7 +162,7 @@ cp "$RB" "$OUT/read_bench"
 BIN=$OUT/interpose
 RB=$OUT/read_bench
 
-need_mb=$((SIZE * 2 / 1048576 + 512)) # three outputs (each well under the raw size) + extract check
+need_mb=$((SIZE * 5 / 2 / 1048576 + 512)) # four outputs (each well under the raw size) + extract check
 avail_mb=$(($(stat -f -c '%a * %S' "$BENCH_DIR") / 1048576))
 if ((avail_mb < need_mb)); then
     log "$BENCH_DIR has ${avail_mb} MiB free; the benchmark needs about ${need_mb} MiB"
@@ -188,11 +190,12 @@ error() {
     log "ERROR rep $CUR_REP $CUR_CFG: $1"
 }
 
-TOOLS=(interpose qemu-img zstd)
-declare -A OUTFILE=([interpose]=$OUT/x.img [qemu-img]=$OUT/x.qcow2 [zstd]=$OUT/x.zst)
+TOOLS=(interpose interpose-lz4 qemu-img zstd)
+declare -A OUTFILE=([interpose]=$OUT/x.img [interpose-lz4]=$OUT/x-lz4.img [qemu-img]=$OUT/x.qcow2 [zstd]=$OUT/x.zst)
 tool_cmd() { # the command line of a tool, in CMD
     case $1 in
     interpose) CMD=("$BIN" image create "$RAW" -o "${OUTFILE[interpose]}") ;;
+    interpose-lz4) CMD=("$BIN" image create "$RAW" -o "${OUTFILE[interpose-lz4]}" --codec lz4) ;;
     qemu-img) CMD=(qemu-img convert -c -O qcow2 -o compression_type=zstd "$RAW" "${OUTFILE[qemu-img]}") ;;
     zstd) CMD=(zstd -q -T0 "$RAW" -o "${OUTFILE[zstd]}") ;;
     esac
@@ -223,12 +226,13 @@ create_step() { # tool: one timed creation, caches dropped first, sync included
 }
 
 check_outputs() { # untimed, first repetition: every output reproduces RAW
-    CUR_CFG=interpose
-    if ! "$BIN" image verify "${OUTFILE[interpose]}" >"$OUT/verify.out" 2>&1; then
-        error "image verify: $(tail -n 3 "$OUT/verify.out" | tr '\n' ' ')"
-    elif ! "$BIN" image extract "${OUTFILE[interpose]}" -o - 2>"$OUT/extract.err" | cmp -s - "$RAW"; then
-        error "image extract differs from the raw image $(tr '\n' ' ' <"$OUT/extract.err")"
-    fi
+    for CUR_CFG in interpose interpose-lz4; do
+        if ! "$BIN" image verify "${OUTFILE[$CUR_CFG]}" >"$OUT/verify.out" 2>&1; then
+            error "image verify: $(tail -n 3 "$OUT/verify.out" | tr '\n' ' ')"
+        elif ! "$BIN" image extract "${OUTFILE[$CUR_CFG]}" -o - 2>"$OUT/extract.err" | cmp -s - "$RAW"; then
+            error "image extract differs from the raw image $(tr '\n' ' ' <"$OUT/extract.err")"
+        fi
+    done
     CUR_CFG=qemu-img
     qemu-img compare -q -f raw -F qcow2 "$RAW" "${OUTFILE[qemu-img]}" || error "qemu-img compare: the qcow2 differs from the raw image"
     CUR_CFG=zstd
@@ -236,7 +240,7 @@ check_outputs() { # untimed, first repetition: every output reproduces RAW
     log "rep 1: outputs checked against the raw image"
 }
 
-# read rows: name threads span mode
+# read rows: name mode threads span [image: zstd (default) or lz4]
 ROWS=(
     "random4k-2t random4k 2 image"
     "random4k-2t-data random4k 2 data"
@@ -244,13 +248,17 @@ ROWS=(
     "seq-2t seq 2 image"
     "seq-2t-data seq 2 data"
     "seq-1t seq 1 image"
+    "random4k-2t-data-lz4 random4k 2 data lz4"
+    "seq-2t-data-lz4 seq 2 data lz4"
 )
 read_step() { # row
-    local name mode threads span json
-    read -r name mode threads span <<<"$1"
+    local name mode threads span codec json img
+    read -r name mode threads span codec <<<"$1"
+    img=$IMG
+    [[ ${codec:-} == lz4 ]] && img=$IMG_LZ4
     CUR_CFG=$name
     sample loadavg_1m "$(cut -d' ' -f1 /proc/loadavg)"
-    if ! json=$("$RB" "$IMG" --threads "$threads" --span "$span" --seconds "$SECONDS_PER_READ" "$mode" 2>"$OUT/rb.err"); then
+    if ! json=$("$RB" "$img" --threads "$threads" --span "$span" --seconds "$SECONDS_PER_READ" "$mode" 2>"$OUT/rb.err"); then
         error "read_bench: $(tail -n 3 "$OUT/rb.err" | tr '\n' ' ')"
         return 0
     fi
@@ -279,6 +287,9 @@ IMG=$OUT/read.img
 CUR_CFG=interpose
 [[ -s ${OUTFILE[interpose]} ]] || "$BIN" image create "$RAW" -o "${OUTFILE[interpose]}" >/dev/null
 mv "${OUTFILE[interpose]}" "$IMG"
+IMG_LZ4=$OUT/read-lz4.img
+[[ -s ${OUTFILE[interpose-lz4]} ]] || "$BIN" image create "$RAW" -o "${OUTFILE[interpose-lz4]}" --codec lz4 >/dev/null
+mv "${OUTFILE[interpose-lz4]}" "$IMG_LZ4"
 "$BIN" image info --json "$IMG" >"$OUT/info.json"
 QCOW_CLUSTER=$( [[ -s ${OUTFILE[qemu-img]} ]] && qemu-img info --output=json "${OUTFILE[qemu-img]}" | jq -r '."cluster-size"' || echo "?")
 rm -f "${OUTFILE[qemu-img]}" "${OUTFILE[zstd]}"
@@ -361,7 +372,7 @@ print(f"\nMedians of {reps} repetition{'s' if reps != 1 else ''}; measurement ti
       + (". **The machine was busy with other work: expect noisy numbers.**" if busy else "."))
 
 print("\n## Creation\n")
-print("Repetitions interleaved (the three tools round-robin, starting one later each repetition). "
+print("Repetitions interleaved (the tools round-robin, starting one later each repetition). "
       + ("Before each step `sync; echo 3 > /proc/sys/vm/drop_caches`: every tool reads the raw image "
          "cold. " if env["DROP_OK"] == "1" else "**Caches could not be dropped: the raw image was read warm.** ")
       + "Each step's time includes a `sync` after the tool exits (interpose fsyncs its output; "
@@ -374,6 +385,7 @@ print("Repetitions interleaved (the three tools round-robin, starting one later 
       "and extract | cmp, qemu-img compare, zstd -dc | cmp).\n")
 cmds = {
     "interpose": "interpose image create RAW -o X.img",
+    "interpose-lz4": "interpose image create RAW -o X.img --codec lz4",
     "qemu-img": "qemu-img convert -c -O qcow2 -o compression_type=zstd RAW X.qcow2",
     "zstd": "zstd -T0 RAW -o X.zst",
 }
@@ -398,7 +410,9 @@ print(f"`read_bench` (crates/image/examples/read_bench.rs) on the image interpos
       "chunks with stored data (stricter). GB = 10^9 bytes.\n")
 rows = [("random4k-2t", "random4k", 2, "image", "reads/s"), ("random4k-2t-data", "random4k", 2, "data", "reads/s"),
         ("random4k-1t", "random4k", 1, "image", "reads/s"), ("seq-2t", "seq", 2, "image", "GB/s"),
-        ("seq-2t-data", "seq", 2, "data", "GB/s"), ("seq-1t", "seq", 1, "image", "GB/s")]
+        ("seq-2t-data", "seq", 2, "data", "GB/s"), ("seq-1t", "seq", 1, "image", "GB/s"),
+        ("random4k-2t-data-lz4", "random4k", 2, "data, LZ4 image", "reads/s"),
+        ("seq-2t-data-lz4", "seq", 2, "data, LZ4 image", "GB/s")]
 
 def rfmt(x, unit):
     if x is None:
@@ -447,6 +461,10 @@ print("| measure | value |")
 print("|---|---:|")
 for name, v, f in [
     ("creation time, interpose / zstd -T0", ratio(med("interpose", "seconds"), med("zstd", "seconds")), x2),
+    ("creation time, interpose --codec lz4 / qemu-img", ratio(med("interpose-lz4", "seconds"), med("qemu-img", "seconds")), x2),
+    ("output size, interpose --codec lz4 / qcow2-zstd", ratio(med("interpose-lz4", "output_bytes"), med("qemu-img", "output_bytes")), x2),
+    ("output size, interpose --codec lz4 / interpose (zstd)", ratio(med("interpose-lz4", "output_bytes"), med("interpose", "output_bytes")), x2),
+    ("sequential GB/s, 2 threads, data chunks only, LZ4 / zstd image", ratio(med("seq-2t-data-lz4", "rate"), med("seq-2t-data", "rate")), x2),
     ("output size, interpose / zstd -T0", ratio(med("interpose", "output_bytes"), med("zstd", "output_bytes")), x2),
     ("creation time, zstd -T0 / qemu-img", ratio(med("zstd", "seconds"), med("qemu-img", "seconds")), x2),
     ("random 4 KiB reads/s, 2 threads, data chunks only (vs ≥ 1,000,000)", med("random4k-2t-data", "rate"), lambda v: f"{v:,.0f}"),

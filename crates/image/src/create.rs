@@ -27,8 +27,9 @@ use crate::source::bad_within;
 #[derive(Clone, Debug)]
 pub struct Options {
     pub chunk_shift: u32,
-    /// zstd level (1..=22; negative levels are zstd's fast modes).
-    pub level: i32,
+    pub codec: Codec,
+    /// Compression level of the codec (`Codec::levels`); `None` is the codec's default.
+    pub level: Option<i32>,
     pub threads: usize,
     /// What the metadata calls the source (default: its path).
     pub source_name: Option<String>,
@@ -41,7 +42,8 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             chunk_shift: format::DEFAULT_CHUNK_SHIFT,
-            level: 3,
+            codec: Codec::Zstd,
+            level: None,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             source_name: None,
             mapfile: None,
@@ -140,13 +142,14 @@ pub fn create(
             opts.chunk_shift
         )));
     }
-    let zstd_levels = zstd::compression_level_range();
-    if !zstd_levels.contains(&opts.level) {
+    let (levels, default_level) = opts.codec.levels();
+    let level = opts.level.unwrap_or(default_level);
+    if !levels.contains(&level) {
         return Err(Error::Invalid(format!(
-            "level {} outside zstd's {}..={}",
-            opts.level,
-            zstd_levels.start(),
-            zstd_levels.end()
+            "level {level} outside {}'s {}..={}",
+            opts.codec.name(),
+            levels.start(),
+            levels.end()
         )));
     }
     let mut src = File::open(source).map_err(|e| Error::io(format!("{}", source.display()), e))?;
@@ -165,13 +168,13 @@ pub fn create(
     uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
     uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
     let mut header = Header {
-        version_minor: format::VERSION_MINOR,
-        incompat: 0,
+        version_minor: opts.codec.version_minor(),
+        incompat: opts.codec.incompat_bits(),
         compat: 0,
         flags: 0,
         virtual_size: size,
         chunk_shift: opts.chunk_shift,
-        codec: Codec::Zstd,
+        codec: opts.codec,
         uuid,
         chunk_count,
         data_len: 0,
@@ -212,9 +215,9 @@ pub fn create(
     let written = std::thread::scope(|scope| -> Result<Written> {
         for job_rx in worker_rx {
             let done_tx = done_tx.clone();
-            let level = opts.level;
+            let codec = opts.codec;
             let shift = opts.chunk_shift;
-            scope.spawn(move || worker(job_rx, done_tx, level, shift));
+            scope.spawn(move || worker(job_rx, done_tx, codec, level, shift));
         }
         drop(done_tx);
         let shift = opts.chunk_shift;
@@ -378,11 +381,47 @@ fn read_full(src: &mut File, data: &mut [u8], pos: u64, bad: &[BadExtent]) -> st
     Ok(())
 }
 
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Result<Done>>, level: i32, shift: u32) {
-    let mut compressor = match zstd::bulk::Compressor::new(level) {
+/// One worker's compressor.
+enum Compressor {
+    Zstd(zstd::bulk::Compressor<'static>),
+    Lz4(lz4::block::CompressionMode),
+}
+
+impl Compressor {
+    fn new(codec: Codec, level: i32) -> Result<Compressor> {
+        Ok(match codec {
+            Codec::Zstd => Compressor::Zstd(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| Error::Invalid(format!("zstd level {level}: {e}")))?,
+            ),
+            Codec::Lz4 if level <= 1 => Compressor::Lz4(lz4::block::CompressionMode::DEFAULT),
+            Codec::Lz4 => Compressor::Lz4(lz4::block::CompressionMode::HIGHCOMPRESSION(level)),
+        })
+    }
+
+    /// Compresses `chunk` into `out`; `None` when it does not fit (store the chunk raw).
+    fn compress(&mut self, chunk: &[u8], out: &mut [u8]) -> Option<usize> {
+        match self {
+            Compressor::Zstd(c) => c.compress_to_buffer(chunk, out).ok(),
+            // A bare LZ4 block, no size prefix: the chunk's length is known.
+            Compressor::Lz4(mode) => {
+                lz4::block::compress_to_buffer(chunk, Some(*mode), false, out).ok()
+            }
+        }
+    }
+}
+
+fn worker(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    done: SyncSender<Result<Done>>,
+    codec: Codec,
+    level: i32,
+    shift: u32,
+) {
+    let mut compressor = match Compressor::new(codec, level) {
         Ok(c) => c,
         Err(e) => {
-            let _ = done.send(Err(Error::Invalid(format!("zstd level {level}: {e}"))));
+            let _ = done.send(Err(e));
             return;
         }
     };
@@ -412,9 +451,9 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: SyncSender<Result<Done>>, level
                 let res = {
                     let spare_start = room.len();
                     room.resize(spare_start + chunk.len(), 0);
-                    let r = compressor.compress_to_buffer(chunk, &mut room[spare_start..]);
+                    let r = compressor.compress(chunk, &mut room[spare_start..]);
                     match r {
-                        Ok(n) if n < chunk.len() => {
+                        Some(n) if n < chunk.len() => {
                             room.truncate(spare_start + n);
                             Some(n)
                         }

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    self, BadExtent, Entry, Header, Kind, Metadata, Section, DATA_OFFSET, HEADER_SIZE,
+    self, BadExtent, Codec, Entry, Header, Kind, Metadata, Section, DATA_OFFSET, HEADER_SIZE,
     INDEX_ENTRY_SIZE,
 };
 use crate::source::{bad_within, check_range, zero_bad, BlockSource, ReadOutcome};
@@ -275,6 +275,21 @@ impl Image {
         }
     }
 
+    /// Decodes one zstd-compressed chunk into `out`; returns the bytes it produced.
+    fn unzstd(&self, i: u64, stored: &[u8], out: &mut [u8]) -> Result<usize> {
+        // Exactly one zstd frame filling the stored bytes (libzstd would also take
+        // several frames, or skippable ones).
+        match zstd::zstd_safe::find_frame_compressed_size(stored) {
+            Ok(n) if n == stored.len() && stored.starts_with(&ZSTD_MAGIC) => {}
+            _ => return Err(self.damaged(i, "stored bytes are not exactly one zstd frame".into())),
+        }
+        DECOMPRESSOR.with(|d| {
+            d.borrow_mut()
+                .decompress_to_buffer(stored, out)
+                .map_err(|err| self.damaged(i, format!("zstd: {err}")))
+        })
+    }
+
     /// Decodes chunk `i` into `out` (exactly the chunk's length), checking its CRC.
     fn decode_chunk(&self, i: u64, e: &Entry, out: &mut [u8]) -> Result<()> {
         match e.kind {
@@ -294,28 +309,24 @@ impl Image {
                     self.file
                         .read_exact_at(&mut stored, e.offset)
                         .map_err(|err| Error::io(format!("reading chunk {i}"), err))?;
-                    // Exactly one zstd frame filling the stored bytes (libzstd would
-                    // also take several frames, or skippable ones).
-                    match zstd::zstd_safe::find_frame_compressed_size(&stored[..]) {
-                        Ok(n) if n == stored.len() && stored.starts_with(&ZSTD_MAGIC) => {}
-                        _ => {
-                            return Err(self
-                                .damaged(i, "stored bytes are not exactly one zstd frame".into()))
+                    let n = match self.header.codec {
+                        Codec::Zstd => self.unzstd(i, &stored, out)?,
+                        // A bare LZ4 block; liblz4's safe decoder never writes past
+                        // `out` and fails on input that does not end exactly where the
+                        // block's last sequence does.
+                        Codec::Lz4 => {
+                            let want = out.len() as i32;
+                            lz4::block::decompress_to_buffer(&stored, Some(want), out)
+                                .map_err(|err| self.damaged(i, format!("lz4: {err}")))?
                         }
+                    };
+                    if n != out.len() {
+                        return Err(self.damaged(
+                            i,
+                            format!("decompressed to {n} bytes, the chunk has {}", out.len()),
+                        ));
                     }
-                    DECOMPRESSOR.with(|d| {
-                        let mut d = d.borrow_mut();
-                        let n = d
-                            .decompress_to_buffer(&stored[..], out)
-                            .map_err(|err| self.damaged(i, format!("zstd: {err}")))?;
-                        if n != out.len() {
-                            return Err(self.damaged(
-                                i,
-                                format!("decompressed to {n} bytes, the chunk has {}", out.len()),
-                            ));
-                        }
-                        Ok(())
-                    })
+                    Ok(())
                 })?;
             }
         }

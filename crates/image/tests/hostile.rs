@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 mod common;
-use common::{create_image, Rng};
+use common::{create_image_with, Rng};
 use interpose_image::create::{create, Options, Output};
 use interpose_image::format::{
-    self, Entry, Header, Kind, DATA_OFFSET, EXTENT_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE,
+    self, Codec, Entry, Header, Kind, DATA_OFFSET, EXTENT_SIZE, HEADER_SIZE, INDEX_ENTRY_SIZE,
 };
 use interpose_image::{Error, Image};
 
@@ -128,7 +128,18 @@ const MAP_A: &str = "\
 const MAP_F: &str = "0 + 1\n0 0x1000 +\n0x1000 0x1000 -\n0x2000 0x1000 +\n";
 
 fn build(dir: &Path, name: &'static str, data: &[u8], shift: u32, map: Option<&str>) -> Sample {
-    let out = create_image(dir, name, data, shift, map);
+    build_with(dir, name, data, shift, map, Codec::Zstd)
+}
+
+fn build_with(
+    dir: &Path,
+    name: &'static str,
+    data: &[u8],
+    shift: u32,
+    map: Option<&str>,
+    codec: Codec,
+) -> Sample {
+    let out = create_image_with(dir, name, data, shift, map, codec);
     let bytes = std::fs::read(&out).unwrap();
     let header = Header::decode(&bytes).unwrap();
     let img = Image::open(&out).unwrap();
@@ -151,7 +162,8 @@ fn build(dir: &Path, name: &'static str, data: &[u8], shift: u32, map: Option<&s
 
 /// Image A: 4 KiB chunks, compressed, zero and raw chunks, a short last chunk, and bad
 /// extents (one in the zero chunk, one across two chunks); B: 8 KiB chunks, no mapfile;
-/// C: one byte; D: empty; E: 1 MiB chunks, one short chunk; F: a wholly bad chunk.
+/// C: one byte; D: empty; E: 1 MiB chunks, one short chunk; F: a wholly bad chunk;
+/// G: A's bytes and bad extents in an LZ4 image.
 fn samples(dir: &Path) -> Vec<Sample> {
     let mut a = Vec::new();
     a.extend(text(4096, 1)); // 0: compressed
@@ -176,6 +188,7 @@ fn samples(dir: &Path) -> Vec<Sample> {
         build(dir, "d", b"", 12, None),
         build(dir, "e", &text(5000, 12), 20, None),
         build(dir, "f", &f, 12, Some(MAP_F)),
+        build_with(dir, "g", &a, 12, Some(MAP_A), Codec::Lz4),
     ];
     // Image A has what the corruptions below rely on.
     let kinds: Vec<Kind> = (0..6).map(|i| entry(&s[0], &s[0].bytes, i).kind).collect();
@@ -192,6 +205,14 @@ fn samples(dir: &Path) -> Vec<Sample> {
     );
     assert_eq!(s[0].header.extents.len, 3 * EXTENT_SIZE as u64);
     assert_eq!(entry(&s[5], &s[5].bytes, 1).flags, 3);
+    // Image G is A's layout in LZ4: chunk 2 raw, 0 and 3 compressed.
+    assert_eq!(s[6].header.codec, Codec::Lz4);
+    assert_eq!(s[6].header.incompat, format::INCOMPAT_LZ4);
+    let kinds: Vec<Kind> = (0..4).map(|i| entry(&s[6], &s[6].bytes, i).kind).collect();
+    assert_eq!(
+        kinds,
+        [Kind::Compressed, Kind::Zero, Kind::Raw, Kind::Compressed]
+    );
     s
 }
 
@@ -352,7 +373,7 @@ fn not_images_and_versions() {
     sc.open_ok(&b, "minor version 7");
 
     // Unknown incompatible feature bits, with valid CRCs.
-    for bit in [0u32, 5, 63] {
+    for bit in [1u32, 5, 63] {
         let mut h = a.header.clone();
         h.incompat = 1 << bit;
         let mut b = a.bytes.clone();
@@ -372,15 +393,28 @@ fn not_images_and_versions() {
     seal(&mut b, &h);
     sc.open_ok(&b, "compat bits");
 
-    // Codec 2, chunk shifts out of range, header size, data offset.
+    // Bit 0 (LZ4) and codec 2 go together: either alone is corrupt, not unsupported.
+    let mut h = a.header.clone();
+    h.incompat = 1;
+    let mut b = a.bytes.clone();
+    seal(&mut b, &h);
+    let e = sc.open_err(&b, "LZ4 bit on a zstd image");
+    assert_error!(e, Error::Corrupt(_), "bit 0", ["codec zstd", "0x1"]);
     let mut b = a.bytes.clone();
     b[44..48].copy_from_slice(&2u32.to_le_bytes());
+    reseal_raw(&mut b);
+    let e = sc.open_err(&b, "codec 2 without bit 0");
+    assert_error!(e, Error::Corrupt(_), "codec 2", ["codec lz4", "0x0"]);
+
+    // Codec 3, chunk shifts out of range, header size, data offset.
+    let mut b = a.bytes.clone();
+    b[44..48].copy_from_slice(&3u32.to_le_bytes());
     reseal_raw(&mut b);
     assert_error!(
         sc.open_err(&b, "codec"),
         Error::Unsupported(_),
         "codec",
-        ["codec 2"]
+        ["codec 3"]
     );
     for shift in [0u32, 11, 21, 63, u32::MAX] {
         let mut b = a.bytes.clone();
@@ -1055,6 +1089,93 @@ fn decompression_bombs_and_damaged_chunks() {
         let mut empty = [0u8; 0];
         img.read_at(&mut empty, n).unwrap();
     }
+}
+
+/// An LZ4 block of `literals`, then one match of `len` bytes at `offset` (no end rules).
+fn lz4_block(literals: &[u8], offset: u16, len: usize) -> Vec<u8> {
+    fn more(out: &mut Vec<u8>, mut n: usize) {
+        while n >= 255 {
+            out.push(255);
+            n -= 255;
+        }
+        out.push(n as u8);
+    }
+    let (ll, ml) = (literals.len(), len - 4);
+    let mut b = vec![(ll.min(15) as u8) << 4 | ml.min(15) as u8];
+    if ll >= 15 {
+        more(&mut b, ll - 15);
+    }
+    b.extend_from_slice(literals);
+    b.extend_from_slice(&offset.to_le_bytes());
+    if ml >= 15 {
+        more(&mut b, ml - 15);
+    }
+    b
+}
+
+#[test]
+fn hostile_lz4_blocks_are_damaged_chunks() {
+    let (_dir, s, sc) = setup();
+    let g = &s[6];
+    let lz4 = |data: &[u8]| lz4::block::compress(data, None, false).unwrap();
+    let words = text(4097, 77);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        // 900 KiB of one byte from a 3.6 KB block (LZ4 cannot say more in 4 KiB): the
+        // output stops at the chunk's end.
+        ("900 KiB bomb", lz4_block(b"x", 1, 900 << 10), "lz4"),
+        ("offset 0", lz4_block(b"abcd", 0, 64), "lz4"),
+        ("offset before the output", lz4_block(b"abcd", 5, 64), "lz4"),
+        ("one byte long", lz4(&words), "lz4"),
+        (
+            "one byte short",
+            lz4(&words[..4095]),
+            "decompressed to 4095 bytes",
+        ),
+        ("half", lz4(&words[..2048]), "decompressed to 2048"),
+        ("other bytes", lz4(&[7u8; 4096]), "checksum mismatch"),
+        (
+            "input left over",
+            [lz4(&words[..4096]), vec![0]].concat(),
+            "lz4",
+        ),
+        (
+            "cut inside literals",
+            lz4(&words[..4096])[..40].to_vec(),
+            "lz4",
+        ),
+        ("not lz4 at all", b"\xff\xff\xff\xffnot lz4".to_vec(), "lz4"),
+        // A zstd frame of the right bytes is not an LZ4 block.
+        (
+            "a zstd frame",
+            zstd::bulk::compress(&words[..4096], 3).unwrap(),
+            "lz4",
+        ),
+    ];
+    for (what, block, needle) in cases {
+        let img = with_frame(g, &sc, 2, &block);
+        check_damaged_chunk(g, &img, 2, needle, what);
+    }
+    // A flipped bit anywhere in a compressed chunk: LZ4 or the CRC catches it, unless
+    // the block still decodes to the same bytes (a match offset moved to equal bytes,
+    // such as the zeros of its bad sectors): never other bytes.
+    let e = entry(g, &g.bytes, 3);
+    assert_eq!(e.kind, Kind::Compressed);
+    let mut caught = 0;
+    for at in 0..e.len as usize {
+        let mut b = g.bytes.clone();
+        b[e.offset as usize + at] ^= 1 << (at % 8);
+        let img = sc.open_ok(&b, "lz4 flip");
+        let mut buf = vec![0u8; 4096];
+        match img.read_at(&mut buf, 3 << 12) {
+            Err(Error::Chunk { chunk: 3, .. }) => caught += 1,
+            Ok(_) => assert!(
+                buf == g.expected[3 << 12..4 << 12],
+                "LZ4 chunk flipped at {at} read other bytes"
+            ),
+            other => panic!("LZ4 chunk flipped at {at}: {other:?}"),
+        }
+    }
+    assert!(caught > e.len as usize * 9 / 10, "{caught} of {}", e.len);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 //! The fixture: an 8 MiB raw disk of text, random and zero regions, a GNU ddrescue
 //! mapfile (written by hand) with bad sectors (single sectors, a whole 64 KiB chunk, a
 //! range across a chunk boundary, the last sector) and an untried range, an image of the
-//! disk made with that mapfile, a bad-free image, an image whose only bad sector lies in
-//! a zero chunk, and a sparse 48 MiB raw file; all served at once over a Unix socket
+//! disk made with that mapfile, a bad-free image (LZ4-compressed; the others zstd), an
+//! image whose only bad sector lies in a zero chunk, and a sparse 48 MiB raw file; all served at once over a Unix socket
 //! (`img`, `raw` = the raw file with the mapfile, `clean`, `zbad`, `big`). Tested:
 //!
 //! - `nbdinfo --list` (text and --json): every export, its size, read-only, the
@@ -161,6 +161,9 @@ impl Fixture {
             c.args(["image", "create", s(&raw), "-o", s(out)]);
             if let Some(m) = m {
                 c.args(["--mapfile", s(m)]);
+            }
+            if out == &clean {
+                c.args(["--codec", "lz4"]);
             }
             run(&mut c);
         }

@@ -106,12 +106,23 @@ fn round_trip(d: &Path, name: &str, raw: &[u8], extra: &[&str]) -> Value {
 }
 
 #[test]
-fn round_trips_across_sizes_contents_chunk_sizes_and_levels() {
+fn round_trips_across_sizes_contents_chunk_sizes_codecs_and_levels() {
     let t = dir();
     let d = t.path();
     let sizes = [0usize, 1, 511, 4095, 4097, 65_537, (1 << 20) + 3, 3 << 20];
     let chunk_sizes = ["4K", "64K", "1M"];
-    let levels = ["1", "3", "19", "-5"];
+    // Codec and level pairs, taken in turn: zstd's fast, default, high and negative
+    // levels; LZ4's fast mode and high-compression levels.
+    let levels = [
+        ("zstd", "1"),
+        ("lz4", "1"),
+        ("zstd", "3"),
+        ("lz4", "9"),
+        ("zstd", "19"),
+        ("lz4", "2"),
+        ("zstd", "-5"),
+        ("lz4", "12"),
+    ];
     let mut k = 0;
     for (ci, chunk) in chunk_sizes.iter().enumerate() {
         for (si, &size) in sizes.iter().enumerate() {
@@ -120,10 +131,12 @@ fn round_trips_across_sizes_contents_chunk_sizes_and_levels() {
                 ("random", random(size, si as u64 + 1)),
                 ("text", text(size)),
             ] {
-                let level = levels[k % levels.len()];
+                let (codec, level) = levels[k % levels.len()];
                 k += 1;
-                let name = format!("{kind}-{size}-{chunk}-{ci}");
-                let v = round_trip(d, &name, &raw, &["--chunk-size", chunk, "--level", level]);
+                let name = format!("{kind}-{size}-{chunk}-{ci}-{codec}");
+                let args = ["--chunk-size", chunk, "--codec", codec, "--level", level];
+                let v = round_trip(d, &name, &raw, &args);
+                assert_eq!(v["codec"], codec, "{name}");
                 let chunks = &v["chunks"];
                 let total = chunks["total"].as_u64().unwrap();
                 let cs = v["chunk_size"].as_u64().unwrap();
@@ -134,8 +147,10 @@ fn round_trips_across_sizes_contents_chunk_sizes_and_levels() {
                         assert_eq!(chunks["compressed"], 0, "{name}: random compressed?");
                         assert_eq!(chunks["raw"], total, "{name}: random stored raw")
                     }
+                    // Stored chunk bytes, not the file: header, trailer and metadata
+                    // are a kilobyte and more.
                     "text" if size >= 4096 => assert!(
-                        v["file_size"].as_u64().unwrap() < size as u64 / 2,
+                        chunks["stored_bytes"].as_u64().unwrap() < size as u64 / 2,
                         "{name}: text did not compress: {v}"
                     ),
                     _ => {}
@@ -237,9 +252,15 @@ fn a_real_ext4_file_system_round_trips_and_its_files_read_back() {
         "the image of /dev/loopN differs"
     );
 
-    for (chunk, level) in [("4K", "1"), ("64K", "3"), ("1M", "9")] {
-        let img = d.join(format!("fs-{chunk}.img"));
-        let back = d.join(format!("fs-{chunk}.back"));
+    for (chunk, codec, level) in [
+        ("4K", "zstd", "1"),
+        ("64K", "zstd", "3"),
+        ("1M", "zstd", "9"),
+        ("64K", "lz4", "1"),
+        ("4K", "lz4", "9"),
+    ] {
+        let img = d.join(format!("fs-{chunk}-{codec}.img"));
+        let back = d.join(format!("fs-{chunk}-{codec}.back"));
         image_ok(&[
             "create",
             s(&raw),
@@ -247,6 +268,8 @@ fn a_real_ext4_file_system_round_trips_and_its_files_read_back() {
             s(&img),
             "--chunk-size",
             chunk,
+            "--codec",
+            codec,
             "--level",
             level,
             "--meta",
@@ -480,8 +503,23 @@ fn verify_catches_a_flipped_bit_in_every_region() {
          0x00000000  0x00001000  +\n0x00001000  0x00000200  -\n0x00001200  0x00076810  +\n",
     )
     .unwrap();
-    let good = d.join("good.img");
-    image_ok(&["create", s(&src), "-o", s(&good), "--mapfile", s(&map)]);
+    for codec in ["zstd", "lz4"] {
+        flipped_bits_caught(d, &src, &map, codec);
+    }
+}
+
+fn flipped_bits_caught(d: &Path, src: &Path, map: &Path, codec: &str) {
+    let good = d.join(format!("good-{codec}.img"));
+    image_ok(&[
+        "create",
+        s(src),
+        "-o",
+        s(&good),
+        "--mapfile",
+        s(map),
+        "--codec",
+        codec,
+    ]);
     image_ok(&["verify", s(&good)]);
     let bytes = fs::read(&good).unwrap();
     let h = Header::decode(&bytes[..HEADER_SIZE]).unwrap();
@@ -520,7 +558,7 @@ fn verify_catches_a_flipped_bit_in_every_region() {
             let err = image_fails(&["verify", s(&p)]);
             assert!(
                 words.iter().any(|w| err.contains(w)),
-                "a flipped bit {bit} in the {name} (offset {at}): verify said:\n{err}"
+                "{codec}: a flipped bit {bit} in the {name} (offset {at}): verify said:\n{err}"
             );
         }
     }
@@ -719,6 +757,15 @@ fn bad_arguments_and_malformed_mapfiles_are_refused_clearly() {
         (vec!["--chunk-size", "3K"], "power of two"),
         (vec!["--chunk-size", "2M"], "power of two"),
         (vec!["--level", "99"], "level"),
+        (
+            vec!["--codec", "lz4", "--level", "13"],
+            "outside lz4's 1..=12",
+        ),
+        (
+            vec!["--codec", "lz4", "--level", "0"],
+            "outside lz4's 1..=12",
+        ),
+        (vec!["--codec", "gzip"], "zstd"),
         (vec!["--meta", "novalue"], "KEY=VALUE"),
     ] {
         let mut a = vec!["create", s(&src), "-o", s(&out)];
@@ -758,6 +805,21 @@ fn an_independent_reader_written_from_the_spec_agrees() {
         ("default", vec![s(&src)]),
         ("4k", vec![s(&src), "--chunk-size", "4K", "--level", "1"]),
         ("1m", vec![s(&src), "--chunk-size", "1M", "--level", "9"]),
+        ("lz4", vec![s(&src), "--codec", "lz4"]),
+        (
+            "lz4-hc-4k-mapfile",
+            vec![
+                s(&src),
+                "--codec",
+                "lz4",
+                "--level",
+                "9",
+                "--chunk-size",
+                "4K",
+                "--mapfile",
+                s(&map),
+            ],
+        ),
         (
             "mapfile",
             vec![s(&src), "--mapfile", s(&map), "--meta", "k=v"],

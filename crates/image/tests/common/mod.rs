@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use interpose_image::create::{create, Options, Output};
+use interpose_image::format::Codec;
 
 /// Deterministic pseudo-random numbers (xorshift64*).
 pub struct Rng(u64);
@@ -34,6 +35,18 @@ impl Rng {
 /// Writes `data` to `DIR/NAME.raw` (and `map` to `DIR/NAME.map`) and builds
 /// `DIR/NAME.img` from them with chunks of `1 << shift` bytes; returns the image's path.
 pub fn create_image(dir: &Path, name: &str, data: &[u8], shift: u32, map: Option<&str>) -> PathBuf {
+    create_image_with(dir, name, data, shift, map, Codec::Zstd)
+}
+
+/// `create_image` with the given codec.
+pub fn create_image_with(
+    dir: &Path,
+    name: &str,
+    data: &[u8],
+    shift: u32,
+    map: Option<&str>,
+    codec: Codec,
+) -> PathBuf {
     let src = dir.join(format!("{name}.raw"));
     std::fs::write(&src, data).unwrap();
     let mapfile: Option<PathBuf> = map.map(|m| {
@@ -44,6 +57,7 @@ pub fn create_image(dir: &Path, name: &str, data: &[u8], shift: u32, map: Option
     let out = dir.join(format!("{name}.img"));
     let opts = Options {
         chunk_shift: shift,
+        codec,
         threads: 2,
         mapfile,
         ..Options::default()

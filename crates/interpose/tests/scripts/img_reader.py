@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """An independent reader of interpose disk images, written from docs/FORMAT.md
-(format version 1.0) alone: it shares no code with the Rust implementation.
+(format version 1.1) alone: it shares no code with the Rust implementation.
 
     img_reader.py check IMAGE        validate everything FORMAT.md says a reader checks
     img_reader.py extract IMAGE OUT  write the raw bytes (bad and untried bytes as zeros;
@@ -14,12 +14,12 @@ Exit status: 0 done (for `check`: the image is valid); 1 the image is not valid,
 message on standard error naming the problem; 2 a usage error or a missing tool.
 
 Needs Python 3.11's standard library and:
-- for zstd: the `zstandard` module (Debian 12 package python3-zstandard); if this
+- for zstd images: the `zstandard` module (Debian 12 package python3-zstandard); if this
   interpreter cannot import it, the copy Debian installs for its own CPython 3.11 is
   tried, then the `zstd` command (Debian package zstd), one process per chunk;
 - for BLAKE3: the `b3sum` command (Debian package b3sum; Debian 12 has no Python
   binding). Without it `check` skips the whole-image hash and says so on its output.
-CRC32C is computed here, in pure Python.
+CRC32C and LZ4 blocks (FORMAT.md §8.2) are decoded here, in pure Python.
 """
 
 import bisect
@@ -43,8 +43,10 @@ MIN_CHUNK_SHIFT, MAX_CHUNK_SHIFT = 12, 20
 MAX_META_LEN = 16 << 20
 MAX_OFFSET = (1 << 48) - 1
 FLAG_SEALED = 1
-INCOMPAT_KNOWN = 0
-CODEC_ZSTD = 1
+INCOMPAT_LZ4 = 1
+INCOMPAT_KNOWN = INCOMPAT_LZ4
+CODEC_ZSTD, CODEC_LZ4 = 1, 2
+CODEC_NAMES = {CODEC_ZSTD: "zstd", CODEC_LZ4: "lz4"}
 KIND_ZERO, KIND_RAW, KIND_COMPRESSED = 0, 1, 2
 KIND_NAMES = {KIND_ZERO: "zero", KIND_RAW: "raw", KIND_COMPRESSED: "compressed"}
 CHUNK_PARTLY_BAD, CHUNK_ALL_BAD = 1, 2
@@ -199,6 +201,62 @@ def zstd_frame_check(buf, chunk_len):
         raise ValueError(f"{n - pos} bytes after the zstd frame (one frame per chunk)")
 
 
+# --- LZ4 ------------------------------------------------------------------------------
+
+def lz4_block_decode(src, out_len):
+    """Decodes one LZ4 block (FORMAT.md §8.2) that must produce exactly `out_len` bytes
+    from exactly all of `src`; ValueError names what is wrong."""
+    out = bytearray()
+    n = len(src)
+    ip = 0
+
+    def length(base, what):
+        nonlocal ip
+        if base != 15:
+            return base
+        while True:
+            if ip >= n:
+                raise ValueError(f"LZ4 block ends inside a {what} length")
+            b = src[ip]
+            ip += 1
+            base += b
+            if b != 255:
+                return base
+
+    while True:
+        if ip >= n:
+            raise ValueError("LZ4 block ends before a sequence's token")
+        token = src[ip]
+        ip += 1
+        lit = length(token >> 4, "literal")
+        if ip + lit > n:
+            raise ValueError("LZ4 block ends inside literals")
+        if len(out) + lit > out_len:
+            raise ValueError(f"LZ4 block decodes past the chunk's {out_len} bytes")
+        out += src[ip:ip + lit]
+        ip += lit
+        if ip == n:
+            break  # the last sequence: literals only
+        if ip + 2 > n:
+            raise ValueError("LZ4 block ends inside a match offset")
+        offset = src[ip] | src[ip + 1] << 8
+        ip += 2
+        if offset == 0 or offset > len(out):
+            raise ValueError(f"LZ4 match offset {offset} with {len(out)} bytes decoded")
+        mlen = length(token & 15, "match") + 4
+        if len(out) + mlen > out_len:
+            raise ValueError(f"LZ4 block decodes past the chunk's {out_len} bytes")
+        start = len(out) - offset
+        if offset >= mlen:
+            out += out[start:start + mlen]
+        else:  # overlapping: the copied bytes repeat with period `offset`
+            pattern = bytes(out[start:])
+            out += (pattern * (mlen // offset + 1))[:mlen]
+    if len(out) != out_len:
+        raise ValueError(f"decompressed to {len(out)} bytes, the chunk has {out_len}")
+    return bytes(out)
+
+
 def _import_zstandard():
     try:
         import zstandard
@@ -339,8 +397,10 @@ def decode_header(b):
         raise unsupported(f"incompatible features {h.incompat & ~INCOMPAT_KNOWN:#x}")
     if not MIN_CHUNK_SHIFT <= h.chunk_shift <= MAX_CHUNK_SHIFT:
         raise corrupt(f"chunk size 2^{h.chunk_shift} outside 4 KiB..1 MiB")
-    if h.codec != CODEC_ZSTD:
+    if h.codec not in CODEC_NAMES:
         raise unsupported(f"codec {h.codec}")
+    if bool(h.incompat & INCOMPAT_LZ4) != (h.codec == CODEC_LZ4):
+        raise corrupt(f"codec {h.codec} with incompatible features {h.incompat:#x}")
     h.uuid = bytes(b[48:64])
     h.chunk_count, h.flags = struct.unpack_from("<QI", b, 64)
     h.chunk_size = 1 << h.chunk_shift
@@ -586,8 +646,11 @@ class Image:
             data = stored
         else:
             try:
-                zstd_frame_check(stored, clen)
-                data = zstd.decompress(stored, clen)
+                if self.h.codec == CODEC_LZ4:
+                    data = lz4_block_decode(stored, clen)
+                else:
+                    zstd_frame_check(stored, clen)
+                    data = zstd.decompress(stored, clen)
             except ValueError as e:
                 raise self.damaged(i, str(e)) from None
             if len(data) != clen:
@@ -626,9 +689,14 @@ class Image:
 
 # --- Commands --------------------------------------------------------------------------
 
+def decoder_for(img):
+    """The zstd backend for a zstd image; LZ4 needs none."""
+    return zstd_backend() if img.h.codec == CODEC_ZSTD else None
+
+
 def cmd_check(path):
-    zstd = zstd_backend()
     img = Image(path)
+    zstd = decoder_for(img)
     h = img.h
     b3 = shutil.which("b3sum")
     hasher = B3sum(b3) if b3 else None
@@ -658,12 +726,12 @@ def cmd_check(path):
     else:
         note = "blake3 NOT checked: b3sum is not installed (Debian package b3sum)"
     print(f"{path}: valid ({h.chunk_count} chunks, {len(img.extents)} bad extents; "
-          f"zstd by {zstd.name}; {note})")
+          f"{f'zstd by {zstd.name}' if zstd else 'lz4'}; {note})")
 
 
 def cmd_extract(path, out):
-    zstd = zstd_backend()
     img = Image(path)
+    zstd = decoder_for(img)
     to_stdout = out == "-"
     f = sys.stdout.buffer if to_stdout else open(out, "wb")
     ok = False
@@ -699,7 +767,7 @@ def cmd_info(path):
     u = h.uuid.hex()
     print(json.dumps({
         "format_version": f"{VERSION_MAJOR}.{h.minor}",
-        "codec": "zstd",
+        "codec": CODEC_NAMES[h.codec],
         "chunk_size": h.chunk_size,
         "virtual_size": h.virtual_size,
         "file_size": img.file_len,
