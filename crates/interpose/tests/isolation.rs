@@ -1329,6 +1329,43 @@ open('plain/shared', 'a').write('through the outside name\n')
 }
 
 #[test]
+fn a_hard_link_is_recorded_under_the_name_the_view_met_first_and_its_directory_follows() {
+    // --isolate-path iso: out/a/f and out/f are one file outside the isolated paths. A
+    // link of out/f into iso/ reaches the daemon by inode, not by the name the program
+    // used: the record names the file as the view first met it, out/a/f. Renaming out/a,
+    // which no program named in an isolated change, is then recorded too (BACKING must
+    // keep out/a/f until the link is committed), and the commit gives what the mount showed.
+    let d = dirs();
+    fs::create_dir(d.backing.join("iso")).unwrap();
+    fs::create_dir(d.backing.join("out")).unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso"]);
+    fs::create_dir(d.mnt.join("out/a")).unwrap();
+    fs::write(d.mnt.join("out/a/f"), b"one\n").unwrap();
+    // Held open, so that the kernel keeps the node and the view its first name.
+    let held = File::open(d.mnt.join("out/a/f")).unwrap();
+    fs::hard_link(d.mnt.join("out/a/f"), d.mnt.join("out/f")).unwrap();
+    assert!(
+        log_json(&d.store, 0).is_empty(),
+        "outside: nothing recorded"
+    );
+    assert_eq!(fs::metadata(d.backing.join("out/f")).unwrap().nlink(), 2);
+    fs::hard_link(d.mnt.join("out/f"), d.mnt.join("iso/f")).unwrap();
+    assert_eq!(log_json(&d.store, 0), ["1 link out/a/f -> iso/f"]);
+    fs::rename(d.mnt.join("out/a"), d.mnt.join("out/b")).unwrap();
+    assert_eq!(
+        log_json(&d.store, 0),
+        ["1 link out/a/f -> iso/f", "2 rename out/a -> out/b"]
+    );
+    assert!(d.backing.join("out/a/f").exists(), "BACKING keeps out/a/f");
+    let view = contents(&d.mnt);
+    assert_eq!(view["iso/f"], "\"one\\n\" nlink=3");
+    drop(held);
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(contents(&d.backing), view, "BACKING after the commit");
+}
+
+#[test]
 fn a_directory_outside_the_isolated_paths_keeps_its_times_across_a_remount_and_a_commit() {
     // e is outside the isolated paths: it shows BACKING's times, also once a pending
     // rename put a name into it and a utime set its mtime in BACKING. Renamed to f (the

@@ -410,7 +410,8 @@ fn crash_offline_commit_sigkill_resumes() {
     let mut kills = 0u64;
     let mut round = 0;
     while round < COMMIT_ROUNDS || (kills < MIN_COMMIT_KILLS && round < 3 * COMMIT_ROUNDS) {
-        let d = Dirs::new("interpose-test-isocrash-", seed.wrapping_add(round));
+        let mut d = Dirs::new("interpose-test-isocrash-", seed.wrapping_add(round));
+        d.env_seed = seed.wrapping_sub(7);
         let mnt = d.mount();
         let out = d.model(&[
             "run".as_ref(),

@@ -56,6 +56,9 @@ pub struct ModelDirs {
     /// The subtree a `--isolate-path` mount isolates (INTERPOSE_ISO_BORDER for the model
     /// script), None for a mount that isolates everything.
     pub border: Option<&'static str>,
+    /// The INTERPOSE_ISO_SEED that repeats this run (tests add an offset of their own to
+    /// it to make `seed`).
+    pub env_seed: u64,
 }
 
 impl ModelDirs {
@@ -76,6 +79,7 @@ impl ModelDirs {
             oplog: root.join("oplog.jsonl"),
             manifest: root.join("backing-manifest.json"),
             border: None,
+            env_seed: seed,
             root,
             _tmp: tmp,
         };
@@ -103,7 +107,7 @@ impl ModelDirs {
             out.status.success(),
             "seed {} (INTERPOSE_ISO_SEED={} repeats it): {name} {args:?} failed ({}):\n{}{}",
             self.seed,
-            self.seed,
+            self.env_seed,
             out.status,
             String::from_utf8_lossy(&out.stderr),
             String::from_utf8_lossy(&out.stdout),

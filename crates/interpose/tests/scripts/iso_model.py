@@ -36,8 +36,10 @@ INTERPOSE_ISO_BORDER=SUBTREE: the mount isolates only SUBTREE (`--isolate-path S
 everything else goes straight to BACKING. A change that names a path inside SUBTREE must be
 recorded, also a rename or link between the two sides; the outside paths a recorded change
 names (the "spread", kept in the oplog) are isolated from then on, with everything below
-them, and so are renames and removals of directories above them, and every change to an
-object a recorded change touched or with a name among them (through any of its names).
+them, and so are renames and removals of directories above them or holding a name of an
+object a recorded change touched (the records of a file with several names may name any of
+them), and every change to an object a recorded change touched or with a name among them
+(through any of its names).
 Changes that name none of these must record nothing. Operations that would rename or remove a directory above
 SUBTREE are not generated (BACKING still holds what the view has removed below it until
 commit).
@@ -753,6 +755,29 @@ def inodes(ref, rels):
     return out
 
 
+def inodes_below(ref, rels):
+    """The reference inodes of everything below the directories among rels (not through
+    symlinks). A file with several names may have its recorded changes under any of them
+    (the daemon names a file by the first name its view met, as a link or a write
+    reaches it by inode, not by the name the program used); renaming or removing a
+    directory holding one of its names may therefore be recorded."""
+    out = set()
+    for rel in rels:
+        top = P(ref, rel)
+        try:
+            if not stat.S_ISDIR(os.lstat(top).st_mode):
+                continue
+        except OSError:
+            continue
+        for root, dirs, files in os.walk(top):
+            for name in dirs + files:
+                try:
+                    out.add(os.lstat(os.path.join(root, name)).st_ino)
+                except OSError:
+                    pass
+    return out
+
+
 def other_links(ref, rels):
     """The other names in ref of the files at rels that have several (a change to a file
     with an isolated name is isolated through every name)."""
@@ -847,6 +872,8 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
         paths = effective_paths(ref, op)
         links = other_links(ref, paths) if BORDER is not None else []
         before = inodes(ref, paths) if BORDER is not None else set()
+        below = (inodes_below(ref, paths)
+                 if BORDER is not None and op["op"] in ("rename", "rmdir") else set())
         rm = apply_op(mnt, op)
         rr = apply_op(ref, op)
         seq = last_seq(store)
@@ -869,7 +896,7 @@ def cmd_run(mnt, ref, store, seed, first, count, oplog, full_every=250):
                 f"daemon recorded changes {prev + 1}..={seq} for it")
         trivial = k == "chown" and op["uid"] == -1 and op["gid"] == -1
         if BORDER is not None and not any(entangled(p, spread) for p in paths + links) \
-                and not before & touched and seq != prev:
+                and not (before | below) & touched and seq != prev:
             die(f"operation {i} {short(op)} acts outside the isolated {BORDER} and the paths "
                 f"pending changes name ({sorted(spread)}), but the daemon recorded changes "
                 f"{prev + 1}..={seq} for it")
