@@ -286,11 +286,15 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
             if *size < cur {
                 f.set_len(*size)?;
             }
-            let mut mem: Vec<u8> = Vec::new();
+            let mut mem: std::borrow::Cow<[u8]> = std::borrow::Cow::Borrowed(&[]);
             let (journal, mut src) = match data {
                 DataSrc::Journal(f, off) => (Some(f), off),
                 DataSrc::Mem(parts) => {
-                    mem = parts.concat();
+                    // One part (a write) is used where it is, not copied.
+                    mem = match parts {
+                        [one] => std::borrow::Cow::Borrowed(one),
+                        more => std::borrow::Cow::Owned(more.concat()),
+                    };
                     (None, 0)
                 }
             };
