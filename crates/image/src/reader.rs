@@ -311,10 +311,12 @@ impl Image {
                         .map_err(|err| Error::io(format!("reading chunk {i}"), err))?;
                     let n = match self.header.codec {
                         Codec::Zstd => self.unzstd(i, &stored, out)?,
-                        // A bare LZ4 block; liblz4's safe decoder never writes past
-                        // `out` and fails on input that does not end exactly where the
-                        // block's last sequence does.
+                        // A bare LZ4 block, checked against FORMAT.md §8.2 first: liblz4's
+                        // safe decoder never writes past `out`, but takes offset 0 and
+                        // some blocks that break the end rules.
                         Codec::Lz4 => {
+                            lz4_block_check(&stored, out.len())
+                                .map_err(|what| self.damaged(i, what))?;
                             let want = out.len() as i32;
                             lz4::block::decompress_to_buffer(&stored, Some(want), out)
                                 .map_err(|err| self.damaged(i, format!("lz4: {err}")))?
@@ -491,6 +493,100 @@ impl Image {
         }
         Ok(report)
     }
+}
+
+/// Checks that `block` is one LZ4 block as FORMAT.md §8.2 allows, decoding to exactly
+/// `out_len` bytes, without decoding it: a walk over its sequences that skips the
+/// literals. liblz4's safe decoder checks its bounds but takes an offset of 0 (as
+/// zeros) and some blocks that break LZ4's end rules; this refuses them.
+fn lz4_block_check(block: &[u8], out_len: usize) -> std::result::Result<(), String> {
+    /// Why a block is refused; kept out of the loop.
+    #[cold]
+    fn refuse(why: Lz4Fault, op: usize, len: usize, out_len: usize) -> String {
+        match why {
+            Lz4Fault::Cut(what) => format!("lz4: block ends {what}"),
+            Lz4Fault::Offset => format!("lz4: match offset {len} with {op} bytes decoded"),
+            Lz4Fault::Match if op.saturating_add(len) > out_len => {
+                format!("lz4: block decodes past the chunk's {out_len} bytes")
+            }
+            Lz4Fault::Match => {
+                format!("lz4: a match of {len} bytes at {op} too near the chunk's end ({out_len})")
+            }
+            Lz4Fault::Size if op > out_len => {
+                format!("lz4: block decodes past the chunk's {out_len} bytes")
+            }
+            Lz4Fault::Size => format!("decompressed to {op} bytes, the chunk has {out_len}"),
+        }
+    }
+    let n = block.len();
+    let (mut ip, mut op) = (0usize, 0usize);
+    // The bytes of a length whose 4 bits are all set: added up to one below 255.
+    macro_rules! more {
+        ($len:ident, $what:expr) => {
+            if $len == 15 {
+                loop {
+                    let Some(&b) = block.get(ip) else {
+                        return Err(refuse(Lz4Fault::Cut($what), op, 0, out_len));
+                    };
+                    ip += 1;
+                    $len += b as usize;
+                    if b != 255 {
+                        break;
+                    }
+                }
+            }
+        };
+    }
+    loop {
+        let Some(&token) = block.get(ip) else {
+            let at = "where a sequence should start";
+            return Err(refuse(Lz4Fault::Cut(at), op, 0, out_len));
+        };
+        ip += 1;
+        let mut literals = (token >> 4) as usize;
+        more!(literals, "inside a literal length");
+        if literals > n - ip {
+            return Err(refuse(Lz4Fault::Cut("inside literals"), op, 0, out_len));
+        }
+        ip += literals;
+        op += literals;
+        if ip == n {
+            break; // the last sequence: literals only
+        }
+        let (Some(&lo), Some(&hi)) = (block.get(ip), block.get(ip + 1)) else {
+            let at = "inside a match offset";
+            return Err(refuse(Lz4Fault::Cut(at), op, 0, out_len));
+        };
+        ip += 2;
+        let offset = u16::from_le_bytes([lo, hi]) as usize;
+        if offset == 0 || offset > op {
+            return Err(refuse(Lz4Fault::Offset, op, offset, out_len));
+        }
+        let mut len = (token & 15) as usize;
+        more!(len, "inside a match length");
+        len += 4;
+        // LZ4's end rules: a match starts at least 12 bytes and ends at least 5 bytes
+        // before the end (op + len cannot overflow: both are bounded by the block's size
+        // times 255).
+        if op + 12 > out_len || op + len + 5 > out_len {
+            return Err(refuse(Lz4Fault::Match, op, len, out_len));
+        }
+        op += len;
+    }
+    if op != out_len {
+        return Err(refuse(Lz4Fault::Size, op, 0, out_len));
+    }
+    Ok(())
+}
+
+/// What [`lz4_block_check`] found wrong.
+#[derive(Clone, Copy)]
+enum Lz4Fault {
+    /// The input ends early: where.
+    Cut(&'static str),
+    Offset,
+    Match,
+    Size,
 }
 
 /// The magic number a zstd frame starts with (little-endian 0xFD2FB528).

@@ -1091,8 +1091,8 @@ fn decompression_bombs_and_damaged_chunks() {
     }
 }
 
-/// An LZ4 block of `literals`, then one match of `len` bytes at `offset` (no end rules).
-fn lz4_block(literals: &[u8], offset: u16, len: usize) -> Vec<u8> {
+/// One LZ4 sequence: `literals`, then (if given) a match of `len` bytes at `offset`.
+fn lz4_seq(literals: &[u8], one_match: Option<(u16, usize)>) -> Vec<u8> {
     fn more(out: &mut Vec<u8>, mut n: usize) {
         while n >= 255 {
             out.push(255);
@@ -1100,17 +1100,29 @@ fn lz4_block(literals: &[u8], offset: u16, len: usize) -> Vec<u8> {
         }
         out.push(n as u8);
     }
-    let (ll, ml) = (literals.len(), len - 4);
+    let ll = literals.len();
+    let ml = one_match.map_or(0, |(_, len)| len - 4);
     let mut b = vec![(ll.min(15) as u8) << 4 | ml.min(15) as u8];
     if ll >= 15 {
         more(&mut b, ll - 15);
     }
     b.extend_from_slice(literals);
-    b.extend_from_slice(&offset.to_le_bytes());
-    if ml >= 15 {
-        more(&mut b, ml - 15);
+    if let Some((offset, _)) = one_match {
+        b.extend_from_slice(&offset.to_le_bytes());
+        if ml >= 15 {
+            more(&mut b, ml - 15);
+        }
     }
     b
+}
+
+/// An LZ4 block: 4 literals, one match of `len` bytes at `offset`, then `tail` literals.
+fn lz4_block(offset: u16, len: usize, tail: usize) -> Vec<u8> {
+    [
+        lz4_seq(b"abcd", Some((offset, len))),
+        lz4_seq(&vec![b'z'; tail], None),
+    ]
+    .concat()
 }
 
 #[test]
@@ -1119,13 +1131,71 @@ fn hostile_lz4_blocks_are_damaged_chunks() {
     let g = &s[6];
     let lz4 = |data: &[u8]| lz4::block::compress(data, None, false).unwrap();
     let words = text(4097, 77);
+    // The same block, fine: 4 + 4000 + 92 bytes.
+    let fine = lz4_block(4, 4000, 92);
+    let first = lz4_seq(b"abcd", Some((4, 4000)));
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        // 900 KiB of one byte from a 3.6 KB block (LZ4 cannot say more in 4 KiB): the
-        // output stops at the chunk's end.
-        ("900 KiB bomb", lz4_block(b"x", 1, 900 << 10), "lz4"),
-        ("offset 0", lz4_block(b"abcd", 0, 64), "lz4"),
-        ("offset before the output", lz4_block(b"abcd", 5, 64), "lz4"),
-        ("one byte long", lz4(&words), "lz4"),
+        // 900 KiB of one byte from a 3.6 KB block (LZ4 cannot say more in 4 KiB): it
+        // is refused before anything is decoded.
+        (
+            "900 KiB bomb",
+            lz4_block(1, 900 << 10, 92),
+            "past the chunk's 4096 bytes",
+        ),
+        // liblz4 would take this one, as a copy of zeros.
+        (
+            "offset 0",
+            lz4_block(0, 4000, 92),
+            "match offset 0 with 4 bytes",
+        ),
+        (
+            "offset before the output",
+            lz4_block(5, 4000, 92),
+            "match offset 5",
+        ),
+        // LZ4's end rules: the last 5 bytes literals, the last match 12 bytes or more
+        // before the end.
+        (
+            "4 literals at the end",
+            lz4_block(4, 4088, 4),
+            "too near the chunk's end",
+        ),
+        (
+            "a match at the very end",
+            lz4_block(4, 4092, 0),
+            "too near the chunk's end",
+        ),
+        (
+            "a match starting 11 bytes before the end",
+            [
+                lz4_seq(b"abcd", Some((4, 4081))),
+                lz4_seq(b"", Some((1, 6))),
+                lz4_seq(b"zzzzz", None),
+            ]
+            .concat(),
+            "too near the chunk's end",
+        ),
+        (
+            "ends after a match",
+            first.clone(),
+            "where a sequence should start",
+        ),
+        (
+            "ends inside an offset",
+            first[..6].to_vec(),
+            "inside a match offset",
+        ),
+        (
+            "ends inside a match length",
+            first[..8].to_vec(),
+            "inside a match length",
+        ),
+        (
+            "ends inside a length",
+            lz4_seq(&[b'x'; 20], None)[..1].to_vec(),
+            "inside a literal length",
+        ),
+        ("one byte long", lz4(&words), "past the chunk's 4096 bytes"),
         (
             "one byte short",
             lz4(&words[..4095]),
@@ -1155,6 +1225,9 @@ fn hostile_lz4_blocks_are_damaged_chunks() {
         let img = with_frame(g, &sc, 2, &block);
         check_damaged_chunk(g, &img, 2, needle, what);
     }
+    // The well-formed block decodes (and fails only its CRC, being other bytes).
+    let img = with_frame(g, &sc, 2, &fine);
+    check_damaged_chunk(g, &img, 2, "checksum mismatch", "a well-formed block");
     // A flipped bit anywhere in a compressed chunk: LZ4 or the CRC catches it, unless
     // the block still decodes to the same bytes (a match offset moved to equal bytes,
     // such as the zeros of its bad sectors): never other bytes.

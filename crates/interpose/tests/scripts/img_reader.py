@@ -205,7 +205,8 @@ def zstd_frame_check(buf, chunk_len):
 
 def lz4_block_decode(src, out_len):
     """Decodes one LZ4 block (FORMAT.md §8.2) that must produce exactly `out_len` bytes
-    from exactly all of `src`; ValueError names what is wrong."""
+    from exactly all of `src`, with every rule of §8.2 checked; ValueError names what is
+    wrong."""
     out = bytearray()
     n = len(src)
     ip = 0
@@ -246,6 +247,11 @@ def lz4_block_decode(src, out_len):
         mlen = length(token & 15, "match") + 4
         if len(out) + mlen > out_len:
             raise ValueError(f"LZ4 block decodes past the chunk's {out_len} bytes")
+        # The end rules: a match starts 12 or more bytes, and ends 5 or more bytes,
+        # before the end of the chunk.
+        if len(out) + 12 > out_len or len(out) + mlen + 5 > out_len:
+            raise ValueError(f"LZ4 match of {mlen} bytes at {len(out)} too near the "
+                             f"chunk's end ({out_len})")
         start = len(out) - offset
         if offset >= mlen:
             out += out[start:start + mlen]
