@@ -47,7 +47,8 @@ pub const INCOMPAT_KNOWN: u64 = INCOMPAT_LZ4;
 pub enum Codec {
     /// One zstd frame per chunk: the smaller images.
     Zstd = 1,
-    /// One LZ4 block per chunk: decodes two to three times as fast, larger images.
+    /// One LZ4 block per chunk: faster to decode (1.4 times as fast here, the block
+    /// check included), larger images.
     Lz4 = 2,
 }
 

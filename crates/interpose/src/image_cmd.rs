@@ -28,8 +28,8 @@ pub enum ImageCommand {
         /// Chunk size: a power of two from 4K to 1M.
         #[arg(long, value_name = "SIZE", default_value = "64K")]
         chunk_size: String,
-        /// Compression of chunks: zstd (smaller images) or lz4 (two to three times as
-        /// fast to decode, so faster to serve; larger images).
+        /// Compression of chunks: zstd (smaller images) or lz4 (faster to decode, so
+        /// faster to serve; larger images).
         #[arg(long, value_name = "CODEC", default_value = "zstd", value_parser = ["zstd", "lz4"])]
         codec: String,
         /// Compression level [default: 3 for zstd (1..=22, negative: its fast modes);
