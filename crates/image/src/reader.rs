@@ -32,9 +32,11 @@ pub struct Image {
     extents: Vec<BadExtent>,
     meta: Metadata,
     cache: Cache,
-    /// One bit per chunk: a raw chunk whose checksum was checked once, so that parts of
-    /// it can be read straight from the file (see [`Image::copy_from_chunk`]).
-    raw_checked: Box<[AtomicU64]>,
+    /// One bit per chunk, set once it was checked: a raw chunk whose checksum matched, so
+    /// that parts of it can be read straight from the file (see
+    /// [`Image::copy_from_chunk`]); an LZ4 chunk whose block passed [`lz4_block_check`]
+    /// (and its checksum), which later decodes of it skip.
+    checked: Box<[AtomicU64]>,
 }
 
 /// Counts of chunks by how they are stored.
@@ -113,7 +115,7 @@ impl Image {
             file,
             path: path.to_path_buf(),
             cache: Cache::new(cache_bytes, header.chunk_size() as usize),
-            raw_checked: (0..header.chunk_count.div_ceil(64))
+            checked: (0..header.chunk_count.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             header,
@@ -315,8 +317,10 @@ impl Image {
                         // safe decoder never writes past `out`, but takes offset 0 and
                         // some blocks that break the end rules.
                         Codec::Lz4 => {
-                            lz4_block_check(&stored, out.len())
-                                .map_err(|what| self.damaged(i, what))?;
+                            if !self.is_checked(i) {
+                                lz4_block_check(&stored, out.len())
+                                    .map_err(|what| self.damaged(i, what))?;
+                            }
                             let want = out.len() as i32;
                             lz4::block::decompress_to_buffer(&stored, Some(want), out)
                                 .map_err(|err| self.damaged(i, format!("lz4: {err}")))?
@@ -342,6 +346,9 @@ impl Image {
                 ),
             ));
         }
+        if e.kind == Kind::Compressed && self.header.codec == Codec::Lz4 {
+            self.mark_checked(i);
+        }
         Ok(())
     }
 
@@ -358,7 +365,7 @@ impl Image {
             return Ok(());
         }
         let raw = e.kind == Kind::Raw;
-        if raw && self.raw_is_checked(i) {
+        if raw && self.is_checked(i) {
             return self
                 .file
                 .read_exact_at(out, e.offset + at as u64)
@@ -377,7 +384,7 @@ impl Image {
         }
         out.copy_from_slice(&buf[at..at + out.len()]);
         if raw {
-            self.raw_checked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+            self.mark_checked(i);
             self.cache.put_if_room(i, buf);
         } else {
             self.cache.put(i, buf);
@@ -385,8 +392,12 @@ impl Image {
         Ok(())
     }
 
-    fn raw_is_checked(&self, i: u64) -> bool {
-        self.raw_checked[(i / 64) as usize].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
+    fn is_checked(&self, i: u64) -> bool {
+        self.checked[(i / 64) as usize].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
+    }
+
+    fn mark_checked(&self, i: u64) {
+        self.checked[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
     }
 
     /// Reads `buf.len()` bytes at `offset`. Whole chunks are decoded straight into `buf`
@@ -629,7 +640,7 @@ impl BlockSource for Image {
         (offset >> shift..=(end - 1) >> shift).all(|i| match self.entry(i) {
             Ok(e) => match e.kind {
                 Kind::Zero => true,
-                Kind::Raw => self.raw_is_checked(i) || self.cache.contains(i),
+                Kind::Raw => self.is_checked(i) || self.cache.contains(i),
                 Kind::Compressed => self.cache.contains(i),
             },
             Err(_) => false,
