@@ -47,8 +47,8 @@ pub const INCOMPAT_KNOWN: u64 = INCOMPAT_LZ4;
 pub enum Codec {
     /// One zstd frame per chunk: the smaller images.
     Zstd = 1,
-    /// One LZ4 block per chunk: faster to decode (1.4 times as fast here, the block
-    /// check included), larger images.
+    /// One LZ4 block per chunk: faster to decode (1.4 to 2.1 times as fast here, the
+    /// block check of a chunk's first decode included), larger images.
     Lz4 = 2,
 }
 
