@@ -1224,10 +1224,13 @@ fn hostile_lz4_blocks_are_damaged_chunks() {
     for (what, block, needle) in cases {
         let img = with_frame(g, &sc, 2, &block);
         check_damaged_chunk(g, &img, 2, needle, what);
+        spec_reader_refuses_chunk_2(&sc.path, needle, what);
     }
     // The well-formed block decodes (and fails only its CRC, being other bytes).
     let img = with_frame(g, &sc, 2, &fine);
     check_damaged_chunk(g, &img, 2, "checksum mismatch", "a well-formed block");
+    spec_reader_refuses_chunk_2(&sc.path, "checksum mismatch", "a well-formed block");
+
     // A flipped bit anywhere in a compressed chunk: LZ4 or the CRC catches it, unless
     // the block still decodes to the same bytes (a match offset moved to equal bytes,
     // such as the zeros of its bad sectors): never other bytes.
@@ -1249,6 +1252,40 @@ fn hostile_lz4_blocks_are_damaged_chunks() {
         }
     }
     assert!(caught > e.len as usize * 9 / 10, "{caught} of {}", e.len);
+}
+
+/// The reader written from FORMAT.md alone (crates/interpose/tests/scripts/img_reader.py)
+/// refuses the image at `path` for its chunk 2 too, for the same kind of reason as ours
+/// (`needle`: our message): the two readers agree on what a hostile LZ4 block is. (It
+/// needs no zstd module for an LZ4 image.)
+fn spec_reader_refuses_chunk_2(path: &Path, needle: &str, what: &str) {
+    // Its words for the same findings.
+    let theirs = if needle.contains("checksum mismatch") || needle.contains("decompressed to") {
+        needle
+    } else {
+        "LZ4"
+    };
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../interpose/tests/scripts/img_reader.py");
+    let python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg("check")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {python} {}: {e}", script.display()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && err.contains("chunk 2 (bytes 8192..12288)")
+            && err.contains(theirs),
+        "{what}: img_reader.py check gave {:?}:\n{err}",
+        out.status
+    );
 }
 
 // ---------------------------------------------------------------------------------------
