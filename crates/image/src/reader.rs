@@ -294,6 +294,8 @@ impl Image {
 
     /// Decodes chunk `i` into `out` (exactly the chunk's length), checking its CRC.
     fn decode_chunk(&self, i: u64, e: &Entry, out: &mut [u8]) -> Result<()> {
+        // An LZ4 block walked now (§8.2), to be marked once its CRC matched.
+        let mut walked = false;
         match e.kind {
             Kind::Zero => {
                 out.fill(0);
@@ -320,6 +322,7 @@ impl Image {
                             if !self.is_checked(i) {
                                 lz4_block_check(&stored, out.len())
                                     .map_err(|what| self.damaged(i, what))?;
+                                walked = true;
                             }
                             let want = out.len() as i32;
                             lz4::block::decompress_to_buffer(&stored, Some(want), out)
@@ -346,7 +349,8 @@ impl Image {
                 ),
             ));
         }
-        if e.kind == Kind::Compressed && self.header.codec == Codec::Lz4 {
+        if walked {
+            // Only then: every later decode would write the shared bitmap otherwise.
             self.mark_checked(i);
         }
         Ok(())

@@ -20,11 +20,18 @@ fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn audit_logs_every_operation_with_caller_and_result() {
+/// A mount with the audit filter logging to a file in a temporary directory (kept alive
+/// by the first value); `options` follow the file name in the filter spec.
+fn audited_mount(options: &str) -> (tempfile::TempDir, std::path::PathBuf, Mount) {
     let tmp = tempfile::tempdir_in(test_root()).unwrap();
     let log = tmp.path().join("audit.jsonl");
-    let m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    let m = Mount::new(&["--filter", &format!("audit={}{options}", log.display())]);
+    (tmp, log, m)
+}
+
+#[test]
+fn audit_logs_every_operation_with_caller_and_result() {
+    let (_tmp, log, m) = audited_mount("");
     fs::write(m.mnt.join("a.txt"), b"hello").unwrap();
     assert_eq!(fs::read(m.mnt.join("a.txt")).unwrap(), b"hello");
     assert_eq!(
@@ -84,9 +91,7 @@ fn audit_lines_name_the_file_where_it_is_now_and_the_program_after_exec() {
     // A write through a descriptor opened before its directory was renamed is logged
     // under the new path; a shell that execs a program (`exec cat`, `cmd > file`) is
     // logged as that program, not as the shell whose pid it kept.
-    let tmp = tempfile::tempdir_in(test_root()).unwrap();
-    let log = tmp.path().join("audit.jsonl");
-    let m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    let (_tmp, log, m) = audited_mount("");
     fs::create_dir(m.backing.join("d1")).unwrap();
     fs::write(m.backing.join("x"), b"x\n").unwrap();
     let script = "exec 7>>d1/f; mv d1 d2; echo via-old-fd >&7; test -e x; exec cat x";
@@ -151,9 +156,7 @@ fn passthrough_keeps_data_out_of_the_daemon_unless_a_filter_wants_it() {
 /// exec and the program all hung.
 #[test]
 fn spawning_a_program_with_a_file_of_the_audited_mount_open_does_not_hang() {
-    let tmp = tempfile::tempdir_in(test_root()).unwrap();
-    let log = tmp.path().join("audit.jsonl");
-    let m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    let (_tmp, log, m) = audited_mount("");
     fs::write(m.mnt.join("held"), b"x").unwrap();
     let out = output(
         Command::new("timeout")
@@ -189,9 +192,7 @@ fn spawning_a_program_with_a_file_of_the_audited_mount_open_does_not_hang() {
 #[test]
 fn write_only_opens_the_daemon_serves_bypass_the_page_cache() {
     use std::os::unix::fs::FileExt;
-    let tmp = tempfile::tempdir_in(test_root()).unwrap();
-    let log = tmp.path().join("audit.jsonl");
-    let m = Mount::new(&["--filter", &format!("audit={};io=on", log.display())]);
+    let (_tmp, log, m) = audited_mount(";io=on");
     let p = m.mnt.join("f");
     let write_only = || {
         fs::OpenOptions::new()

@@ -4,9 +4,9 @@
 //! target), `pid`, `uid`, `gid`, `exe`, `result` (`"ok"` or the errno name), `errno`
 //! (0 on success), `bytes` (moved by read/write/copy), `offset`, `size`, `flags`, `mode`,
 //! `xattr` when they apply, and `latency_us`. `exe` is null when it cannot be known: the
-//! process is gone, or the operation is a flush (see [`Audit::after`]). A path, executable or xattr name that is
-//! not UTF-8 is written with U+FFFD replacements in its field (`path`) and exactly,
-//! hex-encoded, in the same name with `_hex` (`path_hex`).
+//! process is gone, or the operation is a flush (see [`Audit::after`]). A path,
+//! executable or xattr name that is not UTF-8 is written with U+FFFD replacements in its
+//! field (`path`) and exactly, hex-encoded, in the same name with `_hex` (`path_hex`).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
