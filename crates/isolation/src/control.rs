@@ -19,7 +19,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::fs::Shared;
-use crate::journal::Journal;
 use crate::store::{CommitProgress, LogEntryRef, Store, Tally};
 use crate::view::View;
 use crate::Error;
@@ -169,7 +168,7 @@ fn handle(
             let mut v = shared.view.lock();
             v.sync()
                 .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
-            let (_, recs) = reopen(store, &jpath)?;
+            let recs = v.journal.records()?;
             v.hold_nameless_origins();
             let backing = v.backing.clone();
             let mut progress = |p: CommitProgress| {
@@ -187,7 +186,7 @@ fn handle(
                 let mut v = shared.view.lock();
                 v.sync()
                     .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
-                let (_, recs) = reopen(store, &jpath)?;
+                let recs = v.journal.records()?;
                 let mut stale: Vec<(u64, Option<(u64, std::ffi::OsString)>)> =
                     v.ids().into_iter().map(|i| (i, None)).collect();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
@@ -216,16 +215,11 @@ fn handle(
     }
 }
 
-/// The records of the view's journal, read afresh (the view keeps no list of them).
-fn reopen(store: &Store, path: &Path) -> Result<(Journal, Vec<crate::journal::Record>), Error> {
-    Journal::open(path, store.meta().id_bytes(), false)
-}
-
 /// Replaces the view with one built from the store, keeping the node numbers the kernel
 /// knows for the objects that still exist (see [`View::adopt`]); `committed`: after a
 /// commit, else after a discard.
 fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
-    let (journal, records) = store.journal()?;
+    let (journal, records) = store.journal_checked_before()?;
     let mut fresh = View::new(v.backing.clone(), journal)?;
     // New nodes must not take numbers the kernel still holds for others.
     fresh.set_next_new(v.next_new());
@@ -241,7 +235,14 @@ fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
     };
     fresh.adopt(v.known(), v.next_new(), committed);
     fresh.install_orphans(orphans);
+    let old_journal = v.journal.file().clone();
     *v = fresh;
+    // After a commit this is the old journal's last descriptor, and closing it frees its
+    // blocks (0.14 s for 1 GiB on the bench VM, discards included): not worth keeping the
+    // commit's answer and the mount waiting for. If no thread can be had, it closes here.
+    let _ = std::thread::Builder::new()
+        .name("journal-close".into())
+        .spawn(move || drop(old_journal));
     Ok(())
 }
 

@@ -132,17 +132,37 @@ impl Journal {
         })
     }
 
-    /// Opens and scans a journal. With `repair`, a torn last record is cut off (it was
-    /// never acknowledged); without, the journal is left as it is and the torn record
-    /// ignored.
+    /// Opens and scans a journal, checking every record's checksum. With `repair`, a torn
+    /// last record is cut off (it was never acknowledged); without, the journal is left as
+    /// it is (and opened read-only) and the torn record ignored.
     pub fn open(
         path: &Path,
         store_id: [u8; 16],
         repair: bool,
     ) -> Result<(Journal, Vec<Record>), Error> {
+        Journal::open_with(path, store_id, repair, repair, true)
+    }
+
+    /// Opens for appending a journal whose records were all checked or written by this
+    /// process: the one a commit or discard just wrote, copying records checked before.
+    /// Reads only the records' headers and changes, not their data again.
+    pub fn open_checked_before(
+        path: &Path,
+        store_id: [u8; 16],
+    ) -> Result<(Journal, Vec<Record>), Error> {
+        Journal::open_with(path, store_id, true, false, false)
+    }
+
+    fn open_with(
+        path: &Path,
+        store_id: [u8; 16],
+        write: bool,
+        repair: bool,
+        verify_data: bool,
+    ) -> Result<(Journal, Vec<Record>), Error> {
         let file = OpenOptions::new()
             .read(true)
-            .write(repair)
+            .write(write)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -171,7 +191,7 @@ impl Journal {
         }
         let base_seq = u64::from_le_bytes(h[16..24].try_into().unwrap());
         let mut records = Vec::new();
-        let (off, last_seq) = scan(&file, path, len, base_seq, true, &mut |r| {
+        let (off, last_seq) = scan(&file, path, len, base_seq, verify_data, &mut |r| {
             records.push(r);
             Ok(())
         })?;
@@ -231,6 +251,16 @@ impl Journal {
             ));
         }
         Ok(())
+    }
+
+    /// The records, from their headers and changes (see [`Journal::for_each_record`]).
+    pub fn records(&self) -> Result<Vec<Record>, Error> {
+        let mut recs = Vec::new();
+        self.for_each_record(&mut |r| {
+            recs.push(r);
+            Ok(())
+        })?;
+        Ok(recs)
     }
 
     /// Appends a change with its data; returns its sequence number and data offset.
