@@ -2043,6 +2043,80 @@ fn write_through_applies_every_change_at_once_and_records_it() {
     assert!(err.contains("made for --write-through"), "{err}");
 }
 
+/// A commit reads the journal ahead in large reads on threads of its own (4 MiB each,
+/// two at a time) and writes each record's data from them: records of every size, with
+/// changes without data between them, must land whole wherever the reads split them.
+#[test]
+fn a_commit_applies_every_record_whole_wherever_its_reads_of_the_journal_split_it() {
+    let d = dirs();
+    fs::write(d.backing.join("meta"), b"m").unwrap();
+    let m = d.mount();
+    let new_file = |name: &str| File::create(d.mnt.join(name)).unwrap();
+    let (big, small) = (new_file("big"), new_file("small"));
+    // Writes of uneven sizes (whole blocks and parts of them, up to the 1 MiB a FUSE
+    // write carries, so up to 256 blocks a record), with a small write and a chmod (a
+    // record without data) between them: about 14 MiB of journal.
+    let sizes = [
+        1 << 20,
+        3 * 4096 + 17,
+        (700 << 10) + 5,
+        4096,
+        1 << 20,
+        65_536 - 1,
+    ];
+    let (mut at, mut i) = (0u64, 0usize);
+    while at < 14 << 20 {
+        let n = sizes[i % sizes.len()];
+        big.write_all_at(&pattern(n, i as u8), at).unwrap();
+        small
+            .write_all_at(&pattern(100, i as u8), (i as u64 * 7919) % (1 << 20))
+            .unwrap();
+        fs::set_permissions(
+            d.mnt.join("meta"),
+            fs::Permissions::from_mode(0o600 | ((i as u32 % 2) * 0o44)),
+        )
+        .unwrap();
+        at += n as u64 + if i % 5 == 0 { 8192 } else { 0 };
+        i += 1;
+    }
+    big.set_len(at - 1000).unwrap();
+    big.sync_all().unwrap();
+    drop((big, small));
+    // Bytes, holes and modes (times and inode numbers are other tests' business).
+    type FileState = (String, Vec<u8>, Vec<(u64, u64)>, u32);
+    let state = |root: &Path| -> Vec<FileState> {
+        ["big", "small", "meta"]
+            .iter()
+            .map(|n| {
+                let p = root.join(n);
+                let regions = data_regions(&File::open(&p).unwrap());
+                (n.to_string(), read(&p), regions, mode_of(&p))
+            })
+            .collect()
+    };
+    let want = state(&d.mnt);
+    assert!(want[0].2.len() > 5, "too few holes in big: {:?}", want[0].2);
+    let last = num(&status(&d.store), "last_seq");
+    assert!(last > 3 * 30, "only {last} changes");
+    // Half through the daemon, the rest without it.
+    commit(&d.store, Some(last / 2));
+    assert!(
+        state(&d.mnt) == want,
+        "the mount changed with a commit of half"
+    );
+    m.stop();
+    commit(&d.store, None);
+    let got = state(&d.backing);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            g.1 == w.1,
+            "{}: other bytes in BACKING after the commit",
+            g.0
+        );
+        assert_eq!((&g.2, g.3), (&w.2, w.3), "{}: holes and mode", g.0);
+    }
+}
+
 #[test]
 fn rm_rf_of_a_large_tree_is_isolated_until_commit() {
     let d = dirs();

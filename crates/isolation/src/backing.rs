@@ -286,17 +286,9 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
             if *size < cur {
                 f.set_len(*size)?;
             }
-            let mut mem: std::borrow::Cow<[u8]> = std::borrow::Cow::Borrowed(&[]);
-            let (journal, mut src) = match data {
-                DataSrc::Journal(f, off) => (Some(f), off),
-                DataSrc::Mem(parts) => {
-                    // One part (a write) is used where it is, not copied.
-                    mem = match parts {
-                        [one] => std::borrow::Cow::Borrowed(one),
-                        more => std::borrow::Cow::Owned(more.concat()),
-                    };
-                    (None, 0)
-                }
+            let (journal, mut src, parts) = match data {
+                DataSrc::Journal(f, off) => (Some(f), off, &[][..]),
+                DataSrc::Mem(parts) => (None, 0, parts),
             };
             for run in runs {
                 let (off, len) = (run.block * BLOCK, run.count * BLOCK);
@@ -325,13 +317,7 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
                 } else {
                     match journal {
                         Some(j) => copy_range(j, src, &f, off, len)?,
-                        None => {
-                            use std::os::unix::fs::FileExt;
-                            let part = mem
-                                .get(src as usize..(src + len) as usize)
-                                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-                            f.write_all_at(part, off)?;
-                        }
+                        None => write_parts_at(&f, parts, src, len, off)?,
                     }
                     src += len;
                 }
@@ -504,6 +490,31 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
             }
         }
     }
+}
+
+/// Writes bytes `src..src + len` of the concatenation of `parts` at `off`, from where
+/// they are (a change's data in memory is a write's buffers, or the reads holding a
+/// record: not copied together first).
+fn write_parts_at(f: &File, parts: &[&[u8]], src: u64, len: u64, off: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut start, mut written) = (0u64, 0u64);
+    for part in parts {
+        let end = start + part.len() as u64;
+        let (lo, hi) = (src.max(start), (src + len).min(end));
+        if lo < hi {
+            f.write_all_at(
+                &part[(lo - start) as usize..(hi - start) as usize],
+                off + (lo - src),
+            )?;
+            written += hi - lo;
+        }
+        start = end;
+    }
+    if written != len {
+        // Fewer bytes than the runs cover: the change and its data disagree.
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
 }
 
 fn write_zeros(f: &File, off: u64, len: u64) -> io::Result<()> {

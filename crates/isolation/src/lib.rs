@@ -12,8 +12,9 @@
 //! blocks of a changed file the view holds, as extents), [`view`] (the
 //! in-memory picture of the isolated tree), [`store`] (the store directory: open,
 //! status, log, commit, discard), [`fs`] (the FUSE front end) and [`control`] (the
-//! running daemon's control socket).
+//! running daemon's control socket); [`ahead`] reads the journal ahead of a commit.
 
+pub mod ahead;
 pub mod backing;
 pub mod blockmap;
 pub mod change;

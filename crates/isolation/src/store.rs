@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backing::{self, Backing};
+use crate::ahead::Ahead;
+use crate::backing::{self, Backing, DataSrc};
 use crate::change::{Change, RawPath};
 use crate::journal::{Journal, Record, HEADER_LEN};
 use crate::Error;
@@ -607,6 +608,13 @@ impl Store {
             self.write_state(&sf, state)
         };
         let mut dirty = false;
+        // The records' data, read ahead of them (see [`crate::ahead`]); if no thread can be
+        // had, copied from the journal in the kernel.
+        let with_data = || todo.iter().filter(|r| r.change.data_len() > 0);
+        let mut ahead = with_data()
+            .next()
+            .zip(with_data().next_back())
+            .and_then(|(a, b)| Ahead::start(journal.path(), &jfile, a.data_offset, b.end()).ok());
         for r in todo {
             let c = &r.change;
             if c.is_destructive() && dirty {
@@ -636,7 +644,13 @@ impl Store {
                         Some((dir.as_path(), (st.st_mtime, st.st_mtime_nsec as u32)))
                     })
                     .collect();
-                if let Err(source) = backing::apply(backing, c, &jfile, r.data_offset) {
+                let applied = match (&mut ahead, c.data_len()) {
+                    (Some(a), n) if n > 0 => a
+                        .get(r.data_offset, n)
+                        .and_then(|parts| backing::apply_from(backing, c, DataSrc::Mem(&parts))),
+                    _ => backing::apply(backing, c, &jfile, r.data_offset),
+                };
+                if let Err(source) = applied {
                     let _ = barrier(&mut state, r.seq - 1);
                     return Err(Error::Apply {
                         seq: r.seq,
@@ -667,6 +681,7 @@ impl Store {
                 progress(prog);
             }
         }
+        drop(ahead);
         barrier(&mut state, target)?;
         progress(prog);
         self.finish_at(journal, records, target, u64::MAX)?;
