@@ -1,44 +1,34 @@
-//! The journal's data read ahead for a commit: one thread reads the span of the journal
-//! the commit needs, front to back, in large aligned reads with `O_DIRECT` where the
-//! file system takes it, while the commit writes what was read into BACKING.
+//! The journal's data read ahead for a commit: two threads read the span of the journal
+//! the commit needs, front to back, in 4 MiB reads, while the commit writes what was read
+//! into BACKING with `pwrite`.
 //!
-//! Why not `copy_file_range` from the journal, as `cp` does: a record's data starts
-//! wherever its header ends, not on a page boundary, and the kernel's copy from an
-//! unaligned offset costs half as much CPU again as an aligned one. Reading through the
-//! page cache also fills it with journal pages that are evicted at once when the
-//! compacted journal replaces the old one (0.2 s for 1 GiB on the bench VM, all in the
-//! commit's time). Direct reads into a buffer, then one `pwrite` per run, skip both.
+//! Why not `copy_file_range` from the journal, as `cp` does: the kernel's copy reads and
+//! writes on the one thread, and from a record's data, which starts wherever its header
+//! ends, not on a page boundary, it costs half as much CPU again as from an aligned
+//! offset. Here the reading (and the kernel's readahead, which these reads trigger) runs
+//! beside the writing. Reads with `O_DIRECT` were tried and were slower on the bench VM:
+//! two synchronous 4 MiB reads in flight keep its disk less busy than readahead does.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
 use std::sync::{mpsc, Arc};
 
-/// Bytes per read (a single request on the bench VM's disk, whose largest is 4 MiB).
+/// Bytes per read.
 const CHUNK: usize = 4 << 20;
-/// Alignment of offsets, lengths and buffers for `O_DIRECT` (a page: enough for any
-/// logical block size this will meet).
-const ALIGN: u64 = 4096;
-/// Reading threads, each taking every READERS-th chunk: reads in flight. A single
-/// synchronous reader leaves the disk idle between its reads.
+/// Reading threads, each taking every READERS-th chunk.
 const READERS: usize = 2;
 
-/// A read: the journal's bytes `start..start + len` at `buf[pad..]`.
+/// A read: the journal's bytes `start..start + buf.len()`.
 struct Chunk {
     start: u64,
     buf: Vec<u8>,
-    pad: usize,
-    len: usize,
 }
 
 impl Chunk {
     fn end(&self) -> u64 {
-        self.start + self.len as u64
-    }
-    fn bytes(&self) -> &[u8] {
-        &self.buf[self.pad..self.pad + self.len]
+        self.start + self.buf.len() as u64
     }
 }
 
@@ -49,7 +39,7 @@ struct Reader {
 }
 
 /// The consumer's side: asks for ranges in increasing order. Holds at most the chunks
-/// that the range asked for last spans, one waiting and one being read per reader
+/// that the range asked for last spans, and one waiting and one being read per reader
 /// (about 24 MiB for records of up to 4 MiB).
 pub struct Ahead {
     readers: Vec<Reader>,
@@ -60,11 +50,9 @@ pub struct Ahead {
 }
 
 impl Ahead {
-    /// Starts reading `path` (the journal, also open as `file`) from `from` to `to` on
-    /// threads that end when they reach `to` or the reader is dropped.
-    pub fn start(path: &Path, file: &Arc<File>, from: u64, to: u64) -> io::Result<Ahead> {
-        let first = from - from % ALIGN;
-        let to = to.next_multiple_of(ALIGN);
+    /// Starts reading `file` (the journal) from `from` to `to` on threads that end when
+    /// they reach `to` or the reader is dropped.
+    pub fn start(file: &Arc<File>, from: u64, to: u64) -> io::Result<Ahead> {
         let mut ahead = Ahead {
             readers: Vec::with_capacity(READERS),
             threads: Vec::with_capacity(READERS),
@@ -74,31 +62,21 @@ impl Ahead {
         for r in 0..READERS {
             let (tx, read) = mpsc::sync_channel(1);
             let (spent, reuse) = mpsc::channel::<Vec<u8>>();
-            // A file system without O_DIRECT: read through the page cache.
-            let mut direct = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-                .ok();
             let file = file.clone();
             let thread = std::thread::Builder::new()
                 .name("commit-read".into())
                 .spawn(move || {
-                    let mut pos = first + (r * CHUNK) as u64;
+                    let mut pos = from + (r * CHUNK) as u64;
                     while pos < to {
-                        let want = CHUNK.min((to - pos) as usize);
                         let mut buf = reuse
                             .try_recv()
-                            .unwrap_or_else(|_| vec![0u8; CHUNK + ALIGN as usize]);
-                        let pad = buf.as_ptr().align_offset(ALIGN as usize);
-                        let read = read_full(&mut direct, &file, &mut buf[pad..pad + want], pos);
-                        let sent = match read {
-                            Ok(len) => tx.send(Ok(Chunk {
-                                start: pos,
-                                buf,
-                                pad,
-                                len,
-                            })),
+                            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+                        buf.resize(CHUNK.min((to - pos) as usize), 0);
+                        let sent = match read_full(&file, &mut buf, pos) {
+                            Ok(len) => {
+                                buf.truncate(len);
+                                tx.send(Ok(Chunk { start: pos, buf }))
+                            }
                             Err(e) => tx.send(Err(e)),
                         };
                         if sent.is_err() {
@@ -122,7 +100,7 @@ impl Ahead {
             let _ = self.readers[reader].spent.send(c.buf);
         }
         while self.window.back().is_none_or(|c| c.end() < off + len) {
-            if self.window.back().is_some_and(|c| c.len < CHUNK) {
+            if self.window.back().is_some_and(|c| c.buf.len() < CHUNK) {
                 // A short read: the end of the file.
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -138,7 +116,7 @@ impl Ahead {
         for c in &self.window {
             let (lo, hi) = (off.max(c.start), (off + len).min(c.end()));
             if lo < hi {
-                parts.push(&c.bytes()[(lo - c.start) as usize..(hi - c.start) as usize]);
+                parts.push(&c.buf[(lo - c.start) as usize..(hi - c.start) as usize]);
             }
         }
         if parts.iter().map(|p| p.len() as u64).sum::<u64>() != len {
@@ -159,31 +137,14 @@ impl Drop for Ahead {
     }
 }
 
-/// Fills `buf` from `pos` up to the end of the file; the bytes read. Reads directly while
-/// the file system takes it (`direct`), else through `file`.
-fn read_full(
-    direct: &mut Option<File>,
-    file: &File,
-    buf: &mut [u8],
-    pos: u64,
-) -> io::Result<usize> {
+/// Fills `buf` from `pos` up to the end of the file; the bytes read.
+fn read_full(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
-        let at = pos + done as u64;
-        let r = match direct {
-            // A direct read needs an aligned offset and length: after a short read
-            // (the end of the file) there is nothing more to read anyway.
-            Some(d) if (done as u64).is_multiple_of(ALIGN) => d.read_at(&mut buf[done..], at),
-            _ => file.read_at(&mut buf[done..], at),
-        };
-        match r {
+        match file.read_at(&mut buf[done..], pos + done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && direct.is_some() => {
-                tracing::debug!("reading the journal without O_DIRECT: {e}");
-                *direct = None;
-            }
             Err(e) => return Err(e),
         }
     }
@@ -194,9 +155,8 @@ fn read_full(
 mod tests {
     use super::*;
 
-    /// A file of `len` bytes that differ from their neighbours, in a directory on the
-    /// temporary directory's file system (ext4 or tmpfs: both take O_DIRECT).
-    fn sample(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+    /// A file of `len` bytes that differ from their neighbours.
+    fn sample(len: usize) -> (tempfile::TempDir, Arc<File>, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         let mut x = 0x9e37_79b9u32;
@@ -209,17 +169,13 @@ mod tests {
             })
             .collect();
         std::fs::write(&p, &bytes).unwrap();
-        (dir, p, bytes)
-    }
-
-    fn joined(parts: &[&[u8]]) -> Vec<u8> {
-        parts.concat()
+        (dir, Arc::new(File::open(&p).unwrap()), bytes)
     }
 
     #[test]
     fn ranges_come_back_as_in_the_file_across_reads_and_readers() {
         let len = 3 * CHUNK + 12_345;
-        let (_d, p, bytes) = sample(len);
+        let (_d, file, bytes) = sample(len);
         let c = CHUNK as u64;
         // Unaligned starts, a range inside one read, one across two and across three
         // (so from both readers), and the file's last bytes.
@@ -230,12 +186,11 @@ mod tests {
             (2 * c - 5000, c + 10_000),
             (len as u64 - 7, 7),
         ];
-        let file = Arc::new(File::open(&p).unwrap());
-        let mut a = Ahead::start(&p, &file, ranges[0].0, len as u64).unwrap();
+        let mut a = Ahead::start(&file, ranges[0].0, len as u64).unwrap();
         for (off, n) in ranges {
             let parts = a.get(off, n).unwrap();
             assert_eq!(
-                joined(&parts),
+                parts.concat(),
                 &bytes[off as usize..(off + n) as usize],
                 "range {off}+{n}"
             );
@@ -244,9 +199,8 @@ mod tests {
 
     #[test]
     fn a_range_past_the_end_of_the_file_is_an_error_not_a_wait() {
-        let (_d, p, _) = sample(CHUNK + 100);
-        let file = Arc::new(File::open(&p).unwrap());
-        let mut a = Ahead::start(&p, &file, 0, 3 * CHUNK as u64).unwrap();
+        let (_d, file, _) = sample(CHUNK + 100);
+        let mut a = Ahead::start(&file, 0, 3 * CHUNK as u64).unwrap();
         let err = a.get(CHUNK as u64, 4096).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
     }
@@ -255,30 +209,9 @@ mod tests {
     fn a_commit_that_stops_early_stops_the_readers() {
         // Dropped after the first range of a long span: the drop must end the readers,
         // not wait for ever on those blocked on a full channel.
-        let (_d, p, bytes) = sample(6 * CHUNK);
-        let file = Arc::new(File::open(&p).unwrap());
-        let mut a = Ahead::start(&p, &file, 0, 6 * CHUNK as u64).unwrap();
-        assert_eq!(joined(&a.get(10, 10).unwrap()), &bytes[10..20]);
+        let (_d, file, bytes) = sample(6 * CHUNK);
+        let mut a = Ahead::start(&file, 0, 6 * CHUNK as u64).unwrap();
+        assert_eq!(a.get(10, 10).unwrap().concat(), &bytes[10..20]);
         drop(a);
-    }
-
-    #[test]
-    fn a_direct_read_refused_goes_on_through_the_page_cache() {
-        let (_d, p, bytes) = sample(3 * ALIGN as usize);
-        let file = File::open(&p).unwrap();
-        let mut direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p)
-            .ok();
-        assert!(direct.is_some(), "O_DIRECT open in the temporary directory");
-        // A buffer one byte off its alignment: the direct read gets EINVAL.
-        let mut buf = vec![0u8; 2 * ALIGN as usize + 1];
-        let pad = buf.as_ptr().align_offset(ALIGN as usize);
-        let at = if pad == 0 { 1 } else { 0 };
-        let n = read_full(&mut direct, &file, &mut buf[at..at + ALIGN as usize], ALIGN).unwrap();
-        assert_eq!(n, ALIGN as usize);
-        assert_eq!(&buf[at..at + n], &bytes[ALIGN as usize..2 * ALIGN as usize]);
-        assert!(direct.is_none(), "still reading directly after EINVAL");
     }
 }

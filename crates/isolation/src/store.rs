@@ -614,7 +614,7 @@ impl Store {
         let mut ahead = with_data()
             .next()
             .zip(with_data().next_back())
-            .and_then(|(a, b)| Ahead::start(journal.path(), &jfile, a.data_offset, b.end()).ok());
+            .and_then(|(a, b)| Ahead::start(&jfile, a.data_offset, b.end()).ok());
         for r in todo {
             let c = &r.change;
             if c.is_destructive() && dirty {
