@@ -486,9 +486,26 @@ fn model_isolate_path_names_of_a_hard_link() {
     // under the file's other name, d1/n0/n1, the one its view met first; operation 1099
     // renames d1/n0, which the daemon must then record (the model once took that for a
     // change outside everything pending). Pinned, as the operations come from the seed.
-    let mut m = Model::new("interpose-test-isomodel-", 340_688_507);
+    isolate_path_pinned(340_688_507, 1100);
+}
+
+/// The operations 1..=`ops` of the model's `seed` on a `--isolate-path d1/d2` mount.
+fn isolate_path_pinned(seed: u64, ops: u64) {
+    let mut m = Model::new("interpose-test-isomodel-", seed);
     m.border = Some("d1/d2");
     let mnt = m.mount_with(&["--isolate-path", "d1/d2"]);
-    m.run_ops(1, 1100);
+    m.run_ops(1, ops);
     stop(mnt);
+}
+
+#[test]
+fn model_isolate_path_symlink_to_a_directory_with_two_names() {
+    // A seed model_isolate_path failed with (INTERPOSE_ISO_SEED=124738675): operation 563
+    // hard-links the symlink n1/n7 (to a directory) outside the isolated paths, operation
+    // 619 exchanges the directory holding its second name with an isolated one, and
+    // operation 672 unlinks n1/n7, which the daemon rightly records (the file has an
+    // isolated name). The model looked for a file's other names among os.walk's files
+    // only, where a symlink to a directory is not listed. Pinned, as the operations come
+    // from the seed.
+    isolate_path_pinned(124_738_678, 680);
 }

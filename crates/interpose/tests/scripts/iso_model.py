@@ -792,7 +792,9 @@ def other_links(ref, rels):
     out = []
     if want:
         for root, dirs, files in os.walk(ref):
-            for f in files:
+            # os.walk lists a symlink to a directory among the directories (and does not
+            # enter it): such a symlink with two names is still one of the files wanted.
+            for f in dirs + files:
                 full = os.path.join(root, f)
                 if os.lstat(full).st_ino in want:
                     out.append(os.path.relpath(full, ref))
