@@ -3643,6 +3643,52 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
     assert_untouched(&d.backing, &before, "after attempts on a corrupt store");
 }
 
+/// The daemon checks the journal when it opens it; a record damaged on disk after that
+/// (here: a byte of its data flipped behind the daemon's back) must not go into BACKING:
+/// a mounted commit checks each record again before applying it, and stops there.
+#[test]
+fn a_record_damaged_while_mounted_stops_the_commit_before_it() {
+    let d = dirs();
+    let m = d.mount();
+    for i in 0..3 {
+        fs::write(d.mnt.join(format!("f{i}")), pattern(8192, i as u8)).unwrap();
+    }
+    let jpath = d.store.join("journal");
+    let recs = journal_records(&read(&jpath));
+    assert_eq!(recs.len(), 6, "create + data for each of 3 files");
+    let (off, _, data_off, _) = recs[3]; // f1's data, seq 4
+    let j = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&jpath)
+        .unwrap();
+    let mut b = [0u8; 1];
+    j.read_exact_at(&mut b, data_off as u64 + 100).unwrap();
+    j.write_all_at(&[b[0] ^ 0x40], data_off as u64 + 100)
+        .unwrap();
+    drop(j);
+    let err = iso_fails("commit", &d.store, &[]);
+    let where_ = format!("offset {off} (seq 4)");
+    assert!(
+        err.contains("corrupt") && err.contains(&where_),
+        "mounted commit of a damaged record (want \"corrupt\" and {where_:?}):\n{err}"
+    );
+    // Changes 1..=3 went in (f0 whole, f1 created), nothing of 4 and after.
+    assert_eq!(read(&d.backing.join("f0")), pattern(8192, 0));
+    assert_eq!(
+        read(&d.backing.join("f1")),
+        b"",
+        "f1 got data from the damaged record"
+    );
+    assert!(
+        !d.backing.join("f2").exists(),
+        "f2 went in after the damaged record"
+    );
+    let st = status(&d.store);
+    assert_eq!(num(&st, "last_seq"), 6, "{st:#}");
+    m.stop();
+}
+
 #[test]
 fn a_torn_last_record_is_cut_off_and_the_rest_shows() {
     let d = dirs();

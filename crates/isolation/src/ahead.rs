@@ -39,8 +39,9 @@ struct Reader {
 }
 
 /// The consumer's side: asks for ranges in increasing order. Holds at most the chunks
-/// that the range asked for last spans, and one waiting and one being read per reader
-/// (about 24 MiB for records of up to 4 MiB).
+/// that the range asked for last spans, and one waiting and one being read per reader:
+/// about 24 MiB for records of up to 4 MiB (1 MiB writes make 1 MiB records), 80 MiB for
+/// the largest a journal accepts (64 MiB).
 pub struct Ahead {
     readers: Vec<Reader>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -77,7 +78,10 @@ impl Ahead {
                                 buf.truncate(len);
                                 tx.send(Ok(Chunk { start: pos, buf }))
                             }
-                            Err(e) => tx.send(Err(e)),
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return; // the commit stops at this error
+                            }
                         };
                         if sent.is_err() {
                             return; // the commit stopped
@@ -94,6 +98,9 @@ impl Ahead {
     /// The journal's `len` bytes at `off`, as the slices of the reads holding them.
     /// `off` must not be before an offset asked for earlier.
     pub fn get(&mut self, off: u64, len: u64) -> io::Result<Vec<&[u8]>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
         while self.window.front().is_some_and(|c| c.end() <= off) {
             let c = self.window.pop_front().expect("checked");
             let reader = (self.taken - self.window.len() - 1) % READERS;
@@ -212,6 +219,8 @@ mod tests {
         let (_d, file, bytes) = sample(6 * CHUNK);
         let mut a = Ahead::start(&file, 0, 6 * CHUNK as u64).unwrap();
         assert_eq!(a.get(10, 10).unwrap().concat(), &bytes[10..20]);
+        // Nothing asked at the end of what was read: no read past it.
+        assert!(a.get(CHUNK as u64, 0).unwrap().is_empty());
         drop(a);
     }
 }

@@ -15,8 +15,8 @@
 //! or a record that fails its checks with no good record after it, is where the journal
 //! ends: a write cut short by a crash (never acknowledged by fsync: an fsync after a later
 //! record would have made this one durable too), or space written ahead (below). Opening
-//! the journal for writing cuts it off. A bad record with a good record after it is
-//! corruption: opening refuses, naming the offset.
+//! the journal to repair it (a mount, an unmounted commit or discard) cuts it off. A bad
+//! record with a good record after it is corruption: opening refuses, naming the offset.
 //!
 //! Space written ahead: when a program's fsync finds less than [`TAIL_LOW`] bytes of zeros
 //! after the last record, it first writes [`TAIL_AHEAD`] bytes of zeros there, so that the
@@ -396,6 +396,21 @@ impl Journal {
         self.truncations += 1;
         Ok(())
     }
+}
+
+/// Whether a whole record as read (its bytes in order, in one or more pieces) is as long
+/// as it says and passes its checksum.
+pub fn record_checks_out(parts: &[&[u8]]) -> bool {
+    let (mut head, mut got, mut crc, mut total) = ([0u8; 8], 0, 0u32, 0usize);
+    for p in parts {
+        let take = (8 - got).min(p.len());
+        head[got..got + take].copy_from_slice(&p[..take]);
+        got += take;
+        crc = crc32c::crc32c_append(crc, &p[take..]);
+        total += p.len();
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap());
+    got == 8 && u32_at(0) as usize == total && u32_at(4) == crc
 }
 
 /// The fixed fields at the start of a record (see the module documentation).

@@ -608,17 +608,38 @@ impl Store {
             self.write_state(&sf, state)
         };
         let mut dirty = false;
-        // The records' data, read ahead of them (see [`crate::ahead`]); if no thread can be
-        // had, copied from the journal in the kernel.
-        let with_data = || todo.iter().filter(|r| r.change.data_len() > 0);
-        let mut ahead = with_data()
-            .next()
-            .zip(with_data().next_back())
-            .and_then(|(a, b)| Ahead::start(&jfile, a.data_offset, b.end()).ok());
+        // The records, read ahead of them (see [`crate::ahead`]).
+        let jpath = journal.path();
+        let mut ahead = match (todo.first(), todo.last()) {
+            (Some(a), Some(b)) => {
+                Some(Ahead::start(&jfile, a.offset, b.end()).map_err(|e| Error::io(jpath, e))?)
+            }
+            _ => None,
+        };
         for r in todo {
             let c = &r.change;
             if c.is_destructive() && dirty {
                 barrier(&mut state, r.seq - 1)?;
+            }
+            let a = ahead.as_mut().expect("started for the records to apply");
+            // Checked again before anything of it is applied: the daemon checked the
+            // record when it opened the journal or wrote it, but what goes into BACKING is
+            // what is on disk now.
+            let whole = a
+                .get(r.offset, r.end() - r.offset)
+                .map(|parts| crate::journal::record_checks_out(&parts));
+            if !matches!(whole, Ok(true)) {
+                let _ = barrier(&mut state, r.seq - 1);
+                return Err(match whole {
+                    Err(e) => Error::io(jpath, e),
+                    _ => Error::Corrupt {
+                        path: jpath.to_path_buf(),
+                        what: format!(
+                            "record at offset {} (seq {}): checksum mismatch; the commit stopped before it",
+                            r.offset, r.seq
+                        ),
+                    },
+                });
             }
             let mut skip = false;
             if let Change::Rename { from, flags, .. } = c {
@@ -644,11 +665,12 @@ impl Store {
                         Some((dir.as_path(), (st.st_mtime, st.st_mtime_nsec as u32)))
                     })
                     .collect();
-                let applied = match (&mut ahead, c.data_len()) {
-                    (Some(a), n) if n > 0 => a
-                        .get(r.data_offset, n)
-                        .and_then(|parts| backing::apply_from(backing, c, DataSrc::Mem(&parts))),
-                    _ => backing::apply(backing, c, &jfile, r.data_offset),
+                let applied = match a.get(r.data_offset, c.data_len()) {
+                    Ok(parts) => backing::apply_from(backing, c, DataSrc::Mem(&parts)),
+                    Err(e) => {
+                        let _ = barrier(&mut state, r.seq - 1);
+                        return Err(Error::io(jpath, e));
+                    }
                 };
                 if let Err(source) = applied {
                     let _ = barrier(&mut state, r.seq - 1);
