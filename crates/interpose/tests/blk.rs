@@ -1696,9 +1696,12 @@ fn a_server_out_of_descriptors_or_threads_serves_on() {
     drop(stalled);
     read_ok("a client once the stalled ones had gone");
     let err = server.stop();
+    // One line per episode of running out: the stalled clients' backlog, accepted once
+    // they went, can start a few more episodes on a loaded machine (4 seen once). A
+    // spinning loop would log thousands.
     let accept_lines = err.lines().filter(|l| l.contains("accept:")).count();
     assert!(
-        (1..=3).contains(&accept_lines),
+        (1..=10).contains(&accept_lines),
         "{accept_lines} log lines about failed accepts"
     );
 

@@ -235,14 +235,9 @@ fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
     };
     fresh.adopt(v.known(), v.next_new(), committed);
     fresh.install_orphans(orphans);
-    let old_journal = v.journal.file().clone();
+    // After a commit, this closes the old journal's last descriptor, which gives its room
+    // back before the commit answers (a full store takes changes again at once).
     *v = fresh;
-    // After a commit this is the old journal's last descriptor, and closing it frees its
-    // blocks (0.14 s for 1 GiB on the bench VM, discards included): not worth keeping the
-    // commit's answer and the mount waiting for. If no thread can be had, it closes here.
-    let _ = std::thread::Builder::new()
-        .name("journal-close".into())
-        .spawn(move || drop(old_journal));
     Ok(())
 }
 
