@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -207,28 +207,6 @@ fn timespec(t: Option<(i64, u32)>) -> Timespec {
     }
 }
 
-/// Where a change's block data is.
-#[derive(Clone, Copy)]
-pub enum DataSrc<'a> {
-    /// In the journal, from this offset.
-    Journal(&'a File, u64),
-    /// In memory (a change applied directly, never journalled).
-    Mem(&'a [&'a [u8]]),
-}
-
-/// Applies one change to the backing directory. Every change either cannot be applied
-/// twice by mistake or says, from what it finds, that it was applied already (a create
-/// finding its object, an unlink finding none), so a commit cut short may repeat the
-/// change it was in. `journal` holds the change's data at `data_offset`.
-pub fn apply(
-    backing: &Backing,
-    change: &Change,
-    journal: &File,
-    data_offset: u64,
-) -> io::Result<()> {
-    apply_from(backing, change, DataSrc::Journal(journal, data_offset))
-}
-
 /// Sets the modification time of `rel` (and its access time if `access_too`) to `at`.
 pub fn set_times(
     backing: &Backing,
@@ -271,8 +249,12 @@ pub fn stamp(backing: &Backing, change: &Change, at: crate::change::Time) -> io:
     }
 }
 
-/// [`apply`] with the data from anywhere.
-pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::Result<()> {
+/// Applies one change to the backing directory. Every change either cannot be applied
+/// twice by mistake or says, from what it finds, that it was applied already (a create
+/// finding its object, an unlink finding none), so a commit cut short may repeat the
+/// change it was in. `data`: the change's block data, in one or more pieces (a write's
+/// buffers, or the journal reads holding a record), in run order.
+pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<()> {
     let p = |r: &RawPath| r.to_path_buf();
     match change {
         Change::Data { path: None, .. } => Ok(()),
@@ -286,10 +268,7 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
             if *size < cur {
                 f.set_len(*size)?;
             }
-            let (journal, mut src, parts) = match data {
-                DataSrc::Journal(f, off) => (Some(f), off, &[][..]),
-                DataSrc::Mem(parts) => (None, 0, parts),
-            };
+            let mut src = 0;
             for run in runs {
                 let (off, len) = (run.block * BLOCK, run.count * BLOCK);
                 if run.alloc {
@@ -315,10 +294,7 @@ pub fn apply_from(backing: &Backing, change: &Change, data: DataSrc<'_>) -> io::
                         write_zeros(&f, off, len)?;
                     }
                 } else {
-                    match journal {
-                        Some(j) => copy_range(j, src, &f, off, len)?,
-                        None => write_parts_at(&f, parts, src, len, off)?,
-                    }
+                    write_parts_at(&f, data, src, len, off)?;
                     src += len;
                 }
             }
@@ -525,41 +501,6 @@ fn write_zeros(f: &File, off: u64, len: u64) -> io::Result<()> {
         let n = (len - done).min(zeros.len() as u64) as usize;
         f.write_all_at(&zeros[..n], off + done)?;
         done += n as u64;
-    }
-    Ok(())
-}
-
-/// Copies journal data into a file in the kernel (copy_file_range), as cp does.
-fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<()> {
-    let (mut so, mut d_o) = (src_off, dst_off);
-    let end = src_off + len;
-    while so < end {
-        let want = (end - so) as usize;
-        match rustix::fs::copy_file_range(
-            src.as_fd(),
-            Some(&mut so),
-            dst.as_fd(),
-            Some(&mut d_o),
-            want,
-        ) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::XDEV)
-            | Err(rustix::io::Errno::NOSYS)
-            | Err(rustix::io::Errno::INVAL) => {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; (end - so).min(1 << 20) as usize];
-                while so < end {
-                    let n = (end - so).min(buf.len() as u64) as usize;
-                    src.read_exact_at(&mut buf[..n], so)?;
-                    dst.write_all_at(&buf[..n], d_o)?;
-                    so += n as u64;
-                    d_o += n as u64;
-                }
-            }
-            Err(e) => return Err(errno(e)),
-        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::fs::Shared;
+use crate::journal::{Journal, Record};
 use crate::store::{CommitProgress, LogEntryRef, Store, Tally};
 use crate::view::View;
 use crate::Error;
@@ -174,12 +175,21 @@ fn handle(
             let mut progress = |p: CommitProgress| {
                 let _ = send(conn, json!({ "progress": p }));
             };
-            let res = store.commit(&backing, &v.journal, &recs, req.upto, &mut progress);
-            // Whatever happened, the view is rebuilt from what the store now says.
-            let rebuilt = rebuild(store, &mut v, true);
-            let (j, rest) = res?;
-            rebuilt?;
-            Ok(json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()}))
+            // Whatever happened, the view is rebuilt from what the store now says: the
+            // journal the commit opened again, or (after a failure) the one on disk.
+            match store.commit(&backing, &v.journal, &recs, req.upto, &mut progress) {
+                Ok((j, rest)) => {
+                    let answer =
+                        json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()});
+                    rebuild(store, &mut v, true, Some((j, rest)))?;
+                    Ok(answer)
+                }
+                Err(e) => {
+                    // The commit's error is the one to report.
+                    let _ = rebuild(store, &mut v, true, None);
+                    Err(e)
+                }
+            }
         }
         "discard" => {
             let (kept, stale) = {
@@ -191,7 +201,7 @@ fn handle(
                     v.ids().into_iter().map(|i| (i, None)).collect();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
                 let kept = store.discard(&mut v.journal, &recs, req.after)?;
-                rebuild(store, &mut v, false)?;
+                rebuild(store, &mut v, false, None)?;
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
                 (kept.len(), stale)
             };
@@ -217,9 +227,18 @@ fn handle(
 
 /// Replaces the view with one built from the store, keeping the node numbers the kernel
 /// knows for the objects that still exist (see [`View::adopt`]); `committed`: after a
-/// commit, else after a discard.
-fn rebuild(store: &Store, v: &mut View, committed: bool) -> Result<(), Error> {
-    let (journal, records) = store.journal_checked_before()?;
+/// commit, else after a discard. `opened`: the store's journal and pending records if
+/// the caller has them already, else they are read.
+fn rebuild(
+    store: &Store,
+    v: &mut View,
+    committed: bool,
+    opened: Option<(Journal, Vec<Record>)>,
+) -> Result<(), Error> {
+    let (journal, records) = match opened {
+        Some(o) => o,
+        None => store.journal_checked_before()?,
+    };
     let mut fresh = View::new(v.backing.clone(), journal)?;
     // New nodes must not take numbers the kernel still holds for others.
     fresh.set_next_new(v.next_new());

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::ahead::Ahead;
-use crate::backing::{self, Backing, DataSrc};
+use crate::backing::{self, Backing};
 use crate::change::{Change, RawPath};
 use crate::journal::{Journal, Record, HEADER_LEN};
 use crate::Error;
@@ -666,7 +666,7 @@ impl Store {
                     })
                     .collect();
                 let applied = match a.get(r.data_offset, c.data_len()) {
-                    Ok(parts) => backing::apply_from(backing, c, DataSrc::Mem(&parts)),
+                    Ok(parts) => backing::apply(backing, c, &parts),
                     Err(e) => {
                         let _ = barrier(&mut state, r.seq - 1);
                         return Err(Error::io(jpath, e));

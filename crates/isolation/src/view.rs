@@ -1030,16 +1030,12 @@ impl View {
         self.hold_victim(change, named);
         let res = match route {
             Route::Keep => unreachable!("returned above"),
-            Route::Direct => crate::backing::apply_from(
-                &self.backing,
-                change,
-                crate::backing::DataSrc::Mem(data),
-            ),
+            Route::Direct => crate::backing::apply(&self.backing, change, data),
             Route::Trail => {
                 let (end, seq) = (self.journal.len(), self.journal.last_seq());
-                let off = self.record(change, data)?;
-                let j = self.journal_file();
-                let applied = crate::backing::apply(&self.backing, change, &j, off);
+                self.record(change, data)?;
+                // From the write's buffers, which the record now holds too.
+                let applied = crate::backing::apply(&self.backing, change, data);
                 if applied.is_err() {
                     // Not in BACKING (a full disk, say): not in the trail either.
                     if let Err(e) = self.journal.truncate(end, seq) {
