@@ -37,6 +37,10 @@ pub enum BlkCommand {
         /// Seconds a client has for the whole handshake (option haggling).
         #[arg(long, value_name = "SECONDS", default_value_t = 30)]
         handshake_timeout: u64,
+        /// Connections served at once; a client beyond them is refused with a message
+        /// (0: no limit). Each may hold up to 64 MiB of replies its client has not read.
+        #[arg(long, value_name = "N", default_value_t = interpose_nbd::server::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
     },
     /// Make a read-only kernel block device (/dev/loopN over a FUSE file served by
     /// this process) from SOURCE (as for serve), print its path, and serve it until
@@ -155,6 +159,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             cache_mib,
             threads,
             handshake_timeout,
+            max_connections,
         } => {
             if names.len() > sources.len() {
                 bail!("{} names for {} sources", names.len(), sources.len());
@@ -225,6 +230,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             let config = Config {
                 threads_per_connection: threads.clamp(1, 64),
                 handshake_timeout: std::time::Duration::from_secs(handshake_timeout.max(1)),
+                max_connections,
             };
             let server = Server::new(exports, config).context("starting the server")?;
             let mut signals = signal_hook::iterator::Signals::new([

@@ -36,6 +36,8 @@
 //! - SIGTERM with clients connected (in transmission, stalled in a 32 MiB reply they
 //!   do not read, mid-handshake, silent): prompt exit 0, the socket removed, the clients
 //!   see the connection end;
+//! - `--max-connections`: a client beyond the limit is refused (GO: NBD_REP_ERR_POLICY;
+//!   EXPORT_NAME: hang-up) while listings still work, and served once a connection ends;
 //! - a stale socket file is replaced; a second server refuses a live socket and leaves
 //!   it alone;
 //! - systemd socket activation (LISTEN_FDS/LISTEN_PID, with a wrapper that execs the
@@ -417,6 +419,13 @@ fn map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u64)> {
 /// nbdsh (the system Python's libnbd binding) running `code` after [`NBDSH_PRELUDE`],
 /// with the fixture described in its environment.
 fn nbdsh(fx: &Fixture, server: &Server, code: &str) -> Output {
+    let mut cmd = nbdsh_cmd(fx, server);
+    cmd.args(["-c", NBDSH_PRELUDE, "-c", code]);
+    client("nbdsh", &mut cmd)
+}
+
+/// nbdsh with the fixture's environment (see [`NBDSH_PRELUDE`]), no script yet.
+fn nbdsh_cmd(fx: &Fixture, server: &Server) -> Command {
     let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
     let bad: Vec<Value> = BAD
         .iter()
@@ -432,8 +441,7 @@ fn nbdsh(fx: &Fixture, server: &Server, code: &str) -> Output {
     for name in EXPORTS {
         cmd.env(format!("URI_{}", name.to_uppercase()), server.uri(name));
     }
-    cmd.args(["-c", NBDSH_PRELUDE, "-c", code]);
-    client("nbdsh", &mut cmd)
+    cmd
 }
 
 fn nbdsh_ok(fx: &Fixture, server: &Server, code: &str) -> String {
@@ -1242,6 +1250,88 @@ fn badclient(fx: &Fixture, server: &mut Server, fuzz: u32, cases: &[&str]) -> (V
         "nbdcopy after the malformed clients: wrong bytes"
     );
     (failed, dropped)
+}
+
+#[test]
+fn clients_beyond_max_connections_are_refused_with_a_reason_and_served_once_one_leaves() {
+    let fx = Fixture::new();
+    let server = fx.serve_with(&["--max-connections", "2"]);
+    let mut cmd_env = nbdsh_cmd(&fx, &server);
+    cmd_env
+        .env("SERVER_LOG", &server.log)
+        .env("SOCK", server.socket.as_ref().unwrap());
+    let out = client(
+        "nbdsh",
+        cmd_env.args([
+            "-c",
+            NBDSH_PRELUDE,
+            "-c",
+            r#"
+import re, socket, struct, time
+LOG = os.environ["SERVER_LOG"]
+def ended():
+    # Lines the server logs when a connection ends, however it ends.
+    ends = re.compile(r"connection \d+ (closed|: client went away|from .* dropped)")
+    return sum(1 for l in open(LOG) if ends.search(l))
+
+a = handle("img")
+b = handle("clean")  # the limit is the server's, across exports
+try:
+    handle("img")
+    raise AssertionError("a third connection was served")
+except nbd.Error as e:
+    assert "policy" in str(e), f"refused for another reason: {e}"
+
+# NBD_OPT_EXPORT_NAME has no error reply: the server hangs up.
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+s.connect(os.environ["SOCK"])
+hello = s.recv(18, socket.MSG_WAITALL)
+assert len(hello) == 18, hello
+s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 3) + b"img")
+assert s.recv(1) == b"", "the server answered NBD_OPT_EXPORT_NAME beyond the limit"
+s.close()
+
+# Options other than GO are still answered: a listing works while the server is full.
+names = []
+g = nbd.NBD()
+g.set_opt_mode(True)
+g.connect_uri(URI["img"])
+g.opt_list(lambda name, desc: names.append(name) or 0)
+g.opt_abort()
+assert "img" in names and "clean" in names, names
+
+# The two served connections still read; then one leaves and its place is free.
+assert a.pread(4096, 0) == RAW[:4096]
+assert b.pread(4096, 0) == RAW[:4096]
+before = ended()
+a.shutdown()
+deadline = time.monotonic() + 20
+while ended() == before:  # the server's log line: the connection's place is given back
+    assert time.monotonic() < deadline, "the server never logged the connection's end"
+    time.sleep(0.02)
+c = handle("img")
+assert c.pread(4096, 4096) == RAW[4096:8192]
+print("ok")
+"#,
+        ]),
+    );
+    assert!(
+        out.status.success(),
+        "nbdsh script failed: {}",
+        describe(&out)
+    );
+    let err = server.stop();
+    assert!(
+        err.contains("refused a client's NBD_OPT_GO"),
+        "the refusal of NBD_OPT_GO was not logged:\n{}",
+        tail(&err, 20)
+    );
+    assert!(
+        err.contains("refused: too many connections"),
+        "the refusal of NBD_OPT_EXPORT_NAME was not logged:\n{}",
+        tail(&err, 20)
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,11 @@ pub struct Config {
     pub threads_per_connection: usize,
     /// How long a client may take over the handshake.
     pub handshake_timeout: Duration,
+    /// Connections served at once (0: no limit). Each may hold up to 64 MiB of large
+    /// replies its client has not read yet, plus up to 1 MiB per thread, so this bounds
+    /// the server's memory; a client beyond it is refused in the handshake, with a
+    /// message saying why.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -37,9 +42,15 @@ impl Default for Config {
         Config {
             threads_per_connection: 4,
             handshake_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
+
+/// The default of [`Config::max_connections`]: more than the clients that open several
+/// connections to one export use (nbdcopy: 4), few enough that their replies' memory
+/// stays near a gigabyte.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 16;
 
 /// A socket the server accepts connections on.
 pub enum Listener {
@@ -145,6 +156,18 @@ pub struct Server {
     next_conn: AtomicU64,
     /// Signalled when a connection ends (for the drain at shutdown).
     ended: Condvar,
+    /// Connections past their handshake: what [`Config::max_connections`] bounds.
+    serving: Arc<AtomicUsize>,
+}
+
+/// A connection's place among those served ([`Config::max_connections`]); given back
+/// when the connection ends, however it ends.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How long a stopping server lets its connections answer what they have read.
@@ -216,6 +239,8 @@ enum ConnError {
     Io(#[from] io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// The reader sends the replies it made itself once this much has gathered (or when no
@@ -314,6 +339,8 @@ enum Phase {
 
 /// What the handshake settled.
 struct Session {
+    /// Held from the option that starts transmission until the connection ends.
+    slot: Option<Slot>,
     export: usize,
     structured: bool,
     /// Negotiated metadata contexts: (id, which).
@@ -361,6 +388,7 @@ impl Server {
             wake: UnixStream::pair()?,
             next_conn: AtomicU64::new(1),
             ended: Condvar::new(),
+            serving: Arc::new(AtomicUsize::new(0)),
         }))
     }
 
@@ -511,6 +539,7 @@ impl Server {
         }
         let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
         let mut session = Session {
+            slot: None,
             export: 0,
             structured: false,
             contexts: Vec::new(),
@@ -580,6 +609,25 @@ impl Server {
         }
     }
 
+    /// A place among the connections served, if [`Config::max_connections`] leaves one.
+    fn take_slot(&self) -> Option<Slot> {
+        let max = self.config.max_connections;
+        self.serving
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.serving.clone()))
+    }
+
+    /// Why a client is refused a place (logged, and sent in NBD_OPT_GO's error reply).
+    fn full_message(&self) -> String {
+        format!(
+            "too many connections: this server serves at most {} at once (--max-connections)",
+            self.config.max_connections
+        )
+    }
+
     fn find_export(&self, name: &str) -> Option<usize> {
         if name.is_empty() {
             return (!self.exports.is_empty()).then_some(0);
@@ -615,6 +663,11 @@ impl Server {
                     // This option has no error reply: the protocol says hang up.
                     return violation(format!("NBD_OPT_EXPORT_NAME for unknown export {name:?}"));
                 };
+                let Some(slot) = self.take_slot() else {
+                    // No error reply here either: hang up, and say why in the log.
+                    return Err(ConnError::Refused(self.full_message()));
+                };
+                session.slot = Some(slot);
                 out.extend_from_slice(&self.exports[i].source.size().to_be_bytes());
                 out.extend_from_slice(&self.transmission_flags(session.structured).to_be_bytes());
                 if !no_zeroes {
@@ -696,6 +749,18 @@ impl Server {
             option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
             return Ok(Phase::Options);
         };
+        if option == OPT_GO {
+            match self.take_slot() {
+                Some(slot) => session.slot = Some(slot),
+                None => {
+                    // The client may try again later in the same handshake, or abort.
+                    let why = self.full_message();
+                    tracing::warn!("{why}; refused a client's NBD_OPT_GO");
+                    option_reply(out, option, REP_ERR_POLICY, why.as_bytes());
+                    return Ok(Phase::Options);
+                }
+            }
+        }
         let e = &self.exports[i];
         let mut d = Vec::new();
         d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
