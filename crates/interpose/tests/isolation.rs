@@ -37,6 +37,7 @@ use std::hash::Hasher;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{symlink, FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -2193,6 +2194,152 @@ fn rm_rf_of_a_large_tree_is_isolated_until_commit() {
         "the store did not shrink by the committed journal: {before_commit:#} -> {st:#}"
     );
     m.stop();
+}
+
+/// Path, type, mode, size, mtime (ns) and contents of everything under `root`: what a
+/// commit must make the same however often it was interrupted (not inode numbers or
+/// ctimes, which a fresh run gives new ones).
+fn committed_state(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walkdir(root)
+        .into_iter()
+        .chain([root.to_path_buf()])
+        .map(|p| {
+            let md = fs::symlink_metadata(&p).unwrap();
+            let what = if md.is_file() {
+                format!("{:?}", read_str(&p))
+            } else {
+                String::new()
+            };
+            format!(
+                "/{} mode={:o} size={} mtime={}.{:09} {what}",
+                p.strip_prefix(root).unwrap().display(),
+                md.mode(),
+                if md.is_dir() { 0 } else { md.size() },
+                md.mtime(),
+                md.mtime_nsec()
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Runs `interpose isolation commit STORE` under strace, tracing `call` and, with
+/// `kill_at`, killing it with SIGKILL at that call's n-th use: whether it was killed, and
+/// how many times it made the call.
+fn commit_traced(store: &Path, call: &str, kill_at: Option<u64>, trace: &Path) -> (bool, usize) {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o"])
+        .arg(trace)
+        .arg(format!("--trace={call}"));
+    if let Some(n) = kill_at {
+        cmd.arg(format!("--inject={call}:signal=KILL:when={n}"));
+    }
+    let out = output(cmd.args(["--", bin(), "isolation", "commit"]).arg(store));
+    let killed = out.status.signal() == Some(libc::SIGKILL);
+    assert!(
+        killed || (out.status.success() && kill_at.is_none()),
+        "commit (kill at {call} {kill_at:?}): {}",
+        describe(&out)
+    );
+    let calls = fs::read_to_string(trace)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("{call}(")))
+        .count();
+    (killed, calls)
+}
+
+#[test]
+fn a_removed_tree_is_committed_with_few_syncs_and_resumes_after_a_kill_at_any_removal() {
+    // The commit fences a change that removes or moves a name with a sync of BACKING
+    // before and after it. A run of removals (rm -rf) is fenced once as a whole: run again,
+    // each removal finds its name, or its directory, gone. Changes before and after the
+    // run (a file written, a rename) keep their fences.
+    let d = dirs();
+    for i in 0..4 {
+        fs::create_dir_all(d.backing.join(format!("tree/d{i}/sub"))).unwrap();
+        for j in 0..10 {
+            fs::write(
+                d.backing.join(format!("tree/d{i}/f{j}")),
+                format!("{i}/{j}"),
+            )
+            .unwrap();
+        }
+        for j in 0..3 {
+            fs::write(d.backing.join(format!("tree/d{i}/sub/g{j}")), b"g").unwrap();
+        }
+    }
+    fs::write(d.backing.join("keep.txt"), b"keep\n").unwrap();
+    let removals = 4 * (10 + 3) + 4 * 2 + 1;
+    let m = d.mount();
+    fs::write(d.mnt.join("before.txt"), b"before\n").unwrap();
+    run(Command::new("rm").arg("-rf").arg(d.mnt.join("tree")));
+    fs::write(d.mnt.join("after.txt"), b"after\n").unwrap();
+    fs::rename(d.mnt.join("keep.txt"), d.mnt.join("kept.txt")).unwrap();
+    let shown = committed_state(&d.mnt);
+    m.stop();
+
+    let pristine = d.tmp.path().join("pristine");
+    fs::create_dir(&pristine).unwrap();
+    // Contents only: the store knows BACKING by its inode, which must stay.
+    let copy = |from: &Path, to: &Path| {
+        if to.exists() {
+            for e in fs::read_dir(to).unwrap() {
+                let p = e.unwrap().path();
+                match fs::symlink_metadata(&p).unwrap().is_dir() {
+                    true => fs::remove_dir_all(&p).unwrap(),
+                    false => fs::remove_file(&p).unwrap(),
+                }
+            }
+        }
+        run(Command::new("cp").arg("-a").arg(from.join(".")).arg(to));
+    };
+    copy(&d.backing, &pristine.join("backing"));
+    copy(&d.store, &pristine.join("store"));
+    let restore = || {
+        copy(&pristine.join("backing"), &d.backing);
+        copy(&pristine.join("store"), &d.store);
+    };
+    let trace = d.tmp.path().join("strace.out");
+
+    let (_, syncs) = commit_traced(&d.store, "syncfs", None, &trace);
+    // Fences: before the run (before.txt was written), after it, before and after the
+    // rename, and the last one. One per removal would be over 60.
+    assert!(
+        syncs <= 5,
+        "{syncs} syncs of BACKING to commit {removals} removals and 4 other changes"
+    );
+    let want = committed_state(&d.backing);
+    assert_same(
+        "BACKING after the commit",
+        "the mount showed",
+        &shown,
+        "BACKING",
+        &want,
+    );
+
+    // Killed at removals throughout the run (rm -rf removes a directory's files, then
+    // the directory: the 14th removal is the first rmdir, so later kills replay removals
+    // whose directory is gone), then run again.
+    for k in [1, 2, 13, 14, 15, 30, removals - 1, removals] {
+        restore();
+        let (killed, _) = commit_traced(&d.store, "unlinkat", Some(k), &trace);
+        assert!(killed, "the commit ended before its removal {k}");
+        let st = status(&d.store);
+        assert!(
+            st["interrupted_commit"].as_u64().is_some(),
+            "after a kill at removal {k}: {st:#}"
+        );
+        commit(&d.store, None);
+        assert_same(
+            &format!("BACKING after a commit killed at removal {k}, run again"),
+            "uninterrupted",
+            &want,
+            "resumed",
+            &committed_state(&d.backing),
+        );
+    }
 }
 
 const MAKEFILE: &str = "CC = gcc

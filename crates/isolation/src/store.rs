@@ -616,7 +616,7 @@ impl Store {
             }
             _ => None,
         };
-        for r in todo {
+        for (i, r) in todo.iter().enumerate() {
             let c = &r.change;
             if c.is_destructive() && dirty {
                 barrier(&mut state, r.seq - 1)?;
@@ -692,10 +692,14 @@ impl Store {
                     }
                 }
             }
-            dirty = true;
-            if c.is_destructive() {
+            dirty = !c.is_destructive();
+            // A run of removals (an `rm -rf`) shares the fence after its last one: run
+            // again, each finds its name gone (or its directory: see backing::apply) or
+            // removes it, since names only go away within such a run.
+            let run_goes_on =
+                c.is_removal() && todo.get(i + 1).is_some_and(|n| n.change.is_removal());
+            if c.is_destructive() && !run_goes_on {
                 barrier(&mut state, r.seq)?;
-                dirty = false;
             }
             prog.changes_done += 1;
             prog.bytes_done += c.data_len();
