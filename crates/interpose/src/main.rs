@@ -61,7 +61,8 @@ enum IsolationCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The pending changes with their sequence numbers.
+    /// The pending changes with their sequence numbers (a --write-through store: every
+    /// change, all of them applied already).
     Log {
         store: PathBuf,
         #[arg(long)]
