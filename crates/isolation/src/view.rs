@@ -2694,12 +2694,23 @@ impl View {
             let n = &self.nodes[&id];
             // Held only by a lookup, it may still be opened: the kernel resolved its name
             // before the name went (an open racing an unlink, then this commit).
+            let open = n.opens > 0;
             let copy = if n.attr.is_file() && (n.data.is_some() || n.origin_file.is_none()) {
                 match self.copy_out(id, dir) {
                     Ok(f) => Some(Arc::new(f)),
-                    Err(e) => {
+                    Err(e) if open => {
                         tracing::warn!(
                             "a file open without a name cannot be kept across the commit ({}); reading it will fail with ESTALE",
+                            std::io::Error::from_raw_os_error(e)
+                        );
+                        continue;
+                    }
+                    // Only looked up, not open: the kernel had yet to forget a file whose
+                    // name went (it does so lazily), the common case; an open racing the
+                    // unlink and this commit would get ESTALE.
+                    Err(e) => {
+                        tracing::debug!(
+                            "node {id}: an unopened file without a name is dropped at the commit ({})",
                             std::io::Error::from_raw_os_error(e)
                         );
                         continue;
