@@ -235,6 +235,7 @@ fn rebuild(
     committed: bool,
     opened: Option<(Journal, Vec<Record>)>,
 ) -> Result<(), Error> {
+    let started = std::time::Instant::now();
     let (journal, records) = match opened {
         Some(o) => o,
         None => store.journal_checked_before()?,
@@ -245,6 +246,7 @@ fn rebuild(
     fresh.mode = v.mode.clone();
     fresh.replay(&records)?;
     fresh.xattr_probe = v.xattr_probe.clone();
+    let replayed = started.elapsed();
     // A commit changes nothing the mount shows: files open without a name stay readable.
     // (A discard may throw such a file away; then its number goes stale.)
     let orphans = if committed {
@@ -252,8 +254,16 @@ fn rebuild(
     } else {
         Vec::new()
     };
-    fresh.adopt(v.known(), v.next_new(), committed);
+    let known = v.known();
+    let listed = started.elapsed();
+    let count = known.len();
+    fresh.adopt(known, v.next_new(), committed);
     fresh.install_orphans(orphans);
+    tracing::debug!(
+        "rebuilt the view: {} records replayed in {replayed:?}, {count} nodes the kernel holds listed by {listed:?}, adopted by {:?}",
+        records.len(),
+        started.elapsed()
+    );
     // After a commit, this closes the old journal's last descriptor, which gives its room
     // back before the commit answers (a full store takes changes again at once).
     *v = fresh;

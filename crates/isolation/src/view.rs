@@ -300,7 +300,24 @@ pub struct View {
     /// While a record is replayed: the directories whose times it keeps (its
     /// `keep_times`), which showed BACKING's times when the change was made.
     keep_dirs: Vec<u64>,
+    /// Only while [`View::adopt`] looks up the paths of the nodes the kernel holds.
+    adopting: Option<AdoptCache>,
 }
+
+/// What [`View::adopt`] remembers while it resolves the paths of the nodes the kernel
+/// holds, which share their directories: it runs under the view's lock, with every
+/// request waiting, so a lookup once made stands until it ends.
+#[derive(Default)]
+struct AdoptCache {
+    /// (directory node, name) → the node found there.
+    found: HashMap<(u64, OsString), u64>,
+    /// BACKING directories of nodes looked in (at most [`ADOPT_DIRS`]), opened with the
+    /// checks of every path: a plain name looked up in one cannot lead out of it.
+    dirs: HashMap<u64, OwnedFd>,
+}
+
+/// Directory descriptors [`AdoptCache`] keeps: more than a path is deep.
+const ADOPT_DIRS: usize = 64;
 
 /// Whether `path` is isolated: it or a directory above it matches the globs, or is one of
 /// the `spread` paths pending changes name (see [`View`]).
@@ -357,6 +374,7 @@ impl View {
             sweep_at: SWEEP_MIN,
             spread: HashSet::new(),
             keep_dirs: Vec::new(),
+            adopting: None,
         })
     }
 
@@ -535,8 +553,7 @@ impl View {
         };
         let rel = origin.join(name);
         let st = self
-            .backing
-            .lstat(&rel)
+            .lstat_child(parent, &origin, name)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
                 Some(e) => e,
@@ -588,12 +605,59 @@ impl View {
         Ok((id, true))
     }
 
+    /// lstat of `name` in the BACKING directory `origin` of node `parent`: from the root
+    /// with the same checks as every path, or, while [`View::adopt`] runs, relative to the
+    /// directory, opened once with those checks. One plain name looked up there (`fstatat`
+    /// without following it) cannot lead out of it.
+    fn lstat_child(
+        &mut self,
+        parent: u64,
+        origin: &Path,
+        name: &OsStr,
+    ) -> std::io::Result<rustix::fs::Stat> {
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.as_encoded_bytes().contains(&b'/');
+        let Some(cache) = self.adopting.as_mut().filter(|_| plain) else {
+            return self.backing.lstat(&origin.join(name));
+        };
+        if !cache.dirs.contains_key(&parent) {
+            if cache.dirs.len() >= ADOPT_DIRS {
+                cache.dirs.clear();
+            }
+            let dir = self.backing.open_at(
+                origin,
+                rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY,
+                0,
+            )?;
+            cache.dirs.insert(parent, dir);
+        }
+        rustix::fs::statat(
+            &cache.dirs[&parent],
+            name,
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(std::io::Error::from)
+    }
+
     /// Resolves a view path ("" for the root).
     pub fn resolve(&mut self, path: &Path) -> Res<u64> {
         let mut cur = ROOT;
         for c in path.components() {
             match c {
-                std::path::Component::Normal(name) => cur = self.child(cur, name)?,
+                std::path::Component::Normal(name) => {
+                    let key = (cur, name.to_owned());
+                    match self.adopting.as_ref().and_then(|a| a.found.get(&key)) {
+                        Some(&id) => cur = id,
+                        None => {
+                            cur = self.child(cur, name)?;
+                            if let Some(a) = self.adopting.as_mut() {
+                                a.found.insert(key, cur);
+                            }
+                        }
+                    }
+                }
                 std::path::Component::CurDir => {}
                 _ => return Err(libc::EINVAL),
             }
@@ -2579,9 +2643,13 @@ impl View {
         let mut remap: HashMap<u64, u64> = HashMap::new();
         let mut claimed: HashSet<u64> = HashSet::new();
         let mut carried = Vec::new();
-        // Objects of BACKING first: their identity is certain, a path is not.
-        known.sort_by_key(|k| k.backing_ino.is_none());
+        // Objects of BACKING first: their identity is certain, a path is not. By path
+        // within each, so that the entries of a directory are looked up one after another.
+        known.sort_by(|a, b| {
+            (a.backing_ino.is_none(), &a.path).cmp(&(b.backing_ino.is_none(), &b.path))
+        });
         let mut dead_dirs = Vec::new();
+        self.adopting = Some(AdoptCache::default());
         for k in known {
             if k.path.is_none() && k.kind == libc::S_IFDIR {
                 // A directory the view removed that the kernel still holds (a process's
@@ -2624,6 +2692,7 @@ impl View {
             claimed.insert(id);
             carried.push(k);
         }
+        self.adopting = None;
         for k in &dead_dirs {
             if self.nodes.contains_key(&k.id) && !remap.contains_key(&k.id) {
                 remap.insert(k.id, self.next_new);
