@@ -1323,7 +1323,7 @@ print("ok")
     );
     let err = server.stop();
     assert!(
-        err.contains("refused a client's NBD_OPT_GO"),
+        err.contains("refused its NBD_OPT_GO"),
         "the refusal of NBD_OPT_GO was not logged:\n{}",
         tail(&err, 20)
     );

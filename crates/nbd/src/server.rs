@@ -339,6 +339,8 @@ enum Phase {
 
 /// What the handshake settled.
 struct Session {
+    /// The connection's number in the log.
+    id: u64,
     /// Held from the option that starts transmission until the connection ends.
     slot: Option<Slot>,
     export: usize,
@@ -503,7 +505,7 @@ impl Server {
 
     fn handle(&self, id: u64, mut conn: Conn) -> Result<(), ConnError> {
         let deadline = Instant::now() + self.config.handshake_timeout;
-        let Some(session) = self.handshake(&mut Timed::new(&mut conn, deadline))? else {
+        let Some(session) = self.handshake(id, &mut Timed::new(&mut conn, deadline))? else {
             return Ok(());
         };
         conn.set_read_timeout(None);
@@ -525,7 +527,7 @@ impl Server {
     // -------------------------------------------------------------------------------
     // Handshake
 
-    fn handshake(&self, conn: &mut Timed<'_>) -> Result<Option<Session>, ConnError> {
+    fn handshake(&self, id: u64, conn: &mut Timed<'_>) -> Result<Option<Session>, ConnError> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -539,6 +541,7 @@ impl Server {
         }
         let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
         let mut session = Session {
+            id,
             slot: None,
             export: 0,
             structured: false,
@@ -755,7 +758,7 @@ impl Server {
                 None => {
                     // The client may try again later in the same handshake, or abort.
                     let why = self.full_message();
-                    tracing::warn!("{why}; refused a client's NBD_OPT_GO");
+                    tracing::warn!("connection {}: {why}; refused its NBD_OPT_GO", session.id);
                     option_reply(out, option, REP_ERR_POLICY, why.as_bytes());
                     return Ok(Phase::Options);
                 }
