@@ -341,6 +341,9 @@ enum Phase {
 struct Session {
     /// The connection's number in the log.
     id: u64,
+    /// Whether its NBD_OPT_GO was refused for want of a place (logged once: a client
+    /// may ask again and again).
+    refused: bool,
     /// Held from the option that starts transmission until the connection ends.
     slot: Option<Slot>,
     export: usize,
@@ -542,6 +545,7 @@ impl Server {
         let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
         let mut session = Session {
             id,
+            refused: false,
             slot: None,
             export: 0,
             structured: false,
@@ -758,7 +762,9 @@ impl Server {
                 None => {
                     // The client may try again later in the same handshake, or abort.
                     let why = self.full_message();
-                    tracing::warn!("connection {}: {why}; refused its NBD_OPT_GO", session.id);
+                    if !std::mem::replace(&mut session.refused, true) {
+                        tracing::warn!("connection {}: {why}; refused its NBD_OPT_GO", session.id);
+                    }
                     option_reply(out, option, REP_ERR_POLICY, why.as_bytes());
                     return Ok(Phase::Options);
                 }
