@@ -665,7 +665,7 @@ fn sqlite_wal_on_an_isolated_mount_survives_remount_then_commit() {
 /// Four processes change trees of their own (files written in place, renamed, removed;
 /// directories made, moved with their contents, removed), each checking every read,
 /// listing and stat against an exact model, while the test commits the store again and
-/// again (tests/scripts/iso_commit_worker.py). Two trees are isolated, two are outside
+/// again, every other time all but the last 20 changes (tests/scripts/iso_commit_worker.py). Two trees are isolated, two are outside
 /// `--isolate-path` and reach BACKING at once. Nothing a worker does may fail or see
 /// anything else than it made; afterwards BACKING is what the mount shows, and the daemon
 /// warned about nothing. `INTERPOSE_ISO_SEED=N` repeats the workers' operations.
@@ -694,7 +694,14 @@ fn four_writers_see_exactly_their_own_changes_across_repeated_mounted_commits() 
         .collect();
     let mut commits = 0;
     while workers.iter_mut().any(|c| c.try_wait().unwrap().is_none()) {
-        commit(&d.store, None);
+        // Every other commit leaves the last changes pending, so the view rebuilt after it
+        // holds records too.
+        let st = status(&d.store);
+        let (last, done) = (num(&st, "last_seq"), num(&st, "committed_upto"));
+        match commits % 2 {
+            1 if last > done + 20 => commit(&d.store, Some(last - 20)),
+            _ => commit(&d.store, None),
+        };
         commits += 1;
     }
     let mut failed = Vec::new();
@@ -2413,9 +2420,9 @@ fn a_removed_tree_is_committed_with_few_syncs_and_resumes_after_a_kill_at_any_re
     let (_, syncs) = commit_traced(&d.store, "syncfs", None, &trace);
     // Fences: before the run (before.txt was written), after it, before and after the
     // rename, and the last one. One per removal would be over 60.
-    assert!(
-        syncs <= 5,
-        "{syncs} syncs of BACKING to commit {removals} removals and 4 other changes"
+    assert_eq!(
+        syncs, 5,
+        "syncs of BACKING to commit {removals} removals and 4 other changes"
     );
     let want = committed_state(&d.backing);
     assert_same(
@@ -2447,6 +2454,36 @@ fn a_removed_tree_is_committed_with_few_syncs_and_resumes_after_a_kill_at_any_re
             &committed_state(&d.backing),
         );
     }
+
+    // A discard may not throw away removals a killed commit may have made already: only
+    // from the end of their run on.
+    restore();
+    let run_end: u64 = log_json(&d.store, 0)
+        .iter()
+        .find_map(|l| l.strip_suffix(" rmdir tree"))
+        .and_then(|seq| seq.parse().ok())
+        .expect("the rmdir of tree in the log");
+    let (killed, _) = commit_traced(&d.store, "unlinkat", Some(30), &trace);
+    assert!(killed, "the commit ended before its removal 30");
+    let applied = status(&d.store)["interrupted_commit_applied"]
+        .as_u64()
+        .expect("an interrupted commit");
+    assert!(
+        applied < run_end,
+        "applied {applied}, the run ends at {run_end}"
+    );
+    let err = iso_fails("discard", &d.store, &["--after", &applied.to_string()]);
+    assert!(
+        err.contains("was removing names") && err.contains(&format!("--after {run_end} or later")),
+        "discard --after {applied} in the middle of a killed commit's removals: {err}"
+    );
+    discard(&d.store, Some(run_end));
+    commit(&d.store, None);
+    assert_eq!(
+        names(&d.backing),
+        ["before.txt", "keep.txt"],
+        "BACKING after the removals were committed and the rest discarded"
+    );
 }
 
 const MAKEFILE: &str = "CC = gcc

@@ -378,13 +378,7 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
         }
         Change::Unlink { path } | Change::Rmdir { path } => {
             let rel = p(path);
-            let (dir, name) = match backing.parent_of(&rel) {
-                Ok(found) => found,
-                // Its directory is gone, so is the name: a commit run again after a crash
-                // in a run of removals, which may have removed the directory too.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-                Err(e) => return Err(e),
-            };
+            let (dir, name) = backing.parent_of(&rel)?;
             let flags = if matches!(change, Change::Rmdir { .. }) {
                 AtFlags::REMOVEDIR
             } else {

@@ -205,14 +205,14 @@ impl Change {
         }
     }
 
-    /// Changes that remove or move a name: applying one twice is not the same as once, so
-    /// commit makes everything before it durable, and it itself, before going on.
     /// Whether it only takes a name away (unlink, rmdir): repeated, such a change finds
     /// its name gone, so a commit fences a run of them once.
     pub fn is_removal(&self) -> bool {
         matches!(self, Change::Unlink { .. } | Change::Rmdir { .. })
     }
 
+    /// Changes that remove or move a name: applying one twice is not the same as once, so
+    /// commit makes everything before it durable, and it itself, before going on.
     pub fn is_destructive(&self) -> bool {
         matches!(
             self,

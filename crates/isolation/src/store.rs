@@ -672,6 +672,19 @@ impl Store {
                         return Err(Error::io(jpath, e));
                     }
                 };
+                // A removal whose directory is gone was done, as one whose name is gone
+                // (backing::apply): a commit cut short in a run of removals may have
+                // removed the directory too (also when a discard kept that run pending).
+                let applied = match applied {
+                    Err(e)
+                        if c.is_removal()
+                            && e.raw_os_error() == Some(libc::ENOENT)
+                            && removal_dir_gone(backing, c) =>
+                    {
+                        Ok(())
+                    }
+                    other => other,
+                };
                 if let Err(source) = applied {
                     let _ = barrier(&mut state, r.seq - 1);
                     return Err(Error::Apply {
@@ -811,6 +824,16 @@ impl Store {
                     st.applied, st.applied
                 )));
             }
+            // Throwing away removals already made would leave their names gone from
+            // BACKING with nothing to say so.
+            if let Some(end) = removal_run_after(records, st.applied, st.target) {
+                if after < end {
+                    return Err(Error::Control(format!(
+                        "an interrupted commit was removing names (changes {} to {end}) and may have removed some before it could record it; run commit again to finish them, or discard --after {end} or later",
+                        st.applied + 1
+                    )));
+                }
+            }
             // Give the rest of the interrupted commit up: keep what it applied, and of the
             // rest only what the discard keeps. What goes is cut off first, so that a full
             // store is emptied this way: the copy then has room. The commit's target comes
@@ -838,6 +861,27 @@ impl Store {
         journal.truncate(cut_after(journal, records, after), after)?;
         Ok(records.iter().filter(|r| r.seq <= after).cloned().collect())
     }
+}
+
+/// Whether the directory a removal would take its name from is gone from BACKING.
+fn removal_dir_gone(backing: &Backing, change: &Change) -> bool {
+    let (Change::Unlink { path } | Change::Rmdir { path }) = change else {
+        return false;
+    };
+    backing
+        .parent_of(&path.to_path_buf())
+        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
+}
+
+/// The last change of the run of removals that follows `applied` (up to `target`), if one
+/// does. A commit fences such a run once, before and after it (see [`Store::commit`]), so
+/// one interrupted in it may have made any of its removals without recording them.
+fn removal_run_after(records: &[Record], applied: u64, target: u64) -> Option<u64> {
+    let run = records
+        .iter()
+        .filter(|r| r.seq > applied && r.seq <= target)
+        .take_while(|r| r.change.is_removal());
+    run.last().map(|r| r.seq)
 }
 
 /// Writes the commit state at the start of `f`, durably.
