@@ -2435,7 +2435,8 @@ fn a_removed_tree_is_committed_with_few_syncs_and_resumes_after_a_kill_at_any_re
 
     // Killed at removals throughout the run (rm -rf removes a directory's files, then
     // the directory: the 14th removal is the first rmdir, so later kills replay removals
-    // whose directory is gone), then run again.
+    // whose directory is gone), then run again. (The n-th `unlinkat` is the n-th removal
+    // because the store removes its own files with `unlink`, a call of its own on x86_64.)
     for k in [1, 2, 13, 14, 15, 30, removals - 1, removals] {
         restore();
         let (killed, _) = commit_traced(&d.store, "unlinkat", Some(k), &trace);
