@@ -707,8 +707,8 @@ impl Store {
             }
             dirty = !c.is_destructive();
             // A run of removals (an `rm -rf`) shares the fence after its last one: run
-            // again, each finds its name gone (or its directory: see backing::apply) or
-            // removes it, since names only go away within such a run.
+            // again, each finds its name or its directory gone (above) or removes it,
+            // since names only go away within such a run.
             let run_goes_on =
                 c.is_removal() && todo.get(i + 1).is_some_and(|n| n.change.is_removal());
             if c.is_destructive() && !run_goes_on {
