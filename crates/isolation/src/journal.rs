@@ -444,12 +444,6 @@ impl RecordHeader {
     }
 }
 
-/// Whether a record that passes every check, with a sequence number after `after_seq`,
-/// starts anywhere in `from..len`: the difference between a journal's torn end and a
-/// damaged record in its middle. Reads the rest of the file once; only on a bad record.
-/// Garbage can look like many record headers, each asking for a CRC of up to 64 MiB:
-/// after 4,096 of them it answers yes, so the journal is refused as corrupt
-/// rather than cut (the cautious side).
 /// Reads the records of `file` from its header up to `len`, handing each to `sink`:
 /// (where the last whole one ends, its sequence). A torn last record is left out (with a warning); damage
 /// with good records after it is an error. `verify_data`: read each record whole and
@@ -559,6 +553,12 @@ fn scan(
     Ok((off, last_seq))
 }
 
+/// Whether a record that passes every check, with a sequence number after `after_seq`,
+/// starts anywhere in `from..len`: the difference between a journal's torn end and a
+/// damaged record in its middle. Reads the rest of the file once; only on a bad record.
+/// Garbage can look like many record headers, each asking for a CRC of up to 64 MiB:
+/// after 4,096 of them it answers yes, so the journal is refused as corrupt
+/// rather than cut (the cautious side).
 fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Result<bool> {
     const WINDOW: usize = 1 << 20;
     const MAX_CANDIDATES: usize = 4096;

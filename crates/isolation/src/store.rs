@@ -454,18 +454,22 @@ impl Store {
     /// Records an interrupted commit applied already are left out: they are in BACKING.
     pub fn journal(&self) -> Result<(Journal, Vec<Record>), Error> {
         let _ = std::fs::remove_file(self.dir.join(JOURNAL_NEW));
-        let (j, mut recs) = Journal::open(&self.dir.join(JOURNAL), self.meta.id_bytes(), true)?;
-        if let Some(st) = self.read_state()? {
-            recs.retain(|r| r.seq > st.applied);
-        }
-        Ok((j, recs))
+        let opened = Journal::open(&self.dir.join(JOURNAL), self.meta.id_bytes(), true)?;
+        self.pending(opened)
     }
 
     /// [`Store::journal`] after this process wrote it (a commit or discard compacting
     /// records it had checked): the records' data is not read and checked again.
     pub fn journal_checked_before(&self) -> Result<(Journal, Vec<Record>), Error> {
-        let (j, mut recs) =
-            Journal::open_checked_before(&self.dir.join(JOURNAL), self.meta.id_bytes())?;
+        let opened = Journal::open_checked_before(&self.dir.join(JOURNAL), self.meta.id_bytes())?;
+        self.pending(opened)
+    }
+
+    /// An opened journal with the records an interrupted commit applied left out.
+    fn pending(
+        &self,
+        (j, mut recs): (Journal, Vec<Record>),
+    ) -> Result<(Journal, Vec<Record>), Error> {
         if let Some(st) = self.read_state()? {
             recs.retain(|r| r.seq > st.applied);
         }
@@ -673,16 +677,11 @@ impl Store {
                     }
                 };
                 // A removal whose directory is gone was done, as one whose name is gone
-                // (backing::apply): a commit cut short in a run of removals may have
-                // removed the directory too (also when a discard kept that run pending).
+                // (backing::apply takes that as done, so ENOENT here is the directory): a
+                // commit cut short in a run of removals may have removed the directory too
+                // (also when a discard kept that run pending).
                 let applied = match applied {
-                    Err(e)
-                        if c.is_removal()
-                            && e.raw_os_error() == Some(libc::ENOENT)
-                            && removal_dir_gone(backing, c) =>
-                    {
-                        Ok(())
-                    }
+                    Err(e) if c.is_removal() && e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
                     other => other,
                 };
                 if let Err(source) = applied {
@@ -861,16 +860,6 @@ impl Store {
         journal.truncate(cut_after(journal, records, after), after)?;
         Ok(records.iter().filter(|r| r.seq <= after).cloned().collect())
     }
-}
-
-/// Whether the directory a removal would take its name from is gone from BACKING.
-fn removal_dir_gone(backing: &Backing, change: &Change) -> bool {
-    let (Change::Unlink { path } | Change::Rmdir { path }) = change else {
-        return false;
-    };
-    backing
-        .parent_of(&path.to_path_buf())
-        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
 }
 
 /// The last change of the run of removals that follows `applied` (up to `target`), if one

@@ -646,18 +646,20 @@ impl View {
         let mut cur = ROOT;
         for c in path.components() {
             match c {
-                std::path::Component::Normal(name) => {
+                std::path::Component::Normal(name) if self.adopting.is_some() => {
                     let key = (cur, name.to_owned());
-                    match self.adopting.as_ref().and_then(|a| a.found.get(&key)) {
-                        Some(&id) => cur = id,
+                    cur = match self.adopting.as_ref().and_then(|a| a.found.get(&key)) {
+                        Some(&id) => id,
                         None => {
-                            cur = self.child(cur, name)?;
+                            let id = self.child(cur, name)?;
                             if let Some(a) = self.adopting.as_mut() {
-                                a.found.insert(key, cur);
+                                a.found.insert(key, id);
                             }
+                            id
                         }
-                    }
+                    };
                 }
+                std::path::Component::Normal(name) => cur = self.child(cur, name)?,
                 std::path::Component::CurDir => {}
                 _ => return Err(libc::EINVAL),
             }
