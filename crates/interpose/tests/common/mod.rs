@@ -386,3 +386,19 @@ pub fn resident_pages(p: &Path) -> u64 {
         .parse()
         .unwrap_or_else(|_| panic!("fincore {}: {text:?}", p.display()))
 }
+
+/// Held while a test counts on the kernel keeping the dentries it made: dropping them is
+/// machine-wide and tests run in parallel, so [`drop_dentries`] waits for it.
+pub fn dentries_kept() -> std::fs::File {
+    let f =
+        std::fs::File::create(std::env::temp_dir().join("interpose-test-dentries.lock")).unwrap();
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    f
+}
+
+/// Makes the kernel drop every unused dentry and inode, which sends the daemon FORGETs and
+/// makes later path walks look names up again (not while a test holds [`dentries_kept`]).
+pub fn drop_dentries() {
+    let _kept = dentries_kept();
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+}

@@ -464,7 +464,9 @@ impl DirEntList {
 
 #[derive(Debug)]
 pub(crate) struct DirEntryPlus<T: AsRef<Path>> {
-    #[allow(unused)] // We use `attr.ino` instead
+    /// The entry's node ID (`entry_out.nodeid`): 0 sends the name without a node, which
+    /// the kernel then neither links nor counts as a lookup. The inode number the listing
+    /// shows (`dirent.ino`) is `attr.ino`.
     ino: INodeNo,
     generation: Generation,
     offset: DirEntOffset,
@@ -518,7 +520,7 @@ impl DirEntPlusList {
         let name = x.name.as_ref().as_os_str().as_bytes();
         let header = abi::fuse_direntplus {
             entry_out: abi::fuse_entry_out {
-                nodeid: x.attr.attr.ino,
+                nodeid: x.ino.into(),
                 generation: x.generation.into(),
                 entry_valid: x.entry_valid.as_secs(),
                 attr_valid: x.attr_valid.as_secs(),
