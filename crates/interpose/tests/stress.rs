@@ -1,8 +1,9 @@
 //! Stress, crash and resource-bound tests of the real daemon:
 //!
-//! - several processes racing namespace and data operations in one directory: no errors
-//!   but the ones the backing file system itself gives under such races, no torn reads,
-//!   and afterwards the mount shows exactly the backing tree;
+//! - several processes racing namespace and data operations in one directory, while the
+//!   kernel keeps dropping its dentries: no errors but the ones the backing file system
+//!   itself gives under such races, no torn reads, and afterwards the mount shows exactly
+//!   the backing tree;
 //! - SIGKILL of the daemon under a client that fsyncs: the dead mount can be unmounted,
 //!   remounted, and every acknowledged record is there;
 //! - a tree far larger than the daemon's descriptor limit: walking, statting and reading
@@ -205,6 +206,20 @@ fn run_workers(m: &Mount, args: &[&str], ops_per_worker: u64) -> u64 {
     let logs = m.dir.join("logs");
     std::fs::create_dir(&logs).unwrap();
 
+    // Meanwhile the kernel keeps dropping its dentries and inodes, as under memory
+    // pressure: FORGETs race lookups, listings and renames, and path walks look names up
+    // again instead of finding them cached (this found a listing that gave the kernel a
+    // name's old node).
+    let dropping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let dropper = {
+        let dropping = dropping.clone();
+        std::thread::spawn(move || {
+            while dropping.load(std::sync::atomic::Ordering::Relaxed) {
+                drop_dentries();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
     let started = Instant::now();
     let mut workers = Reaper::default();
     for w in 0..WORKERS {
@@ -250,6 +265,8 @@ fn run_workers(m: &Mount, args: &[&str], ops_per_worker: u64) -> u64 {
         }
     }
     let elapsed = started.elapsed();
+    dropping.store(false, std::sync::atomic::Ordering::Relaxed);
+    dropper.join().unwrap();
     if !failures.is_empty() {
         drop(workers);
         // The mount is stopped when the caller's `Mount` is dropped during the unwind.
