@@ -338,6 +338,8 @@ fn assert_still_symlink(backing: &Path, d: &str, outside: &Path) {
 
 #[test]
 fn directory_renamed_aside_and_replaced_by_a_symlink_on_the_backing_side() {
+    // What the kernel caches is the premise: no other test may drop it meanwhile.
+    let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600"]);
     let outside = Outside::new(0o755);
     make_dir_like_outside(&m.mnt, "d");
@@ -360,6 +362,8 @@ fn directory_renamed_aside_and_replaced_by_a_symlink_on_the_backing_side() {
 
 #[test]
 fn directory_deleted_and_replaced_by_a_symlink_on_the_backing_side() {
+    // What the kernel caches is the premise: no other test may drop it meanwhile.
+    let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600"]);
     let outside = Outside::new(0o755);
     make_dir_like_outside(&m.mnt, "d");
@@ -374,6 +378,8 @@ fn directory_deleted_and_replaced_by_a_symlink_on_the_backing_side() {
 fn swapped_directory_whose_descriptor_the_daemon_must_reopen() {
     // A tiny descriptor cache: by the time the operations run, the daemon has dropped its
     // descriptor for d and must find d again from what it remembers.
+    // What the kernel caches is the premise: no other test may drop it meanwhile.
+    let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600", "--fd-cache", "16"]);
     let outside = Outside::new(0o755);
     make_dir_like_outside(&m.mnt, "d");
@@ -426,6 +432,8 @@ fn dangling_symlinks_swapped_in_where_the_kernel_remembers_nothing() {
     // The kernel caches that d/x etc. do not exist; on the backing side they become
     // symlinks to names in the outside directory. Creating them through the mount must not
     // create (or open) anything outside.
+    // What the kernel caches is the premise: no other test may drop it meanwhile.
+    let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600"]);
     let outside = Outside::new(0o755);
     let o = outside.path();
