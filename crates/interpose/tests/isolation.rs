@@ -1097,9 +1097,10 @@ fn names_renamed_after_opendir_are_listed_without_their_nodes() {
     // read is sent without a node. fuser 0.18 sent the node of the attributes instead
     // (here: the old object, with all-zero attributes), and the kernel linked the old
     // name to it again: the directory's dentry moved back to its old name, the file took
-    // a size of 0 that a stat right after believed, and the kernel counted a lookup the
-    // daemon never made. Found by the isolated stress test while caches were dropped: a
-    // read of a complete file returned nothing, and path walks failed with ESTALE.
+    // a size of 0 (believed until the next clock tick, since the attributes came with no
+    // lifetime), and the kernel counted a lookup the daemon never made. Found by the
+    // isolated stress test while caches were dropped: a read of a complete file returned
+    // nothing, and path walks failed with ESTALE. Only the directory is sure to show it.
     let d = dirs();
     let m = d.mount();
     let dir = d.mnt.join("d");
