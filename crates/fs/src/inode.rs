@@ -323,9 +323,18 @@ impl Inodes {
             return;
         }
         let mut table = self.table.lock();
+        // A node stays while the kernel holds a lookup of it: forgetting more than was
+        // counted means a reply gave the kernel a node without counting it.
         let Some(node) = table.nodes.get_mut(&id) else {
+            tracing::warn!("the kernel forgot {n} lookups of node {id}, which is gone: lookups were miscounted");
             return;
         };
+        if node.nlookup < n {
+            tracing::warn!(
+                "the kernel forgot {n} lookups of node {id}, of which {} were counted: lookups were miscounted",
+                node.nlookup
+            );
+        }
         node.nlookup = node.nlookup.saturating_sub(n);
         if node.nlookup == 0 && node.passthrough_opens == 0 && node.cached_opens == 0 {
             let node = table.nodes.remove(&id).expect("present");

@@ -302,6 +302,9 @@ pub struct View {
     keep_dirs: Vec<u64>,
     /// Only while [`View::adopt`] looks up the paths of the nodes the kernel holds.
     adopting: Option<AdoptCache>,
+    /// Built after a commit or discard, which may let go of nodes the kernel still holds
+    /// (see [`View::adopt`]): their forgets are expected, not a miscount.
+    let_go_of_held_nodes: bool,
 }
 
 /// What [`View::adopt`] remembers while it resolves the paths of the nodes the kernel
@@ -375,6 +378,7 @@ impl View {
             spread: HashSet::new(),
             keep_dirs: Vec::new(),
             adopting: None,
+            let_go_of_held_nodes: false,
         })
     }
 
@@ -692,6 +696,20 @@ impl View {
     }
 
     pub fn forget(&mut self, id: u64, count: u64) {
+        // A node is kept while the kernel holds a lookup of it, so forgetting more than was
+        // counted means a reply gave the kernel a node the view did not count: say so, as
+        // nodes then go while the kernel still uses them. (Not once a rebuild has let go of
+        // nodes on purpose: their forgets come later.)
+        match self.nodes.get(&id).map(|n| n.lookups) {
+            _ if self.let_go_of_held_nodes => {}
+            None => tracing::warn!(
+                "the kernel forgot {count} lookups of node {id}, which the view no longer holds: lookups were miscounted"
+            ),
+            Some(held) if held < count => tracing::warn!(
+                "the kernel forgot {count} lookups of node {id}, of which the view counted {held}: lookups were miscounted"
+            ),
+            Some(_) => {}
+        }
         if let Some(n) = self.nodes.get_mut(&id) {
             n.lookups = n.lookups.saturating_sub(count);
         }
@@ -2642,6 +2660,7 @@ impl View {
     /// the kernel's numbers for them go stale.
     pub fn adopt(&mut self, mut known: Vec<Known>, next_new: u64, committed: bool) {
         self.next_new = self.next_new.max(next_new);
+        self.let_go_of_held_nodes = true;
         let mut remap: HashMap<u64, u64> = HashMap::new();
         let mut claimed: HashSet<u64> = HashSet::new();
         let mut carried = Vec::new();
