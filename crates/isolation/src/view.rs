@@ -556,12 +556,12 @@ impl View {
             return Err(libc::ENOENT);
         };
         let rel = origin.join(name);
-        let st = self
-            .lstat_child(parent, &origin, name)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
-                Some(e) => e,
-            })?;
+        let st =
+            self.lstat_child(parent, &origin, name, &rel)
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
+                    Some(e) => e,
+                })?;
         let same_dev = st.st_dev == self.backing.dev();
         if let Some(&id) = self.by_ino.get(&st.st_ino) {
             let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
@@ -609,22 +609,23 @@ impl View {
         Ok((id, true))
     }
 
-    /// lstat of `name` in the BACKING directory `origin` of node `parent`: from the root
-    /// with the same checks as every path, or, while [`View::adopt`] runs, relative to the
-    /// directory, opened once with those checks. One plain name looked up there (`fstatat`
-    /// without following it) cannot lead out of it.
+    /// lstat of `name` in the BACKING directory `origin` of node `parent` (`rel` is the two
+    /// joined): from the root with the same checks as every path, or, while
+    /// [`View::adopt`] runs, relative to the directory, opened once with those checks. One
+    /// plain name looked up there (`fstatat` without following it) cannot lead out of it.
     fn lstat_child(
         &mut self,
         parent: u64,
         origin: &Path,
         name: &OsStr,
+        rel: &Path,
     ) -> std::io::Result<rustix::fs::Stat> {
         let plain = !name.is_empty()
             && name != "."
             && name != ".."
             && !name.as_encoded_bytes().contains(&b'/');
         let Some(cache) = self.adopting.as_mut().filter(|_| plain) else {
-            return self.backing.lstat(&origin.join(name));
+            return self.backing.lstat(rel);
         };
         if !cache.dirs.contains_key(&parent) {
             if cache.dirs.len() >= ADOPT_DIRS {
@@ -700,7 +701,12 @@ impl View {
         // counted means a reply gave the kernel a node the view did not count: say so, as
         // nodes then go while the kernel still uses them. (Not once a rebuild has let go of
         // nodes on purpose: their forgets come later.)
-        match self.nodes.get(&id).map(|n| n.lookups) {
+        let held = self.nodes.get_mut(&id).map(|n| {
+            let held = n.lookups;
+            n.lookups = held.saturating_sub(count);
+            held
+        });
+        match held {
             _ if self.let_go_of_held_nodes => {}
             None => tracing::warn!(
                 "the kernel forgot {count} lookups of node {id}, which the view no longer holds: lookups were miscounted"
@@ -709,9 +715,6 @@ impl View {
                 "the kernel forgot {count} lookups of node {id}, of which the view counted {held}: lookups were miscounted"
             ),
             Some(_) => {}
-        }
-        if let Some(n) = self.nodes.get_mut(&id) {
-            n.lookups = n.lookups.saturating_sub(count);
         }
         self.maybe_drop(id);
     }
