@@ -8,6 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
+use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use fuser::{
 };
 use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
+use rustix::io::ReadWriteFlags;
 
 use crate::filter::{Caller, Chain, Op, Outcome, Request, Verdict};
 use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
@@ -112,6 +114,8 @@ struct OpenFile {
     fd: OwnedFd,
     /// Set for passthrough opens; keeps the kernel's registration alive.
     backing: Option<Arc<BackingId>>,
+    /// Served around the kernel's page cache ([`served_directly`]).
+    direct: bool,
 }
 
 /// An open directory and where its stream stands.
@@ -563,6 +567,7 @@ impl FilterFs {
         &self,
         node: u64,
         fd: OwnedFd,
+        flags: i32,
         want_passthrough: bool,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> (u64, Option<Arc<BackingId>>) {
@@ -622,6 +627,7 @@ impl FilterFs {
             Arc::new(OpenFile {
                 node,
                 fd,
+                direct: backing.is_none() && served_directly(flags),
                 backing: backing.clone(),
             }),
         );
@@ -1245,7 +1251,7 @@ impl Filesystem for FilterFs {
             || {
                 let passthrough = self.wants_passthrough(path.as_deref());
                 let fd = self.reopen(ino.0, reopen_flags(flags, passthrough))?;
-                Ok(self.open_file(ino.0, fd, passthrough, |fd| reply.open_backing(fd)))
+                Ok(self.open_file(ino.0, fd, flags, passthrough, |fd| reply.open_backing(fd)))
             },
             |_| 0,
         );
@@ -1305,8 +1311,9 @@ impl Filesystem for FilterFs {
                     .map_err(errno_of)
                 })?;
                 let entry = self.lookup_at(parent, dir.as_fd(), name)?;
-                let (fh, backing) =
-                    self.open_file(entry.id, fd, passthrough, |fd| reply.open_backing(fd));
+                let (fh, backing) = self.open_file(entry.id, fd, flags, passthrough, |fd| {
+                    reply.open_backing(fd)
+                });
                 Ok((entry, fh, backing))
             },
             |_| 0,
@@ -1395,7 +1402,7 @@ impl Filesystem for FilterFs {
         offset: u64,
         data: &[u8],
         wf: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -1412,9 +1419,17 @@ impl Filesystem for FilterFs {
                 r.size = Some(data.len() as u64);
             },
             || {
+                let sync = if !write_must_sync(file.direct, flags.0) {
+                    ReadWriteFlags::empty()
+                } else if flags.0 & libc::O_SYNC == libc::O_SYNC {
+                    ReadWriteFlags::SYNC
+                } else {
+                    ReadWriteFlags::DSYNC
+                };
                 let mut done = 0;
                 while done < data.len() {
-                    match rustix::io::pwrite(&file.fd, &data[done..], offset + done as u64) {
+                    let rest = [IoSlice::new(&data[done..])];
+                    match rustix::io::pwritev2(&file.fd, &rest, offset + done as u64, sync) {
                         Ok(n) => done += n,
                         Err(rustix::io::Errno::INTR) => continue,
                         Err(e) if done == 0 => return Err(errno_of(e)),
@@ -1963,16 +1978,27 @@ fn open_dir(at: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<OwnedFd> {
 /// right across opens). A write-only open cannot read or be mapped, so the cache serves
 /// it nothing: through it each write was first copied into pages the kernel kept (cp,
 /// dd, tar -x and compilers write this way). An open that reads too keeps the cache,
-/// which a program rereading the file (a database) needs. So does a write-only open with
-/// O_SYNC or O_DSYNC: the kernel's direct path does not sync such writes (nor ones with
-/// RWF_DSYNC, which it does not tell the daemon about; see the guide's limitations).
+/// which a program rereading the file (a database) needs.
 pub fn served_open_flags(flags: i32) -> FopenFlags {
-    let write_only = flags & libc::O_ACCMODE == libc::O_WRONLY;
-    if flags & libc::O_DIRECT != 0 || (write_only && flags & libc::O_DSYNC == 0) {
+    if served_directly(flags) {
         FopenFlags::FOPEN_DIRECT_IO
     } else {
         FopenFlags::empty()
     }
+}
+
+/// Whether [`served_open_flags`] sends an open around the page cache.
+pub fn served_directly(flags: i32) -> bool {
+    flags & libc::O_DIRECT != 0 || flags & libc::O_ACCMODE == libc::O_WRONLY
+}
+
+/// Whether the daemon itself must make a write durable before answering it. The kernel
+/// marks a write that is to be synchronous (an O_DSYNC or O_SYNC open, or a per-write
+/// RWF_DSYNC or RWF_SYNC) with O_DSYNC in its flags. Through the page cache it then sends
+/// an FSYNC of its own after the write; on the direct path it sends nothing more, so
+/// the daemon syncs.
+pub fn write_must_sync(direct: bool, write_flags: i32) -> bool {
+    direct && write_flags & libc::O_DSYNC != 0
 }
 
 #[cfg(test)]

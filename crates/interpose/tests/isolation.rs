@@ -4133,6 +4133,21 @@ fn a_file_size_limit_gives_efbig_and_the_daemon_lives_on() {
     m.stop();
 }
 
+/// A synchronous write through a write-only open (served around the page cache, where the
+/// kernel sends no FSYNC after it) makes the journal durable before it returns: per write
+/// (RWF_DSYNC, RWF_SYNC) and through O_DSYNC and O_SYNC opens. The daemon used to take the
+/// per-write ones for plain writes.
+#[test]
+fn synchronous_writes_through_a_write_only_open_reach_the_store_s_disk() {
+    let d = dirs();
+    let fs_ = LoopFs::new(64);
+    let store = fs_.dir.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    assert_synchronous_writes_flush(&fs_, &d.mnt.join("f"));
+    m.stop();
+    drop(fs_);
+}
+
 /// A commit up to a point must copy the later records into a new journal; when that copy
 /// does not fit, the commit fails and leaves no half-made copy taking the room, and a
 /// commit of everything (which copies nothing) then goes through.

@@ -49,6 +49,8 @@ struct OpenFile {
     write: bool,
     /// Set for passthrough opens; keeps the kernel's registration alive.
     backing: Option<Arc<BackingId>>,
+    /// Served around the kernel's page cache ([`interpose_fs::served_directly`]).
+    direct: bool,
 }
 
 struct OpenDir {
@@ -371,6 +373,7 @@ impl IsolatedFs {
             Arc::new(OpenFile {
                 node: id,
                 write,
+                direct: bid.is_none() && interpose_fs::served_directly(flags),
                 backing: bid.clone(),
             }),
         );
@@ -742,7 +745,7 @@ impl Filesystem for IsolatedFs {
         offset: u64,
         data: &[u8],
         wf: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
@@ -757,6 +760,9 @@ impl Filesystem for IsolatedFs {
             let n = v.write(ino.0, offset, data)?;
             if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                 kill_suid_sgid(&mut v, ino.0)?;
+            }
+            if interpose_fs::write_must_sync(f.direct, flags.0) {
+                v.fsync()?;
             }
             Ok(n)
         });

@@ -402,3 +402,109 @@ pub fn drop_dentries() {
     let _kept = dentries_kept();
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
 }
+
+/// A small ext4 file system without a journal on a loop device, unmounted and detached when
+/// dropped (declare it before the mounts that use it). Without a journal nothing sends its
+/// device a flush but a sync of it (an `fsync`, or a `sync` somewhere on the machine).
+pub struct LoopFs {
+    pub dir: PathBuf,
+    dev: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn new(mib: u64) -> LoopFs {
+        let tmp = tempfile::Builder::new()
+            .prefix("interpose-test-loop-")
+            .tempdir_in(test_root())
+            .unwrap();
+        let image = tmp.path().join("fs.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-O", "^has_journal"])
+            .arg(&image));
+        let dev = PathBuf::from(
+            run(Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image))
+            .trim(),
+        );
+        let dir = tmp.path().join("fs");
+        std::fs::create_dir(&dir).unwrap();
+        let fs = LoopFs {
+            dir,
+            dev,
+            _tmp: tmp,
+        };
+        run(Command::new("mount").arg(&fs.dev).arg(&fs.dir));
+        fs
+    }
+
+    /// Flush requests the device has completed (field 16 of /sys/block/loopN/stat).
+    pub fn flushes(&self) -> u64 {
+        let name = self.dev.file_name().unwrap().to_str().unwrap();
+        let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        stat.split_whitespace()
+            .nth(15)
+            .unwrap_or_else(|| panic!("no flush count in {stat:?}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let _ = Command::new("umount").arg(&self.dir).status();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+    }
+}
+
+/// Writes to `path` through a write-only open (which the daemon serves around the page
+/// cache) in each way a program asks for a synchronous write, and asserts that the device
+/// under `fs` saw a flush before each write returned: per write with `RWF_DSYNC` and
+/// `RWF_SYNC`, and through opens with `O_DSYNC` and `O_SYNC`.
+pub fn assert_synchronous_writes_flush(fs: &LoopFs, path: &Path) {
+    use rustix::io::ReadWriteFlags;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |custom: i32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(custom)
+            .open(path)
+            .unwrap()
+    };
+    let block = [7u8; 4096];
+    let ways: [(&str, i32, ReadWriteFlags); 4] = [
+        ("pwritev2 RWF_DSYNC", 0, ReadWriteFlags::DSYNC),
+        ("pwritev2 RWF_SYNC", 0, ReadWriteFlags::SYNC),
+        ("an O_DSYNC open", libc::O_DSYNC, ReadWriteFlags::empty()),
+        ("an O_SYNC open", libc::O_SYNC, ReadWriteFlags::empty()),
+    ];
+    for (i, (way, custom, flags)) in ways.into_iter().enumerate() {
+        let f = open(custom);
+        // Something unsynced first, so that the sync has something to write.
+        rustix::io::pwrite(f.as_fd(), &block, 0).unwrap();
+        let before = fs.flushes();
+        let n = rustix::io::pwritev2(
+            f.as_fd(),
+            &[std::io::IoSlice::new(&block)],
+            4096 * (i as u64 + 1),
+            flags,
+        )
+        .unwrap();
+        assert_eq!(n, block.len());
+        let after = fs.flushes();
+        assert!(
+            after > before,
+            "a write through {way} returned without a flush of the device ({before} flushes before, {after} after)"
+        );
+    }
+}
