@@ -279,9 +279,7 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
                         off,
                         len,
                     );
-                    if zeroed.is_err() {
-                        write_zeros(&f, off, len)?;
-                    }
+                    zeros_unless_done(zeroed, &f, off, len)?;
                 } else if run.hole {
                     let punched = rustix::fs::fallocate(
                         &f,
@@ -290,9 +288,7 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
                         off,
                         len,
                     );
-                    if punched.is_err() {
-                        write_zeros(&f, off, len)?;
-                    }
+                    zeros_unless_done(punched, &f, off, len)?;
                 } else {
                     write_parts_at(&f, data, src, len, off)?;
                     src += len;
@@ -491,6 +487,22 @@ fn write_parts_at(f: &File, parts: &[&[u8]], src: u64, len: u64, off: u64) -> io
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(())
+}
+
+/// After a `fallocate` that zeroes a range: done, or zeros written instead where the file
+/// system has no such mode. Any other failure (no room, beyond its largest file) is the
+/// change's error: writing zeros would only fill the disk before meeting it.
+fn zeros_unless_done(
+    fallocated: rustix::io::Result<()>,
+    f: &File,
+    off: u64,
+    len: u64,
+) -> io::Result<()> {
+    match fallocated {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(f, off, len),
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn write_zeros(f: &File, off: u64, len: u64) -> io::Result<()> {

@@ -81,6 +81,62 @@ pub struct Run {
 /// A point in time as (seconds, nanoseconds) since the epoch.
 pub type Time = (i64, u32);
 
+/// The largest file size Linux allows (MAX_LFS_FILESIZE): offsets are signed 64-bit.
+pub const MAX_SIZE: u64 = i64::MAX as u64;
+/// The kernel's FUSE passes no longer name (FUSE_NAME_MAX); the backing file system may
+/// allow more than the usual 255 bytes.
+const NAME_MAX: usize = 1024;
+const PATH_MAX: usize = 4096;
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 65536;
+
+/// A time as the kernel passes one: nanoseconds below a second.
+pub fn check_time(t: Time) -> Result<(), String> {
+    if t.1 >= 1_000_000_000 {
+        return Err(format!(
+            "time {}.{:09}: nanoseconds beyond a second",
+            t.0, t.1
+        ));
+    }
+    Ok(())
+}
+
+/// A path as changes name things: below BACKING, each component a name (no `..`, `.`,
+/// empty or absolute components, no NUL); the root itself (empty) where `root_allowed`.
+pub fn check_path(p: &RawPath, root_allowed: bool) -> Result<(), String> {
+    if p.0.is_empty() {
+        return if root_allowed {
+            Ok(())
+        } else {
+            Err("names the root, which this kind of change cannot".into())
+        };
+    }
+    for c in p.0.split(|&b| b == b'/') {
+        if c.is_empty() || c == b"." || c == b".." || c.len() > NAME_MAX || c.contains(&0) {
+            return Err(format!(
+                "path {:?} does not name something below the backing directory",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An owner the kernel passes: -1 is no user or group (chown(2)'s "leave as it is").
+fn check_owner(uid: Option<u32>, gid: Option<u32>) -> Result<(), String> {
+    if uid == Some(u32::MAX) || gid == Some(u32::MAX) {
+        return Err("owner -1".into());
+    }
+    Ok(())
+}
+
+fn check_xattr_name(name: &RawPath) -> Result<(), String> {
+    if name.0.is_empty() || name.0.len() > XATTR_NAME_MAX || name.0.contains(&0) {
+        return Err(format!("extended attribute name {:?}", name.display()));
+    }
+    Ok(())
+}
+
 /// What kind of object a create makes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -193,16 +249,128 @@ impl Change {
         }
     }
 
-    /// Bytes of block data the change carries in the journal.
+    /// Bytes of block data the change carries in the journal (saturating: a record read
+    /// from disk may claim any run).
     pub fn data_len(&self) -> u64 {
         match self {
             Change::Data { runs, .. } => runs
                 .iter()
                 .filter(|r| !r.hole && !r.alloc)
-                .map(|r| r.count * BLOCK)
-                .sum(),
+                .fold(0u64, |sum, r| {
+                    sum.saturating_add(r.count.saturating_mul(BLOCK))
+                }),
             _ => 0,
         }
+    }
+
+    /// Why a change read from a journal cannot be one this program wrote, if it cannot:
+    /// its checksum only says the bytes are the ones written, and whoever wrote them. Paths
+    /// must name something below BACKING (no `..`, `.`, empty or absolute components), runs
+    /// must lie within the largest file size, kinds and modes must agree, names and values
+    /// must be what the kernel would have passed. Everything downstream (the view, a
+    /// commit) relies on this.
+    pub fn check(&self) -> Result<(), String> {
+        let path = check_path;
+        match self {
+            Change::Data {
+                path: p,
+                size,
+                runs,
+            } => {
+                if let Some(p) = p {
+                    path(p, false)?;
+                }
+                if *size > MAX_SIZE {
+                    return Err(format!("size {size} beyond the largest file size"));
+                }
+                for r in runs {
+                    let end = r.block.checked_add(r.count);
+                    if r.count == 0 || end.is_none_or(|e| e > MAX_SIZE.div_ceil(BLOCK)) {
+                        return Err(format!("a run of {} blocks at block {}", r.count, r.block));
+                    }
+                    if r.hole && r.alloc {
+                        return Err("a run that is both a hole and allocated".into());
+                    }
+                }
+            }
+            Change::Create {
+                path: p,
+                kind,
+                mode,
+                uid,
+                gid,
+            } => {
+                path(p, false)?;
+                check_owner(Some(*uid), Some(*gid))?;
+                let ty = mode & libc::S_IFMT;
+                let fits = match kind {
+                    NewKind::File => ty == libc::S_IFREG,
+                    NewKind::Dir => ty == libc::S_IFDIR,
+                    NewKind::Symlink { target } => {
+                        if target.0.is_empty()
+                            || target.0.len() >= PATH_MAX
+                            || target.0.contains(&0)
+                        {
+                            return Err(format!("symlink target {:?}", target.display()));
+                        }
+                        ty == libc::S_IFLNK
+                    }
+                    NewKind::Node { .. } => {
+                        [libc::S_IFCHR, libc::S_IFBLK, libc::S_IFIFO, libc::S_IFSOCK].contains(&ty)
+                    }
+                };
+                if !fits || mode & !(libc::S_IFMT | 0o7777) != 0 {
+                    return Err(format!("mode {mode:o} for a {}", self.name()));
+                }
+            }
+            Change::Link { from, to } | Change::Rename { from, to, .. } => {
+                path(from, false)?;
+                path(to, false)?;
+                if let Change::Rename { flags, .. } = self {
+                    let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
+                    if flags & !known != 0 || *flags == known {
+                        return Err(format!("rename flags {flags:#x}"));
+                    }
+                }
+            }
+            Change::Unlink { path: p } | Change::Rmdir { path: p } => path(p, false)?,
+            Change::Attr {
+                path: p,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            } => {
+                path(p, true)?;
+                check_owner(*uid, *gid)?;
+                if mode.is_some_and(|m| m & !(libc::S_IFMT | 0o7777) != 0) {
+                    return Err(format!("mode {:o}", mode.unwrap_or_default()));
+                }
+                for t in [atime, mtime].into_iter().flatten() {
+                    check_time(*t)?;
+                }
+            }
+            Change::SetXattr {
+                path: p,
+                name,
+                value,
+            } => {
+                path(p, true)?;
+                check_xattr_name(name)?;
+                if value.len() > XATTR_SIZE_MAX {
+                    return Err(format!(
+                        "an extended attribute value of {} bytes",
+                        value.len()
+                    ));
+                }
+            }
+            Change::RemoveXattr { path: p, name } => {
+                path(p, true)?;
+                check_xattr_name(name)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether it only takes a name away (unlink, rmdir): repeated, such a change finds
@@ -224,6 +392,54 @@ impl Change {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_accept_the_edges_the_kernel_allows_and_nothing_past_them() {
+        let data = |block, count| Change::Data {
+            path: Some(RawPath(b"f".to_vec())),
+            size: MAX_SIZE,
+            runs: vec![Run {
+                block,
+                count,
+                hole: false,
+                alloc: false,
+            }],
+        };
+        let last = MAX_SIZE / BLOCK; // the block holding the largest file's last byte
+        assert_eq!(data(last, 1).check(), Ok(()));
+        assert!(data(last + 1, 1).check().is_err());
+        assert!(data(last, 0).check().is_err());
+        assert!(data(u64::MAX, 1).check().is_err());
+        let chmod = |path: &[u8]| Change::Attr {
+            path: RawPath(path.to_vec()),
+            mode: Some(libc::S_IFDIR | 0o700),
+            uid: None,
+            gid: None,
+            atime: Some((i64::MIN, 999_999_999)),
+            mtime: None,
+        };
+        assert_eq!(chmod(b"").check(), Ok(()), "the root's mode");
+        assert_eq!(chmod(&[0xff, b'/', 0xfe]).check(), Ok(()), "not UTF-8");
+        for bad in [
+            &b"/a"[..],
+            b"a/",
+            b"a//b",
+            b"a/./b",
+            b"..",
+            b"a/../b",
+            b"a\0b",
+        ] {
+            assert!(
+                chmod(bad).check().is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let unlink_root = Change::Unlink {
+            path: RawPath::default(),
+        };
+        assert!(unlink_root.check().is_err());
+    }
 
     #[test]
     fn non_utf8_paths_round_trip() {

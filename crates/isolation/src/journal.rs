@@ -190,6 +190,10 @@ impl Journal {
             return Err(corrupt(path, "journal belongs to another store".into()));
         }
         let base_seq = u64::from_le_bytes(h[16..24].try_into().unwrap());
+        if base_seq > i64::MAX as u64 {
+            // Sequence numbers count changes: this many were never made.
+            return Err(corrupt(path, format!("base sequence number {base_seq}")));
+        }
         let mut records = Vec::new();
         let (off, last_seq) = scan(&file, path, len, base_seq, verify_data, &mut |r| {
             records.push(r);
@@ -520,7 +524,7 @@ fn scan(
                 ),
             ));
         }
-        if seq != last_seq + 1 {
+        if last_seq.checked_add(1) != Some(seq) {
             return Err(corrupt(
                 path,
                 format!("record at offset {off}: sequence {seq} follows {last_seq}"),
@@ -533,6 +537,20 @@ fn scan(
             keep_times,
         }: Entry<Change> = serde_json::from_slice(meta)
             .map_err(|e| corrupt(path, format!("record at offset {off} (seq {seq}): {e}")))?;
+        if let Err(what) = change
+            .check()
+            .and_then(|()| crate::change::check_time(at))
+            .and_then(|()| {
+                keep_times
+                    .iter()
+                    .try_for_each(|p| crate::change::check_path(p, true))
+            })
+        {
+            return Err(corrupt(
+                path,
+                format!("record at offset {off} (seq {seq}): {what}"),
+            ));
+        }
         if change.data_len() != data_len {
             return Err(corrupt(
                 path,

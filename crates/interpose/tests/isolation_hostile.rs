@@ -1,0 +1,567 @@
+//! Hostile journals: records whose checksums are right but whose changes the daemon never
+//! writes (huge or overflowing block runs and sizes, paths that climb out with `..` or
+//! start at `/`, unknown kinds and flags, values of the wrong type). Whatever a store
+//! holds, `status`, `log`, a mount (and every read through it) and `commit` must answer
+//! with a result or a clear error: no panic, no hang, and nothing outside BACKING touched.
+//!
+//! The journal is made by a real mount, then one field of one record is replaced and the
+//! record's checksum written again. Cases are listed (`TARGETED`) and drawn at random
+//! (`INTERPOSE_HOSTILE_SEED=N` replays the random ones of one seed).
+
+mod common;
+mod support;
+
+use common::*;
+use serde_json::{json, Value};
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use support::plain_dir;
+
+const HEADER: usize = 64;
+const RECORD_HEADER: usize = 24;
+
+struct Record {
+    seq: u64,
+    meta: Value,
+    data: Vec<u8>,
+}
+
+fn read_journal(path: &Path) -> (Vec<u8>, Vec<Record>) {
+    let bytes = fs::read(path).unwrap();
+    let header = bytes[..HEADER].to_vec();
+    let mut recs = Vec::new();
+    let mut off = HEADER;
+    while off + RECORD_HEADER <= bytes.len() {
+        let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) as usize;
+        let len = u32_at(off);
+        if len == 0 {
+            break; // zeros written ahead
+        }
+        let seq = u64::from_le_bytes(bytes[off + 8..off + 16].try_into().unwrap());
+        let meta_len = u32_at(off + 16);
+        let meta_at = off + RECORD_HEADER;
+        let meta = serde_json::from_slice(&bytes[meta_at..meta_at + meta_len]).unwrap();
+        let data = bytes[meta_at + meta_len..off + len].to_vec();
+        recs.push(Record { seq, meta, data });
+        off += len;
+    }
+    (header, recs)
+}
+
+/// Writes the records back with their lengths and checksums made right; `data_len` as the
+/// runs ask (wrapping, as a careless reader would compute it), the data cut or padded.
+fn write_journal(path: &Path, header: &[u8], recs: &[Record]) {
+    let mut out = header.to_vec();
+    for r in recs {
+        let meta = serde_json::to_vec(&r.meta).unwrap();
+        let want = claimed_data_len(&r.meta);
+        let mut data = r.data.clone();
+        // Keep hostile sizes from making the file huge: a record longer than the reader's
+        // limit is a torn or corrupt record, which other tests cover.
+        data.resize(want.min(1 << 20) as usize, 0xa5);
+        let len = RECORD_HEADER + meta.len() + data.len();
+        let mut rec = Vec::with_capacity(len);
+        rec.extend_from_slice(&(len as u32).to_le_bytes());
+        rec.extend_from_slice(&[0; 4]);
+        rec.extend_from_slice(&r.seq.to_le_bytes());
+        rec.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&(want as u32).to_le_bytes());
+        rec.extend_from_slice(&meta);
+        rec.extend_from_slice(&data);
+        let crc = crc32c::crc32c(&rec[8..]);
+        rec[4..8].copy_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&rec);
+    }
+    fs::write(path, out).unwrap();
+}
+
+fn claimed_data_len(meta: &Value) -> u64 {
+    let Some(runs) = meta["runs"].as_array() else {
+        return 0;
+    };
+    runs.iter()
+        .filter(|r| r["hole"] != json!(true) && r["alloc"] != json!(true))
+        .map(|r| r["count"].as_u64().unwrap_or(0).wrapping_mul(4096))
+        .fold(0u64, u64::wrapping_add)
+}
+
+/// The pristine case: BACKING with a few files, and a store holding every kind of change.
+struct Base {
+    _tmp: tempfile::TempDir,
+    backing: PathBuf,
+    store: PathBuf,
+}
+
+fn base() -> Base {
+    let tmp = plain_dir("interpose-test-hostile-");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    let store = tmp.path().join("store");
+    fs::create_dir_all(backing.join("dir/sub")).unwrap();
+    fs::write(backing.join("keep.txt"), b"kept\n").unwrap();
+    fs::write(backing.join("dir/inner"), vec![3u8; 3 * 4096 + 100]).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    let p = |n: &str| mnt.join(n);
+    fs::create_dir(p("made")).unwrap();
+    fs::write(p("made/f"), vec![7u8; 2 * 4096 + 10]).unwrap();
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(p("dir/inner"))
+        .unwrap();
+    f.write_all_at(b"one block changed", 4096).unwrap();
+    f.set_len(5000).unwrap();
+    drop(f);
+    std::os::unix::fs::symlink("made/f", p("link")).unwrap();
+    fs::hard_link(p("made/f"), p("made/hard")).unwrap();
+    support::mkfifo(&p("fifo"), 0o644);
+    fs::set_permissions(p("keep.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    support::set_times(&p("keep.txt"), 1_000_000_000, 1_500_000_000);
+    support::set_xattr(&p("made/f"), "user.note", b"value");
+    fs::rename(p("made/hard"), p("dir/moved")).unwrap();
+    fs::remove_file(p("dir/moved")).unwrap();
+    fs::remove_dir(p("dir/sub")).unwrap();
+    rustix::fs::removexattr(p("made/f").as_path(), "user.note").unwrap();
+    m.stop();
+    Base {
+        _tmp: tmp,
+        backing,
+        store,
+    }
+}
+
+/// Values put in place of a field: numbers at the edges, paths that climb out or are not
+/// paths, runs that overflow or overlap, things of the wrong type.
+fn hostile_values() -> Vec<Value> {
+    let long = "x/".repeat(3000);
+    vec![
+        json!(0),
+        json!(1),
+        json!(4096),
+        json!(u32::MAX),
+        json!(1u64 << 32),
+        json!(1u64 << 52),
+        json!(1u64 << 62),
+        json!(i64::MAX as u64),
+        json!(u64::MAX),
+        json!(-1),
+        json!(""),
+        json!("."),
+        json!(".."),
+        json!("../outside/x"),
+        json!("made/../../outside"),
+        json!("/etc/passwd"),
+        json!("made//f"),
+        json!("made/f/"),
+        json!("made/f/deeper"),
+        json!("link/through"),
+        json!(long),
+        json!({"raw": [0]}),
+        json!({"raw": [46, 46, 47, 111]}),
+        json!({"raw": []}),
+        json!([]),
+        json!([{"block": u64::MAX, "count": 1}]),
+        json!([{"block": 0, "count": 1u64 << 52}]),
+        json!([{"block": (1u64 << 52) - 1, "count": 2}]),
+        json!([{"block": 3, "count": 0}]),
+        json!([{"block": 0, "count": 1, "hole": true, "alloc": true}]),
+        json!([{"block": 0, "count": 2}, {"block": 1, "count": 2}]),
+        json!([{"block": 9, "count": 1}, {"block": 2, "count": 1}]),
+        json!([{"block": 1u64 << 40, "count": 1u64 << 40, "hole": true}]),
+        json!([{"block": 0, "count": 1u64 << 40, "alloc": true}]),
+        json!([i64::MIN, 0]),
+        json!([0, 2_000_000_000u32]),
+        json!([i64::MAX, 999_999_999]),
+        json!("file"),
+        json!("dir"),
+        json!({"symlink": {"target": ""}}),
+        json!({"symlink": {"target": "/etc/passwd"}}),
+        json!({"node": {"rdev": u64::MAX}}),
+        json!({"unknown": {}}),
+        json!(0o170777),
+        json!(0o140755),
+        json!(0o060644),
+        json!(0o020644),
+        json!(0o777),
+        json!(u32::MAX),
+        json!("system.posix_acl_access"),
+        json!("trusted.x"),
+        json!("security.capability"),
+        json!([1, 2, 3]),
+        json!(vec![0u8; 70_000]),
+        json!(null),
+        json!(true),
+        json!({}),
+        json!("data"),
+        json!("rename"),
+        json!("no-such-op"),
+    ]
+}
+
+/// Every place in `v` a value can be put: JSON pointers to its fields, recursively.
+fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let p = format!("{at}/{k}");
+                out.push(p.clone());
+                pointers(x, p, out);
+            }
+        }
+        Value::Array(a) if a.len() <= 8 => {
+            for (i, x) in a.iter().enumerate() {
+                let p = format!("{at}/{i}");
+                out.push(p.clone());
+                pointers(x, p, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn same_type(a: &Value, b: &Value) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+/// Listed cases: (op of the record, field, value); each applied to the first record of
+/// that op. These are the ones an overflow or a path that climbs out would show in.
+const TARGETED: &[(&str, &str, usize)] = &[
+    ("data", "/runs", 25),
+    ("data", "/runs", 26),
+    ("data", "/runs", 27),
+    ("data", "/runs", 28),
+    ("data", "/runs", 29),
+    ("data", "/runs", 30),
+    ("data", "/runs", 31),
+    ("data", "/runs", 32),
+    ("data", "/runs", 33),
+    ("data", "/size", 6),
+    ("data", "/size", 7),
+    ("data", "/size", 8),
+    ("data", "/path", 13),
+    ("data", "/path", 14),
+    ("data", "/path", 15),
+    ("create", "/path", 12),
+    ("create", "/path", 13),
+    ("create", "/path", 15),
+    ("create", "/path", 19),
+    ("create", "/path", 10),
+    ("create", "/mode", 44),
+    ("create", "/mode", 45),
+    ("create", "/kind", 42),
+    ("mkdir", "/path", 14),
+    ("symlink", "/kind", 41),
+    ("link", "/from", 13),
+    ("link", "/to", 15),
+    ("rename", "/from", 16),
+    ("rename", "/to", 13),
+    ("rename", "/flags", 49),
+    ("unlink", "/path", 13),
+    ("unlink", "/path", 12),
+    ("rmdir", "/path", 12),
+    ("rmdir", "/path", 14),
+    ("setattr", "/path", 14),
+    ("setattr", "/mode", 44),
+    ("setattr", "/mtime", 35),
+    ("setattr", "/mtime", 36),
+    ("setattr", "/atime", 37),
+    ("setxattr", "/name", 50),
+    ("setxattr", "/name", 10),
+    ("setxattr", "/value", 54),
+    ("removexattr", "/path", 15),
+    ("data", "/at", 35),
+    ("data", "/op", 58),
+];
+
+fn op_of(meta: &Value) -> String {
+    let op = meta["op"].as_str().unwrap_or("?");
+    match (op, &meta["kind"]) {
+        ("create", Value::String(k)) if k == "dir" => "mkdir".into(),
+        ("create", Value::Object(k)) if k.contains_key("symlink") => "symlink".into(),
+        _ => op.into(),
+    }
+}
+
+/// One case: the base store with `edit` made to record `index`, run through every command.
+fn run_case(base: &Base, what: &str, index: usize, pointer: &str, value: &Value) {
+    let case = plain_dir("interpose-test-hostile-case-");
+    let backing = case.path().join("backing");
+    let store = case.path().join("store");
+    let mnt = case.path().join("mnt");
+    let outside = case.path().join("outside");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(&base.backing)
+        .arg(&backing));
+    fs::create_dir(&store).unwrap();
+    fs::copy(base.store.join("journal"), store.join("journal")).unwrap();
+    // The store, made for the base's BACKING, now belongs to this copy of it.
+    let mut meta: Value =
+        serde_json::from_slice(&fs::read(base.store.join("store.json")).unwrap()).unwrap();
+    let st = fs::metadata(&backing).unwrap();
+    meta["backing"] = json!(backing.to_str().unwrap());
+    meta["backing_dev"] = json!(std::os::unix::fs::MetadataExt::dev(&st));
+    meta["backing_ino"] = json!(std::os::unix::fs::MetadataExt::ino(&st));
+    fs::write(store.join("store.json"), meta.to_string()).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("x"), b"outside\n").unwrap();
+    let (header, mut recs) = read_journal(&store.join("journal"));
+    let meta = &mut recs[index].meta;
+    // The field, or a new one of that name (a setattr that sets no mtime gets one).
+    let (parent, key) = pointer.rsplit_once('/').unwrap();
+    match meta.pointer_mut(parent) {
+        Some(Value::Object(fields)) => {
+            fields.insert(key.to_string(), value.clone());
+        }
+        Some(Value::Array(items)) => items[key.parse::<usize>().unwrap()] = value.clone(),
+        _ => panic!("{what}: no {parent} in {meta}"),
+    }
+    let edited = meta.to_string();
+    write_journal(&store.join("journal"), &header, &recs);
+    let label = format!(
+        "{what}: record {index} (seq {}) with {pointer} = {}",
+        recs[index].seq,
+        short(&value.to_string())
+    );
+    let outside_before = listing(case.path(), &outside);
+
+    for args in [&["status"][..], &["log", "--json"][..]] {
+        let mut c = Command::new(bin());
+        c.arg("isolation").arg(args[0]).arg(&store).args(&args[1..]);
+        finishes_cleanly(&label, &mut c);
+    }
+    let mounted = mount_and_read_everything(&label, &backing, &mnt, &store);
+    let mut c = Command::new(bin());
+    c.args(["isolation", "commit"]).arg(&store);
+    let committed = finishes_cleanly(&label, &mut c);
+    event(format_args!(
+        "hostile case: mounted {mounted}, committed {committed}: {label}"
+    ));
+    assert_eq!(
+        listing(case.path(), &outside),
+        outside_before,
+        "{label}: something outside BACKING changed\nthe record: {}",
+        short(&edited)
+    );
+}
+
+fn short(s: &str) -> String {
+    if s.len() > 160 {
+        format!("{}... ({} bytes)", &s[..160], s.len())
+    } else {
+        s.to_string()
+    }
+}
+
+/// The case directory's entries and the outside file's contents and mode.
+fn listing(dir: &Path, outside: &Path) -> String {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let meta = fs::symlink_metadata(outside.join("x"));
+    format!(
+        "{names:?} {:?} {:?} {:?}",
+        fs::read(outside.join("x")).ok(),
+        meta.as_ref().map(|m| m.permissions().mode()).ok(),
+        fs::read_dir(outside).map(|d| d.count()).ok()
+    )
+}
+
+/// Runs a command to its end (at most 60 s): it may fail, but with exit status 1 and a
+/// message, not a panic, a signal or a hang.
+fn finishes_cleanly(label: &str, c: &mut Command) -> bool {
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
+    let status = match status {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{label}: {c:?} did not finish in 60 s");
+        }
+    };
+    let err = stderr_of(&mut child);
+    assert!(
+        !err.contains("panicked") && matches!(status.code(), Some(0 | 1)),
+        "{label}: {c:?} ended with {status}:\n{err}"
+    );
+    if status.code() == Some(1) {
+        assert!(!err.trim().is_empty(), "{label}: {c:?} failed silently");
+    }
+    status.success()
+}
+
+/// Mounts the store (which may be refused, clearly), reads everything the view shows, and
+/// checks the daemon is still there to unmount cleanly.
+fn mount_and_read_everything(label: &str, backing: &Path, mnt: &Path, store: &Path) -> bool {
+    let mut child = Command::new(bin())
+        .args(["fs", "mount"])
+        .arg(backing)
+        .arg(mnt)
+        .args(transport_args())
+        .arg("--isolate")
+        .arg(store)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(child.stdout.take().unwrap()).lines().next();
+    if !matches!(&first, Some(Ok(l)) if l.starts_with("mounted ")) {
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        let err = stderr_of(&mut child);
+        assert!(
+            status.is_some_and(|s| s.code() == Some(1)) && !err.contains("panicked"),
+            "{label}: the mount neither mounted nor refused cleanly ({status:?}):\n{err}"
+        );
+        assert!(!is_mounted(mnt), "{label}: refused, yet mounted");
+        return false;
+    }
+    event(format_args!("mounted pid {} {}", child.id(), mnt.display()));
+    walk(mnt);
+    let alive = child.try_wait().unwrap().is_none();
+    signal(&child, libc::SIGTERM);
+    let status = wait_timeout(&mut child, Duration::from_secs(30));
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    if is_mounted(mnt) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+    event(format_args!("stop {}: {status:?}", mnt.display()));
+    assert!(
+        alive && status.is_some_and(|s| s.success()) && !err.contains("panicked"),
+        "{label}: the daemon did not survive reading the view (alive after reading: {alive}, exit {status:?}):\n{err}"
+    );
+    true
+}
+
+/// Every entry: its attributes, its contents or target, its extended attributes, and
+/// where its data lies (SEEK_DATA / SEEK_HOLE). Errors are answers too; only a dead
+/// daemon (ENOTCONN) is not.
+fn walk(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries {
+        let Ok(e) = e else { continue };
+        let p = e.path();
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        let _ = rustix::fs::llistxattr(&p, &mut [0u8; 4096][..]);
+        if m.is_dir() {
+            walk(&p);
+        } else if m.file_type().is_symlink() {
+            let _ = fs::read_link(&p);
+        } else if m.is_file() {
+            if let Ok(mut f) = fs::File::open(&p) {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                // Enough to touch every extent of a sane file; a hostile size is not read
+                // to its end.
+                while total < 64 << 20 {
+                    match f.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => total += n as u64,
+                    }
+                }
+                for whence in [rustix::fs::SeekFrom::Data(0), rustix::fs::SeekFrom::Hole(0)] {
+                    let _ = rustix::fs::seek(&f, whence);
+                }
+            }
+        }
+    }
+    let probe = fs::metadata(dir);
+    assert!(
+        !matches!(&probe, Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)),
+        "the mount is dead (ENOTCONN)"
+    );
+}
+
+#[test]
+fn hostile_records_get_an_answer_or_a_clear_error_never_a_panic() {
+    let base = base();
+    let (_, recs) = read_journal(&base.store.join("journal"));
+    let ops: Vec<String> = recs.iter().map(|r| op_of(&r.meta)).collect();
+    let values = hostile_values();
+    for (op, pointer, value) in TARGETED {
+        let index = ops
+            .iter()
+            .position(|o| o == op)
+            .unwrap_or_else(|| panic!("no {op} record in the base journal: {ops:?}"));
+        run_case(&base, "targeted", index, pointer, &values[*value]);
+    }
+    let seed = seed_from_env("INTERPOSE_HOSTILE_SEED");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    for case in 0..60 {
+        use rand::Rng;
+        let index = rng.gen_range(0..recs.len());
+        let mut ptrs = Vec::new();
+        pointers(&recs[index].meta, String::new(), &mut ptrs);
+        let pointer = &ptrs[rng.gen_range(0..ptrs.len())];
+        // Mostly a value of the field's own type, which gets past parsing.
+        let old = recs[index].meta.pointer(pointer).unwrap();
+        let same: Vec<&Value> = values.iter().filter(|v| same_type(v, old)).collect();
+        let value = if !same.is_empty() && rng.gen_range(0..5) > 0 {
+            same[rng.gen_range(0..same.len())]
+        } else {
+            &values[rng.gen_range(0..values.len())]
+        };
+        run_case(
+            &base,
+            &format!("seed {seed} (INTERPOSE_HOSTILE_SEED={seed}), case {case}"),
+            index,
+            pointer,
+            value,
+        );
+    }
+}
+
+/// A journal header (checksum right) whose base sequence number leaves no room to count
+/// on is refused; a large one that does is taken.
+#[test]
+fn sequence_numbers_at_the_end_of_the_range_are_refused_not_wrapped() {
+    let base = base();
+    let (mut header, mut recs) = read_journal(&base.store.join("journal"));
+    for (start, works) in [
+        (u64::MAX, false),
+        (u64::MAX - 1, false),
+        (1u64 << 63, false),
+        (1u64 << 40, true),
+    ] {
+        header[16..24].copy_from_slice(&start.to_le_bytes());
+        let crc = crc32c::crc32c(&header[..60]);
+        header[60..64].copy_from_slice(&crc.to_le_bytes());
+        for (i, r) in recs.iter_mut().enumerate() {
+            r.seq = start.wrapping_add(i as u64 + 1);
+        }
+        let store = plain_dir("interpose-test-hostile-seq-");
+        fs::copy(
+            base.store.join("store.json"),
+            store.path().join("store.json"),
+        )
+        .unwrap();
+        write_journal(&store.path().join("journal"), &header, &recs);
+        let mut c = Command::new(bin());
+        c.args(["isolation", "status"]).arg(store.path());
+        let label = format!("base sequence {start}");
+        assert_eq!(finishes_cleanly(&label, &mut c), works, "{label}");
+    }
+}
