@@ -565,3 +565,93 @@ fn sequence_numbers_at_the_end_of_the_range_are_refused_not_wrapped() {
         assert_eq!(finishes_cleanly(&label, &mut c), works, "{label}");
     }
 }
+
+/// The state of an interrupted commit (checksum right) that does not fit the journal (its
+/// target or what it applied outside the journal's changes, what it applied beyond its
+/// target, a name exchange after it) is refused by every command, which leave BACKING and
+/// the journal as they were: taken at its word it would skip changes or compact the
+/// journal past its end. One that fits is finished.
+#[test]
+fn an_interrupted_commit_that_does_not_fit_the_journal_is_refused() {
+    let base = base();
+    let (_, recs) = read_journal(&base.store.join("journal"));
+    let last = recs.last().unwrap().seq;
+    let state = |target: u64, applied: u64, exchange: u64| {
+        let mut b = [0u8; 48];
+        b[0..8].copy_from_slice(b"IPCOMIT1");
+        for (i, v) in [target, applied, exchange, 0].into_iter().enumerate() {
+            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b[..40]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b
+    };
+    let before = support::manifest(
+        &base.backing,
+        support::ManifestOpts {
+            mtime: true,
+            owner: true,
+        },
+    );
+    let journal = fs::read(base.store.join("journal")).unwrap();
+    let mnt = base._tmp.path().join("mnt");
+    for (target, applied, exchange) in [
+        (u64::MAX, 0, 0),
+        (last, u64::MAX, 0),
+        (2, 4, 0),
+        (last + 1, 0, 0),
+        (last, 0, last + 1),
+    ] {
+        fs::write(base.store.join("commit"), state(target, applied, exchange)).unwrap();
+        let label = format!("commit state target {target}, applied {applied}, exchange {exchange}");
+        for args in [
+            &["isolation", "status"][..],
+            &["isolation", "commit"][..],
+            &["isolation", "discard"][..],
+        ] {
+            let mut c = Command::new(bin());
+            c.args(args).arg(&base.store);
+            let out = support::output(&mut c);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.code() == Some(1) && err.contains("does not fit the journal"),
+                "{label}: {args:?}: {}",
+                support::describe(&out)
+            );
+        }
+        let refused = mount_refused(
+            &base.backing,
+            &mnt,
+            &["--isolate", base.store.to_str().unwrap()],
+        );
+        assert!(
+            refused.contains("does not fit the journal"),
+            "{label}: {refused}"
+        );
+        assert_eq!(
+            fs::read(base.store.join("journal")).unwrap(),
+            journal,
+            "{label}: the journal changed"
+        );
+        support::assert_same(
+            &label,
+            "backing before",
+            &before,
+            "backing after",
+            &support::manifest(
+                &base.backing,
+                support::ManifestOpts {
+                    mtime: true,
+                    owner: true,
+                },
+            ),
+        );
+    }
+    // One that fits: nothing applied yet, everything to go.
+    fs::write(base.store.join("commit"), state(last, 0, 0)).unwrap();
+    let mut c = Command::new(bin());
+    c.args(["isolation", "commit"]).arg(&base.store);
+    assert!(finishes_cleanly("a commit state that fits", &mut c));
+    assert!(!base.store.join("commit").exists());
+    assert!(fs::read(base.backing.join("made/f")).unwrap().len() == 2 * 4096 + 10);
+}
