@@ -36,7 +36,7 @@ cargo nextest run --workspace --locked --profile ci "$@" || status=$?
 if [ "$#" = 0 ]; then
     echo "== file system tests again, over io_uring (--io-uring)" >&2
     INTERPOSE_TEST_IO_URING=1 cargo nextest run --workspace --locked --profile ci \
-        -E 'binary(edge_cases) | binary(escape) | binary(filters) | binary(fsx) | binary(nonroot) | binary(programs) | binary(smoke) | binary(stress) | binary(transport) | binary(/^isolation/)' \
+        -E 'binary(durability) | binary(edge_cases) | binary(escape) | binary(filters) | binary(fsx) | binary(nonroot) | binary(programs) | binary(smoke) | binary(stress) | binary(transport) | binary(/^isolation/)' \
         || status=$?
 fi
 # nextest does not run documentation examples.

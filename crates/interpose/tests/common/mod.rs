@@ -464,6 +464,20 @@ impl Drop for LoopFs {
     }
 }
 
+/// Runs `sync` and asserts that the device under `fs` saw a flush meanwhile. `dirty` runs
+/// first, outside the count: it leaves something unsynced (a daemon with nothing to sync
+/// may skip the sync).
+pub fn assert_flushes(fs: &LoopFs, label: &str, dirty: impl FnOnce(), sync: impl FnOnce()) {
+    dirty();
+    let before = fs.flushes();
+    sync();
+    let after = fs.flushes();
+    assert!(
+        after > before,
+        "{label}: returned without a flush of the device ({before} flushes before, {after} after)"
+    );
+}
+
 /// Writes to `path` through a write-only open (which the daemon serves around the page
 /// cache) in each way a program asks for a synchronous write, and asserts that the device
 /// under `fs` saw a flush before each write returned: per write with `RWF_DSYNC` and
@@ -472,15 +486,6 @@ pub fn assert_synchronous_writes_flush(fs: &LoopFs, path: &Path) {
     use rustix::io::ReadWriteFlags;
     use std::os::fd::AsFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let open = |custom: i32| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .custom_flags(custom)
-            .open(path)
-            .unwrap()
-    };
     let block = [7u8; 4096];
     let ways: [(&str, i32, ReadWriteFlags); 4] = [
         ("pwritev2 RWF_DSYNC", 0, ReadWriteFlags::DSYNC),
@@ -489,22 +494,27 @@ pub fn assert_synchronous_writes_flush(fs: &LoopFs, path: &Path) {
         ("an O_SYNC open", libc::O_SYNC, ReadWriteFlags::empty()),
     ];
     for (i, (way, custom, flags)) in ways.into_iter().enumerate() {
-        let f = open(custom);
-        // Something unsynced first, so that the sync has something to write.
-        rustix::io::pwrite(f.as_fd(), &block, 0).unwrap();
-        let before = fs.flushes();
-        let n = rustix::io::pwritev2(
-            f.as_fd(),
-            &[std::io::IoSlice::new(&block)],
-            4096 * (i as u64 + 1),
-            flags,
-        )
-        .unwrap();
-        assert_eq!(n, block.len());
-        let after = fs.flushes();
-        assert!(
-            after > before,
-            "a write through {way} returned without a flush of the device ({before} flushes before, {after} after)"
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(custom)
+            .open(path)
+            .unwrap();
+        assert_flushes(
+            fs,
+            &format!("a write through {way}"),
+            // Something unsynced first, so that the sync has something to write.
+            || {
+                rustix::io::pwrite(f.as_fd(), &block, 0).unwrap();
+            },
+            || {
+                let at = 4096 * (i as u64 + 1);
+                let n =
+                    rustix::io::pwritev2(f.as_fd(), &[std::io::IoSlice::new(&block)], at, flags)
+                        .unwrap();
+                assert_eq!(n, block.len());
+            },
         );
     }
 }
