@@ -1,6 +1,7 @@
 //! Every way a program asks for durability reaches the disk before the call returns:
 //! fsync, fdatasync, fsync of a directory, a write through an O_DSYNC open or with
-//! RWF_DSYNC, msync of a shared mapping, and (isolated) a clean unmount. The crash tests
+//! RWF_DSYNC, msync of a shared mapping, and (isolated) a clean unmount; and a commit has
+//! written what it applied to BACKING's disk before it returns. The crash tests
 //! kill the daemon, which leaves the page cache in place, so they cannot tell a sync from
 //! none; here BACKING or the store lies on a loop device's ext4 without a journal, whose
 //! flush requests are counted (nothing but a sync sends one).
@@ -16,6 +17,7 @@ use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::process::Command;
 
 fn rw(path: &Path, custom: i32) -> fs::File {
     fs::OpenOptions::new()
@@ -146,4 +148,42 @@ fn isolated_mount_syncs_its_store() {
         || fs::write(mnt.join("last"), b"unsynced").unwrap(),
         || drop(m.stop()),
     );
+}
+
+/// A commit, unmounted and mounted, returns only once the data it applied is on BACKING's
+/// disk: it then compacts the journal, after which the store no longer has that data.
+#[test]
+fn a_commit_leaves_its_data_on_backing_s_disk() {
+    let fs_ = LoopFs::new(128);
+    let backing = fs_.dir.join("backing");
+    fs::create_dir(&backing).unwrap();
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let (mnt, store) = (tmp.path().join("mnt"), tmp.path().join("store"));
+    fs::create_dir(&mnt).unwrap();
+    let data = vec![0x5au8; 16 << 20];
+    for mounted in [false, true] {
+        let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+        fs::write(mnt.join(format!("f{mounted}")), &data).unwrap();
+        let m = if mounted {
+            Some(m)
+        } else {
+            drop(m.stop());
+            None
+        };
+        let (before, flushed) = (fs_.bytes_written(), fs_.flushes());
+        run(Command::new(bin())
+            .args(["isolation", "commit"])
+            .arg(&store));
+        let written = fs_.bytes_written() - before;
+        assert!(
+            written >= data.len() as u64 && fs_.flushes() > flushed,
+            "mounted {mounted}: the commit returned with {written} bytes written to BACKING's disk, of {}, and {} flushes",
+            data.len(),
+            fs_.flushes() - flushed
+        );
+        if let Some(m) = m {
+            m.stop();
+        }
+        assert_eq!(fs::read(backing.join(format!("f{mounted}"))).unwrap(), data);
+    }
 }

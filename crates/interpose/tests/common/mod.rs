@@ -445,11 +445,20 @@ impl LoopFs {
 
     /// Flush requests the device has completed (field 16 of /sys/block/loopN/stat).
     pub fn flushes(&self) -> u64 {
+        self.stat(15)
+    }
+
+    /// Bytes written to the device (field 7 of /sys/block/loopN/stat, in 512-byte sectors).
+    pub fn bytes_written(&self) -> u64 {
+        self.stat(6) * 512
+    }
+
+    fn stat(&self, field: usize) -> u64 {
         let name = self.dev.file_name().unwrap().to_str().unwrap();
         let stat = std::fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
         stat.split_whitespace()
-            .nth(15)
-            .unwrap_or_else(|| panic!("no flush count in {stat:?}"))
+            .nth(field)
+            .unwrap_or_else(|| panic!("no field {field} in {stat:?}"))
             .parse()
             .unwrap()
     }
