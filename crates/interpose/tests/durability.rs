@@ -1,7 +1,8 @@
 //! Every way a program asks for durability reaches the disk before the call returns:
 //! fsync, fdatasync, fsync of a directory, a write through an O_DSYNC open or with
 //! RWF_DSYNC, msync of a shared mapping, and (isolated) a clean unmount; and a commit has
-//! written what it applied to BACKING's disk before it returns. The crash tests
+//! written what it applied to BACKING's disk before it returns, as `image create` and
+//! `image extract` their output. The crash tests
 //! kill the daemon, which leaves the page cache in place, so they cannot tell a sync from
 //! none; here BACKING or the store lies on a loop device's ext4 without a journal, whose
 //! flush requests are counted (nothing but a sync sends one).
@@ -186,4 +187,46 @@ fn a_commit_leaves_its_data_on_backing_s_disk() {
         }
         assert_eq!(fs::read(backing.join(format!("f{mounted}"))).unwrap(), data);
     }
+}
+
+/// `image create` and `image extract` return once their output is on its disk.
+#[test]
+fn images_and_extracted_disks_are_on_disk_when_the_command_returns() {
+    let fs_ = LoopFs::new(128);
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let src = tmp.path().join("disk.raw");
+    // Data that does not compress away, so the image is about as large.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let raw: Vec<u8> = (0..16 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    fs::write(&src, &raw).unwrap();
+    let img = fs_.dir.join("disk.img");
+    let back = fs_.dir.join("disk.back");
+    for (what, args) in [
+        (
+            "image create",
+            vec![src.as_os_str(), "-o".as_ref(), img.as_os_str()],
+        ),
+        (
+            "image extract",
+            vec![img.as_os_str(), "-o".as_ref(), back.as_os_str()],
+        ),
+    ] {
+        let (before, flushed) = (fs_.bytes_written(), fs_.flushes());
+        let sub = what.split(' ').nth(1).unwrap();
+        run(Command::new(bin()).args(["image", sub]).args(args));
+        let written = fs_.bytes_written() - before;
+        assert!(
+            written >= 15 << 20 && fs_.flushes() > flushed,
+            "{what} returned with {written} bytes written to its output's disk and {} flushes",
+            fs_.flushes() - flushed
+        );
+    }
+    assert!(fs::read(&back).unwrap() == raw);
 }
