@@ -438,6 +438,11 @@ fn check_audit_files(specs: &[String], mountpoint: &std::path::Path) -> Result<(
 /// relative to BACKING, so it would never match: a deny rule without effect), and warns
 /// about one whose leading literal components name nothing in BACKING yet.
 fn check_anchor(backing: &std::path::Path, what: &str, glob: &str) -> Result<()> {
+    // Paths are matched inside BACKING: one that is empty or climbs out matches nothing,
+    // and a mount that isolates or filters nothing where asked to must not start.
+    if glob.is_empty() || glob.split('/').any(|c| c == "..") {
+        bail!("{what} never matches: globs and subtrees are paths inside BACKING, relative to it, without `..`");
+    }
     let anchor = filters::glob_anchor(glob);
     if anchor.as_os_str().is_empty() || backing.join(&anchor).symlink_metadata().is_ok() {
         return Ok(());

@@ -464,6 +464,18 @@ fn bad_filter_specs_are_refused_with_a_clear_message() {
     let spec = format!("audit=-;under={}", backing.join("secret").display());
     let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
     assert!(err.contains(r#"write "secret""#), "{err}");
+    // Nor would globs and subtrees that climb out of BACKING, and an audit needs its log.
+    for (spec, says) in [
+        ("deny=../etc/**:read:EACCES", "never matches"),
+        (
+            "audit=-;under=../etc",
+            "expected a directory inside BACKING",
+        ),
+        ("audit=", "needs a log file"),
+    ] {
+        let err = mount_refused(&backing, &mnt, &["--filter", spec]);
+        assert!(err.contains(says), "{spec}: {err}");
+    }
     assert!(!is_mounted(&mnt));
 }
 

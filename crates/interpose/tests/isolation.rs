@@ -3922,6 +3922,15 @@ fn a_mount_refused_for_its_store_changes_nothing() {
         &["--isolate", s(&d.store), "--isolate-path", s(&abs)],
     );
     assert!(err.contains(r#"write "*.conf""#), "{err}");
+    // Nor would one that is empty or climbs out of BACKING.
+    for path in ["", "../etc/*.conf", "a/../../b"] {
+        let err = mount_refused(
+            &d.backing,
+            &d.mnt,
+            &["--isolate", s(&d.store), "--isolate-path", path],
+        );
+        assert!(err.contains("never matches"), "{path:?}: {err}");
+    }
     assert!(!d.store.exists(), "a store made for a refused mount");
 }
 

@@ -10,9 +10,7 @@
 pub mod audit;
 pub mod deny;
 
-#[cfg(test)]
-use std::path::Path;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::filter::{Filter, Scoped};
 
@@ -26,6 +24,10 @@ pub enum SpecError {
     UnknownOption { kind: String, option: String },
     #[error("bad value {value:?} for option {option}")]
     BadValue { option: String, value: String },
+    #[error("the audit filter needs a log file: audit=FILE, or audit=- for standard error")]
+    NoAuditLog,
+    #[error("under={0:?}: expected a directory inside BACKING (relative to it, no `..`)")]
+    BadSubtree(String),
     #[error(transparent)]
     Deny(#[from] deny::RuleError),
     #[error(transparent)]
@@ -79,6 +81,12 @@ pub fn parse_spec(spec: &str) -> Result<Scoped, SpecError> {
     let mut parts: Vec<&str> = Vec::new();
     for part in rest.split(';') {
         if let Some(path) = part.strip_prefix("under=") {
+            let climbs = Path::new(path)
+                .components()
+                .any(|c| c == std::path::Component::ParentDir);
+            if path.trim_matches('/').is_empty() || climbs {
+                return Err(SpecError::BadSubtree(path.into()));
+            }
             under.push(PathBuf::from(path));
         } else if let Some(value) = part.strip_prefix("io=") {
             io = match value {
@@ -97,11 +105,15 @@ pub fn parse_spec(spec: &str) -> Result<Scoped, SpecError> {
     }
     let filter: Box<dyn Filter> = match kind {
         "audit" => {
-            let [target] = parts[..] else {
-                return Err(SpecError::UnknownOption {
-                    kind: kind.into(),
-                    option: parts.get(1).copied().unwrap_or("").into(),
-                });
+            let target = match parts[..] {
+                [target] => target,
+                [] => return Err(SpecError::NoAuditLog),
+                [_, extra, ..] => {
+                    return Err(SpecError::UnknownOption {
+                        kind: kind.into(),
+                        option: extra.into(),
+                    })
+                }
             };
             Box::new(audit::Audit::open(target, io)?)
         }
@@ -123,6 +135,31 @@ mod tests {
         );
         assert_eq!(spec_paths("audit=/tmp/a.jsonl;io=off;under=src"), ["src"]);
         assert!(spec_paths("audit=-").is_empty());
+    }
+
+    #[test]
+    fn specs_without_a_log_or_with_a_subtree_outside_are_refused() {
+        let err = |spec: &str| {
+            parse_spec(spec)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(
+            err("audit=").contains("needs a log file"),
+            "{}",
+            err("audit=")
+        );
+        assert!(err("audit=;io=off").contains("needs a log file"));
+        assert!(err("audit=-;extra").contains("unknown option \"extra\""));
+        for under in ["under=", "under=/", "under=../x", "under=a/../../b"] {
+            let e = err(&format!("deny=x:all:EACCES;{under}"));
+            assert!(
+                e.contains("expected a directory inside BACKING"),
+                "{under}: {e}"
+            );
+        }
+        assert!(parse_spec("deny=x:all:EACCES;under=/a/b").is_ok());
     }
 
     #[test]
