@@ -474,21 +474,15 @@ impl Store {
             // A commit writes its state before it applies anything and compacts the
             // journal only up to what it applied, so the journal always holds its span.
             let (base, last) = (j.base_seq(), j.last_seq());
-            let fits = base <= st.applied
-                && st.applied <= st.target
-                && st.target <= last
-                && st.exchange_seq <= st.target;
+            // (Not `exchange_seq`: a discard lowering the target keeps it, stale.)
+            let fits = base <= st.applied && st.applied <= st.target && st.target <= last;
             if !fits {
                 return Err(Error::Corrupt {
                     path: self.dir.join(COMMIT),
                     what: format!(
-                        "an interrupted commit up to change {} that applied up to {}{} does not fit the journal, which holds changes {}..={last} (remove it only knowing what BACKING holds)",
+                        "an interrupted commit up to change {} that applied up to {} does not fit the journal, which holds changes {}..={last} (remove it only knowing what BACKING holds)",
                         st.target,
                         st.applied,
-                        match st.exchange_seq {
-                            0 => String::new(),
-                            x => format!(", exchanging names at change {x},"),
-                        },
                         base + 1,
                     ),
                 });
