@@ -646,6 +646,15 @@ fn an_interrupted_commit_that_does_not_fit_the_journal_is_refused() {
             ),
         );
     }
+    // A discard giving up a commit interrupted in a name exchange lowers the target below
+    // the exchange's number before it cuts the journal: that state is taken.
+    fs::write(base.store.join("commit"), state(0, 0, 1)).unwrap();
+    let mut c = Command::new(bin());
+    c.args(["isolation", "status"]).arg(&base.store);
+    assert!(finishes_cleanly(
+        "a lowered target below an exchange",
+        &mut c
+    ));
     // One that fits: nothing applied yet, everything to go.
     fs::write(base.store.join("commit"), state(last, 0, 0)).unwrap();
     let mut c = Command::new(bin());
