@@ -2514,6 +2514,56 @@ fn a_removed_tree_is_committed_with_few_syncs_and_resumes_after_a_kill_at_any_re
     );
 }
 
+/// A killed commit may have applied changes after the last it recorded, up to its next
+/// fence (before a rename): a discard may not throw those away (BACKING may hold them,
+/// and a mount replaying them over BACKING found their names taken), only the changes
+/// after them. The commit stays, its target down to them; a mount finishes it.
+#[test]
+fn a_discard_keeps_what_a_killed_commit_may_have_applied() {
+    let d = dirs();
+    let m = d.mount();
+    for i in 1..=3 {
+        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    fs::rename(d.mnt.join("f1"), d.mnt.join("g1")).unwrap(); // change 7
+    for i in 4..=5 {
+        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    m.stop();
+    let trace = d.tmp.path().join("strace.out");
+    // Killed at its third write (the first is its state), f2's data: f1 is in BACKING,
+    // and f2, empty; neither is recorded.
+    let (killed, _) = commit_traced(&d.store, "pwrite64", Some(3), &trace);
+    assert!(killed, "the commit ended before its third write");
+    assert_eq!(read(&d.backing.join("f1")), b"file 1\n");
+    let st = status(&d.store);
+    assert_eq!(st["interrupted_commit_applied"], 0, "{st:#}");
+    for after in ["0", "3", "5"] {
+        let err = iso_fails("discard", &d.store, &["--after", after]);
+        assert!(
+            err.contains("may have made some") && err.contains("--after 6 or later"),
+            "discard --after {after} after a killed commit: {err}"
+        );
+    }
+    discard(&d.store, Some(6));
+    let st = status(&d.store);
+    assert_eq!(st["interrupted_commit"], 6, "{st:#}");
+    let m = d.mount();
+    assert_eq!(names(&d.mnt), ["f1", "f2", "f3"]);
+    m.stop();
+    assert_eq!(names(&d.backing), ["f1", "f2", "f3"]);
+    for i in 1..=3 {
+        assert_eq!(
+            read(&d.backing.join(format!("f{i}"))),
+            format!("file {i}\n").as_bytes()
+        );
+    }
+    assert_eq!(
+        status_summary(&status(&d.store)),
+        "last_seq=6 committed_upto=6 pending_changes=0 files=0 data_bytes=0 interrupted_commit=null mounted=false"
+    );
+}
+
 const MAKEFILE: &str = "CC = gcc
 CFLAGS = -O0 -Wall -Werror
 app: main.o greet.o

@@ -168,9 +168,16 @@ struct CommitState {
     /// A RENAME_EXCHANGE under way: its sequence number and the inode then at `from`.
     exchange_seq: u64,
     exchange_ino: u64,
+    /// The commit stopped on an error before change `applied + 1`: nothing after it was
+    /// touched (but that change, in part). Otherwise (killed) it may have gone on
+    /// without recording it, up to its next fence (see `unrecorded_end`).
+    stopped: bool,
 }
 
-const STATE_MAGIC: &[u8; 8] = b"IPCOMIT1";
+/// Version 1 had no flags (and its checksum covered bytes 0..40); it is still read.
+const STATE_MAGIC_V1: &[u8; 8] = b"IPCOMIT1";
+const STATE_MAGIC: &[u8; 8] = b"IPCOMIT2";
+const STATE_STOPPED: u32 = 1;
 
 impl CommitState {
     fn encode(&self) -> [u8; 48] {
@@ -180,24 +187,29 @@ impl CommitState {
         b[16..24].copy_from_slice(&self.applied.to_le_bytes());
         b[24..32].copy_from_slice(&self.exchange_seq.to_le_bytes());
         b[32..40].copy_from_slice(&self.exchange_ino.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..40]);
-        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        let flags = if self.stopped { STATE_STOPPED } else { 0 };
+        b[40..44].copy_from_slice(&flags.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..44]);
+        b[44..48].copy_from_slice(&crc.to_le_bytes());
         b
     }
     fn decode(b: &[u8]) -> Option<CommitState> {
-        if b.len() < 48 || &b[0..8] != STATE_MAGIC {
+        if b.len() < 48 {
             return None;
         }
-        let crc = u32::from_le_bytes(b[40..44].try_into().ok()?);
-        if crc != crc32c::crc32c(&b[..40]) {
-            return None;
-        }
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let flags = match &b[0..8] {
+            m if m == STATE_MAGIC && u32_at(44) == crc32c::crc32c(&b[..44]) => u32_at(40),
+            m if m == STATE_MAGIC_V1 && u32_at(40) == crc32c::crc32c(&b[..40]) => 0,
+            _ => return None,
+        };
         let u = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         Some(CommitState {
             target: u(8),
             applied: u(16),
             exchange_seq: u(24),
             exchange_ino: u(32),
+            stopped: flags & STATE_STOPPED != 0,
         })
     }
 }
@@ -549,6 +561,19 @@ impl Store {
         })
     }
 
+    /// Brings an interrupted commit's target (`st`) down to `target`, durably, if above.
+    fn lower_target(&self, st: &CommitState, target: u64) -> Result<(), Error> {
+        if st.target <= target {
+            return Ok(());
+        }
+        let sp = self.dir.join(COMMIT);
+        let sf = OpenOptions::new()
+            .write(true)
+            .open(&sp)
+            .map_err(|e| Error::io(&sp, e))?;
+        self.write_state(&sf, &CommitState { target, ..*st })
+    }
+
     fn write_state(&self, f: &File, s: &CommitState) -> Result<(), Error> {
         write_commit_state(f, s).map_err(|e| Error::io(&self.dir.join(COMMIT), e))
     }
@@ -604,6 +629,11 @@ impl Store {
             .write(true)
             .open(&sp)
             .map_err(|e| Error::io(&sp, e))?;
+        if state.stopped {
+            // Going on again: from here it may be killed past what it records.
+            state.stopped = false;
+            self.write_state(&sf, &state)?;
+        }
         let todo: Vec<&Record> = records
             .iter()
             .filter(|r| r.seq > state.applied && r.seq <= target)
@@ -627,6 +657,13 @@ impl Store {
             state.applied = applied;
             self.write_state(&sf, state)
         };
+        // Stopping on an error before change `seq`: everything before it is applied and
+        // nothing after it was touched (it itself may be, in part); the state says so,
+        // so that a discard may throw away any change after it (see [`Store::discard`]).
+        let stop = |state: &mut CommitState, seq: u64| {
+            state.stopped = true;
+            let _ = barrier(state, seq - 1);
+        };
         let mut dirty = false;
         // The records, read ahead of them (see [`crate::ahead`]).
         let jpath = journal.path();
@@ -649,7 +686,7 @@ impl Store {
                 .get(r.offset, r.end() - r.offset)
                 .map(|parts| crate::journal::record_checks_out(&parts));
             if !matches!(whole, Ok(true)) {
-                let _ = barrier(&mut state, r.seq - 1);
+                stop(&mut state, r.seq);
                 return Err(match whole {
                     Err(e) => Error::io(jpath, e),
                     _ => Error::Corrupt {
@@ -688,7 +725,7 @@ impl Store {
                 let applied = match a.get(r.data_offset, c.data_len()) {
                     Ok(parts) => backing::apply(backing, c, &parts),
                     Err(e) => {
-                        let _ = barrier(&mut state, r.seq - 1);
+                        stop(&mut state, r.seq);
                         return Err(Error::io(jpath, e));
                     }
                 };
@@ -701,7 +738,7 @@ impl Store {
                     other => other,
                 };
                 if let Err(source) = applied {
-                    let _ = barrier(&mut state, r.seq - 1);
+                    stop(&mut state, r.seq);
                     return Err(Error::Apply {
                         seq: r.seq,
                         op: c.name(),
@@ -839,34 +876,41 @@ impl Store {
                     st.applied, st.applied
                 )));
             }
-            // Throwing away removals already made would leave their names gone from
-            // BACKING with nothing to say so.
-            if let Some(end) = removal_run_after(records, st.applied, st.target) {
+            if let Some(end) = unrecorded_end(records, &st) {
+                // A commit cut short (killed) may have applied changes after `applied`
+                // without recording them, up to its next fence: those cannot be thrown
+                // away, BACKING may hold them. The commit stays, its target down to
+                // them: run again (by commit, or a mount) it finishes them, and the
+                // changes after them stay pending or go.
                 if after < end {
+                    let what = if records
+                        .iter()
+                        .any(|r| r.seq == st.applied + 1 && r.change.is_removal())
+                    {
+                        "was removing names"
+                    } else {
+                        "was applying changes"
+                    };
                     return Err(Error::Control(format!(
-                        "an interrupted commit was removing names (changes {} to {end}) and may have removed some before it could record it; run commit again to finish them, or discard --after {end} or later",
+                        "an interrupted commit {what} (changes {} to {end}) and may have made some before it could record it; run commit again to finish them, or discard --after {end} or later",
                         st.applied + 1
                     )));
                 }
+                self.lower_target(&st, end)?;
+                journal.truncate(cut_after(journal, records, after), after)?;
+                return Ok(records
+                    .iter()
+                    .filter(|r| r.seq > st.applied && r.seq <= after)
+                    .cloned()
+                    .collect());
             }
-            // Give the rest of the interrupted commit up: keep what it applied, and of the
-            // rest only what the discard keeps. What goes is cut off first, so that a full
-            // store is emptied this way: the copy then has room. The commit's target comes
-            // down first, so that a crash in between leaves a commit that can be run.
-            if st.target > after {
-                let sp = self.dir.join(COMMIT);
-                let sf = OpenOptions::new()
-                    .write(true)
-                    .open(&sp)
-                    .map_err(|e| Error::io(&sp, e))?;
-                self.write_state(
-                    &sf,
-                    &CommitState {
-                        target: after,
-                        ..st
-                    },
-                )?;
-            }
+            // The commit stopped on an error (or had nothing left): nothing after
+            // `applied` was touched, but the change it failed on, in part. End it there,
+            // keeping only the changes up to `after`. What goes is cut off first, so
+            // that a full store is emptied this way: the copy then has room. The
+            // commit's target comes down first, so that a crash in between leaves a
+            // commit that can be run.
+            self.lower_target(&st, after)?;
             journal.truncate(cut_after(journal, records, after), after)?;
             self.finish_at(journal, records, st.applied, after)?;
             let (j, recs) = self.journal_checked_before()?;
@@ -878,15 +922,41 @@ impl Store {
     }
 }
 
-/// The last change of the run of removals that follows `applied` (up to `target`), if one
-/// does. A commit fences such a run once, before and after it (see [`Store::commit`]), so
-/// one interrupted in it may have made any of its removals without recording them.
-fn removal_run_after(records: &[Record], applied: u64, target: u64) -> Option<u64> {
-    let run = records
+/// The last change an interrupted commit (`st`) may have made without recording it, if it
+/// may have made any. A commit records what it applied at its fences only: before and
+/// after each change that removes or moves a name (a run of removals as one). Killed, it
+/// may have gone on after `applied` up to the change before the next such change (which
+/// is fenced first, recording them), or through it if it comes right after `applied`
+/// (through the whole run, for removals); up to its target if there is none. None when
+/// it stopped on an error (it records where) or had nothing left.
+fn unrecorded_end(records: &[Record], st: &CommitState) -> Option<u64> {
+    let (applied, target) = (st.applied, st.target);
+    if st.stopped || target <= applied {
+        return None;
+    }
+    let mut rest = records
         .iter()
         .filter(|r| r.seq > applied && r.seq <= target)
-        .take_while(|r| r.change.is_removal());
-    run.last().map(|r| r.seq)
+        .peekable();
+    let first = rest.peek()?.seq;
+    let mut end = target;
+    while let Some(r) = rest.next() {
+        if !r.change.is_destructive() {
+            continue;
+        }
+        if r.seq > first {
+            end = r.seq - 1;
+        } else if r.change.is_removal() {
+            end = r.seq;
+            while let Some(n) = rest.next_if(|n| n.change.is_removal()) {
+                end = n.seq;
+            }
+        } else {
+            end = r.seq;
+        }
+        break;
+    }
+    Some(end)
 }
 
 /// Writes the commit state at the start of `f`, durably.
@@ -914,11 +984,22 @@ mod tests {
             applied: 4,
             exchange_seq: 5,
             exchange_ino: 77,
+            stopped: true,
         };
         assert_eq!(CommitState::decode(&s.encode()), Some(s));
-        let mut b = s.encode();
-        b[10] ^= 1;
-        assert_eq!(CommitState::decode(&b), None);
+        for at in [10, 40] {
+            let mut b = s.encode();
+            b[at] ^= 1;
+            assert_eq!(CommitState::decode(&b), None, "a flipped bit at {at}");
+        }
+        // Version 1: no flags, the checksum over bytes 0..40.
+        let mut v1 = s.encode();
+        v1[0..8].copy_from_slice(STATE_MAGIC_V1);
+        let crc = crc32c::crc32c(&v1[..40]);
+        v1[40..44].copy_from_slice(&crc.to_le_bytes());
+        v1[44..48].fill(0);
+        let old = CommitState::decode(&v1).expect("a version 1 state");
+        assert_eq!((old.target, old.applied, old.stopped), (9, 4, false));
     }
 
     #[test]
