@@ -725,14 +725,22 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
             if let Some(n) = s.view_nodes {
                 outln!("in memory:        {n} files and directories (the mount's view)")?;
             }
-            if let Some(t) = s.interrupted_commit {
-                let applied = s
-                    .interrupted_commit_applied
-                    .map(|a| format!(", changes up to {a} in BACKING already"))
-                    .unwrap_or_default();
-                outln!(
-                    "interrupted commit up to {t}{applied}: run `interpose isolation commit` again"
-                )?;
+            match (s.interrupted_commit, s.interrupted_commit_applied) {
+                (Some(t), Some(a)) if s.interrupted_commit_stopped => outln!(
+                    "interrupted commit up to {t}: it stopped on an error at change {} (changes \
+                     up to {a} are in BACKING); run `interpose isolation commit` again, or \
+                     discard --after {a} or later",
+                    a + 1
+                )?,
+                (Some(t), applied) => {
+                    let applied = applied
+                        .map(|a| format!(", changes up to {a} in BACKING already"))
+                        .unwrap_or_default();
+                    outln!(
+                        "interrupted commit up to {t}{applied}: run `interpose isolation commit` again"
+                    )?
+                }
+                _ => {}
             }
         }
         IsolationCommand::Log { .. } => unreachable!("printed above"),

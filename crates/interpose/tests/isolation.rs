@@ -2538,6 +2538,7 @@ fn a_discard_keeps_what_a_killed_commit_may_have_applied() {
     assert_eq!(read(&d.backing.join("f1")), b"file 1\n");
     let st = status(&d.store);
     assert_eq!(st["interrupted_commit_applied"], 0, "{st:#}");
+    assert!(st.get("interrupted_commit_stopped").is_none(), "{st:#}");
     for after in ["0", "3", "5"] {
         let err = iso_fails("discard", &d.store, &["--after", after]);
         assert!(
@@ -4416,6 +4417,13 @@ fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
         st["interrupted_commit_applied"].as_u64(),
         Some(applied),
         "status tells how far the interrupted commit got: {st:#}"
+    );
+    assert_eq!(st["interrupted_commit_stopped"], true, "{st:#}");
+    let text = iso("status", &store, &[]);
+    assert!(
+        text.contains(&format!("stopped on an error at change {failed}"))
+            && text.contains(&format!("discard --after {applied} or later")),
+        "{text}"
     );
     let mut filler = File::create(store_fs.0.join("filler")).unwrap();
     while filler.write_all(&[0u8; 4096]).is_ok() {}

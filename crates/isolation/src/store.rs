@@ -79,6 +79,10 @@ pub struct Status {
     /// Of that commit, the changes up to this number are in BACKING already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interrupted_commit_applied: Option<u64>,
+    /// That commit stopped on an error before the change after `interrupted_commit_applied`
+    /// (rather than being cut short): a discard may throw away any change after it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted_commit_stopped: bool,
     pub mounted: bool,
     /// Mounted: files and directories the daemon's view holds in memory (those with
     /// changes, and those the kernel has looked up and not yet forgotten).
@@ -556,6 +560,7 @@ impl Store {
             journal_ahead_bytes,
             interrupted_commit: self.interrupted_commit()?,
             interrupted_commit_applied: self.read_state()?.map(|s| s.applied),
+            interrupted_commit_stopped: self.read_state()?.is_some_and(|s| s.stopped),
             mounted,
             view_nodes: None,
         })
