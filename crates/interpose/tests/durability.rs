@@ -12,6 +12,7 @@
 //! nothing durable; see the guide.
 
 mod common;
+mod support;
 
 use common::*;
 use std::fs;
@@ -111,26 +112,25 @@ fn every_way(fs_: &LoopFs, mnt: &Path, config: &str) {
     assert_synchronous_writes_flush(fs_, &mnt.join("write-only"));
 }
 
-#[test]
-fn plain_mount_passthrough() {
+/// A plain mount over BACKING on the loop device, mounted with `args`.
+fn plain_mount(args: &[&str], config: &str) {
     let fs_ = LoopFs::new(64);
     let backing = fs_.dir.join("backing");
     fs::create_dir(&backing).unwrap();
     let tmp = tempfile::tempdir_in(test_root()).unwrap();
-    let m = Mount::start(&backing, tmp.path(), &[]);
-    every_way(&fs_, tmp.path(), "passthrough");
+    let m = Mount::start(&backing, tmp.path(), args);
+    every_way(&fs_, tmp.path(), config);
     m.stop();
 }
 
 #[test]
+fn plain_mount_passthrough() {
+    plain_mount(&[], "passthrough");
+}
+
+#[test]
 fn plain_mount_served_by_the_daemon() {
-    let fs_ = LoopFs::new(64);
-    let backing = fs_.dir.join("backing");
-    fs::create_dir(&backing).unwrap();
-    let tmp = tempfile::tempdir_in(test_root()).unwrap();
-    let m = Mount::start(&backing, tmp.path(), &["--no-passthrough"]);
-    every_way(&fs_, tmp.path(), "--no-passthrough");
-    m.stop();
+    plain_mount(&["--no-passthrough"], "--no-passthrough");
 }
 
 #[test]
@@ -196,15 +196,7 @@ fn images_and_extracted_disks_are_on_disk_when_the_command_returns() {
     let tmp = tempfile::tempdir_in(test_root()).unwrap();
     let src = tmp.path().join("disk.raw");
     // Data that does not compress away, so the image is about as large.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let raw: Vec<u8> = (0..16 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let raw = support::random_bytes(16 << 20, 1);
     fs::write(&src, &raw).unwrap();
     let img = fs_.dir.join("disk.img");
     let back = fs_.dir.join("disk.back");

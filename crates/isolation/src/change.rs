@@ -270,7 +270,6 @@ impl Change {
     /// must be what the kernel would have passed. Everything downstream (the view, a
     /// commit) relies on this.
     pub fn check(&self) -> Result<(), String> {
-        let path = check_path;
         match self {
             Change::Data {
                 path: p,
@@ -278,7 +277,7 @@ impl Change {
                 runs,
             } => {
                 if let Some(p) = p {
-                    path(p, false)?;
+                    check_path(p, false)?;
                 }
                 if *size > MAX_SIZE {
                     return Err(format!("size {size} beyond the largest file size"));
@@ -300,7 +299,7 @@ impl Change {
                 uid,
                 gid,
             } => {
-                path(p, false)?;
+                check_path(p, false)?;
                 check_owner(Some(*uid), Some(*gid))?;
                 let ty = mode & libc::S_IFMT;
                 let fits = match kind {
@@ -324,8 +323,8 @@ impl Change {
                 }
             }
             Change::Link { from, to } | Change::Rename { from, to, .. } => {
-                path(from, false)?;
-                path(to, false)?;
+                check_path(from, false)?;
+                check_path(to, false)?;
                 if let Change::Rename { flags, .. } = self {
                     let known = libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE;
                     if flags & !known != 0 || *flags == known {
@@ -333,7 +332,7 @@ impl Change {
                     }
                 }
             }
-            Change::Unlink { path: p } | Change::Rmdir { path: p } => path(p, false)?,
+            Change::Unlink { path: p } | Change::Rmdir { path: p } => check_path(p, false)?,
             Change::Attr {
                 path: p,
                 mode,
@@ -342,7 +341,7 @@ impl Change {
                 atime,
                 mtime,
             } => {
-                path(p, true)?;
+                check_path(p, true)?;
                 check_owner(*uid, *gid)?;
                 if mode.is_some_and(|m| m & !(libc::S_IFMT | 0o7777) != 0) {
                     return Err(format!("mode {:o}", mode.unwrap_or_default()));
@@ -356,7 +355,7 @@ impl Change {
                 name,
                 value,
             } => {
-                path(p, true)?;
+                check_path(p, true)?;
                 check_xattr_name(name)?;
                 if value.len() > XATTR_SIZE_MAX {
                     return Err(format!(
@@ -366,7 +365,7 @@ impl Change {
                 }
             }
             Change::RemoveXattr { path: p, name } => {
-                path(p, true)?;
+                check_path(p, true)?;
                 check_xattr_name(name)?;
             }
         }

@@ -543,6 +543,7 @@ impl Store {
             .map(|m| m.len().saturating_sub(journal.len()))
             .unwrap_or(0);
         let wt = self.meta.write_through;
+        let state = self.read_state()?;
         Ok(Status {
             // Absolute, as the mounted daemon (which made the store) reports it.
             store: std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone()),
@@ -558,9 +559,9 @@ impl Store {
             data_bytes: data,
             store_bytes,
             journal_ahead_bytes,
-            interrupted_commit: self.interrupted_commit()?,
-            interrupted_commit_applied: self.read_state()?.map(|s| s.applied),
-            interrupted_commit_stopped: self.read_state()?.is_some_and(|s| s.stopped),
+            interrupted_commit: state.map(|s| s.target),
+            interrupted_commit_applied: state.map(|s| s.applied),
+            interrupted_commit_stopped: state.is_some_and(|s| s.stopped),
             mounted,
             view_nodes: None,
         })
@@ -941,27 +942,19 @@ fn unrecorded_end(records: &[Record], st: &CommitState) -> Option<u64> {
     }
     let mut rest = records
         .iter()
-        .filter(|r| r.seq > applied && r.seq <= target)
-        .peekable();
-    let first = rest.peek()?.seq;
-    let mut end = target;
-    while let Some(r) = rest.next() {
-        if !r.change.is_destructive() {
-            continue;
-        }
-        if r.seq > first {
-            end = r.seq - 1;
-        } else if r.change.is_removal() {
-            end = r.seq;
-            while let Some(n) = rest.next_if(|n| n.change.is_removal()) {
-                end = n.seq;
-            }
-        } else {
-            end = r.seq;
-        }
-        break;
+        .filter(|r| r.seq > applied && r.seq <= target);
+    let first = rest.clone().next()?.seq;
+    let Some(fence) = rest.find(|r| r.change.is_destructive()) else {
+        return Some(target);
+    };
+    if fence.seq > first {
+        return Some(fence.seq - 1);
     }
-    Some(end)
+    if !fence.change.is_removal() {
+        return Some(fence.seq);
+    }
+    let run = rest.take_while(|r| r.change.is_removal()).last();
+    Some(run.map_or(fence.seq, |r| r.seq))
 }
 
 /// Writes the commit state at the start of `f`, durably.
