@@ -5102,3 +5102,92 @@ fn truncate_path(p: &Path) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Sends `request` on the mounted store's control socket (then closes its sending side)
+/// and returns every line the daemon answers; a reset connection fails the test.
+fn control_exchange(store: &Path, request: &[u8]) -> Vec<Value> {
+    use std::io::BufRead;
+    use std::os::unix::net::UnixStream;
+    let conn = UnixStream::connect(store.join("control.sock")).expect("connect");
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    // The daemon may answer before it has read all of a long request: send from another
+    // thread, as a client that writes and reads at once.
+    let sender = {
+        let mut conn = conn.try_clone().unwrap();
+        let request = request.to_vec();
+        std::thread::spawn(move || {
+            // EPIPE is fine once the daemon has answered and closed.
+            let _ = conn.write_all(&request);
+            let _ = conn.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let lines: Vec<Value> = std::io::BufReader::new(&conn)
+        .lines()
+        .map(|l| {
+            let l = l.unwrap_or_else(|e| panic!("reading the daemon's answer: {e}"));
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("answer {l:?}: {e}"))
+        })
+        .collect();
+    sender.join().unwrap();
+    lines
+}
+
+/// A malformed request on the control socket gets an answer that says what is wrong, and
+/// the daemon goes on serving the mount and later requests.
+#[test]
+fn malformed_control_requests_get_a_clear_error_and_change_nothing() {
+    let d = dirs();
+    let m = d.mount();
+    fs::write(d.mnt.join("f"), b"kept").unwrap();
+    let long = {
+        let mut l = vec![b' '; 200 << 10];
+        l.extend_from_slice(b"{\"cmd\":\"discard\"}\n");
+        l
+    };
+    let cases: [(&str, &[u8], &str); 7] = [
+        ("not JSON", b"hello\n", "bad request"),
+        ("not UTF-8", b"{\"cmd\":\"\xff\xfe\"}\n", "bad request"),
+        (
+            "unknown command",
+            b"{\"cmd\":\"frobnicate\"}\n",
+            "unknown command",
+        ),
+        (
+            "a number of the wrong type",
+            b"{\"cmd\":\"commit\",\"upto\":\"all\"}\n",
+            "bad request",
+        ),
+        (
+            "no newline before the end",
+            b"{\"cmd\":\"stat",
+            "bad request",
+        ),
+        ("nothing at all", b"", "bad request"),
+        ("a line over 64 KiB", &long, "longer than"),
+    ];
+    for (what, request, expect) in cases {
+        eprintln!("case: {what}");
+        let answer = control_exchange(&d.store, request);
+        let [only] = &answer[..] else {
+            panic!("{what}: expected one answer line, got {answer:?}")
+        };
+        let err = only["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {only}"));
+        assert!(
+            err.contains(expect),
+            "{what}: {err:?} does not say {expect:?}"
+        );
+    }
+    // Nothing was discarded or committed, and the daemon still serves.
+    let st = status(&d.store);
+    assert_eq!(num(&st, "pending_changes"), 2, "{st:#}");
+    assert_eq!(read(&d.mnt.join("f")), b"kept");
+    assert!(!d.backing.join("f").exists());
+    fs::write(d.mnt.join("g"), b"after").unwrap();
+    let ok = control_exchange(&d.store, b"{\"cmd\":\"status\"}\n");
+    assert_eq!(ok.len(), 1, "{ok:?}");
+    assert_eq!(num(&ok[0]["ok"], "pending_changes"), 4, "{ok:?}");
+    m.stop();
+}

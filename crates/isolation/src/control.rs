@@ -93,10 +93,29 @@ fn send(mut conn: &UnixStream, v: Value) -> std::io::Result<()> {
     conn.write_all(&line)
 }
 
+/// The longest request line taken; real ones are some tens of bytes.
+const MAX_REQUEST: u64 = 64 << 10;
+
 fn serve(conn: &UnixStream, store: &Store, shared: &Shared) -> std::io::Result<()> {
-    let mut line = String::new();
-    BufReader::new(conn).take(1 << 16).read_line(&mut line)?;
-    let req: Request = match serde_json::from_str(&line) {
+    // A caller that never finishes its line must not hold a thread for ever.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(conn);
+    let mut line = Vec::new();
+    (&mut reader)
+        .take(MAX_REQUEST)
+        .read_until(b'\n', &mut line)?;
+    if line.len() as u64 == MAX_REQUEST && line.last() != Some(&b'\n') {
+        send(
+            conn,
+            json!({"error": format!("bad request: longer than {MAX_REQUEST} bytes")}),
+        )?;
+        // Closing with unread data would reset the connection, and the caller might
+        // lose the answer: read on (a bounded amount) until it closes.
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let _ = std::io::copy(&mut reader.take(64 << 20), &mut std::io::sink());
+        return Ok(());
+    }
+    let req: Request = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => return send(conn, json!({"error": format!("bad request: {e}")})),
     };
