@@ -5191,3 +5191,100 @@ fn malformed_control_requests_get_a_clear_error_and_change_nothing() {
     assert_eq!(num(&ok[0]["ok"], "pending_changes"), 4, "{ok:?}");
     m.stop();
 }
+
+/// A file's capabilities (`security.capability`) go with a write(2) to it, as on any file
+/// system, and stay through a shared mapping's writeback; a commit leaves BACKING the same,
+/// though writing there as root would drop them every time.
+#[test]
+fn a_write_drops_file_capabilities_and_a_mapping_keeps_them_through_commit() {
+    const CAP: &[u8] = b"security.capability";
+    // vfs_cap_data, revision 2, effective: CAP_NET_RAW (13) permitted.
+    let mut caps = vec![0u8; 20];
+    caps[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    caps[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+    let d = dirs();
+    for name in ["written", "mapped"] {
+        fs::write(d.backing.join(name), vec![b'a'; 8192]).unwrap();
+        set_xattr(&d.backing.join(name), "security.capability", &caps);
+    }
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("written"))
+        .unwrap()
+        .write_all_at(b"b", 10)
+        .unwrap();
+    let mapped = "import mmap, os, sys\n\
+        fd = os.open(sys.argv[1], os.O_RDWR)\n\
+        m = mmap.mmap(fd, 8192)\n\
+        m[10:11] = b'b'\n\
+        m.flush()\n";
+    run(Command::new(python()).args(["-c", mapped, s(&d.mnt.join("mapped"))]));
+    let caps_of = |p: &Path| xattrs(p).get(CAP).cloned();
+    assert_eq!(
+        caps_of(&d.mnt.join("written")),
+        None,
+        "a write keeps capabilities"
+    );
+    assert_eq!(caps_of(&d.mnt.join("mapped")), Some(caps.clone()));
+    assert_untouched(&d.backing, &before, "before commit");
+
+    // The capabilities go before the data: no commit point has the data with them.
+    commit(&d.store, Some(1));
+    assert_eq!(caps_of(&d.backing.join("written")), None);
+    assert_eq!(read(&d.backing.join("written"))[10], b'a');
+    commit(&d.store, None);
+    for name in ["written", "mapped"] {
+        assert_eq!(read(&d.backing.join(name))[10], b'b', "{name}");
+    }
+    assert_eq!(caps_of(&d.backing.join("written")), None);
+    assert_eq!(
+        caps_of(&d.backing.join("mapped")),
+        Some(caps),
+        "the commit dropped capabilities the view kept"
+    );
+    m.stop();
+}
+
+/// A name the view created that BACKING got meanwhile, or a name it renamed that BACKING
+/// lost, stops the commit there with an error that says so; the file BACKING has under
+/// the name is not taken for the view's (it kept its owner, mode and data).
+#[test]
+fn a_commit_stops_at_names_changed_in_backing_meanwhile_and_takes_nothing_over() {
+    let d = dirs();
+    let victim = d.backing.join("victim");
+    fs::write(&victim, b"someone else's data").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::chown(&victim, Some(1000), Some(1000)).unwrap();
+    fs::write(d.backing.join("old"), b"to be moved").unwrap();
+    let m = d.mount();
+    fs::write(d.mnt.join("new"), b"the view's").unwrap();
+    m.stop();
+    fs::hard_link(&victim, d.backing.join("new")).unwrap();
+    let before = fingerprint(&d.backing);
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(
+        err.contains("create new") && err.contains("changed behind the store's back"),
+        "{err}"
+    );
+    assert_untouched(&d.backing, &before, "after the refused create");
+    assert_eq!(num(&status(&d.store), "pending_changes"), 2);
+
+    // Once the name is free again, the same commit goes on.
+    fs::remove_file(d.backing.join("new")).unwrap();
+    commit(&d.store, None);
+    assert_eq!(read(&d.backing.join("new")), b"the view's");
+    assert_eq!(read(&victim), b"someone else's data");
+
+    let m = d.mount();
+    fs::rename(d.mnt.join("old"), d.mnt.join("moved")).unwrap();
+    m.stop();
+    fs::remove_file(d.backing.join("old")).unwrap();
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(
+        err.contains("rename old -> moved") && err.contains("changed behind the store's back"),
+        "{err}"
+    );
+    assert_eq!(num(&status(&d.store), "pending_changes"), 1);
+}

@@ -249,12 +249,23 @@ pub fn stamp(backing: &Backing, change: &Change, at: crate::change::Time) -> io:
     }
 }
 
-/// Applies one change to the backing directory. Every change either cannot be applied
-/// twice by mistake or says, from what it finds, that it was applied already (a create
-/// finding its object, an unlink finding none), so a commit cut short may repeat the
-/// change it was in. `data`: the change's block data, in one or more pieces (a write's
+/// The extended attribute holding a file's capabilities.
+const CAPABILITY: &str = "security.capability";
+
+/// Applies one change to the backing directory. `may_be_done`: a commit cut short may have
+/// applied this change already (see `Store::commit`); then a create that finds an object
+/// of its type under its name, and a rename that finds its source gone, take that as
+/// their own doing. Otherwise BACKING changed behind the store's back, and they fail
+/// (EEXIST, ENOENT) without touching anything: taking someone else's file for ours would
+/// hand it the view's owner, mode and data. Every other change can be applied twice
+/// without harm. `data`: the change's block data, in one or more pieces (a write's
 /// buffers, or the journal reads holding a record), in run order.
-pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<()> {
+pub fn apply(
+    backing: &Backing,
+    change: &Change,
+    data: &[&[u8]],
+    may_be_done: bool,
+) -> io::Result<()> {
     let p = |r: &RawPath| r.to_path_buf();
     match change {
         Change::Data { path: None, .. } => Ok(()),
@@ -264,6 +275,15 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
             runs,
         } => {
             let f = File::from(backing.open_at(&p(path), OFlags::WRONLY, 0)?);
+            // Writing or truncating as root drops the file's capabilities. The view drops
+            // them for a write(2) as a change of its own, before the data, and keeps them
+            // for a shared mapping's writeback, as the kernel does: so put back what
+            // writing this change took away.
+            // (The kernel takes at most 24 bytes for it.)
+            let mut caps = [0u8; 64];
+            let caps = rustix::fs::fgetxattr(&f, CAPABILITY, &mut caps[..])
+                .ok()
+                .map(|n| caps[..n].to_vec());
             let cur = f.metadata()?.len();
             if *size < cur {
                 f.set_len(*size)?;
@@ -294,7 +314,15 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
                     src += len;
                 }
             }
-            f.set_len(*size)
+            f.set_len(*size)?;
+            if let Some(caps) = caps {
+                let now = rustix::fs::fgetxattr(&f, CAPABILITY, &mut [0u8; 64][..]);
+                if now == Err(rustix::io::Errno::NODATA) {
+                    rustix::fs::fsetxattr(&f, CAPABILITY, &caps, rustix::fs::XattrFlags::CREATE)
+                        .map_err(errno)?;
+                }
+            }
+            Ok(())
         }
         Change::Create {
             path,
@@ -330,7 +358,7 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
             };
             match made {
                 Ok(()) => {}
-                Err(rustix::io::Errno::EXIST) => {
+                Err(rustix::io::Errno::EXIST) if may_be_done => {
                     // Made before a crash: the change was the object's creation, so an
                     // object of the same type there is ours.
                     let st =
@@ -399,7 +427,8 @@ pub fn apply(backing: &Backing, change: &Change, data: &[&[u8]]) -> io::Result<(
                 Ok(()) => Ok(()),
                 // The source is gone: this rename happened before a crash.
                 Err(rustix::io::Errno::NOENT)
-                    if *flags & libc::RENAME_EXCHANGE == 0
+                    if may_be_done
+                        && *flags & libc::RENAME_EXCHANGE == 0
                         && rustix::fs::statat(&fdir, fname, AtFlags::SYMLINK_NOFOLLOW).is_err() =>
                 {
                     Ok(())

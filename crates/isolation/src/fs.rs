@@ -757,10 +757,16 @@ impl Filesystem for IsolatedFs {
             // The offset is the kernel's, also for an append (it computed the end): the
             // open's O_APPEND does not say this write appends (RWF_NOAPPEND, a shared
             // mapping's writeback).
-            let n = v.write(ino.0, offset, data)?;
+            // Privileges go before the data, as the kernel drops them (each its own
+            // change), so no commit point shows the data with them. A shared mapping's
+            // writeback (FUSE_WRITE_CACHE) keeps them, as on other file systems.
+            if !wf.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                v.drop_capabilities(ino.0)?;
+            }
             if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
                 kill_suid_sgid(&mut v, ino.0)?;
             }
+            let n = v.write(ino.0, offset, data)?;
             if interpose_fs::write_must_sync(f.direct, flags.0) {
                 v.fsync()?;
             }

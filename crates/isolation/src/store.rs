@@ -610,6 +610,13 @@ impl Store {
                 last,
             });
         }
+        // A commit cut short may have applied changes up to here without recording them
+        // (one that stopped on an error: the change it stopped in, in part).
+        let may_be_done_upto = match &pending {
+            None => first,
+            Some(st) if st.stopped => st.applied + 1,
+            Some(st) => unrecorded_end(records, st).unwrap_or(st.applied),
+        };
         let target = pending.map_or(asked, |s| s.target.max(asked));
         let mut state = pending.unwrap_or(CommitState {
             target,
@@ -729,7 +736,7 @@ impl Store {
                     })
                     .collect();
                 let applied = match a.get(r.data_offset, c.data_len()) {
-                    Ok(parts) => backing::apply(backing, c, &parts),
+                    Ok(parts) => backing::apply(backing, c, &parts, r.seq <= may_be_done_upto),
                     Err(e) => {
                         stop(&mut state, r.seq);
                         return Err(Error::io(jpath, e));
@@ -745,10 +752,32 @@ impl Store {
                 };
                 if let Err(source) = applied {
                     stop(&mut state, r.seq);
+                    let path = match c.paths() {
+                        (Some(from), Some(to)) => format!("{} -> {}", from.display(), to.display()),
+                        (from, _) => from.map(RawPath::display).unwrap_or_default(),
+                    };
+                    // A name the view made that BACKING has now, or one it moved that
+                    // BACKING lost: changed there since (apply touched nothing).
+                    let behind_our_back = match (c, source.raw_os_error()) {
+                        (Change::Create { .. } | Change::Link { .. }, Some(libc::EEXIST)) => true,
+                        (Change::Rename { flags, .. }, Some(libc::EEXIST)) => {
+                            flags & libc::RENAME_NOREPLACE != 0
+                        }
+                        (Change::Rename { .. }, Some(libc::ENOENT)) => true,
+                        _ => false,
+                    };
+                    let source = if behind_our_back {
+                        std::io::Error::new(
+                            source.kind(),
+                            format!("{source}: the backing directory changed behind the store's back; nothing of this change was applied"),
+                        )
+                    } else {
+                        source
+                    };
                     return Err(Error::Apply {
                         seq: r.seq,
                         op: c.name(),
-                        path: c.paths().0.map(RawPath::display).unwrap_or_default(),
+                        path,
                         source,
                     });
                 }

@@ -1117,12 +1117,12 @@ impl View {
         self.hold_victim(change, named);
         let res = match route {
             Route::Keep => unreachable!("returned above"),
-            Route::Direct => crate::backing::apply(&self.backing, change, data),
+            Route::Direct => crate::backing::apply(&self.backing, change, data, false),
             Route::Trail => {
                 let (end, seq) = (self.journal.len(), self.journal.last_seq());
                 self.record(change, data)?;
                 // From the write's buffers, which the record now holds too.
-                let applied = crate::backing::apply(&self.backing, change, data);
+                let applied = crate::backing::apply(&self.backing, change, data, false);
                 if applied.is_err() {
                     // Not in BACKING (a full disk, say): not in the trail either.
                     if let Err(e) = self.journal.truncate(end, seq) {
@@ -2175,6 +2175,17 @@ impl View {
         n.attr.ctime = clock;
         n.changed = true;
         Ok(())
+    }
+
+    /// Removes a file's capabilities (`security.capability`) if it has any, as a write(2)
+    /// does on any file system: with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to us.
+    pub fn drop_capabilities(&mut self, id: u64) -> Res<()> {
+        const CAPABILITY: &[u8] = b"security.capability";
+        match self.xattr_get(id, CAPABILITY) {
+            Ok(_) => self.xattr_remove(id, CAPABILITY),
+            // None, or a backing file system without extended attributes.
+            Err(_) => Ok(()),
+        }
     }
 
     pub fn xattr_remove(&mut self, id: u64, name: &[u8]) -> Res<()> {
