@@ -29,7 +29,7 @@ use rustix::io::ReadWriteFlags;
 use crate::filter::{Caller, Chain, Op, Outcome, Request, Verdict};
 use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
 use crate::pool::BlockingPool;
-use crate::reply::{check_name, reply_empty, reply_xattr, without_setid};
+use crate::reply::{check_name, reply_empty, reply_xattr, without_setid_for};
 use crate::sys;
 
 /// Tunables of a mount.
@@ -152,6 +152,8 @@ pub struct FilterFs {
     /// Some filter's answers depend on the caller somewhere ([`Chain::may_vary_by_caller`]):
     /// names and attributes it covers are not cached by the kernel.
     varies_by_caller: bool,
+    /// For telling the kernel of changes it did not ask for; set once mounted.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 thread_local! {
@@ -193,13 +195,15 @@ fn timespec(t: Option<TimeOrNow>) -> Timespec {
 
 /// What a write by someone without CAP_FSETID does to a file's mode: the daemon writes as
 /// root, so when the kernel says the caller would lose them, it takes them off itself.
-fn kill_suid_sgid(fd: BorrowedFd<'_>) -> Res<()> {
+/// Whether the mode changed.
+fn kill_suid_sgid(fd: BorrowedFd<'_>, req: &fuser::Request) -> Res<bool> {
     let st = stat_fd(fd)?;
-    let mode = without_setid(st.st_mode & 0o7777);
-    if mode != st.st_mode & 0o7777 {
-        rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(errno_of)?;
+    let mode = without_setid_for(st.st_mode & 0o7777, st.st_gid, req);
+    if mode == st.st_mode & 0o7777 {
+        return Ok(false);
     }
-    Ok(())
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(errno_of)?;
+    Ok(true)
 }
 
 fn stat_fd(fd: BorrowedFd<'_>) -> Res<Stat> {
@@ -247,7 +251,24 @@ impl FilterFs {
             open_decisions: Mutex::new(()),
             passthrough: AtomicBool::new(false),
             dont_mask: AtomicBool::new(false),
+            notifier: Arc::default(),
         })
+    }
+
+    /// Where the mount puts its notifier once the session exists.
+    pub(crate) fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Makes the kernel fetch the attributes of node `ino` again (it caches them for the
+    /// attribute timeout), after a change it did not ask for.
+    fn forget_attributes(&self, ino: INodeNo) {
+        if let Some(n) = self.notifier.get() {
+            // Offset -1: the attributes only, not the cached data.
+            if let Err(e) = n.inval_inode(ino, -1, 0) {
+                tracing::debug!("invalidating the attributes of {ino:?}: {e}");
+            }
+        }
     }
 
     fn attr(&self, id: u64, st: &Stat) -> FileAttr {
@@ -675,7 +696,8 @@ impl FilterFs {
         ino: u64,
         fh: Option<FileHandle>,
         change: AttrChange,
-        change_by_non_root: bool,
+        req: &fuser::Request,
+        kill_suidgid: bool,
     ) -> Res<Stat> {
         let AttrChange {
             mode,
@@ -688,6 +710,15 @@ impl FilterFs {
         let path_fd = self.inodes.fd(ino)?;
         let open = fh.and_then(|fh| self.files.lock().get(&fh.0).cloned());
         let proc_path = sys::proc_fd_path(path_fd.as_fd());
+        let nothing = mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        if nothing {
+            return self.drop_setid_bits(path_fd.as_fd(), req);
+        }
         if let Some(mode) = mode {
             rustix::fs::chmod(&proc_path, Mode::from_raw_mode(mode & 0o7777)).map_err(errno_of)?;
         }
@@ -729,27 +760,46 @@ impl FilterFs {
             rustix::fs::utimensat(rustix::fs::CWD, &proc_path, &times, AtFlags::empty())
                 .map_err(errno_of)?;
         }
-        // With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-ID bits to us but
-        // fuser does not pass its FATTR_KILL_SUIDGID flag. It shows anyway: a setattr that
-        // changes nothing is that request alone (a write by someone without CAP_FSETID),
-        // and a truncation by anyone but root drops them as on the backing file system.
-        let kill = (mode.is_none()
-            && uid.is_none()
-            && gid.is_none()
-            && size.is_none()
-            && atime.is_none()
-            && mtime.is_none())
-            || (size.is_some() && mode.is_none() && change_by_non_root);
-        if kill {
+        // With FUSE_HANDLE_KILLPRIV_V2 dropping set-ID bits is ours; the kernel asks for it
+        // on a truncation by a caller without CAP_FSETID (a chown as root, above, drops
+        // them by itself).
+        if kill_suidgid && size.is_some() && mode.is_none() && uid.is_none() && gid.is_none() {
             let st = stat_fd(path_fd.as_fd())?;
             if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-                let m = without_setid(st.st_mode & 0o7777);
+                let m = without_setid_for(st.st_mode & 0o7777, st.st_gid, req);
                 if m != st.st_mode & 0o7777 {
                     rustix::fs::chmod(&proc_path, Mode::from_raw_mode(m)).map_err(errno_of)?;
                 }
             }
         }
         stat_fd(path_fd.as_fd())
+    }
+
+    /// A setattr that changes nothing: the kernel dropping set-ID bits, for a write by a
+    /// caller without CAP_FSETID or for chown(f, -1, -1) (FUSE_HANDLE_KILLPRIV_V2 leaves
+    /// it to us, and the two look alike). The kernel checked no permission for it, so
+    /// the caller must be the owner (a chown's right) or able to write the file (a
+    /// write's): anyone else gets EPERM, as from chown(2) on the backing file system.
+    /// Otherwise anyone could strip the set-ID bits of any file.
+    fn drop_setid_bits(&self, fd: BorrowedFd<'_>, req: &fuser::Request) -> Res<Stat> {
+        let st = stat_fd(fd)?;
+        let perm = st.st_mode & 0o7777;
+        let m = without_setid_for(perm, st.st_gid, req);
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR || m == perm {
+            // As chown(f, -1, -1) would, for the ctime (and the capabilities, as root).
+            rustix::fs::chownat(fd, "", None, None, AtFlags::EMPTY_PATH).map_err(errno_of)?;
+            return stat_fd(fd);
+        }
+        let (uid, gid) = (req.uid(), req.gid());
+        if uid != 0 && uid != st.st_uid {
+            let groups = crate::reply::supplementary_groups(req.pid()).unwrap_or_default();
+            if !sys::may_write_as(fd, uid, gid, &groups).map_err(io_errno)? {
+                return Err(libc::EPERM);
+            }
+        }
+        let proc_path = sys::proc_fd_path(fd);
+        rustix::fs::chmod(&proc_path, Mode::from_raw_mode(m)).map_err(errno_of)?;
+        stat_fd(fd)
     }
 
     fn fill_dir(
@@ -957,6 +1007,7 @@ impl Filesystem for FilterFs {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
+        kill_suidgid: bool,
         reply: ReplyAttr,
     ) {
         let res = self.filtered(
@@ -979,7 +1030,8 @@ impl Filesystem for FilterFs {
                         atime,
                         mtime,
                     },
-                    req.uid() != 0,
+                    req,
+                    kill_suidgid,
                 )
             },
             |_| 0,
@@ -1397,7 +1449,7 @@ impl Filesystem for FilterFs {
     fn write(
         &self,
         req: &fuser::Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -1436,8 +1488,11 @@ impl Filesystem for FilterFs {
                         Err(_) => break,
                     }
                 }
-                if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                    kill_suid_sgid(file.fd.as_fd())?;
+                if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+                    && kill_suid_sgid(file.fd.as_fd(), req)?
+                {
+                    // The kernel keeps the mode it has cached for the attribute timeout.
+                    self.forget_attributes(ino);
                 }
                 Ok(done)
             },

@@ -168,7 +168,10 @@ pub fn mount(config: MountConfig) -> Result<Mounted, MountError> {
         path: backing.clone(),
         source,
     })?;
-    mount_filesystem(fs, &backing, &mountpoint, serving)
+    let notifier = fs.notifier_slot();
+    let mounted = mount_filesystem(fs, &backing, &mountpoint, serving)?;
+    let _ = notifier.set(mounted.notifier());
+    Ok(mounted)
 }
 
 /// Mounts any of interpose's file systems (the filter file system, the isolated view) at

@@ -56,12 +56,45 @@ pub fn kernel_time(t: SystemTime) -> (i64, u32) {
     }
 }
 
-/// Permission bits after a write or chown by someone without CAP_FSETID: set-user-ID
-/// goes, and set-group-ID when the group may execute.
+/// Permission bits after a chown as root: set-user-ID goes, and set-group-ID when the
+/// group may execute.
 pub fn without_setid(perm: u32) -> u32 {
     let mut m = perm & !libc::S_ISUID;
     if m & libc::S_IXGRP != 0 {
         m &= !libc::S_ISGID;
     }
     m
+}
+
+/// Permission bits after a write, truncation or chown by the caller of `req` without
+/// CAP_FSETID, as the kernel's VFS drops them (setattr_should_drop_sgid): set-user-ID
+/// goes; set-group-ID too when the group may execute, or when the caller is not in the
+/// file's group `file_gid`. With FUSE_HANDLE_KILLPRIV_V2 that is the daemon's to do, and
+/// the daemon, with CAP_FSETID itself, must decide for the caller.
+pub fn without_setid_for(perm: u32, file_gid: u32, req: &fuser::Request) -> u32 {
+    let mut m = without_setid(perm);
+    if m & libc::S_ISGID != 0 && !in_group(req, file_gid) {
+        m &= !libc::S_ISGID;
+    }
+    m
+}
+
+/// Whether the caller of `req` is in group `gid` as the kernel's in_group_p sees it: its
+/// file-system gid or a supplementary group of its process. Root counts as in every
+/// group (it may keep set-group-ID anyway); a caller gone, as in no other group.
+pub fn in_group(req: &fuser::Request, gid: u32) -> bool {
+    req.uid() == 0
+        || req.gid() == gid
+        || supplementary_groups(req.pid()).is_some_and(|g| g.contains(&gid))
+}
+
+/// The supplementary groups of process (or thread) `pid`, from `/proc/PID/status`.
+pub fn supplementary_groups(pid: u32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Groups:"))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect(),
+    )
 }

@@ -164,6 +164,38 @@ pub fn set_thread_fsgid(gid: u32) -> u32 {
     unsafe { libc::setfsgid(gid) as u32 }
 }
 
+/// Whether a caller with file-system ids `uid` and `gid` and supplementary `groups` may
+/// write the file behind `fd`, by the backing file system's own check (mode bits and
+/// ACLs): `faccessat2(AT_EACCESS)` with this thread's ids and groups switched to the
+/// caller's for the call, which also drops the daemon's file capabilities for it, and
+/// back.
+pub fn may_write_as(fd: BorrowedFd<'_>, uid: u32, gid: u32, groups: &[u32]) -> io::Result<bool> {
+    use rustix::process::Gid;
+    let old_groups = rustix::process::getgroups()?;
+    let groups: Vec<Gid> = groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    rustix::thread::set_thread_groups(&groups)?;
+    let old_gid = set_thread_fsgid(gid);
+    // SAFETY: setfsuid is a per-thread syscall on Linux with no memory effects.
+    let old_uid = unsafe { libc::setfsuid(uid) };
+    let res = rustix::fs::accessat(
+        rustix::fs::CWD,
+        proc_fd_path(fd),
+        rustix::fs::Access::WRITE_OK,
+        rustix::fs::AtFlags::EACCESS,
+    );
+    // SAFETY: as above; back to the daemon's own id, which restores its capabilities.
+    unsafe { libc::setfsuid(old_uid as libc::uid_t) };
+    set_thread_fsgid(old_gid);
+    rustix::thread::set_thread_groups(&old_groups)?;
+    match res {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM | rustix::io::Errno::ROFS) => {
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The "magic link" through which an `O_PATH` descriptor can be reopened or used by path.
 pub fn proc_fd_path(fd: BorrowedFd<'_>) -> std::path::PathBuf {
     format!("/proc/self/fd/{}", fd.as_raw_fd()).into()

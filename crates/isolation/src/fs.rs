@@ -149,16 +149,19 @@ fn err(reply_err: i32) -> Errno {
 
 /// Drops set-user-ID, and set-group-ID if group-executable, as a write by someone without
 /// CAP_FSETID does (recorded as a change like any chmod).
-fn kill_suid_sgid(v: &mut View, id: u64) -> Res<()> {
+/// Drops the set-ID bits the caller of `req` would lose (see
+/// [`interpose_fs::reply::without_setid_for`]); whether the mode changed.
+fn kill_suid_sgid(v: &mut View, id: u64, req: &fuser::Request) -> Res<bool> {
     let a = v.attr(id)?;
     if a.is_dir() {
-        return Ok(());
+        return Ok(false);
     }
-    let m = interpose_fs::reply::without_setid(a.mode & 0o7777);
-    if m != a.mode & 0o7777 {
-        v.set_attr(id, Some(m), None, None, None, None)?;
+    let m = interpose_fs::reply::without_setid_for(a.mode & 0o7777, a.gid, req);
+    if m == a.mode & 0o7777 {
+        return Ok(false);
     }
-    Ok(())
+    v.set_attr(id, Some(m), None, None, None, None)?;
+    Ok(true)
 }
 
 impl IsolatedFs {
@@ -489,6 +492,7 @@ impl Filesystem for IsolatedFs {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
+        kill_suidgid: bool,
         reply: ReplyAttr,
     ) {
         let id = ino.0;
@@ -522,9 +526,26 @@ impl Filesystem for IsolatedFs {
             if !nothing {
                 v.set_attr(id, mode, uid, gid, atime, mtime)?;
             }
-            // FUSE_HANDLE_KILLPRIV_V2: dropping set-ID bits is ours (see interpose-fs).
-            if (nothing && size.is_none()) || (size.is_some() && mode.is_none() && req.uid() != 0) {
-                kill_suid_sgid(&mut v, id)?;
+            // FUSE_HANDLE_KILLPRIV_V2: dropping set-ID bits is ours (see interpose-fs): a
+            // truncation by a caller without CAP_FSETID, a write by one (a setattr that
+            // changes nothing) or chown(f, -1, -1) (the same request). The kernel checked
+            // no permission for the last two: the caller must own the file or be able to
+            // write it, else anyone could strip the bits of any file.
+            if nothing && size.is_none() {
+                let a = v.attr(id)?;
+                let uid = req.uid();
+                if uid != 0
+                    && uid != a.uid
+                    && !a.is_dir()
+                    && interpose_fs::reply::without_setid_for(a.mode & 0o7777, a.gid, req)
+                        != a.mode & 0o7777
+                    && !v.may_write(id, uid, |g| interpose_fs::reply::in_group(req, g))?
+                {
+                    return Err(libc::EPERM);
+                }
+                kill_suid_sgid(&mut v, id, req)?;
+            } else if kill_suidgid && size.is_some() && mode.is_none() {
+                kill_suid_sgid(&mut v, id, req)?;
             }
             v.attr(id)
         })();
@@ -739,7 +760,7 @@ impl Filesystem for IsolatedFs {
 
     fn write(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -763,8 +784,13 @@ impl Filesystem for IsolatedFs {
             if !wf.contains(WriteFlags::FUSE_WRITE_CACHE) {
                 v.drop_capabilities(ino.0)?;
             }
-            if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                kill_suid_sgid(&mut v, ino.0)?;
+            if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+                && kill_suid_sgid(&mut v, ino.0, req)?
+            {
+                // The kernel keeps the mode it has cached for the attribute timeout.
+                if let Some(n) = self.0.notifier.lock().clone() {
+                    let _ = n.inval_inode(ino, -1, 0);
+                }
             }
             let n = v.write(ino.0, offset, data)?;
             if interpose_fs::write_must_sync(f.direct, flags.0) {

@@ -2177,6 +2177,27 @@ impl View {
         Ok(())
     }
 
+    /// Whether a caller with uid `uid` (not root), in the groups `in_group` says, may write
+    /// node `id`, by its mode bits and access ACL as the kernel checks them.
+    pub fn may_write(&mut self, id: u64, uid: u32, in_group: impl Fn(u32) -> bool) -> Res<bool> {
+        let a = self.attr(id)?;
+        let acl = self.xattr_get(id, ACL_ACCESS).ok();
+        if let Some(ok) = acl
+            .as_deref()
+            .and_then(|v| acl_permits(v, a.uid, a.gid, uid, &in_group, 2))
+        {
+            return Ok(ok);
+        }
+        let bits = if uid == a.uid {
+            a.mode >> 6
+        } else if in_group(a.gid) {
+            a.mode >> 3
+        } else {
+            a.mode
+        };
+        Ok(bits & 2 != 0)
+    }
+
     /// Removes a file's capabilities (`security.capability`) if it has any, as a write(2)
     /// does on any file system: with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to us.
     pub fn drop_capabilities(&mut self, id: u64) -> Res<()> {
@@ -3013,6 +3034,56 @@ fn acl_chmod(v: &[u8], mode: u32) -> Option<Vec<u8>> {
         out[at..at + 2].copy_from_slice(&(bits as u16).to_le_bytes());
     }
     Some(out)
+}
+
+/// Whether an access ACL grants `want` (bits of rwx) to a caller with uid `uid` in the
+/// groups `in_group` says, on an object of `owner` and `group`, as the kernel's
+/// posix_acl_permission decides; None if the ACL does not parse.
+fn acl_permits(
+    v: &[u8],
+    owner: u32,
+    group: u32,
+    uid: u32,
+    in_group: &dyn Fn(u32) -> bool,
+    want: u32,
+) -> Option<bool> {
+    if v.len() < 4 || !(v.len() - 4).is_multiple_of(8) {
+        return None;
+    }
+    let entries: Vec<(u16, u32, u32)> = v[4..]
+        .chunks_exact(8)
+        .map(|e| {
+            let tag = u16::from_le_bytes([e[0], e[1]]);
+            let perm = u16::from_le_bytes([e[2], e[3]]) as u32;
+            (tag, perm, u32::from_le_bytes([e[4], e[5], e[6], e[7]]))
+        })
+        .collect();
+    // An entry that matches, then the mask after it (if any) limits it.
+    let masked = |i: usize| {
+        let perm = entries[i].1;
+        let mask = entries[i + 1..]
+            .iter()
+            .find(|e| e.0 == 0x10)
+            .map_or(7, |e| e.1);
+        perm & mask & want == want
+    };
+    let mut found = false;
+    for (i, &(tag, perm, id)) in entries.iter().enumerate() {
+        match tag {
+            0x01 if owner == uid => return Some(perm & want == want),
+            0x02 if id == uid => return Some(masked(i)),
+            0x04 | 0x08 if in_group(if tag == 0x04 { group } else { id }) => {
+                found = true;
+                if perm & want == want {
+                    return Some(masked(i));
+                }
+            }
+            0x20 => return Some(!found && perm & want == want),
+            0x01 | 0x02 | 0x04 | 0x08 | 0x10 => {}
+            _ => return None,
+        }
+    }
+    None
 }
 
 /// The permission bits an access ACL (Linux xattr format, version 2) stands for, and

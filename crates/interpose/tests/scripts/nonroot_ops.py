@@ -15,8 +15,8 @@ import sys
 
 def attempt(fn):
     try:
-        fn()
-        return "ok"
+        res = fn()
+        return res if isinstance(res, str) else "ok"
     except OSError as e:
         return errno.errorcode.get(e.errno, str(e.errno))
 
@@ -36,6 +36,13 @@ def write(path, flags=0):
         os.write(fd, b"x")
     finally:
         os.close(fd)
+
+
+def mode_after(path, change):
+    """The mode a stat right after `change` shows, with the attributes cached before."""
+    os.stat(path)
+    change()
+    return "%o" % os.stat(path).st_mode
 
 
 def access(path, mode):
@@ -107,6 +114,17 @@ def user_phase(b):
         "create_in_acl_dir": lambda: create(j("acldir", "f")),
         "write_own_setuid_file": lambda: write(j("own", "suid"), os.O_APPEND),
         "write_file_with_capability": lambda: write(j("capfile"), os.O_APPEND),
+        "chown_noop_root_setuid_file": lambda: os.chown(j("setid", "root_suid"), -1, -1),
+        "chown_noop_own_setuid_file": lambda: os.chown(j("setid", "own_suid"), -1, -1),
+        "mode_right_after_write_setuid": lambda: mode_after(
+            j("setid", "writable_suid"), lambda: write(j("setid", "writable_suid"))),
+        "mode_right_after_append_own_setuid": lambda: mode_after(
+            j("setid", "own_suid_appended"),
+            lambda: write(j("setid", "own_suid_appended"), os.O_APPEND)),
+        "mode_right_after_truncate_setuid": lambda: mode_after(
+            j("setid", "truncated_suid"), lambda: os.truncate(j("setid", "truncated_suid"), 0)),
+        "write_acl_writable_setuid": lambda: write(j("setid", "acl_writable_suid"), os.O_APPEND),
+        "write_setgid_nogx_nonmember": lambda: write(j("setid", "sgid_nogx_user"), os.O_APPEND),
         "access_w_root_0644": lambda: access(j("rootfile"), os.W_OK),
         "access_r_acl_granted": lambda: access(j("aclfile"), os.R_OK),
         "access_r_acl_denied": lambda: access(j("denyacl"), os.R_OK),
@@ -128,6 +146,7 @@ def group_phase(b):
         "chgrp_own_file_to_member_group": lambda: os.chown(j("grp", "f"), -1, 1234),
         "chmod_setgid_member_group": lambda: os.chmod(j("grp", "f"), 0o2755),
         "read_root_0600": lambda: read(j("secret")),
+        "write_setgid_nogx_member": lambda: write(j("setid", "sgid_nogx_member"), os.O_APPEND),
     }
     return {name: attempt(fn) for name, fn in ops.items()}
 

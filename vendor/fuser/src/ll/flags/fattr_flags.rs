@@ -16,6 +16,9 @@ bitflags! {
         const FATTR_ATIME_NOW = 1 << 7;
         const FATTR_MTIME_NOW = 1 << 8;
         const FATTR_LOCKOWNER = 1 << 9;
+        /// The kernel asks the file system to drop set-user/group-ID bits (with
+        /// FUSE_HANDLE_KILLPRIV_V2: a truncation by a caller without CAP_FSETID, a chown).
+        const FATTR_KILL_SUIDGID = 1 << 11;
         const FATTR_CTIME = 1 << 10;
         #[cfg(target_os = "macos")]
         const FATTR_CRTIME = 1 << 28;
