@@ -16,7 +16,7 @@ use crate::format::{
     self, BadExtent, Codec, Entry, Header, Kind, Metadata, Section, DATA_OFFSET, HEADER_SIZE,
     INDEX_ENTRY_SIZE,
 };
-use crate::source::{bad_within, check_range, zero_bad, BlockSource, ReadOutcome};
+use crate::source::{bad_within, check_range, file_name, zero_bad, BlockSource, ReadOutcome};
 
 /// Default bound of the decompressed-chunk cache.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -658,7 +658,7 @@ impl BlockSource for Image {
     fn describe(&self) -> String {
         format!(
             "image {} ({} bytes, {} KiB chunks, {} bad extents)",
-            self.path.display(),
+            file_name(&self.path),
             self.header.virtual_size,
             self.header.chunk_size() >> 10,
             self.extents.len()

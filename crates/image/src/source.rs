@@ -64,6 +64,15 @@ pub trait BlockSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// The last component of `path`, for descriptions sent to clients, which need not learn
+/// where the server keeps its files.
+pub fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// Checks that `len` bytes at `offset` lie inside a source of `size` bytes.
 pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
     match offset.checked_add(len as u64) {
@@ -232,7 +241,7 @@ impl BlockSource for RawSource {
     fn describe(&self) -> String {
         format!(
             "raw {} ({} bytes, {} bad extents)",
-            self.path.display(),
+            file_name(&self.path),
             self.size,
             self.extents.len()
         )

@@ -1862,3 +1862,86 @@ fn a_server_out_of_descriptors_or_threads_serves_on() {
         tail(&err, 20)
     );
 }
+
+/// Clients that connect and say nothing cannot shut others out: past 128 connections in
+/// their handshake the oldest is closed for the newest, so a real client gets through at
+/// once though 400 silent ones are still connected and the server's descriptors could not
+/// hold them all.
+#[test]
+fn silent_connections_cannot_lock_out_a_real_client() {
+    let t = plain_dir("interpose-test-blksilent-");
+    let dir = t.path();
+    let raw = dir.join("r.raw");
+    fs::write(&raw, random(1 << 20, 5)).unwrap();
+    let sock = dir.join("s.sock");
+    let uri = format!("nbd+unix:///?socket={}", s(&sock));
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=512:512", bin(), "blk", "serve", "--log", "info"])
+        .args(["--handshake-timeout", "600"])
+        .arg(&raw)
+        .arg("--unix")
+        .arg(&sock);
+    let server = Server::spawn(cmd, Some(sock.clone()), dir);
+    let silent: Vec<_> = (0..400)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    let out = client_bytes(
+        "a client among 400 silent ones",
+        Command::new("timeout").args(["20", "nbdcopy", &uri, "-"]),
+    );
+    assert!(out == fs::read(&raw).unwrap(), "wrong bytes");
+    drop(silent);
+    let err = server.stop();
+    assert!(err.contains("still in its handshake"), "{}", tail(&err, 20));
+    assert!(!err.contains("Too many open files"), "{}", tail(&err, 20));
+}
+
+/// Options a client could not use are refused at start with a reason: an empty export
+/// name but for the first (the empty name is the first export's), a name over the
+/// protocol's 4,096 bytes. A handshake timeout past the clock's range is taken as none,
+/// and export descriptions name the file, not the server's directories.
+#[test]
+fn unusable_export_names_are_refused_and_any_timeout_works() {
+    let t = plain_dir("interpose-test-blkopts-");
+    let dir = t.path();
+    let raw = dir.join("r.raw");
+    fs::write(&raw, random(1 << 16, 9)).unwrap();
+    let sock = dir.join("s.sock");
+    for (names, says) in [
+        (vec!["a", ""], "empty name"),
+        (vec![&*"n".repeat(4097)], "4,096 bytes"),
+    ] {
+        // (A server that took them would serve until killed.)
+        let mut cmd = Command::new("timeout");
+        cmd.args(["10", bin(), "blk", "serve"])
+            .arg(&raw)
+            .arg(&raw)
+            .arg("--unix")
+            .arg(&sock);
+        for n in names {
+            cmd.args(["--name", n]);
+        }
+        let out = output(&mut cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{says}: {}",
+            describe(&out)
+        );
+        assert!(!sock.exists());
+    }
+    let mut cmd = Command::new(bin());
+    cmd.args(["blk", "serve", "--handshake-timeout", &u64::MAX.to_string()])
+        .arg(&raw)
+        .arg("--unix")
+        .arg(&sock);
+    let server = Server::spawn(cmd, Some(sock.clone()), dir);
+    let v = nbdinfo_json(&[&format!("nbd+unix:///?socket={}", s(&sock))]);
+    assert_eq!(v["exports"][0]["export-size"], 1 << 16, "{v:#}");
+    let desc = v["exports"][0]["description"].as_str().unwrap_or_default();
+    assert!(
+        desc.starts_with("raw r.raw (") && !desc.contains(s(dir)),
+        "description {desc:?}"
+    );
+    server.stop();
+}

@@ -158,7 +158,16 @@ pub struct Server {
     ended: Condvar,
     /// Connections past their handshake: what [`Config::max_connections`] bounds.
     serving: Arc<AtomicUsize>,
+    /// Connections still in their handshake, oldest first (see [`MAX_HANDSHAKING`]).
+    handshaking: Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// Connections in their handshake at once. Each costs a thread and two descriptors until
+/// it ends or its handshake times out, and clients that connect and say nothing would
+/// otherwise hold the server's descriptors until no one else can connect. Past this, the
+/// oldest is closed for the newest: a real client is through in milliseconds, so a flood
+/// of silent connections keeps out only clients slower than the flood.
+const MAX_HANDSHAKING: usize = 128;
 
 /// A connection's place among those served ([`Config::max_connections`]); given back
 /// when the connection ends, however it ends.
@@ -386,6 +395,25 @@ fn contexts_matching(query: &str, list: bool) -> Vec<Context> {
 
 impl Server {
     pub fn new(exports: Vec<Export>, config: Config) -> io::Result<Arc<Server>> {
+        // The protocol's strings are at most 4,096 bytes (proto.md), and a name a client
+        // cannot ask for is no export: the empty name is the first export's.
+        for (i, e) in exports.iter().enumerate() {
+            if e.name.len() > 4096 || e.description.len() > 4096 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "export {:?}: a name or description over 4,096 bytes",
+                        e.name
+                    ),
+                ));
+            }
+            if i > 0 && e.name.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "only the first export can have the empty name (a client asking for it gets the first)",
+                ));
+            }
+        }
         Ok(Arc::new(Server {
             exports,
             config,
@@ -394,6 +422,7 @@ impl Server {
             next_conn: AtomicU64::new(1),
             ended: Condvar::new(),
             serving: Arc::new(AtomicUsize::new(0)),
+            handshaking: Mutex::new(Default::default()),
         }))
     }
 
@@ -450,6 +479,19 @@ impl Server {
                     if let Ok(c) = conn.try_clone() {
                         live.lock().push((id, c));
                     }
+                    let evicted = {
+                        let mut h = self.handshaking.lock();
+                        h.push_back(id);
+                        (h.len() > MAX_HANDSHAKING).then(|| h.pop_front()).flatten()
+                    };
+                    if let Some(old) = evicted {
+                        tracing::warn!(
+                            "connection {old}: still in its handshake with {MAX_HANDSHAKING} newer ones; closed"
+                        );
+                        if let Some((_, c)) = live.lock().iter().find(|(i, _)| *i == old) {
+                            c.shutdown(Shutdown::Both);
+                        }
+                    }
                     let live2 = live.clone();
                     let started = std::thread::Builder::new()
                         .name(format!("nbd-conn-{id}"))
@@ -463,6 +505,7 @@ impl Server {
                             if ran.is_err() {
                                 tracing::error!("connection {id}: internal error (panic); closed");
                             }
+                            self.handshake_over(id);
                             live2.lock().retain(|(i, _)| *i != id);
                             self.ended.notify_all();
                         });
@@ -470,6 +513,7 @@ impl Server {
                         // A thread limit (RLIMIT_NPROC, a cgroup's pids.max): refuse this
                         // connection, keep serving the others.
                         tracing::warn!("connection {id}: no thread to serve it ({e}); closed");
+                        self.handshake_over(id);
                         let mut l = live.lock();
                         if let Some(at) = l.iter().position(|(i, _)| *i == id) {
                             l.remove(at).1.shutdown(Shutdown::Both);
@@ -507,8 +551,14 @@ impl Server {
     }
 
     fn handle(&self, id: u64, mut conn: Conn) -> Result<(), ConnError> {
-        let deadline = Instant::now() + self.config.handshake_timeout;
-        let Some(session) = self.handshake(id, &mut Timed::new(&mut conn, deadline))? else {
+        // (Any timeout the configuration gives: one past the clock's range is none.)
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.config.handshake_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(u32::MAX as u64));
+        let shaken = self.handshake(id, &mut Timed::new(&mut conn, deadline));
+        self.handshake_over(id);
+        let Some(session) = shaken? else {
             return Ok(());
         };
         conn.set_read_timeout(None);
@@ -613,6 +663,14 @@ impl Server {
                 }
                 Phase::Closed => return Ok(None),
             }
+        }
+    }
+
+    /// Connection `id` is out of its handshake (through it, or ended).
+    fn handshake_over(&self, id: u64) {
+        let mut h = self.handshaking.lock();
+        if let Some(at) = h.iter().position(|&i| i == id) {
+            h.remove(at);
         }
     }
 
