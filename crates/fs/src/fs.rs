@@ -1231,14 +1231,22 @@ impl Filesystem for FilterFs {
                         self.check_below(who, flags, new_dir.as_fd(), newname, &to, &from)?;
                     }
                 }
-                rustix::fs::renameat_with(
-                    old_dir.as_fd(),
-                    name,
-                    new_dir.as_fd(),
-                    newname,
-                    rustix::fs::RenameFlags::from_bits_retain(flags.bits()),
-                )
-                .map_err(errno_of)?;
+                let rename = || {
+                    rustix::fs::renameat_with(
+                        old_dir.as_fd(),
+                        name,
+                        new_dir.as_fd(),
+                        newname,
+                        rustix::fs::RenameFlags::from_bits_retain(flags.bits()),
+                    )
+                    .map_err(errno_of)
+                };
+                if flags.bits() & libc::RENAME_WHITEOUT != 0 {
+                    // The whiteout left at the old name is the caller's, as a create.
+                    self.create_as_caller(req, 0, old_dir.as_fd(), name, rename)?;
+                } else {
+                    rename()?;
+                }
                 // Keep the remembered names right for filter paths.
                 if let Ok(st) =
                     rustix::fs::statat(new_dir.as_fd(), newname, AtFlags::SYMLINK_NOFOLLOW)

@@ -331,3 +331,39 @@ fn set_id_bits_a_served_write_drops_are_gone_at_once_for_every_process() {
         m.stop();
     }
 }
+
+/// The whiteout that rename(RENAME_WHITEOUT) leaves at the old name belongs to the caller,
+/// as on the backing file system (the daemon renames as root).
+#[test]
+fn a_whiteout_belongs_to_the_user_who_renamed() {
+    let plain = plain_dir("interpose-nonroot-");
+    make_traversable(plain.path());
+    let m = Mount::new(&[]);
+    make_traversable(&m.dir);
+    let script = "import ctypes, os, sys\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        d = sys.argv[1]\n\
+        open(os.path.join(d, 'src'), 'w').close()\n\
+        r = libc.renameat2(-100, os.path.join(d, 'src').encode(), -100,\n\
+        \x20                  os.path.join(d, 'dst').encode(), 4)\n\
+        if r != 0: raise OSError(ctypes.get_errno(), 'renameat2')\n";
+    let mut owners = Vec::new();
+    for base in [plain.path(), m.mnt.as_path()] {
+        let d = base.join("wo");
+        dir(&d, 0, 0, 0o777);
+        run(as_user(NOBODY, NOBODY, &[])
+            .args([python(), "-c", script])
+            .arg(&d));
+        let md = fs::symlink_metadata(d.join("src")).unwrap();
+        assert_eq!(
+            md.mode() & libc::S_IFMT,
+            libc::S_IFCHR,
+            "no whiteout in {d:?}"
+        );
+        owners.push((md.uid(), md.gid()));
+    }
+    let md = fs::symlink_metadata(m.backing.join("wo/src")).unwrap();
+    owners.push((md.uid(), md.gid()));
+    assert_eq!(owners, vec![(NOBODY, NOBODY); 3], "plain, mount, backing");
+    m.stop();
+}
