@@ -1831,13 +1831,25 @@ impl Filesystem for FilterFs {
             },
             || {
                 let fd = self.inodes.fd(ino.0)?;
+                let path = sys::proc_fd_path(fd.as_fd());
                 rustix::fs::setxattr(
-                    sys::proc_fd_path(fd.as_fd()),
+                    &path,
                     name,
                     value,
                     rustix::fs::XattrFlags::from_bits_retain(flags as u32),
                 )
-                .map_err(errno_of)
+                .map_err(errno_of)?;
+                // Setting an access ACL drops set-group-ID for a caller outside the file's
+                // group (the kernel's posix_acl_update_mode); the daemon set it as root.
+                if name.as_bytes() == b"system.posix_acl_access" {
+                    let st = stat_fd(fd.as_fd())?;
+                    if st.st_mode & libc::S_ISGID != 0 && !crate::reply::in_group(req, st.st_gid) {
+                        let m = st.st_mode & 0o7777 & !libc::S_ISGID;
+                        rustix::fs::chmod(&path, Mode::from_raw_mode(m)).map_err(errno_of)?;
+                        self.forget_attributes(ino);
+                    }
+                }
+                Ok(())
             },
             |_| 0,
         );

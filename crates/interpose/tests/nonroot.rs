@@ -78,6 +78,13 @@ fn prepare(base: &Path) {
     file(&p("setid/root_suid"), b"s", 0, 0, 0o4755);
     file(&p("setid/own_suid"), b"s", NOBODY, NOBODY, 0o4755);
     file(&p("setid/own_suid_appended"), b"s", NOBODY, NOBODY, 0o4755);
+    file(
+        &p("setid/own_sgid_foreign_group"),
+        b"s",
+        NOBODY,
+        OTHER_USER,
+        0o2775,
+    );
     file(&p("setid/writable_suid"), b"s", 0, 0, 0o4777);
     file(&p("setid/truncated_suid"), b"s", 0, 0, 0o4777);
     file(&p("setid/acl_writable_suid"), b"s", 0, 0, 0o4755);
@@ -156,6 +163,7 @@ fn results(base: &Path) -> BTreeMap<String, String> {
         "setid/acl_writable_suid",
         "setid/sgid_nogx_user",
         "setid/sgid_nogx_member",
+        "setid/own_sgid_foreign_group",
     ]
     .iter()
     .map(|rel| {
@@ -255,6 +263,7 @@ fn same_as_on_a_plain_directory(mount_args: &[&str]) {
     assert!(plain_res["setid/sgid_nogx_user"].starts_with("0:1234 100766 "));
     assert!(plain_res["setid/sgid_nogx_member"].starts_with("0:1234 102766 "));
     assert_eq!(plain_user["mode_right_after_write_setuid"], "100777");
+    assert!(plain_res["setid/own_sgid_foreign_group"].starts_with("65534:4242 100775 "));
 
     let mut problems = diff("user op", &plain_user, &mount_user);
     problems += &diff("group op", &plain_group, &mount_group);

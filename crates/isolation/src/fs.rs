@@ -987,7 +987,7 @@ impl Filesystem for IsolatedFs {
 
     fn setxattr(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -995,13 +995,24 @@ impl Filesystem for IsolatedFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.0
-                .view
-                .lock()
-                .xattr_set(ino.0, name.as_bytes(), value, flags),
-        );
+        let res = (|| {
+            let mut v = self.0.view.lock();
+            v.xattr_set(ino.0, name.as_bytes(), value, flags)?;
+            // Setting an access ACL drops set-group-ID for a caller outside the file's
+            // group (the kernel's posix_acl_update_mode).
+            if name.as_bytes() == b"system.posix_acl_access" {
+                let a = v.attr(ino.0)?;
+                if a.mode & libc::S_ISGID != 0 && !interpose_fs::reply::in_group(req, a.gid) {
+                    let m = a.mode & 0o7777 & !libc::S_ISGID;
+                    v.set_attr(ino.0, Some(m), None, None, None, None)?;
+                    if let Some(n) = self.0.notifier.lock().clone() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                }
+            }
+            Ok(())
+        })();
+        reply_empty(reply, res);
     }
 
     fn getxattr(

@@ -45,6 +45,14 @@ def mode_after(path, change):
     return "%o" % os.stat(path).st_mode
 
 
+def setfacl(path, spec):
+    """setfacl -m SPEC PATH (the access ACL, as the user)."""
+    import subprocess
+    r = subprocess.run(["setfacl", "-m", spec, path], capture_output=True)
+    if r.returncode != 0:
+        raise OSError(errno.EPERM, r.stderr.decode())
+
+
 def access(path, mode):
     """access(2) as an operation: EACCES when it says no."""
     if not os.access(path, mode):
@@ -125,6 +133,8 @@ def user_phase(b):
             j("setid", "truncated_suid"), lambda: os.truncate(j("setid", "truncated_suid"), 0)),
         "write_acl_writable_setuid": lambda: write(j("setid", "acl_writable_suid"), os.O_APPEND),
         "write_setgid_nogx_nonmember": lambda: write(j("setid", "sgid_nogx_user"), os.O_APPEND),
+        "setfacl_own_setgid_file_outside_its_group": lambda: setfacl(
+            j("setid", "own_sgid_foreign_group"), "u:2000:r"),
         "access_w_root_0644": lambda: access(j("rootfile"), os.W_OK),
         "access_r_acl_granted": lambda: access(j("aclfile"), os.R_OK),
         "access_r_acl_denied": lambda: access(j("denyacl"), os.R_OK),
