@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -153,13 +153,28 @@ pub fn create(
         )));
     }
     let mut src = File::open(source).map_err(|e| Error::io(format!("{}", source.display()), e))?;
-    let size = src
+    let kind = src
+        .metadata()
+        .map_err(|e| Error::io(format!("{}", source.display()), e))?
+        .file_type();
+    // Only these have a size to read to; a character device (/dev/zero) says 0.
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err(Error::Invalid(format!(
+            "{}: not a regular file or a block device",
+            source.display()
+        )));
+    }
+    if let Output::Path(dest) = &out {
+        check_output(dest, source, opts.mapfile.as_deref())?;
+    }
+    let file_size = src
         .seek(SeekFrom::End(0))
         .and_then(|s| src.seek(SeekFrom::Start(0)).map(|_| s))
         .map_err(|e| Error::io(format!("size of {}", source.display()), e))?;
-    let extents = match &opts.mapfile {
-        Some(m) => mapfile::read(m)?.bad_extents(size)?,
-        None => Vec::new(),
+    // (With a mapfile the disk may be longer than the copy: its tail was never read.)
+    let (size, extents) = match &opts.mapfile {
+        Some(m) => mapfile::read(m)?.extents_for(file_size)?,
+        None => (file_size, Vec::new()),
     };
     let chunk_size = 1u64 << opts.chunk_shift;
     let chunk_count = size.div_ceil(chunk_size);
@@ -331,7 +346,9 @@ fn read_chunks(
                 format!(
                     "reading {} at {pos}{}",
                     path.display(),
-                    if extents.is_empty() {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        " (the source got shorter while it was read)"
+                    } else if extents.is_empty() {
                         " (a source with unreadable sectors needs a ddrescue copy and its --mapfile)"
                     } else {
                         ""
@@ -628,9 +645,38 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// The output file while it is being written: `.NAME.partial-PID` next to NAME, removed
-/// unless committed.
-struct TempOut {
+/// Refuses an output path that is not a new or regular file (the image is written next to
+/// it and renamed over it, which would replace a device node, a FIFO or a symlink instead
+/// of writing through it), or that is the source or the mapfile.
+fn check_output(dest: &Path, source: &Path, mapfile: Option<&Path>) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = std::fs::symlink_metadata(dest) else {
+        return Ok(());
+    };
+    if !md.is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: exists and is not a regular file (the image is written to a new file \
+             renamed over it); give a file path, or -o - and a redirection",
+            dest.display()
+        )));
+    }
+    for (what, p) in [("source", Some(source)), ("mapfile", mapfile)] {
+        let same = p
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|o| o.dev() == md.dev() && o.ino() == md.ino());
+        if same {
+            return Err(Error::Invalid(format!(
+                "{}: is the {what}; the image would replace it",
+                dest.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An output file while it is being written: `.NAME.partial-PID-RANDOM` next to NAME,
+/// synced and renamed over NAME by [`TempOut::commit`], removed if dropped before.
+pub struct TempOut {
     file: File,
     temp: PathBuf,
     dest: PathBuf,
@@ -638,14 +684,17 @@ struct TempOut {
 }
 
 impl TempOut {
-    fn new(dest: &Path) -> Result<TempOut> {
+    pub fn new(dest: &Path) -> Result<TempOut> {
         let name = dest
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{}: not a file name", dest.display())))?;
+        // Not the pid alone: one left by a killed run would stop a later run given the
+        // same pid (pid 1 in a container, every time).
         let temp = dest.with_file_name(format!(
-            ".{}.partial-{}",
+            ".{}.partial-{}-{:08x}",
             name.to_string_lossy(),
-            std::process::id()
+            std::process::id(),
+            rand::random::<u32>()
         ));
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -660,7 +709,12 @@ impl TempOut {
         })
     }
 
-    fn commit(mut self) -> Result<()> {
+    /// The file being written.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn commit(mut self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(|e| Error::io(format!("syncing {}", self.temp.display()), e))?;

@@ -440,7 +440,59 @@ fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Mapfile> {
     }
 }
 
+/// The largest disk a mapfile may say it describes, past the copy's own size: 1 PiB, well
+/// past any disk, and a bound on the chunk table an image of it needs.
+const MAX_DISK: u64 = 1 << 50;
+
 impl Mapfile {
+    /// The size of the rescued disk and its bad and untried ranges, for a copy of
+    /// `file_size` bytes. GNU ddrescue does not write the sectors it could not read, and a
+    /// rescue cut short (or limited with `-s`) has not written the rest, so the copy can be
+    /// shorter than the disk; its mapfile's blocks still reach the disk's end, unless
+    /// ddrescue did not know it (its last block then ends at 2^63 - 1). The disk is as
+    /// long as the blocks reach when that is known and past the copy's end; its bytes past
+    /// the copy then read as zeros and must be in blocks not rescued, else the mapfile is
+    /// not this copy's.
+    pub fn extents_for(&self, file_size: u64) -> Result<(u64, Vec<BadExtent>)> {
+        let end = self
+            .blocks
+            .last()
+            .map_or(0, |l| l.pos.saturating_add(l.size));
+        let size = if end > file_size && end < MAX_POS {
+            end
+        } else {
+            file_size
+        };
+        if size > file_size {
+            let err = |i: usize, message: String| Error::Mapfile {
+                path: self.origin.path.clone(),
+                line: self.origin.lines.get(i).copied().unwrap_or(0),
+                message,
+            };
+            let last = self.blocks.len() - 1;
+            if size > MAX_DISK {
+                return Err(err(
+                    last,
+                    format!("the mapfile describes a disk of {size} bytes; more than this program takes ({MAX_DISK})"),
+                ));
+            }
+            let rescued_past = self.blocks.iter().enumerate().find(|(_, b)| {
+                b.status == BlockStatus::Finished && b.pos.saturating_add(b.size) > file_size
+            });
+            if let Some((i, b)) = rescued_past {
+                return Err(err(
+                    i,
+                    format!(
+                        "block at {:#x} of size {:#x} is rescued (+) but the copy ends at \
+                         {file_size} bytes ({file_size:#x}); is it the mapfile of another file?",
+                        b.pos, b.size
+                    ),
+                ));
+            }
+        }
+        Ok((size, self.bad_extents(size)?))
+    }
+
     /// The bad and untried byte ranges for a source of `size` bytes, sorted, disjoint,
     /// adjacent ranges of the same ExtentState merged. Bytes the mapfile does not cover
     /// (its blocks end before `size`) are Untried. A mapfile whose blocks reach past
@@ -734,6 +786,35 @@ mod tests {
         assert_eq!(line, 9);
         assert!(msg.contains("1048064 bytes (0xffe00)"), "{msg}");
         assert!(msg.contains("covers 1048576 bytes (0x100000)"), "{msg}");
+    }
+
+    /// GNU ddrescue does not write sectors it could not read: a rescue whose last 64 KiB
+    /// failed leaves a copy 64 KiB short of the disk, and the disk keeps its size and its
+    /// bad tail. A tail the mapfile says was rescued cannot be missing from the copy; a
+    /// last block to 2^63 - 1 (size unknown) ends with the copy.
+    #[test]
+    fn a_copy_shorter_than_the_disk_keeps_the_disks_size_and_bad_tail() {
+        let m = p("0 +\n0x0 0x3F0000 +\n0x3F0000 0x10000 -\n").unwrap();
+        assert_eq!(
+            m.extents_for(0x3F0000).unwrap(),
+            (0x400000, vec![ext(0x3F0000, 0x10000, B)])
+        );
+        let m = p("0 +\n0x0 0x280000 +\n0x280000 0x180000 ?\n").unwrap();
+        let (line, msg) = line_err(m.extents_for(0x200000));
+        assert_eq!(line, 2);
+        assert!(
+            msg.contains("is rescued (+) but the copy ends at 2097152"),
+            "{msg}"
+        );
+        assert_eq!(
+            m.extents_for(0x280000).unwrap(),
+            (0x400000, vec![ext(0x280000, 0x180000, U)])
+        );
+        let m = p("0 ?\n0 0x7FFFFFFFFFFFFFFF ?\n").unwrap();
+        assert_eq!(
+            m.extents_for(0x1000).unwrap(),
+            (0x1000, vec![ext(0, 0x1000, U)])
+        );
     }
 
     #[test]

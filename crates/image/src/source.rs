@@ -137,7 +137,9 @@ pub fn zero_bad(buf: &mut [u8], offset: u64, bad: &[BadExtent]) {
 pub struct RawSource {
     file: File,
     path: PathBuf,
+    /// The disk's size: the file's, or longer if the mapfile says so.
     size: u64,
+    file_size: u64,
     extents: Vec<BadExtent>,
     /// Holes of a sparse file (read once at open: asking per read would cost system calls).
     holes: Vec<Range<u64>>,
@@ -180,18 +182,20 @@ impl RawSource {
     pub fn open(path: &Path, mapfile: Option<&Path>) -> Result<RawSource> {
         let mut file = File::open(path).map_err(|e| Error::io(format!("{}", path.display()), e))?;
         // The end, not metadata's length: block devices report 0 there.
-        let size = file
+        let file_size = file
             .seek(SeekFrom::End(0))
             .map_err(|e| Error::io(format!("size of {}", path.display()), e))?;
-        let extents = match mapfile {
-            Some(m) => mapfile::read(m)?.bad_extents(size)?,
-            None => Vec::new(),
+        // With a mapfile the disk may be longer than the copy (see Mapfile::extents_for).
+        let (size, extents) = match mapfile {
+            Some(m) => mapfile::read(m)?.extents_for(file_size)?,
+            None => (file_size, Vec::new()),
         };
-        let holes = without_bad(find_holes(&file, size), &extents);
+        let holes = without_bad(find_holes(&file, file_size), &extents);
         Ok(RawSource {
             file,
             path: path.to_path_buf(),
             size,
+            file_size,
             extents,
             holes,
         })
@@ -210,16 +214,21 @@ impl BlockSource for RawSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<ReadOutcome> {
         check_range(offset, buf.len(), self.size)?;
         let bad = bad_within(&self.extents, offset, buf.len() as u64);
-        self.file.read_exact_at(buf, offset).map_err(|e| {
-            Error::io(
-                format!(
-                    "reading {} bytes at {offset} of {}",
-                    buf.len(),
-                    self.path.display()
-                ),
-                e,
-            )
-        })?;
+        // Past the copy's end the disk was never read: zeros, in bad or untried extents.
+        let in_file = self.file_size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[in_file..].fill(0);
+        self.file
+            .read_exact_at(&mut buf[..in_file], offset)
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "reading {} bytes at {offset} of {}",
+                        buf.len(),
+                        self.path.display()
+                    ),
+                    e,
+                )
+            })?;
         zero_bad(buf, offset, &bad);
         Ok(ReadOutcome { bad })
     }

@@ -2,7 +2,7 @@
 //! interpose-image.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -199,31 +199,26 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
                     b.set_position(done);
                 }
             };
+            // Ctrl-C or SIGTERM stops the extract; a file being written is removed.
+            let cancel = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, cancel.clone())
+                    .context("installing signal handlers")?;
+            }
             let bad = if output.as_os_str() == "-" {
-                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-                extract::extract(&img, &mut out, fill, &mut progress).map_err(anyhow::Error::from)
-            } else {
-                let existed = output.exists();
-                let f = std::fs::File::create(&output)
-                    .with_context(|| format!("creating {}", output.display()))?;
-                let regular = f.metadata().is_ok_and(|m| m.is_file());
-                let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
-                let res = extract::extract(&img, &mut out, fill, &mut progress)
+                if std::io::stdout().is_terminal() {
+                    bail!("not writing a disk to a terminal; redirect standard output");
+                }
+                let out = Cancellable(std::io::stdout().lock(), &cancel);
+                let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+                extract::extract(&img, &mut out, fill, &mut progress)
                     .map_err(anyhow::Error::from)
                     .and_then(|bad| {
-                        let f = out.into_inner().map_err(|e| e.into_error())?;
-                        // Devices and pipes (e.g. /dev/null) have nothing to sync.
-                        if regular {
-                            f.sync_all()
-                                .with_context(|| format!("syncing {}", output.display()))?;
-                        }
+                        out.flush()?;
                         Ok(bad)
-                    });
-                if res.is_err() && regular && !existed {
-                    // Half a raw image is worse than none.
-                    let _ = std::fs::remove_file(&output);
-                }
-                res
+                    })
+            } else {
+                extract_to(&img, &image, &output, fill, &mut progress, &cancel)
             }
             .with_context(|| format!("extracting {}", image.display()))?;
             if let Some(b) = pb {
@@ -243,6 +238,80 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
                 );
             }
             Ok(())
+        }
+    }
+}
+
+/// A writer that fails once `cancel` is set (by a signal), so that a long write ends.
+struct Cancellable<'a, W>(W, &'a AtomicBool);
+
+impl<W: Write> Write for Cancellable<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            // Not ErrorKind::Interrupted, which write_all would retry.
+            return Err(std::io::Error::other("interrupted by a signal"));
+        }
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Writes the disk in `img` (the image at `image`) to `output`. A regular file, new or
+/// existing, is written as a temporary file next to it, synced and renamed over it when
+/// complete: an extract that fails or is interrupted leaves the old file or none, never
+/// part of a disk under the name. A block device is written in place and synced; a FIFO
+/// or a character device (/dev/null) in place. A symlink is followed.
+fn extract_to(
+    img: &Image,
+    image: &Path,
+    output: &Path,
+    fill: Fill,
+    progress: &mut dyn FnMut(u64),
+    cancel: &AtomicBool,
+) -> Result<Vec<BadExtent>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let target = match std::fs::symlink_metadata(output) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(output)
+            .with_context(|| format!("following {}", output.display()))?,
+        _ => output.to_path_buf(),
+    };
+    let existing = std::fs::metadata(&target).ok();
+    if let (Some(o), Ok(i)) = (&existing, std::fs::metadata(image)) {
+        if o.dev() == i.dev() && o.ino() == i.ino() {
+            bail!(
+                "{}: is the image; the disk would overwrite it",
+                output.display()
+            );
+        }
+    }
+    let run = |f: &std::fs::File, progress: &mut dyn FnMut(u64)| -> Result<Vec<BadExtent>> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, Cancellable(f, cancel));
+        let bad = extract::extract(img, &mut out, fill, progress)?;
+        out.flush()?;
+        Ok(bad)
+    };
+    match existing {
+        Some(m) if !m.is_file() => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&target)
+                .with_context(|| format!("opening {}", target.display()))?;
+            let bad = run(&f, progress)?;
+            // A disk restored to a device is on it only once synced; a pipe or
+            // /dev/null has nothing to sync.
+            if m.file_type().is_block_device() {
+                f.sync_all()
+                    .with_context(|| format!("syncing {}", target.display()))?;
+            }
+            Ok(bad)
+        }
+        _ => {
+            let temp = create::TempOut::new(&target)?;
+            let bad = run(temp.file(), progress)?;
+            temp.commit()?;
+            Ok(bad)
         }
     }
 }

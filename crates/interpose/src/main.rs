@@ -160,11 +160,18 @@ fn main() -> ExitCode {
     ) {
         tracing::debug!("cannot catch SIGXFSZ: {e}");
     }
+    // An image or a disk written to a pipe whose reader stopped is cut short: a failure.
+    let writes_data = matches!(
+        &cli.command,
+        Command::Image(
+            image_cmd::ImageCommand::Create { .. } | image_cmd::ImageCommand::Extract { .. }
+        )
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        // A reader that stopped reading (`interpose isolation log STORE | head`) is not
-        // a failure of ours.
-        Err(err) if err.chain().any(is_broken_pipe) => ExitCode::SUCCESS,
+        // A reader that stopped reading a listing (`interpose isolation log STORE | head`)
+        // is not a failure of ours.
+        Err(err) if !writes_data && err.chain().any(is_broken_pipe) => ExitCode::SUCCESS,
         Err(err) => {
             use std::io::Write;
             let _ = writeln!(std::io::stderr(), "interpose: {}", report(&err));

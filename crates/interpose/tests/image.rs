@@ -20,7 +20,8 @@ mod support;
 use common::*;
 use support::*;
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -462,7 +463,8 @@ fn ddrescue_of_a_source_that_fails_reads_is_recorded_exactly() {
         assert_eq!(g, want, "byte {i} (bad: {is_bad})");
     }
 
-    // The interrupted rescue: bad ranges before 5 MiB, untried from there on.
+    // The rescue stopped at 5 MB (ddrescue's M is 10^6): bad ranges before, untried from
+    // there to the end of the disk, which the mapfile knows though the copy stops short.
     let img = d.join("partial.img");
     image_ok(&[
         "create",
@@ -476,14 +478,13 @@ fn ddrescue_of_a_source_that_fails_reads_is_recorded_exactly() {
     let v = info(&img);
     let mut want: Vec<(u64, u64, String)> = bad
         .iter()
-        .filter(|&&(_, b)| b <= 5 << 20)
+        .filter(|&&(_, b)| b <= 5_000_000)
         .map(|&(a, b)| (a, b - a, "bad".to_owned()))
         .collect();
-    let partial_len = fs::metadata(&partial).unwrap().len();
-    if partial_len > 5 << 20 {
-        want.push((5 << 20, partial_len - (5 << 20), "untried".to_owned()));
-    }
+    want.push((5_000_000, size - 5_000_000, "untried".to_owned()));
+    assert!(fs::metadata(&partial).unwrap().len() <= 5_000_000);
     assert_eq!(extents_of(&v), want, "{v:#}");
+    assert_eq!(v["virtual_size"], size, "{v:#}");
 }
 
 #[test]
@@ -878,4 +879,138 @@ fn an_independent_reader_written_from_the_spec_agrees() {
             image_fails(&["verify", s(&bad)]);
         }
     }
+}
+
+/// A raw loop device over a file in `dir`, detached when dropped.
+struct LoopDev(String);
+
+impl LoopDev {
+    fn new(file: &Path) -> LoopDev {
+        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(file));
+        LoopDev(dev.trim().to_owned())
+    }
+    /// Flush requests the device has completed (field 16 of /sys/block/loopN/stat).
+    fn flushes(&self) -> u64 {
+        let name = self.0.trim_start_matches("/dev/");
+        let stat = fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+        stat.split_whitespace().nth(15).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Outputs that would destroy something, or leave a wrong thing under the name, are
+/// refused or written through: the image or the source as output, a device node, a FIFO
+/// or a symlink renamed over, a source whose size is unknown, an interrupted or cut-short
+/// extract, a disk restored to a device without a sync.
+#[test]
+fn outputs_are_never_the_input_never_half_written_and_devices_are_synced() {
+    let t = dir();
+    let d = t.path();
+    let raw = d.join("disk.raw");
+    let data = random(8 << 20, 11);
+    fs::write(&raw, &data).unwrap();
+    let map = d.join("disk.map");
+    fs::write(&map, "0 +\n0 0x800000 +\n").unwrap();
+    let img = d.join("disk.img");
+    image_ok(&["create", s(&raw), "-o", s(&img)]);
+    let img_bytes = fs::read(&img).unwrap();
+    let refused = |args: &[&str], says: &str| {
+        let out = image(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {}",
+            describe(&out)
+        );
+    };
+
+    refused(&["extract", s(&img), "-o", s(&img)], "is the image");
+    refused(&["create", s(&raw), "-o", s(&raw)], "is the source");
+    refused(
+        &["create", s(&raw), "--mapfile", s(&map), "-o", s(&map)],
+        "is the mapfile",
+    );
+    let fifo = d.join("fifo");
+    run(Command::new("mkfifo").arg(&fifo));
+    let link = d.join("link");
+    std::os::unix::fs::symlink(&raw, &link).unwrap();
+    for node in [&fifo, &link] {
+        refused(&["create", s(&raw), "-o", s(node)], "not a regular file");
+    }
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    refused(
+        &["create", "/dev/zero", "-o", s(&d.join("z.img"))],
+        "not a regular file or a block device",
+    );
+    assert_eq!(fs::read(&img).unwrap(), img_bytes, "the image changed");
+    assert_eq!(fs::read(&raw).unwrap(), data, "the source changed");
+
+    // Interrupted once it writes (its temporary file exists): the old file stays whole.
+    let old = d.join("old.raw");
+    fs::write(&old, b"the old contents").unwrap();
+    let big = d.join("big.img");
+    let big_raw = d.join("big.raw");
+    fs::write(&big_raw, random(256 << 20, 12)).unwrap();
+    image_ok(&["create", s(&big_raw), "-o", s(&big), "--codec", "lz4"]);
+    let mut child = Command::new(bin())
+        .args(["image", "extract", s(&big), "-o", s(&old)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = || {
+        fs::read_dir(d).unwrap().filter_map(|e| e.ok()).any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".old.raw.partial-")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !partial() {
+        assert!(Instant::now() < deadline, "no temporary file appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "extract ended before it was interrupted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    run(Command::new("kill").args(["-INT", &child.id().to_string()]));
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert_eq!(fs::read(&old).unwrap(), b"the old contents");
+    assert!(!partial(), "the temporary file was left behind");
+
+    // A reader that stops early: the extract (and a create to stdout) fails.
+    for args in [
+        vec!["extract", s(&img), "-o", "-"],
+        vec!["create", s(&raw), "-o", "-"],
+    ] {
+        let mut child = Command::new(bin())
+            .arg("image")
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 10];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{args:?} cut short exited 0");
+    }
+
+    // Restored to a block device: synced before it says done.
+    let dev_file = d.join("dev.raw");
+    File::create(&dev_file).unwrap().set_len(8 << 20).unwrap();
+    let dev = LoopDev::new(&dev_file);
+    let before = dev.flushes();
+    image_ok(&["extract", s(&img), "-o", &dev.0]);
+    assert!(dev.flushes() > before, "no flush reached {}", dev.0);
+    assert_eq!(fs::read(&dev_file).unwrap(), data);
 }
