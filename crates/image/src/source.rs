@@ -150,7 +150,7 @@ const MAX_HOLES: usize = 1 << 20;
 
 /// The holes of a file (SEEK_DATA/SEEK_HOLE); none for a block device, a file system
 /// that cannot tell, or too many to keep.
-fn find_holes(file: &File, size: u64) -> Vec<Range<u64>> {
+pub(crate) fn find_holes(file: &File, size: u64) -> Vec<Range<u64>> {
     use rustix::fs::{seek, SeekFrom};
     let mut out = Vec::new();
     let mut at = 0;

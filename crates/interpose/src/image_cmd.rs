@@ -308,8 +308,9 @@ fn extract_to(
             Ok(bad)
         }
         _ => {
+            // A new file: zero chunks become holes.
             let temp = create::TempOut::new(&target)?;
-            let bad = run(temp.file(), progress)?;
+            let bad = extract::extract_sparse(img, temp.file(), fill, progress, cancel)?;
             temp.commit()?;
             Ok(bad)
         }

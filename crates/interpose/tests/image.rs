@@ -1014,3 +1014,52 @@ fn outputs_are_never_the_input_never_half_written_and_devices_are_synced() {
     assert!(dev.flushes() > before, "no flush reached {}", dev.0);
     assert_eq!(fs::read(&dev_file).unwrap(), data);
 }
+
+/// A sparse source: its holes are not read and an extract to a file leaves the zero
+/// chunks as holes, with the same bytes as the source everywhere, also where bad extents
+/// and holes overlap.
+#[test]
+fn a_sparse_disk_stays_sparse_and_exact_with_bad_extents_across_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let t = dir();
+    let d = t.path();
+    let raw = d.join("sparse.raw");
+    let f = File::create(&raw).unwrap();
+    f.set_len(1 << 30).unwrap();
+    let data = random(3 << 20, 21);
+    for (i, at) in [1u64 << 20, 9 << 20, 700 << 20].iter().enumerate() {
+        f.write_all_at(&data[i << 20..(i + 1) << 20], *at).unwrap();
+    }
+    drop(f);
+    // Bad: one range in a hole, one across the edge of data and hole.
+    let map = d.join("sparse.map");
+    fs::write(
+        &map,
+        "0 +\n0 0x1800000 +\n0x1800000 0x10000 -\n0x1810000 0x2A4E0000 +\n\
+         0x2BCF0000 0x20000 -\n0x2BD10000 0x142F0000 +\n",
+    )
+    .unwrap();
+    let img = d.join("sparse.img");
+    image_ok(&["create", s(&raw), "-o", s(&img), "--mapfile", s(&map)]);
+    image_ok(&["verify", s(&img)]);
+    let back = d.join("sparse.back");
+    image_ok(&["extract", s(&img), "-o", s(&back)]);
+    let md = fs::metadata(&back).unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    assert!(
+        md.blocks() * 512 < 8 << 20,
+        "the extract allocated {} bytes",
+        md.blocks() * 512
+    );
+    let mut want = fs::read(&raw).unwrap();
+    for (o, l) in [(0x1800000usize, 0x10000usize), (0x2BCF0000, 0x20000)] {
+        want[o..o + l].fill(0);
+    }
+    let got = fs::read(&back).unwrap();
+    if let Some(i) = (0..want.len())
+        .step_by(4096)
+        .find(|&i| want[i..i + 4096] != got[i..i + 4096])
+    {
+        panic!("the extract differs in the block at {i:#x}");
+    }
+}

@@ -488,8 +488,10 @@ impl Server {
                         tracing::warn!(
                             "connection {old}: still in its handshake with {MAX_HANDSHAKING} newer ones; closed"
                         );
-                        if let Some((_, c)) = live.lock().iter().find(|(i, _)| *i == old) {
-                            c.shutdown(Shutdown::Both);
+                        // Its thread sees the connection end; our copy goes now.
+                        let mut l = live.lock();
+                        if let Some(at) = l.iter().position(|(i, _)| *i == old) {
+                            l.remove(at).1.shutdown(Shutdown::Both);
                         }
                     }
                     let live2 = live.clone();
