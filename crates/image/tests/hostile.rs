@@ -1535,7 +1535,10 @@ fn malformed_mapfiles_name_their_line() {
         (
             b"0 + 1\n# x\n0 0x20000 +\n",
             3,
-            &["reaches past the end of the source", "65536"],
+            &[
+                "is rescued (+) but the copy ends at 65536 bytes",
+                "another file",
+            ],
         ),
         (b"0 + 1\n0 0x100 +\n0x100 0x1\xff0 -\n", 3, &["UTF-8"]),
         (b"0 + 1\n0 99999999999999999999 +\n", 2, &["too large"]),
