@@ -78,3 +78,58 @@ impl ExeCache {
         exe
     }
 }
+
+/// Resolves thread ids to the id of their process: the kernel's FUSE requests carry the
+/// calling thread's id. Read from `/proc/TID/status` and remembered for a second (a
+/// thread's process never changes, and the kernel does not reuse ids that fast); bounded
+/// like [`ExeCache`].
+#[derive(Debug)]
+pub struct ProcessCache {
+    entries: Mutex<HashMap<u32, (Instant, u32)>>,
+    capacity: usize,
+}
+
+impl Default for ProcessCache {
+    fn default() -> Self {
+        ProcessCache {
+            entries: Mutex::new(HashMap::new()),
+            capacity: 4096,
+        }
+    }
+}
+
+const PROCESS_TTL: Duration = Duration::from_secs(1);
+
+impl ProcessCache {
+    /// The process of thread `tid`, or `None` when it cannot be read (gone).
+    pub fn process_of(&self, tid: u32) -> Option<u32> {
+        if let Some(pid) = self.remembered(tid) {
+            return Some(pid);
+        }
+        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+        let pid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.capacity {
+            entries.retain(|_, (at, _)| now.duration_since(*at) < PROCESS_TTL);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(tid, (now, pid));
+        Some(pid)
+    }
+
+    /// Only what is remembered, reading nothing: for a caller whose /proc files must not
+    /// be read now (see the audit filter's flush).
+    pub fn remembered(&self, tid: u32) -> Option<u32> {
+        let entries = self.entries.lock();
+        let (at, pid) = entries.get(&tid)?;
+        (at.elapsed() < PROCESS_TTL).then_some(*pid)
+    }
+}

@@ -7,5 +7,5 @@ pub mod audit;
 mod caller;
 mod errno;
 
-pub use caller::{Caller, ExeCache};
+pub use caller::{Caller, ExeCache, ProcessCache};
 pub use errno::{errno_from_name, errno_name};

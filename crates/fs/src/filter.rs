@@ -160,6 +160,21 @@ pub struct Request {
     pub mode: Option<u32>,
     /// Name of the extended attribute of the xattr operations.
     pub xattr: Option<OsString>,
+    /// The new owner and group of a `setattr` (chown), each if it changes.
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    /// The new access and modification times of a `setattr`, each if it changes.
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// A time a `setattr` sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    /// The current time (`UTIME_NOW`, `touch`).
+    Now,
+    /// Seconds and nanoseconds since the epoch (negative seconds: before it).
+    At(i64, u32),
 }
 
 impl Request {
@@ -174,6 +189,10 @@ impl Request {
             size: None,
             mode: None,
             xattr: None,
+            owner: None,
+            group: None,
+            atime: None,
+            mtime: None,
         }
     }
 

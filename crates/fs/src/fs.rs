@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::ReadWriteFlags;
 
-use crate::filter::{Caller, Chain, Op, Outcome, Request, Verdict};
+use crate::filter::{Caller, Chain, Op, Outcome, Request, SetTime, Verdict};
 use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
 use crate::pool::BlockingPool;
 use crate::reply::{check_name, reply_empty, reply_xattr, without_setid_for};
@@ -897,6 +897,11 @@ impl Filesystem for FilterFs {
             InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ];
         for flag in wanted {
+            // A symlink's target, once cached, is given to every caller without asking:
+            // not when a filter may answer callers differently.
+            if flag == InitFlags::FUSE_CACHE_SYMLINKS && self.varies_by_caller {
+                continue;
+            }
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!("kernel lacks {flag:?}");
             }
@@ -1015,8 +1020,22 @@ impl Filesystem for FilterFs {
             Op::Setattr,
             self.node_path(ino.0),
             |r| {
-                r.mode = mode;
+                // (The kernel sends the file type with a chmod's mode.)
+                r.mode = mode.map(|m| m & 0o7777);
                 r.size = size;
+                r.owner = uid;
+                r.group = gid;
+                let set = |t: Option<TimeOrNow>| {
+                    t.map(|t| match t {
+                        TimeOrNow::Now => SetTime::Now,
+                        TimeOrNow::SpecificTime(t) => {
+                            let (s, ns) = crate::reply::kernel_time(t);
+                            SetTime::At(s, ns)
+                        }
+                    })
+                };
+                r.atime = set(atime);
+                r.mtime = set(mtime);
             },
             || {
                 self.do_setattr(
@@ -1138,7 +1157,15 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent.0)?;
-                rustix::fs::unlinkat(dir.as_fd(), name, AtFlags::empty()).map_err(errno_of)
+                // Filters see paths: the object keeps a name it still has.
+                let st = (!self.chain.is_empty())
+                    .then(|| rustix::fs::statat(dir.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW).ok())
+                    .flatten();
+                rustix::fs::unlinkat(dir.as_fd(), name, AtFlags::empty()).map_err(errno_of)?;
+                if let Some(st) = st.filter(|st| st.st_nlink > 1) {
+                    self.inodes.unlinked(st.st_dev, st.st_ino, parent.0, name);
+                }
+                Ok(())
             },
             |_| 0,
         );

@@ -43,6 +43,9 @@ pub struct Node {
     /// Last known parent and name (for filter paths; hard links keep the latest one).
     pub parent: u64,
     pub name: Box<OsStr>,
+    /// The name before the latest, while it differed: what the object is called again
+    /// when the latest name goes (a hard link made and removed).
+    pub prev: Option<(u64, Box<OsStr>)>,
     pub nlookup: u64,
     /// Changes when the inode number starts naming another object, so that the kernel
     /// does not mistake the new object for a stale cached one.
@@ -286,8 +289,11 @@ impl Inodes {
         match table.nodes.get_mut(&id) {
             Some(node) => {
                 node.nlookup += 1;
-                node.parent = parent;
-                node.name = name.into();
+                if node.parent != parent || *node.name != *name {
+                    let old = std::mem::replace(&mut node.name, name.into());
+                    node.prev = Some((node.parent, old));
+                    node.parent = parent;
+                }
                 let generation = node.generation;
                 drop(table);
                 self.fds.lock().put(id, fd);
@@ -303,6 +309,7 @@ impl Inodes {
                         anchor,
                         parent,
                         name: name.into(),
+                        prev: None,
                         nlookup: 1,
                         generation: 0,
                         backing: Weak::new(),
@@ -353,6 +360,14 @@ impl Inodes {
 
     /// Updates the remembered name of the object now at `parent`/`name` (after a rename).
     pub fn renamed(&self, dev: u64, ino: u64, parent: u64, name: &OsStr) {
+        self.with_object(dev, ino, |node| {
+            node.parent = parent;
+            node.name = name.into();
+        });
+    }
+
+    /// Runs `f` on the node of the object `dev`/`ino`, if the kernel knows it.
+    fn with_object(&self, dev: u64, ino: u64, f: impl FnOnce(&mut Node)) {
         let mut table = self.table.lock();
         let id = match table.synthetic_ids.get(&(dev, ino)) {
             Some(id) => *id,
@@ -360,9 +375,24 @@ impl Inodes {
             None => return,
         };
         if let Some(node) = table.nodes.get_mut(&id) {
-            node.parent = parent;
-            node.name = name.into();
+            f(node);
         }
+    }
+
+    /// The name `parent`/`name` of the object `dev`/`ino` is gone (unlinked): if it was
+    /// the one remembered, the object is called by its name before again.
+    pub fn unlinked(&self, dev: u64, ino: u64, parent: u64, name: &OsStr) {
+        self.with_object(dev, ino, |node| {
+            let gone = |p: u64, n: &OsStr| p == parent && n == name;
+            if gone(node.parent, &node.name) {
+                if let Some((p, n)) = node.prev.take() {
+                    node.parent = p;
+                    node.name = n;
+                }
+            } else if node.prev.as_ref().is_some_and(|(p, n)| gone(*p, n)) {
+                node.prev = None;
+            }
+        });
     }
 
     /// The node's path relative to the mount root, starting with `/`.

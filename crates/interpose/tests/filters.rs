@@ -4,7 +4,7 @@
 mod common;
 mod support;
 use common::*;
-use support::{as_user, output, NOBODY};
+use support::{as_user, describe, make_traversable, output, python, NOBODY};
 
 use std::fs;
 use std::io::ErrorKind;
@@ -493,4 +493,119 @@ fn a_glob_naming_nothing_in_backing_is_reported() {
     );
     // `**/*.key` can match anywhere: nothing to say about it.
     assert!(!err.contains("*.key\" matches"), "{err}");
+}
+
+/// Runs `sh -c SCRIPT` in `dir` as uid/gid 65534; the exit status and stderr.
+fn nobody_sh(dir: &Path, script: &str) -> std::process::Output {
+    output(
+        as_user(NOBODY, NOBODY, &[])
+            .args(["sh", "-c", script])
+            .current_dir(dir),
+    )
+}
+
+/// A caller kept from reading something cannot read it under another name: not by
+/// renaming it (or a directory above it) out of the rule's paths, not by linking it
+/// there, not after someone made and removed a second name for it, and not from the
+/// kernel's cache of a symlink another caller read. A rule the kernel never asks about
+/// (access) is refused at mount.
+#[test]
+fn read_rules_hold_across_renames_links_and_caches() {
+    let m = Mount::new(&[
+        "--filter",
+        "deny=**/*.key:open:EACCES:uid=65534;home/rd/**:read:EACCES:uid=65534;\
+         **/*.lnk:read:EACCES:uid=65534",
+    ]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o777)).unwrap();
+    for d in ["pub", "home", "home/rd"] {
+        fs::create_dir(m.backing.join(d)).unwrap();
+        fs::set_permissions(m.backing.join(d), fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    for f in ["pub/a.key", "pub/b.key", "home/rd/k"] {
+        fs::write(m.backing.join(f), b"secret").unwrap();
+        std::os::unix::fs::chown(m.backing.join(f), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    std::os::unix::fs::symlink("pub/a.key", m.backing.join("x.lnk")).unwrap();
+    let refused = |script: &str| {
+        let out = nobody_sh(&m.mnt, script);
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("denied"),
+            "{script}: {}",
+            describe(&out)
+        );
+    };
+    refused("cat pub/a.key");
+    refused("mv pub/b.key pub/b.txt");
+    refused("ln pub/b.key pub/b.txt");
+    refused("mv home/rd home/x");
+    refused("mv home/rd/k home/k");
+    // A second name made and removed by root: the first is the one that counts again.
+    fs::hard_link(m.mnt.join("pub/a.key"), m.mnt.join("pub/tmp")).unwrap();
+    fs::remove_file(m.mnt.join("pub/tmp")).unwrap();
+    refused("cat pub/a.key");
+    // Root reads the link first; nobody is still asked, and refused.
+    assert_eq!(
+        fs::read_link(m.mnt.join("x.lnk")).unwrap(),
+        Path::new("pub/a.key")
+    );
+    refused("readlink x.lnk || { echo 'readlink: Permission denied' >&2; exit 1; }");
+    // What is outside the rules still moves.
+    assert!(nobody_sh(&m.mnt, "mv pub/a.key pub/c.key").status.success());
+    m.stop();
+
+    let out = output(Command::new(bin()).args([
+        "fs",
+        "mount",
+        "/tmp",
+        "/tmp",
+        "--filter",
+        "deny=x:access:EACCES",
+    ]));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("access(2)"),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// The audit line of a call from a thread names its process (and the thread), and a
+/// setattr says what it set.
+#[test]
+fn audit_names_the_process_of_a_thread_and_what_a_setattr_sets() {
+    let (_tmp, log, m) = audited_mount("");
+    let script = "import os, sys, threading\n\
+        d = sys.argv[1]\n\
+        t = threading.Thread(target=lambda: open(os.path.join(d, 'f'), 'w').close())\n\
+        t.start(); t.join()\n\
+        os.chown(os.path.join(d, 'f'), 123, 456)\n\
+        os.utime(os.path.join(d, 'f'), ns=(1_000_000_005, 2_000_000_007))\n\
+        os.utime(os.path.join(d, 'f'))\n\
+        os.chmod(os.path.join(d, 'f'), 0o640)\n\
+        print(os.getpid())\n";
+    let pid: u64 = run(Command::new(python()).args(["-c", script]).arg(&m.mnt))
+        .trim()
+        .parse()
+        .unwrap();
+    m.stop();
+    let lines = audit_lines(&log);
+    let create = lines
+        .iter()
+        .find(|l| l["op"] == "create" && l["path"] == "/f")
+        .expect("a create line");
+    assert_eq!(create["pid"], pid, "{create}");
+    assert!(create["tid"].as_u64().is_some_and(|t| t != pid), "{create}");
+    let setattrs: Vec<_> = lines
+        .iter()
+        .filter(|l| l["op"] == "setattr" && l["path"] == "/f" && l["pid"] == pid)
+        .collect();
+    let has = |key: &str, want: serde_json::Value| setattrs.iter().any(|l| l[key] == want);
+    assert!(
+        has("owner", 123.into()) && has("group", 456.into()),
+        "{setattrs:#?}"
+    );
+    assert!(has("atime", serde_json::json!([1, 5])), "{setattrs:#?}");
+    assert!(has("mtime", serde_json::json!([2, 7])), "{setattrs:#?}");
+    assert!(has("mtime", "now".into()), "{setattrs:#?}");
+    assert!(has("mode", "640".into()), "{setattrs:#?}");
 }

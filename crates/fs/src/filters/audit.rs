@@ -2,8 +2,11 @@
 //!
 //! Fields: `time` (RFC 3339, UTC), `op`, `path`, `path2` (rename/link target, symlink
 //! target), `pid`, `uid`, `gid`, `exe`, `result` (`"ok"` or the errno name), `errno`
-//! (0 on success), `bytes` (moved by read/write/copy), `offset`, `size`, `flags`, `mode`,
-//! `xattr` when they apply, and `latency_us`. `exe` is null when it cannot be known: the
+//! (0 on success), `bytes` (moved by read/write/copy), `offset`, `size`, `flags`, `mode`
+//! (octal; a chmod's permission bits), `xattr`, and a setattr's new `owner`, `group`,
+//! `atime` and `mtime` (`"now"` or `[seconds, nanoseconds]`) when they apply, and
+//! `latency_us`. `pid` is the calling process's; `tid` is added when a thread of it other
+//! than its first made the call. `exe` is null when it cannot be known: the
 //! process is gone, or the operation is a flush (see [`Audit::after`]). A path,
 //! executable or xattr name that is not UTF-8 is written with U+FFFD replacements in its
 //! field (`path`) and exactly, hex-encoded, in the same name with `_hex` (`path_hex`).
@@ -12,14 +15,15 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use interpose_core::audit::{rfc3339_now, AuditSink, AuditTarget};
-use interpose_core::{errno_name, ExeCache};
+use interpose_core::{errno_name, ExeCache, ProcessCache};
 use serde_json::{json, Map, Value};
 
-use crate::filter::{Filter, Outcome, Request};
+use crate::filter::{Filter, Outcome, Request, SetTime};
 
 pub struct Audit {
     sink: AuditSink,
     exes: ExeCache,
+    processes: ProcessCache,
     io: bool,
 }
 
@@ -30,6 +34,7 @@ impl Audit {
         Ok(Audit {
             sink: AuditSink::open(&AuditTarget::parse(target))?,
             exes: ExeCache::default(),
+            processes: ProcessCache::default(),
             io,
         })
     }
@@ -72,18 +77,26 @@ impl Filter for Audit {
         if let Some(p) = &req.path2 {
             put_path(&mut map, "path2", p);
         }
-        map.insert("pid".into(), json!(req.caller.pid));
-        map.insert("uid".into(), json!(req.caller.uid));
-        map.insert("gid".into(), json!(req.caller.gid));
-        // Not for a flush: the kernel sends one for each descriptor a process closes as
-        // it execs (close-on-exec), while holding the lock that reading its
+        // Not from /proc for a flush: the kernel sends one for each descriptor a process
+        // closes as it execs (close-on-exec), while holding the lock that reading its
         // /proc/PID/exe waits for, and it waits for our answer: reading it here hung the
         // request, and the program (posix_spawn of anything while a file on the mount is
         // open with O_CLOEXEC: cargo, rustc, Go and Java programs).
-        let exe = match req.op {
-            crate::filter::Op::Flush => None,
-            _ => self.exes.exe(req.caller.pid),
-        };
+        let flush = req.op == crate::filter::Op::Flush;
+        let tid = req.caller.pid;
+        let pid = if flush {
+            self.processes.remembered(tid)
+        } else {
+            self.processes.process_of(tid)
+        }
+        .unwrap_or(tid);
+        map.insert("pid".into(), json!(pid));
+        if pid != tid {
+            map.insert("tid".into(), json!(tid));
+        }
+        map.insert("uid".into(), json!(req.caller.uid));
+        map.insert("gid".into(), json!(req.caller.gid));
+        let exe = if flush { None } else { self.exes.exe(tid) };
         match exe {
             Some(exe) => put_path(&mut map, "exe", &exe),
             None => {
@@ -115,6 +128,23 @@ impl Filter for Audit {
         }
         if let Some(v) = &req.xattr {
             put_bytes(&mut map, "xattr", v.as_bytes());
+        }
+        if let Some(v) = req.owner {
+            map.insert("owner".into(), json!(v));
+        }
+        if let Some(v) = req.group {
+            map.insert("group".into(), json!(v));
+        }
+        for (key, t) in [("atime", req.atime), ("mtime", req.mtime)] {
+            match t {
+                Some(SetTime::Now) => {
+                    map.insert(key.into(), json!("now"));
+                }
+                Some(SetTime::At(s, ns)) => {
+                    map.insert(key.into(), json!([s, ns]));
+                }
+                None => {}
+            }
         }
         map.insert(
             "latency_us".into(),

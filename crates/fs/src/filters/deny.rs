@@ -16,7 +16,9 @@
 //!
 //! The first matching rule decides. A rule refusing `rename` to a path also refuses
 //! renaming a directory above it (the file system asks about every object below a
-//! directory that moves). Names a rule may refuse to look up, stat or read are never
+//! directory that moves). A rule that keeps a caller from reading or seeing paths also
+//! refuses that caller renaming or linking what it covers to a name it does not cover
+//! (the file, or a directory above it), which would undo it. Names a rule may refuse to look up, stat or read are never
 //! cached by the kernel, so that every caller's access is asked again.
 //!
 //! Examples: a read-only subtree, `docs/**:write:EROFS`; a hidden file,
@@ -44,6 +46,8 @@ pub enum RuleError {
     Errno { rule: String, errno: String },
     #[error("deny rule {rule:?}: bad condition {cond:?} (expected uid=N or uid!=N)")]
     Condition { rule: String, cond: String },
+    #[error("deny rule {rule:?}: access(2) is answered by the kernel from the mode bits and ACLs and never reaches a filter; refuse open, read or write instead")]
+    Access { rule: String },
     #[error("deny filter needs at least one rule")]
     Empty,
 }
@@ -78,6 +82,27 @@ impl OpSet {
                 ),
             },
             OpSet::One(op) => req.op == op,
+        }
+    }
+
+    /// Whether the set keeps callers from reading or seeing something, so that moving or
+    /// linking the object to a name the rule does not cover would undo it.
+    fn guards_content(self) -> bool {
+        match self {
+            OpSet::All | OpSet::Read => true,
+            OpSet::Write => false,
+            OpSet::One(op) => matches!(
+                op,
+                Op::Open
+                    | Op::Read
+                    | Op::Readdir
+                    | Op::Opendir
+                    | Op::Readlink
+                    | Op::Getxattr
+                    | Op::Listxattr
+                    | Op::Lookup
+                    | Op::Getattr
+            ),
         }
     }
 
@@ -146,6 +171,9 @@ impl Rule {
                 "all" | "*" => Ok(OpSet::All),
                 "write" => Ok(OpSet::Write),
                 "read" => Ok(OpSet::Read),
+                // The mount lets the kernel check permissions (default_permissions), so
+                // access(2) never reaches a filter: such a rule would never apply.
+                "access" => Err(RuleError::Access { rule: text.into() }),
                 name => Op::from_name(name)
                     .map(OpSet::One)
                     .ok_or_else(|| RuleError::Op {
@@ -205,6 +233,15 @@ impl Rule {
                     .path2
                     .as_deref()
                     .is_some_and(|p| self.matches_path(p) && req.op != Op::Symlink))
+    }
+
+    /// Whether moving or linking `from` to `to` would take an object this rule keeps the
+    /// caller from reading or seeing out of its reach.
+    fn escapes(&self, req: &Request, from: &Path, to: &Path) -> bool {
+        self.uid_ok(req)
+            && self.ops.iter().any(|o| o.guards_content())
+            && self.matches_path(from)
+            && !self.matches_path(to)
     }
 
     /// Whether the rule hides `path` from this caller (answers its lookup with ENOENT).
@@ -283,6 +320,22 @@ impl Filter for Deny {
         if let Some(rule) = self.rules.iter().find(|r| r.matches(req)) {
             return Verdict::Deny(rule.errno);
         }
+        // A caller kept from reading an object must not read it under another name: a
+        // rename or link out of the rule's paths is refused as the rule refuses (for a
+        // directory, the file system asks about each object below it, `guards_below`).
+        if let (Op::Rename | Op::Link, Some(to)) = (req.op, req.path2.as_deref()) {
+            let exchange = req
+                .flags
+                .is_some_and(|f| f & libc::RENAME_EXCHANGE as i32 != 0);
+            let from = req.path.as_path();
+            let rule = self
+                .rules
+                .iter()
+                .find(|r| r.escapes(req, from, to) || (exchange && r.escapes(req, to, from)));
+            if let Some(rule) = rule {
+                return Verdict::Deny(rule.errno);
+            }
+        }
         // A hidden name still names its object in the backing directory: making something
         // under it would open, replace or reveal that object.
         let new_name = match req.op {
@@ -312,7 +365,9 @@ impl Filter for Deny {
 
     fn guards_below(&self, dir: &Path, req: &Request) -> bool {
         self.rules.iter().any(|r| {
-            r.uid_ok(req) && r.ops.iter().any(|o| o.matches(req)) && r.may_match_below(dir)
+            r.uid_ok(req)
+                && r.ops.iter().any(|o| o.matches(req) || o.guards_content())
+                && r.may_match_below(dir)
         })
     }
 }
