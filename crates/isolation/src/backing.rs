@@ -278,8 +278,7 @@ pub fn apply(
             // Writing or truncating as root drops the file's capabilities. The view drops
             // them for a write(2) as a change of its own, before the data, and keeps them
             // for a shared mapping's writeback, as the kernel does: so put back what
-            // writing this change took away.
-            // (The kernel takes at most 24 bytes for it.)
+            // writing this change took away. (The kernel takes at most 24 bytes for them.)
             let mut caps = [0u8; 64];
             let caps = rustix::fs::fgetxattr(&f, CAPABILITY, &mut caps[..])
                 .ok()

@@ -147,10 +147,9 @@ fn err(reply_err: i32) -> Errno {
     Errno::from_i32(reply_err)
 }
 
-/// Drops set-user-ID, and set-group-ID if group-executable, as a write by someone without
-/// CAP_FSETID does (recorded as a change like any chmod).
-/// Drops the set-ID bits the caller of `req` would lose (see
-/// [`interpose_fs::reply::without_setid_for`]); whether the mode changed.
+/// Drops the set-ID bits a write or truncation by the caller of `req` without CAP_FSETID
+/// drops (see [`interpose_fs::reply::without_setid_for`]), recorded as a change like any
+/// chmod; whether the mode changed.
 fn kill_suid_sgid(v: &mut View, id: u64, req: &fuser::Request) -> Res<bool> {
     let a = v.attr(id)?;
     if a.is_dir() {
