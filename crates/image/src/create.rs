@@ -738,6 +738,13 @@ impl TempOut {
             .create_new(true)
             .open(&temp)
             .map_err(|e| Error::io(format!("creating {}", temp.display()), e))?;
+        // A file it replaces keeps its mode and (if we may) its owner, as one written in
+        // place would.
+        if let Some(md) = std::fs::metadata(dest).ok().filter(|m| m.is_file()) {
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let _ = std::os::unix::fs::fchown(&file, Some(md.uid()), Some(md.gid()));
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(md.mode() & 0o7777));
+        }
         Ok(TempOut {
             file,
             temp,

@@ -1063,3 +1063,32 @@ fn a_sparse_disk_stays_sparse_and_exact_with_bad_extents_across_holes() {
         panic!("the extract differs in the block at {i:#x}");
     }
 }
+
+/// An output that replaces an existing file keeps that file's mode and owner, as writing
+/// it in place would.
+#[test]
+fn a_replaced_output_keeps_its_mode_and_owner() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let t = dir();
+    let d = t.path();
+    let raw = d.join("disk.raw");
+    fs::write(&raw, random(1 << 20, 31)).unwrap();
+    let img = d.join("disk.img");
+    let back = d.join("disk.back");
+    for out in [&img, &back] {
+        fs::write(out, b"old").unwrap();
+        fs::set_permissions(out, fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(out, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    image_ok(&["create", s(&raw), "-o", s(&img)]);
+    image_ok(&["extract", s(&img), "-o", s(&back)]);
+    assert_eq!(fs::read(&back).unwrap(), fs::read(&raw).unwrap());
+    for out in [&img, &back] {
+        let md = fs::metadata(out).unwrap();
+        assert_eq!(
+            (md.mode() & 0o7777, md.uid(), md.gid()),
+            (0o600, NOBODY, NOBODY),
+            "{out:?}"
+        );
+    }
+}
