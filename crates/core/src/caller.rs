@@ -80,9 +80,9 @@ impl ExeCache {
 }
 
 /// Resolves thread ids to the id of their process: the kernel's FUSE requests carry the
-/// calling thread's id. Read from `/proc/TID/status` and remembered for a second (a
-/// thread's process never changes, and the kernel does not reuse ids that fast); bounded
-/// like [`ExeCache`].
+/// calling thread's id. Read from `/proc/TID/status` and remembered for a minute (a
+/// thread's process never changes, and the kernel does not go through its millions of
+/// ids that fast); bounded like [`ExeCache`].
 #[derive(Debug)]
 pub struct ProcessCache {
     entries: Mutex<HashMap<u32, (Instant, u32)>>,
@@ -98,7 +98,7 @@ impl Default for ProcessCache {
     }
 }
 
-const PROCESS_TTL: Duration = Duration::from_secs(1);
+const PROCESS_TTL: Duration = Duration::from_secs(60);
 
 impl ProcessCache {
     /// The process of thread `tid`, or `None` when it cannot be read (gone).

@@ -255,6 +255,15 @@ impl FilterFs {
         })
     }
 
+    /// Whether some open of node `node` may write.
+    fn open_for_writing(&self, node: u64) -> bool {
+        self.files.lock().values().any(|f| {
+            f.node == node
+                && rustix::fs::fcntl_getfl(&f.fd)
+                    .is_ok_and(|fl| fl.contains(OFlags::WRONLY) || fl.contains(OFlags::RDWR))
+        })
+    }
+
     /// Where the mount puts its notifier once the session exists.
     pub(crate) fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
         self.notifier.clone()
@@ -415,6 +424,9 @@ impl FilterFs {
         from: &Path,
         to: &Path,
     ) -> Res<()> {
+        // Each object below moves one way only, also in an exchange (whose other side
+        // is checked on its own).
+        let flags = flags & !(libc::RENAME_EXCHANGE as i32);
         let rename = |from: &Path, to: &Path| {
             let mut r = Request::new(Op::Rename, from, who);
             r.path2 = Some(to.to_path_buf());
@@ -426,7 +438,11 @@ impl FilterFs {
         }
         match open_dir(dir, name) {
             Ok(top) => self.check_tree(&rename, &top, from, to, 0),
-            Err(_) => Ok(()), // not a directory: nothing below it
+            // Not a directory (a symlink: ELOOP): nothing below it.
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => Ok(()),
+            // Unchecked is refused (out of descriptors, say): it could move what a rule
+            // protects.
+            Err(e) => Err(errno_of(e)),
         }
     }
 
@@ -462,8 +478,15 @@ impl FilterFs {
                 rustix::fs::FileType::Directory | rustix::fs::FileType::Unknown
             );
             if dir_or_unknown {
-                if let Ok(sub) = open_dir(dir.as_fd(), child) {
-                    self.check_tree(rename, &sub, &f, &t, depth + 1)?;
+                match open_dir(dir.as_fd(), child) {
+                    Ok(sub) => self.check_tree(rename, &sub, &f, &t, depth + 1)?,
+                    // Not a directory, or gone since it was listed: nothing below it.
+                    Err(
+                        rustix::io::Errno::NOTDIR
+                        | rustix::io::Errno::LOOP
+                        | rustix::io::Errno::NOENT,
+                    ) => {}
+                    Err(e) => return Err(errno_of(e)),
                 }
             }
         }
@@ -717,7 +740,7 @@ impl FilterFs {
             && atime.is_none()
             && mtime.is_none();
         if nothing {
-            return self.drop_setid_bits(path_fd.as_fd(), req);
+            return self.drop_setid_bits(ino, path_fd.as_fd(), req);
         }
         if let Some(mode) = mode {
             rustix::fs::chmod(&proc_path, Mode::from_raw_mode(mode & 0o7777)).map_err(errno_of)?;
@@ -778,10 +801,11 @@ impl FilterFs {
     /// A setattr that changes nothing: the kernel dropping set-ID bits, for a write by a
     /// caller without CAP_FSETID or for chown(f, -1, -1) (FUSE_HANDLE_KILLPRIV_V2 leaves
     /// it to us, and the two look alike). The kernel checked no permission for it, so
-    /// the caller must be the owner (a chown's right) or able to write the file (a
-    /// write's): anyone else gets EPERM, as from chown(2) on the backing file system.
-    /// Otherwise anyone could strip the set-ID bits of any file.
-    fn drop_setid_bits(&self, fd: BorrowedFd<'_>, req: &fuser::Request) -> Res<Stat> {
+    /// the caller must be the owner (a chown's right), or able to write the file, or the
+    /// file open for writing (a write's: through a descriptor opened while it could, say
+    /// before a chmod): anyone else gets EPERM, as from chown(2) on the backing file
+    /// system. Otherwise anyone could strip the set-ID bits of any file.
+    fn drop_setid_bits(&self, node: u64, fd: BorrowedFd<'_>, req: &fuser::Request) -> Res<Stat> {
         let st = stat_fd(fd)?;
         let perm = st.st_mode & 0o7777;
         let m = without_setid_for(perm, st.st_gid, req);
@@ -791,7 +815,7 @@ impl FilterFs {
             return stat_fd(fd);
         }
         let (uid, gid) = (req.uid(), req.gid());
-        if uid != 0 && uid != st.st_uid {
+        if uid != 0 && uid != st.st_uid && !self.open_for_writing(node) {
             let groups = crate::reply::supplementary_groups(req.pid()).unwrap_or_default();
             if !sys::may_write_as(fd, uid, gid, &groups).map_err(io_errno)? {
                 return Err(libc::EPERM);

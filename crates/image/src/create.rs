@@ -697,6 +697,9 @@ fn check_output(dest: &Path, source: &Path, mapfile: Option<&Path>) -> Result<()
             dest.display()
         )));
     }
+    if rustix::fs::access(dest, rustix::fs::Access::WRITE_OK).is_err() {
+        return Err(Error::Invalid(format!("{}: not writable", dest.display())));
+    }
     for (what, p) in [("source", Some(source)), ("mapfile", mapfile)] {
         let same = p
             .and_then(|p| std::fs::metadata(p).ok())

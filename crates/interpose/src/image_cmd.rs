@@ -273,11 +273,27 @@ fn extract_to(
 ) -> Result<Vec<BadExtent>> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let target = match std::fs::symlink_metadata(output) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(output)
-            .with_context(|| format!("following {}", output.display()))?,
+        Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(output) {
+            // A pipe or a device behind it (/dev/stdout, `>(cmd)`): written through it.
+            Ok(t) if !t.is_file() => output.to_path_buf(),
+            // A file: replaced where it is.
+            Ok(_) => std::fs::canonicalize(output)
+                .with_context(|| format!("following {}", output.display()))?,
+            // Dangling: the file it names is made.
+            Err(_) => {
+                let link = std::fs::read_link(output)
+                    .with_context(|| format!("following {}", output.display()))?;
+                output.parent().unwrap_or(Path::new("")).join(link)
+            }
+        },
         _ => output.to_path_buf(),
     };
     let existing = std::fs::metadata(&target).ok();
+    if existing.as_ref().is_some_and(|m| m.is_file())
+        && rustix::fs::access(&target, rustix::fs::Access::WRITE_OK).is_err()
+    {
+        bail!("{}: not writable", output.display());
+    }
     if let (Some(o), Ok(i)) = (&existing, std::fs::metadata(image)) {
         if o.dev() == i.dev() && o.ino() == i.ino() {
             bail!(

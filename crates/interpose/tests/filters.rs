@@ -609,3 +609,29 @@ fn audit_names_the_process_of_a_thread_and_what_a_setattr_sets() {
     assert!(has("mtime", "now".into()), "{setattrs:#?}");
     assert!(has("mode", "640".into()), "{setattrs:#?}");
 }
+
+/// Exchanging two directories moves each one way only: one with nothing a rule covers
+/// below it, exchanged with one whose files only come under the rule, is no escape.
+#[test]
+fn exchanging_directories_is_judged_one_way_each() {
+    let m = Mount::new(&["--filter", "deny=**/s/*/x/**:read:EACCES:uid=65534"]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o777)).unwrap();
+    for d in ["s", "s/d", "p", "p/e", "p/e/x"] {
+        fs::create_dir(m.backing.join(d)).unwrap();
+        std::os::unix::fs::chown(m.backing.join(d), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    fs::write(m.backing.join("p/e/x/f"), b"f").unwrap();
+    let exchange = "import ctypes, sys\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        if libc.renameat2(-100, b's/d', -100, b'p/e', 2) != 0:\n\
+        \x20   raise OSError(ctypes.get_errno(), 'renameat2')\n";
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .args([python(), "-c", exchange])
+            .current_dir(&m.mnt),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(m.backing.join("s/d/x/f").exists());
+    m.stop();
+}

@@ -1092,3 +1092,57 @@ fn a_replaced_output_keeps_its_mode_and_owner() {
         );
     }
 }
+
+/// extract writes through a symlink to a pipe (`-o /dev/stdout`, `-o >(cmd)`), makes the
+/// file a dangling symlink names, and refuses an existing output its caller may not
+/// write (it would otherwise replace it).
+#[test]
+fn extract_follows_links_to_pipes_and_keeps_read_only_outputs() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = dir();
+    let d = t.path();
+    make_traversable(d);
+    fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+    let raw = d.join("disk.raw");
+    let data = random(1 << 20, 41);
+    fs::write(&raw, &data).unwrap();
+    let img = d.join("disk.img");
+    image_ok(&["create", s(&raw), "-o", s(&img)]);
+    fs::set_permissions(&img, fs::Permissions::from_mode(0o644)).unwrap();
+
+    let out = output(
+        Command::new(bin())
+            .args(["image", "extract", s(&img), "-o", "/dev/stdout"])
+            .stdout(Stdio::piped()),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(out.stdout == data, "-o /dev/stdout: wrong bytes");
+
+    let link = d.join("link");
+    std::os::unix::fs::symlink("made.raw", &link).unwrap();
+    image_ok(&["extract", s(&img), "-o", s(&link)]);
+    assert_eq!(fs::read(d.join("made.raw")).unwrap(), data);
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+
+    let ro = d.join("ro.raw");
+    fs::write(&ro, b"keep me").unwrap();
+    std::os::unix::fs::chown(&ro, Some(NOBODY), Some(NOBODY)).unwrap();
+    fs::set_permissions(&ro, fs::Permissions::from_mode(0o444)).unwrap();
+    let out = output(as_user(NOBODY, NOBODY, &[]).args([
+        bin(),
+        "image",
+        "extract",
+        s(&img),
+        "-o",
+        s(&ro),
+    ]));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not writable"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(fs::read(&ro).unwrap(), b"keep me");
+}

@@ -5288,3 +5288,67 @@ fn a_commit_stops_at_names_changed_in_backing_meanwhile_and_takes_nothing_over()
     );
     assert_eq!(num(&status(&d.store), "pending_changes"), 1);
 }
+
+/// A read-only bind mount of a directory over itself, undone when dropped.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn new(dir: &Path) -> ReadOnly {
+        run(Command::new("mount").arg("--bind").arg(dir).arg(dir));
+        let guard = ReadOnly(dir.to_path_buf());
+        run(Command::new("mount")
+            .args(["-o", "remount,ro,bind"])
+            .arg(dir));
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A commit run again after one was killed, that stops on an error before changes the
+/// killed one may have applied (here all of them), leaves room for them: the run after
+/// it still takes them as its own, and a discard before them is still refused.
+#[test]
+fn a_commit_that_stops_where_a_killed_one_had_gone_on_still_finishes() {
+    let d = dirs();
+    let m = d.mount();
+    for i in 1..=3 {
+        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    m.stop();
+    let trace = d.tmp.path().join("strace.out");
+    // Killed at its only fence, the one at its end: all six changes are in BACKING, and
+    // none is recorded.
+    let (killed, _) = commit_traced(&d.store, "syncfs", Some(1), &trace);
+    assert!(killed, "the commit ended before its fence");
+    for i in 1..=3 {
+        assert_eq!(
+            read(&d.backing.join(format!("f{i}"))),
+            format!("file {i}\n").as_bytes()
+        );
+    }
+    {
+        let _ro = ReadOnly::new(&d.backing);
+        let err = iso_fails("commit", &d.store, &[]);
+        assert!(
+            err.contains("change 1") && err.contains("Read-only"),
+            "{err}"
+        );
+    }
+    let st = status(&d.store);
+    assert!(st.get("interrupted_commit_stopped").is_none(), "{st:#}");
+    let err = iso_fails("discard", &d.store, &["--after", "0"]);
+    assert!(err.contains("may have made some"), "{err}");
+    commit(&d.store, None);
+    for i in 1..=3 {
+        assert_eq!(
+            read(&d.backing.join(format!("f{i}"))),
+            format!("file {i}\n").as_bytes()
+        );
+    }
+    assert_eq!(num(&status(&d.store), "pending_changes"), 0);
+}

@@ -376,3 +376,40 @@ fn a_whiteout_belongs_to_the_user_who_renamed() {
     assert_eq!(owners, vec![(NOBODY, NOBODY); 3], "plain, mount, backing");
     m.stop();
 }
+
+/// A write through a descriptor opened while its caller could write goes through, and
+/// drops the set-ID bits, also after a chmod took the caller's write permission away
+/// (the kernel checked it at the open; the daemon must not refuse dropping the bits).
+#[test]
+fn a_write_through_a_descriptor_opened_before_a_chmod_drops_set_id_bits() {
+    use std::io::{BufRead, BufReader};
+    for args in [vec![], vec!["--no-passthrough"]] {
+        let m = Mount::new(&args);
+        make_traversable(&m.dir);
+        let f = m.mnt.join("f");
+        file(&f, b"0123456789", 0, GROUP, 0o6775);
+        let script = "import os, sys\n\
+            fd = os.open(sys.argv[1], os.O_WRONLY)\n\
+            print('opened', flush=True)\n\
+            sys.stdin.readline()\n\
+            try:\n\
+            \x20   os.write(fd, b'x'); print('ok')\n\
+            except OSError as e:\n\
+            \x20   print(e)\n";
+        let mut child = as_user(NOBODY, NOBODY, &[GROUP])
+            .args([python(), "-c", script])
+            .arg(&f)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "opened");
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o4755)).unwrap();
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        assert_eq!(lines.next().unwrap().unwrap(), "ok", "{args:?}");
+        assert!(child.wait().unwrap().success());
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o7777, 0o755, "{args:?}");
+        m.stop();
+    }
+}

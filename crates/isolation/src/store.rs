@@ -612,10 +612,14 @@ impl Store {
         }
         // A commit cut short may have applied changes up to here without recording them
         // (one that stopped on an error: the change it stopped in, in part).
+        let killed_run_upto = match &pending {
+            Some(st) if !st.stopped => unrecorded_end(records, st).unwrap_or(st.applied),
+            _ => 0,
+        };
         let may_be_done_upto = match &pending {
             None => first,
             Some(st) if st.stopped => st.applied + 1,
-            Some(st) => unrecorded_end(records, st).unwrap_or(st.applied),
+            Some(_) => killed_run_upto,
         };
         let target = pending.map_or(asked, |s| s.target.max(asked));
         let mut state = pending.unwrap_or(CommitState {
@@ -671,10 +675,12 @@ impl Store {
             self.write_state(&sf, state)
         };
         // Stopping on an error before change `seq`: everything before it is applied and
-        // nothing after it was touched (it itself may be, in part); the state says so,
-        // so that a discard may throw away any change after it (see [`Store::discard`]).
+        // this run touched nothing after it (it itself may be, in part); the state says
+        // so, so that a discard may throw away any change after it (see
+        // [`Store::discard`]). Not within what a run cut short before may have applied:
+        // left as cut short, the next run (and a discard) still allow for that.
         let stop = |state: &mut CommitState, seq: u64| {
-            state.stopped = true;
+            state.stopped = seq > killed_run_upto;
             let _ = barrier(state, seq - 1);
         };
         let mut dirty = false;
