@@ -329,8 +329,8 @@ fn read_chunks(
 ) -> Result<()> {
     // Whole chunks per batch, about 1 MiB.
     let batch_len = chunk_size.max(1 << 20);
-    // A sparse source's holes are zeros: not read (10 GiB with one block of data: 23 s of
-    // reading zeros before).
+    // A sparse source's holes are zeros: not read (a 10 GiB file holding a few bytes was
+    // read whole before).
     let holes = crate::source::find_holes(src, size);
     // (Which moved the file's offset.)
     src.seek(SeekFrom::Start(0))

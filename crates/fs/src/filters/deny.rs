@@ -18,8 +18,9 @@
 //! renaming a directory above it (the file system asks about every object below a
 //! directory that moves). A rule that keeps a caller from reading or seeing paths also
 //! refuses that caller renaming or linking what it covers to a name it does not cover
-//! (the file, or a directory above it), which would undo it. Names a rule may refuse to look up, stat or read are never
-//! cached by the kernel, so that every caller's access is asked again.
+//! (the file, or a directory above it), which would undo it. Names a rule may refuse to
+//! look up, stat or read are never cached by the kernel, so that every caller's access is
+//! asked again. `access` rules are refused: the kernel answers access(2) itself.
 //!
 //! Examples: a read-only subtree, `docs/**:write:EROFS`; a hidden file,
 //! `secret.txt:all:ENOENT`; keys unreadable for one user, `**/*.key:open:EACCES:uid=1000`.
@@ -112,7 +113,7 @@ impl OpSet {
         match self {
             OpSet::All | OpSet::Read => true,
             OpSet::Write => false,
-            OpSet::One(op) => matches!(op, Op::Lookup | Op::Getattr | Op::Readlink | Op::Access),
+            OpSet::One(op) => matches!(op, Op::Lookup | Op::Getattr | Op::Readlink),
         }
     }
 }
