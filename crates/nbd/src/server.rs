@@ -476,8 +476,14 @@ impl Server {
                         tracing::info!("accepting connections again");
                     }
                     let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(c) = conn.try_clone() {
-                        live.lock().push((id, c));
+                    // Without a copy here it could not be closed for a newer one, nor at
+                    // shutdown: out of descriptors, it is not served.
+                    match conn.try_clone() {
+                        Ok(c) => live.lock().push((id, c)),
+                        Err(e) => {
+                            tracing::warn!("connection {id}: {e}; closed");
+                            continue;
+                        }
                     }
                     let evicted = {
                         let mut h = self.handshaking.lock();
