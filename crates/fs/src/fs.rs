@@ -1282,6 +1282,13 @@ impl Filesystem for FilterFs {
                         self.check_below(who, flags, new_dir.as_fd(), newname, &to, &from)?;
                     }
                 }
+                // An object the rename replaces loses that name.
+                let replaced = (!self.chain.is_empty()
+                    && flags.bits() & libc::RENAME_EXCHANGE == 0)
+                    .then(|| {
+                        rustix::fs::statat(new_dir.as_fd(), newname, AtFlags::SYMLINK_NOFOLLOW).ok()
+                    })
+                    .flatten();
                 let rename = || {
                     rustix::fs::renameat_with(
                         old_dir.as_fd(),
@@ -1299,17 +1306,21 @@ impl Filesystem for FilterFs {
                     rename()?;
                 }
                 // Keep the remembered names right for filter paths.
+                if let Some(st) = replaced.filter(|st| st.st_nlink > 1) {
+                    self.inodes
+                        .unlinked(st.st_dev, st.st_ino, newparent, newname);
+                }
+                let (from, to) = ((parent, name), (newparent, newname));
                 if let Ok(st) =
                     rustix::fs::statat(new_dir.as_fd(), newname, AtFlags::SYMLINK_NOFOLLOW)
                 {
-                    self.inodes
-                        .renamed(st.st_dev, st.st_ino, newparent, newname);
+                    self.inodes.renamed(st.st_dev, st.st_ino, from, to);
                 }
                 if flags.bits() & libc::RENAME_EXCHANGE != 0 {
                     if let Ok(st) =
                         rustix::fs::statat(old_dir.as_fd(), name, AtFlags::SYMLINK_NOFOLLOW)
                     {
-                        self.inodes.renamed(st.st_dev, st.st_ino, parent, name);
+                        self.inodes.renamed(st.st_dev, st.st_ino, to, from);
                     }
                 }
                 Ok(())

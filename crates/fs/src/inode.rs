@@ -43,9 +43,9 @@ pub struct Node {
     /// Last known parent and name (for filter paths; hard links keep the latest one).
     pub parent: u64,
     pub name: Box<OsStr>,
-    /// The name before the latest, while it differed: what the object is called again
-    /// when the latest name goes (a hard link made and removed).
-    pub prev: Option<(u64, Box<OsStr>)>,
+    /// Its other names met (hard links), latest last, a few at most: what the object is
+    /// called again when its latest name goes (a hard link made and removed).
+    pub prev: Vec<(u64, Box<OsStr>)>,
     pub nlookup: u64,
     /// Changes when the inode number starts naming another object, so that the kernel
     /// does not mistake the new object for a stale cached one.
@@ -54,6 +54,16 @@ pub struct Node {
     pub backing: Weak<BackingId>,
     pub passthrough_opens: u32,
     pub cached_opens: u32,
+}
+
+/// Other names of an object remembered besides its latest (see [`Node::prev`]).
+const MAX_OTHER_NAMES: usize = 4;
+
+impl Node {
+    /// Drops `parent`/`name` from the object's other names.
+    fn forget_name(&mut self, parent: u64, name: &OsStr) {
+        self.prev.retain(|(p, n)| !(*p == parent && **n == *name));
+    }
 }
 
 #[derive(Default)]
@@ -290,8 +300,12 @@ impl Inodes {
             Some(node) => {
                 node.nlookup += 1;
                 if node.parent != parent || *node.name != *name {
+                    node.forget_name(parent, name);
                     let old = std::mem::replace(&mut node.name, name.into());
-                    node.prev = Some((node.parent, old));
+                    node.prev.push((node.parent, old));
+                    if node.prev.len() > MAX_OTHER_NAMES {
+                        node.prev.remove(0);
+                    }
                     node.parent = parent;
                 }
                 let generation = node.generation;
@@ -309,7 +323,7 @@ impl Inodes {
                         anchor,
                         parent,
                         name: name.into(),
-                        prev: None,
+                        prev: Vec::new(),
                         nlookup: 1,
                         generation: 0,
                         backing: Weak::new(),
@@ -358,11 +372,19 @@ impl Inodes {
         self.table.lock().nodes.get_mut(&id).map(f)
     }
 
-    /// Updates the remembered name of the object now at `parent`/`name` (after a rename).
-    pub fn renamed(&self, dev: u64, ino: u64, parent: u64, name: &OsStr) {
+    /// The object `dev`/`ino` moved from `from` to `to` (parent, name): `to` is its latest
+    /// name, and `from` none of its names.
+    pub fn renamed(&self, dev: u64, ino: u64, from: (u64, &OsStr), to: (u64, &OsStr)) {
         self.with_object(dev, ino, |node| {
-            node.parent = parent;
-            node.name = name.into();
+            node.forget_name(from.0, from.1);
+            if node.parent != from.0 || *node.name != *from.1 {
+                node.prev.push((node.parent, node.name.clone()));
+                if node.prev.len() > MAX_OTHER_NAMES {
+                    node.prev.remove(0);
+                }
+            }
+            node.parent = to.0;
+            node.name = to.1.into();
         });
     }
 
@@ -383,14 +405,13 @@ impl Inodes {
     /// the one remembered, the object is called by its name before again.
     pub fn unlinked(&self, dev: u64, ino: u64, parent: u64, name: &OsStr) {
         self.with_object(dev, ino, |node| {
-            let gone = |p: u64, n: &OsStr| p == parent && n == name;
-            if gone(node.parent, &node.name) {
-                if let Some((p, n)) = node.prev.take() {
+            if node.parent == parent && *node.name == *name {
+                if let Some((p, n)) = node.prev.pop() {
                     node.parent = p;
                     node.name = n;
                 }
-            } else if node.prev.as_ref().is_some_and(|(p, n)| gone(*p, n)) {
-                node.prev = None;
+            } else {
+                node.forget_name(parent, name);
             }
         });
     }

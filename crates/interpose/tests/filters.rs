@@ -635,3 +635,47 @@ fn exchanging_directories_is_judged_one_way_each() {
     assert!(m.backing.join("s/d/x/f").exists());
     m.stop();
 }
+
+/// An object reached through a descriptor is logged under a name it still has, whatever
+/// was done to its other names (hard links made, moved, removed, replaced).
+#[test]
+fn audit_names_an_object_by_a_name_it_still_has_after_link_games() {
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let m = Mount::new(&[
+        "--no-passthrough",
+        "--filter",
+        &format!("audit={}", log.display()),
+    ]);
+    let script = "import os, sys\n\
+        os.chdir(sys.argv[1])\n\
+        def game(tag, steps):\n\
+        \x20   a = tag + 'a'\n\
+        \x20   open(a, 'w').close()\n\
+        \x20   fd = os.open(a, os.O_WRONLY)\n\
+        \x20   for s in steps: s(tag)\n\
+        \x20   os.write(fd, tag.encode()); os.close(fd)\n\
+        L = lambda x, y: lambda t: os.link(t + x, t + y)\n\
+        M = lambda x, y: lambda t: os.rename(t + x, t + y)\n\
+        R = lambda x: lambda t: os.unlink(t + x)\n\
+        def X(t): open(t + 'x', 'w').close(); os.rename(t + 'x', t + 'b')\n\
+        game('one', [L('a', 'b'), M('a', 'c'), R('c')])\n\
+        game('two', [L('a', 'b'), L('a', 'c'), R('c'), R('b')])\n\
+        game('three', [L('a', 'b'), X])\n";
+    run(Command::new(python()).args(["-c", script]).arg(&m.mnt));
+    m.stop();
+    let lines = audit_lines(&log);
+    for (tag, name) in [("one", "/oneb"), ("two", "/twoa"), ("three", "/threea")] {
+        let write = lines
+            .iter()
+            .find(|l| {
+                l["op"] == "write"
+                    && l["bytes"] == tag.len() as u64
+                    && l["path"]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with(&format!("/{tag}")))
+            })
+            .unwrap_or_else(|| panic!("no write line for {tag}"));
+        assert_eq!(write["path"], name, "{tag}: {write}");
+    }
+}
