@@ -15,21 +15,51 @@ pub struct Caller {
     pub gid: u32,
 }
 
-/// When a pid was resolved, and to what.
-type Resolved = (Instant, Option<Arc<PathBuf>>);
+/// Answers about pids remembered for `ttl`, at most `capacity` of them (so a fork storm
+/// cannot grow it without limit).
+#[derive(Debug)]
+struct Remembered<V> {
+    entries: Mutex<HashMap<u32, (Instant, V)>>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+impl<V: Clone> Remembered<V> {
+    fn new(ttl: Duration, capacity: usize) -> Self {
+        Remembered {
+            entries: Mutex::new(HashMap::new()),
+            ttl,
+            capacity,
+        }
+    }
+
+    fn get(&self, pid: u32) -> Option<V> {
+        let entries = self.entries.lock();
+        let (at, v) = entries.get(&pid)?;
+        (at.elapsed() < self.ttl).then(|| v.clone())
+    }
+
+    fn put(&self, pid: u32, v: V) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.capacity {
+            let ttl = self.ttl;
+            entries.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            if entries.len() >= self.capacity {
+                entries.clear();
+            }
+        }
+        entries.insert(pid, (now, v));
+    }
+}
 
 /// Resolves pids to executables through `/proc/PID/exe`, remembering answers for `ttl`.
 ///
 /// The default remembers nothing: a process that calls exec keeps its pid and changes
 /// its executable (`cmd > file` in a shell, and every `exec` in a script), and a pid
-/// can be reused, so only a fresh read is right. With a `ttl`, the cache is bounded so a
-/// fork storm cannot grow it without limit.
+/// can be reused, so only a fresh read is right.
 #[derive(Debug)]
-pub struct ExeCache {
-    entries: Mutex<HashMap<u32, Resolved>>,
-    ttl: Duration,
-    capacity: usize,
-}
+pub struct ExeCache(Remembered<Option<Arc<PathBuf>>>);
 
 impl Default for ExeCache {
     fn default() -> Self {
@@ -39,11 +69,7 @@ impl Default for ExeCache {
 
 impl ExeCache {
     pub fn new(ttl: Duration, capacity: usize) -> Self {
-        Self {
-            entries: Mutex::new(HashMap::new()),
-            ttl,
-            capacity,
-        }
+        ExeCache(Remembered::new(ttl, capacity))
     }
 
     /// The executable of `pid`, or `None` when it cannot be read (gone, kernel thread).
@@ -51,30 +77,15 @@ impl ExeCache {
         if pid == 0 {
             return None;
         }
-        let read = || {
-            std::fs::read_link(format!("/proc/{pid}/exe"))
-                .ok()
-                .map(Arc::new)
-        };
-        if self.ttl.is_zero() {
-            return read();
+        if let Some(exe) = self.0.get(pid) {
+            return exe;
         }
-        let now = Instant::now();
-        if let Some((at, exe)) = self.entries.lock().get(&pid) {
-            if now.duration_since(*at) < self.ttl {
-                return exe.clone();
-            }
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(Arc::new);
+        if !self.0.ttl.is_zero() {
+            self.0.put(pid, exe.clone());
         }
-        let exe = read();
-        let mut entries = self.entries.lock();
-        if entries.len() >= self.capacity {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| now.duration_since(*at) < ttl);
-            if entries.len() >= self.capacity {
-                entries.clear();
-            }
-        }
-        entries.insert(pid, (now, exe.clone()));
         exe
     }
 }
@@ -82,23 +93,15 @@ impl ExeCache {
 /// Resolves thread ids to the id of their process: the kernel's FUSE requests carry the
 /// calling thread's id. Read from `/proc/TID/status` and remembered for a minute (a
 /// thread's process never changes, and the kernel does not go through its millions of
-/// ids that fast); bounded like [`ExeCache`].
+/// ids that fast).
 #[derive(Debug)]
-pub struct ProcessCache {
-    entries: Mutex<HashMap<u32, (Instant, u32)>>,
-    capacity: usize,
-}
+pub struct ProcessCache(Remembered<u32>);
 
 impl Default for ProcessCache {
     fn default() -> Self {
-        ProcessCache {
-            entries: Mutex::new(HashMap::new()),
-            capacity: 4096,
-        }
+        ProcessCache(Remembered::new(Duration::from_secs(60), 4096))
     }
 }
-
-const PROCESS_TTL: Duration = Duration::from_secs(60);
 
 impl ProcessCache {
     /// The process of thread `tid`, or `None` when it cannot be read (gone).
@@ -113,23 +116,13 @@ impl ProcessCache {
             .trim()
             .parse()
             .ok()?;
-        let now = Instant::now();
-        let mut entries = self.entries.lock();
-        if entries.len() >= self.capacity {
-            entries.retain(|_, (at, _)| now.duration_since(*at) < PROCESS_TTL);
-            if entries.len() >= self.capacity {
-                entries.clear();
-            }
-        }
-        entries.insert(tid, (now, pid));
+        self.0.put(tid, pid);
         Some(pid)
     }
 
     /// Only what is remembered, reading nothing: for a caller whose /proc files must not
     /// be read now (see the audit filter's flush).
     pub fn remembered(&self, tid: u32) -> Option<u32> {
-        let entries = self.entries.lock();
-        let (at, pid) = entries.get(&tid)?;
-        (at.elapsed() < PROCESS_TTL).then_some(*pid)
+        self.0.get(tid)
     }
 }

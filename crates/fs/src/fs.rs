@@ -1905,8 +1905,7 @@ impl Filesystem for FilterFs {
                 // group (the kernel's posix_acl_update_mode); the daemon set it as root.
                 if name.as_bytes() == b"system.posix_acl_access" {
                     let st = stat_fd(fd.as_fd())?;
-                    if st.st_mode & libc::S_ISGID != 0 && !crate::reply::in_group(req, st.st_gid) {
-                        let m = st.st_mode & 0o7777 & !libc::S_ISGID;
+                    if let Some(m) = crate::reply::acl_drops_setgid(st.st_mode, st.st_gid, req) {
                         rustix::fs::chmod(&path, Mode::from_raw_mode(m)).map_err(errno_of)?;
                         self.forget_attributes(ino);
                     }

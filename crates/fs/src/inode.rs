@@ -64,6 +64,16 @@ impl Node {
     fn forget_name(&mut self, parent: u64, name: &OsStr) {
         self.prev.retain(|(p, n)| !(*p == parent && **n == *name));
     }
+
+    /// Makes `parent`/`name` the latest name, keeping the one before among the others.
+    fn take_name(&mut self, parent: u64, name: &OsStr) {
+        let old = std::mem::replace(&mut self.name, name.into());
+        self.prev
+            .push((std::mem::replace(&mut self.parent, parent), old));
+        if self.prev.len() > MAX_OTHER_NAMES {
+            self.prev.remove(0);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -301,12 +311,7 @@ impl Inodes {
                 node.nlookup += 1;
                 if node.parent != parent || *node.name != *name {
                     node.forget_name(parent, name);
-                    let old = std::mem::replace(&mut node.name, name.into());
-                    node.prev.push((node.parent, old));
-                    if node.prev.len() > MAX_OTHER_NAMES {
-                        node.prev.remove(0);
-                    }
-                    node.parent = parent;
+                    node.take_name(parent, name);
                 }
                 let generation = node.generation;
                 drop(table);
@@ -377,14 +382,12 @@ impl Inodes {
     pub fn renamed(&self, dev: u64, ino: u64, from: (u64, &OsStr), to: (u64, &OsStr)) {
         self.with_object(dev, ino, |node| {
             node.forget_name(from.0, from.1);
-            if node.parent != from.0 || *node.name != *from.1 {
-                node.prev.push((node.parent, node.name.clone()));
-                if node.prev.len() > MAX_OTHER_NAMES {
-                    node.prev.remove(0);
-                }
+            if node.parent == from.0 && *node.name == *from.1 {
+                node.parent = to.0;
+                node.name = to.1.into();
+            } else {
+                node.take_name(to.0, to.1);
             }
-            node.parent = to.0;
-            node.name = to.1.into();
         });
     }
 

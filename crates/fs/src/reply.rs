@@ -79,6 +79,14 @@ pub fn without_setid_for(perm: u32, file_gid: u32, req: &fuser::Request) -> u32 
     m
 }
 
+/// The permission bits after the caller of `req` set an access ACL, if that drops
+/// set-group-ID: for a caller outside the file's group `file_gid`, as the kernel's
+/// posix_acl_update_mode does.
+pub fn acl_drops_setgid(mode: u32, file_gid: u32, req: &fuser::Request) -> Option<u32> {
+    (mode & libc::S_ISGID != 0 && !in_group(req, file_gid))
+        .then_some(mode & 0o7777 & !libc::S_ISGID)
+}
+
 /// Whether the caller of `req` is in group `gid` as the kernel's in_group_p sees it: its
 /// file-system gid or a supplementary group of its process. Root counts as in every
 /// group (it may keep set-group-ID anyway); a caller gone, as in no other group.

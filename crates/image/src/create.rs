@@ -682,11 +682,20 @@ impl<'a> Sink<'a> {
     }
 }
 
+/// Whether `a` and `b` are the same file (following symlinks); false if either is not
+/// there.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Refuses an output path that is not a new or regular file (the image is written next to
 /// it and renamed over it, which would replace a device node, a FIFO or a symlink instead
 /// of writing through it), or that is the source or the mapfile.
 fn check_output(dest: &Path, source: &Path, mapfile: Option<&Path>) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
     let Ok(md) = std::fs::symlink_metadata(dest) else {
         return Ok(());
     };
@@ -701,10 +710,7 @@ fn check_output(dest: &Path, source: &Path, mapfile: Option<&Path>) -> Result<()
         return Err(Error::Invalid(format!("{}: not writable", dest.display())));
     }
     for (what, p) in [("source", Some(source)), ("mapfile", mapfile)] {
-        let same = p
-            .and_then(|p| std::fs::metadata(p).ok())
-            .is_some_and(|o| o.dev() == md.dev() && o.ino() == md.ino());
-        if same {
+        if p.is_some_and(|p| same_file(dest, p)) {
             return Err(Error::Invalid(format!(
                 "{}: is the {what}; the image would replace it",
                 dest.display()

@@ -445,6 +445,15 @@ fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Mapfile> {
 const MAX_DISK: u64 = 1 << 50;
 
 impl Mapfile {
+    /// An error about block `i`, naming its line.
+    fn block_error(&self, i: usize, message: String) -> Error {
+        Error::Mapfile {
+            path: self.origin.path.clone(),
+            line: self.origin.lines.get(i).copied().unwrap_or(0),
+            message,
+        }
+    }
+
     /// The size of the rescued disk and its bad and untried ranges, for a copy of
     /// `file_size` bytes. GNU ddrescue does not write the sectors it could not read, and a
     /// rescue cut short (or limited with `-s`) has not written the rest, so the copy can be
@@ -464,11 +473,7 @@ impl Mapfile {
             file_size
         };
         if size > file_size {
-            let err = |i: usize, message: String| Error::Mapfile {
-                path: self.origin.path.clone(),
-                line: self.origin.lines.get(i).copied().unwrap_or(0),
-                message,
-            };
+            let err = |i, message| self.block_error(i, message);
             let last = self.blocks.len() - 1;
             if size > MAX_DISK {
                 return Err(err(
@@ -502,11 +507,7 @@ impl Mapfile {
     /// its last block at 2^63 - 1 when it does not know the input's size, and an
     /// interrupted rescue leaves the output file shorter than the untried rest.
     pub fn bad_extents(&self, size: u64) -> Result<Vec<BadExtent>> {
-        let err = |i: usize, message: String| Error::Mapfile {
-            path: self.origin.path.clone(),
-            line: self.origin.lines.get(i).copied().unwrap_or(0),
-            message,
-        };
+        let err = |i, message| self.block_error(i, message);
         let mut out: Vec<BadExtent> = Vec::new();
         let mut push = |offset: u64, end: u64, state: ExtentState| {
             if end <= offset {

@@ -271,7 +271,7 @@ fn extract_to(
     progress: &mut dyn FnMut(u64),
     cancel: &AtomicBool,
 ) -> Result<Vec<BadExtent>> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::FileTypeExt;
     let target = match std::fs::symlink_metadata(output) {
         Ok(m) if m.file_type().is_symlink() => match std::fs::metadata(output) {
             // A pipe or a device behind it (/dev/stdout, `>(cmd)`): written through it.
@@ -294,13 +294,11 @@ fn extract_to(
     {
         bail!("{}: not writable", output.display());
     }
-    if let (Some(o), Ok(i)) = (&existing, std::fs::metadata(image)) {
-        if o.dev() == i.dev() && o.ino() == i.ino() {
-            bail!(
-                "{}: is the image; the disk would overwrite it",
-                output.display()
-            );
-        }
+    if create::same_file(&target, image) {
+        bail!(
+            "{}: is the image; the disk would overwrite it",
+            output.display()
+        );
     }
     let run = |f: &std::fs::File, progress: &mut dyn FnMut(u64)| -> Result<Vec<BadExtent>> {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, Cancellable(f, cancel));

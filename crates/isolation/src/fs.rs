@@ -164,6 +164,15 @@ fn kill_suid_sgid(v: &mut View, id: u64, req: &fuser::Request) -> Res<bool> {
 }
 
 impl IsolatedFs {
+    /// Makes the kernel fetch the attributes of node `ino` again (it caches them for the
+    /// attribute timeout), after a change it did not ask for.
+    fn forget_attributes(&self, ino: INodeNo) {
+        if let Some(n) = self.0.notifier.lock().clone() {
+            // Offset -1: the attributes only, not the cached data.
+            let _ = n.inval_inode(ino, -1, 0);
+        }
+    }
+
     /// Directory `ino`'s entries as the view has them now, `.` and `..` first.
     fn listing(&self, ino: u64) -> Res<Vec<view::DirEntry>> {
         let mut v = self.0.view.lock();
@@ -786,10 +795,7 @@ impl Filesystem for IsolatedFs {
             if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
                 && kill_suid_sgid(&mut v, ino.0, req)?
             {
-                // The kernel keeps the mode it has cached for the attribute timeout.
-                if let Some(n) = self.0.notifier.lock().clone() {
-                    let _ = n.inval_inode(ino, -1, 0);
-                }
+                self.forget_attributes(ino);
             }
             let n = v.write(ino.0, offset, data)?;
             if interpose_fs::write_must_sync(f.direct, flags.0) {
@@ -1001,12 +1007,9 @@ impl Filesystem for IsolatedFs {
             // group (the kernel's posix_acl_update_mode).
             if name.as_bytes() == b"system.posix_acl_access" {
                 let a = v.attr(ino.0)?;
-                if a.mode & libc::S_ISGID != 0 && !interpose_fs::reply::in_group(req, a.gid) {
-                    let m = a.mode & 0o7777 & !libc::S_ISGID;
+                if let Some(m) = interpose_fs::reply::acl_drops_setgid(a.mode, a.gid, req) {
                     v.set_attr(ino.0, Some(m), None, None, None, None)?;
-                    if let Some(n) = self.0.notifier.lock().clone() {
-                        let _ = n.inval_inode(ino, -1, 0);
-                    }
+                    self.forget_attributes(ino);
                 }
             }
             Ok(())

@@ -612,14 +612,14 @@ impl Store {
         }
         // A commit cut short may have applied changes up to here without recording them
         // (one that stopped on an error: the change it stopped in, in part).
-        let killed_run_upto = match &pending {
-            Some(st) if !st.stopped => unrecorded_end(records, st).unwrap_or(st.applied),
-            _ => 0,
-        };
-        let may_be_done_upto = match &pending {
-            None => first,
-            Some(st) if st.stopped => st.applied + 1,
-            Some(_) => killed_run_upto,
+        // (`killed_run_upto`: what a run killed before may have applied unrecorded.)
+        let (may_be_done_upto, killed_run_upto) = match &pending {
+            None => (first, 0),
+            Some(st) if st.stopped => (st.applied + 1, 0),
+            Some(st) => {
+                let end = unrecorded_end(records, st).unwrap_or(st.applied);
+                (end, end)
+            }
         };
         let target = pending.map_or(asked, |s| s.target.max(asked));
         let mut state = pending.unwrap_or(CommitState {

@@ -2202,11 +2202,19 @@ impl View {
     /// does on any file system: with FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to us.
     pub fn drop_capabilities(&mut self, id: u64) -> Res<()> {
         const CAPABILITY: &[u8] = b"security.capability";
-        match self.xattr_get(id, CAPABILITY) {
-            Ok(_) => self.xattr_remove(id, CAPABILITY),
-            // None, or a backing file system without extended attributes.
-            Err(_) => Ok(()),
+        // Loaded once, so that later writes ask the node, not BACKING. A backing file
+        // system without extended attributes has no capabilities either.
+        if self.load_xattrs(id).is_err() {
+            return Ok(());
         }
+        let n = self.node(id)?;
+        if n.xattrs
+            .as_ref()
+            .is_some_and(|x| x.contains_key(CAPABILITY))
+        {
+            self.xattr_remove(id, CAPABILITY)?;
+        }
+        Ok(())
     }
 
     pub fn xattr_remove(&mut self, id: u64, name: &[u8]) -> Res<()> {
