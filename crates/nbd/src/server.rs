@@ -61,10 +61,10 @@ pub enum Listener {
 impl Listener {
     fn accept(&self) -> io::Result<Conn> {
         match self {
-            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(Arc::new(s))),
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 let _ = s.set_nodelay(true);
-                Conn::Tcp(s)
+                Conn::Tcp(Arc::new(s))
             }),
         }
     }
@@ -77,20 +77,18 @@ impl Listener {
     }
 }
 
-/// A client connection, either kind.
+/// A client connection, either kind. Copies share one descriptor (a socket is read and
+/// written from different threads through `&`): a connection costs the server one
+/// descriptor, and making a copy cannot fail. With a `dup` per copy, a server out of
+/// descriptors accepted each waiting client only to close it, at once, for want of the
+/// copy, instead of leaving the backlog to wait.
+#[derive(Clone)]
 pub enum Conn {
-    Unix(UnixStream),
-    Tcp(TcpStream),
+    Unix(Arc<UnixStream>),
+    Tcp(Arc<TcpStream>),
 }
 
 impl Conn {
-    fn try_clone(&self) -> io::Result<Conn> {
-        Ok(match self {
-            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
-            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
-        })
-    }
-
     fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(how),
@@ -129,8 +127,8 @@ impl Conn {
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.read(buf),
-            Conn::Tcp(s) => s.read(buf),
+            Conn::Unix(s) => (&**s).read(buf),
+            Conn::Tcp(s) => (&**s).read(buf),
         }
     }
 }
@@ -138,8 +136,8 @@ impl Read for Conn {
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.write(buf),
-            Conn::Tcp(s) => s.write(buf),
+            Conn::Unix(s) => (&**s).write(buf),
+            Conn::Tcp(s) => (&**s).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -476,15 +474,8 @@ impl Server {
                         tracing::info!("accepting connections again");
                     }
                     let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                    // Without a copy here it could not be closed for a newer one, nor at
-                    // shutdown: out of descriptors, it is not served.
-                    match conn.try_clone() {
-                        Ok(c) => live.lock().push((id, c)),
-                        Err(e) => {
-                            tracing::warn!("connection {id}: {e}; closed");
-                            continue;
-                        }
-                    }
+                    // Our copy closes it for a newer one, or at shutdown.
+                    live.lock().push((id, conn.clone()));
                     let evicted = {
                         let mut h = self.handshaking.lock();
                         h.push_back(id);
@@ -940,8 +931,8 @@ impl Server {
     /// concurrently, out of order.
     fn transmission(&self, conn: Conn, session: &Session) -> Result<(), ConnError> {
         let source = &*self.exports[session.export].source;
-        let writer = std::sync::Mutex::new(conn.try_clone()?);
-        let mut reader = io::BufReader::with_capacity(64 << 10, conn.try_clone()?);
+        let writer = std::sync::Mutex::new(conn.clone());
+        let mut reader = io::BufReader::with_capacity(64 << 10, conn.clone());
         let failed = AtomicBool::new(false);
         let budget = ReplyBudget::new();
         let workers = self.config.threads_per_connection.max(1);
