@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -493,7 +493,25 @@ fn a_second_signal_stops_an_attach_whose_device_is_held() {
     let watchdog = watchdog_of(a.pid);
     let holder = fs::File::open(&a.device).unwrap();
     let mut child = a.child.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
     signal(&child, libc::SIGTERM);
+    // Two signals close together are one to a process that has not yet taken the first:
+    // the second goes once the attach says it took the first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("signal 15: detaching") => break,
+            Ok(_) => {}
+            Err(e) => panic!("no word of the first SIGTERM from the attach ({e})"),
+        }
+    }
     assert!(
         wait_timeout(&mut child, Duration::from_millis(500)).is_none(),
         "the attach ended while its device was held"

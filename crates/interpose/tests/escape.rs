@@ -295,8 +295,10 @@ fn operate_in(mnt: &Path, d: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Makes `d` on the mount with the same names as the outside directory.
-fn make_dir_like_outside(mnt: &Path, d: &str) {
+/// Makes `d` on the mount with the same names as the outside directory. The kernel learns
+/// every name; the descriptors returned (O_PATH) keep those dentries in use, so that memory
+/// pressure cannot make the kernel forget them while a test counts on them.
+fn make_dir_like_outside(mnt: &Path, d: &str) -> Vec<fs::File> {
     let base = mnt.join(d);
     fs::create_dir(&base).unwrap();
     for name in ["existing", "file2", "victim"] {
@@ -305,10 +307,18 @@ fn make_dir_like_outside(mnt: &Path, d: &str) {
     for name in ["sub", "dir"] {
         fs::create_dir(base.join(name)).unwrap();
     }
-    // The kernel learns every name now (and keeps it: long cache timeout).
+    let pin = |p: &Path| {
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(p)
+            .unwrap()
+    };
+    let mut pins = vec![pin(&base)];
     for e in fs::read_dir(&base).unwrap() {
-        fs::symlink_metadata(e.unwrap().path()).unwrap();
+        pins.push(pin(&e.unwrap().path()));
     }
+    pins
 }
 
 enum Swap {
@@ -342,9 +352,10 @@ fn directory_renamed_aside_and_replaced_by_a_symlink_on_the_backing_side() {
     let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600"]);
     let outside = Outside::new(0o755);
-    make_dir_like_outside(&m.mnt, "d");
+    let pins = make_dir_like_outside(&m.mnt, "d");
     swap(&m.backing, "d", outside.path(), Swap::RenameAside);
     let res = operate_in(&m.mnt, "d");
+    drop(pins);
     outside.assert_untouched("directory renamed aside, symlink swapped in", &res);
     assert_still_symlink(&m.backing, "d", outside.path());
     // Everything happened in the directory the kernel knew, which is now backing/d.old.
@@ -366,9 +377,10 @@ fn directory_deleted_and_replaced_by_a_symlink_on_the_backing_side() {
     let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600"]);
     let outside = Outside::new(0o755);
-    make_dir_like_outside(&m.mnt, "d");
+    let pins = make_dir_like_outside(&m.mnt, "d");
     swap(&m.backing, "d", outside.path(), Swap::Delete);
     let res = operate_in(&m.mnt, "d");
+    drop(pins);
     outside.assert_untouched("directory deleted, symlink swapped in", &res);
     assert_still_symlink(&m.backing, "d", outside.path());
     m.stop();
@@ -382,12 +394,13 @@ fn swapped_directory_whose_descriptor_the_daemon_must_reopen() {
     let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600", "--fd-cache", "16"]);
     let outside = Outside::new(0o755);
-    make_dir_like_outside(&m.mnt, "d");
+    let pins = make_dir_like_outside(&m.mnt, "d");
     swap(&m.backing, "d", outside.path(), Swap::RenameAside);
     for i in 0..64 {
         fs::create_dir(m.mnt.join(format!("evict{i}"))).unwrap();
     }
     let res = operate_in(&m.mnt, "d");
+    drop(pins);
     outside.assert_untouched("swapped directory, descriptor evicted", &res);
     assert_still_symlink(&m.backing, "d", outside.path());
     m.stop();
@@ -402,7 +415,7 @@ fn swapped_directory_used_by_an_unprivileged_caller_without_caching() {
     make_traversable(&m.dir);
     fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o755)).unwrap();
     let outside = Outside::new(0o700);
-    make_dir_like_outside(&m.mnt, "d");
+    drop(make_dir_like_outside(&m.mnt, "d"));
     let mnt_d = m.mnt.join("d");
     fs::set_permissions(&mnt_d, fs::Permissions::from_mode(0o777)).unwrap();
     for e in fs::read_dir(&mnt_d).unwrap() {

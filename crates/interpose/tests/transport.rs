@@ -87,7 +87,11 @@ fn io_uring_serves_the_requests_when_asked_for_and_offered() {
         names.iter().any(|n| n.starts_with("fuser-uring-0-")),
         "no worker for queue 0 (CPUs {cpus:?}): {names:?}"
     );
+    // (No other test makes the kernel forget this mount's nodes meanwhile: those forgets
+    // would be /dev/fuse work.)
+    let kept = dentries_kept();
     let (uring, dev) = cpu_during(m.pid(), || stat_storm(&m.mnt));
+    drop(kept);
     // The io_uring workers did the work; the /dev/fuse threads (which the kernel still
     // sends FORGET and INTERRUPT) next to nothing.
     assert!(
