@@ -152,17 +152,29 @@ pub fn create(
             levels.end()
         )));
     }
+    // Only these have a size to read to; a character device (/dev/zero) says 0. Asked
+    // before the open too, which would wait for a writer on a named pipe.
+    let not_a_disk = |kind: std::fs::FileType| {
+        (!(kind.is_file() || kind.is_block_device())).then(|| {
+            Error::Invalid(format!(
+                "{}: not a regular file or a block device",
+                source.display()
+            ))
+        })
+    };
+    if let Some(e) = std::fs::metadata(source)
+        .ok()
+        .and_then(|m| not_a_disk(m.file_type()))
+    {
+        return Err(e);
+    }
     let mut src = File::open(source).map_err(|e| Error::io(format!("{}", source.display()), e))?;
     let kind = src
         .metadata()
         .map_err(|e| Error::io(format!("{}", source.display()), e))?
         .file_type();
-    // Only these have a size to read to; a character device (/dev/zero) says 0.
-    if !(kind.is_file() || kind.is_block_device()) {
-        return Err(Error::Invalid(format!(
-            "{}: not a regular file or a block device",
-            source.display()
-        )));
+    if let Some(e) = not_a_disk(kind) {
+        return Err(e);
     }
     if let Output::Path(dest) = &out {
         check_output(dest, source, opts.mapfile.as_deref())?;

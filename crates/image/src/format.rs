@@ -555,6 +555,13 @@ impl Metadata {
         // All of it UTF-8, also the values of keys this version does not know.
         let text = std::str::from_utf8(b)
             .map_err(|e| corrupt(format!("metadata is not valid UTF-8: {e}")))?;
+        // An object (FORMAT.md §10): serde would also take the fields as an array.
+        if !text
+            .trim_start_matches([' ', '\t', '\n', '\r'])
+            .starts_with('{')
+        {
+            return Err(corrupt("metadata is not a JSON object"));
+        }
         serde_json::from_str(text).map_err(|e| corrupt(format!("metadata is not valid: {e}")))
     }
 }
@@ -690,5 +697,24 @@ mod tests {
         assert!(decode_extents(&enc(&[x(4000, 512)]), 4096).is_err());
         assert!(decode_extents(&enc(&[x(u64::MAX, 2)]), 4096).is_err());
         assert!(decode_extents(&enc(&[x(0, 0)]), 4096).is_err());
+    }
+    #[test]
+    fn metadata_is_an_object_not_an_array_of_its_fields() {
+        let m = Metadata {
+            source: "disk.raw".into(),
+            created: "2026-12-01T00:00:00Z".into(),
+            tool: "interpose 0.1.0".into(),
+            blake3: "00".repeat(32),
+            user: Default::default(),
+        };
+        let object = serde_json::to_vec(&m).unwrap();
+        assert_eq!(Metadata::decode(&object).unwrap(), m);
+        let array = serde_json::to_vec(&(&m.source, &m.created, &m.tool, &m.blake3)).unwrap();
+        let e = Metadata::decode(&array).unwrap_err().to_string();
+        assert!(e.contains("not a JSON object"), "{e}");
+        let e = Metadata::decode(b" \n{\"source\": 1}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metadata is not valid"), "{e}");
     }
 }

@@ -40,6 +40,7 @@
 
 use std::fmt::Write as _;
 use std::io::Read as _;
+use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -388,7 +389,20 @@ fn parse_status_line(
 /// comments, where ddrescue itself writes file names as they are).
 pub fn read(path: &Path) -> Result<Mapfile> {
     let context = || format!("reading mapfile {}", path.display());
-    let file = std::fs::File::open(path).map_err(|e| Error::io(context(), e))?;
+    // A named pipe is opened without waiting for a writer: nobody writing to it would hang
+    // the command where its signal handlers (which only ask it to stop) cannot end it.
+    // Opened, it blocks as any pipe does; with no writer it reads as empty.
+    let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(if fifo { libc::O_NONBLOCK } else { 0 })
+        .open(path)
+        .map_err(|e| Error::io(context(), e))?;
+    if fifo {
+        rustix::fs::fcntl_getfl(&file)
+            .and_then(|fl| rustix::fs::fcntl_setfl(&file, fl - rustix::fs::OFlags::NONBLOCK))
+            .map_err(|e| Error::io(context(), e.into()))?;
+    }
     let known = file.metadata().map(|m| m.len()).unwrap_or(0);
     if known > MAX_MAPFILE_LEN {
         return Err(too_big(path, format!("{known} bytes")));

@@ -3,7 +3,6 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -673,7 +672,10 @@ struct Cache {
 }
 
 struct Shard {
+    /// Grown as chunks come, up to `cap`: the map is not sized for `cap` up front (a large
+    /// `--cache-mib` is a bound, not memory taken at open).
     lru: lru::LruCache<u64, Box<[u8]>>,
+    cap: usize,
     /// Buffers of evicted chunks, reused for the next miss.
     spare: Vec<Box<[u8]>>,
 }
@@ -688,7 +690,8 @@ impl Cache {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        lru: lru::LruCache::new(NonZeroUsize::new(per_shard).unwrap()),
+                        lru: lru::LruCache::unbounded(),
+                        cap: per_shard,
                         spare: Vec::new(),
                     })
                 })
@@ -719,7 +722,13 @@ impl Cache {
 
     fn put(&self, i: u64, c: Box<[u8]>) {
         let mut shard = self.shard(i).lock();
-        if let Some((_, old)) = shard.lru.push(i, c) {
+        let evicted = if shard.lru.len() >= shard.cap && !shard.lru.contains(&i) {
+            shard.lru.pop_lru().map(|(_, old)| old)
+        } else {
+            None
+        };
+        let replaced = shard.lru.put(i, c);
+        for old in evicted.into_iter().chain(replaced) {
             if shard.spare.len() < SPARES {
                 shard.spare.push(old);
             }
@@ -729,7 +738,7 @@ impl Cache {
     /// Caches chunk `i` only if that evicts nothing; otherwise keeps the buffer as a spare.
     fn put_if_room(&self, i: u64, c: Box<[u8]>) {
         let mut shard = self.shard(i).lock();
-        if shard.lru.len() < shard.lru.cap().get() {
+        if shard.lru.len() < shard.cap {
             shard.lru.put(i, c);
         } else if shard.spare.len() < SPARES {
             shard.spare.push(c);

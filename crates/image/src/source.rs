@@ -87,6 +87,9 @@ pub fn check_range(offset: u64, len: usize, size: u64) -> Result<()> {
 
 /// The extents of a sorted, disjoint list that meet `offset..offset+len`, clipped to it.
 pub fn bad_within(extents: &[BadExtent], offset: u64, len: u64) -> Vec<BadExtent> {
+    if len == 0 {
+        return Vec::new(); // no byte to be bad (not an empty extent)
+    }
     let end = offset + len;
     let first = extents.partition_point(|e| e.end() <= offset);
     extents[first..]
@@ -275,5 +278,6 @@ mod tests {
         assert_eq!(bad_within(&all, 700, 4000), vec![x(700, 324), x(4096, 604)]);
         assert_eq!(bad_within(&all, 5000, 3192), vec![x(5000, 120)]);
         assert_eq!(bad_within(&all, 9000, 100), vec![]);
+        assert_eq!(bad_within(&all, 4100, 0), vec![], "an empty range");
     }
 }

@@ -604,9 +604,14 @@ fn misplaced_and_overlapping_sections() {
         let e = sc.open_err(&b, name);
         assert_error!(e, Error::Corrupt(_), name, [name, "checksum mismatch"]);
     }
-    // Metadata that is not JSON, with a valid CRC.
+    // Metadata that is not a JSON object, or not JSON, with a valid CRC.
     let mut b = a.bytes.clone();
     b[a.header.meta.offset as usize] = b'[';
+    seal(&mut b, &a.header);
+    let e = sc.open_err(&b, "metadata");
+    assert_error!(e, Error::Corrupt(_), "metadata", ["not a JSON object"]);
+    let mut b = a.bytes.clone();
+    b[(a.header.meta.offset + a.header.meta.len - 1) as usize] = b'x';
     seal(&mut b, &a.header);
     let e = sc.open_err(&b, "metadata");
     assert_error!(e, Error::Corrupt(_), "metadata", ["metadata is not valid"]);

@@ -166,7 +166,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             }
             let mut exports = Vec::new();
             for (i, spec) in sources.iter().enumerate() {
-                let source = open_source(spec, cache_mib << 20)?;
+                let source = open_source(spec, cache_mib.saturating_mul(1 << 20))?;
                 let name = match names.get(i) {
                     Some(n) => n.clone(),
                     None => PathBuf::from(spec.split(',').next().unwrap_or_default())
@@ -261,7 +261,7 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
 }
 
 fn attach(spec: &str, cache_mib: usize) -> Result<()> {
-    let source = open_source(spec, cache_mib << 20)?;
+    let source = open_source(spec, cache_mib.saturating_mul(1 << 20))?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,

@@ -775,6 +775,39 @@ fn bad_arguments_and_malformed_mapfiles_are_refused_clearly() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     assert!(!out.exists());
+    // A named pipe nobody writes to, as mapfile or source: a clear error at once, not a
+    // wait that Ctrl-C could not end (the command's handlers only ask it to stop).
+    let fifo = d.join("fifo");
+    run(Command::new("mkfifo").arg(&fifo));
+    for (args, want) in [
+        (vec![s(&src), "--mapfile", s(&fifo)], "the file is empty"),
+        (vec![s(&fifo)], "not a regular file or a block device"),
+    ] {
+        let out = Command::new("timeout")
+            .args(["-k", "5", "20", bin(), "image", "create", "-o", s(&out)])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && err.contains(want),
+            "{args:?}: {}",
+            describe(&out)
+        );
+    }
+    // A mapfile from a pipe with a writer (as `<(cmd)` gives) is read.
+    let good = "# Mapfile\n0x00000000     +\n0x00000000  0x000186A0  +\n";
+    let out_ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf '{}' | \"$0\" image create \"$1\" -o \"$2\" --mapfile /dev/stdin",
+            good.replace('\n', "\\n")
+        ))
+        .args([bin(), s(&src), s(&out)])
+        .output()
+        .unwrap();
+    assert!(out_ok.status.success(), "{}", describe(&out_ok));
+    fs::remove_file(&out).unwrap();
     let err = image_fails(&["info", s(&src)]);
     assert!(err.contains("not an interpose image"), "{err}");
     let err = image_fails(&["verify", s(&d.join("missing.img"))]);
