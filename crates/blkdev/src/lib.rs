@@ -269,6 +269,12 @@ pub fn owner_of(device: &Path) -> Result<u32, Error> {
         .map_err(|_| Error::NotOurs(device.to_path_buf()))
 }
 
+/// The loop device reading the file of the attach mount at `dir` (`RUN_DIR/<pid>`), if any.
+pub fn device_of(dir: &Path) -> Option<PathBuf> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    loop_devices_of(&dir.join("disk")).into_iter().next()
+}
+
 /// Whether `pid` is an `interpose blk attach` process, and not another that took the pid
 /// of one that died.
 fn is_attach_process(pid: u32) -> bool {

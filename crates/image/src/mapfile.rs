@@ -180,10 +180,14 @@ fn parse_number(tok: &str, what: &str) -> std::result::Result<u64, String> {
     } else if tok.len() > 1 && tok.starts_with('0') {
         (&tok[1..], 8, "octal (it starts with 0)")
     } else {
-        (tok, 10, "decimal")
+        (tok, 10, "")
     };
     if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
-        return Err(bad(&format!("not a {kind} number")));
+        return Err(bad(&if kind.is_empty() {
+            "not a number (ddrescue writes 0x and hexadecimal digits)".to_owned()
+        } else {
+            format!("not a {kind} number")
+        }));
     }
     match u64::from_str_radix(digits, radix) {
         Ok(n) if n <= MAX_POS => Ok(n),

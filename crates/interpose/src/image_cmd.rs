@@ -49,6 +49,7 @@ pub enum ImageCommand {
     /// Sizes, ratio, chunk counts, bad extents and metadata of an image.
     Info {
         image: PathBuf,
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -60,16 +61,17 @@ pub enum ImageCommand {
         /// The raw file to write (`-`: standard output).
         #[arg(short, long, value_name = "RAW")]
         output: PathBuf,
+        /// What bad ranges read as: zero bytes, or (pattern) the 16-byte marker
+        /// "<BAD SECTOR>\xde\xad\xbe\xef" repeated, aligned to image offsets.
         #[arg(long, value_enum, default_value_t = BadFill::Zero)]
         bad_fill: BadFill,
     },
 }
 
+// (No doc comments on the values: clap would switch the whole help to its long layout.)
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BadFill {
-    /// Zero bytes.
     Zero,
-    /// The 16-byte marker "<BAD SECTOR>\xde\xad\xbe\xef", aligned to image offsets.
     Pattern,
 }
 
@@ -101,6 +103,12 @@ fn human(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+/// "1 chunk", "2 chunks".
+fn counted(n: impl Into<u64>, what: &str) -> String {
+    let n = n.into();
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn open(path: &Path) -> Result<Image> {
@@ -167,16 +175,16 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
             }
             let report = report?;
             eprintln!(
-                "{}: {} -> {} ({:.2}:1); {} chunks: {} zero, {} raw, {} compressed; {} bad extents ({} bytes)",
+                "{}: {} -> {} ({:.2}:1); {}: {} zero, {} raw, {} compressed; {} ({} bytes)",
                 output.display(),
                 human(report.virtual_size),
                 human(report.file_len),
                 report.virtual_size as f64 / report.file_len.max(1) as f64,
-                report.chunks,
+                counted(report.chunks, "chunk"),
                 report.zero_chunks,
                 report.raw_chunks,
                 report.compressed_chunks,
-                report.bad_extents,
+                counted(report.bad_extents as u64, "bad extent"),
                 report.bad_bytes
             );
             Ok(())

@@ -48,7 +48,7 @@ enum Command {
     /// Compressed disk images with bad-block information: create, info, verify, extract.
     #[command(subcommand)]
     Image(image_cmd::ImageCommand),
-    /// Read-only block devices from images and raw files: an NBD server.
+    /// Read-only block devices from images and raw files: an NBD server, loop devices.
     #[command(subcommand)]
     Blk(blk_cmd::BlkCommand),
 }
@@ -58,6 +58,7 @@ enum IsolationCommand {
     /// Last sequence number, pending changes, files and bytes held, store size, committed-up-to.
     Status {
         store: PathBuf,
+        /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -65,6 +66,7 @@ enum IsolationCommand {
     /// change, all of them applied already).
     Log {
         store: PathBuf,
+        /// A JSON array of the changes instead of text lines.
         #[arg(long)]
         json: bool,
         /// Only changes after this sequence number.
@@ -74,12 +76,14 @@ enum IsolationCommand {
     /// Apply pending changes up to N (default: all) to the backing directory.
     Commit {
         store: PathBuf,
+        /// The last change to apply (default: the last one).
         #[arg(long, value_name = "N")]
         upto: Option<u64>,
     },
     /// Throw pending changes away: all, or those after N.
     Discard {
         store: PathBuf,
+        /// Keep changes up to N, discard those after it (default: discard all).
         #[arg(long, value_name = "N")]
         after: Option<u64>,
     },
@@ -522,6 +526,11 @@ fn raise_fd_limit() {
 
 /// The file system type mounted at `path` (its last mount there), from mountinfo.
 fn mounted_type(path: &std::path::Path) -> Option<String> {
+    mounted(path).map(|(kind, _)| kind)
+}
+
+/// The type and source of the mount at `path`, if one is.
+fn mounted(path: &std::path::Path) -> Option<(String, Vec<u8>)> {
     let path = std::fs::canonicalize(path).ok()?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // Fields: id parent major:minor root mountpoint options [optional...] - type source
@@ -533,7 +542,8 @@ fn mounted_type(path: &std::path::Path) -> Option<String> {
         }
         let mut rest = fields.skip_while(|f| *f != "-");
         rest.next();
-        rest.next().map(str::to_owned)
+        let kind = rest.next()?.to_owned();
+        Some((kind, unescape_mountinfo(rest.next().unwrap_or(""))))
     })
 }
 
@@ -557,9 +567,19 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     use rustix::mount::{unmount, UnmountFlags};
-    match mounted_type(mountpoint) {
-        Some(t) if t == "fuse.interpose" => {}
-        Some(t) => bail!(
+    match mounted(mountpoint) {
+        // `blk attach` serves its loop device's file from such a mount: unmounted, the
+        // device would read nothing and no longer be known as interpose's.
+        Some((t, source)) if t == "fuse.interpose" && source == b"interpose-blk" => bail!(
+            "{} holds the file of a loop device of `interpose blk attach`; \
+             detach the device instead: interpose blk detach {}",
+            mountpoint.display(),
+            interpose_blkdev::device_of(mountpoint)
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "DEVICE".into())
+        ),
+        Some((t, _)) if t == "fuse.interpose" => {}
+        Some((t, _)) => bail!(
             "{} is a {t} mount, not interpose's; unmount it with umount",
             mountpoint.display()
         ),

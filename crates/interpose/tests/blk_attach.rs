@@ -479,6 +479,43 @@ fn sighup_detaches_and_a_directory_is_refused() {
     );
 }
 
+/// `fs unmount` of the mount that serves an attached device's file is refused and names
+/// the device to detach: unmounted (`--lazy` got that far), the device read nothing and was
+/// no longer known as interpose's, so neither `blk detach` nor the attach could remove it.
+#[test]
+fn fs_unmount_of_an_attach_mount_points_to_blk_detach() {
+    let _serial = one_at_a_time();
+    let t = plain_dir("interpose-test-blkfsunmount-");
+    let raw = t.path().join("data.raw");
+    let data = random_bytes(1 << 20, 31);
+    fs::write(&raw, &data).unwrap();
+    let mut a = Attach::start(s(&raw));
+    let dir = Path::new("/run/interpose/blk").join(a.pid.to_string());
+    for lazy in [false, true] {
+        let mut cmd = Command::new(bin());
+        cmd.args(["fs", "unmount"]).arg(&dir);
+        if lazy {
+            cmd.arg("--lazy");
+        }
+        let out = output(&mut cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let want = format!("interpose blk detach {}", a.device.display());
+        assert!(
+            !out.status.success() && err.contains(&want),
+            "lazy {lazy}: {}",
+            describe(&out)
+        );
+    }
+    assert!(mounted_at(&dir), "the attach's mount went");
+    let mut buf = vec![0u8; 4096];
+    fs::File::open(&a.device)
+        .unwrap()
+        .read_exact_at(&mut buf, 8192)
+        .unwrap();
+    assert!(buf == data[8192..8192 + 4096], "the device reads wrong");
+    a.ends_cleanly_on(libc::SIGTERM, "SIGTERM");
+}
+
 /// An attach asked to end while its device is held (opened, mounted) serves until it is
 /// let go; a second signal stops it at once (it used to be ignored), and its watchdog
 /// removes what it leaves (the device once let go).

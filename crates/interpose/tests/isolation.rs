@@ -3339,15 +3339,27 @@ fn status_log_commit_upto_and_discard_after_on_a_mounted_store() {
         status_summary(&st),
         "last_seq=0 committed_upto=0 pending_changes=0 files=0 data_bytes=0 interrupted_commit=null mounted=true"
     );
+    let err = iso_fails("commit", &d.store, &["--upto", "1"]);
+    assert!(
+        err.contains("sequence number 1 is out of range: nothing is pending (committed up to 0)"),
+        "{err}"
+    );
     let snaps = known_sequence(&d.mnt, &d.store);
     check_known_log_and_status(&d.store, true);
     assert_untouched(&d.backing, &before, "before commit");
 
     // Out of range: nothing happens.
+    let range = "committed up to 0, pending 1..=17, so 0..=17";
     let err = iso_fails("commit", &d.store, &["--upto", "18"]);
-    assert!(err.contains("18"), "{err}");
+    assert!(
+        err.contains(&format!("18 is out of range: {range}")),
+        "{err}"
+    );
     let err = iso_fails("discard", &d.store, &["--after", "18"]);
-    assert!(err.contains("18"), "{err}");
+    assert!(
+        err.contains(&format!("18 is out of range: {range}")),
+        "{err}"
+    );
     assert_untouched(&d.backing, &before, "after refused commands");
 
     // Descriptors held across the commit and the discard (read-write: not passthrough).
@@ -3395,7 +3407,10 @@ fn status_log_commit_upto_and_discard_after_on_a_mounted_store() {
     let want: Vec<String> = KNOWN_LOG[6..].iter().map(|l| l.to_string()).collect();
     assert_eq!(log_json(&d.store, 0), want, "log after commit --upto 6");
     let err = iso_fails("discard", &d.store, &["--after", "5"]);
-    assert!(err.contains('5'), "{err}");
+    assert!(
+        err.contains("5 is out of range: committed up to 6, pending 7..=17, so 6..=17"),
+        "{err}"
+    );
 
     let out = discard(&d.store, Some(9));
     assert!(out.contains("3 changes pending"), "{out}");
@@ -3966,7 +3981,9 @@ fn a_mount_refused_for_its_store_changes_nothing() {
     fs::write(not_a_store.join("precious"), b"data\n").unwrap();
     let err = mount_fails(&d.backing, &d.mnt, &not_a_store);
     assert!(
-        err.contains("not an isolation store") && err.contains(s(&not_a_store)),
+        err.contains("neither an isolation store (no store.json) nor empty")
+            && err.contains("a new or empty directory")
+            && err.contains(s(&not_a_store)),
         "{err}"
     );
     assert_eq!(

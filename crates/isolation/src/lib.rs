@@ -62,10 +62,26 @@ pub enum Error {
     },
     #[error("a change of {0} bytes is too large for one journal record")]
     TooLarge(u64),
-    #[error("sequence number {asked} is out of range: pending changes are {first}..={last}")]
-    BadSeq { asked: u64, first: u64, last: u64 },
+    #[error("sequence number {asked} is out of range: {}", seq_range(*.committed, *.last))]
+    BadSeq {
+        asked: u64,
+        committed: u64,
+        last: u64,
+    },
     #[error("{0}")]
     Control(String),
+}
+
+/// What a sequence number may be, for [`Error::BadSeq`].
+fn seq_range(committed: u64, last: u64) -> String {
+    if last <= committed {
+        format!("nothing is pending (committed up to {committed})")
+    } else {
+        format!(
+            "committed up to {committed}, pending {}..={last}, so {committed}..={last}",
+            committed + 1
+        )
+    }
 }
 
 impl Error {

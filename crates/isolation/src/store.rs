@@ -373,7 +373,15 @@ impl Store {
                 _lock: lock,
             });
         }
-        let store = Self::open(&dir)?;
+        let store = Self::open(&dir).map_err(|e| match e {
+            // Mounting with --isolate is what the user did: the directory is the trouble.
+            Error::NotAStore(d) => Error::Control(format!(
+                "{} is neither an isolation store (no store.json) nor empty; give --isolate \
+                 a new or empty directory",
+                d.display()
+            )),
+            e => e,
+        })?;
         if store.meta.write_through != write_through {
             return Err(Error::Control(format!(
                 "store {} was made {}; mount it {}",
@@ -606,7 +614,7 @@ impl Store {
         if asked > last || (asked < first && pending.is_none()) {
             return Err(Error::BadSeq {
                 asked,
-                first: first + 1,
+                committed: first,
                 last,
             });
         }
@@ -906,7 +914,7 @@ impl Store {
         if after < first || after > last {
             return Err(Error::BadSeq {
                 asked: after,
-                first,
+                committed: first,
                 last,
             });
         }

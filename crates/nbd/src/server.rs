@@ -212,10 +212,21 @@ impl<'a> Timed<'a> {
         if left.is_zero() {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                "the handshake took too long",
+                "the handshake took too long (--handshake-timeout)",
             ));
         }
         Ok(left)
+    }
+}
+
+/// The socket's timeout says EAGAIN: say what ran out instead.
+fn timed_out(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the handshake took too long (--handshake-timeout)",
+        ),
+        _ => e,
     }
 }
 
@@ -223,7 +234,7 @@ impl Read for Timed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.left()?;
         self.conn.set_read_timeout(Some(left));
-        self.conn.read(buf)
+        self.conn.read(buf).map_err(timed_out)
     }
 }
 
@@ -231,7 +242,7 @@ impl Write for Timed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let left = self.left()?;
         self.conn.set_write_timeout(Some(left));
-        self.conn.write(buf)
+        self.conn.write(buf).map_err(timed_out)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -34,7 +34,7 @@ use crate::filter::{Filter, Op, Request, Verdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
-    #[error("deny rule {rule:?}: expected GLOB:OPS:ERRNO[:uid=N]")]
+    #[error("deny rule {rule:?}: expected GLOB:OPS:ERRNO[:uid=N|:uid!=N]")]
     Shape { rule: String },
     #[error("deny rule {rule:?}: bad glob: {source}")]
     Glob {
