@@ -190,6 +190,22 @@ pub fn create(
     };
     let chunk_size = 1u64 << opts.chunk_shift;
     let chunk_count = size.div_ceil(chunk_size);
+    // The chunk index is held in memory until it is written at the end (it grows by
+    // doubling): a disk that needs more than a quarter of the machine's memory for it is
+    // refused now, not after hours of work or an abort on a failed allocation. (A mapfile
+    // of a few bytes can describe a disk of 2^50 bytes.)
+    let index_bytes = chunk_count.saturating_mul(format::INDEX_ENTRY_SIZE as u64);
+    let memory = memory_total();
+    if index_bytes > memory / 4 {
+        return Err(Error::Invalid(format!(
+            "a disk of {size} bytes in {} KiB chunks needs a chunk index of {} MiB, held in \
+             memory while the image is made: more than a quarter of this machine's {} MiB; \
+             a larger --chunk-size (up to 1M) makes it smaller",
+            chunk_size >> 10,
+            index_bytes >> 20,
+            memory >> 20
+        )));
+    }
     let mut uuid = [0u8; 16];
     rand::Rng::fill(&mut rand::thread_rng(), &mut uuid[..]);
     uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
@@ -644,6 +660,18 @@ fn write_chunks(
         index,
         stats,
     })
+}
+
+/// The machine's memory in bytes (MemTotal), or 16 GiB if /proc does not say.
+fn memory_total() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib.saturating_mul(1024))
+        })
+        .unwrap_or(16 << 30)
 }
 
 /// What the writer thread produced.

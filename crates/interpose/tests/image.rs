@@ -795,6 +795,27 @@ fn bad_arguments_and_malformed_mapfiles_are_refused_clearly() {
             describe(&out)
         );
     }
+    // A mapfile of a few bytes describing a disk of 2^50 bytes: refused at once for the
+    // chunk index it would need in memory (it used to grow that for hours, or abort).
+    let huge = d.join("huge.map");
+    fs::write(
+        &huge,
+        "# Mapfile\n0x0 +\n0x00000000 0x1 +\n0x00000001 0x3FFFFFFFFFFFF ?\n",
+    )
+    .unwrap();
+    fs::write(d.join("one.raw"), b"x").unwrap();
+    let out_huge = Command::new("timeout")
+        .args(["-k", "5", "20", bin(), "image", "create"])
+        .args([s(&d.join("one.raw")), "-o", s(&out), "--mapfile", s(&huge)])
+        .output()
+        .unwrap();
+    assert!(
+        out_huge.status.code() == Some(1)
+            && String::from_utf8_lossy(&out_huge.stderr).contains("needs a chunk index of"),
+        "{}",
+        describe(&out_huge)
+    );
+    assert!(!out.exists());
     // A mapfile from a pipe with a writer (as `<(cmd)` gives) is read.
     let good = "# Mapfile\n0x00000000     +\n0x00000000  0x000186A0  +\n";
     let out_ok = Command::new("sh")

@@ -4244,6 +4244,61 @@ fn synchronous_writes_through_a_write_only_open_reach_the_store_s_disk() {
     drop(fs_);
 }
 
+/// Allocations cost the store nothing, so the view asks BACKING's file system for room
+/// as the file system itself would (a `fallocate` of 1 GiB on 64 MiB: ENOSPC, nothing
+/// recorded); and a commit that runs out of room while allocating (BACKING filled since)
+/// fails without keeping the blocks it got (they were left allocated past the file's
+/// end, unseen), then goes through once there is room.
+#[test]
+fn allocations_need_room_in_backing_and_a_failed_one_gives_it_back() {
+    let d = dirs();
+    let fs_ = LoopFs::new(64);
+    let backing = fs_.dir.join("backing");
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&d.store)]);
+    let free = || {
+        let st = rustix::fs::statvfs(&backing).unwrap();
+        st.f_bfree * st.f_frsize
+    };
+    let huge = File::create(d.mnt.join("huge")).unwrap();
+    let err = rustix::fs::fallocate(&huge, rustix::fs::FallocateFlags::empty(), 0, 1 << 30);
+    assert_eq!(
+        err,
+        Err(rustix::io::Errno::NOSPC),
+        "fallocate of 1 GiB on 64 MiB"
+    );
+    drop(huge);
+    assert_eq!(fs::metadata(d.mnt.join("huge")).unwrap().len(), 0);
+    let pre = File::create(d.mnt.join("pre")).unwrap();
+    rustix::fs::fallocate(&pre, rustix::fs::FallocateFlags::empty(), 0, 24 << 20)
+        .expect("fallocate of 24 MiB on 64 MiB");
+    drop(pre);
+    // BACKING fills up behind the store's back.
+    let filler = backing.join("filler");
+    let mut f = File::create(&filler).unwrap();
+    let block = vec![7u8; 1 << 20];
+    while free() > 16 << 20 {
+        f.write_all(&block).unwrap();
+        f.sync_all().unwrap();
+    }
+    drop(f);
+    let before = free();
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(err.contains("No space left"), "{err}");
+    assert!(
+        free() + (1 << 20) >= before,
+        "the failed commit kept {} KiB of BACKING",
+        (before - free()) >> 10
+    );
+    fs::remove_file(&filler).unwrap();
+    commit(&d.store, None);
+    let pre = backing.join("pre");
+    assert_eq!(fs::metadata(&pre).unwrap().len(), 24 << 20);
+    assert!(read(&pre).iter().all(|&b| b == 0), "pre is not zeros");
+    m.stop();
+    drop(fs_);
+}
+
 /// A commit up to a point must copy the later records into a new journal; when that copy
 /// does not fit, the commit fails and leaves no half-made copy taking the room, and a
 /// commit of everything (which copies nothing) then goes through.

@@ -287,31 +287,36 @@ pub fn apply(
             if *size < cur {
                 f.set_len(*size)?;
             }
-            let mut src = 0;
-            for run in runs {
-                let (off, len) = (run.block * BLOCK, run.count * BLOCK);
-                if run.alloc {
-                    let zeroed = rustix::fs::fallocate(
-                        &f,
-                        rustix::fs::FallocateFlags::ZERO_RANGE
-                            | rustix::fs::FallocateFlags::KEEP_SIZE,
-                        off,
-                        len,
-                    );
-                    zeros_unless_done(zeroed, &f, off, len)?;
-                } else if run.hole {
-                    let punched = rustix::fs::fallocate(
-                        &f,
-                        rustix::fs::FallocateFlags::PUNCH_HOLE
-                            | rustix::fs::FallocateFlags::KEEP_SIZE,
-                        off,
-                        len,
-                    );
-                    zeros_unless_done(punched, &f, off, len)?;
-                } else {
-                    write_parts_at(&f, data, src, len, off)?;
-                    src += len;
+            let applied = (|| -> io::Result<()> {
+                let mut src = 0;
+                for run in runs {
+                    let (off, len) = (run.block * BLOCK, run.count * BLOCK);
+                    if run.alloc {
+                        allocate_zeros(&f, off, len)?;
+                    } else if run.hole {
+                        let punched = rustix::fs::fallocate(
+                            &f,
+                            rustix::fs::FallocateFlags::PUNCH_HOLE
+                                | rustix::fs::FallocateFlags::KEEP_SIZE,
+                            off,
+                            len,
+                        );
+                        zeros_unless_done(punched, &f, off, len)?;
+                    } else {
+                        write_parts_at(&f, data, src, len, off)?;
+                        src += len;
+                    }
                 }
+                Ok(())
+            })();
+            if let Err(e) = applied {
+                // Blocks allocated past the end (KEEP_SIZE) before the failure (a full
+                // disk) would stay taken, unseen; setting the size frees them, as the
+                // set_len below does when all goes well. The change runs again whole.
+                if let Ok(m) = f.metadata() {
+                    let _ = f.set_len(m.len());
+                }
+                return Err(e);
             }
             f.set_len(*size)?;
             if let Some(caps) = caps {
@@ -515,6 +520,24 @@ fn write_parts_at(f: &File, parts: &[&[u8]], src: u64, len: u64, off: u64) -> io
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(())
+}
+
+/// Makes `len` bytes at `off` allocated zeros: ZERO_RANGE, else (tmpfs, say) a punched
+/// hole allocated again, else zeros written.
+fn allocate_zeros(f: &File, off: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::FallocateFlags as F;
+    match rustix::fs::fallocate(f, F::ZERO_RANGE | F::KEEP_SIZE, off, len) {
+        Err(rustix::io::Errno::OPNOTSUPP) => {}
+        done => return zeros_unless_done(done, f, off, len),
+    }
+    match rustix::fs::fallocate(f, F::PUNCH_HOLE | F::KEEP_SIZE, off, len) {
+        Ok(()) => {
+            let allocated = rustix::fs::fallocate(f, F::KEEP_SIZE, off, len);
+            zeros_unless_done(allocated, f, off, len)
+        }
+        Err(rustix::io::Errno::OPNOTSUPP) => write_zeros(f, off, len),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// After a `fallocate` that zeroes a range: done, or zeros written instead where the file

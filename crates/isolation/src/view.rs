@@ -2452,6 +2452,24 @@ impl View {
 
     /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
     /// ZERO_RANGE; others are not supported in an isolated view.
+    /// ENOSPC for allocations of holes the backing file system has no room for, as it
+    /// would give itself: recorded, they cost the store nothing and would fail only at the commit
+    /// (a `fallocate` of 1 TiB filled the disk there). Free blocks, root's reserve
+    /// included, since a commit writes as root.
+    fn room_for(&self, runs: &[Run]) -> Res<()> {
+        let blocks: u64 = runs.iter().filter(|r| r.alloc).map(|r| r.count).sum();
+        if blocks == 0 {
+            return Ok(());
+        }
+        let free = rustix::fs::statvfs(self.backing.path())
+            .map(|s| s.f_bfree.saturating_mul(s.f_frsize))
+            .map_err(|e| e.raw_os_error())?;
+        if blocks.saturating_mul(BLOCK) > free {
+            return Err(libc::ENOSPC);
+        }
+        Ok(())
+    }
+
     pub fn fallocate(&mut self, id: u64, offset: u64, len: u64, mode: i32) -> Res<()> {
         let a = self.live_attr(id)?;
         if !a.is_file() {
@@ -2515,6 +2533,7 @@ impl View {
                     b = stop;
                 }
             }
+            self.room_for(&runs)?;
             if new_size != cur || !runs.is_empty() {
                 self.data_change(id, new_size, runs, &[])?;
             }
