@@ -199,7 +199,7 @@ pub fn create(
     if index_bytes > memory / 4 {
         return Err(Error::Invalid(format!(
             "a disk of {size} bytes in {} KiB chunks needs a chunk index of {} MiB, held in \
-             memory while the image is made: more than a quarter of this machine's {} MiB; \
+             memory while the image is made: more than a quarter of the {} MiB this process may use; \
              a larger --chunk-size (up to 1M) makes it smaller",
             chunk_size >> 10,
             index_bytes >> 20,
@@ -662,16 +662,26 @@ fn write_chunks(
     })
 }
 
-/// The machine's memory in bytes (MemTotal), or 16 GiB if /proc does not say.
+/// The memory this process may use, in bytes: the machine's (MemTotal), or its cgroup's
+/// limit (v2 `memory.max`) where lower; 16 GiB if /proc does not say.
 fn memory_total() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+    let machine = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
             let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kib.saturating_mul(1024))
         })
-        .unwrap_or(16 << 30)
+        .unwrap_or(16 << 30);
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| {
+            let path = c.lines().find_map(|l| l.strip_prefix("0::"))?;
+            let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).ok()?;
+            max.trim().parse::<u64>().ok() // "max": no limit
+        })
+        .unwrap_or(u64::MAX);
+    machine.min(cgroup)
 }
 
 /// What the writer thread produced.

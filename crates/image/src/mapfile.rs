@@ -420,6 +420,12 @@ pub fn read(path: &Path) -> Result<Mapfile> {
     if bytes.len() as u64 > MAX_MAPFILE_LEN {
         return Err(too_big(path, format!("over {MAX_MAPFILE_LEN} bytes")));
     }
+    if fifo && bytes.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: a named pipe that nothing was written to (no writer when it was opened?)",
+            path.display()
+        )));
+    }
     parse_bytes(&bytes, path)
 }
 

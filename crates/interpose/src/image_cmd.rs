@@ -148,11 +148,7 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
                 user,
             };
             // Ctrl-C or SIGTERM stops the build; the partial output is removed.
-            let cancel = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(sig, cancel.clone())
-                    .context("installing signal handlers")?;
-            }
+            let cancel = stop_on_signals()?;
             let pb = bar("create", 0);
             let progress = |done: u64, total: u64| {
                 if let Some(b) = &pb {
@@ -208,11 +204,7 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
                 }
             };
             // Ctrl-C or SIGTERM stops the extract; a file being written is removed.
-            let cancel = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(sig, cancel.clone())
-                    .context("installing signal handlers")?;
-            }
+            let cancel = stop_on_signals()?;
             let bad = if output.as_os_str() == "-" {
                 if std::io::stdout().is_terminal() {
                     bail!("not writing a disk to a terminal; redirect standard output");
@@ -248,6 +240,20 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// A flag SIGINT and SIGTERM set, for the work to stop and clean up; a second signal, when
+/// the first has not ended it (a read from a pipe that never ends, say), exits at once
+/// (status 128 + the signal), leaving at most a temporary file.
+fn stop_on_signals() -> Result<Arc<AtomicBool>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // In this order: the exit looks at the flag before the first signal sets it.
+        signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, cancel.clone())
+            .and_then(|_| signal_hook::flag::register(sig, cancel.clone()))
+            .context("installing signal handlers")?;
+    }
+    Ok(cancel)
 }
 
 /// A writer that fails once `cancel` is set (by a signal), so that a long write ends.

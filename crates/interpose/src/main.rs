@@ -567,17 +567,31 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
 
 fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     use rustix::mount::{unmount, UnmountFlags};
+    // `blk attach` serves its loop device's file from a mount of its own (RUN_DIR/PID):
+    // unmounted, the device would read nothing and no longer be known as interpose's.
+    let attach_pid = std::fs::canonicalize(mountpoint).ok().and_then(|p| {
+        (p.parent()? == std::path::Path::new(interpose_blkdev::RUN_DIR))
+            .then(|| p.file_name()?.to_str()?.parse::<u32>().ok())
+            .flatten()
+    });
     match mounted(mountpoint) {
-        // `blk attach` serves its loop device's file from such a mount: unmounted, the
-        // device would read nothing and no longer be known as interpose's.
-        Some((t, source)) if t == "fuse.interpose" && source == b"interpose-blk" => bail!(
-            "{} holds the file of a loop device of `interpose blk attach`; \
-             detach the device instead: interpose blk detach {}",
-            mountpoint.display(),
-            interpose_blkdev::device_of(mountpoint)
-                .map(|d| d.display().to_string())
-                .unwrap_or_else(|| "DEVICE".into())
-        ),
+        Some((t, source)) if t == "fuse.interpose" && source == b"interpose-blk" => {
+            if let Some(pid) = attach_pid {
+                match interpose_blkdev::device_of(mountpoint) {
+                    Some(dev) => bail!(
+                        "{} holds the file of a loop device of `interpose blk attach`; \
+                         detach the device instead: interpose blk detach {}",
+                        mountpoint.display(),
+                        dev.display()
+                    ),
+                    None => bail!(
+                        "{} holds the file of `interpose blk attach` (pid {pid}); \
+                         end that process instead: kill {pid}",
+                        mountpoint.display()
+                    ),
+                }
+            }
+        }
         Some((t, _)) if t == "fuse.interpose" => {}
         Some((t, _)) => bail!(
             "{} is a {t} mount, not interpose's; unmount it with umount",

@@ -514,6 +514,23 @@ fn fs_unmount_of_an_attach_mount_points_to_blk_detach() {
         .unwrap();
     assert!(buf == data[8192..8192 + 4096], "the device reads wrong");
     a.ends_cleanly_on(libc::SIGTERM, "SIGTERM");
+
+    // A filter mount whose BACKING was given as a relative `interpose-blk` has that source
+    // too: it is no attach's, and unmounts.
+    fs::create_dir(t.path().join("interpose-blk")).unwrap();
+    let mnt = t.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let dir_arg = s(t.path());
+    let m = Mount::start_with_prefix(
+        &["env", "-C", dir_arg],
+        Path::new("interpose-blk"),
+        &mnt,
+        &[],
+    );
+    let out = output(Command::new(bin()).args(["fs", "unmount"]).arg(&mnt));
+    assert!(out.status.success(), "{}", describe(&out));
+    let status = m.wait_exit(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 /// An attach asked to end while its device is held (opened, mounted) serves until it is
@@ -529,15 +546,14 @@ fn a_second_signal_stops_an_attach_whose_device_is_held() {
     let mut a = Attach::start(s(&raw));
     let watchdog = watchdog_of(a.pid);
     let holder = fs::File::open(&a.device).unwrap();
-    let mut child = a.child.take().unwrap();
     let (lines_tx, lines) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
+    let stderr = a.child.as_mut().unwrap().stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = lines_tx.send(line);
         }
     });
-    signal(&child, libc::SIGTERM);
+    signal(a.child.as_ref().unwrap(), libc::SIGTERM);
     // Two signals close together are one to a process that has not yet taken the first:
     // the second goes once the attach says it took the first.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -549,6 +565,7 @@ fn a_second_signal_stops_an_attach_whose_device_is_held() {
             Err(e) => panic!("no word of the first SIGTERM from the attach ({e})"),
         }
     }
+    let mut child = a.child.take().unwrap();
     assert!(
         wait_timeout(&mut child, Duration::from_millis(500)).is_none(),
         "the attach ended while its device was held"

@@ -780,7 +780,10 @@ fn bad_arguments_and_malformed_mapfiles_are_refused_clearly() {
     let fifo = d.join("fifo");
     run(Command::new("mkfifo").arg(&fifo));
     for (args, want) in [
-        (vec![s(&src), "--mapfile", s(&fifo)], "the file is empty"),
+        (
+            vec![s(&src), "--mapfile", s(&fifo)],
+            "a named pipe that nothing was written to",
+        ),
         (vec![s(&fifo)], "not a regular file or a block device"),
     ] {
         let out = Command::new("timeout")
@@ -1194,4 +1197,66 @@ fn extract_follows_links_to_pipes_and_keeps_read_only_outputs() {
         describe(&out)
     );
     assert_eq!(fs::read(&ro).unwrap(), b"keep me");
+}
+
+/// The first SIGTERM asks `create` to stop; one that cannot (it waits for a writer that
+/// never finishes its mapfile) ends at the second, at once, with 128 + the signal.
+#[test]
+fn a_second_signal_ends_a_create_that_cannot_stop() {
+    let t = dir();
+    let d = t.path();
+    let src = d.join("src.raw");
+    fs::write(&src, text(100_000)).unwrap();
+    let fifo = d.join("map");
+    run(Command::new("mkfifo").arg(&fifo));
+    // A writer that holds the pipe open and writes nothing; both are killed when the
+    // test ends.
+    let mut procs = Reaper::default();
+    procs.add(
+        Command::new("sh")
+            .arg("-c")
+            .arg("exec sleep 120 > \"$0\"")
+            .arg(&fifo)
+            .spawn()
+            .unwrap(),
+    );
+    let create = procs.add(
+        Command::new(bin())
+            .args(["image", "create", s(&src), "-o", s(&d.join("out.img"))])
+            .arg("--mapfile")
+            .arg(&fifo)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = procs.0[create].id();
+    let proc_file =
+        |name: &str| fs::read_to_string(format!("/proc/{pid}/{name}")).unwrap_or_default();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "create never {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for("waited in its read of the pipe", &|| {
+        proc_file("wchan").ends_with("pipe_read")
+    });
+    signal(&procs.0[create], libc::SIGTERM);
+    // Taken (no longer pending) and back in its read.
+    wait_for("took the first signal", &|| {
+        proc_file("status")
+            .lines()
+            .any(|l| l.starts_with("ShdPnd:") && l.trim_end().ends_with("0000000000000000"))
+            && proc_file("wchan").ends_with("pipe_read")
+    });
+    assert!(
+        procs.0[create].try_wait().unwrap().is_none(),
+        "the first signal ended it"
+    );
+    signal(&procs.0[create], libc::SIGTERM);
+    let status = wait_timeout(&mut procs.0[create], Duration::from_secs(20))
+        .expect("create did not end at the second signal");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status}");
+    assert!(!d.join("out.img").exists());
 }

@@ -4269,6 +4269,14 @@ fn allocations_need_room_in_backing_and_a_failed_one_gives_it_back() {
     );
     drop(huge);
     assert_eq!(fs::metadata(d.mnt.join("huge")).unwrap().len(), 0);
+    let zeroed = File::create(d.mnt.join("zeroed")).unwrap();
+    let err = rustix::fs::fallocate(&zeroed, rustix::fs::FallocateFlags::ZERO_RANGE, 0, 1 << 30);
+    assert_eq!(
+        err,
+        Err(rustix::io::Errno::NOSPC),
+        "zero range of 1 GiB on 64 MiB"
+    );
+    drop(zeroed);
     let pre = File::create(d.mnt.join("pre")).unwrap();
     rustix::fs::fallocate(&pre, rustix::fs::FallocateFlags::empty(), 0, 24 << 20)
         .expect("fallocate of 24 MiB on 64 MiB");
@@ -4295,6 +4303,19 @@ fn allocations_need_room_in_backing_and_a_failed_one_gives_it_back() {
     let pre = backing.join("pre");
     assert_eq!(fs::metadata(&pre).unwrap().len(), 24 << 20);
     assert!(read(&pre).iter().all(|&b| b == 0), "pre is not zeros");
+    m.stop();
+
+    // Mounted over BACKING itself, the room is asked of BACKING, not of the mount (by
+    // path, the daemon asked itself, and waited for its own answer: a hung mount).
+    let store2 = d.tmp.path().join("store2");
+    let m = Mount::start(&backing, &backing, &["--isolate", s(&store2)]);
+    for cmd in [
+        vec!["fallocate", "-l", "1M", s(&backing.join("over"))],
+        vec!["stat", "-f", s(&backing)],
+    ] {
+        let out = output(Command::new("timeout").args(["-k", "5", "20"]).args(&cmd));
+        assert!(out.status.success(), "{cmd:?}: {}", describe(&out));
+    }
     m.stop();
     drop(fs_);
 }

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -27,28 +27,6 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/scripts")
         .join(name)
-}
-
-/// Kills and reaps child processes when dropped, so that a failing test leaves none
-/// behind (and none holding files open on a mount that is being torn down).
-#[derive(Default)]
-struct Reaper(Vec<Child>);
-
-impl Reaper {
-    fn add(&mut self, child: Child) -> usize {
-        self.0.push(child);
-        self.0.len() - 1
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            // No-ops for children already reaped: std never signals a reaped pid.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// The daemon's process state letter from /proc/PID/stat (`Z` for a zombie), if it exists.

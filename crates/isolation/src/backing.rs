@@ -52,6 +52,13 @@ impl Backing {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The backing file system's statistics, through the root descriptor: by path they
+    /// would ask the mount itself where it is mounted over BACKING (and wait for the
+    /// request being served).
+    pub fn statvfs(&self) -> io::Result<rustix::fs::StatVfs> {
+        rustix::fs::fstatvfs(&self.root).map_err(errno)
+    }
     pub fn dev(&self) -> u64 {
         self.dev
     }

@@ -975,7 +975,7 @@ impl Filesystem for IsolatedFs {
 
     fn statfs(&self, _req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
         let backing = self.0.view.lock().backing.clone();
-        match rustix::fs::statvfs(backing.path()) {
+        match backing.statvfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -986,7 +986,7 @@ impl Filesystem for IsolatedFs {
                 s.f_namemax as u32,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(err(e.raw_os_error())),
+            Err(e) => reply.error(err(e.raw_os_error().unwrap_or(libc::EIO))),
         }
     }
 

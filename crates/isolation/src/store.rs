@@ -911,6 +911,17 @@ impl Store {
         }
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let after = after.unwrap_or(first);
+        let state = self.read_state()?;
+        // (Before the range: after an interrupted commit, what it applied is not pending.)
+        if let Some(st) = state
+            .as_ref()
+            .filter(|st| after < st.applied && after <= last)
+        {
+            return Err(Error::Control(format!(
+                "changes up to {} are in the backing directory already (an interrupted commit); discard --after {} or later",
+                st.applied, st.applied
+            )));
+        }
         if after < first || after > last {
             return Err(Error::BadSeq {
                 asked: after,
@@ -918,13 +929,7 @@ impl Store {
                 last,
             });
         }
-        if let Some(st) = self.read_state()? {
-            if after < st.applied {
-                return Err(Error::Control(format!(
-                    "changes up to {} are in the backing directory already (an interrupted commit); discard --after {} or later",
-                    st.applied, st.applied
-                )));
-            }
+        if let Some(st) = state {
             if let Some(end) = unrecorded_end(records, &st) {
                 // A commit cut short (killed) may have applied changes after `applied`
                 // without recording them, up to its next fence: those cannot be thrown

@@ -2450,26 +2450,78 @@ impl View {
         self.data_change(id, size, Vec::new(), &[])
     }
 
-    /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
-    /// ZERO_RANGE; others are not supported in an isolated view.
-    /// ENOSPC for allocations of holes the backing file system has no room for, as it
-    /// would give itself: recorded, they cost the store nothing and would fail only at the commit
-    /// (a `fallocate` of 1 TiB filled the disk there). Free blocks, root's reserve
-    /// included, since a commit writes as root.
-    fn room_for(&self, runs: &[Run]) -> Res<()> {
-        let blocks: u64 = runs.iter().filter(|r| r.alloc).map(|r| r.count).sum();
+    /// ENOSPC for an allocation of `blocks` blocks the backing file system has no room
+    /// for, as it would give itself: recorded, an allocation costs the store nothing and
+    /// would fail only at the commit (a `fallocate` of 1 TiB filled the disk there). Free
+    /// blocks include root's reserve when the daemon is root, as its commits write as root.
+    /// One call is judged alone: allocations pending together can still outgrow BACKING.
+    fn room_for(&self, blocks: u64) -> Res<()> {
         if blocks == 0 {
             return Ok(());
         }
-        let free = rustix::fs::statvfs(self.backing.path())
-            .map(|s| s.f_bfree.saturating_mul(s.f_frsize))
-            .map_err(|e| e.raw_os_error())?;
-        if blocks.saturating_mul(BLOCK) > free {
+        let st = self
+            .backing
+            .statvfs()
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+        let free = if rustix::process::geteuid().is_root() {
+            st.f_bfree
+        } else {
+            st.f_bavail
+        };
+        if blocks.saturating_mul(BLOCK) > free.saturating_mul(st.f_frsize) {
             return Err(libc::ENOSPC);
         }
         Ok(())
     }
 
+    /// The blocks in `first..=last` of node `id` that read as holes now (mapped as holes,
+    /// or past the backing file's bytes and unmapped), as allocation runs.
+    fn hole_runs(&self, id: u64, cur: u64, first: u64, last: u64) -> Res<Vec<Run>> {
+        let n = self.node(id)?;
+        let limit = n
+            .data
+            .as_ref()
+            .map_or(if n.has_base() { cur } else { 0 }, |d| d.origin_limit);
+        let empty = BlockMap::default();
+        let blocks = n.data.as_ref().map_or(&empty, |d| &d.blocks);
+        // Blocks past the backing file's bytes that nothing maps are holes too.
+        let first_unbacked = limit.div_ceil(BLOCK);
+        let mut runs: Vec<Run> = Vec::new();
+        let mut hole = |block: u64, count: u64| match runs.last_mut() {
+            Some(r) if r.block + r.count == block => r.count += count,
+            _ => runs.push(Run {
+                block,
+                count,
+                hole: false,
+                alloc: true,
+            }),
+        };
+        let mut b = first;
+        while b <= last {
+            let stop = match blocks.get(b) {
+                Some((loc, run)) => {
+                    let stop = (b + run).min(last + 1);
+                    if loc == Loc::Hole {
+                        hole(b, stop - b);
+                    }
+                    stop
+                }
+                None => {
+                    let stop = blocks.next_mapped(b).unwrap_or(u64::MAX).min(last + 1);
+                    let from = b.max(first_unbacked);
+                    if from < stop {
+                        hole(from, stop - from);
+                    }
+                    stop
+                }
+            };
+            b = stop;
+        }
+        Ok(runs)
+    }
+
+    /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
+    /// ZERO_RANGE; others are not supported in an isolated view.
     pub fn fallocate(&mut self, id: u64, offset: u64, len: u64, mode: i32) -> Res<()> {
         let a = self.live_attr(id)?;
         if !a.is_file() {
@@ -2478,7 +2530,6 @@ impl View {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
         let cur = a.size;
-        let n = self.node(id)?;
         let new_size = if keep { cur } else { cur.max(end) };
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
@@ -2491,49 +2542,12 @@ impl View {
         }
         if !punch && !zero {
             // Allocation: blocks that are holes now become allocated zeros.
-            let limit = n
-                .data
-                .as_ref()
-                .map_or(if n.has_base() { cur } else { 0 }, |d| d.origin_limit);
-            let empty = BlockMap::default();
-            let blocks = n.data.as_ref().map_or(&empty, |d| &d.blocks);
-            // Blocks past the backing file's bytes that nothing maps are holes too.
-            let first_unbacked = limit.div_ceil(BLOCK);
-            let mut runs: Vec<Run> = Vec::new();
-            let mut hole = |block: u64, count: u64| match runs.last_mut() {
-                Some(r) if r.block + r.count == block => r.count += count,
-                _ => runs.push(Run {
-                    block,
-                    count,
-                    hole: false,
-                    alloc: true,
-                }),
+            let runs = if len > 0 {
+                self.hole_runs(id, cur, offset / BLOCK, (end - 1) / BLOCK)?
+            } else {
+                Vec::new()
             };
-            if len > 0 {
-                let last = (end - 1) / BLOCK;
-                let mut b = offset / BLOCK;
-                while b <= last {
-                    let stop = match blocks.get(b) {
-                        Some((loc, run)) => {
-                            let stop = (b + run).min(last + 1);
-                            if loc == Loc::Hole {
-                                hole(b, stop - b);
-                            }
-                            stop
-                        }
-                        None => {
-                            let stop = blocks.next_mapped(b).unwrap_or(u64::MAX).min(last + 1);
-                            let from = b.max(first_unbacked);
-                            if from < stop {
-                                hole(from, stop - from);
-                            }
-                            stop
-                        }
-                    };
-                    b = stop;
-                }
-            }
-            self.room_for(&runs)?;
+            self.room_for(runs.iter().map(|r| r.count).sum())?;
             if new_size != cur || !runs.is_empty() {
                 self.data_change(id, new_size, runs, &[])?;
             }
@@ -2574,6 +2588,15 @@ impl View {
         }
         if runs.is_empty() && new_size == cur {
             return Ok(());
+        }
+        if zero {
+            // Whole blocks zeroed become allocated: new room for those that are holes now.
+            let mut new_blocks = 0;
+            for r in runs.iter().filter(|r| r.alloc) {
+                let holes = self.hole_runs(id, cur, r.block, r.block + r.count - 1)?;
+                new_blocks += holes.iter().map(|h| h.count).sum::<u64>();
+            }
+            self.room_for(new_blocks)?;
         }
         let slices: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
         self.data_change(id, new_size, runs, &slices)

@@ -160,7 +160,7 @@ pub struct Server {
     handshaking: Mutex<std::collections::VecDeque<u64>>,
 }
 
-/// Connections in their handshake at once. Each costs a thread and two descriptors until
+/// Connections in their handshake at once. Each costs a thread and a descriptor until
 /// it ends or its handshake times out, and clients that connect and say nothing would
 /// otherwise hold the server's descriptors until no one else can connect. Past this, the
 /// oldest is closed for the newest: a real client is through in milliseconds, so a flood

@@ -527,3 +527,25 @@ pub fn assert_synchronous_writes_flush(fs: &LoopFs, path: &Path) {
         );
     }
 }
+
+/// Kills and reaps child processes when dropped, so that a failing test leaves none
+/// behind (and none holding files open on a mount that is being torn down).
+#[derive(Default)]
+pub struct Reaper(pub Vec<Child>);
+
+impl Reaper {
+    pub fn add(&mut self, child: Child) -> usize {
+        self.0.push(child);
+        self.0.len() - 1
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            // No-ops for children already reaped: std never signals a reaped pid.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
