@@ -4320,6 +4320,63 @@ fn allocations_need_room_in_backing_and_a_failed_one_gives_it_back() {
     drop(fs_);
 }
 
+/// A commit allocates zeros on a file system without ZERO_RANGE (tmpfs) by punching and
+/// allocating: the file has the view's bytes and its allocated blocks.
+#[test]
+fn allocations_commit_to_a_file_system_without_zero_range() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("backing-tmpfs"), "16m");
+    let backing = tmpfs.0.join("backing");
+    fs::create_dir(&backing).unwrap();
+    fs::write(backing.join("old"), pattern(3 << 20, 4)).unwrap();
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&d.store)]);
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(d.mnt.join("new"))
+        .unwrap();
+    f.write_all_at(b"head", 0).unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, 2 << 20).unwrap();
+    drop(f);
+    let old = OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("old"))
+        .unwrap();
+    rustix::fs::fallocate(
+        &old,
+        rustix::fs::FallocateFlags::ZERO_RANGE,
+        1 << 20,
+        1 << 20,
+    )
+    .unwrap();
+    drop(old);
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "after a commit to tmpfs",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&backing, NO_MTIME),
+    );
+    let new = fs::metadata(backing.join("new")).unwrap();
+    assert_eq!(new.len(), 2 << 20);
+    assert!(
+        new.blocks() * 512 >= 2 << 20,
+        "{} blocks allocated",
+        new.blocks()
+    );
+    let mut want = pattern(3 << 20, 4);
+    want[1 << 20..2 << 20].fill(0);
+    assert!(
+        read(&backing.join("old")) == want,
+        "old after the zeroed range"
+    );
+    m.stop();
+    drop(tmpfs);
+}
+
 /// A commit up to a point must copy the later records into a new journal; when that copy
 /// does not fit, the commit fails and leaves no half-made copy taking the room, and a
 /// commit of everything (which copies nothing) then goes through.
