@@ -4320,6 +4320,44 @@ fn allocations_need_room_in_backing_and_a_failed_one_gives_it_back() {
     drop(fs_);
 }
 
+/// A mounted discard that would keep a change no longer fitting BACKING (a name made there
+/// behind the store's back) is refused before it cuts anything: it used to cut the
+/// journal, fail to rebuild the view, and leave the mount showing the discarded changes
+/// (reads of them EIO) over a journal that no longer held them.
+#[test]
+fn a_mounted_discard_that_cannot_rebuild_the_view_discards_nothing() {
+    let d = dirs();
+    let m = d.mount();
+    fs::write(d.mnt.join("a"), b"a\n").unwrap();
+    fs::write(d.mnt.join("x"), b"x\n").unwrap();
+    fs::write(d.mnt.join("y"), b"y\n").unwrap();
+    fs::write(d.mnt.join("y"), b"y, changed\n").unwrap();
+    fs::write(d.backing.join("x"), b"made behind the store's back\n").unwrap();
+    let err = iso_fails("commit", &d.store, &[]);
+    assert!(err.contains("behind the store's back"), "{err}");
+    let last = num(&status(&d.store), "last_seq");
+    let err = iso_fails("discard", &d.store, &["--after", &(last - 1).to_string()]);
+    assert!(err.contains("nothing was discarded"), "{err}");
+    assert_eq!(
+        num(&status(&d.store), "last_seq"),
+        last,
+        "the journal was cut"
+    );
+    assert_eq!(read(&d.mnt.join("y")), b"y, changed\n");
+    fs::write(d.mnt.join("z"), b"z\n").unwrap();
+    fs::remove_file(d.backing.join("x")).unwrap();
+    let view = manifest(&d.mnt, NO_MTIME);
+    commit(&d.store, None);
+    assert_same(
+        "after the commit",
+        "the view",
+        &view,
+        "backing",
+        &manifest(&d.backing, NO_MTIME),
+    );
+    m.stop();
+}
+
 /// A commit allocates zeros on a file system without ZERO_RANGE (tmpfs) by punching and
 /// allocating: the file has the view's bytes and its allocated blocks.
 #[test]

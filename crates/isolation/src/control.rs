@@ -216,6 +216,21 @@ fn handle(
                 v.sync()
                     .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
                 let recs = v.journal.records()?;
+                // The view the discard would leave, first: a change kept that no longer
+                // replays onto BACKING (changed behind the store's back) refuses the
+                // discard before it cuts anything. Cut first, the mount kept showing the
+                // discarded changes, over a journal that no longer held them.
+                let mut trial = View::new(v.backing.clone(), v.journal.snapshot())?;
+                trial.mode = v.mode.clone();
+                trial
+                    .replay(&store.kept_by_discard(&recs, req.after)?)
+                    .map_err(|e| {
+                        Error::Control(format!(
+                            "{e}; nothing was discarded: discard after an earlier change, \
+                             before the one that no longer fits"
+                        ))
+                    })?;
+                drop(trial);
                 let mut stale: Vec<(u64, Option<(u64, std::ffi::OsString)>)> =
                     v.ids().into_iter().map(|i| (i, None)).collect();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));

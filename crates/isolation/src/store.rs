@@ -516,6 +516,23 @@ impl Store {
         Ok((j, recs))
     }
 
+    /// The records of `records` (the journal's, as they are) a `discard --after` would
+    /// leave pending, without discarding anything: to see first that they still make a
+    /// view (a change that no longer fits BACKING cannot be kept).
+    pub fn kept_by_discard(
+        &self,
+        records: &[Record],
+        after: Option<u64>,
+    ) -> Result<Vec<Record>, Error> {
+        let applied = self.read_state()?.map_or(0, |st| st.applied);
+        let after = after.unwrap_or(0);
+        Ok(records
+            .iter()
+            .filter(|r| r.seq > applied && r.seq <= after)
+            .cloned()
+            .collect())
+    }
+
     fn read_state(&self) -> Result<Option<CommitState>, Error> {
         let p = self.dir.join(COMMIT);
         match std::fs::read(&p) {
