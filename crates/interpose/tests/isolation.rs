@@ -4358,6 +4358,59 @@ fn a_mounted_discard_that_cannot_rebuild_the_view_discards_nothing() {
     m.stop();
 }
 
+/// A mounted discard that fails part-way for want of room (its copy of the journal, after
+/// it cut the journal) still leaves the mount showing what the store holds: the view used
+/// to stay as it was, showing the discarded change (reads EIO) and recording new ones
+/// against it, which wedged the store's later commits (found by a stress run).
+#[test]
+fn a_discard_that_runs_out_of_room_leaves_the_view_as_the_store_says() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "8m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("first"), b"first\n").unwrap();
+    let mut written = Vec::new();
+    for i in 0..16 {
+        let name = format!("f{i}");
+        let data = pattern(1 << 20, i as u8);
+        let ok = File::create(d.mnt.join(&name))
+            .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
+        if ok.is_err() {
+            break;
+        }
+        written.push((name, data));
+    }
+    assert!(written.len() >= 3, "{} files fit", written.len());
+    // A commit of the first change must copy the rest into a new journal: no room.
+    let err = iso_fails("commit", &store, &["--upto", "2"]);
+    assert!(err.contains("No space left"), "{err}");
+    // Discarding the last change cuts little; copying the others finds no room either.
+    let last = num(&status(&store), "last_seq");
+    let err = iso_fails("discard", &store, &["--after", &(last - 1).to_string()]);
+    assert!(err.contains("No space left"), "{err}");
+    // Whatever the store now holds, the mount shows it, readable.
+    let view = manifest(&d.mnt, NO_MTIME);
+    let (last_name, _) = written.last().unwrap();
+    let _ = fs::read(d.mnt.join(last_name)).map_err(|e| {
+        assert_ne!(
+            e.raw_os_error(),
+            Some(libc::EIO),
+            "{last_name} reads EIO: {e}"
+        )
+    });
+    m.stop();
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    assert_same(
+        "after the failed discard",
+        "the mount before",
+        &view,
+        "the mount rebuilt from the store",
+        &manifest(&d.mnt, NO_MTIME),
+    );
+    m.stop();
+    drop(tmpfs);
+}
+
 /// A commit allocates zeros on a file system without ZERO_RANGE (tmpfs) by punching and
 /// allocating: the file has the view's bytes and its allocated blocks.
 #[test]

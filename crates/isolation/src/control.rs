@@ -234,10 +234,19 @@ fn handle(
                 let mut stale: Vec<(u64, Option<(u64, std::ffi::OsString)>)> =
                     v.ids().into_iter().map(|i| (i, None)).collect();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
-                let kept = store.discard(&mut v.journal, &recs, req.after)?;
-                rebuild(store, &mut v, false, None)?;
+                // Whatever happened, the view is rebuilt from what the store now says: a
+                // discard that failed part-way (no room for its copy of the journal) may
+                // have cut the journal already, and a view left as it was went on
+                // showing, and recording against, the changes it no longer held.
+                let kept = store.discard(&mut v.journal, &recs, req.after);
+                let rebuilt = rebuild(store, &mut v, false, None);
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
-                (kept.len(), stale)
+                let answer = match (kept, rebuilt) {
+                    (Ok(kept), Ok(())) => Ok(kept.len()),
+                    // The discard's error is the one to report.
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                };
+                (answer, stale)
             };
             // Outside the lock: the kernel may call back into us while invalidating.
             if let Some(n) = shared.notifier.lock().clone() {
@@ -253,7 +262,7 @@ fn handle(
                     }
                 }
             }
-            Ok(json!({"pending_changes": kept}))
+            Ok(json!({ "pending_changes": kept? }))
         }
         other => Err(Error::Control(format!("unknown command {other:?}"))),
     }
