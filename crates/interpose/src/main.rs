@@ -569,27 +569,27 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     use rustix::mount::{unmount, UnmountFlags};
     // `blk attach` serves its loop device's file from a mount of its own (RUN_DIR/PID):
     // unmounted, the device would read nothing and no longer be known as interpose's.
-    let attach_pid = std::fs::canonicalize(mountpoint).ok().and_then(|p| {
+    let attach_pid = || {
+        let p = std::fs::canonicalize(mountpoint).ok()?;
         (p.parent()? == std::path::Path::new(interpose_blkdev::RUN_DIR))
             .then(|| p.file_name()?.to_str()?.parse::<u32>().ok())
             .flatten()
-    });
+    };
     match mounted(mountpoint) {
         Some((t, source)) if t == "fuse.interpose" && source == b"interpose-blk" => {
-            if let Some(pid) = attach_pid {
-                match interpose_blkdev::device_of(mountpoint) {
-                    Some(dev) => bail!(
-                        "{} holds the file of a loop device of `interpose blk attach`; \
-                         detach the device instead: interpose blk detach {}",
-                        mountpoint.display(),
-                        dev.display()
-                    ),
-                    None => bail!(
-                        "{} holds the file of `interpose blk attach` (pid {pid}); \
-                         end that process instead: kill {pid}",
-                        mountpoint.display()
-                    ),
-                }
+            match (attach_pid(), interpose_blkdev::device_of(mountpoint)) {
+                (None, _) => {}
+                (Some(_), Some(dev)) => bail!(
+                    "{} holds the file of a loop device of `interpose blk attach`; \
+                     detach the device instead: interpose blk detach {}",
+                    mountpoint.display(),
+                    dev.display()
+                ),
+                (Some(pid), None) => bail!(
+                    "{} holds the file of `interpose blk attach` (pid {pid}); \
+                     end that process instead: kill {pid}",
+                    mountpoint.display()
+                ),
             }
         }
         Some((t, _)) if t == "fuse.interpose" => {}

@@ -1772,6 +1772,26 @@ fn nbdfuse_shows_the_export_as_a_file_with_eio_only_on_bad_pages() {
     assert!(failed > 0, "no page failed");
 }
 
+/// `blk serve RAW` on `sock` with at most `nofile` descriptors and a handshake timeout of
+/// 600 s (no silent client is closed while a test counts).
+fn serve_with_nofile(nofile: u32, raw: &Path, sock: &Path, dir: &Path) -> Server {
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}:{nofile}"))
+        .args([bin(), "blk", "serve", "--log", "info"])
+        .args(["--handshake-timeout", "600"])
+        .arg(raw)
+        .arg("--unix")
+        .arg(sock);
+    Server::spawn(cmd, Some(sock.to_path_buf()), dir)
+}
+
+/// `n` clients connected to `sock` that say nothing.
+fn silent_clients(sock: &Path, n: usize) -> Vec<std::os::unix::net::UnixStream> {
+    (0..n)
+        .map(|_| std::os::unix::net::UnixStream::connect(sock).unwrap())
+        .collect()
+}
+
 /// A server out of descriptors (RLIMIT_NOFILE) or threads (RLIMIT_NPROC, for a non-root
 /// server) refuses or delays the connections it cannot take, says so once, and serves
 /// the others and the next ones. It used to spin on accept, logging each failure
@@ -1797,18 +1817,8 @@ fn a_server_out_of_descriptors_or_threads_serves_on() {
     // one and a copy) ran out on the copy at one of them, and closed each waiting client
     // at once instead of leaving the backlog to wait (seen in CI).
     for nofile in [40, 41] {
-        let mut cmd = Command::new("prlimit");
-        // (A long handshake timeout: no stalled client is closed while the test counts.)
-        cmd.arg(format!("--nofile={nofile}:{nofile}"))
-            .args([bin(), "blk", "serve", "--log", "info"])
-            .args(["--handshake-timeout", "600"])
-            .arg(&raw)
-            .arg("--unix")
-            .arg(&sock);
-        let server = Server::spawn(cmd, Some(sock.clone()), dir);
-        let stalled: Vec<_> = (0..100)
-            .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
-            .collect();
+        let server = serve_with_nofile(nofile, &raw, &sock, dir);
+        let stalled = silent_clients(&sock, 100);
         let log_has = |what: &str| {
             let deadline = Instant::now() + Duration::from_secs(20);
             while !server.stderr().contains(what) {
@@ -1926,16 +1936,8 @@ fn silent_connections_cannot_lock_out_a_real_client() {
     fs::write(&raw, random(1 << 20, 5)).unwrap();
     let sock = dir.join("s.sock");
     let uri = format!("nbd+unix:///?socket={}", s(&sock));
-    let mut cmd = Command::new("prlimit");
-    cmd.args(["--nofile=256:256", bin(), "blk", "serve", "--log", "info"])
-        .args(["--handshake-timeout", "600"])
-        .arg(&raw)
-        .arg("--unix")
-        .arg(&sock);
-    let server = Server::spawn(cmd, Some(sock.clone()), dir);
-    let silent: Vec<_> = (0..400)
-        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
-        .collect();
+    let server = serve_with_nofile(256, &raw, &sock, dir);
+    let silent = silent_clients(&sock, 400);
     let out = client_bytes(
         "a client among 400 silent ones",
         Command::new("timeout").args(["20", "nbdcopy", &uri, "-"]),

@@ -210,22 +210,23 @@ impl<'a> Timed<'a> {
     fn left(&self) -> io::Result<Duration> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the handshake took too long (--handshake-timeout)",
-            ));
+            return Err(too_long());
         }
         Ok(left)
     }
 }
 
+fn too_long() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the handshake took too long (--handshake-timeout)",
+    )
+}
+
 /// The socket's timeout says EAGAIN: say what ran out instead.
 fn timed_out(e: io::Error) -> io::Error {
     match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
-            io::ErrorKind::TimedOut,
-            "the handshake took too long (--handshake-timeout)",
-        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => too_long(),
         _ => e,
     }
 }
