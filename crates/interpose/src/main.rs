@@ -726,13 +726,19 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 IsolationCommand::Commit { upto, .. } => {
                     let backing = store.backing()?;
                     let (j, recs) = store.journal()?;
-                    let (j, rest) = store.commit(&backing, &j, &recs, *upto, &mut progress)?;
+                    let done = store.commit(&backing, &j, &recs, *upto, &mut progress);
+                    // With the replaced journal closed: its room is back.
+                    drop(j);
+                    store.keep_reserve();
+                    let (j, rest) = done?;
                     serde_json::json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()})
                 }
                 IsolationCommand::Discard { after, .. } => {
                     let (mut j, recs) = store.journal()?;
-                    let kept = store.discard(&mut j, &recs, *after)?;
-                    serde_json::json!({"pending_changes": kept.len()})
+                    let kept = store.discard(&mut j, &recs, *after);
+                    drop(j);
+                    store.keep_reserve();
+                    serde_json::json!({"pending_changes": kept?.len()})
                 }
             }
         }

@@ -4694,9 +4694,10 @@ fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
     drop((small, store_fs));
 }
 
-/// A commit on a store whose file system is full to the last byte fails before applying
-/// anything, names the file it could not write, and leaves nothing behind; it works once
-/// there is room.
+/// A commit on a store whose file system is full to the last byte (here filled from
+/// outside) starts with the room the store held back (its reserve); without a reserve it
+/// fails before applying anything, names the file it could not write, and leaves nothing
+/// behind; it works once there is room, and the reserve is back.
 #[test]
 fn a_commit_that_cannot_start_leaves_no_state_behind() {
     let d = dirs();
@@ -4704,11 +4705,28 @@ fn a_commit_that_cannot_start_leaves_no_state_behind() {
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("f"), b"f\n").unwrap();
+    let f_seq = num(&status(&store), "last_seq");
+    fs::write(d.mnt.join("g"), b"g\n").unwrap();
     m.stop();
+    assert!(reserve_held(&store), "no reserve in a new store");
     let filler = tmpfs.0.join("filler");
-    let mut f = File::create(&filler).unwrap();
-    while f.write_all(&[0u8; 4096]).is_ok() {}
-    drop(f);
+    let fill = || {
+        let mut f = File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        assert_eq!(
+            free_bytes(&tmpfs.0),
+            0,
+            "the store's file system is not full"
+        );
+    };
+    fill();
+    iso("commit", &store, &["--upto", &f_seq.to_string()]);
+    assert_eq!(read(&d.backing.join("f")), b"f\n");
+    assert!(!d.backing.join("g").exists(), "committed past --upto");
+    // No reserve: the commit cannot start.
+    fs::remove_file(&filler).unwrap();
+    let _ = fs::remove_file(store.join("reserve"));
+    fill();
     let err = iso_fails("commit", &store, &[]);
     assert!(
         err.contains("commit.tmp") && err.contains("No space left"),
@@ -4716,13 +4734,129 @@ fn a_commit_that_cannot_start_leaves_no_state_behind() {
     );
     assert!(!store.join("commit.tmp").exists(), "commit.tmp left behind");
     assert!(
-        !d.backing.join("f").exists(),
+        !d.backing.join("g").exists(),
         "a change applied by a commit that failed"
     );
     fs::remove_file(&filler).unwrap();
     iso("commit", &store, &[]);
-    assert_eq!(read(&d.backing.join("f")), b"f\n");
+    assert_eq!(read(&d.backing.join("g")), b"g\n");
+    assert!(reserve_held(&store), "the reserve was not made again");
     drop(tmpfs);
+}
+
+/// Whether `store` holds its whole reserve (64 KiB allocated).
+fn reserve_held(store: &Path) -> bool {
+    fs::metadata(store.join("reserve")).is_ok_and(|m| m.blocks() * 512 >= 64 << 10)
+}
+
+/// Bytes free on the file system of `p` (for root too).
+fn free_bytes(p: &Path) -> u64 {
+    let st = rustix::fs::statvfs(p).unwrap();
+    st.f_bfree * st.f_frsize
+}
+
+/// A store that filled its file system to the last block through the mount (4 KiB writes,
+/// then names, until not even a name fits) commits, mounted and unmounted, with the room
+/// it held back: the commit's state and the new journal need room before the commit frees
+/// any, and a store full to the last block used to refuse the commit (ENOSPC on
+/// commit.tmp) until something else made room. After it the mount takes changes again and
+/// the reserve is back.
+#[test]
+fn a_store_full_to_the_last_block_commits_mounted_and_unmounted() {
+    for mounted in [true, false] {
+        let d = dirs();
+        let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+        let store = tmpfs.0.join("store");
+        let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+        let block = pattern(4096, 3);
+        let mut f = File::create(d.mnt.join("big")).unwrap();
+        let mut written = 0usize;
+        while f.write_all(&block).is_ok() {
+            written += block.len();
+            assert!(written <= 4 << 20, "4 MiB written into a 2 MiB store");
+        }
+        drop(f);
+        let mut names = 0;
+        while File::create(d.mnt.join(format!("n{names}"))).is_ok() {
+            names += 1;
+            assert!(names < 100_000, "names never filled the store");
+        }
+        assert_eq!(
+            free_bytes(&tmpfs.0),
+            0,
+            "mounted {mounted}: the store's file system is not full after {written} bytes and {names} names"
+        );
+        let view = manifest(&d.mnt, NO_MTIME);
+        let m = if mounted {
+            Some(m)
+        } else {
+            m.stop();
+            None
+        };
+        iso("commit", &store, &[]);
+        assert_eq!(
+            num(&status(&store), "pending_changes"),
+            0,
+            "mounted {mounted}"
+        );
+        assert_same(
+            &format!("a commit of a full store, mounted {mounted}"),
+            "the view",
+            &view,
+            "backing",
+            &manifest(&d.backing, NO_MTIME),
+        );
+        assert!(
+            reserve_held(&store),
+            "mounted {mounted}: the reserve was not made again"
+        );
+        let m = m.unwrap_or_else(|| Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]));
+        fs::write(d.mnt.join("after"), &block).expect("a write after the commit");
+        assert_eq!(read(&d.mnt.join("after")), block);
+        m.stop();
+        drop(tmpfs);
+    }
+}
+
+/// A mounted commit whose changes are done but whose view cannot be rebuilt (a change
+/// kept pending no longer fits BACKING: a name made there behind the store's back) says
+/// so, and the mount takes no more changes (EROFS): they used to be recorded in the journal
+/// the commit had replaced, which no remount would see. The store can then be discarded
+/// (or the name removed) and mounted again.
+#[test]
+fn a_mounted_commit_whose_view_cannot_be_rebuilt_takes_no_more_changes() {
+    let d = dirs();
+    let m = d.mount();
+    fs::write(d.mnt.join("a"), b"a\n").unwrap();
+    let upto = num(&status(&d.store), "last_seq");
+    fs::write(d.mnt.join("x"), b"x\n").unwrap();
+    fs::write(d.backing.join("x"), b"made behind the store's back\n").unwrap();
+    let err = iso_fails("commit", &d.store, &["--upto", &upto.to_string()]);
+    assert!(
+        err.contains("the commit is done") && err.contains("takes no more changes"),
+        "{err}"
+    );
+    assert_eq!(read(&d.backing.join("a")), b"a\n");
+    let res = fs::write(d.mnt.join("z"), b"z\n");
+    assert_eq!(
+        res.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EROFS)),
+        "a change after the view could not be rebuilt: {res:?}"
+    );
+    assert_eq!(read(&d.mnt.join("a")), b"a\n", "reads go on");
+    m.stop();
+    assert_eq!(num(&status(&d.store), "committed_upto"), upto);
+    let err = mount_fails(&d.backing, &d.mnt, &d.store);
+    assert!(
+        err.contains("(create x)") && err.contains("exists"),
+        "{err}"
+    );
+    iso("discard", &d.store, &[]);
+    let m = d.mount();
+    assert_eq!(read(&d.mnt.join("x")), b"made behind the store's back\n");
+    fs::write(d.mnt.join("z"), b"z\n").unwrap();
+    assert_eq!(read(&d.mnt.join("z")), b"z\n");
+    m.stop();
 }
 
 /// A create in a directory with a default ACL is recorded as the create and the ACL it

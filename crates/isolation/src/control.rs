@@ -196,18 +196,32 @@ fn handle(
             };
             // Whatever happened, the view is rebuilt from what the store now says: the
             // journal the commit opened again, or (after a failure) the one on disk.
-            match store.commit(&backing, &v.journal, &recs, req.upto, &mut progress) {
-                Ok((j, rest)) => {
-                    let answer =
-                        json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()});
-                    rebuild(store, &mut v, true, Some((j, rest)))?;
-                    Ok(answer)
+            let (answer, opened) =
+                match store.commit(&backing, &v.journal, &recs, req.upto, &mut progress) {
+                    Ok((j, rest)) => (
+                        Ok(json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()})),
+                        Some((j, rest)),
+                    ),
+                    Err(e) => (Err(e), None),
+                };
+            // A commit that failed before replacing the journal leaves the old view right:
+            // what it applied is in BACKING and still in the view.
+            let replaced = opened.is_some() || !v.journal.is_at(&jpath);
+            let rebuilt = match rebuild(store, &mut v, true, opened) {
+                Err(e) if !replaced => {
+                    tracing::warn!("the view could not be rebuilt after the failed commit: {e}; it stays as it was");
+                    Ok(())
                 }
-                Err(e) => {
-                    // The commit's error is the one to report.
-                    let _ = rebuild(store, &mut v, true, None);
-                    Err(e)
-                }
+                other => refuse_unless_rebuilt(&mut v, other),
+            };
+            // Under the view's lock, before changes can take the room the commit gave back.
+            store.keep_reserve();
+            drop(v);
+            match (answer, rebuilt) {
+                (Ok(a), Ok(())) => Ok(a),
+                (Ok(_), Err(e)) => Err(Error::Control(format!("the commit is done, but {e}"))),
+                (Err(e), Ok(())) => Err(e),
+                (Err(e), Err(re)) => Err(Error::Control(format!("{e}; and {re}"))),
             }
         }
         "discard" => {
@@ -240,11 +254,14 @@ fn handle(
                 // showing, and recording against, the changes it no longer held.
                 let kept = store.discard(&mut v.journal, &recs, req.after);
                 let rebuilt = rebuild(store, &mut v, false, None);
+                let rebuilt = refuse_unless_rebuilt(&mut v, rebuilt);
+                store.keep_reserve();
                 stale.extend(v.bound_names().into_iter().map(|(p, n)| (p, Some((p, n)))));
                 let answer = match (kept, rebuilt) {
                     (Ok(kept), Ok(())) => Ok(kept.len()),
-                    // The discard's error is the one to report.
-                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                    (Ok(_), Err(e)) => Err(Error::Control(format!("the discard is done, but {e}"))),
+                    (Err(e), Ok(())) => Err(e),
+                    (Err(e), Err(re)) => Err(Error::Control(format!("{e}; and {re}"))),
                 };
                 (answer, stale)
             };
@@ -266,6 +283,24 @@ fn handle(
         }
         other => Err(Error::Control(format!("unknown command {other:?}"))),
     }
+}
+
+/// `rebuilt`, the result of [`rebuild`] after a commit or discard that changed the
+/// journal: if the view could not be rebuilt, the old one takes no more changes, which
+/// would be recorded in a journal replaced or cut since, and lost. The error says what to
+/// do.
+fn refuse_unless_rebuilt(v: &mut View, rebuilt: Result<(), Error>) -> Result<(), Error> {
+    rebuilt.map_err(|e| {
+        tracing::error!(
+            "the view could not be rebuilt from the store: {e}; taking no more changes"
+        );
+        v.journal.refuse_appends();
+        Error::Control(format!(
+            "the mount's view could not be rebuilt from the store ({e}): the mount takes no \
+             more changes (EROFS); unmount it, and mount it again once the pending changes fit \
+             the backing directory, or discard them"
+        ))
+    })
 }
 
 /// Replaces the view with one built from the store, keeping the node numbers the kernel

@@ -90,6 +90,9 @@ pub struct Journal {
     /// How many times the file was cut short in place ([`Journal::truncate`]): a reader of
     /// a [`Journal::snapshot`] taken before may have read bytes that are gone.
     truncations: u64,
+    /// Appends fail with EROFS: the journal was replaced under a view that could not be
+    /// rebuilt (see [`Journal::refuse_appends`]).
+    refusing: bool,
 }
 
 fn crc_of(parts: &[&[u8]]) -> u32 {
@@ -129,6 +132,7 @@ impl Journal {
             base_seq,
             last_seq: base_seq,
             truncations: 0,
+            refusing: false,
         })
     }
 
@@ -212,6 +216,7 @@ impl Journal {
                 base_seq,
                 last_seq,
                 truncations: 0,
+                refusing: false,
             },
             records,
         ))
@@ -228,6 +233,7 @@ impl Journal {
             base_seq: self.base_seq,
             last_seq: self.last_seq,
             truncations: self.truncations,
+            refusing: self.refusing,
         }
     }
 
@@ -288,6 +294,12 @@ impl Journal {
         data: &[&[u8]],
         keep_times: &[RawPath],
     ) -> Result<(u64, u64), Error> {
+        if self.refusing {
+            return Err(Error::io(
+                &self.path,
+                io::Error::from_raw_os_error(libc::EROFS),
+            ));
+        }
         let entry = Entry {
             at,
             change,
@@ -326,6 +338,21 @@ impl Journal {
         self.end = start + len;
         self.last_seq = seq;
         Ok((seq, start + head.len() as u64))
+    }
+
+    /// Whether this journal is still the file at `path` (not replaced by another).
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
+    /// From now on, every append fails with EROFS: for a view left over a journal a commit
+    /// replaced (its changes would go into a file no longer in the store).
+    pub fn refuse_appends(&mut self) {
+        self.refusing = true;
     }
 
     /// Makes sure records of `bytes` more bytes can be appended without the file system

@@ -138,6 +138,7 @@ pub fn mount(
             // The view is still right (applied changes are left out of it); say so.
             tracing::warn!("the interrupted commit could not finish: {e}; mounting with it pending (commit again, or discard)");
         }
+        store.keep_reserve();
     }
     let (journal, records) = store.journal()?;
     let mut view = view::View::new(b.clone(), journal)?;

@@ -1,6 +1,8 @@
 //! The store directory: `store.json` (which backing directory it belongs to), `journal`
 //! (pending changes), `commit` (present only while a commit is under way), `lock` (held by
-//! the one process using the store) and `control.sock` (the mounted daemon's socket).
+//! the one process using the store), `control.sock` (the mounted daemon's socket) and
+//! `reserve` (room held back so that a store whose file system filled up can still be
+//! committed).
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -24,6 +26,10 @@ const LOCK: &str = "lock";
 /// store.json while it is written (renamed into place when whole).
 const META_TMP: &str = "store.json.tmp";
 pub const SOCKET: &str = "control.sock";
+/// Blocks held back for a commit on a file system the store filled: its state and the
+/// compacted journal's first block need room before the commit frees any.
+const RESERVE: &str = "reserve";
+const RESERVE_LEN: u64 = 64 << 10;
 const FORMAT: &str = "interpose-isolation-store";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -312,7 +318,7 @@ impl Store {
                 let names: Vec<_> = it.flatten().map(|e| e.file_name()).collect();
                 let leftover = names
                     .iter()
-                    .all(|n| [JOURNAL, LOCK, META_TMP].iter().any(|m| n == *m));
+                    .all(|n| [JOURNAL, LOCK, META_TMP, RESERVE].iter().any(|m| n == *m));
                 if leftover && !names.is_empty() {
                     // Under the lock: another process may be making it right now.
                     let _lock = Self::lock(dir)?;
@@ -367,11 +373,13 @@ impl Store {
                 }
                 return Err(e);
             }
-            return Ok(Store {
+            let store = Store {
                 dir,
                 meta,
                 _lock: lock,
-            });
+            };
+            store.keep_reserve();
+            return Ok(store);
         }
         let store = Self::open(&dir).map_err(|e| match e {
             // Mounting with --isolate is what the user did: the directory is the trouble.
@@ -418,6 +426,7 @@ impl Store {
                 ),
             });
         }
+        store.keep_reserve();
         Ok(store)
     }
 
@@ -605,6 +614,55 @@ impl Store {
         self.write_state(&sf, &CommitState { target, ..*st })
     }
 
+    /// Makes sure the store holds its reserve ([`RESERVE_LEN`] allocated bytes), as far
+    /// as its file system has room: called when the store is opened for a mount and after
+    /// each commit or discard, once the replaced journal is closed.
+    pub fn keep_reserve(&self) {
+        let p = self.dir.join(RESERVE);
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(&p).is_ok_and(|m| m.blocks() * 512 >= RESERVE_LEN) {
+            return;
+        }
+        let made = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .and_then(|f| {
+                match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, RESERVE_LEN)
+                {
+                    Ok(()) => Ok(()),
+                    // Written, where the file system cannot allocate without writing.
+                    Err(rustix::io::Errno::OPNOTSUPP) => {
+                        f.write_all_at(&vec![0; RESERVE_LEN as usize], 0)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            });
+        // What did get allocated stays: part of a reserve is better than none.
+        if let Err(e) = made {
+            tracing::debug!("{}: {e}", p.display());
+        }
+    }
+
+    /// Runs `make` (which writes a file in the store, leaving nothing behind when it
+    /// fails), again after giving the reserve back if the file system was full.
+    fn with_reserve<T>(&self, make: impl Fn() -> Result<T, Error>) -> Result<T, Error> {
+        match make() {
+            Err(e) if e.errno() == libc::ENOSPC => {
+                let p = self.dir.join(RESERVE);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {
+                        tracing::info!("the store's file system is full: using its reserve");
+                        make()
+                    }
+                    Err(_) => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
     fn write_state(&self, f: &File, s: &CommitState) -> Result<(), Error> {
         write_commit_state(f, s).map_err(|e| Error::io(&self.dir.join(COMMIT), e))
     }
@@ -657,14 +715,16 @@ impl Store {
         if pending.is_none() {
             // Made whole under another name, then renamed: never seen empty or torn.
             let tmp = self.dir.join("commit.tmp");
-            let made = File::create(&tmp)
-                .and_then(|f| write_commit_state(&f, &state))
-                .and_then(|_| std::fs::rename(&tmp, &sp));
-            if let Err(e) = made {
-                // A full store, say: nothing was applied, and nothing is left behind.
-                let _ = std::fs::remove_file(&tmp);
-                return Err(Error::io(&tmp, e));
-            }
+            self.with_reserve(|| {
+                let made = File::create(&tmp)
+                    .and_then(|f| write_commit_state(&f, &state))
+                    .and_then(|_| std::fs::rename(&tmp, &sp));
+                made.map_err(|e| {
+                    // A full store, say: nothing was applied, and nothing is left behind.
+                    let _ = std::fs::remove_file(&tmp);
+                    Error::io(&tmp, e)
+                })
+            })?;
             sync_dir(&self.dir)?;
         }
         let sf = OpenOptions::new()
@@ -862,13 +922,15 @@ impl Store {
             .filter(|r| r.seq > target && r.seq <= keep_upto)
             .collect();
         let newp = self.dir.join(JOURNAL_NEW);
-        let _ = std::fs::remove_file(&newp);
-        let copied = self.copy_rest(journal, &jfile, &rest, target, &newp);
-        if copied.is_err() {
-            // A full disk, most likely: the half-made copy must not keep the room.
+        self.with_reserve(|| {
             let _ = std::fs::remove_file(&newp);
-        }
-        copied?;
+            let copied = self.copy_rest(journal, &jfile, &rest, target, &newp);
+            if copied.is_err() {
+                // A full disk, most likely: the half-made copy must not keep the room.
+                let _ = std::fs::remove_file(&newp);
+            }
+            copied
+        })?;
         let jp = self.dir.join(JOURNAL);
         std::fs::rename(&newp, &jp).map_err(|e| Error::io(&jp, e))?;
         sync_dir(&self.dir)?;
