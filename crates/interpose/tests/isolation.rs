@@ -4844,6 +4844,12 @@ fn a_mounted_commit_whose_view_cannot_be_rebuilt_takes_no_more_changes() {
         "a change after the view could not be rebuilt: {res:?}"
     );
     assert_eq!(read(&d.mnt.join("a")), b"a\n", "reads go on");
+    // Nor does it commit or report from the journal the commit replaced (a commit from it
+    // would apply change 1 again).
+    for sub in ["commit", "discard", "status"] {
+        let err = iso_fails(sub, &d.store, &[]);
+        assert!(err.contains("unmount it"), "{sub}: {err}");
+    }
     m.stop();
     assert_eq!(num(&status(&d.store), "committed_upto"), upto);
     let err = mount_fails(&d.backing, &d.mnt, &d.store);

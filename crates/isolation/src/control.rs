@@ -134,6 +134,14 @@ fn handle(
     req: &Request,
 ) -> Result<Value, Error> {
     let jpath = store.dir().join("journal");
+    if shared.view.lock().journal.is_refusing() {
+        // Its journal may be one a commit replaced: what it would say or do is stale.
+        return Err(Error::Control(
+            "the mount's view could not be rebuilt after a commit or discard and takes no \
+             more changes; unmount it, then use the store unmounted"
+                .into(),
+        ));
+    }
     match req.cmd.as_str() {
         "status" => {
             // Read without holding up the mount for the journal's length (seconds for

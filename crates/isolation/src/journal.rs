@@ -340,6 +340,11 @@ impl Journal {
         Ok((seq, start + head.len() as u64))
     }
 
+    /// Whether appends fail (see [`Journal::refuse_appends`]).
+    pub fn is_refusing(&self) -> bool {
+        self.refusing
+    }
+
     /// Whether this journal is still the file at `path` (not replaced by another).
     pub fn is_at(&self, path: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
