@@ -44,6 +44,41 @@ fn a_daemon_whose_log_reader_is_gone_still_serves_and_stops() {
     assert!(err.is_empty(), "{err}");
 }
 
+/// A daemon whose mount was unmounted from outside leaves alone whatever is mounted there
+/// by the time it exits. It used to unmount the mount point once more on its way out
+/// (fuser took the connection's POLLERR for "still mounted"), which took away a mount made
+/// there in between: a remount right after `interpose fs unmount` could lose its mount.
+/// The first daemon is stopped while it is unmounted and the second mounts, so that it
+/// exits after.
+#[test]
+fn a_daemon_unmounted_from_outside_leaves_the_next_mount_alone() {
+    let dir = tempfile::Builder::new()
+        .prefix("interpose-test-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let (backing, mnt) = (dir.path().join("backing"), dir.path().join("mnt"));
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let first = Mount::start(&backing, &mnt, &[]);
+    first.signal(libc::SIGSTOP);
+    run(std::process::Command::new(bin())
+        .args(["fs", "unmount"])
+        .arg(&mnt));
+    let second = Mount::start(&backing, &mnt, &[]);
+    first.signal(libc::SIGCONT);
+    let status = first
+        .wait_exit_leaving_the_mount_point(std::time::Duration::from_secs(20))
+        .expect("the first daemon did not exit after its unmount");
+    assert!(status.success(), "the first daemon: {status:?}");
+    assert!(
+        is_mounted(&mnt),
+        "the first daemon took away the second mount"
+    );
+    std::fs::write(backing.join("f"), b"x").unwrap();
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"x");
+    second.stop();
+}
+
 #[test]
 fn killed_daemon_leaves_a_mount_that_unmount_removes() {
     let mut m = Mount::new(&[]);

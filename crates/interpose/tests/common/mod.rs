@@ -126,6 +126,13 @@ impl Mount {
         status
     }
 
+    /// [`Mount::wait_exit`] for a daemon whose mount point holds another mount by then:
+    /// that one is left alone (not unmounted as a leftover of this daemon's).
+    pub fn wait_exit_leaving_the_mount_point(mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.mnt = PathBuf::new();
+        self.wait_exit(timeout)
+    }
+
     /// SIGKILL the daemon (a crash); the dead mount stays until [`Mount::cleanup_dead`].
     pub fn kill(&mut self) {
         let mut child = self.child.take().unwrap();

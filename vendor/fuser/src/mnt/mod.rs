@@ -207,7 +207,11 @@ fn is_mounted(fuse_device: &DevFuse) -> bool {
         let res = poll(slice::from_mut(&mut poll_fd), PollTimeout::ZERO);
         break match res {
             Ok(0) => true,
-            Ok(1) => poll_fd
+            // POLLERR: the connection is gone (unmounted, or aborted), as libfuse's
+            // fuse_kern_unmount takes it. (interpose: the published crate had this the
+            // other way round, and unmounted the mount point again after an unmount from
+            // outside, taking away whatever was mounted there since.)
+            Ok(1) => !poll_fd
                 .revents()
                 .is_some_and(|r| r.contains(PollFlags::POLLERR)),
             Ok(_) => unreachable!(),
