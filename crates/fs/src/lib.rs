@@ -24,6 +24,7 @@ mod fs;
 mod inode;
 mod pool;
 pub mod reply;
+pub mod running;
 mod sys;
 
 use std::io;

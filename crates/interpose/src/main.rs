@@ -350,6 +350,11 @@ fn fs_mount(args: MountArgs) -> Result<()> {
         }
         "FUSE over /dev/fuse"
     };
+    // Before the readiness line: whoever unmounts it from then on waits for this process.
+    match mount_at(&args.mountpoint) {
+        Some(m) if m.kind == "fuse.interpose" => interpose_fs::running::hold(&m.dev),
+        _ => tracing::debug!("no mount of ours found at {}", args.mountpoint.display()),
+    }
     // The readiness line: scripts and tests wait for it. A reader that has gone away is
     // no reason to stop serving (println! would panic and leave the mount dead).
     {
@@ -526,24 +531,34 @@ fn raise_fd_limit() {
 
 /// The file system type mounted at `path` (its last mount there), from mountinfo.
 fn mounted_type(path: &std::path::Path) -> Option<String> {
-    mounted(path).map(|(kind, _)| kind)
+    mount_at(path).map(|m| m.kind)
 }
 
-/// The type and source of the mount at `path`, if one is.
-fn mounted(path: &std::path::Path) -> Option<(String, Vec<u8>)> {
+/// A mount, as mountinfo describes it.
+struct MountEntry {
+    kind: String,
+    source: Vec<u8>,
+    /// The device number, "MAJOR:MINOR".
+    dev: String,
+}
+
+/// The mount at `path` (the last one made there), if one is.
+fn mount_at(path: &std::path::Path) -> Option<MountEntry> {
     let path = std::fs::canonicalize(path).ok()?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     // Fields: id parent major:minor root mountpoint options [optional...] - type source
     info.lines().rev().find_map(|l| {
         let mut fields = l.split(' ');
-        let mp = fields.nth(4)?;
+        let dev = fields.nth(2)?.to_owned();
+        let mp = fields.nth(1)?;
         if unescape_mountinfo(mp) != path.as_os_str().as_encoded_bytes() {
             return None;
         }
         let mut rest = fields.skip_while(|f| *f != "-");
         rest.next();
         let kind = rest.next()?.to_owned();
-        Some((kind, unescape_mountinfo(rest.next().unwrap_or(""))))
+        let source = unescape_mountinfo(rest.next().unwrap_or(""));
+        Some(MountEntry { kind, source, dev })
     })
 }
 
@@ -575,7 +590,11 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
             .then(|| p.file_name()?.to_str()?.parse::<u32>().ok())
             .flatten()
     };
-    match mounted(mountpoint) {
+    let entry = mount_at(mountpoint);
+    match entry
+        .as_ref()
+        .map(|m| (m.kind.as_str(), m.source.as_slice()))
+    {
         Some((t, source)) if t == "fuse.interpose" && source == b"interpose-blk" => {
             match (attach_pid(), interpose_blkdev::device_of(mountpoint)) {
                 (None, _) => {}
@@ -592,7 +611,7 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
                 ),
             }
         }
-        Some((t, _)) if t == "fuse.interpose" => {}
+        Some(("fuse.interpose", _)) => {}
         Some((t, _)) => bail!(
             "{} is a {t} mount, not interpose's; unmount it with umount",
             mountpoint.display()
@@ -604,7 +623,7 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     } else {
         UnmountFlags::empty()
     };
-    match unmount(mountpoint, flags) {
+    let unmounted = match unmount(mountpoint, flags) {
         Ok(()) => Ok(()),
         Err(rustix::io::Errno::PERM) => {
             // Not root: the setuid helper may unmount FUSE mounts of the calling user.
@@ -629,7 +648,21 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
         Err(rustix::io::Errno::INVAL) => bail!("{} is not a mount point", mountpoint.display()),
         Err(e) => Err(std::io::Error::from(e))
             .with_context(|| format!("unmounting {}", mountpoint.display())),
+    };
+    unmounted?;
+    // Done once the daemon is: its audit log written, an isolation store's lock let go,
+    // so that a remount or commit right after finds it gone. (Detached, it serves on
+    // until the mount's last user leaves.)
+    if let (Some(m), false) = (entry, lazy) {
+        if let Err(pid) = interpose_fs::running::wait_gone(&m.dev, Duration::from_secs(30)) {
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            eprintln!(
+                "interpose: unmounted {}; its daemon{who} is still finishing after 30 s",
+                mountpoint.display()
+            );
+        }
     }
+    Ok(())
 }
 
 fn isolation(cmd: IsolationCommand) -> Result<()> {

@@ -47,7 +47,7 @@ fn a_daemon_whose_log_reader_is_gone_still_serves_and_stops() {
 /// A daemon whose mount was unmounted from outside leaves alone whatever is mounted there
 /// by the time it exits. It used to unmount the mount point once more on its way out
 /// (fuser took the connection's POLLERR for "still mounted"), which took away a mount made
-/// there in between: a remount right after `interpose fs unmount` could lose its mount.
+/// there in between: a remount right after an unmount could lose its mount.
 /// The first daemon is stopped while it is unmounted and the second mounts, so that it
 /// exits after.
 #[test]
@@ -61,9 +61,12 @@ fn a_daemon_unmounted_from_outside_leaves_the_next_mount_alone() {
     std::fs::create_dir(&mnt).unwrap();
     let first = Mount::start(&backing, &mnt, &[]);
     first.signal(libc::SIGSTOP);
-    run(std::process::Command::new(bin())
-        .args(["fs", "unmount"])
-        .arg(&mnt));
+    // umount2(2) itself: `fs unmount` would wait for the stopped daemon, and umount(8)
+    // looks at the mount point first, which the stopped daemon would have to answer.
+    let path = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; umount2 has no memory effects.
+    let r = unsafe { libc::umount2(path.as_ptr(), 0) };
+    assert_eq!(r, 0, "umount2: {}", std::io::Error::last_os_error());
     let second = Mount::start(&backing, &mnt, &[]);
     first.signal(libc::SIGCONT);
     let status = first
@@ -77,6 +80,59 @@ fn a_daemon_unmounted_from_outside_leaves_the_next_mount_alone() {
     std::fs::write(backing.join("f"), b"x").unwrap();
     assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"x");
     second.stop();
+}
+
+/// `fs unmount` returns once the daemon has exited, not only the kernel's mount: a
+/// command right after it (a remount of the same isolation store, a commit, reading the
+/// audit log) used to find the daemon still holding the store ("in use by another
+/// process") or the last records unwritten. The daemon is stopped across the unmount, so
+/// that it cannot be done before the mount is gone.
+#[test]
+fn unmount_returns_once_the_daemon_has_exited() {
+    let dir = tempfile::Builder::new()
+        .prefix("interpose-test-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let (backing, mnt, store) = (
+        dir.path().join("backing"),
+        dir.path().join("mnt"),
+        dir.path().join("store"),
+    );
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let store_arg = store.to_str().unwrap();
+    let m = Mount::start(&backing, &mnt, &["--isolate", store_arg]);
+    std::fs::write(mnt.join("f"), b"x").unwrap();
+    m.signal(libc::SIGSTOP);
+    let mut unmount = std::process::Command::new(bin())
+        .args(["fs", "unmount"])
+        .arg(&mnt)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while is_mounted(&mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the mount is still there"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        unmount.try_wait().unwrap().is_none(),
+        "fs unmount returned while its daemon was still running"
+    );
+    m.signal(libc::SIGCONT);
+    let status = wait_timeout(&mut unmount, std::time::Duration::from_secs(20))
+        .expect("fs unmount did not return after its daemon went on");
+    assert!(status.success(), "fs unmount: {status:?}");
+    assert!(
+        m.wait_exit_leaving_the_mount_point(std::time::Duration::ZERO)
+            .is_some(),
+        "fs unmount returned before its daemon exited"
+    );
+    let m = Mount::start(&backing, &mnt, &["--isolate", store_arg]);
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"x");
+    m.stop();
 }
 
 #[test]
