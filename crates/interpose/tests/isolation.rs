@@ -4744,6 +4744,49 @@ fn a_commit_that_cannot_start_leaves_no_state_behind() {
     drop(tmpfs);
 }
 
+/// A commit that has applied everything and has nothing to keep, on a store whose file
+/// system has no block left (its reserve gone too), frees the committed journal's blocks
+/// before it writes the new journal's header. It used to stop on journal.new each time it
+/// was run, and no discard could end it either (found by a full-store stress run).
+#[test]
+fn a_commit_with_no_room_at_all_frees_the_committed_journal_first() {
+    let d = dirs();
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("a"), pattern(200 << 10, 1)).unwrap();
+    fs::write(d.mnt.join("x"), b"x\n").unwrap();
+    m.stop();
+    // A commit stopped part-way (a name made behind the store's back), then the name gone
+    // again, and the store's file system full to the last block, reserve and all.
+    fs::write(d.backing.join("x"), b"behind\n").unwrap();
+    let err = iso_fails("commit", &store, &[]);
+    assert!(err.contains("behind the store's back"), "{err}");
+    fs::remove_file(d.backing.join("x")).unwrap();
+    fs::remove_file(store.join("reserve")).unwrap();
+    let filler = tmpfs.0.join("filler");
+    let mut f = File::create(&filler).unwrap();
+    while f.write_all(&[0u8; 4096]).is_ok() {}
+    drop(f);
+    assert_eq!(
+        free_bytes(&tmpfs.0),
+        0,
+        "the store's file system is not full"
+    );
+    iso("commit", &store, &[]);
+    let st = status(&store);
+    assert_eq!(num(&st, "pending_changes"), 0, "{st:#}");
+    assert!(st["interrupted_commit"].is_null(), "{st:#}");
+    assert_eq!(read(&d.backing.join("a")), pattern(200 << 10, 1));
+    assert_eq!(read(&d.backing.join("x")), b"x\n");
+    fs::remove_file(&filler).unwrap();
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    fs::write(d.mnt.join("after"), b"after\n").unwrap();
+    assert_eq!(read(&d.mnt.join("after")), b"after\n");
+    m.stop();
+    drop(tmpfs);
+}
+
 /// Whether `store` holds its whole reserve (64 KiB allocated).
 fn reserve_held(store: &Path) -> bool {
     fs::metadata(store.join("reserve")).is_ok_and(|m| m.blocks() * 512 >= 64 << 10)

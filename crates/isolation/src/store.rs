@@ -256,6 +256,12 @@ fn interpose_time(secs: i64) -> String {
     )
 }
 
+/// Bytes allocated to `f`.
+fn allocated(f: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    f.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
 fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -615,31 +621,30 @@ impl Store {
     }
 
     /// Makes sure the store holds its reserve ([`RESERVE_LEN`] allocated bytes), as far
-    /// as its file system has room: called when the store is opened for a mount and after
-    /// each commit or discard, once the replaced journal is closed.
+    /// as its file system has room: called when the store is opened for a mount, after a
+    /// commit took part of it, and after each commit or discard once the replaced journal
+    /// is closed. Allocated a block at a time, so that what fits stays, also where a
+    /// failed allocation gives back all it took (tmpfs).
     pub fn keep_reserve(&self) {
         let p = self.dir.join(RESERVE);
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::metadata(&p).is_ok_and(|m| m.blocks() * 512 >= RESERVE_LEN) {
-            return;
-        }
         let made = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&p)
             .and_then(|f| {
-                match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, RESERVE_LEN)
-                {
-                    Ok(()) => Ok(()),
-                    // Written, where the file system cannot allocate without writing.
-                    Err(rustix::io::Errno::OPNOTSUPP) => {
-                        f.write_all_at(&vec![0; RESERVE_LEN as usize], 0)
+                let mut at = allocated(&f);
+                while at < RESERVE_LEN {
+                    match rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), at, 4096) {
+                        Ok(()) => {}
+                        // Written, where the file system cannot allocate without writing.
+                        Err(rustix::io::Errno::OPNOTSUPP) => f.write_all_at(&[0; 4096], at)?,
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => Err(e.into()),
+                    at += 4096;
                 }
+                Ok(())
             });
-        // What did get allocated stays: part of a reserve is better than none.
         if let Err(e) = made {
             tracing::debug!("{}: {e}", p.display());
         }
@@ -651,13 +656,19 @@ impl Store {
         match make() {
             Err(e) if e.errno() == libc::ENOSPC => {
                 let p = self.dir.join(RESERVE);
-                match std::fs::remove_file(&p) {
-                    Ok(()) => {
-                        tracing::info!("the store's file system is full: using its reserve");
-                        make()
-                    }
-                    Err(_) => Err(e),
+                let held = File::open(&p).map(|f| allocated(&f)).unwrap_or(0);
+                if held == 0 || std::fs::remove_file(&p).is_err() {
+                    return Err(e);
                 }
+                tracing::info!(
+                    "the store's file system is full: using its reserve ({} KiB)",
+                    held >> 10
+                );
+                let made = make();
+                // What is left stays held back, for the next step (BACKING may share
+                // the file system, and a commit's changes would take it).
+                self.keep_reserve();
+                made
             }
             other => other,
         }
@@ -686,7 +697,10 @@ impl Store {
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let pending = self.read_state()?;
         let asked = upto.unwrap_or(last);
-        if asked > last || (asked < first && pending.is_none()) {
+        // (A commit cut short after it freed its journal's blocks: its target is beyond
+        // the records left, and all of it is applied.)
+        let limit = pending.map_or(last, |st| last.max(st.target));
+        if asked > limit || (asked < first && pending.is_none()) {
             return Err(Error::BadSeq {
                 asked,
                 committed: first,
@@ -922,7 +936,7 @@ impl Store {
             .filter(|r| r.seq > target && r.seq <= keep_upto)
             .collect();
         let newp = self.dir.join(JOURNAL_NEW);
-        self.with_reserve(|| {
+        let copy = || {
             let _ = std::fs::remove_file(&newp);
             let copied = self.copy_rest(journal, &jfile, &rest, target, &newp);
             if copied.is_err() {
@@ -930,7 +944,29 @@ impl Store {
                 let _ = std::fs::remove_file(&newp);
             }
             copied
-        })?;
+        };
+        match self.with_reserve(copy) {
+            // Nothing to keep, and no room even for the new journal's header: the old
+            // journal's records are all in BACKING (durably, up to `target`), so their
+            // blocks go first. Cut short here, the journal opens with no records and the
+            // commit, run again, ends at its target.
+            Err(e) if e.errno() == libc::ENOSPC && rest.is_empty() => {
+                tracing::info!(
+                    "the store's file system is full: freeing the committed journal's blocks first"
+                );
+                use std::os::fd::AsFd;
+                let len = journal.len().saturating_sub(HEADER_LEN);
+                rustix::fs::fallocate(
+                    jfile.as_fd(),
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    HEADER_LEN,
+                    len,
+                )
+                .map_err(|_| e)?;
+                copy()?;
+            }
+            other => other?,
+        }
         let jp = self.dir.join(JOURNAL);
         std::fs::rename(&newp, &jp).map_err(|e| Error::io(&jp, e))?;
         sync_dir(&self.dir)?;
@@ -1001,7 +1037,8 @@ impl Store {
                 st.applied, st.applied
             )));
         }
-        if after < first || after > last {
+        let limit = state.as_ref().map_or(last, |st| last.max(st.target));
+        if after < first || after > limit {
             return Err(Error::BadSeq {
                 asked: after,
                 committed: first,
