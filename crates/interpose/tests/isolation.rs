@@ -4320,6 +4320,43 @@ fn allocations_need_room_in_backing_and_a_failed_one_gives_it_back() {
     drop(fs_);
 }
 
+/// open(O_CREAT) without O_EXCL of a name the kernel believed free but the view has
+/// opens it, as on any file system; it failed with EEXIST. Here the name is made in BACKING
+/// behind the store's back while the mount caches its absence; a discard that brings a
+/// name back races the same way (found by a stress run). With O_EXCL it is EEXIST.
+#[test]
+fn open_o_creat_of_a_name_that_came_back_opens_it() {
+    let d = dirs();
+    let m = Mount::start(
+        &d.backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--cache-timeout", "60"],
+    );
+    for name in ["g", "h"] {
+        assert!(!d.mnt.join(name).exists());
+        fs::write(d.backing.join(name), b"behind\n").unwrap();
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(d.mnt.join("g"))
+        .expect("open(O_CREAT) of a name that came back");
+    f.write_all_at(b"x", 0).unwrap();
+    drop(f);
+    assert_eq!(read(&d.mnt.join("g")), b"xehind\n");
+    assert_eq!(read(&d.backing.join("g")), b"behind\n");
+    let excl = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(d.mnt.join("h"));
+    assert_eq!(
+        excl.map(|_| ()).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EEXIST))
+    );
+    m.stop();
+}
+
 /// A mounted discard that would keep a change no longer fitting BACKING (a name made there
 /// behind the store's back) is refused before it cuts anything: it used to cut the
 /// journal, fail to rebuild the view, and leave the mount showing the discarded changes

@@ -721,6 +721,11 @@ impl Filesystem for IsolatedFs {
                 FileHandle(fh),
                 Self::open_flags(flags),
             ),
+            // The kernel sends CREATE for a name it believed free; a discard may have
+            // brought it back since. Without O_EXCL the program asked to open it then:
+            // ESTALE makes the kernel look the name up again and open what it finds (its
+            // own permission checks, O_TRUNC and all), as it does for any stale entry.
+            Err(libc::EEXIST) if flags & libc::O_EXCL == 0 => reply.error(err(libc::ESTALE)),
             Err(e) => reply.error(err(e)),
         }
     }

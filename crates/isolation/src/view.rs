@@ -418,6 +418,12 @@ impl View {
     pub fn node(&self, id: u64) -> Res<&Node> {
         self.nodes.get(&id).ok_or(libc::ESTALE)
     }
+    /// A directory to look up or make names in. One no longer in the view (a discard
+    /// threw it away) is a directory removed: ENOENT, as a real file system answers a
+    /// create in a directory removed after the path to it was looked up.
+    fn dir_node(&self, id: u64) -> Res<&Node> {
+        self.nodes.get(&id).ok_or(libc::ENOENT)
+    }
     pub fn node_mut(&mut self, id: u64) -> Res<&mut Node> {
         self.nodes.get_mut(&id).ok_or(libc::ESTALE)
     }
@@ -540,7 +546,7 @@ impl View {
         if name.len() > 255 {
             return Err(libc::ENAMETOOLONG);
         }
-        let dir = self.node(parent)?;
+        let dir = self.dir_node(parent)?;
         if !dir.attr.is_dir() {
             return Err(libc::ENOTDIR);
         }
@@ -1788,7 +1794,7 @@ impl View {
     // ---- live operations: check, record, apply ----
 
     fn check_new_name(&mut self, parent: u64, name: &OsStr) -> Res<()> {
-        if !self.node(parent)?.attr.is_dir() {
+        if !self.dir_node(parent)?.attr.is_dir() {
             return Err(libc::ENOTDIR);
         }
         if name.len() > 255 {
