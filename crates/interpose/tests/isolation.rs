@@ -4824,6 +4824,65 @@ fn a_commit_with_no_room_at_all_frees_the_committed_journal_first() {
     drop(tmpfs);
 }
 
+/// Files open without a name whose contents the view changed are carried across a commit
+/// of a full store: their copy goes to BACKING's file system (unnamed) when the store has
+/// no room for it. They used to read and write ESTALE afterwards (found by a full-store
+/// stress run).
+#[test]
+fn files_open_without_a_name_survive_a_commit_of_a_full_store() {
+    let d = dirs();
+    fs::write(d.backing.join("old"), pattern(300 << 10, 1)).unwrap();
+    let listing = || {
+        let mut names: Vec<_> = fs::read_dir(&d.backing)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        names
+    };
+    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+    let store = tmpfs.0.join("store");
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    let old = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.mnt.join("old"))
+        .unwrap();
+    let old_data = pattern(400 << 10, 2);
+    old.write_all_at(&old_data, 0).unwrap();
+    let new = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(d.mnt.join("new"))
+        .unwrap();
+    let new_data = pattern(300 << 10, 3);
+    new.write_all_at(&new_data, 0).unwrap();
+    fs::remove_file(d.mnt.join("old")).unwrap();
+    fs::remove_file(d.mnt.join("new")).unwrap();
+    let mut fill = File::create(d.mnt.join("fill")).unwrap();
+    while fill.write_all(&[7u8; 65536]).is_ok() {}
+    drop(fill);
+    commit(&store, None);
+    // The copy has no name in BACKING.
+    assert_eq!(listing(), ["fill"]);
+    for (what, f, want) in [("old", &old, &old_data), ("new", &new, &new_data)] {
+        let mut got = vec![0u8; want.len() + 10];
+        let n = f
+            .read_at(&mut got, 0)
+            .unwrap_or_else(|e| panic!("reading {what} after the commit: {e}"));
+        assert!(
+            got[..n] == want[..],
+            "{what}: {n} bytes, not what was written"
+        );
+        f.write_all_at(b"zz", 0)
+            .unwrap_or_else(|e| panic!("writing {what} after the commit: {e}"));
+    }
+    drop((old, new));
+    m.stop();
+    drop(tmpfs);
+}
+
 /// Whether `store` holds its whole reserve (64 KiB allocated).
 fn reserve_held(store: &Path) -> bool {
     fs::metadata(store.join("reserve")).is_ok_and(|m| m.blocks() * 512 >= 64 << 10)

@@ -418,12 +418,7 @@ impl View {
     pub fn node(&self, id: u64) -> Res<&Node> {
         self.nodes.get(&id).ok_or(libc::ESTALE)
     }
-    /// A directory to look up or make names in. One no longer in the view (a discard
-    /// threw it away) is a directory removed: ENOENT, as a real file system answers a
-    /// create in a directory removed after the path to it was looked up.
-    fn dir_node(&self, id: u64) -> Res<&Node> {
-        self.nodes.get(&id).ok_or(libc::ENOENT)
-    }
+
     pub fn node_mut(&mut self, id: u64) -> Res<&mut Node> {
         self.nodes.get_mut(&id).ok_or(libc::ESTALE)
     }
@@ -546,7 +541,7 @@ impl View {
         if name.len() > 255 {
             return Err(libc::ENAMETOOLONG);
         }
-        let dir = self.dir_node(parent)?;
+        let dir = self.node(parent)?;
         if !dir.attr.is_dir() {
             return Err(libc::ENOTDIR);
         }
@@ -1794,7 +1789,7 @@ impl View {
     // ---- live operations: check, record, apply ----
 
     fn check_new_name(&mut self, parent: u64, name: &OsStr) -> Res<()> {
-        if !self.dir_node(parent)?.attr.is_dir() {
+        if !self.node(parent)?.attr.is_dir() {
             return Err(libc::ENOTDIR);
         }
         if name.len() > 255 {
@@ -2877,7 +2872,24 @@ impl View {
             // before the name went (an open racing an unlink, then this commit).
             let open = n.opens > 0;
             let copy = if n.attr.is_file() && (n.data.is_some() || n.origin_file.is_none()) {
-                match self.copy_out(id, dir) {
+                let copied = match unnamed_file(dir).map_err(io_errno) {
+                    Ok(f) => self.copy_out(id, f),
+                    Err(e) => Err(e),
+                };
+                // No room in the store (a full store being committed, whose room comes
+                // back only after this): an unnamed file on BACKING's file system, which
+                // no listing shows and which goes with the last descriptor.
+                let copied = match copied {
+                    Err(libc::ENOSPC | libc::EDQUOT) => {
+                        let backing = self.backing.path().to_path_buf();
+                        match unnamed_file_only(&backing).map_err(io_errno) {
+                            Ok(f) => self.copy_out(id, f),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                };
+                match copied {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) if open => {
                         tracing::warn!(
@@ -2947,8 +2959,7 @@ impl View {
     }
 
     /// The contents of file `id` in an unnamed file in `dir`, holes kept.
-    fn copy_out(&mut self, id: u64, dir: &Path) -> Res<File> {
-        let f = unnamed_file(dir).map_err(io_errno)?;
+    fn copy_out(&mut self, id: u64, f: File) -> Res<File> {
         let size = self.node(id)?.attr.size;
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0;
@@ -2999,6 +3010,18 @@ impl View {
 pub struct Orphan(Node);
 
 /// A file in `dir` without a name: gone when closed, also after a crash.
+/// An `O_TMPFILE` in `dir`, never a name (for BACKING's file system, whose tree must not
+/// change).
+fn unnamed_file_only(dir: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+}
+
 fn unnamed_file(dir: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut opts = std::fs::OpenOptions::new();
