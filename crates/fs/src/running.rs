@@ -37,13 +37,28 @@ pub fn hold(dev: &str) {
                 .open(&p)
         })
         .and_then(|mut f| {
-            flock(&f, FlockOperation::NonBlockingLockExclusive)?;
+            // The device number is reused as soon as the old mount is gone, which may be
+            // before its daemon has exited: wait for that one a while.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => break,
+                    Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             f.set_len(0)?;
             write!(f, "{}", std::process::id())?;
-            Ok(f)
+            // A high descriptor: closed at exit after the others (an isolation store's
+            // lock among them), which is when a waiter goes on.
+            Ok(rustix::io::fcntl_dupfd_cloexec(&f, 4096)
+                .map(File::from)
+                .unwrap_or(f))
         });
     match taken {
-        // Released by the kernel when the process ends, after everything else.
+        // Released by the kernel when the process ends.
         Ok(f) => std::mem::forget(f),
         Err(e) => tracing::debug!(
             "{}: {e}; an unmount will not wait for this daemon",

@@ -4782,11 +4782,11 @@ fn a_commit_that_cannot_start_leaves_no_state_behind() {
 }
 
 /// A commit that has applied everything and has nothing to keep, on a store whose file
-/// system has no block left (its reserve gone too), frees the committed journal's blocks
-/// before it writes the new journal's header. It used to stop on journal.new each time it
-/// was run, and no discard could end it either (found by a full-store stress run).
+/// system has no block left (its reserve gone too), fails on the new journal's header
+/// with a clear error and leaves the store as it was: it finishes once there is room, and
+/// status reads the store meanwhile.
 #[test]
-fn a_commit_with_no_room_at_all_frees_the_committed_journal_first() {
+fn a_commit_with_no_room_at_all_fails_and_finishes_once_there_is_room() {
     let d = dirs();
     let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
     let store = tmpfs.0.join("store");
@@ -4810,13 +4810,20 @@ fn a_commit_with_no_room_at_all_frees_the_committed_journal_first() {
         0,
         "the store's file system is not full"
     );
+    let err = iso_fails("commit", &store, &[]);
+    assert!(
+        err.contains("journal.new") && err.contains("No space left"),
+        "{err}"
+    );
+    let st = status(&store);
+    assert!(!st["interrupted_commit"].is_null(), "{st:#}");
+    fs::remove_file(&filler).unwrap();
     iso("commit", &store, &[]);
     let st = status(&store);
     assert_eq!(num(&st, "pending_changes"), 0, "{st:#}");
     assert!(st["interrupted_commit"].is_null(), "{st:#}");
     assert_eq!(read(&d.backing.join("a")), pattern(200 << 10, 1));
     assert_eq!(read(&d.backing.join("x")), b"x\n");
-    fs::remove_file(&filler).unwrap();
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("after"), b"after\n").unwrap();
     assert_eq!(read(&d.mnt.join("after")), b"after\n");

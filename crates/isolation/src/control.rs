@@ -134,14 +134,9 @@ fn handle(
     req: &Request,
 ) -> Result<Value, Error> {
     let jpath = store.dir().join("journal");
-    if shared.view.lock().journal.is_refusing() {
-        // Its journal may be one a commit replaced: what it would say or do is stale.
-        return Err(Error::Control(
-            "the mount's view could not be rebuilt after a commit or discard and takes no \
-             more changes; unmount it, then use the store unmounted"
-                .into(),
-        ));
-    }
+    // (Checked again under the lock each command then holds: another command may make
+    // the view refuse while this one waits for it.)
+    refuse_if_broken(&shared.view.lock())?;
     match req.cmd.as_str() {
         "status" => {
             // Read without holding up the mount for the journal's length (seconds for
@@ -194,6 +189,7 @@ fn handle(
         }
         "commit" => {
             let mut v = shared.view.lock();
+            refuse_if_broken(&v)?;
             v.sync()
                 .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
             let recs = v.journal.records()?;
@@ -235,6 +231,7 @@ fn handle(
         "discard" => {
             let (kept, stale) = {
                 let mut v = shared.view.lock();
+                refuse_if_broken(&v)?;
                 v.sync()
                     .map_err(|e| Error::io(&jpath, std::io::Error::from_raw_os_error(e)))?;
                 let recs = v.journal.records()?;
@@ -291,6 +288,20 @@ fn handle(
         }
         other => Err(Error::Control(format!("unknown command {other:?}"))),
     }
+}
+
+/// An error if the view refuses changes (see [`refuse_unless_rebuilt`]): its journal may
+/// be one a commit replaced, and what a command would read or do from it is stale (a
+/// commit would apply changes again).
+fn refuse_if_broken(v: &View) -> Result<(), Error> {
+    if v.journal.is_refusing() {
+        return Err(Error::Control(
+            "the mount's view could not be rebuilt after a commit or discard and takes no \
+             more changes; unmount it, then use the store unmounted"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `rebuilt`, the result of [`rebuild`] after a commit or discard that changed the

@@ -725,7 +725,12 @@ impl Filesystem for IsolatedFs {
             // brought it back since. Without O_EXCL the program asked to open it then:
             // ESTALE makes the kernel look the name up again and open what it finds (its
             // own permission checks, O_TRUNC and all), as it does for any stale entry.
-            Err(libc::EEXIST) if flags & libc::O_EXCL == 0 => reply.error(err(libc::ESTALE)),
+            Err(libc::EEXIST)
+                if flags & libc::O_EXCL == 0
+                    && self.0.view.lock().child(parent.0, name).is_ok() =>
+            {
+                reply.error(err(libc::ESTALE))
+            }
             Err(e) => reply.error(err(e)),
         }
     }

@@ -134,7 +134,10 @@ pub fn mount(
     if let Some(t) = store.interrupted_commit()? {
         tracing::info!("finishing an interrupted commit up to change {t}");
         let (j, recs) = store.journal()?;
-        if let Err(e) = store.commit(&b, &j, &recs, Some(t), &mut |_| {}) {
+        let done = store.commit(&b, &j, &recs, Some(t), &mut |_| {});
+        // The replaced journal closed first: its room is back for the reserve.
+        drop(j);
+        if let Err(e) = done {
             // The view is still right (applied changes are left out of it); say so.
             tracing::warn!("the interrupted commit could not finish: {e}; mounting with it pending (commit again, or discard)");
         }

@@ -697,10 +697,7 @@ impl Store {
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let pending = self.read_state()?;
         let asked = upto.unwrap_or(last);
-        // (A commit cut short after it freed its journal's blocks: its target is beyond
-        // the records left, and all of it is applied.)
-        let limit = pending.map_or(last, |st| last.max(st.target));
-        if asked > limit || (asked < first && pending.is_none()) {
+        if asked > last || (asked < first && pending.is_none()) {
             return Err(Error::BadSeq {
                 asked,
                 committed: first,
@@ -945,28 +942,7 @@ impl Store {
             }
             copied
         };
-        match self.with_reserve(copy) {
-            // Nothing to keep, and no room even for the new journal's header: the old
-            // journal's records are all in BACKING (durably, up to `target`), so their
-            // blocks go first. Cut short here, the journal opens with no records and the
-            // commit, run again, ends at its target.
-            Err(e) if e.errno() == libc::ENOSPC && rest.is_empty() => {
-                tracing::info!(
-                    "the store's file system is full: freeing the committed journal's blocks first"
-                );
-                use std::os::fd::AsFd;
-                let len = journal.len().saturating_sub(HEADER_LEN);
-                rustix::fs::fallocate(
-                    jfile.as_fd(),
-                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
-                    HEADER_LEN,
-                    len,
-                )
-                .map_err(|_| e)?;
-                copy()?;
-            }
-            other => other?,
-        }
+        self.with_reserve(copy)?;
         let jp = self.dir.join(JOURNAL);
         std::fs::rename(&newp, &jp).map_err(|e| Error::io(&jp, e))?;
         sync_dir(&self.dir)?;
@@ -1037,8 +1013,7 @@ impl Store {
                 st.applied, st.applied
             )));
         }
-        let limit = state.as_ref().map_or(last, |st| last.max(st.target));
-        if after < first || after > limit {
+        if after < first || after > last {
             return Err(Error::BadSeq {
                 asked: after,
                 committed: first,
