@@ -1209,17 +1209,17 @@ fn a_second_signal_ends_a_create_that_cannot_stop() {
     fs::write(&src, text(100_000)).unwrap();
     let fifo = d.join("map");
     run(Command::new("mkfifo").arg(&fifo));
-    // A writer that holds the pipe open and writes nothing; both are killed when the
-    // test ends.
+    // A writer that holds the pipe open and writes nothing, open before `create` starts
+    // (a writer still on its way finds `create` gone: with none, the pipe read as empty).
+    // Opened read-write, which on Linux never waits; close-on-exec, so `create` does not
+    // hold it.
+    let _writer = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .unwrap();
+    // Killed when the test ends.
     let mut procs = Reaper::default();
-    procs.add(
-        Command::new("sh")
-            .arg("-c")
-            .arg("exec sleep 120 > \"$0\"")
-            .arg(&fifo)
-            .spawn()
-            .unwrap(),
-    );
     let create = procs.add(
         Command::new(bin())
             .args(["image", "create", s(&src), "-o", s(&d.join("out.img"))])
