@@ -90,7 +90,7 @@ fn bar(what: &str, total: u64) -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-fn human(n: u64) -> String {
+pub(crate) fn human(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut v = n as f64;
     let mut u = 0;

@@ -318,6 +318,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
                 }
                 interpose_isolation::view::Mode::Paths(set.build()?)
             };
+            let mut check = JournalCheckShown::new(store);
             let iso = interpose_isolation::mount(
                 &args.backing,
                 &args.mountpoint,
@@ -328,6 +329,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
                     passthrough: !args.no_passthrough,
                 },
                 options.serving(),
+                &mut |c| check.update(c),
             )
             .with_context(|| format!("isolated mount of {}", args.backing.display()))?;
             let interpose_isolation::IsolatedMount { mounted, guard, .. } = iso;
@@ -665,6 +667,63 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     Ok(())
 }
 
+/// Journals at least this large get their check shown: a few seconds' reading.
+const LARGE_JOURNAL: u64 = 256 << 20;
+
+/// Shows how far the check of a large store journal has come (every record's data is
+/// read): a bar on a terminal, and one log line, so a mount or command that waits on it
+/// says why.
+struct JournalCheckShown<'a> {
+    store: &'a std::path::Path,
+    bar: Option<indicatif::ProgressBar>,
+    started: Option<std::time::Instant>,
+}
+
+impl<'a> JournalCheckShown<'a> {
+    fn new(store: &'a std::path::Path) -> Self {
+        JournalCheckShown {
+            store,
+            bar: None,
+            started: None,
+        }
+    }
+
+    fn update(&mut self, c: interpose_isolation::JournalCheck) {
+        if c.bytes_total < LARGE_JOURNAL {
+            return;
+        }
+        if self.started.is_none() && c.bytes_done < c.bytes_total {
+            self.started = Some(std::time::Instant::now());
+            tracing::info!(
+                "checking the journal of {}: {}",
+                self.store.display(),
+                image_cmd::human(c.bytes_total)
+            );
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let b = indicatif::ProgressBar::new(c.bytes_total);
+                b.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "journal check [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .expect("valid template"),
+                );
+                self.bar = Some(b);
+            }
+        }
+        if let Some(b) = &self.bar {
+            b.set_position(c.bytes_done);
+        }
+        if c.bytes_done >= c.bytes_total {
+            if let Some(b) = self.bar.take() {
+                b.finish_and_clear();
+            }
+            if let Some(t) = self.started.take() {
+                tracing::info!("journal checked in {:.1} s", t.elapsed().as_secs_f64());
+            }
+        }
+    }
+}
+
 fn isolation(cmd: IsolationCommand) -> Result<()> {
     use interpose_isolation::control::{request, Request};
     use interpose_isolation::{CommitProgress, Store};
@@ -740,15 +799,17 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
         Some(v) => v,
         None => {
             let store = Store::open(store_dir)?;
+            let mut shown = JournalCheckShown::new(store_dir);
+            let mut check = |c| shown.update(c);
             match &cmd {
                 IsolationCommand::Status { .. } => {
-                    let (j, recs) = store.journal()?;
+                    let (j, recs) = store.journal_reporting(&mut check)?;
                     let mut tally = interpose_isolation::store::Tally::default();
                     recs.iter().for_each(|r| tally.add(r));
                     serde_json::to_value(store.status(&j, &tally, false)?)?
                 }
                 IsolationCommand::Log { since, .. } => {
-                    let (_, recs) = store.journal()?;
+                    let (_, recs) = store.journal_reporting(&mut check)?;
                     for r in recs.iter().filter(|r| r.seq > *since) {
                         log.entry(serde_json::to_value(
                             interpose_isolation::store::LogEntryRef::of(r),
@@ -758,7 +819,7 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 }
                 IsolationCommand::Commit { upto, .. } => {
                     let backing = store.backing()?;
-                    let (j, recs) = store.journal()?;
+                    let (j, recs) = store.journal_reporting(&mut check)?;
                     let done = store.commit(&backing, &j, &recs, *upto, &mut progress);
                     // With the replaced journal closed: its room is back.
                     drop(j);
@@ -767,7 +828,7 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                     serde_json::json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()})
                 }
                 IsolationCommand::Discard { after, .. } => {
-                    let (mut j, recs) = store.journal()?;
+                    let (mut j, recs) = store.journal_reporting(&mut check)?;
                     let kept = store.discard(&mut j, &recs, *after);
                     drop(j);
                     store.keep_reserve();

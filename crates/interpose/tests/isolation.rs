@@ -3892,6 +3892,44 @@ fn remount_of_the_same_store_shows_the_same_view() {
     assert_untouched(&d.backing, &before, "after remounts");
 }
 
+/// Opening a store reads every record's data to check it: seconds for a journal of
+/// gigabytes. A large journal's check is said, by a mount and by a command on the
+/// unmounted store, so the wait has a reason on screen; a small one's is not.
+#[test]
+fn the_check_of_a_large_journal_is_said() {
+    let d = dirs();
+    let m = d.mount();
+    // 288 MiB through the mount: a journal past the 256 MiB whose check is said.
+    let f = File::create(d.mnt.join("big")).unwrap();
+    let block = vec![0x5au8; 1 << 20];
+    for i in 0..288u64 {
+        f.write_all_at(&block, i << 20).unwrap();
+    }
+    drop(f);
+    let small = m.stop();
+    assert!(
+        !small.contains("checking the journal"),
+        "the mount of a new store said it checked its journal:\n{small}"
+    );
+    let checking = format!("checking the journal of {}", d.store.display());
+    let large = d.mount().stop();
+    assert!(
+        large.contains(&checking) && large.contains("journal checked in"),
+        "the mount of a store with a 288 MiB journal did not say it checked it:\n{large}"
+    );
+    let out = output(
+        Command::new(bin())
+            .args(["isolation", "status"])
+            .arg(&d.store),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status: {}", describe(&out));
+    assert!(
+        err.contains(&checking) && err.contains("journal checked in"),
+        "status of an unmounted store with a 288 MiB journal did not say it checked it:\n{err}"
+    );
+}
+
 #[test]
 fn a_store_refuses_another_backing_directory() {
     let d = dirs();

@@ -44,6 +44,8 @@ const MAX_RECORD: u64 = 64 << 20;
 /// Zeros written after the last record by a sync that finds less than [`TAIL_LOW`] there.
 pub const TAIL_AHEAD: u64 = 1 << 20;
 pub const TAIL_LOW: u64 = 256 << 10;
+/// How many bytes of records [`Journal::open_reporting`] reads between two reports.
+const PROGRESS_STEP: u64 = 64 << 20;
 
 /// What a record's JSON holds: the change and when it was made.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -144,7 +146,18 @@ impl Journal {
         store_id: [u8; 16],
         repair: bool,
     ) -> Result<(Journal, Vec<Record>), Error> {
-        Journal::open_with(path, store_id, repair, repair, true)
+        Journal::open_with(path, store_id, repair, repair, true, &mut |_, _| {})
+    }
+
+    /// [`Journal::open`], calling `progress(bytes_checked, bytes_total)` as it reads:
+    /// checking every record's data takes a while on a journal of gigabytes.
+    pub fn open_reporting(
+        path: &Path,
+        store_id: [u8; 16],
+        repair: bool,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Journal, Vec<Record>), Error> {
+        Journal::open_with(path, store_id, repair, repair, true, progress)
     }
 
     /// Opens for appending a journal whose records were all checked or written by this
@@ -154,7 +167,7 @@ impl Journal {
         path: &Path,
         store_id: [u8; 16],
     ) -> Result<(Journal, Vec<Record>), Error> {
-        Journal::open_with(path, store_id, true, false, false)
+        Journal::open_with(path, store_id, true, false, false, &mut |_, _| {})
     }
 
     fn open_with(
@@ -163,6 +176,7 @@ impl Journal {
         write: bool,
         repair: bool,
         verify_data: bool,
+        progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(Journal, Vec<Record>), Error> {
         let file = OpenOptions::new()
             .read(true)
@@ -199,10 +213,19 @@ impl Journal {
             return Err(corrupt(path, format!("base sequence number {base_seq}")));
         }
         let mut records = Vec::new();
+        // Reported every 64 MiB or so, and once at the end.
+        let mut reported = 0;
         let (off, last_seq) = scan(&file, path, len, base_seq, verify_data, &mut |r| {
+            if r.end() - reported >= PROGRESS_STEP {
+                reported = r.end();
+                progress(reported, len);
+            }
             records.push(r);
             Ok(())
         })?;
+        if reported != len {
+            progress(len, len);
+        }
         if repair && off < len {
             file.set_len(off).map_err(|e| Error::io(path, e))?;
             file.sync_all().map_err(|e| Error::io(path, e))?;

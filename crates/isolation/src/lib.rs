@@ -27,7 +27,7 @@ pub mod view;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use store::{CommitProgress, LogEntry, Status, Store};
+pub use store::{CommitProgress, JournalCheck, LogEntry, Status, Store};
 
 /// Everything that can go wrong with a store.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,8 @@ pub struct Guard {
 }
 
 /// Mounts the isolated view of `backing` at `mountpoint`, keeping changes in `store_dir`
-/// (made if missing or empty). An interrupted commit is finished first.
+/// (made if missing or empty). An interrupted commit is finished first. `check` hears how
+/// far the check of the store's journal has come.
 pub fn mount(
     backing: &Path,
     mountpoint: &Path,
@@ -127,13 +128,14 @@ pub fn mount(
     mode: view::Mode,
     opts: fs::Options,
     serving: interpose_fs::Serving,
+    check: &mut dyn FnMut(JournalCheck),
 ) -> Result<IsolatedMount, Error> {
     let write_through = matches!(mode, view::Mode::WriteThrough);
     let store = Store::open_or_create(store_dir, backing, write_through)?;
     let b = std::sync::Arc::new(store.backing()?);
     if let Some(t) = store.interrupted_commit()? {
         tracing::info!("finishing an interrupted commit up to change {t}");
-        let (j, recs) = store.journal()?;
+        let (j, recs) = store.journal_reporting(check)?;
         let done = store.commit(&b, &j, &recs, Some(t), &mut |_| {});
         // The replaced journal closed first: its room is back for the reserve.
         drop(j);
@@ -143,7 +145,7 @@ pub fn mount(
         }
         store.keep_reserve();
     }
-    let (journal, records) = store.journal()?;
+    let (journal, records) = store.journal_reporting(check)?;
     let mut view = view::View::new(b.clone(), journal)?;
     // The mode first: with --isolate-path, replaying notes which paths pending changes
     // keep isolated.

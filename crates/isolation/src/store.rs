@@ -161,6 +161,13 @@ fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 
+/// Progress of the check of a store's journal as it is opened, for a progress bar.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JournalCheck {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
 /// Progress of a commit, for a progress bar.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct CommitProgress {
@@ -492,8 +499,27 @@ impl Store {
     /// The journal and its records; a torn last record is cut off.
     /// Records an interrupted commit applied already are left out: they are in BACKING.
     pub fn journal(&self) -> Result<(Journal, Vec<Record>), Error> {
+        self.journal_reporting(&mut |_| {})
+    }
+
+    /// [`Store::journal`], reporting how far the check of the records has come: every
+    /// record's data is read to check it, gigabytes in a large store.
+    pub fn journal_reporting(
+        &self,
+        progress: &mut dyn FnMut(JournalCheck),
+    ) -> Result<(Journal, Vec<Record>), Error> {
         let _ = std::fs::remove_file(self.dir.join(JOURNAL_NEW));
-        let opened = Journal::open(&self.dir.join(JOURNAL), self.meta.id_bytes(), true)?;
+        let opened = Journal::open_reporting(
+            &self.dir.join(JOURNAL),
+            self.meta.id_bytes(),
+            true,
+            &mut |bytes_done, bytes_total| {
+                progress(JournalCheck {
+                    bytes_done,
+                    bytes_total,
+                })
+            },
+        )?;
         self.pending(opened)
     }
 
