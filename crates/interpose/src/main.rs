@@ -765,19 +765,21 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
             },
         ),
     };
-    let bar = (matches!(cmd, IsolationCommand::Commit { .. })
-        && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-    .then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "commit [{bar:30}] {pos}/{len} changes, {msg} {elapsed_precise} eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        b
-    });
+    let want_bar = matches!(cmd, IsolationCommand::Commit { .. })
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Made at the commit's first report, so its time and eta leave out opening the store.
+    let mut bar: Option<indicatif::ProgressBar> = None;
     let mut progress = |p: CommitProgress| {
+        if want_bar && bar.is_none() {
+            let b = indicatif::ProgressBar::new(p.changes_total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "commit [{bar:30}] {pos}/{len} changes, {msg} {elapsed_precise} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            bar = Some(b);
+        }
         if let Some(b) = &bar {
             b.set_length(p.changes_total);
             b.set_position(p.changes_done);
