@@ -76,7 +76,7 @@ pub enum BadFill {
 }
 
 /// A byte-count progress bar on a terminal; nothing otherwise.
-fn bar(what: &str, total: u64) -> Option<indicatif::ProgressBar> {
+pub(crate) fn bar(what: &str, total: u64) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }

@@ -699,16 +699,7 @@ impl<'a> JournalCheckShown<'a> {
                 self.store.display(),
                 image_cmd::human(c.bytes_total)
             );
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                let b = indicatif::ProgressBar::new(c.bytes_total);
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "journal check [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-                    )
-                    .expect("valid template"),
-                );
-                self.bar = Some(b);
-            }
+            self.bar = image_cmd::bar("journal check", c.bytes_total);
         }
         if let Some(b) = &self.bar {
             b.set_position(c.bytes_done);
@@ -805,13 +796,13 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
             let mut check = |c| shown.update(c);
             match &cmd {
                 IsolationCommand::Status { .. } => {
-                    let (j, recs) = store.journal_reporting(&mut check)?;
+                    let (j, recs) = store.journal(&mut check)?;
                     let mut tally = interpose_isolation::store::Tally::default();
                     recs.iter().for_each(|r| tally.add(r));
                     serde_json::to_value(store.status(&j, &tally, false)?)?
                 }
                 IsolationCommand::Log { since, .. } => {
-                    let (_, recs) = store.journal_reporting(&mut check)?;
+                    let (_, recs) = store.journal(&mut check)?;
                     for r in recs.iter().filter(|r| r.seq > *since) {
                         log.entry(serde_json::to_value(
                             interpose_isolation::store::LogEntryRef::of(r),
@@ -821,7 +812,7 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                 }
                 IsolationCommand::Commit { upto, .. } => {
                     let backing = store.backing()?;
-                    let (j, recs) = store.journal_reporting(&mut check)?;
+                    let (j, recs) = store.journal(&mut check)?;
                     let done = store.commit(&backing, &j, &recs, *upto, &mut progress);
                     // With the replaced journal closed: its room is back.
                     drop(j);
@@ -830,7 +821,7 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                     serde_json::json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()})
                 }
                 IsolationCommand::Discard { after, .. } => {
-                    let (mut j, recs) = store.journal_reporting(&mut check)?;
+                    let (mut j, recs) = store.journal(&mut check)?;
                     let kept = store.discard(&mut j, &recs, *after);
                     drop(j);
                     store.keep_reserve();

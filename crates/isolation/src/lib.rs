@@ -135,7 +135,7 @@ pub fn mount(
     let b = std::sync::Arc::new(store.backing()?);
     if let Some(t) = store.interrupted_commit()? {
         tracing::info!("finishing an interrupted commit up to change {t}");
-        let (j, recs) = store.journal_reporting(check)?;
+        let (j, recs) = store.journal(check)?;
         let done = store.commit(&b, &j, &recs, Some(t), &mut |_| {});
         // The replaced journal closed first: its room is back for the reserve.
         drop(j);
@@ -145,7 +145,7 @@ pub fn mount(
         }
         store.keep_reserve();
     }
-    let (journal, records) = store.journal_reporting(check)?;
+    let (journal, records) = store.journal(check)?;
     let mut view = view::View::new(b.clone(), journal)?;
     // The mode first: with --isolate-path, replaying notes which paths pending changes
     // keep isolated.

@@ -498,13 +498,9 @@ impl Store {
 
     /// The journal and its records; a torn last record is cut off.
     /// Records an interrupted commit applied already are left out: they are in BACKING.
-    pub fn journal(&self) -> Result<(Journal, Vec<Record>), Error> {
-        self.journal_reporting(&mut |_| {})
-    }
-
-    /// [`Store::journal`], reporting how far the check of the records has come: every
-    /// record's data is read to check it, gigabytes in a large store.
-    pub fn journal_reporting(
+    /// Every record's data is read to check it, gigabytes in a large store: `progress`
+    /// hears how far that has come.
+    pub fn journal(
         &self,
         progress: &mut dyn FnMut(JournalCheck),
     ) -> Result<(Journal, Vec<Record>), Error> {
