@@ -166,16 +166,7 @@ install_packages "${need_pkgs[@]}"
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || true
 [[ -e /dev/fuse ]] || { log "/dev/fuse is missing (modprobe fuse)"; exit 1; }
 
-if [[ -n ${BENCH_BIN:-} ]]; then
-    BIN=$(realpath "$BENCH_BIN")
-else
-    [[ -x $HOME/.cargo/bin/cargo ]] && PATH=$HOME/.cargo/bin:$PATH
-    command -v cargo >/dev/null || { log "cargo not found: install Rust 1.85 or newer (rustup), or set BENCH_BIN"; exit 1; }
-    log "building interpose (cargo build --release)"
-    (cd "$REPO" && cargo build --release --locked -p interpose 2>&1 | tail -n 3 >&2)
-    BIN=$REPO/target/release/interpose
-fi
-[[ -x $BIN ]] || { log "no interpose binary at $BIN"; exit 1; }
+interpose_binary
 # What is measured, noted now: the tree may change while the benchmark runs.
 MI_COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [[ -n $(git -C "$REPO" status --porcelain -- 'crates/*/src' Cargo.toml Cargo.lock 2>/dev/null || true) ]]; then

@@ -1,4 +1,4 @@
-# Shared by the bench scripts (sourced). Needs BENCH_DIR, MARKER and a `log` function;
+# Shared by the bench scripts (sourced). Needs BENCH_DIR, MARKER, REPO and a `log` function;
 # sets LOCK (removed by the caller's cleanup) and LOCK_FD.
 
 # One run per bench directory: another run on the same directory would delete this
@@ -83,4 +83,18 @@ install_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+}
+
+# Sets BIN: BENCH_BIN if given, else target/release/interpose built from REPO now.
+interpose_binary() {
+    if [[ -n ${BENCH_BIN:-} ]]; then
+        BIN=$(realpath "$BENCH_BIN")
+    else
+        [[ -x $HOME/.cargo/bin/cargo ]] && PATH=$HOME/.cargo/bin:$PATH
+        command -v cargo >/dev/null || { log "cargo not found: install Rust 1.85 or newer (rustup), or set BENCH_BIN"; exit 1; }
+        log "building interpose (cargo build --release)"
+        (cd "$REPO" && cargo build --release --locked -p interpose 2>&1 | tail -n 3 >&2)
+        BIN=$REPO/target/release/interpose
+    fi
+    [[ -x $BIN ]] || { log "no interpose binary at $BIN"; exit 1; }
 }
