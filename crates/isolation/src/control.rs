@@ -340,6 +340,7 @@ fn rebuild(
     let mut fresh = View::new(v.backing.clone(), journal)?;
     // New nodes must not take numbers the kernel still holds for others.
     fresh.set_next_new(v.next_new());
+    fresh.keep_stale_of(v);
     fresh.mode = v.mode.clone();
     fresh.replay(&records)?;
     fresh.xattr_probe = v.xattr_probe.clone();

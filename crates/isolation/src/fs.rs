@@ -862,6 +862,9 @@ impl Filesystem for IsolatedFs {
             if n.opens == 0 && !n.detached {
                 n.origin_file = None;
             }
+        } else if v.release_stale(f.node) && pt {
+            // No open of a stale number comes again to share the registration.
+            self.0.backing_ids.lock().remove(&f.node);
         }
         v.maybe_drop(f.node);
         reply.ok();

@@ -302,9 +302,20 @@ pub struct View {
     keep_dirs: Vec<u64>,
     /// Only while [`View::adopt`] looks up the paths of the nodes the kernel holds.
     adopting: Option<AdoptCache>,
-    /// Built after a commit or discard, which may let go of nodes the kernel still holds
-    /// (see [`View::adopt`]): their forgets are expected, not a miscount.
-    let_go_of_held_nodes: bool,
+    /// Numbers the kernel still holds for objects a commit or discard could not carry
+    /// into the view built after it (see [`View::adopt`]): every request on one gets
+    /// ESTALE, and no other object gets one until the kernel has forgotten it. Given to
+    /// another object at once, the kernel's forget of the old one took the new one's
+    /// references, and the node went while the kernel still used it: where the two
+    /// differ in type, the kernel holds both inodes under the one number.
+    stale: HashMap<u64, StaleRef>,
+}
+
+/// What the kernel holds of a number in [`View::stale`].
+#[derive(Clone, Copy, Debug)]
+struct StaleRef {
+    lookups: u64,
+    opens: u32,
 }
 
 /// What [`View::adopt`] remembers while it resolves the paths of the nodes the kernel
@@ -378,7 +389,7 @@ impl View {
             spread: HashSet::new(),
             keep_dirs: Vec::new(),
             adopting: None,
-            let_go_of_held_nodes: false,
+            stale: HashMap::new(),
         })
     }
 
@@ -596,7 +607,7 @@ impl View {
             // Cannot be numbered by its inode number: a foreign file system under BACKING.
             return Err(libc::ENOENT);
         }
-        if self.nodes.contains_key(&id) {
+        if self.nodes.contains_key(&id) || self.stale.contains_key(&id) {
             // The number is still taken by a node of a removed object that the kernel
             // has not forgotten yet.
             id = self.next_new;
@@ -700,15 +711,26 @@ impl View {
     pub fn forget(&mut self, id: u64, count: u64) {
         // A node is kept while the kernel holds a lookup of it, so forgetting more than was
         // counted means a reply gave the kernel a node the view did not count: say so, as
-        // nodes then go while the kernel still uses them. (Not once a rebuild has let go of
-        // nodes on purpose: their forgets come later.)
+        // nodes then go while the kernel still uses them.
+        if let Some(s) = self.stale.get_mut(&id) {
+            if s.lookups < count {
+                tracing::warn!(
+                    "the kernel forgot {count} lookups of stale node {id}, of which the view counted {}: lookups were miscounted",
+                    s.lookups
+                );
+            }
+            s.lookups = s.lookups.saturating_sub(count);
+            if s.lookups == 0 && s.opens == 0 {
+                self.stale.remove(&id);
+            }
+            return;
+        }
         let held = self.nodes.get_mut(&id).map(|n| {
             let held = n.lookups;
             n.lookups = held.saturating_sub(count);
             held
         });
         match held {
-            _ if self.let_go_of_held_nodes => {}
             None => tracing::warn!(
                 "the kernel forgot {count} lookups of node {id}, which the view no longer holds: lookups were miscounted"
             ),
@@ -718,6 +740,24 @@ impl View {
             Some(_) => {}
         }
         self.maybe_drop(id);
+    }
+
+    /// The kernel released an open of a number in [`View::stale`]; whether it was one.
+    pub fn release_stale(&mut self, id: u64) -> bool {
+        let Some(s) = self.stale.get_mut(&id) else {
+            return false;
+        };
+        s.opens = s.opens.saturating_sub(1);
+        if s.lookups == 0 && s.opens == 0 {
+            self.stale.remove(&id);
+        }
+        true
+    }
+
+    /// Takes over the numbers `old` holds in [`View::stale`], before this view (one built
+    /// to replace it) numbers any node.
+    pub fn keep_stale_of(&mut self, old: &View) {
+        self.stale = old.stale.clone();
     }
 
     /// Drops an unused node that is only a cache of the backing directory, or that lost
@@ -2743,13 +2783,14 @@ impl View {
     /// in BACKING; an object made in the view is the node at its path, if that is one made
     /// in the view too or, after a commit (`committed`), the one the commit made of it.
     /// The rest (objects that a discard threw away, or whose name went) are not carried:
-    /// the kernel's numbers for them go stale.
+    /// their numbers go stale ([`View::stale`]), and a node of this view that has one of
+    /// the numbers the kernel holds gets another.
     pub fn adopt(&mut self, mut known: Vec<Known>, next_new: u64, committed: bool) {
         self.next_new = self.next_new.max(next_new);
-        self.let_go_of_held_nodes = true;
         let mut remap: HashMap<u64, u64> = HashMap::new();
         let mut claimed: HashSet<u64> = HashSet::new();
         let mut carried = Vec::new();
+        let mut lost = Vec::new();
         // Objects of BACKING first: their identity is certain, a path is not. By path
         // within each, so that the entries of a directory are looked up one after another.
         known.sort_by(|a, b| {
@@ -2779,44 +2820,56 @@ impl View {
                 };
                 (same && n.attr.kind() == k.kind && !claimed.contains(&id)).then_some(id)
             });
-            let Some(id) = found else {
-                tracing::debug!(
-                    "adopt: {} ({:o}) not carried: path {:?}, origin {:?}, backing inode {:?}",
-                    k.id,
-                    k.kind,
-                    k.path,
-                    k.origin,
-                    k.backing_ino
-                );
-                continue;
-            };
-            if id != k.id {
-                if remap.contains_key(&id) || self.nodes.contains_key(&k.id) {
-                    continue;
+            match found {
+                Some(id) => {
+                    if id != k.id {
+                        remap.insert(id, k.id);
+                    }
+                    claimed.insert(id);
+                    carried.push(k);
                 }
-                remap.insert(id, k.id);
+                None => {
+                    tracing::debug!(
+                        "adopt: {} ({:o}) not carried, its number goes stale: path {:?}, origin {:?}, backing inode {:?}",
+                        k.id,
+                        k.kind,
+                        k.path,
+                        k.origin,
+                        k.backing_ino
+                    );
+                    lost.push(k);
+                }
             }
-            claimed.insert(id);
-            carried.push(k);
         }
         self.adopting = None;
-        for k in &dead_dirs {
-            if self.nodes.contains_key(&k.id) && !remap.contains_key(&k.id) {
-                remap.insert(k.id, self.next_new);
+        // Every number the kernel holds names what it named, or nothing: a node found here
+        // under one (the same inode number, another object) moves aside. The numbers are
+        // distinct, so no node carried is in the way of another.
+        let held = (carried.iter().chain(&dead_dirs).chain(&lost))
+            .map(|k| k.id)
+            .chain(self.stale.keys().copied())
+            .collect::<Vec<_>>();
+        for id in held {
+            if self.nodes.contains_key(&id) && !claimed.contains(&id) {
+                remap.insert(id, self.next_new);
                 self.next_new += 1;
             }
         }
         self.renumber(&remap);
         for k in dead_dirs {
-            if self.nodes.contains_key(&k.id) {
-                continue;
-            }
             let mut n = Node::new(k.id, None, k.attr);
             n.attr.nlink = 0;
             n.changed = true;
             n.lookups = k.lookups;
             n.opens = k.opens;
             self.nodes.insert(k.id, n);
+        }
+        for k in lost {
+            let s = StaleRef {
+                lookups: k.lookups,
+                opens: k.opens,
+            };
+            self.stale.insert(k.id, s);
         }
         for k in carried {
             if let Some(n) = self.nodes.get_mut(&k.id) {
