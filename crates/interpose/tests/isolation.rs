@@ -2266,6 +2266,12 @@ fn write_through_applies_every_change_at_once_and_records_it() {
     );
     assert!(iso_fails("commit", &d.store, &[]).contains("nothing to commit"));
     assert!(iso_fails("discard", &d.store, &[]).contains("cannot discard"));
+    // Refused, they leave the mount as it was: it takes changes, and shows BACKING (its
+    // view was once rebuilt from the trail, whose mkdir no longer fitted: EROFS).
+    fs::write(d.mnt.join("d/a"), b"after\n").unwrap();
+    assert_eq!(read(&d.mnt.join("d/a")), b"after\n");
+    assert_eq!(read(&d.backing.join("d/a")), b"after\n");
+    fs::create_dir(d.mnt.join("e2")).unwrap();
     m.stop();
     let err = mount_fails(&d.backing, &d.mnt, &d.store);
     assert!(err.contains("made for --write-through"), "{err}");

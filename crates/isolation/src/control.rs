@@ -188,6 +188,8 @@ fn handle(
             Ok(json!({ "entries": entries }))
         }
         "commit" => {
+            // Its view replays no records: rebuilt after a refused commit, it would.
+            store.refuse_if_write_through(true)?;
             let mut v = shared.view.lock();
             refuse_if_broken(&v)?;
             v.sync()
@@ -229,6 +231,7 @@ fn handle(
             }
         }
         "discard" => {
+            store.refuse_if_write_through(false)?;
             let (kept, stale) = {
                 let mut v = shared.view.lock();
                 refuse_if_broken(&v)?;

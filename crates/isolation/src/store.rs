@@ -711,11 +711,7 @@ impl Store {
         upto: Option<u64>,
         progress: &mut dyn FnMut(CommitProgress),
     ) -> Result<(Journal, Vec<Record>), Error> {
-        if self.meta.write_through {
-            return Err(Error::Control(
-                "a --write-through store has nothing to commit: every change is in the backing directory already".into(),
-            ));
-        }
+        self.refuse_if_write_through(true)?;
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let pending = self.read_state()?;
         let asked = upto.unwrap_or(last);
@@ -1009,6 +1005,21 @@ impl Store {
         Ok(())
     }
 
+    /// The error a commit (`commit`) or a discard of a --write-through store gets: every
+    /// change is in the backing directory already. Asked first, before a mounted store's
+    /// view is touched (which holds none of its records).
+    pub fn refuse_if_write_through(&self, commit: bool) -> Result<(), Error> {
+        if !self.meta.write_through {
+            return Ok(());
+        }
+        Err(Error::Control(if commit {
+            "a --write-through store has nothing to commit: every change is in the backing directory already".into()
+        } else {
+            "a --write-through store cannot discard: its changes are in the backing directory"
+                .into()
+        }))
+    }
+
     /// Throws away pending changes after `after` (default: all of them).
     pub fn discard(
         &self,
@@ -1016,12 +1027,7 @@ impl Store {
         records: &[Record],
         after: Option<u64>,
     ) -> Result<Vec<Record>, Error> {
-        if self.meta.write_through {
-            return Err(Error::Control(
-                "a --write-through store cannot discard: its changes are in the backing directory"
-                    .into(),
-            ));
-        }
+        self.refuse_if_write_through(false)?;
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let after = after.unwrap_or(first);
         let state = self.read_state()?;
