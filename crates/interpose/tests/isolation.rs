@@ -804,6 +804,39 @@ fn numbers_the_kernel_holds_are_not_given_to_another_object_after_a_commit() {
     drop(fs_);
 }
 
+/// A file renamed over outside the isolated paths while the kernel still holds it (an
+/// O_PATH descriptor) is gone from BACKING: opened again through that descriptor, it
+/// gives ESTALE, never the file now at its old name. (Its passthrough was registered by
+/// that name.)
+#[test]
+fn a_file_renamed_over_outside_the_isolated_paths_is_not_reopened_by_its_old_name() {
+    use rustix::fs::{Mode as FileMode, OFlags};
+    let d = dirs();
+    fs::create_dir(d.backing.join("pass")).unwrap();
+    fs::create_dir(d.backing.join("iso")).unwrap();
+    fs::write(d.backing.join("pass/f"), b"old\n").unwrap();
+    fs::write(d.backing.join("pass/g"), b"the other file\n").unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso"]);
+    let pass = d.mnt.join("pass");
+    let held = rustix::fs::open(pass.join("f"), OFlags::PATH, FileMode::empty()).unwrap();
+    fs::rename(pass.join("g"), pass.join("f")).unwrap();
+    let again = format!("/proc/self/fd/{}", held.as_raw_fd());
+    let got = File::open(&again).and_then(|mut f| {
+        let mut v = Vec::new();
+        f.read_to_end(&mut v).map(|_| v)
+    });
+    match got {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+        Ok(v) => panic!(
+            "the file renamed over read {:?}",
+            String::from_utf8_lossy(&v)
+        ),
+    }
+    assert_eq!(read(&pass.join("f")), b"the other file\n");
+    drop(held);
+    m.stop();
+}
+
 /// A database that stays open (a writer and a reader holding a snapshot) while the store
 /// is committed under it, whole and in part, six times.
 #[test]

@@ -338,7 +338,8 @@ impl IsolatedFs {
             let mut ids = self.0.backing_ids.lock();
             match (shared(&ids), &n.origin) {
                 (Some((b, writable)), _) if writable || !write => bid = Some(b),
-                (None, Some(origin)) => {
+                // Not by the name of a detached node: another object's now, or nothing's.
+                (None, Some(origin)) if !n.detached => {
                     match register_backing(&backing, origin, direct, write, reply_backing) {
                         Ok((b, writable)) => {
                             let b = Arc::new(b);
