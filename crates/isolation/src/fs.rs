@@ -225,7 +225,8 @@ impl IsolatedFs {
         check_name(name)?;
         let mut v = self.0.view.lock();
         let id = v.create(parent.0, name, kind, mode, umask, req.uid(), req.gid())?;
-        Ok((id, v.attr(id)?))
+        // The lookup the create counted is not the kernel's if the reply is an error.
+        v.attr(id).map(|a| (id, a)).inspect_err(|_| v.forget(id, 1))
     }
 
     fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
@@ -710,8 +711,9 @@ impl Filesystem for IsolatedFs {
                 libc::S_IFREG | (mode & 0o7777),
                 umask,
             )?;
-            let (fh, _) =
-                self.open_node(id, flags, |_| Err(std::io::ErrorKind::Unsupported.into()))?;
+            let (fh, _) = self
+                .open_node(id, flags, |_| Err(std::io::ErrorKind::Unsupported.into()))
+                .inspect_err(|_| self.0.view.lock().forget(id, 1))?;
             Ok((id, a, fh))
         })();
         match res {
