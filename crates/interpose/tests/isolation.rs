@@ -747,7 +747,7 @@ fn numbers_the_kernel_holds_are_not_given_to_another_object_after_a_commit() {
     use rustix::fs::{AtFlags, Mode as FileMode, OFlags, StatxFlags};
     let d = dirs();
     // Its own ext4, which gives a freed inode number to the next object made.
-    let fs_ = LoopFs::new(64);
+    let fs_ = LoopFs::journaled(64);
     let backing = fs_.dir.join("backing");
     fs::create_dir_all(backing.join("pass")).unwrap();
     fs::create_dir_all(backing.join("iso")).unwrap();
@@ -835,6 +835,84 @@ fn a_file_renamed_over_outside_the_isolated_paths_is_not_reopened_by_its_old_nam
     assert_eq!(read(&pass.join("f")), b"the other file\n");
     drop(held);
     m.stop();
+}
+
+/// A listing gives each entry the inode number stat gives it, also an entry whose
+/// number in BACKING is still held for a removed file the kernel has not forgotten (the
+/// lookup gives the entry a number of its own; the listing used to give BACKING's). The
+/// kernel asks for a directory's first entries with their attributes (READDIRPLUS, one
+/// lookup each), and for the rest of a long one without (READDIR): 600 names and 40
+/// such entries put some of them in the rest.
+#[test]
+fn listings_agree_with_stat_where_backing_reused_a_number_the_kernel_holds() {
+    use rustix::fs::{Mode as FileMode, OFlags};
+    use std::collections::HashSet;
+    use std::os::unix::fs::DirEntryExt;
+    let d = dirs();
+    // Its own ext4, which gives freed inode numbers to the next objects made.
+    let fs_ = LoopFs::journaled(64);
+    let backing = fs_.dir.join("backing");
+    fs::create_dir_all(backing.join("pass/long")).unwrap();
+    fs::create_dir(backing.join("iso")).unwrap();
+    for i in 0..600 {
+        fs::write(backing.join(format!("pass/long/p{i}")), b"").unwrap();
+    }
+    let m = Mount::start(
+        &backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--isolate-path", "iso"],
+    );
+    let pass = d.mnt.join("pass");
+    let mut held = Vec::new();
+    let mut numbers = HashSet::new();
+    // All made before any is removed: each its own inode number.
+    let files: Vec<PathBuf> = (0..40).map(|i| pass.join(format!("long/f{i}"))).collect();
+    for f in &files {
+        fs::write(f, b"gone\n").unwrap();
+        let fd = rustix::fs::open(f, OFlags::PATH, FileMode::empty()).unwrap();
+        numbers.insert(rustix::fs::fstat(&fd).unwrap().st_ino);
+        held.push(fd);
+    }
+    for f in &files {
+        fs::remove_file(f).unwrap();
+    }
+    // Made in BACKING itself (outside the isolated paths, the view shows them): no nodes.
+    let mut reused = 0;
+    for i in 0..400 {
+        let p = backing.join(format!("pass/long/s{i}"));
+        symlink("target", &p).unwrap();
+        if numbers.contains(&fs::symlink_metadata(&p).unwrap().ino()) {
+            reused += 1;
+        }
+    }
+    assert!(
+        reused >= 20,
+        "BACKING gave only {reused} of the 40 held numbers again"
+    );
+    // Listed whole first: a lookup in the directory makes the kernel's next read of it a
+    // READDIRPLUS again.
+    let listed: Vec<(PathBuf, u64)> = fs::read_dir(pass.join("long"))
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| (e.path(), e.ino()))
+        .collect();
+    assert_eq!(listed.len(), 1000);
+    let mut differ = Vec::new();
+    for (path, ino) in listed {
+        let stat = fs::symlink_metadata(&path).unwrap().ino();
+        if ino != stat || numbers.contains(&stat) {
+            differ.push(format!("{path:?}: listed {ino}, stat {stat}"));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{} entries: {:?}",
+        differ.len(),
+        &differ[..differ.len().min(5)]
+    );
+    drop(held);
+    m.stop();
+    drop(fs_);
 }
 
 /// A database that stays open (a writer and a reader holding a snapshot) while the store

@@ -922,9 +922,19 @@ impl View {
                     continue;
                 }
                 let ino = e.ino();
+                let ino = match self.by_ino.get(&ino) {
+                    Some(&known) => known,
+                    // The number is another node's (a removed object the kernel still
+                    // holds) or stale: the lookup gives the object a number of its own,
+                    // given now, so that the listing agrees with stat.
+                    None if self.nodes.contains_key(&ino) || self.stale.contains_key(&ino) => {
+                        self.child(id, name).unwrap_or(ino)
+                    }
+                    None => ino,
+                };
                 out.push(DirEntry {
                     name: name.to_owned(),
-                    ino: self.by_ino.get(&ino).copied().unwrap_or(ino),
+                    ino,
                     kind: kind_of_dtype(e.file_type()),
                 });
             }

@@ -421,6 +421,17 @@ pub struct LoopFs {
 
 impl LoopFs {
     pub fn new(mib: u64) -> LoopFs {
+        LoopFs::make(mib, false)
+    }
+
+    /// [`LoopFs::new`] with a journal. Without one, ext4 gives an inode number freed in
+    /// the last minute to no new object unless it was freed in the same second; with one,
+    /// the next object made takes the lowest free number.
+    pub fn journaled(mib: u64) -> LoopFs {
+        LoopFs::make(mib, true)
+    }
+
+    fn make(mib: u64, journal: bool) -> LoopFs {
         let tmp = tempfile::Builder::new()
             .prefix("interpose-test-loop-")
             .tempdir_in(test_root())
@@ -430,8 +441,13 @@ impl LoopFs {
             .unwrap()
             .set_len(mib << 20)
             .unwrap();
+        let features = if journal {
+            "has_journal"
+        } else {
+            "^has_journal"
+        };
         run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-O", "^has_journal"])
+            .args(["-q", "-F", "-O", features])
             .arg(&image));
         let dev = PathBuf::from(
             run(Command::new("losetup")
