@@ -554,12 +554,18 @@ impl FilterFs {
     /// uid meanwhile: the kernel already checked the caller's permission
     /// (default_permissions), and switching fsuid would drop the capabilities that keep
     /// supplementary-group access working on the backing side.
+    ///
+    /// `made_fd`: a descriptor of the object `make` made, where it has one (a created
+    /// file): then the owner and mode are set through it, never by the name, which
+    /// someone writing in BACKING may have replaced meanwhile (a symlink the daemon would
+    /// follow out of BACKING).
     fn create_as_caller<T>(
         &self,
         req: &fuser::Request,
         umask: u32,
         dir: BorrowedFd<'_>,
         name: &OsStr,
+        made_fd: for<'a> fn(&'a T) -> Option<BorrowedFd<'a>>,
         make: impl FnOnce() -> Res<T>,
     ) -> Res<T> {
         if !THREAD_FS_PRIVATE.get() {
@@ -577,9 +583,26 @@ impl FilterFs {
         let made = made?;
         let uid = req.uid();
         if uid != rustix::process::geteuid().as_raw() {
+            let owner = Some(rustix::fs::Uid::from_raw(uid));
+            if let Some(fd) = made_fd(&made) {
+                let before = rustix::fs::fstat(fd).map_err(errno_of)?;
+                if let Err(e) = rustix::fs::fchown(fd, owner, None) {
+                    // Taken back by its name only while the name is still the object.
+                    let same = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|st| (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino));
+                    if same {
+                        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
+                    }
+                    return Err(errno_of(e));
+                }
+                // chown clears set-id bits; the caller asked for them on a file it owns.
+                if before.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                    let _ = rustix::fs::fchmod(fd, Mode::from_raw_mode(before.st_mode & 0o7777));
+                }
+                return Ok(made);
+            }
             let before =
                 rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)?;
-            let owner = Some(rustix::fs::Uid::from_raw(uid));
             if let Err(e) = rustix::fs::chownat(dir, name, owner, None, AtFlags::SYMLINK_NOFOLLOW) {
                 let _ = rustix::fs::unlinkat(
                     dir,
@@ -592,15 +615,28 @@ impl FilterFs {
                 );
                 return Err(errno_of(e));
             }
-            // chown clears set-id bits; the caller asked for them on a file it owns.
+            // chown clears set-id bits; the caller asked for them on a file it owns (made
+            // by mknod). Through a descriptor of what the name is now, checked to be that
+            // file: chmod by the name follows a symlink put there meanwhile.
             let setid = before.st_mode & (libc::S_ISUID | libc::S_ISGID);
             if setid != 0 && before.st_mode & libc::S_IFMT == libc::S_IFREG {
-                let _ = rustix::fs::chmodat(
+                if let Ok(fd) = rustix::fs::openat(
                     dir,
                     name,
-                    Mode::from_raw_mode(before.st_mode & 0o7777),
-                    AtFlags::empty(),
-                );
+                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
+                    let same = rustix::fs::fstat(&fd).is_ok_and(|st| {
+                        (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino)
+                            && st.st_mode & libc::S_IFMT == libc::S_IFREG
+                    });
+                    if same {
+                        let _ = rustix::fs::chmod(
+                            sys::proc_fd_path(fd.as_fd()),
+                            Mode::from_raw_mode(before.st_mode & 0o7777),
+                        );
+                    }
+                }
             }
         }
         Ok(made)
@@ -1125,17 +1161,24 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
-                self.create_as_caller(req, umask, dir.as_fd(), name, || {
-                    let kind = rustix::fs::FileType::from_raw_mode(mode);
-                    rustix::fs::mknodat(
-                        dir.as_fd(),
-                        name,
-                        kind,
-                        Mode::from_raw_mode(mode & 0o7777),
-                        rdev as u64,
-                    )
-                    .map_err(errno_of)
-                })?;
+                self.create_as_caller(
+                    req,
+                    umask,
+                    dir.as_fd(),
+                    name,
+                    |_| None,
+                    || {
+                        let kind = rustix::fs::FileType::from_raw_mode(mode);
+                        rustix::fs::mknodat(
+                            dir.as_fd(),
+                            name,
+                            kind,
+                            Mode::from_raw_mode(mode & 0o7777),
+                            rdev as u64,
+                        )
+                        .map_err(errno_of)
+                    },
+                )?;
                 self.lookup_at(parent, dir.as_fd(), name)
             },
             |_| 0,
@@ -1161,10 +1204,17 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
-                self.create_as_caller(req, umask, dir.as_fd(), name, || {
-                    rustix::fs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(mode & 0o7777))
-                        .map_err(errno_of)
-                })?;
+                self.create_as_caller(
+                    req,
+                    umask,
+                    dir.as_fd(),
+                    name,
+                    |_| None,
+                    || {
+                        rustix::fs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(mode & 0o7777))
+                            .map_err(errno_of)
+                    },
+                )?;
                 self.lookup_at(parent, dir.as_fd(), name)
             },
             |_| 0,
@@ -1234,9 +1284,14 @@ impl Filesystem for FilterFs {
             || {
                 check_name(link_name)?;
                 let dir = self.inodes.fd(parent)?;
-                self.create_as_caller(req, 0, dir.as_fd(), link_name, || {
-                    rustix::fs::symlinkat(target, dir.as_fd(), link_name).map_err(errno_of)
-                })?;
+                self.create_as_caller(
+                    req,
+                    0,
+                    dir.as_fd(),
+                    link_name,
+                    |_| None,
+                    || rustix::fs::symlinkat(target, dir.as_fd(), link_name).map_err(errno_of),
+                )?;
                 self.lookup_at(parent, dir.as_fd(), link_name)
             },
             |_| 0,
@@ -1301,7 +1356,7 @@ impl Filesystem for FilterFs {
                 };
                 if flags.bits() & libc::RENAME_WHITEOUT != 0 {
                     // The whiteout left at the old name is the caller's, as a create.
-                    self.create_as_caller(req, 0, old_dir.as_fd(), name, rename)?;
+                    self.create_as_caller(req, 0, old_dir.as_fd(), name, |_| None, rename)?;
                 } else {
                     rename()?;
                 }
@@ -1410,28 +1465,32 @@ impl Filesystem for FilterFs {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
                 let passthrough = self.wants_passthrough(path.as_deref());
+                // Always exclusive: only a file made here is the caller's new file.
                 let oflags = reopen_flags(flags, passthrough)
                     | OFlags::CREATE
                     | OFlags::NOFOLLOW
-                    | if flags & libc::O_EXCL != 0 {
-                        OFlags::EXCL
-                    } else {
-                        OFlags::empty()
-                    }
-                    | if flags & libc::O_TRUNC != 0 {
-                        OFlags::TRUNC
-                    } else {
-                        OFlags::empty()
-                    };
-                let fd = self.create_as_caller(req, umask, dir.as_fd(), name, || {
-                    rustix::fs::openat(
-                        dir.as_fd(),
-                        name,
-                        oflags,
-                        Mode::from_raw_mode(mode & 0o7777),
-                    )
-                    .map_err(errno_of)
-                })?;
+                    | OFlags::EXCL;
+                let made_fd: for<'a> fn(&'a OwnedFd) -> Option<BorrowedFd<'a>> =
+                    |fd| Some(fd.as_fd());
+                let fd = self
+                    .create_as_caller(req, umask, dir.as_fd(), name, made_fd, || {
+                        rustix::fs::openat(
+                            dir.as_fd(),
+                            name,
+                            oflags,
+                            Mode::from_raw_mode(mode & 0o7777),
+                        )
+                        .map_err(errno_of)
+                    })
+                    .map_err(|e| match e {
+                        // The kernel sends CREATE for a name it believed free: one made in
+                        // BACKING since is not opened here, where the kernel has checked no
+                        // permission for it and would take it for the caller's new file.
+                        // ESTALE makes it look the name up again and open what it finds
+                        // with its own checks (O_TRUNC and all).
+                        libc::EEXIST if flags & libc::O_EXCL == 0 => libc::ESTALE,
+                        e => e,
+                    })?;
                 let entry = self.lookup_at(parent, dir.as_fd(), name)?;
                 let (fh, backing) = self.open_file(entry.id, fd, flags, passthrough, |fd| {
                     reply.open_backing(fd)

@@ -448,9 +448,11 @@ fn dangling_symlinks_swapped_in_where_the_kernel_remembers_nothing() {
     // What the kernel caches is the premise: no other test may drop it meanwhile.
     let _kept = dentries_kept();
     let m = Mount::new(&["--cache-timeout", "600"]);
+    make_traversable(&m.dir);
     let outside = Outside::new(0o755);
     let o = outside.path();
     fs::create_dir(m.mnt.join("e")).unwrap();
+    fs::set_permissions(m.mnt.join("e"), fs::Permissions::from_mode(0o777)).unwrap();
     let names = ["x", "y", "z", "w", "v", "u"];
     for n in names {
         assert!(fs::symlink_metadata(m.mnt.join("e").join(n)).is_err());
@@ -461,8 +463,18 @@ fn dangling_symlinks_swapped_in_where_the_kernel_remembers_nothing() {
     symlink(o.join("victim"), m.backing.join("e/existing-victim")).unwrap();
     fs::write(m.mnt.join("src"), b"src").unwrap();
     let p = |n: &str| m.mnt.join("e").join(n);
+    // An open with O_CREAT but not O_EXCL of a name found to exist is an open of what is
+    // there: the daemon has the kernel look again (ESTALE), and the kernel follows the
+    // symlink it finds, with the caller's rights, as on BACKING. So it is made by uid
+    // 65534, who may not write in the outside directory: only the daemon (root) could.
+    let open_x = "import os, sys\n\
+        try:\n    os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\n    print('ok')\n\
+        except OSError as e:\n    print(os.strerror(e.errno))\n";
+    let open_x = run(as_user(NOBODY, NOBODY, &[])
+        .args([python(), "-c", open_x])
+        .arg(p("x")));
     let res = vec![
-        ("open O_CREAT x", outcome(open_create(&p("x")))),
+        ("open O_CREAT x (uid 65534)", open_x.trim().to_owned()),
         ("open O_CREAT|O_EXCL y", outcome(open_excl(&p("y")))),
         ("mkdir z", outcome(fs::create_dir(p("z")))),
         ("mkfifo w", outcome(try_mkfifo(&p("w"), 0o644))),

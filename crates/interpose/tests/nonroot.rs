@@ -312,6 +312,36 @@ fn files_created_by_users_belong_to_them_on_the_backing_side() {
     m.stop();
 }
 
+/// The kernel remembers a name's absence for a moment (a negative entry) and then sends
+/// CREATE for an open with O_CREAT, checking no permission of its own: a file made in
+/// BACKING meanwhile must be opened with the caller's permissions, as on BACKING (EACCES
+/// for a file the caller may not write). The daemon used to open it as root, truncate
+/// it, and give it to the caller.
+#[test]
+fn an_open_o_creat_of_a_file_made_in_backing_meanwhile_checks_the_callers_permission() {
+    let m = Mount::new(&[]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o777)).unwrap();
+    let script = "import os, sys\n\
+        mnt, backing = sys.argv[1:3]\n\
+        try:\n    os.stat(mnt + '/x')\n    sys.exit('x exists already')\n\
+        except FileNotFoundError:\n    pass\n\
+        fd = os.open(backing + '/x', os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o400)\n\
+        os.write(fd, b'kept')\n\
+        os.close(fd)\n\
+        try:\n    os.open(mnt + '/x', os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)\n    print('opened')\n\
+        except PermissionError:\n    print('EACCES')\n";
+    let out = run(as_user(NOBODY, NOBODY, &[])
+        .args([python(), "-c", script])
+        .arg(&m.mnt)
+        .arg(&m.backing));
+    assert_eq!(out.trim(), "EACCES");
+    let md = fs::metadata(m.backing.join("x")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.len()), (0o400, 4));
+    assert_eq!(fs::read(m.backing.join("x")).unwrap(), b"kept");
+    m.stop();
+}
+
 /// When the daemon drops set-ID bits for a write it serves, the kernel must not go on
 /// showing the mode it cached before (for its attribute timeout): another process's stat
 /// right after the write sees them gone, as on the backing file system.
