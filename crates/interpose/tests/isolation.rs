@@ -915,6 +915,27 @@ fn listings_agree_with_stat_where_backing_reused_a_number_the_kernel_holds() {
     drop(fs_);
 }
 
+/// SEEK_DATA and SEEK_HOLE answer from the file's size as it is, also where writes go
+/// straight to BACKING (--write-through, outside --isolate-path) and the view records no
+/// size of its own: they used to answer from the size at the open (ENXIO for a file
+/// created empty and written since).
+#[test]
+fn seek_data_and_hole_see_writes_made_straight_to_backing() {
+    let script = "import os, sys\n\
+        fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)\n\
+        os.write(fd, b'x' * 65536)\n\
+        print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE))\n";
+    for args in [&["--write-through"][..], &["--isolate-path", "iso"][..]] {
+        let d = dirs();
+        let m = d.mount_with(args);
+        let out = run(Command::new(python())
+            .args(["-c", script])
+            .arg(d.mnt.join("f")));
+        assert_eq!(out.trim(), "0 65536", "{args:?}");
+        m.stop();
+    }
+}
+
 /// A database that stays open (a writer and a reader holding a snapshot) while the store
 /// is committed under it, whole and in part, six times.
 #[test]

@@ -2655,8 +2655,9 @@ impl View {
 
     /// SEEK_DATA / SEEK_HOLE in the view.
     pub fn seek(&mut self, id: u64, offset: u64, data: bool) -> Res<u64> {
+        // As reads size themselves: writes straight to BACKING change what it holds.
+        let size = self.live_attr(id)?.size;
         let n = self.node(id)?;
-        let size = n.attr.size;
         if offset >= size {
             return Err(libc::ENXIO);
         }
