@@ -936,6 +936,40 @@ fn seek_data_and_hole_see_writes_made_straight_to_backing() {
     }
 }
 
+/// An allocating fallocate over the holes of a sparse backing file allocates them, as on
+/// BACKING: the view shows them as data and the commit allocates them in BACKING. Holes
+/// of the backing file counted as data, so nothing was recorded.
+#[test]
+fn fallocate_over_a_sparse_backing_file_allocates_its_holes() {
+    let d = dirs();
+    File::create(d.backing.join("img"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let m = d.mount();
+    let script = "import os, sys\n\
+        fd = os.open(sys.argv[1], os.O_RDWR)\n\
+        os.posix_fallocate(fd, 0, 1 << 20)\n\
+        print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 0, os.SEEK_HOLE))\n";
+    let out = run(Command::new(python())
+        .args(["-c", script])
+        .arg(d.mnt.join("img")));
+    assert_eq!(
+        out.trim(),
+        format!("0 {}", 1 << 20),
+        "SEEK_DATA, SEEK_HOLE in the view"
+    );
+    assert_eq!(num(&status(&d.store), "pending_changes"), 1);
+    commit(&d.store, None);
+    let md = fs::metadata(d.backing.join("img")).unwrap();
+    assert_eq!(
+        (md.len(), md.blocks() * 512 >= 1 << 20),
+        (1 << 20, true),
+        "{md:?}"
+    );
+    m.stop();
+}
+
 /// A database that stays open (a writer and a reader holding a snapshot) while the store
 /// is committed under it, whole and in part, six times.
 #[test]

@@ -347,6 +347,36 @@ const NAME_SEARCH_LIMIT: usize = 200_000;
 /// The fewest forgotten directories worth a sweep over every node.
 const SWEEP_MIN: usize = 256;
 
+/// The whole blocks in `from..to` that are holes in `f` (SEEK_HOLE/SEEK_DATA), as (first
+/// block, count) runs; none where the file system cannot say.
+fn backing_holes(f: &File, from: u64, to: u64) -> Vec<(u64, u64)> {
+    use rustix::fs::SeekFrom;
+    let mut out = Vec::new();
+    let (mut pos, end) = (from * BLOCK, to * BLOCK);
+    while pos < end {
+        let Ok(hole) = rustix::fs::seek(f, SeekFrom::Hole(pos)) else {
+            break;
+        };
+        if hole >= end {
+            break;
+        }
+        let data = match rustix::fs::seek(f, SeekFrom::Data(hole)) {
+            Ok(d) => d.min(end),
+            // No data after it: a hole to the end of the file, and past it.
+            Err(_) => end,
+        };
+        let (first, stop) = (hole.div_ceil(BLOCK), data / BLOCK);
+        if first < stop {
+            out.push((first, stop - first));
+        }
+        if data <= pos {
+            break;
+        }
+        pos = data;
+    }
+    out
+}
+
 fn kind_of_dtype(t: rustix::fs::FileType) -> u32 {
     use rustix::fs::FileType as T;
     match t {
@@ -2526,8 +2556,16 @@ impl View {
     }
 
     /// The blocks in `first..=last` of node `id` that read as holes now (mapped as holes,
-    /// or past the backing file's bytes and unmapped), as allocation runs.
-    fn hole_runs(&self, id: u64, cur: u64, first: u64, last: u64) -> Res<Vec<Run>> {
+    /// past the backing file's bytes and unmapped, or unmapped over a hole of the backing
+    /// file), as allocation runs.
+    fn hole_runs(&mut self, id: u64, cur: u64, first: u64, last: u64) -> Res<Vec<Run>> {
+        // (A file whose backing file cannot be read has no holes there to fill.)
+        let origin = self.origin_file(id).ok().flatten();
+        let origin_holes = |from: u64, to: u64| -> Vec<(u64, u64)> {
+            origin
+                .as_deref()
+                .map_or_else(Vec::new, |f| backing_holes(f, from, to))
+        };
         let n = self.node(id)?;
         let limit = n
             .data
@@ -2559,6 +2597,9 @@ impl View {
                 }
                 None => {
                     let stop = blocks.next_mapped(b).unwrap_or(u64::MAX).min(last + 1);
+                    for (hb, hc) in origin_holes(b, stop.min(first_unbacked)) {
+                        hole(hb, hc);
+                    }
                     let from = b.max(first_unbacked);
                     if from < stop {
                         hole(from, stop - from);
