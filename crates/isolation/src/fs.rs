@@ -749,8 +749,8 @@ impl Filesystem for IsolatedFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let res = (|| {
-            let (segs, journal, origin) = {
+        let res = || {
+            let (segs, journal, origin, (cuts, planned)) = {
                 let mut v = self.0.view.lock();
                 let segs = v.plan_read(ino.0, offset, size as u64)?;
                 let origin = if segs.iter().any(|s| matches!(s, view::Seg::Origin { .. })) {
@@ -758,7 +758,7 @@ impl Filesystem for IsolatedFs {
                 } else {
                     None
                 };
-                (segs, v.journal_file(), origin)
+                (segs, v.journal_file(), origin, v.journal.cuts())
             };
             let total: u64 = segs
                 .iter()
@@ -769,10 +769,19 @@ impl Filesystem for IsolatedFs {
                 })
                 .sum();
             let mut buf = vec![0u8; total as usize];
-            let n = view::fill(&segs, &mut buf, &journal, origin.as_deref())?;
-            buf.truncate(n);
-            Ok(buf)
-        })();
+            let filled = view::fill(&segs, &mut buf, &journal, origin.as_deref());
+            if cuts.load(Ordering::Acquire) != planned {
+                return Ok(None);
+            }
+            buf.truncate(filled?);
+            Ok(Some(buf))
+        };
+        // Planned again after a cut of the journal in place (a mounted discard) while the
+        // bytes were read: they may be gone, or another file's. Cuts are rare; a reader
+        // racing more than a few in a row is told to try again.
+        let res = (0..8)
+            .find_map(|_| res().transpose())
+            .unwrap_or(Err(libc::EAGAIN));
         match res {
             Ok(b) => reply.data(&b),
             Err(e) => reply.error(err(e)),

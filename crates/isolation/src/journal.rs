@@ -30,6 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::change::{Change, RawPath, Time};
@@ -92,6 +93,9 @@ pub struct Journal {
     /// How many times the file was cut short in place ([`Journal::truncate`]): a reader of
     /// a [`Journal::snapshot`] taken before may have read bytes that are gone.
     truncations: u64,
+    /// How many times the file was cut short in place, shared with every snapshot and
+    /// every reader of the file outside the view's lock (see [`Journal::cuts`]).
+    cuts: Arc<AtomicU64>,
     /// Appends fail with EROFS: the journal was replaced under a view that could not be
     /// rebuilt (see [`Journal::refuse_appends`]).
     refusing: bool,
@@ -134,6 +138,7 @@ impl Journal {
             base_seq,
             last_seq: base_seq,
             truncations: 0,
+            cuts: Arc::default(),
             refusing: false,
         })
     }
@@ -239,6 +244,7 @@ impl Journal {
                 base_seq,
                 last_seq,
                 truncations: 0,
+                cuts: Arc::default(),
                 refusing: false,
             },
             records,
@@ -256,6 +262,7 @@ impl Journal {
             base_seq: self.base_seq,
             last_seq: self.last_seq,
             truncations: self.truncations,
+            cuts: self.cuts.clone(),
             refusing: self.refusing,
         }
     }
@@ -443,8 +450,18 @@ impl Journal {
         self.last_seq == self.base_seq
     }
 
+    /// The count of cuts of the file in place and its value now. A reader that planned
+    /// what to read from the journal under the view's lock and reads it after letting go
+    /// compares: a cut meanwhile (a mounted discard) may have taken those bytes away, or
+    /// given their offsets to another file's records since.
+    pub fn cuts(&self) -> (Arc<AtomicU64>, u64) {
+        (self.cuts.clone(), self.cuts.load(Ordering::Acquire))
+    }
+
     /// Cuts the journal after the record ending at `end` (whose sequence is `seq`).
     pub fn truncate(&mut self, end: u64, seq: u64) -> Result<(), Error> {
+        // Counted first: a reader that finds the bytes gone finds the count changed.
+        self.cuts.fetch_add(1, Ordering::AcqRel);
         self.file
             .set_len(end)
             .map_err(|e| Error::io(&self.path, e))?;
