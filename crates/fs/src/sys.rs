@@ -9,12 +9,22 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 /// An opaque, persistent reference to an inode (see name_to_handle_at(2)).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct FileHandle {
+    /// The mount it was taken through: which descriptor reopens it, not part of what it
+    /// names (an object reached through two bind mounts of one file system is one).
     pub mount_id: i32,
     handle_type: i32,
     bytes: Box<[u8]>,
 }
+
+impl PartialEq for FileHandle {
+    fn eq(&self, other: &Self) -> bool {
+        (self.handle_type, &self.bytes) == (other.handle_type, &other.bytes)
+    }
+}
+
+impl Eq for FileHandle {}
 
 const MAX_HANDLE_SZ: usize = 128;
 

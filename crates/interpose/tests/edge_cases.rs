@@ -400,3 +400,40 @@ fn edge_cases_as_root_on_an_isolated_mount_then_committed() {
 fn edge_cases_as_unprivileged_user_on_an_isolated_mount_then_committed() {
     isolated_then_committed(Some(65534), "as uid 65534, isolated");
 }
+
+/// Unmounts a mount the test made when dropped (also when the test fails): lazily, as the
+/// daemon may still hold a descriptor on it.
+struct Unmounted(std::path::PathBuf);
+
+impl Drop for Unmounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An object reached through two bind mounts of one file system inside BACKING is one
+/// object, as on BACKING: one inode number through both, the same at every lookup. Its
+/// file handles differ only in the mount they were taken through, which made every
+/// lookup through the other mount take it for a new object under a new number.
+#[test]
+fn an_object_under_two_bind_mounts_in_backing_keeps_one_number() {
+    // No caching: every stat is a lookup.
+    let m = Mount::new(&["--cache-timeout", "0"]);
+    fs::create_dir(m.backing.join("a")).unwrap();
+    fs::create_dir(m.backing.join("b")).unwrap();
+    fs::write(m.backing.join("a/f"), b"f").unwrap();
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(m.backing.join("a"))
+        .arg(m.backing.join("b")));
+    let bound = Unmounted(m.backing.join("b"));
+    let native = fs::metadata(m.backing.join("a/f")).unwrap().ino();
+    let ino = |p: &str| fs::symlink_metadata(m.mnt.join(p)).unwrap().ino();
+    let seen: Vec<u64> = (0..3).flat_map(|_| [ino("a/f"), ino("b/f")]).collect();
+    assert!(
+        seen.iter().all(|&i| i == native),
+        "a/f, b/f three times: {seen:?}; on BACKING {native}"
+    );
+    m.stop();
+    drop(bound);
+}
