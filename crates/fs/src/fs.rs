@@ -1807,6 +1807,10 @@ impl Filesystem for FilterFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        // Entries sent are lookups the kernel holds: once some are in the reply, a failure
+        // reading further (getdents on a network file system) ends the reply there, and
+        // the kernel's next read meets it again; an error would drop counted entries.
+        let added = Cell::new(false);
         let res = self.dir(fh).and_then(|dir| {
             self.filtered(
                 req,
@@ -1844,6 +1848,8 @@ impl Filesystem for FilterFs {
                         );
                         if full {
                             self.inodes.forget(entry.id, 1); // not sent, so the kernel holds no reference
+                        } else {
+                            added.set(true);
                         }
                         Ok(full)
                     })
@@ -1853,6 +1859,7 @@ impl Filesystem for FilterFs {
         });
         match res {
             Ok(()) => reply.ok(),
+            Err(_) if added.get() => reply.ok(),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
