@@ -1427,7 +1427,15 @@ impl Filesystem for FilterFs {
             |r| r.flags = Some(flags),
             || {
                 let passthrough = self.wants_passthrough(path.as_deref());
-                let fd = self.reopen(ino.0, reopen_flags(flags, passthrough))?;
+                let oflags = reopen_flags(flags, passthrough);
+                let fd = match self.reopen(ino.0, oflags) {
+                    // An append-only file (chattr +a) opens for writing only with O_APPEND,
+                    // kept then: every write to it lands at its end anyway.
+                    Err(libc::EPERM) if flags & libc::O_APPEND != 0 => {
+                        self.reopen(ino.0, oflags | OFlags::APPEND)
+                    }
+                    res => res,
+                }?;
                 Ok(self.open_file(ino.0, fd, flags, passthrough, |fd| reply.open_backing(fd)))
             },
             |_| 0,

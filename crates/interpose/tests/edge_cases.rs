@@ -434,6 +434,44 @@ fn an_object_under_two_bind_mounts_in_backing_keeps_one_number() {
         seen.iter().all(|&i| i == native),
         "a/f, b/f three times: {seen:?}; on BACKING {native}"
     );
-    m.stop();
+    // First: the mount's directory goes with it, and cannot while b is a mount point.
     drop(bound);
+    m.stop();
+}
+
+/// Takes a file's append-only flag (chattr +a) off when dropped, so that its directory can
+/// be removed (also when the test fails).
+struct AppendOnly(std::path::PathBuf);
+
+impl Drop for AppendOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
+    }
+}
+
+/// An append-only file (chattr +a on BACKING) is appended to through the mount, and
+/// refuses other writes, as on BACKING. The daemon reopens files without O_APPEND (writes
+/// carry their offsets), which such a file refuses: appends failed with EPERM.
+#[test]
+fn an_append_only_file_is_appended_to_and_refuses_other_writes() {
+    let m = Mount::new(&[]);
+    let log = m.backing.join("log");
+    fs::write(&log, b"a\n").unwrap();
+    run(Command::new("chattr").arg("+a").arg(&log));
+    let _flag = AppendOnly(log.clone());
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.mnt.join("log"))
+        .unwrap_or_else(|e| panic!("open O_APPEND of an append-only file: {e}"));
+    f.write_all(b"b\n").unwrap();
+    drop(f);
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(m.mnt.join("log"))
+        .expect_err("an append-only file opened for writing without O_APPEND");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    assert_eq!(fs::read(m.mnt.join("log")).unwrap(), b"a\nb\n");
+    assert_eq!(fs::read(&log).unwrap(), b"a\nb\n");
+    drop(_flag);
+    m.stop();
 }
