@@ -401,13 +401,13 @@ fn edge_cases_as_unprivileged_user_on_an_isolated_mount_then_committed() {
     isolated_then_committed(Some(65534), "as uid 65534, isolated");
 }
 
-/// Unmounts a mount the test made when dropped (also when the test fails): lazily, as the
-/// daemon may still hold a descriptor on it.
-struct Unmounted(std::path::PathBuf);
+/// Runs a command when dropped (also when the test fails): the undoing of a change the
+/// test made outside its mount (a bind mount, a file flag) that would keep its directory.
+struct Undo(&'static str, &'static str, std::path::PathBuf);
 
-impl Drop for Unmounted {
+impl Drop for Undo {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new(self.0).arg(self.1).arg(&self.2).status();
     }
 }
 
@@ -426,7 +426,8 @@ fn an_object_under_two_bind_mounts_in_backing_keeps_one_number() {
         .arg("--bind")
         .arg(m.backing.join("a"))
         .arg(m.backing.join("b")));
-    let bound = Unmounted(m.backing.join("b"));
+    // Lazily: the daemon may still hold a descriptor on it.
+    let bound = Undo("umount", "-l", m.backing.join("b"));
     let native = fs::metadata(m.backing.join("a/f")).unwrap().ino();
     let ino = |p: &str| fs::symlink_metadata(m.mnt.join(p)).unwrap().ino();
     let seen: Vec<u64> = (0..3).flat_map(|_| [ino("a/f"), ino("b/f")]).collect();
@@ -439,16 +440,6 @@ fn an_object_under_two_bind_mounts_in_backing_keeps_one_number() {
     m.stop();
 }
 
-/// Takes a file's append-only flag (chattr +a) off when dropped, so that its directory can
-/// be removed (also when the test fails).
-struct AppendOnly(std::path::PathBuf);
-
-impl Drop for AppendOnly {
-    fn drop(&mut self) {
-        let _ = Command::new("chattr").arg("-a").arg(&self.0).status();
-    }
-}
-
 /// An append-only file (chattr +a on BACKING) is appended to through the mount, and
 /// refuses other writes, as on BACKING. The daemon reopens files without O_APPEND (writes
 /// carry their offsets), which such a file refuses: appends failed with EPERM.
@@ -458,7 +449,7 @@ fn an_append_only_file_is_appended_to_and_refuses_other_writes() {
     let log = m.backing.join("log");
     fs::write(&log, b"a\n").unwrap();
     run(Command::new("chattr").arg("+a").arg(&log));
-    let _flag = AppendOnly(log.clone());
+    let _flag = Undo("chattr", "-a", log.clone());
     let mut f = fs::OpenOptions::new()
         .append(true)
         .open(m.mnt.join("log"))
