@@ -206,6 +206,22 @@ fn kill_suid_sgid(fd: BorrowedFd<'_>, req: &fuser::Request) -> Res<bool> {
     Ok(true)
 }
 
+/// What a creating operation made, for [`FilterFs::create_as_caller`]: a created file
+/// comes with its descriptor; other objects are found by their name.
+trait Made {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+impl Made for () {}
+
+impl Made for OwnedFd {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+}
+
 fn stat_fd(fd: BorrowedFd<'_>) -> Res<Stat> {
     rustix::fs::statat(fd, "", AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)
 }
@@ -553,19 +569,15 @@ impl FilterFs {
     /// caller's umask, then gives the new object to the caller. The daemon keeps its own
     /// uid meanwhile: the kernel already checked the caller's permission
     /// (default_permissions), and switching fsuid would drop the capabilities that keep
-    /// supplementary-group access working on the backing side.
-    ///
-    /// `made_fd`: a descriptor of the object `make` made, where it has one (a created
-    /// file): then the owner and mode are set through it, never by the name, which
-    /// someone writing in BACKING may have replaced meanwhile (a symlink the daemon would
-    /// follow out of BACKING).
-    fn create_as_caller<T>(
+    /// supplementary-group access working on the backing side. The owner and mode are set
+    /// through a descriptor of the object, never by its name, which someone writing in
+    /// BACKING may have replaced meanwhile (a symlink the daemon would follow out of it).
+    fn create_as_caller<T: Made>(
         &self,
         req: &fuser::Request,
         umask: u32,
         dir: BorrowedFd<'_>,
         name: &OsStr,
-        made_fd: for<'a> fn(&'a T) -> Option<BorrowedFd<'a>>,
         make: impl FnOnce() -> Res<T>,
     ) -> Res<T> {
         if !THREAD_FS_PRIVATE.get() {
@@ -582,62 +594,47 @@ impl FilterFs {
         sys::set_thread_fsgid(old_gid);
         let made = made?;
         let uid = req.uid();
-        if uid != rustix::process::geteuid().as_raw() {
-            let owner = Some(rustix::fs::Uid::from_raw(uid));
-            if let Some(fd) = made_fd(&made) {
-                let before = rustix::fs::fstat(fd).map_err(errno_of)?;
-                if let Err(e) = rustix::fs::fchown(fd, owner, None) {
-                    // Taken back by its name only while the name is still the object.
-                    let same = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                        .is_ok_and(|st| (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino));
-                    if same {
-                        let _ = rustix::fs::unlinkat(dir, name, AtFlags::empty());
-                    }
-                    return Err(errno_of(e));
-                }
-                // chown clears set-id bits; the caller asked for them on a file it owns.
-                if before.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-                    let _ = rustix::fs::fchmod(fd, Mode::from_raw_mode(before.st_mode & 0o7777));
-                }
-                return Ok(made);
-            }
-            let before =
-                rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_err(errno_of)?;
-            if let Err(e) = rustix::fs::chownat(dir, name, owner, None, AtFlags::SYMLINK_NOFOLLOW) {
-                let _ = rustix::fs::unlinkat(
-                    dir,
-                    name,
-                    if before.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                        AtFlags::REMOVEDIR
-                    } else {
-                        AtFlags::empty()
-                    },
-                );
-                return Err(errno_of(e));
-            }
-            // chown clears set-id bits; the caller asked for them on a file it owns (made
-            // by mknod). Through a descriptor of what the name is now, checked to be that
-            // file: chmod by the name follows a symlink put there meanwhile.
-            let setid = before.st_mode & (libc::S_ISUID | libc::S_ISGID);
-            if setid != 0 && before.st_mode & libc::S_IFMT == libc::S_IFREG {
-                if let Ok(fd) = rustix::fs::openat(
+        if uid == rustix::process::geteuid().as_raw() {
+            return Ok(made);
+        }
+        // A created file comes with its descriptor; anything else is opened once.
+        let opened;
+        let object = match made.fd() {
+            Some(fd) => fd,
+            None => {
+                opened = rustix::fs::openat(
                     dir,
                     name,
                     OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::empty(),
-                ) {
-                    let same = rustix::fs::fstat(&fd).is_ok_and(|st| {
-                        (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino)
-                            && st.st_mode & libc::S_IFMT == libc::S_IFREG
-                    });
-                    if same {
-                        let _ = rustix::fs::chmod(
-                            sys::proc_fd_path(fd.as_fd()),
-                            Mode::from_raw_mode(before.st_mode & 0o7777),
-                        );
-                    }
-                }
+                )
+                .map_err(errno_of)?;
+                opened.as_fd()
             }
+        };
+        let before = stat_fd(object)?;
+        let owner = Some(rustix::fs::Uid::from_raw(uid));
+        let empty = AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW;
+        if let Err(e) = rustix::fs::chownat(object, "", owner, None, empty) {
+            // Taken back by its name only while the name is still the object.
+            let same = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == (before.st_dev, before.st_ino));
+            if same {
+                let is_dir = before.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                let how = if is_dir {
+                    AtFlags::REMOVEDIR
+                } else {
+                    AtFlags::empty()
+                };
+                let _ = rustix::fs::unlinkat(dir, name, how);
+            }
+            return Err(errno_of(e));
+        }
+        // chown clears set-id bits; the caller asked for them on a file it owns.
+        let setid = before.st_mode & (libc::S_ISUID | libc::S_ISGID);
+        if setid != 0 && before.st_mode & libc::S_IFMT == libc::S_IFREG {
+            let mode = Mode::from_raw_mode(before.st_mode & 0o7777);
+            let _ = rustix::fs::chmod(sys::proc_fd_path(object), mode);
         }
         Ok(made)
     }
@@ -1161,24 +1158,17 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
-                self.create_as_caller(
-                    req,
-                    umask,
-                    dir.as_fd(),
-                    name,
-                    |_| None,
-                    || {
-                        let kind = rustix::fs::FileType::from_raw_mode(mode);
-                        rustix::fs::mknodat(
-                            dir.as_fd(),
-                            name,
-                            kind,
-                            Mode::from_raw_mode(mode & 0o7777),
-                            rdev as u64,
-                        )
-                        .map_err(errno_of)
-                    },
-                )?;
+                self.create_as_caller(req, umask, dir.as_fd(), name, || {
+                    let kind = rustix::fs::FileType::from_raw_mode(mode);
+                    rustix::fs::mknodat(
+                        dir.as_fd(),
+                        name,
+                        kind,
+                        Mode::from_raw_mode(mode & 0o7777),
+                        rdev as u64,
+                    )
+                    .map_err(errno_of)
+                })?;
                 self.lookup_at(parent, dir.as_fd(), name)
             },
             |_| 0,
@@ -1204,17 +1194,10 @@ impl Filesystem for FilterFs {
             || {
                 check_name(name)?;
                 let dir = self.inodes.fd(parent)?;
-                self.create_as_caller(
-                    req,
-                    umask,
-                    dir.as_fd(),
-                    name,
-                    |_| None,
-                    || {
-                        rustix::fs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(mode & 0o7777))
-                            .map_err(errno_of)
-                    },
-                )?;
+                self.create_as_caller(req, umask, dir.as_fd(), name, || {
+                    rustix::fs::mkdirat(dir.as_fd(), name, Mode::from_raw_mode(mode & 0o7777))
+                        .map_err(errno_of)
+                })?;
                 self.lookup_at(parent, dir.as_fd(), name)
             },
             |_| 0,
@@ -1284,14 +1267,9 @@ impl Filesystem for FilterFs {
             || {
                 check_name(link_name)?;
                 let dir = self.inodes.fd(parent)?;
-                self.create_as_caller(
-                    req,
-                    0,
-                    dir.as_fd(),
-                    link_name,
-                    |_| None,
-                    || rustix::fs::symlinkat(target, dir.as_fd(), link_name).map_err(errno_of),
-                )?;
+                self.create_as_caller(req, 0, dir.as_fd(), link_name, || {
+                    rustix::fs::symlinkat(target, dir.as_fd(), link_name).map_err(errno_of)
+                })?;
                 self.lookup_at(parent, dir.as_fd(), link_name)
             },
             |_| 0,
@@ -1356,7 +1334,7 @@ impl Filesystem for FilterFs {
                 };
                 if flags.bits() & libc::RENAME_WHITEOUT != 0 {
                     // The whiteout left at the old name is the caller's, as a create.
-                    self.create_as_caller(req, 0, old_dir.as_fd(), name, |_| None, rename)?;
+                    self.create_as_caller(req, 0, old_dir.as_fd(), name, rename)?;
                 } else {
                     rename()?;
                 }
@@ -1478,10 +1456,8 @@ impl Filesystem for FilterFs {
                     | OFlags::CREATE
                     | OFlags::NOFOLLOW
                     | OFlags::EXCL;
-                let made_fd: for<'a> fn(&'a OwnedFd) -> Option<BorrowedFd<'a>> =
-                    |fd| Some(fd.as_fd());
                 let fd = self
-                    .create_as_caller(req, umask, dir.as_fd(), name, made_fd, || {
+                    .create_as_caller(req, umask, dir.as_fd(), name, || {
                         rustix::fs::openat(
                             dir.as_fd(),
                             name,

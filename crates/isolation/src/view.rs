@@ -318,6 +318,13 @@ struct StaleRef {
     opens: u32,
 }
 
+impl StaleRef {
+    /// The kernel holds nothing of it any more: the number is free.
+    fn unused(&self) -> bool {
+        self.lookups == 0 && self.opens == 0
+    }
+}
+
 /// What [`View::adopt`] remembers while it resolves the paths of the nodes the kernel
 /// holds, which share their directories: it runs under the view's lock, with every
 /// request waiting, so a lookup once made stands until it ends.
@@ -750,7 +757,7 @@ impl View {
                 );
             }
             s.lookups = s.lookups.saturating_sub(count);
-            if s.lookups == 0 && s.opens == 0 {
+            if s.unused() {
                 self.stale.remove(&id);
             }
             return;
@@ -778,7 +785,7 @@ impl View {
             return false;
         };
         s.opens = s.opens.saturating_sub(1);
-        if s.lookups == 0 && s.opens == 0 {
+        if s.unused() {
             self.stale.remove(&id);
         }
         true
@@ -2896,12 +2903,9 @@ impl View {
         self.adopting = None;
         // Every number the kernel holds names what it named, or nothing: a node found here
         // under one (the same inode number, another object) moves aside. The numbers are
-        // distinct, so no node carried is in the way of another.
-        let held = (carried.iter().chain(&dead_dirs).chain(&lost))
-            .map(|k| k.id)
-            .chain(self.stale.keys().copied())
-            .collect::<Vec<_>>();
-        for id in held {
+        // distinct, so no node carried is in the way of another. (No node has a number
+        // already stale: `child_fresh` gives none out.)
+        for id in carried.iter().chain(&dead_dirs).chain(&lost).map(|k| k.id) {
             if self.nodes.contains_key(&id) && !claimed.contains(&id) {
                 remap.insert(id, self.next_new);
                 self.next_new += 1;
