@@ -804,6 +804,73 @@ fn numbers_the_kernel_holds_are_not_given_to_another_object_after_a_commit() {
     drop(fs_);
 }
 
+/// A file the view changed, removed straight in BACKING, and a new file there that ext4
+/// gives the removed one's inode number: the view shows the new file as it is, with a
+/// number of its own, not the removed file's pending contents and mode under the new name
+/// (the view took the same number for the same object when both were files). The commit
+/// then stops at the first change to the removed file and says why, touching nothing.
+#[test]
+fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
+    use std::os::unix::fs::DirEntryExt;
+    let d = dirs();
+    // Its own ext4, which gives a freed inode number to the next object made.
+    let fs_ = LoopFs::journaled(64);
+    let backing = fs_.dir.join("backing");
+    fs::create_dir_all(&backing).unwrap();
+    fs::write(backing.join("old"), b"old\n").unwrap();
+    fs::set_permissions(backing.join("old"), fs::Permissions::from_mode(0o600)).unwrap();
+    let number = fs::metadata(backing.join("old")).unwrap().ino();
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&d.store)]);
+    fs::set_permissions(d.mnt.join("old"), fs::Permissions::from_mode(0o640)).unwrap();
+    OpenOptions::new()
+        .append(true)
+        .open(d.mnt.join("old"))
+        .unwrap()
+        .write_all(b"changed in the view\n")
+        .unwrap();
+    fs::remove_file(backing.join("old")).unwrap();
+    let reused = (0..200)
+        .find(|i| {
+            let new = backing.join(format!("new{i}"));
+            fs::write(&new, b"new\n").unwrap();
+            fs::metadata(&new).unwrap().ino() == number
+        })
+        .unwrap_or_else(|| panic!("BACKING gave inode {number} to none of 200 new files"));
+    let new = d.mnt.join(format!("new{reused}"));
+    assert_eq!(
+        read(&new),
+        b"new\n",
+        "the new file shows the removed one's contents"
+    );
+    let st = fs::metadata(&new).unwrap();
+    assert_eq!(
+        st.mode() & 0o7777,
+        0o644,
+        "the new file has the removed one's mode"
+    );
+    assert_eq!(st.len(), 4);
+    // (A DirEntry keeps its directory open: only its number is kept.)
+    let listed = fs::read_dir(&d.mnt)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.path() == new)
+        .map(|e| e.ino())
+        .expect("the new file is listed");
+    assert_eq!(listed, st.ino(), "the listing and stat disagree");
+    let err = m.stop();
+    assert!(
+        !err.contains("WARN") && !err.contains("ERROR"),
+        "the daemon warned:\n{err}"
+    );
+    let out = iso_fails("commit", &d.store, &[]);
+    assert!(
+        out.contains("changed behind the store's back"),
+        "the commit's error does not say why: {out}"
+    );
+    assert_eq!(read(&backing.join(format!("new{reused}"))), b"new\n");
+    drop(fs_);
+}
+
 /// A file renamed over outside the isolated paths while the kernel still holds it (an
 /// O_PATH descriptor) is gone from BACKING: opened again through that descriptor, it
 /// gives ESTALE, never the file now at its old name. (Its passthrough was registered by

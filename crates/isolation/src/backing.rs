@@ -10,7 +10,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
+use rustix::fs::{
+    AtFlags, Mode, OFlags, ResolveFlags, Stat, Statx, StatxFlags, Timespec, Timestamps,
+};
 
 use crate::change::{Change, NewKind, RawPath, BLOCK};
 
@@ -101,6 +103,13 @@ impl Backing {
         rustix::fs::fstat(&fd).map_err(errno)
     }
 
+    /// [`Backing::lstat`] with the birth time where the file system keeps one (see
+    /// [`birth_of`]).
+    pub fn statx(&self, rel: &Path) -> io::Result<Statx> {
+        let fd = self.open_at(rel, OFlags::PATH, 0)?;
+        statx_at(&fd, "", AtFlags::EMPTY_PATH)
+    }
+
     /// A regular file's contents for reading.
     pub fn open_read(&self, rel: &Path) -> io::Result<File> {
         Ok(File::from(self.open_at(rel, OFlags::RDONLY, 0)?))
@@ -159,6 +168,26 @@ impl Backing {
         }
         None
     }
+}
+
+/// What [`Backing::statx`] asks for: lstat's fields and the birth time.
+pub fn statx_at(dir: &OwnedFd, name: impl AsRef<Path>, flags: AtFlags) -> io::Result<Statx> {
+    rustix::fs::statx(
+        dir,
+        name.as_ref(),
+        flags | AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+    )
+    .map_err(errno)
+}
+
+/// When the object was made, if its file system says: an inode number names one object
+/// only until it is removed (ext4 gives a freed number to the next object made), and the
+/// birth time tells an object from a later one with its number. None where the file
+/// system keeps no birth time (then the number has to do).
+pub fn birth_of(st: &Statx) -> Option<crate::change::Time> {
+    (st.stx_mask & StatxFlags::BTIME.bits() != 0)
+        .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
 }
 
 /// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a

@@ -883,7 +883,16 @@ impl Store {
                         (Change::Rename { flags, .. }, Some(libc::EEXIST)) => {
                             flags & libc::RENAME_NOREPLACE != 0
                         }
-                        (Change::Rename { .. }, Some(libc::ENOENT)) => true,
+                        // An object the view changed that BACKING no longer has (these
+                        // open it by name before anything else).
+                        (
+                            Change::Rename { .. }
+                            | Change::Data { .. }
+                            | Change::Attr { .. }
+                            | Change::SetXattr { .. }
+                            | Change::RemoveXattr { .. },
+                            Some(libc::ENOENT),
+                        ) => true,
                         _ => false,
                     };
                     let source = if behind_our_back {

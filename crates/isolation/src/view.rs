@@ -57,6 +57,11 @@ pub struct Attr {
     pub blocks: u64,
 }
 
+/// Whether two birth times may be one object's: equal, or one of them unknown.
+fn same_birth(a: Option<Time>, b: Option<Time>) -> bool {
+    a.is_none() || b.is_none() || a == b
+}
+
 /// Forgets that backing inode `ino` is node `id`, unless the number maps to another
 /// node by now (a newer object that got the same number).
 fn unmap_ino(by_ino: &mut HashMap<u64, u64>, ino: u64, id: u64) {
@@ -95,6 +100,21 @@ impl Attr {
             nlink: st.st_nlink as u32,
             rdev: st.st_rdev,
             blocks: st.st_blocks as u64,
+        }
+    }
+    fn from_statx(st: &rustix::fs::Statx) -> Attr {
+        let time = |t: rustix::fs::StatxTimestamp| (t.tv_sec, t.tv_nsec);
+        Attr {
+            mode: st.stx_mode.into(),
+            uid: st.stx_uid,
+            gid: st.stx_gid,
+            size: st.stx_size,
+            atime: time(st.stx_atime),
+            mtime: time(st.stx_mtime),
+            ctime: time(st.stx_ctime),
+            nlink: st.stx_nlink,
+            rdev: rustix::fs::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+            blocks: st.stx_blocks,
         }
     }
     pub fn kind(&self) -> u32 {
@@ -166,6 +186,9 @@ pub struct Node {
     /// The backing inode number `by_ino` knows this node under (nodes made from a
     /// backing object), so that dropping the node finds its entry without a scan.
     pub backing_ino: Option<u64>,
+    /// That object's birth time, where BACKING's file system keeps one: the inode number
+    /// alone may be a later object's (see [`crate::backing::birth_of`]).
+    pub backing_birth: Option<Time>,
 }
 
 impl Node {
@@ -206,6 +229,7 @@ impl Node {
             passthrough_opens: 0,
             origin_file: None,
             backing_ino: None,
+            backing_birth: None,
         }
     }
 }
@@ -223,8 +247,10 @@ pub struct Known {
     pub id: u64,
     /// Its path in the view (None: removed while open).
     pub path: Option<PathBuf>,
-    /// The backing object it stands for, if any: its inode number and its name in BACKING.
+    /// The backing object it stands for, if any: its inode number (and birth time) and its
+    /// name in BACKING.
     pub backing_ino: Option<u64>,
+    pub backing_birth: Option<Time>,
     pub origin: Option<PathBuf>,
     pub kind: u32,
     /// Its attributes (what a directory removed in the view keeps showing, see
@@ -611,10 +637,15 @@ impl View {
                     Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
                     Some(e) => e,
                 })?;
-        let same_dev = st.st_dev == self.backing.dev();
-        if let Some(&id) = self.by_ino.get(&st.st_ino) {
+        let birth = crate::backing::birth_of(&st);
+        let (ino, kind) = (st.stx_ino, u32::from(st.stx_mode) & libc::S_IFMT);
+        let same_dev =
+            rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor) == self.backing.dev();
+        if let Some(&id) = self.by_ino.get(&ino) {
             let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
-            let same_kind = n.attr.kind() == st.st_mode & libc::S_IFMT;
+            // Another object under the same number: the one the node stands for was
+            // removed behind its back (straight in BACKING) and its inode reused.
+            let same_kind = n.attr.kind() == kind && same_birth(n.backing_birth, birth);
             if !same_dev || same_kind {
                 // Known already (a hard link, or an earlier lookup).
                 if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
@@ -629,17 +660,15 @@ impl View {
                 // What `attr` would read again for an unchanged node.
                 let fresh = same_kind && !n.changed && n.origin.is_some();
                 if fresh {
-                    n.attr = Attr::from_stat(&st);
+                    n.attr = Attr::from_statx(&st);
                 }
                 return Ok((id, fresh));
             }
-            // Another kind under the same number: the object was removed behind the
-            // node's back (straight in BACKING) and its inode reused. The node stands for
-            // nothing there any more.
+            // The node stands for nothing in BACKING any more.
             n.backing_ino = None;
-            self.by_ino.remove(&st.st_ino);
+            self.by_ino.remove(&ino);
         }
-        let mut id = st.st_ino;
+        let mut id = ino;
         if id == ROOT || id >= FIRST_NEW_ID || (self.nodes.contains_key(&id) && !same_dev) {
             // Cannot be numbered by its inode number: a foreign file system under BACKING.
             return Err(libc::ENOENT);
@@ -650,11 +679,12 @@ impl View {
             id = self.next_new;
             self.next_new += 1;
         }
-        let mut n = Node::new(id, Some(rel), Attr::from_stat(&st));
-        n.backing_ino = Some(st.st_ino);
+        let mut n = Node::new(id, Some(rel), Attr::from_statx(&st));
+        n.backing_ino = Some(ino);
+        n.backing_birth = birth;
         n.links.push((parent, name.to_owned()));
         self.nodes.insert(id, n);
-        self.by_ino.insert(st.st_ino, id);
+        self.by_ino.insert(ino, id);
         Ok((id, true))
     }
 
@@ -668,13 +698,13 @@ impl View {
         origin: &Path,
         name: &OsStr,
         rel: &Path,
-    ) -> std::io::Result<rustix::fs::Stat> {
+    ) -> std::io::Result<rustix::fs::Statx> {
         let plain = !name.is_empty()
             && name != "."
             && name != ".."
             && !name.as_encoded_bytes().contains(&b'/');
         let Some(cache) = self.adopting.as_mut().filter(|_| plain) else {
-            return self.backing.lstat(rel);
+            return self.backing.statx(rel);
         };
         if !cache.dirs.contains_key(&parent) {
             if cache.dirs.len() >= ADOPT_DIRS {
@@ -687,12 +717,7 @@ impl View {
             )?;
             cache.dirs.insert(parent, dir);
         }
-        rustix::fs::statat(
-            &cache.dirs[&parent],
-            name,
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(std::io::Error::from)
+        crate::backing::statx_at(&cache.dirs[&parent], name, rustix::fs::AtFlags::empty())
     }
 
     /// Resolves a view path ("" for the root).
@@ -885,7 +910,10 @@ impl View {
                 _ => None,
             };
             if let Some(st) = st {
-                if st.st_mode & libc::S_IFMT == n.attr.kind() {
+                // Not another object that has the name (or the number) now.
+                let same = st.st_mode & libc::S_IFMT == n.attr.kind()
+                    && n.backing_ino.is_none_or(|ino| ino == st.st_ino);
+                if same {
                     n.attr = Attr::from_stat(&st);
                 }
             }
@@ -2810,6 +2838,7 @@ impl View {
                     id,
                     path,
                     backing_ino: n.backing_ino,
+                    backing_birth: n.backing_birth,
                     origin: n.origin.clone().filter(|_| !n.detached),
                     kind: n.attr.kind(),
                     attr: n.attr.clone(),
@@ -2874,7 +2903,9 @@ impl View {
                 let id = self.resolve(&path).ok()?;
                 let n = self.nodes.get(&id)?;
                 let same = match k.backing_ino {
-                    Some(ino) => n.backing_ino == Some(ino),
+                    Some(ino) => {
+                        n.backing_ino == Some(ino) && same_birth(n.backing_birth, k.backing_birth)
+                    }
                     None => n.backing_ino.is_none() || committed,
                 };
                 (same && n.attr.kind() == k.kind && !claimed.contains(&id)).then_some(id)
