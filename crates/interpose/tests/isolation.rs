@@ -6075,6 +6075,57 @@ fn a_file_read_then_closed_can_be_rewritten_at_once_and_one_held_open_refuses_wr
     m.stop();
 }
 
+/// open(O_RDONLY|O_TRUNC) truncates, as Linux does for a caller who may write the file:
+/// that open is not passed through to the untruncated backing file (it used to be, then
+/// wait for itself to close and fail with ETXTBSY). A descriptor open before an
+/// O_WRONLY|O_TRUNC open sees the truncation and the write after it at once.
+#[test]
+fn an_open_for_reading_that_truncates_truncates() {
+    let d = dirs();
+    fs::write(d.backing.join("f"), b"original contents").unwrap();
+    fs::write(d.backing.join("g"), b"0123456789").unwrap();
+    let before = fingerprint(&d.backing);
+    let m = d.mount();
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(d.mnt.join("f"))
+        .unwrap_or_else(|e| panic!("open(O_RDONLY|O_TRUNC): {e}"));
+    assert_eq!(f.metadata().unwrap().len(), 0, "fstat after the open");
+    let mut got = Vec::new();
+    (&f).read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"", "read after open(O_RDONLY|O_TRUNC)");
+    drop(f);
+    assert_eq!(read(&d.mnt.join("f")), b"");
+
+    let g = d.mnt.join("g");
+    let early = OpenOptions::new().read(true).write(true).open(&g).unwrap();
+    let mut got = String::new();
+    (&early).read_to_string(&mut got).unwrap();
+    assert_eq!(got, "0123456789");
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&g)
+        .unwrap()
+        .write_all(b"ab")
+        .unwrap();
+    assert_eq!(
+        early.metadata().unwrap().len(),
+        2,
+        "fstat of the earlier descriptor"
+    );
+    let mut buf = [0u8; 16];
+    let n = early.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"ab", "read through the earlier descriptor");
+    drop(early);
+    assert_untouched(&d.backing, &before, "before commit");
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(read(&d.backing.join("f")), b"");
+    assert_eq!(read(&d.backing.join("g")), b"ab");
+}
+
 /// truncate(2) of a path to length 0.
 fn truncate_path(p: &Path) -> std::io::Result<()> {
     let c = std::ffi::CString::new(s(p)).unwrap();

@@ -296,15 +296,19 @@ impl IsolatedFs {
         }
     }
 
-    /// Registers an open; decides passthrough.
+    /// Registers an open; decides passthrough. `truncate_for`: the open truncates the file
+    /// (O_TRUNC of an existing file, which FUSE_ATOMIC_O_TRUNC leaves to the open), for
+    /// this caller.
     fn open_node(
         &self,
         id: u64,
         flags: i32,
+        truncate_for: Option<&fuser::Request>,
         reply_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Res<(u64, Option<Arc<BackingId>>)> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let mut v = self.0.view.lock();
+        let truncate_for = truncate_for.filter(|_| v.node(id).is_ok_and(|n| n.attr.is_file()));
         let passthrough = self.0.passthrough.load(Ordering::Relaxed);
         // Outside the isolated paths nothing is recorded: writers may be passed through
         // too, sharing a backing file open for writing with the readers.
@@ -313,7 +317,7 @@ impl IsolatedFs {
             let (b, writable) = ids.get(&id)?;
             Some((b.upgrade()?, *writable))
         };
-        if write {
+        if write || truncate_for.is_some() {
             if v.node(id)?.attr.is_dir() {
                 return Err(libc::EISDIR);
             }
@@ -321,6 +325,12 @@ impl IsolatedFs {
             if !direct || read_only {
                 self.await_passthrough_closed(&mut v, id)?;
             }
+        }
+        if let Some(req) = truncate_for {
+            // Before passthrough is decided: the truncated file is the view's (even opened
+            // for reading only, as O_RDONLY|O_TRUNC is), so its reads come from the daemon.
+            v.truncate(id, 0)?;
+            kill_suid_sgid(&mut v, id, req)?;
         }
         let backing = v.backing.clone();
         let n = v.node_mut(id)?;
@@ -432,6 +442,9 @@ impl Filesystem for IsolatedFs {
             InitFlags::FUSE_POSIX_ACL,
             // Modes come unmasked with the caller's umask: a default ACL replaces the umask.
             InitFlags::FUSE_DONT_MASK,
+            // O_TRUNC comes with the open: one request instead of two, and an open for
+            // reading that truncates is not passed through to the untruncated file.
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -683,8 +696,9 @@ impl Filesystem for IsolatedFs {
         self.entry(reply, res);
     }
 
-    fn open(&self, _req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let res = self.open_node(ino.0, flags.0, |f| reply.open_backing(f));
+    fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let truncate_for = (flags.0 & libc::O_TRUNC != 0).then_some(req);
+        let res = self.open_node(ino.0, flags.0, truncate_for, |f| reply.open_backing(f));
         match res {
             Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
             Ok((fh, None)) => reply.opened(FileHandle(fh), Self::open_flags(flags.0)),
@@ -712,7 +726,9 @@ impl Filesystem for IsolatedFs {
                 umask,
             )?;
             let (fh, _) = self
-                .open_node(id, flags, |_| Err(std::io::ErrorKind::Unsupported.into()))
+                .open_node(id, flags, None, |_| {
+                    Err(std::io::ErrorKind::Unsupported.into())
+                })
                 .inspect_err(|_| self.0.view.lock().forget(id, 1))?;
             Ok((id, a, fh))
         })();
