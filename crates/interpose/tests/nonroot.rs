@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -310,6 +311,80 @@ fn files_created_by_users_belong_to_them_on_the_backing_side() {
     }
     assert_eq!(fs::read(m.backing.join("g")).unwrap(), b"hi\nmore\n");
     m.stop();
+}
+
+/// A commit run by a user (its store and BACKING theirs) applies the data of a file the
+/// user made read-only and wrote through the descriptor that made it, as git writes its
+/// objects: the user may not open it for writing again, so the commit lets its owner
+/// write it for the while and puts the mode back. It used to stop there with EACCES,
+/// every time it was run again.
+#[test]
+fn a_users_commit_writes_files_they_made_read_only() {
+    let base = plain_dir("interpose-nonroot-commit-");
+    make_traversable(base.path());
+    let (backing, mnt, store) = (
+        base.path().join("backing"),
+        base.path().join("mnt"),
+        base.path().join("store"),
+    );
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&backing, Some(NOBODY), Some(NOBODY)).unwrap();
+    let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    fs::write(backing.join("junk"), b"").unwrap();
+    // The removal between the create and the write: a commit run again after one killed
+    // in the write starts at the write (the removal's fence), not at the create, whose
+    // chmod would otherwise put the mode back by itself.
+    let script = "import os, sys\n\
+        fd = os.open(sys.argv[1] + '/tmp_obj', os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o444)\n\
+        os.unlink(sys.argv[1] + '/junk')\n\
+        os.write(fd, b'object contents')\n\
+        os.close(fd)\n\
+        os.rename(sys.argv[1] + '/tmp_obj', sys.argv[1] + '/obj')\n";
+    run(as_user(NOBODY, NOBODY, &[])
+        .args([python(), "-c", script])
+        .arg(&mnt));
+    m.stop();
+    // The store handed to the user, as one their own daemon would have made.
+    run(Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(&store));
+    // Killed between letting the owner write the file and putting the mode back (chmods:
+    // the create's, the lift, the putting back), the commit run again puts it back.
+    let killed = output(
+        as_user(NOBODY, NOBODY, &[])
+            .args(["strace", "-f", "-qq", "-o", "/dev/null", "--trace=fchmodat"])
+            .args(["--inject=fchmodat:signal=KILL:when=3", "--", bin()])
+            .args(["isolation", "commit"])
+            .arg(&store),
+    );
+    assert_eq!(
+        killed.status.signal(),
+        Some(libc::SIGKILL),
+        "the commit was not killed at its third chmod: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    let lifted = fs::metadata(backing.join("tmp_obj")).unwrap().mode() & 0o7777;
+    assert_eq!(lifted, 0o644, "killed while the file's owner may write it");
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .args([bin(), "isolation", "commit"])
+            .arg(&store),
+    );
+    assert!(
+        out.status.success(),
+        "the user's commit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let obj = backing.join("obj");
+    assert_eq!(fs::read(&obj).unwrap(), b"object contents");
+    let md = fs::metadata(&obj).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (NOBODY, NOBODY, 0o444),
+        "owner and mode of the committed file"
+    );
+    assert!(!backing.join("tmp_obj").exists());
 }
 
 /// The kernel remembers a name's absence for a moment (a negative entry) and then sends

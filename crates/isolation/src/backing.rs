@@ -533,6 +533,55 @@ pub fn apply(
     }
 }
 
+/// [`apply`], and where a change to a file's data is refused (EACCES) because its owner,
+/// the daemon not running as root, may not write it now, again with the owner's write
+/// bit added for the while, then the mode put back. Programs write files they may not
+/// open for writing again through the descriptor that made them (git's 0444 objects),
+/// and the change must reach BACKING all the same. `note` is told the mode to put back
+/// before it is changed (a commit keeps it in its state, to put it back if it is cut
+/// short in between).
+pub fn apply_lifting(
+    backing: &Backing,
+    change: &Change,
+    data: &[&[u8]],
+    may_be_done: bool,
+    note: impl FnOnce(u32) -> io::Result<()>,
+) -> io::Result<()> {
+    let first = apply(backing, change, data, may_be_done);
+    let (
+        Err(e),
+        Change::Data {
+            path: Some(path), ..
+        },
+    ) = (&first, change)
+    else {
+        return first;
+    };
+    if e.raw_os_error() != Some(libc::EACCES) {
+        return first;
+    }
+    let rel = path.to_path_buf();
+    let fd = backing.open_at(&rel, OFlags::PATH, 0)?;
+    let st = rustix::fs::fstat(&fd).map_err(errno)?;
+    let ours = st.st_mode & libc::S_IFMT == libc::S_IFREG
+        && st.st_uid == rustix::process::geteuid().as_raw()
+        && st.st_mode & 0o200 == 0;
+    if !ours {
+        return first;
+    }
+    let mode = st.st_mode & 0o7777;
+    note(mode)?;
+    set_mode(&fd, mode | 0o200)?;
+    let again = apply(backing, change, data, may_be_done);
+    let back = set_mode(&fd, mode);
+    again.and(back)
+}
+
+/// chmod of the object `fd` (an O_PATH descriptor) holds.
+pub fn set_mode(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode)).map_err(errno)
+}
+
 /// Writes bytes `src..src + len` of the concatenation of `parts` at `off`, from where
 /// they are (a change's data in memory is a write's buffers, or the reads holding a
 /// record: not copied together first).

@@ -182,9 +182,12 @@ pub struct CommitProgress {
 struct CommitState {
     target: u64,
     applied: u64,
-    /// A RENAME_EXCHANGE under way: its sequence number and the inode then at `from`.
-    exchange_seq: u64,
-    exchange_ino: u64,
+    /// What the change under way, number `noted_seq`, noted before it began, to be run
+    /// again right: a RENAME_EXCHANGE the inode then at `from`; a change to the data of a
+    /// file its owner had to be let write the mode to put back (see
+    /// `backing::apply_lifting`).
+    noted_seq: u64,
+    noted: u64,
     /// The commit stopped on an error before change `applied + 1`: nothing after it was
     /// touched (but that change, in part). Otherwise (killed) it may have gone on
     /// without recording it, up to its next fence (see `unrecorded_end`).
@@ -202,8 +205,8 @@ impl CommitState {
         b[0..8].copy_from_slice(STATE_MAGIC);
         b[8..16].copy_from_slice(&self.target.to_le_bytes());
         b[16..24].copy_from_slice(&self.applied.to_le_bytes());
-        b[24..32].copy_from_slice(&self.exchange_seq.to_le_bytes());
-        b[32..40].copy_from_slice(&self.exchange_ino.to_le_bytes());
+        b[24..32].copy_from_slice(&self.noted_seq.to_le_bytes());
+        b[32..40].copy_from_slice(&self.noted.to_le_bytes());
         let flags = if self.stopped { STATE_STOPPED } else { 0 };
         b[40..44].copy_from_slice(&flags.to_le_bytes());
         let crc = crc32c::crc32c(&b[..44]);
@@ -224,8 +227,8 @@ impl CommitState {
         Some(CommitState {
             target: u(8),
             applied: u(16),
-            exchange_seq: u(24),
-            exchange_ino: u(32),
+            noted_seq: u(24),
+            noted: u(32),
             stopped: flags & STATE_STOPPED != 0,
         })
     }
@@ -535,7 +538,7 @@ impl Store {
             // A commit writes its state before it applies anything and compacts the
             // journal only up to what it applied, so the journal always holds its span.
             let (base, last) = (j.base_seq(), j.last_seq());
-            // (Not `exchange_seq`: a discard lowering the target keeps it, stale.)
+            // (Not `noted_seq`: a discard lowering the target keeps it, stale.)
             let fits = base <= st.applied && st.applied <= st.target && st.target <= last;
             if !fits {
                 return Err(Error::Corrupt {
@@ -835,12 +838,12 @@ impl Store {
             if let Change::Rename { from, flags, .. } = c {
                 if flags & libc::RENAME_EXCHANGE != 0 {
                     let ino = backing.lstat(from.as_path()).map(|s| s.st_ino).unwrap_or(0);
-                    if state.exchange_seq == r.seq {
+                    if state.noted_seq == r.seq {
                         // Resumed: done if `from` holds another object than it did.
-                        skip = ino != state.exchange_ino;
+                        skip = ino != state.noted;
                     } else {
-                        state.exchange_seq = r.seq;
-                        state.exchange_ino = ino;
+                        state.noted_seq = r.seq;
+                        state.noted = ino;
                         self.write_state(&sf, &state)?;
                     }
                 }
@@ -855,8 +858,25 @@ impl Store {
                         Some((dir.as_path(), (st.st_mtime, st.st_mtime_nsec as u32)))
                     })
                     .collect();
+                // Resumed within a change to a file's data that lifted the file's mode:
+                // the mode it had, which it may still lack.
+                let lifted = (state.noted_seq == r.seq && matches!(c, Change::Data { .. }))
+                    .then_some(state.noted as u32);
+                let note = |mode: u32| {
+                    state.noted_seq = r.seq;
+                    state.noted = mode.into();
+                    write_commit_state(&sf, &state)
+                };
                 let applied = match a.get(r.data_offset, c.data_len()) {
-                    Ok(parts) => backing::apply(backing, c, &parts, r.seq <= may_be_done_upto),
+                    Ok(parts) => {
+                        backing::apply_lifting(backing, c, &parts, r.seq <= may_be_done_upto, note)
+                            .and_then(|()| match (lifted, c) {
+                                (Some(mode), Change::Data { path: Some(p), .. }) => backing
+                                    .open_at(p.as_path(), rustix::fs::OFlags::PATH, 0)
+                                    .and_then(|fd| backing::set_mode(&fd, mode)),
+                                _ => Ok(()),
+                            })
+                    }
                     Err(e) => {
                         stop(&mut state, r.seq);
                         return Err(Error::io(jpath, e));
@@ -1156,8 +1176,8 @@ mod tests {
         let s = CommitState {
             target: 9,
             applied: 4,
-            exchange_seq: 5,
-            exchange_ino: 77,
+            noted_seq: 5,
+            noted: 77,
             stopped: true,
         };
         assert_eq!(CommitState::decode(&s.encode()), Some(s));

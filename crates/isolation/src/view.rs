@@ -1233,12 +1233,15 @@ impl View {
         self.hold_victim(change, named);
         let res = match route {
             Route::Keep => unreachable!("returned above"),
-            Route::Direct => crate::backing::apply(&self.backing, change, data, false),
+            Route::Direct => {
+                crate::backing::apply_lifting(&self.backing, change, data, false, |_| Ok(()))
+            }
             Route::Trail => {
                 let (end, seq) = (self.journal.len(), self.journal.last_seq());
                 self.record(change, data)?;
                 // From the write's buffers, which the record now holds too.
-                let applied = crate::backing::apply(&self.backing, change, data, false);
+                let applied =
+                    crate::backing::apply_lifting(&self.backing, change, data, false, |_| Ok(()));
                 if applied.is_err() {
                     // Not in BACKING (a full disk, say): not in the trail either.
                     if let Err(e) = self.journal.truncate(end, seq) {
