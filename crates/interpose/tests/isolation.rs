@@ -752,13 +752,15 @@ fn numbers_the_kernel_holds_are_not_given_to_another_object_after_a_commit() {
     fs::create_dir_all(backing.join("pass")).unwrap();
     fs::create_dir_all(backing.join("iso")).unwrap();
     fs::write(backing.join("iso/kept"), b"k\n").unwrap();
+    // Made before the mount: written through it, the file would be held (for passthrough)
+    // until the kernel's release, a moment after close, and its number not free at once.
+    fs::write(backing.join("pass/f"), b"gone\n").unwrap();
     let m = Mount::start(
         &backing,
         &d.mnt,
         &["--isolate", s(&d.store), "--isolate-path", "iso"],
     );
     let pass = d.mnt.join("pass");
-    fs::write(pass.join("f"), b"gone\n").unwrap();
     let held = rustix::fs::open(pass.join("f"), OFlags::PATH, FileMode::empty()).unwrap();
     let number = rustix::fs::fstat(&held).unwrap().st_ino;
     fs::remove_file(pass.join("f")).unwrap();
@@ -829,6 +831,7 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
         .write_all(b"changed in the view\n")
         .unwrap();
     fs::remove_file(backing.join("old")).unwrap();
+    await_removed_files_closed(m.pid());
     let reused = (0..200)
         .find(|i| {
             let new = backing.join(format!("new{i}"));
@@ -857,6 +860,40 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
         .map(|e| e.ino())
         .expect("the new file is listed");
     assert_eq!(listed, st.ino(), "the listing and stat disagree");
+
+    // An unchanged file the kernel holds, removed in BACKING, and a new one given its
+    // number: the held one keeps its own attributes.
+    fs::write(backing.join("held"), b"ten bytes\n").unwrap();
+    let number = fs::metadata(backing.join("held")).unwrap().ino();
+    let held = rustix::fs::open(
+        d.mnt.join("held"),
+        rustix::fs::OFlags::PATH,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    fs::remove_file(backing.join("held")).unwrap();
+    let reused = (0..200)
+        .find(|i| {
+            let new = backing.join(format!("big{i}"));
+            fs::write(&new, [b'x'; 100]).unwrap();
+            fs::metadata(&new).unwrap().ino() == number
+        })
+        .unwrap_or_else(|| panic!("BACKING gave inode {number} to none of 200 new files"));
+    // Under its name, too.
+    fs::rename(backing.join(format!("big{reused}")), backing.join("held")).unwrap();
+    // (Past the kernel's attribute cache.)
+    let now = rustix::fs::statx(
+        &held,
+        "",
+        rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::STATX_FORCE_SYNC,
+        rustix::fs::StatxFlags::BASIC_STATS,
+    )
+    .unwrap();
+    assert_eq!(
+        now.stx_size, 10,
+        "the removed file held open took the new one's size"
+    );
+    drop(held);
     let err = m.stop();
     assert!(
         !err.contains("WARN") && !err.contains("ERROR"),
@@ -869,6 +906,79 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
     );
     assert_eq!(read(&backing.join(format!("new{reused}"))), b"new\n");
     drop(fs_);
+}
+
+/// BACKING on overlayfs, which keeps an object's inode number when it copies it up to
+/// its upper layer but gives it a new birth time: a directory copied up by a change
+/// outside the isolated paths is still the view's directory, with the isolated names
+/// made in it. (Birth times tell objects apart only where they are stable.)
+#[test]
+fn a_directory_copied_up_by_overlayfs_keeps_its_isolated_names() {
+    struct Overlay(PathBuf);
+    impl Drop for Overlay {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let d = dirs();
+    let (lower, upper, work) = (
+        d.tmp.path().join("lower"),
+        d.tmp.path().join("upper"),
+        d.tmp.path().join("work"),
+    );
+    fs::create_dir_all(lower.join("d2")).unwrap();
+    fs::write(lower.join("d2/old"), b"old\n").unwrap();
+    fs::create_dir(&upper).unwrap();
+    fs::create_dir(&work).unwrap();
+    let options = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        s(&lower),
+        s(&upper),
+        s(&work)
+    );
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &options])
+        .arg(&d.backing));
+    let _overlay = Overlay(d.backing.clone());
+    // No cache: every path walk asks the daemon, as one does after the timeout.
+    let m = d.mount_with(&["--isolate-path", "d2/iso*", "--cache-timeout", "0"]);
+    let dir = d.mnt.join("d2");
+    fs::write(dir.join("iso1"), b"v\n").unwrap();
+    // Outside the isolated paths: made in BACKING, which copies d2 up.
+    fs::write(dir.join("plain"), b"p\n").unwrap();
+    assert!(upper.join("d2/plain").exists(), "d2 was not copied up");
+    assert!(!d.backing.join("d2/iso1").exists());
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["iso1", "old", "plain"], "d2 after the copy-up");
+    assert_eq!(read(&dir.join("iso1")), b"v\n");
+    m.stop();
+}
+
+/// Waits until daemon `pid` holds no descriptor of a removed file: the kernel releases a
+/// closed file (and the daemon closes what it opened for it) a moment after close(2)
+/// returns, and until then the file system cannot give the file's inode number to
+/// another object.
+fn await_removed_files_closed(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let held: Vec<PathBuf> = fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().ends_with(" (deleted)"))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon still holds {held:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 /// A file renamed over outside the isolated paths while the kernel still holds it (an
@@ -6078,7 +6188,8 @@ fn a_file_read_then_closed_can_be_rewritten_at_once_and_one_held_open_refuses_wr
 /// open(O_RDONLY|O_TRUNC) truncates, as Linux does for a caller who may write the file:
 /// that open is not passed through to the untruncated backing file (it used to be, then
 /// wait for itself to close and fail with ETXTBSY). A descriptor open before an
-/// O_WRONLY|O_TRUNC open sees the truncation and the write after it at once.
+/// O_WRONLY|O_TRUNC open sees the truncation and the write after it at once. Root keeps
+/// set-ID bits, and a running program's file is refused (ETXTBSY) and left whole.
 #[test]
 fn an_open_for_reading_that_truncates_truncates() {
     let d = dirs();
@@ -6119,6 +6230,41 @@ fn an_open_for_reading_that_truncates_truncates() {
     let n = early.read_at(&mut buf, 0).unwrap();
     assert_eq!(&buf[..n], b"ab", "read through the earlier descriptor");
     drop(early);
+
+    // Root (CAP_FSETID) keeps set-ID bits through a truncation, as on ext4.
+    let su = d.mnt.join("su");
+    fs::write(&su, b"x").unwrap();
+    fs::set_permissions(&su, fs::Permissions::from_mode(0o4755)).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&su)
+        .unwrap();
+    assert_eq!(fs::metadata(&su).unwrap().mode() & 0o7777, 0o4755);
+
+    // A running program's file: the kernel refuses the truncation after the open, so the
+    // open must not have truncated it.
+    let prog = d.mnt.join("prog");
+    fs::copy("/bin/sleep", &prog).unwrap();
+    let mut running = Command::new(&prog).arg("60").spawn().unwrap();
+    let refused = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_TRUNC)
+        .open(&prog)
+        .map(drop);
+    let size = fs::metadata(&prog).unwrap().len();
+    running.kill().unwrap();
+    running.wait().unwrap();
+    assert_eq!(
+        refused.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ETXTBSY))
+    );
+    assert_eq!(
+        size,
+        fs::metadata("/bin/sleep").unwrap().len(),
+        "the program's file"
+    );
+
     assert_untouched(&d.backing, &before, "before commit");
     m.stop();
     commit(&d.store, None);

@@ -88,6 +88,7 @@ fn prepare(base: &Path) {
     );
     file(&p("setid/writable_suid"), b"s", 0, 0, 0o4777);
     file(&p("setid/truncated_suid"), b"s", 0, 0, 0o4777);
+    file(&p("setid/otrunc_suid"), b"s", 0, 0, 0o4777);
     file(&p("setid/acl_writable_suid"), b"s", 0, 0, 0o4755);
     setfacl(&p("setid/acl_writable_suid"), "u:65534:rw");
     // Set-group-ID without group execute goes only for a writer outside the group.

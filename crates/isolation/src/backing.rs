@@ -21,6 +21,9 @@ pub struct Backing {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    /// Its file system keeps an object's birth time for the object's life (see
+    /// [`Backing::birth_of`]).
+    stable_births: bool,
 }
 
 fn errno(e: rustix::io::Errno) -> io::Error {
@@ -43,11 +46,16 @@ impl Backing {
             Mode::empty(),
         )?;
         let st = rustix::fs::fstat(&root)?;
+        // (f_type's type differs between architectures.)
+        #[allow(clippy::unnecessary_cast)]
+        let stable_births =
+            rustix::fs::fstatfs(&root).is_ok_and(|f| STABLE_BIRTHS.contains(&(f.f_type as i64)));
         Ok(Backing {
             root,
             path: path.to_path_buf(),
             dev: st.st_dev,
             ino: st.st_ino,
+            stable_births,
         })
     }
 
@@ -104,10 +112,21 @@ impl Backing {
     }
 
     /// [`Backing::lstat`] with the birth time where the file system keeps one (see
-    /// [`birth_of`]).
+    /// [`Backing::birth_of`]).
     pub fn statx(&self, rel: &Path) -> io::Result<Statx> {
         let fd = self.open_at(rel, OFlags::PATH, 0)?;
         statx_at(&fd, "", AtFlags::EMPTY_PATH)
+    }
+
+    /// When the object was made, where BACKING's file system keeps that for the object's
+    /// life: an inode number names one object only until it is removed (ext4 gives a
+    /// freed number to the next object made), and the birth time tells an object from a
+    /// later one with its number. None elsewhere (then the number has to do): overlayfs,
+    /// for one, keeps an object's number but gives it a new birth time when it copies it
+    /// up to its upper layer.
+    pub fn birth_of(&self, st: &Statx) -> Option<crate::change::Time> {
+        (self.stable_births && st.stx_mask & StatxFlags::BTIME.bits() != 0)
+            .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
     }
 
     /// A regular file's contents for reading.
@@ -170,8 +189,23 @@ impl Backing {
     }
 }
 
+/// File systems (statfs f_type) whose birth times stay with an object for its life: ext4,
+/// XFS, Btrfs, tmpfs, F2FS, bcachefs.
+const STABLE_BIRTHS: [i64; 6] = [
+    0xEF53,
+    0x5846_5342,
+    0x9123_683E,
+    0x0102_1994,
+    0xF2F5_2010,
+    0xCA45_1A4E,
+];
+
 /// What [`Backing::statx`] asks for: lstat's fields and the birth time.
-pub fn statx_at(dir: &OwnedFd, name: impl AsRef<Path>, flags: AtFlags) -> io::Result<Statx> {
+pub fn statx_at(
+    dir: impl std::os::fd::AsFd,
+    name: impl AsRef<Path>,
+    flags: AtFlags,
+) -> io::Result<Statx> {
     rustix::fs::statx(
         dir,
         name.as_ref(),
@@ -179,15 +213,6 @@ pub fn statx_at(dir: &OwnedFd, name: impl AsRef<Path>, flags: AtFlags) -> io::Re
         StatxFlags::BASIC_STATS | StatxFlags::BTIME,
     )
     .map_err(errno)
-}
-
-/// When the object was made, if its file system says: an inode number names one object
-/// only until it is removed (ext4 gives a freed number to the next object made), and the
-/// birth time tells an object from a later one with its number. None where the file
-/// system keeps no birth time (then the number has to do).
-pub fn birth_of(st: &Statx) -> Option<crate::change::Time> {
-    (st.stx_mask & StatxFlags::BTIME.bits() != 0)
-        .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
 }
 
 /// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a

@@ -47,6 +47,8 @@ impl Default for Options {
 struct OpenFile {
     node: u64,
     write: bool,
+    /// Opened by execve (a running program's file: the kernel lets no one write it).
+    exec: bool,
     /// Set for passthrough opens; keeps the kernel's registration alive.
     backing: Option<Arc<BackingId>>,
     /// Served around the kernel's page cache ([`interpose_fs::served_directly`]).
@@ -94,6 +96,9 @@ impl Shared {
 }
 
 pub struct IsolatedFs(pub Arc<Shared>);
+
+/// The kernel's FMODE_EXEC, which it sends in the flags of the open execve makes.
+const FMODE_EXEC: i32 = 0x20;
 
 /// How long a writer waits for passthrough opens to be released before ETXTBSY. Releases
 /// of files already closed arrive within milliseconds; this only bounds the wait behind a
@@ -327,10 +332,25 @@ impl IsolatedFs {
             }
         }
         if let Some(req) = truncate_for {
+            // The kernel refuses a running program's file to writers, but checks an open
+            // for reading that truncates only after the open: here, before the truncation.
+            let running = self.0.files.lock().values().any(|f| f.node == id && f.exec);
+            if running {
+                return Err(libc::ETXTBSY);
+            }
             // Before passthrough is decided: the truncated file is the view's (even opened
             // for reading only, as O_RDONLY|O_TRUNC is), so its reads come from the daemon.
+            // Set-ID bits go as a truncation takes them: for a caller without CAP_FSETID.
+            let setid = v.attr(id)?.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+            let kills = setid && !interpose_fs::reply::has_fsetid(req);
+            if kills {
+                v.reserve(view::RESERVE_FOR_SEVERAL)?;
+            }
             v.truncate(id, 0)?;
-            kill_suid_sgid(&mut v, id, req)?;
+            // (The kernel learns the size from the open, not the mode.)
+            if kills && kill_suid_sgid(&mut v, id, req)? {
+                self.forget_attributes(INodeNo(id));
+            }
         }
         let backing = v.backing.clone();
         let n = v.node_mut(id)?;
@@ -396,6 +416,7 @@ impl IsolatedFs {
             Arc::new(OpenFile {
                 node: id,
                 write,
+                exec: flags & FMODE_EXEC != 0,
                 direct: bid.is_none() && interpose_fs::served_directly(flags),
                 backing: bid.clone(),
             }),

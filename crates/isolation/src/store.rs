@@ -642,7 +642,21 @@ impl Store {
             .write(true)
             .open(&sp)
             .map_err(|e| Error::io(&sp, e))?;
-        self.write_state(&sf, &CommitState { target, ..*st })
+        // A note of a change beyond the new target goes with it: a later change may get
+        // that number once the journal is cut there.
+        let noted_seq = if st.noted_seq > target {
+            0
+        } else {
+            st.noted_seq
+        };
+        self.write_state(
+            &sf,
+            &CommitState {
+                target,
+                noted_seq,
+                ..*st
+            },
+        )
     }
 
     /// Makes sure the store holds its reserve ([`RESERVE_LEN`] allocated bytes), as far
@@ -789,6 +803,10 @@ impl Store {
         let barrier = |state: &mut CommitState, applied: u64| -> Result<(), Error> {
             rustix::fs::syncfs(&root).map_err(|e| Error::io(backing.path(), e.into()))?;
             state.applied = applied;
+            if state.noted_seq <= applied {
+                // Its change is done: nothing to run again right.
+                (state.noted_seq, state.noted) = (0, 0);
+            }
             self.write_state(&sf, state)
         };
         // Stopping on an error before change `seq`: everything before it is applied and
@@ -869,13 +887,22 @@ impl Store {
                 };
                 let applied = match a.get(r.data_offset, c.data_len()) {
                     Ok(parts) => {
-                        backing::apply_lifting(backing, c, &parts, r.seq <= may_be_done_upto, note)
-                            .and_then(|()| match (lifted, c) {
-                                (Some(mode), Change::Data { path: Some(p), .. }) => backing
-                                    .open_at(p.as_path(), rustix::fs::OFlags::PATH, 0)
-                                    .and_then(|fd| backing::set_mode(&fd, mode)),
-                                _ => Ok(()),
-                            })
+                        let done = backing::apply_lifting(
+                            backing,
+                            c,
+                            &parts,
+                            r.seq <= may_be_done_upto,
+                            note,
+                        );
+                        // Put back whether this run got through or not: one that stops on
+                        // an error must not leave BACKING a mode the view never showed.
+                        let put_back = match (lifted, c) {
+                            (Some(mode), Change::Data { path: Some(p), .. }) => backing
+                                .open_at(p.as_path(), rustix::fs::OFlags::PATH, 0)
+                                .and_then(|fd| backing::set_mode(&fd, mode)),
+                            _ => Ok(()),
+                        };
+                        done.and(put_back)
                     }
                     Err(e) => {
                         stop(&mut state, r.seq);

@@ -187,7 +187,7 @@ pub struct Node {
     /// backing object), so that dropping the node finds its entry without a scan.
     pub backing_ino: Option<u64>,
     /// That object's birth time, where BACKING's file system keeps one: the inode number
-    /// alone may be a later object's (see [`crate::backing::birth_of`]).
+    /// alone may be a later object's (see [`crate::backing::Backing::birth_of`]).
     pub backing_birth: Option<Time>,
 }
 
@@ -637,7 +637,7 @@ impl View {
                     Some(libc::ELOOP) | Some(libc::EXDEV) | None => libc::ENOENT,
                     Some(e) => e,
                 })?;
-        let birth = crate::backing::birth_of(&st);
+        let birth = self.backing.birth_of(&st);
         let (ino, kind) = (st.stx_ino, u32::from(st.stx_mode) & libc::S_IFMT);
         let same_dev =
             rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor) == self.backing.dev();
@@ -664,8 +664,10 @@ impl View {
                 }
                 return Ok((id, fresh));
             }
-            // The node stands for nothing in BACKING any more.
+            // The node stands for nothing in BACKING any more, and its name there is
+            // another object's now: only a file it holds open still reaches it.
             n.backing_ino = None;
+            n.detached = true;
             self.by_ino.remove(&ino);
         }
         let mut id = ino;
@@ -905,16 +907,19 @@ impl View {
         let n = self.node_mut(id)?;
         if !n.changed {
             let st = match (&n.origin, &n.origin_file) {
-                (_, Some(f)) if n.detached => rustix::fs::fstat(f).ok(),
-                (Some(origin), _) if !n.detached => backing.lstat(origin).ok(),
+                (_, Some(f)) if n.detached => {
+                    crate::backing::statx_at(f.as_ref(), "", rustix::fs::AtFlags::EMPTY_PATH).ok()
+                }
+                (Some(origin), _) if !n.detached => backing.statx(origin).ok(),
                 _ => None,
             };
             if let Some(st) = st {
                 // Not another object that has the name (or the number) now.
-                let same = st.st_mode & libc::S_IFMT == n.attr.kind()
-                    && n.backing_ino.is_none_or(|ino| ino == st.st_ino);
+                let same = u32::from(st.stx_mode) & libc::S_IFMT == n.attr.kind()
+                    && n.backing_ino.is_none_or(|ino| ino == st.stx_ino)
+                    && same_birth(n.backing_birth, backing.birth_of(&st));
                 if same {
-                    n.attr = Attr::from_stat(&st);
+                    n.attr = Attr::from_statx(&st);
                 }
             }
         } else if n.attr.is_dir() && n.overlay.is_some() && self.is_direct(id) {

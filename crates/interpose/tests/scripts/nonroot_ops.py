@@ -131,6 +131,10 @@ def user_phase(b):
             lambda: write(j("setid", "own_suid_appended"), os.O_APPEND)),
         "mode_right_after_truncate_setuid": lambda: mode_after(
             j("setid", "truncated_suid"), lambda: os.truncate(j("setid", "truncated_suid"), 0)),
+        # A truncating open alone: the truncation drops the bit, not a write after it.
+        "mode_right_after_open_trunc_setuid": lambda: mode_after(
+            j("setid", "otrunc_suid"),
+            lambda: os.close(os.open(j("setid", "otrunc_suid"), os.O_WRONLY | os.O_TRUNC))),
         "write_acl_writable_setuid": lambda: write(j("setid", "acl_writable_suid"), os.O_APPEND),
         "write_setgid_nogx_nonmember": lambda: write(j("setid", "sgid_nogx_user"), os.O_APPEND),
         "setfacl_own_setgid_file_outside_its_group": lambda: setfacl(
