@@ -602,8 +602,22 @@ pub fn apply_lifting(
     again.and(back)
 }
 
+/// Gives the file a change to its data writes the mode that [`apply_lifting`] noted for
+/// it, for a commit run again after one cut short while the mode was lifted.
+pub fn put_back_mode(backing: &Backing, change: &Change, mode: u32) -> io::Result<()> {
+    match change {
+        Change::Data {
+            path: Some(path), ..
+        } => set_mode(
+            &backing.open_at(&path.to_path_buf(), OFlags::PATH, 0)?,
+            mode,
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// chmod of the object `fd` (an O_PATH descriptor) holds.
-pub fn set_mode(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+fn set_mode(fd: &OwnedFd, mode: u32) -> io::Result<()> {
     rustix::fs::chmod(proc_path(fd), Mode::from_raw_mode(mode)).map_err(errno)
 }
 

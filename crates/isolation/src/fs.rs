@@ -301,6 +301,33 @@ impl IsolatedFs {
         }
     }
 
+    /// The truncation of an open with O_TRUNC, by the caller of `req`.
+    fn truncate_on_open(
+        &self,
+        v: &mut MutexGuard<'_, View>,
+        id: u64,
+        req: &fuser::Request,
+    ) -> Res<()> {
+        // The kernel refuses a running program's file to writers, but checks an open for
+        // reading that truncates only after the open: here, before the truncation.
+        let running = self.0.files.lock().values().any(|f| f.node == id && f.exec);
+        if running {
+            return Err(libc::ETXTBSY);
+        }
+        // Set-ID bits go as a truncation takes them: for a caller without CAP_FSETID.
+        let setid = v.attr(id)?.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
+        let kills = setid && !interpose_fs::reply::has_fsetid(req);
+        if kills {
+            v.reserve(view::RESERVE_FOR_SEVERAL)?;
+        }
+        v.truncate(id, 0)?;
+        // (The kernel learns the size from the open, not the mode.)
+        if kills && kill_suid_sgid(v, id, req)? {
+            self.forget_attributes(INodeNo(id));
+        }
+        Ok(())
+    }
+
     /// Registers an open; decides passthrough. `truncate_for`: the open truncates the file
     /// (O_TRUNC of an existing file, which FUSE_ATOMIC_O_TRUNC leaves to the open), for
     /// this caller.
@@ -332,25 +359,9 @@ impl IsolatedFs {
             }
         }
         if let Some(req) = truncate_for {
-            // The kernel refuses a running program's file to writers, but checks an open
-            // for reading that truncates only after the open: here, before the truncation.
-            let running = self.0.files.lock().values().any(|f| f.node == id && f.exec);
-            if running {
-                return Err(libc::ETXTBSY);
-            }
             // Before passthrough is decided: the truncated file is the view's (even opened
             // for reading only, as O_RDONLY|O_TRUNC is), so its reads come from the daemon.
-            // Set-ID bits go as a truncation takes them: for a caller without CAP_FSETID.
-            let setid = v.attr(id)?.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
-            let kills = setid && !interpose_fs::reply::has_fsetid(req);
-            if kills {
-                v.reserve(view::RESERVE_FOR_SEVERAL)?;
-            }
-            v.truncate(id, 0)?;
-            // (The kernel learns the size from the open, not the mode.)
-            if kills && kill_suid_sgid(&mut v, id, req)? {
-                self.forget_attributes(INodeNo(id));
-            }
+            self.truncate_on_open(&mut v, id, req)?;
         }
         let backing = v.backing.clone();
         let n = v.node_mut(id)?;

@@ -896,12 +896,8 @@ impl Store {
                         );
                         // Put back whether this run got through or not: one that stops on
                         // an error must not leave BACKING a mode the view never showed.
-                        let put_back = match (lifted, c) {
-                            (Some(mode), Change::Data { path: Some(p), .. }) => backing
-                                .open_at(p.as_path(), rustix::fs::OFlags::PATH, 0)
-                                .and_then(|fd| backing::set_mode(&fd, mode)),
-                            _ => Ok(()),
-                        };
+                        let put_back =
+                            lifted.map_or(Ok(()), |mode| backing::put_back_mode(backing, c, mode));
                         done.and(put_back)
                     }
                     Err(e) => {

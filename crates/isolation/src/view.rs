@@ -205,6 +205,15 @@ impl Node {
         self.refs == 0 && self.lookups == 0 && self.opens == 0
     }
 
+    /// Whether the backing object `st` (born `birth`, see
+    /// [`crate::backing::Backing::birth_of`]) is the one this node stands for, not another
+    /// that has its name or number now.
+    fn stands_for(&self, st: &rustix::fs::Statx, birth: Option<Time>) -> bool {
+        u32::from(st.stx_mode) & libc::S_IFMT == self.attr.kind()
+            && self.backing_ino.is_none_or(|ino| ino == st.stx_ino)
+            && same_birth(self.backing_birth, birth)
+    }
+
     /// Only a cache of its backing object: the view changed nothing of it.
     fn cache_only(&self) -> bool {
         !self.changed && self.overlay.is_none()
@@ -638,27 +647,27 @@ impl View {
                     Some(e) => e,
                 })?;
         let birth = self.backing.birth_of(&st);
-        let (ino, kind) = (st.stx_ino, u32::from(st.stx_mode) & libc::S_IFMT);
+        let ino = st.stx_ino;
         let same_dev =
             rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor) == self.backing.dev();
         if let Some(&id) = self.by_ino.get(&ino) {
             let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
-            // Another object under the same number: the one the node stands for was
-            // removed behind its back (straight in BACKING) and its inode reused.
-            let same_kind = n.attr.kind() == kind && same_birth(n.backing_birth, birth);
-            if !same_dev || same_kind {
+            // Not: another object under the same number (the one the node stands for was
+            // removed behind its back, straight in BACKING, and its inode reused).
+            let same_object = n.stands_for(&st, birth);
+            if !same_dev || same_object {
                 // Known already (a hard link, or an earlier lookup).
                 if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
                     n.links.push((parent, name.to_owned()));
                 }
-                if same_dev && same_kind && n.origin.is_some() {
+                if same_dev && same_object && n.origin.is_some() {
                     // A name that surely reaches the object in BACKING now; the one kept
                     // may have gone with a change made straight to BACKING.
                     n.origin = Some(rel);
                     n.detached = false;
                 }
                 // What `attr` would read again for an unchanged node.
-                let fresh = same_kind && !n.changed && n.origin.is_some();
+                let fresh = same_object && !n.changed && n.origin.is_some();
                 if fresh {
                     n.attr = Attr::from_statx(&st);
                 }
@@ -913,14 +922,8 @@ impl View {
                 (Some(origin), _) if !n.detached => backing.statx(origin).ok(),
                 _ => None,
             };
-            if let Some(st) = st {
-                // Not another object that has the name (or the number) now.
-                let same = u32::from(st.stx_mode) & libc::S_IFMT == n.attr.kind()
-                    && n.backing_ino.is_none_or(|ino| ino == st.stx_ino)
-                    && same_birth(n.backing_birth, backing.birth_of(&st));
-                if same {
-                    n.attr = Attr::from_statx(&st);
-                }
+            if let Some(st) = st.filter(|st| n.stands_for(st, backing.birth_of(st))) {
+                n.attr = Attr::from_statx(&st);
             }
         } else if n.attr.is_dir() && n.overlay.is_some() && self.is_direct(id) {
             self.refresh_direct_dir(id);
