@@ -110,7 +110,14 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn open(&self, _req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(
+        &self,
+        _req: &fuser::Request,
+        ino: INodeNo,
+        flags: OpenFlags,
+        _kill_suidgid: bool,
+        reply: ReplyOpen,
+    ) {
         if ino.0 != DISK {
             return reply.error(Errno::EISDIR);
         }

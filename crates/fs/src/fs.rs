@@ -1395,7 +1395,16 @@ impl Filesystem for FilterFs {
         self.reply_entry(reply, res);
     }
 
-    fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    /// (No FUSE_ATOMIC_O_TRUNC here: a truncation comes as a setattr after the open, which
+    /// carries its own FATTR_KILL_SUIDGID.)
+    fn open(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        flags: OpenFlags,
+        _kill_suidgid: bool,
+        reply: ReplyOpen,
+    ) {
         let flags = flags.0;
         let path = (!self.chain.is_empty()).then(|| self.inodes.path(ino.0));
         let res = self.filtered(

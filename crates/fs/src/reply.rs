@@ -96,21 +96,6 @@ pub fn in_group(req: &fuser::Request, gid: u32) -> bool {
         || supplementary_groups(req.pid()).is_some_and(|g| g.contains(&gid))
 }
 
-/// Whether the caller of `req` has CAP_FSETID (keeps set-ID bits when it writes or
-/// truncates), from the effective capabilities in `/proc/PID/status`; a caller gone, as
-/// one without.
-pub fn has_fsetid(req: &fuser::Request) -> bool {
-    const CAP_FSETID: u32 = 4;
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|caps| u64::from_str_radix(caps.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
-}
-
 /// The supplementary groups of process (or thread) `pid`, from `/proc/PID/status`.
 pub fn supplementary_groups(pid: u32) -> Option<Vec<u32>> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -6241,6 +6241,18 @@ fn an_open_for_reading_that_truncates_truncates() {
         .open(&su)
         .unwrap();
     assert_eq!(fs::metadata(&su).unwrap().mode() & 0o7777, 0o4755);
+    // Root in a user namespace has no CAP_FSETID where it counts (the kernel decides).
+    run(Command::new("unshare")
+        .args(["-r", "--", python(), "-c"])
+        .arg(format!(
+            "import os; os.close(os.open({:?}, os.O_WRONLY | os.O_TRUNC))",
+            s(&su)
+        )));
+    assert_eq!(
+        fs::metadata(&su).unwrap().mode() & 0o7777,
+        0o755,
+        "truncated by root in a user namespace"
+    );
 
     // A running program's file: the kernel refuses the truncation after the open, so the
     // open must not have truncated it.

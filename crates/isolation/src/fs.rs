@@ -301,22 +301,17 @@ impl IsolatedFs {
         }
     }
 
-    /// The truncation of an open with O_TRUNC, by the caller of `req`.
+    /// The truncation of an open with O_TRUNC, by the caller of `req`; `kill_suidgid`:
+    /// the kernel's FUSE_OPEN_KILL_SUIDGID (the caller has no CAP_FSETID).
     fn truncate_on_open(
         &self,
         v: &mut MutexGuard<'_, View>,
         id: u64,
         req: &fuser::Request,
+        kill_suidgid: bool,
     ) -> Res<()> {
-        // The kernel refuses a running program's file to writers, but checks an open for
-        // reading that truncates only after the open: here, before the truncation.
-        let running = self.0.files.lock().values().any(|f| f.node == id && f.exec);
-        if running {
-            return Err(libc::ETXTBSY);
-        }
-        // Set-ID bits go as a truncation takes them: for a caller without CAP_FSETID.
         let setid = v.attr(id)?.mode & (libc::S_ISUID | libc::S_ISGID) != 0;
-        let kills = setid && !interpose_fs::reply::has_fsetid(req);
+        let kills = setid && kill_suidgid;
         if kills {
             v.reserve(view::RESERVE_FOR_SEVERAL)?;
         }
@@ -330,12 +325,12 @@ impl IsolatedFs {
 
     /// Registers an open; decides passthrough. `truncate_for`: the open truncates the file
     /// (O_TRUNC of an existing file, which FUSE_ATOMIC_O_TRUNC leaves to the open), for
-    /// this caller.
+    /// this caller, dropping set-ID bits or not (see [`IsolatedFs::truncate_on_open`]).
     fn open_node(
         &self,
         id: u64,
         flags: i32,
-        truncate_for: Option<&fuser::Request>,
+        truncate_for: Option<(&fuser::Request, bool)>,
         reply_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Res<(u64, Option<Arc<BackingId>>)> {
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
@@ -349,6 +344,15 @@ impl IsolatedFs {
             let (b, writable) = ids.get(&id)?;
             Some((b.upgrade()?, *writable))
         };
+        if truncate_for.is_some() && !write {
+            // The kernel refuses a running program's file to writers, but checks an open
+            // for reading that truncates only after the open: here, before the truncation
+            // (and before waiting for passthrough opens, such as the program's own).
+            let running = self.0.files.lock().values().any(|f| f.node == id && f.exec);
+            if running {
+                return Err(libc::ETXTBSY);
+            }
+        }
         if write || truncate_for.is_some() {
             if v.node(id)?.attr.is_dir() {
                 return Err(libc::EISDIR);
@@ -358,10 +362,10 @@ impl IsolatedFs {
                 self.await_passthrough_closed(&mut v, id)?;
             }
         }
-        if let Some(req) = truncate_for {
+        if let Some((req, kill_suidgid)) = truncate_for {
             // Before passthrough is decided: the truncated file is the view's (even opened
             // for reading only, as O_RDONLY|O_TRUNC is), so its reads come from the daemon.
-            self.truncate_on_open(&mut v, id, req)?;
+            self.truncate_on_open(&mut v, id, req, kill_suidgid)?;
         }
         let backing = v.backing.clone();
         let n = v.node_mut(id)?;
@@ -728,8 +732,15 @@ impl Filesystem for IsolatedFs {
         self.entry(reply, res);
     }
 
-    fn open(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let truncate_for = (flags.0 & libc::O_TRUNC != 0).then_some(req);
+    fn open(
+        &self,
+        req: &fuser::Request,
+        ino: INodeNo,
+        flags: OpenFlags,
+        kill_suidgid: bool,
+        reply: ReplyOpen,
+    ) {
+        let truncate_for = (flags.0 & libc::O_TRUNC != 0).then_some((req, kill_suidgid));
         let res = self.open_node(ino.0, flags.0, truncate_for, |f| reply.open_backing(f));
         match res {
             Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),

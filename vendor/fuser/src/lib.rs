@@ -573,7 +573,17 @@ pub trait Filesystem: Send + Sync + 'static {
     /// anything in fh. There are also some flags (`direct_io`, `keep_cache`) which the
     /// filesystem may set, to change the way the file is opened. See `fuse_file_info`
     /// structure in <`fuse_common.h`> for more details.
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    /// `kill_suidgid`: FUSE_OPEN_KILL_SUIDGID, set for an open with O_TRUNC by a caller
+    /// without CAP_FSETID (with FUSE_HANDLE_KILLPRIV_V2 and FUSE_ATOMIC_O_TRUNC): the
+    /// truncation must drop set-ID bits.
+    fn open(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _flags: OpenFlags,
+        _kill_suidgid: bool,
+        reply: ReplyOpen,
+    ) {
         reply.opened(FileHandle(0), FopenFlags::empty());
     }
 

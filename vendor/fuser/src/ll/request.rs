@@ -669,6 +669,11 @@ mod op {
         pub(crate) fn flags(&self) -> OpenFlags {
             OpenFlags(self.arg.flags)
         }
+        /// FUSE_OPEN_KILL_SUIDGID: an open with O_TRUNC by a caller without CAP_FSETID
+        /// (in the initial user namespace), with FUSE_HANDLE_KILLPRIV_V2.
+        pub(crate) fn kill_suidgid(&self) -> bool {
+            self.arg.open_flags & 1 != 0
+        }
     }
 
     /// Read data.
