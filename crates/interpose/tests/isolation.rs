@@ -908,18 +908,21 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
     drop(fs_);
 }
 
+/// A mount a test made (not interpose's), taken away when the test ends however it ends.
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// BACKING on overlayfs, which keeps an object's inode number when it copies it up to
 /// its upper layer but gives it a new birth time: a directory copied up by a change
 /// outside the isolated paths is still the view's directory, with the isolated names
 /// made in it. (Birth times tell objects apart only where they are stable.)
 #[test]
 fn a_directory_copied_up_by_overlayfs_keeps_its_isolated_names() {
-    struct Overlay(PathBuf);
-    impl Drop for Overlay {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let d = dirs();
     let (lower, upper, work) = (
         d.tmp.path().join("lower"),
@@ -939,7 +942,7 @@ fn a_directory_copied_up_by_overlayfs_keeps_its_isolated_names() {
     run(Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o", &options])
         .arg(&d.backing));
-    let _overlay = Overlay(d.backing.clone());
+    let _overlay = UnmountOnDrop(d.backing.clone());
     // No cache: every path walk asks the daemon, as one does after the timeout.
     let m = d.mount_with(&["--isolate-path", "d2/iso*", "--cache-timeout", "0"]);
     let dir = d.mnt.join("d2");
@@ -979,6 +982,48 @@ fn await_removed_files_closed(pid: u32) {
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+}
+
+/// Another file system mounted inside BACKING (a bind mount here; Btrfs subvolumes are
+/// the same) numbers its inodes itself: an object there and one of BACKING with the same
+/// inode number are two objects, each read as itself whichever was looked up first.
+#[test]
+fn objects_of_two_file_systems_with_one_inode_number_are_two_objects() {
+    let d = dirs();
+    // Two fresh file systems, which give their first objects the same numbers.
+    let (outer, inner) = (LoopFs::journaled(64), LoopFs::journaled(64));
+    let backing = outer.dir.join("backing");
+    fs::create_dir_all(backing.join("sub")).unwrap();
+    fs::write(backing.join("x"), b"x data\n").unwrap();
+    let other = inner.dir.join("backing");
+    fs::create_dir_all(other.join("d")).unwrap();
+    fs::write(other.join("d/y"), b"y data\n").unwrap();
+    let (x, y) = (
+        fs::metadata(backing.join("x")).unwrap().ino(),
+        fs::metadata(other.join("d/y")).unwrap().ino(),
+    );
+    assert_eq!(x, y, "the two file systems numbered x and y apart");
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(other.join("d"))
+        .arg(backing.join("sub")));
+    let _bind = UnmountOnDrop(backing.join("sub"));
+    // No cache: every path walk asks the daemon.
+    let m = Mount::start(
+        &backing,
+        &d.mnt,
+        &["--isolate", s(&d.store), "--cache-timeout", "0"],
+    );
+    let (mx, my) = (d.mnt.join("x"), d.mnt.join("sub/y"));
+    for round in 0..3 {
+        assert_eq!(read(&my), b"y data\n", "sub/y, round {round}");
+        assert_eq!(read(&mx), b"x data\n", "x, round {round}");
+    }
+    assert_ne!(
+        fs::metadata(&mx).unwrap().ino(),
+        fs::metadata(&my).unwrap().ino()
+    );
+    m.stop();
 }
 
 /// A file renamed over outside the isolated paths while the kernel still holds it (an

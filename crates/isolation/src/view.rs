@@ -57,6 +57,14 @@ pub struct Attr {
     pub blocks: u64,
 }
 
+/// The (device, inode number) by which the view knows a backing object.
+fn key_of(st: &rustix::fs::Statx) -> (u64, u64) {
+    (
+        rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+        st.stx_ino,
+    )
+}
+
 /// Whether two birth times may be one object's: equal, or one of them unknown.
 fn same_birth(a: Option<Time>, b: Option<Time>) -> bool {
     a.is_none() || b.is_none() || a == b
@@ -64,9 +72,9 @@ fn same_birth(a: Option<Time>, b: Option<Time>) -> bool {
 
 /// Forgets that backing inode `ino` is node `id`, unless the number maps to another
 /// node by now (a newer object that got the same number).
-fn unmap_ino(by_ino: &mut HashMap<u64, u64>, ino: u64, id: u64) {
-    if by_ino.get(&ino) == Some(&id) {
-        by_ino.remove(&ino);
+fn unmap_ino(by_ino: &mut HashMap<(u64, u64), u64>, key: (u64, u64), id: u64) {
+    if by_ino.get(&key) == Some(&id) {
+        by_ino.remove(&key);
     }
 }
 
@@ -186,6 +194,9 @@ pub struct Node {
     /// The backing inode number `by_ino` knows this node under (nodes made from a
     /// backing object), so that dropping the node finds its entry without a scan.
     pub backing_ino: Option<u64>,
+    /// The device of that inode: BACKING's, or another file system's mounted in it (a
+    /// bind mount, a Btrfs subvolume), whose inode numbers are its own.
+    pub backing_dev: u64,
     /// That object's birth time, where BACKING's file system keeps one: the inode number
     /// alone may be a later object's (see [`crate::backing::Backing::birth_of`]).
     pub backing_birth: Option<Time>,
@@ -210,7 +221,9 @@ impl Node {
     /// that has its name or number now.
     fn stands_for(&self, st: &rustix::fs::Statx, birth: Option<Time>) -> bool {
         u32::from(st.stx_mode) & libc::S_IFMT == self.attr.kind()
-            && self.backing_ino.is_none_or(|ino| ino == st.stx_ino)
+            && self
+                .backing_ino
+                .is_none_or(|ino| (self.backing_dev, ino) == key_of(st))
             && same_birth(self.backing_birth, birth)
     }
 
@@ -238,6 +251,7 @@ impl Node {
             passthrough_opens: 0,
             origin_file: None,
             backing_ino: None,
+            backing_dev: 0,
             backing_birth: None,
         }
     }
@@ -259,6 +273,7 @@ pub struct Known {
     /// The backing object it stands for, if any: its inode number (and birth time) and its
     /// name in BACKING.
     pub backing_ino: Option<u64>,
+    pub backing_dev: u64,
     pub backing_birth: Option<Time>,
     pub origin: Option<PathBuf>,
     pub kind: u32,
@@ -318,7 +333,8 @@ pub struct View {
     pub backing: Arc<Backing>,
     pub journal: Journal,
     nodes: HashMap<u64, Node>,
-    by_ino: HashMap<u64, u64>,
+    /// Node of each backing object the view knows, by (device, inode number).
+    by_ino: HashMap<(u64, u64), u64>,
     next_new: u64,
     /// Journal appends not yet made durable.
     pub unsynced: bool,
@@ -442,10 +458,11 @@ impl View {
         let mut root = Node::new(ROOT, Some(PathBuf::new()), Attr::from_stat(&st));
         root.refs = 1; // never dropped
         root.backing_ino = Some(st.st_ino);
+        root.backing_dev = st.st_dev;
         let mut nodes = HashMap::new();
         nodes.insert(ROOT, root);
         let mut by_ino = HashMap::new();
-        by_ino.insert(st.st_ino, ROOT);
+        by_ino.insert((st.st_dev, st.st_ino), ROOT);
         Ok(View {
             clock: None,
             mode: Mode::Isolated,
@@ -568,6 +585,9 @@ impl View {
         if n.attr.nlink == 0 || n.attr.is_dir() || n.detached {
             return None;
         }
+        if n.backing_dev != self.backing.dev() {
+            return None; // (The walk below looks at BACKING's own inode numbers.)
+        }
         let (ino, origin) = (n.backing_ino?, n.origin.clone()?);
         let backing = self.backing.clone();
         backing.find_name_of(ino, &origin, NAME_SEARCH_LIMIT, |candidate| {
@@ -586,7 +606,7 @@ impl View {
                 break PathBuf::new();
             }
             let st = self.backing.lstat(dir).ok()?;
-            if let Some(&d) = self.by_ino.get(&st.st_ino) {
+            if let Some(&d) = self.by_ino.get(&(st.st_dev, st.st_ino)) {
                 // Removed in the view: nothing below it shows.
                 break self.path_of(d)?;
             }
@@ -647,27 +667,25 @@ impl View {
                     Some(e) => e,
                 })?;
         let birth = self.backing.birth_of(&st);
-        let ino = st.stx_ino;
-        let same_dev =
-            rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor) == self.backing.dev();
-        if let Some(&id) = self.by_ino.get(&ino) {
+        let key = key_of(&st);
+        if let Some(&id) = self.by_ino.get(&key) {
             let n = self.nodes.get_mut(&id).expect("by_ino is consistent");
             // Not: another object under the same number (the one the node stands for was
             // removed behind its back, straight in BACKING, and its inode reused).
             let same_object = n.stands_for(&st, birth);
-            if !same_dev || same_object {
+            if same_object {
                 // Known already (a hard link, or an earlier lookup).
                 if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
                     n.links.push((parent, name.to_owned()));
                 }
-                if same_dev && same_object && n.origin.is_some() {
+                if n.origin.is_some() {
                     // A name that surely reaches the object in BACKING now; the one kept
                     // may have gone with a change made straight to BACKING.
                     n.origin = Some(rel);
                     n.detached = false;
                 }
                 // What `attr` would read again for an unchanged node.
-                let fresh = same_object && !n.changed && n.origin.is_some();
+                let fresh = !n.changed && n.origin.is_some();
                 if fresh {
                     n.attr = Attr::from_statx(&st);
                 }
@@ -677,25 +695,23 @@ impl View {
             // another object's now: only a file it holds open still reaches it.
             n.backing_ino = None;
             n.detached = true;
-            self.by_ino.remove(&ino);
+            self.by_ino.remove(&key);
         }
-        let mut id = ino;
-        if id == ROOT || id >= FIRST_NEW_ID || (self.nodes.contains_key(&id) && !same_dev) {
-            // Cannot be numbered by its inode number: a foreign file system under BACKING.
-            return Err(libc::ENOENT);
-        }
-        if self.nodes.contains_key(&id) || self.stale.contains_key(&id) {
-            // The number is still taken by a node of a removed object that the kernel
-            // has not forgotten yet.
+        let mut id = key.1;
+        let taken = self.nodes.contains_key(&id) || self.stale.contains_key(&id);
+        if id == ROOT || id >= FIRST_NEW_ID || taken {
+            // Not numbered by its inode number: the number is still taken by a node of a
+            // removed object that the kernel has not forgotten yet, or by an object of
+            // another file system mounted in BACKING (which numbers its inodes itself).
             id = self.next_new;
             self.next_new += 1;
         }
         let mut n = Node::new(id, Some(rel), Attr::from_statx(&st));
-        n.backing_ino = Some(ino);
+        (n.backing_dev, n.backing_ino) = (key.0, Some(key.1));
         n.backing_birth = birth;
         n.links.push((parent, name.to_owned()));
         self.nodes.insert(id, n);
-        self.by_ino.insert(ino, id);
+        self.by_ino.insert(key, id);
         Ok((id, true))
     }
 
@@ -858,7 +874,7 @@ impl View {
     fn drop_node(&mut self, id: u64) {
         if let Some(n) = self.nodes.remove(&id) {
             if let Some(ino) = n.backing_ino {
-                unmap_ino(&mut self.by_ino, ino, id);
+                unmap_ino(&mut self.by_ino, (n.backing_dev, ino), id);
             }
         }
     }
@@ -976,6 +992,7 @@ impl View {
             return Err(libc::ENOTDIR);
         }
         let overlay = n.overlay.clone().unwrap_or_default();
+        let dev = n.backing_dev;
         let mut out = Vec::new();
         // A detached directory was removed straight in BACKING: it lists empty.
         if let (Some(origin), false, false) = (n.origin.clone(), overlay.opaque, n.detached) {
@@ -995,7 +1012,9 @@ impl View {
                     continue;
                 }
                 let ino = e.ino();
-                let ino = match self.by_ino.get(&ino) {
+                // (An entry that is a mount point shows the number of the directory
+                // under it, on the directory's device: a lookup gives it the mount's.)
+                let ino = match self.by_ino.get(&(dev, ino)) {
                     Some(&known) => known,
                     // The number is another node's (a removed object the kernel still
                     // holds) or stale: the lookup gives the object a number of its own,
@@ -1314,7 +1333,7 @@ impl View {
                 // number may be reused by the next object made there.
                 let gone = matches!(change, Change::Rmdir { .. }) || n.attr.nlink <= 1;
                 if let Some(ino) = n.backing_ino.take_if(|_| gone) {
-                    unmap_ino(&mut self.by_ino, ino, n.id);
+                    unmap_ino(&mut self.by_ino, (n.backing_dev, ino), n.id);
                 }
                 // Counted as BACKING counts it: a file left with no link is one a commit
                 // must carry if it is still open (`nameless`).
@@ -1386,7 +1405,7 @@ impl View {
                     // Its last name gone, its inode number may be reused in BACKING.
                     if n.attr.is_dir() || n.attr.nlink <= 1 {
                         if let Some(ino) = n.backing_ino.take() {
-                            unmap_ino(&mut self.by_ino, ino, id);
+                            unmap_ino(&mut self.by_ino, (n.backing_dev, ino), id);
                         }
                     }
                     n.attr.nlink = if n.attr.is_dir() {
@@ -2849,6 +2868,7 @@ impl View {
                     id,
                     path,
                     backing_ino: n.backing_ino,
+                    backing_dev: n.backing_dev,
                     backing_birth: n.backing_birth,
                     origin: n.origin.clone().filter(|_| !n.detached),
                     kind: n.attr.kind(),
@@ -2915,7 +2935,8 @@ impl View {
                 let n = self.nodes.get(&id)?;
                 let same = match k.backing_ino {
                     Some(ino) => {
-                        n.backing_ino == Some(ino) && same_birth(n.backing_birth, k.backing_birth)
+                        (n.backing_dev, n.backing_ino) == (k.backing_dev, Some(ino))
+                            && same_birth(n.backing_birth, k.backing_birth)
                     }
                     None => n.backing_ino.is_none() || committed,
                 };
