@@ -70,8 +70,8 @@ fn same_birth(a: Option<Time>, b: Option<Time>) -> bool {
     a.is_none() || b.is_none() || a == b
 }
 
-/// Forgets that backing inode `ino` is node `id`, unless the number maps to another
-/// node by now (a newer object that got the same number).
+/// Forgets that the backing object `key` (device, inode number) is node `id`, unless the
+/// key maps to another node by now (a newer object that got the same number).
 fn unmap_ino(by_ino: &mut HashMap<(u64, u64), u64>, key: (u64, u64), id: u64) {
     if by_ino.get(&key) == Some(&id) {
         by_ino.remove(&key);
