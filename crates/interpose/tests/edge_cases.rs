@@ -401,16 +401,6 @@ fn edge_cases_as_unprivileged_user_on_an_isolated_mount_then_committed() {
     isolated_then_committed(Some(65534), "as uid 65534, isolated");
 }
 
-/// Runs a command when dropped (also when the test fails): the undoing of a change the
-/// test made outside its mount (a bind mount, a file flag) that would keep its directory.
-struct Undo(&'static str, &'static str, std::path::PathBuf);
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        let _ = Command::new(self.0).arg(self.1).arg(&self.2).status();
-    }
-}
-
 /// An object reached through two bind mounts of one file system inside BACKING is one
 /// object, as on BACKING: one inode number through both, the same at every lookup. Its
 /// file handles differ only in the mount they were taken through, which made every

@@ -767,16 +767,10 @@ fn numbers_the_kernel_holds_are_not_given_to_another_object_after_a_commit() {
     // A change to commit that takes no inode (the commit would give it the number).
     fs::set_permissions(d.mnt.join("iso/kept"), fs::Permissions::from_mode(0o600)).unwrap();
     commit(&d.store, None);
-    let reused = (0..200)
-        .find(|i| {
-            let name = format!("s{i}");
-            symlink("target", pass.join(&name)).unwrap();
-            fs::symlink_metadata(backing.join("pass").join(&name))
-                .unwrap()
-                .ino()
-                == number
-        })
-        .unwrap_or_else(|| panic!("BACKING gave inode {number} to none of 200 new symlinks"));
+    let reused = made_until_number(number, |i| {
+        symlink("target", pass.join(format!("s{i}"))).unwrap();
+        backing.join(format!("pass/s{i}"))
+    });
     let link = pass.join(format!("s{reused}"));
     let new = rustix::fs::open(&link, OFlags::PATH | OFlags::NOFOLLOW, FileMode::empty()).unwrap();
     assert_ne!(
@@ -832,13 +826,11 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
         .unwrap();
     fs::remove_file(backing.join("old")).unwrap();
     await_removed_files_closed(m.pid());
-    let reused = (0..200)
-        .find(|i| {
-            let new = backing.join(format!("new{i}"));
-            fs::write(&new, b"new\n").unwrap();
-            fs::metadata(&new).unwrap().ino() == number
-        })
-        .unwrap_or_else(|| panic!("BACKING gave inode {number} to none of 200 new files"));
+    let reused = made_until_number(number, |i| {
+        let new = backing.join(format!("new{i}"));
+        fs::write(&new, b"new\n").unwrap();
+        new
+    });
     let new = d.mnt.join(format!("new{reused}"));
     assert_eq!(
         read(&new),
@@ -872,13 +864,11 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
     )
     .unwrap();
     fs::remove_file(backing.join("held")).unwrap();
-    let reused = (0..200)
-        .find(|i| {
-            let new = backing.join(format!("big{i}"));
-            fs::write(&new, [b'x'; 100]).unwrap();
-            fs::metadata(&new).unwrap().ino() == number
-        })
-        .unwrap_or_else(|| panic!("BACKING gave inode {number} to none of 200 new files"));
+    let reused = made_until_number(number, |i| {
+        let new = backing.join(format!("big{i}"));
+        fs::write(&new, [b'x'; 100]).unwrap();
+        new
+    });
     // Under its name, too.
     fs::rename(backing.join(format!("big{reused}")), backing.join("held")).unwrap();
     // (Past the kernel's attribute cache.)
@@ -908,15 +898,6 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
     drop(fs_);
 }
 
-/// A mount a test made (not interpose's), taken away when the test ends however it ends.
-struct UnmountOnDrop(PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 /// BACKING on overlayfs, which keeps an object's inode number when it copies it up to
 /// its upper layer but gives it a new birth time: a directory copied up by a change
 /// outside the isolated paths is still the view's directory, with the isolated names
@@ -942,7 +923,7 @@ fn a_directory_copied_up_by_overlayfs_keeps_its_isolated_names() {
     run(Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o", &options])
         .arg(&d.backing));
-    let _overlay = UnmountOnDrop(d.backing.clone());
+    let _overlay = Undo("umount", "-l", d.backing.clone());
     // No cache: every path walk asks the daemon, as one does after the timeout.
     let m = d.mount_with(&["--isolate-path", "d2/iso*", "--cache-timeout", "0"]);
     let dir = d.mnt.join("d2");
@@ -959,6 +940,15 @@ fn a_directory_copied_up_by_overlayfs_keeps_its_isolated_names() {
     assert_eq!(names, ["iso1", "old", "plain"], "d2 after the copy-up");
     assert_eq!(read(&dir.join("iso1")), b"v\n");
     m.stop();
+}
+
+/// Makes objects with `make(i)` (which returns the object's path in BACKING), i = 0, 1, …,
+/// until the file system gives one inode `number` (a journaled ext4 gives a freed number
+/// to the next object made); that one's `i`.
+fn made_until_number(number: u64, mut make: impl FnMut(usize) -> PathBuf) -> usize {
+    (0..200)
+        .find(|&i| fs::symlink_metadata(make(i)).unwrap().ino() == number)
+        .unwrap_or_else(|| panic!("BACKING gave inode {number} to none of 200 new objects"))
 }
 
 /// Waits until daemon `pid` holds no descriptor of a removed file: the kernel releases a
@@ -1007,7 +997,7 @@ fn objects_of_two_file_systems_with_one_inode_number_are_two_objects() {
         .arg("--bind")
         .arg(other.join("d"))
         .arg(backing.join("sub")));
-    let _bind = UnmountOnDrop(backing.join("sub"));
+    let _bind = Undo("umount", "-l", backing.join("sub"));
     // No cache: every path walk asks the daemon.
     let m = Mount::start(
         &backing,

@@ -572,3 +572,13 @@ impl Drop for Reaper {
         }
     }
 }
+
+/// Runs a command when dropped (also when the test fails): the undoing of a change the
+/// test made outside its mount (a bind mount, a file flag) that would keep its directory.
+pub struct Undo(pub &'static str, pub &'static str, pub PathBuf);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        let _ = Command::new(self.0).arg(self.1).arg(&self.2).status();
+    }
+}
