@@ -817,7 +817,7 @@ impl Filesystem for IsolatedFs {
                 } else {
                     None
                 };
-                (segs, v.journal_file(), origin, v.journal.cuts())
+                (segs, v.journal_reader(), origin, v.journal.cuts())
             };
             let total: u64 = segs
                 .iter()

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::behind::{self, Flight, Job, ALIGN, BEHIND_MIN};
 use crate::change::{Change, RawPath, Time};
 use crate::Error;
 
@@ -45,6 +46,8 @@ const MAX_RECORD: u64 = 64 << 20;
 /// Zeros written after the last record by a sync that finds less than [`TAIL_LOW`] there.
 pub const TAIL_AHEAD: u64 = 1 << 20;
 pub const TAIL_LOW: u64 = 256 << 10;
+/// Blocks allocated at a time ahead of records written behind.
+const ALLOCATE_STEP: u64 = 16 << 20;
 /// How many bytes of records [`Journal::open_reporting`] reads between two reports.
 const PROGRESS_STEP: u64 = 64 << 20;
 
@@ -99,6 +102,39 @@ pub struct Journal {
     /// Appends fail with EROFS: the journal was replaced under a view that could not be
     /// rebuilt (see [`Journal::refuse_appends`]).
     refusing: bool,
+    /// Records in flight to the file (see [`crate::behind`]), shared with snapshots and
+    /// readers.
+    flight: Arc<Flight>,
+    /// The thread writing them, started by the first record written behind; only the
+    /// journal appended to has one.
+    writer: Option<std::thread::JoinHandle<()>>,
+    /// Blocks are allocated in the file up to here (by `fallocate`, keeping the size, for
+    /// records written behind; by writes below): at least `end`.
+    allocated_end: u64,
+    /// Large records may be written behind: an appendable journal on a file system that
+    /// allocates ahead.
+    behind: bool,
+    /// The process's file size limit (RLIMIT_FSIZE) when the journal was opened.
+    size_limit: u64,
+}
+
+/// The journal's file and its records in flight, for reading records' data outside the
+/// view's lock, as planned under it.
+#[derive(Clone)]
+pub struct Reader {
+    pub file: Arc<File>,
+    flight: Arc<Flight>,
+    /// The journal's count of cuts in place, and its value when the read was planned.
+    cuts: Arc<AtomicU64>,
+    planned: u64,
+}
+
+impl Reader {
+    /// Waits until the bytes up to `end` are in the file, or the journal was cut since the
+    /// read was planned (the reader finds that out and plans again; see [`Journal::cuts`]).
+    pub fn wait_written(&self, end: u64) -> io::Result<()> {
+        self.flight.wait_written(end, &self.cuts, self.planned)
+    }
 }
 
 fn crc_of(parts: &[&[u8]]) -> u32 {
@@ -130,17 +166,9 @@ impl Journal {
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         file.write_all_at(&h, 0).map_err(|e| Error::io(path, e))?;
         file.sync_all().map_err(|e| Error::io(path, e))?;
-        Ok(Journal {
-            path: path.to_path_buf(),
-            file: Arc::new(file),
-            end: HEADER_LEN,
-            zeroed_end: HEADER_LEN,
-            base_seq,
-            last_seq: base_seq,
-            truncations: 0,
-            cuts: Arc::default(),
-            refusing: false,
-        })
+        Ok(Journal::with(
+            path, file, HEADER_LEN, base_seq, base_seq, true,
+        ))
     }
 
     /// Opens and scans a journal, checking every record's checksum. With `repair`, a torn
@@ -234,26 +262,51 @@ impl Journal {
         if repair && off < len {
             file.set_len(off).map_err(|e| Error::io(path, e))?;
             file.sync_all().map_err(|e| Error::io(path, e))?;
+        } else if write {
+            // Frees blocks allocated past the end for records written behind by a daemon
+            // that was killed (nothing to sync: the size is as it was).
+            let _ = file.set_len(off);
         }
         Ok((
-            Journal {
-                path: path.to_path_buf(),
-                file: Arc::new(file),
-                end: off,
-                zeroed_end: off,
-                base_seq,
-                last_seq,
-                truncations: 0,
-                cuts: Arc::default(),
-                refusing: false,
-            },
+            Journal::with(path, file, off, base_seq, last_seq, write),
             records,
         ))
     }
 
+    fn with(
+        path: &Path,
+        file: File,
+        end: u64,
+        base_seq: u64,
+        last_seq: u64,
+        writable: bool,
+    ) -> Journal {
+        let file = Arc::new(file);
+        Journal {
+            path: path.to_path_buf(),
+            flight: Flight::new(file.clone(), end),
+            file,
+            end,
+            zeroed_end: end,
+            base_seq,
+            last_seq,
+            truncations: 0,
+            cuts: Arc::default(),
+            refusing: false,
+            writer: None,
+            allocated_end: end,
+            behind: writable,
+            size_limit: rustix::process::getrlimit(rustix::process::Resource::Fsize)
+                .current
+                .unwrap_or(u64::MAX),
+        }
+    }
+
     /// A read-only copy of this journal as it is now (sharing the open file), for
-    /// [`Journal::for_each_record`] without holding up the one being appended to.
+    /// [`Journal::for_each_record`] without holding up the one being appended to. Its
+    /// records are in the file: it waits for those in flight.
     pub fn snapshot(&self) -> Journal {
+        self.settle();
         Journal {
             path: self.path.clone(),
             file: self.file.clone(),
@@ -264,7 +317,24 @@ impl Journal {
             truncations: self.truncations,
             cuts: self.cuts.clone(),
             refusing: self.refusing,
+            flight: self.flight.clone(),
+            writer: None,
+            allocated_end: self.allocated_end,
+            behind: false,
+            size_limit: self.size_limit,
         }
+    }
+
+    /// Waits for the records in flight, for a reader of the whole file. A failed write of
+    /// one is not reported here: reading its bytes finds them missing, and appends and
+    /// syncs report it.
+    fn settle(&self) {
+        let _ = self.flight.drain();
+    }
+
+    /// Waits for the records in flight; the failure of one, if any.
+    fn drain(&self) -> Result<(), Error> {
+        self.flight.drain().map_err(|e| Error::io(&self.path, e))
     }
 
     /// Whether `snap` (a [`Journal::snapshot`] of this journal) still describes a prefix
@@ -280,6 +350,7 @@ impl Journal {
         &self,
         f: &mut dyn FnMut(Record) -> Result<(), Error>,
     ) -> Result<(), Error> {
+        self.drain()?;
         let (_, last_seq) = scan(&self.file, &self.path, self.end, self.base_seq, false, f)?;
         if last_seq != self.last_seq {
             return Err(corrupt(
@@ -330,26 +401,50 @@ impl Journal {
                 io::Error::from_raw_os_error(libc::EROFS),
             ));
         }
+        let idle = self
+            .flight
+            .idle()
+            .map_err(|e| Error::io(&self.path, io::Error::from_raw_os_error(e)))?;
         let entry = Entry {
             at,
             change,
             keep_times: keep_times.to_vec(),
         };
-        let meta = serde_json::to_vec(&entry).expect("changes serialise");
+        let mut meta = serde_json::to_vec(&entry).expect("changes serialise");
         let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
         debug_assert_eq!(data_len, change.data_len());
+        let behind = self.behind && data_len >= BEHIND_MIN;
+        if behind {
+            // Spaces after the change (JSON allows them) put the data on a page boundary
+            // of the file, for O_DIRECT.
+            let head_end = self.end + RECORD_HEADER + meta.len() as u64;
+            let pad = head_end.next_multiple_of(ALIGN) - head_end;
+            meta.resize(meta.len() + pad as usize, b' ');
+        }
         let len = RECORD_HEADER + meta.len() as u64 + data_len;
         if len > MAX_RECORD {
             return Err(Error::TooLarge(len));
         }
+        if (behind || !idle) && self.end + len > self.size_limit {
+            // Past the daemon's file size limit a write fails with EFBIG, which must come
+            // back to the program that made it: written at once, after those in flight.
+            self.drain()?;
+        } else if behind || !idle {
+            match self.allocate(self.end + len) {
+                Ok(()) => return self.append_behind(meta, data, len),
+                // A file system that cannot allocate ahead gets every record written at
+                // once from now on (the padding does no harm).
+                Err(Error::Io { source, .. })
+                    if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+                {
+                    self.behind = false;
+                    self.drain()?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let seq = self.last_seq + 1;
-        let mut head = Vec::with_capacity(RECORD_HEADER as usize + meta.len());
-        head.extend_from_slice(&(len as u32).to_le_bytes());
-        head.extend_from_slice(&[0; 4]);
-        head.extend_from_slice(&seq.to_le_bytes());
-        head.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-        head.extend_from_slice(&(data_len as u32).to_le_bytes());
-        head.extend_from_slice(&meta);
+        let mut head = record_head(len, seq, &meta, data_len);
         let mut crc = crc_of(&[&head[8..]]);
         for d in data {
             crc = crc32c::crc32c_append(crc, d);
@@ -363,11 +458,76 @@ impl Journal {
             // Leave no partial record behind: the next append would follow garbage.
             let _ = self.file.set_len(start);
             self.zeroed_end = start;
+            self.allocated_end = start;
             Error::io(&self.path, e)
         })?;
         self.end = start + len;
+        self.allocated_end = self.allocated_end.max(self.end);
         self.last_seq = seq;
+        self.flight.written_to(self.end);
         Ok((seq, start + head.len() as u64))
+    }
+
+    /// Queues a record for the writing thread (see [`crate::behind`]); room for it is
+    /// allocated in the file.
+    fn append_behind(
+        &mut self,
+        meta: Vec<u8>,
+        data: &[&[u8]],
+        len: u64,
+    ) -> Result<(u64, u64), Error> {
+        let start = self.end;
+        if self.writer.is_none() {
+            let handle = behind::spawn(&self.flight).map_err(|e| Error::io(&self.path, e))?;
+            self.writer = Some(handle);
+        }
+        let data_len = (len - RECORD_HEADER) as usize - meta.len();
+        let (mut buf, data_at) = self
+            .flight
+            .buffer(data_len)
+            .map_err(|e| Error::io(&self.path, io::Error::from_raw_os_error(e)))?;
+        let mut at = data_at;
+        for d in data {
+            buf[at..at + d.len()].copy_from_slice(d);
+            at += d.len();
+        }
+        let seq = self.last_seq + 1;
+        // The checksum is filled in by the writing thread.
+        let head = record_head(len, seq, &meta, data_len as u64);
+        let data_offset = start + head.len() as u64;
+        self.flight.push(Job {
+            offset: start,
+            head,
+            buf,
+            data_at,
+            data_len,
+        });
+        self.end = start + len;
+        self.last_seq = seq;
+        Ok((seq, data_offset))
+    }
+
+    /// Makes sure blocks are allocated in the file up to `want` (keeping its size), so
+    /// that a record written behind cannot fail for want of room after its write was
+    /// answered: a full disk fails it here, with nothing queued. Allocates ahead in steps
+    /// of [`ALLOCATE_STEP`], or only what is needed when that much is not free.
+    fn allocate(&mut self, want: u64) -> Result<(), Error> {
+        let from = self.allocated_end.max(self.zeroed_end).max(self.end);
+        if want <= from {
+            return Ok(());
+        }
+        use rustix::fs::{fallocate, FallocateFlags};
+        use std::os::fd::AsFd;
+        let keep = FallocateFlags::KEEP_SIZE;
+        let mut step = (want - from).max(ALLOCATE_STEP);
+        let mut res = fallocate(self.file.as_fd(), keep, from, step);
+        if res == Err(rustix::io::Errno::NOSPC) && step > want - from {
+            step = want - from;
+            res = fallocate(self.file.as_fd(), keep, from, step);
+        }
+        res.map_err(|e| Error::io(&self.path, e.into()))?;
+        self.allocated_end = from + step;
+        Ok(())
     }
 
     /// Whether appends fail (see [`Journal::refuse_appends`]).
@@ -402,8 +562,10 @@ impl Journal {
         let from = self.zeroed_end.max(self.end);
         let to = want.next_multiple_of(4096);
         if let Err(e) = write_zeros(&self.file, from, to) {
-            // Nothing half-written stays past what was zeroed before.
+            // Nothing half-written stays past what was zeroed before (nor, on ext4, what
+            // was allocated ahead).
             let _ = self.file.set_len(from);
+            self.allocated_end = from;
             return Err(Error::io(&self.path, e));
         }
         self.zeroed_end = to;
@@ -412,12 +574,14 @@ impl Journal {
 
     /// Makes every appended record durable.
     pub fn sync(&self) -> Result<(), Error> {
+        self.drain()?;
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))
     }
 
     /// [`Journal::sync`] for a program's fsync: writes zeros ahead first if few are left
     /// (see the module documentation), as more fsyncs are likely to follow.
     pub fn sync_ahead(&mut self) -> Result<(), Error> {
+        self.drain()?;
         if self.zeroed_end < self.end + TAIL_LOW {
             let from = self.zeroed_end.max(self.end);
             let to = (self.end + TAIL_AHEAD).next_multiple_of(4096);
@@ -430,9 +594,22 @@ impl Journal {
         self.file.sync_data().map_err(|e| Error::io(&self.path, e))
     }
 
-    /// The file, for reading data blocks (kept alive by readers across a compaction).
+    /// The file, for reading records or data blocks (kept alive by readers across a
+    /// compaction), once every record appended so far is in it.
     pub fn file(&self) -> &Arc<File> {
+        self.settle();
         &self.file
+    }
+
+    /// The file and its records in flight, for reading records' data outside the view's
+    /// lock without waiting for more than the bytes read (see [`Reader::wait_written`]).
+    pub fn reader(&self) -> Reader {
+        Reader {
+            file: self.file.clone(),
+            flight: self.flight.clone(),
+            cuts: self.cuts.clone(),
+            planned: self.cuts.load(Ordering::Acquire),
+        }
     }
     pub fn path(&self) -> &Path {
         &self.path
@@ -460,6 +637,9 @@ impl Journal {
 
     /// Cuts the journal after the record ending at `end` (whose sequence is `seq`).
     pub fn truncate(&mut self, end: u64, seq: u64) -> Result<(), Error> {
+        // Nothing in flight may land after the cut. A failed write is no obstacle: what
+        // it left is cut off, if it is after `end`.
+        self.settle();
         // Counted first: a reader that finds the bytes gone finds the count changed.
         self.cuts.fetch_add(1, Ordering::AcqRel);
         self.file
@@ -468,10 +648,38 @@ impl Journal {
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         self.end = end;
         self.zeroed_end = end;
+        self.allocated_end = end;
         self.last_seq = seq;
         self.truncations += 1;
+        self.flight.written_to(end);
         Ok(())
     }
+}
+
+impl Drop for Journal {
+    /// Lets the records in flight reach the file, ends the writing thread and frees the
+    /// blocks allocated ahead of the last record.
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            self.flight.stop();
+            let _ = writer.join();
+            if self.allocated_end > self.end {
+                let _ = self.file.set_len(self.end);
+            }
+        }
+    }
+}
+
+/// A record's header and change, its checksum left zero.
+fn record_head(len: u64, seq: u64, meta: &[u8], data_len: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(RECORD_HEADER as usize + meta.len());
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head.extend_from_slice(&[0; 4]);
+    head.extend_from_slice(&seq.to_le_bytes());
+    head.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    head.extend_from_slice(&(data_len as u32).to_le_bytes());
+    head.extend_from_slice(meta);
+    head
 }
 
 /// Whether a whole record as read (its bytes in order, in one or more pieces) is as long
@@ -930,5 +1138,110 @@ mod tests {
         f.set_len(good_end + 24 + 100 * 24).unwrap();
         let (j, recs) = Journal::open(&p, id, true).unwrap();
         assert_eq!((recs.len(), j.len()), (1, good_end));
+    }
+
+    /// Data of `blocks` blocks, different for every `seed`.
+    fn blocks_of(blocks: u64, seed: u8) -> Vec<u8> {
+        (0..blocks * BLOCK)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// Large records go to the file behind the appends, small ones behind them in order:
+    /// every record's data reads back as soon as it is appended (a reader waits for it),
+    /// a snapshot, a reopening and a cut find them all whole, and the room allocated
+    /// ahead is given back when the journal goes.
+    #[test]
+    fn records_written_behind_read_back_at_once_and_reopen_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let id = [7; 16];
+        let mut j = Journal::create(&p, 0, id).unwrap();
+        let big = BEHIND_MIN / BLOCK;
+        // Large, small behind a large one, large ones back to back, large and small.
+        let sizes = [big, 1, 2, big * 4, big, 3, big * 16, 1, big + 1, 1];
+        let mut appended = Vec::new();
+        for (n, &blocks) in sizes.iter().enumerate() {
+            let data = blocks_of(blocks, n as u8);
+            let (seq, at) = j.append(&data_change(blocks), (1, 0), &[&data]).unwrap();
+            assert_eq!(seq, n as u64 + 1);
+            if blocks >= big {
+                assert!(at.is_multiple_of(ALIGN), "data of record {seq} at {at}");
+            }
+            let r = j.reader();
+            r.wait_written(at + data.len() as u64).unwrap();
+            let mut back = vec![0; data.len()];
+            r.file.read_exact_at(&mut back, at).unwrap();
+            assert!(back == data, "record {seq} read back other data");
+            appended.push((at, data));
+        }
+        let snap = j.snapshot();
+        assert_eq!(records_of(&snap).len(), sizes.len());
+        j.sync().unwrap();
+        drop((j, snap));
+        let len = std::fs::metadata(&p).unwrap().len();
+        let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&p).unwrap()) * 512;
+        assert!(
+            used < len + ALLOCATE_STEP / 2,
+            "{used} bytes allocated for a journal of {len} after it was closed"
+        );
+        let (mut j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!(recs.len(), sizes.len());
+        for (r, (at, data)) in recs.iter().zip(&appended) {
+            assert_eq!(r.data_offset, *at);
+            let mut back = vec![0; data.len()];
+            j.file().read_exact_at(&mut back, *at).unwrap();
+            assert!(back == *data, "record {} changed on reopening", r.seq);
+        }
+        // More written behind, then cut after the first record: none of it lands past the
+        // cut.
+        for n in 0..4 {
+            let data = blocks_of(big * 8, 100 + n);
+            j.append(&data_change(big * 8), (1, 0), &[&data]).unwrap();
+        }
+        j.truncate(recs[0].end(), 1).unwrap();
+        drop(j);
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, recs[0].end()));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), recs[0].end());
+    }
+
+    /// A sync waits for the records in flight (a program's fsync acknowledges them), and
+    /// so does a reader of their data, while a reader of data already written does not.
+    #[test]
+    fn a_sync_waits_for_the_records_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(&p, 0, [7; 16]).unwrap();
+        let big = BEHIND_MIN / BLOCK;
+        let first = blocks_of(big, 1);
+        let (_, first_at) = j.append(&data_change(big), (1, 0), &[&first]).unwrap();
+        j.sync().unwrap();
+        j.flight.hold(true);
+        for n in 0..3 {
+            let data = blocks_of(big * 2, n);
+            j.append(&data_change(big * 2), (1, 0), &[&data]).unwrap();
+        }
+        // Written before the hold: read at once.
+        let r = j.reader();
+        r.wait_written(first_at + first.len() as u64).unwrap();
+        let end = j.len();
+        let j = Arc::new(j);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let syncing = {
+            let j = j.clone();
+            std::thread::spawn(move || {
+                j.sync().unwrap();
+                done_tx.send(j.file.metadata().unwrap().len()).unwrap();
+            })
+        };
+        // While the writer is held, the sync cannot be done: if it says it is, it did not
+        // wait (the bound only keeps a broken build from hanging here).
+        let early = done.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(early.is_err(), "a sync returned with records in flight");
+        j.flight.hold(false);
+        let len_at_sync = done.recv().unwrap();
+        syncing.join().unwrap();
+        assert_eq!(len_at_sync, end, "the file's length when the sync returned");
     }
 }

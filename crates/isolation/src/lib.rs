@@ -16,6 +16,7 @@
 
 pub mod ahead;
 pub mod backing;
+mod behind;
 pub mod blockmap;
 pub mod change;
 pub mod control;

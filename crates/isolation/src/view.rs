@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::backing::Backing;
 pub use crate::blockmap::{BlockMap, Loc};
 use crate::change::{Change, NewKind, RawPath, Run, Time, BLOCK};
-use crate::journal::{Journal, Record};
+use crate::journal::{self, Journal, Record};
 use crate::Error;
 
 pub const ROOT: u64 = 1;
@@ -528,8 +528,9 @@ impl View {
     pub fn ids(&self) -> Vec<u64> {
         self.nodes.keys().copied().collect()
     }
-    pub fn journal_file(&self) -> Arc<File> {
-        self.journal.file().clone()
+    /// The journal, for reading the data of a read planned now.
+    pub fn journal_reader(&self) -> journal::Reader {
+        self.journal.reader()
     }
 
     // ---- names ----
@@ -2509,7 +2510,7 @@ impl View {
     fn read_into(&mut self, id: u64, offset: u64, buf: &mut [u8]) -> Res<()> {
         buf.fill(0);
         let segs = self.plan_read(id, offset, buf.len() as u64)?;
-        let journal = self.journal_file();
+        let journal = self.journal_reader();
         let origin = if segs.iter().any(|s| matches!(s, Seg::Origin { .. })) {
             self.origin_file(id)?
         } else {
@@ -3372,7 +3373,12 @@ pub fn io_errno(e: std::io::Error) -> i32 {
 }
 
 /// Reads the planned segments into `buf`; returns the bytes filled.
-pub fn fill(segs: &[Seg], buf: &mut [u8], journal: &File, origin: Option<&File>) -> Res<usize> {
+pub fn fill(
+    segs: &[Seg],
+    buf: &mut [u8],
+    journal: &journal::Reader,
+    origin: Option<&File>,
+) -> Res<usize> {
     let mut at = 0usize;
     for s in segs {
         match *s {
@@ -3381,7 +3387,9 @@ pub fn fill(segs: &[Seg], buf: &mut [u8], journal: &File, origin: Option<&File>)
                 at += len as usize;
             }
             Seg::Journal { offset, len } => {
+                journal.wait_written(offset + len).map_err(io_errno)?;
                 journal
+                    .file
                     .read_exact_at(&mut buf[at..at + len as usize], offset)
                     .map_err(io_errno)?;
                 at += len as usize;
