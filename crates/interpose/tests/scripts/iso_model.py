@@ -534,7 +534,7 @@ def gen_op(seed, i, ref, atomic=False):
         n = (rnd.randrange(1, 200) if x < 0.4 else
              4096 * rnd.randrange(1, 5) if x < 0.55 else
              rnd.randrange(1, 20000) if x < 0.8 else
-             rnd.randrange(20000, 60000 if atomic else 150000) if x < 0.95 else 0)
+             rnd.randrange(20000, 150000) if x < 0.95 else 0)
         y = rnd.random()
         off = (rnd.randrange(0, size + 1) if y < 0.3 else
                size if y < 0.45 else
