@@ -123,11 +123,18 @@ impl Flight {
         }
     }
 
-    /// Notes that the file now holds every record up to `end` (written at once, or the
-    /// journal cut there).
+    /// Notes that the file now holds every record up to `end` (written at once).
     pub fn written_to(&self, end: u64) {
         let mut st = self.state.lock();
         st.written_end = end;
+        self.changed.notify_all();
+    }
+
+    /// Notes that the journal was cut at `end` (with nothing queued). Bytes a failed write
+    /// left out before `end` stay unwritten: reading them fails, as before the cut.
+    pub fn cut_to(&self, end: u64) {
+        let mut st = self.state.lock();
+        st.written_end = st.written_end.min(end);
         self.changed.notify_all();
     }
 
@@ -241,7 +248,10 @@ impl Flight {
             }
             st.writing = true;
             drop(st);
-            let res = self.write(&mut job);
+            // A panic here would leave `writing` set and every sync waiting forever.
+            let res =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.write(&mut job)))
+                    .unwrap_or_else(|_| Err(io::Error::from_raw_os_error(libc::EIO)));
             st = self.state.lock();
             st.writing = false;
             st.queued_bytes -= job.data_len;

@@ -498,9 +498,11 @@ impl Filesystem for IsolatedFs {
     }
 
     fn destroy(&mut self) {
-        if let Err(e) = self.0.view.lock().sync() {
+        let mut v = self.0.view.lock();
+        if let Err(e) = v.sync() {
             tracing::error!("syncing the journal at unmount: errno {e}");
         }
+        v.journal.close();
     }
 
     fn lookup(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

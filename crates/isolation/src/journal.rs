@@ -262,7 +262,7 @@ impl Journal {
         if repair && off < len {
             file.set_len(off).map_err(|e| Error::io(path, e))?;
             file.sync_all().map_err(|e| Error::io(path, e))?;
-        } else if write {
+        } else if repair {
             // Frees blocks allocated past the end for records written behind by a daemon
             // that was killed (nothing to sync: the size is as it was).
             let _ = file.set_len(off);
@@ -325,11 +325,19 @@ impl Journal {
         }
     }
 
-    /// Waits for the records in flight, for a reader of the whole file. A failed write of
-    /// one is not reported here: reading its bytes finds them missing, and appends and
-    /// syncs report it.
+    /// Waits until the file holds this journal's records (for a snapshot, those appended
+    /// before it was taken, not any since), or the journal was cut since (see
+    /// [`Journal::cuts`]); the failure of a write of one of them, if any.
+    fn written(&self) -> Result<(), Error> {
+        self.flight
+            .wait_written(self.end, &self.cuts, self.truncations)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// [`Journal::written`] for a reader of the whole file. A failed write is not reported
+    /// here: reading its bytes finds them missing, and appends and syncs report it.
     fn settle(&self) {
-        let _ = self.flight.drain();
+        let _ = self.written();
     }
 
     /// Waits for the records in flight; the failure of one, if any.
@@ -350,7 +358,7 @@ impl Journal {
         &self,
         f: &mut dyn FnMut(Record) -> Result<(), Error>,
     ) -> Result<(), Error> {
-        self.drain()?;
+        self.written()?;
         let (_, last_seq) = scan(&self.file, &self.path, self.end, self.base_seq, false, f)?;
         if last_seq != self.last_seq {
             return Err(corrupt(
@@ -521,7 +529,8 @@ impl Journal {
         let keep = FallocateFlags::KEEP_SIZE;
         let mut step = (want - from).max(ALLOCATE_STEP);
         let mut res = fallocate(self.file.as_fd(), keep, from, step);
-        if res == Err(rustix::io::Errno::NOSPC) && step > want - from {
+        // ENOSPC, or EDQUOT under a quota: perhaps this record fits all the same.
+        if res.is_err() && step > want - from {
             step = want - from;
             res = fallocate(self.file.as_fd(), keep, from, step);
         }
@@ -651,22 +660,36 @@ impl Journal {
         self.allocated_end = end;
         self.last_seq = seq;
         self.truncations += 1;
-        self.flight.written_to(end);
+        self.flight.cut_to(end);
         Ok(())
     }
 }
 
-impl Drop for Journal {
-    /// Lets the records in flight reach the file, ends the writing thread and frees the
-    /// blocks allocated ahead of the last record.
-    fn drop(&mut self) {
+impl Journal {
+    /// For the daemon's exit: lets the records in flight reach the file, ends the writing
+    /// thread and frees the blocks allocated ahead of the last record. (Not on drop: a
+    /// view rebuilt after a failed commit has a second journal on the same file, which
+    /// counts on them.)
+    pub fn close(&mut self) {
+        self.stop_writer();
+        if self.allocated_end > self.end {
+            let _ = self.file.set_len(self.end);
+            self.allocated_end = self.end;
+        }
+    }
+
+    fn stop_writer(&mut self) {
         if let Some(writer) = self.writer.take() {
             self.flight.stop();
             let _ = writer.join();
-            if self.allocated_end > self.end {
-                let _ = self.file.set_len(self.end);
-            }
         }
+    }
+}
+
+impl Drop for Journal {
+    /// Lets the records in flight reach the file and ends the writing thread.
+    fn drop(&mut self) {
+        self.stop_writer();
     }
 }
 
@@ -1178,6 +1201,7 @@ mod tests {
         let snap = j.snapshot();
         assert_eq!(records_of(&snap).len(), sizes.len());
         j.sync().unwrap();
+        j.close();
         drop((j, snap));
         let len = std::fs::metadata(&p).unwrap().len();
         let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&p).unwrap()) * 512;
@@ -1243,5 +1267,37 @@ mod tests {
         let len_at_sync = done.recv().unwrap();
         syncing.join().unwrap();
         assert_eq!(len_at_sync, end, "the file's length when the sync returned");
+    }
+
+    /// A snapshot (what `status` and `log` of a mounted store read) waits for the records
+    /// appended before it was taken, not for those appended since: a program writing on
+    /// does not hold up `status`.
+    #[test]
+    fn a_snapshot_does_not_wait_for_records_appended_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::create(&p, 0, [7; 16]).unwrap();
+        let big = BEHIND_MIN / BLOCK;
+        for n in 0..2 {
+            let data = blocks_of(big, n);
+            j.append(&data_change(big), (1, 0), &[&data]).unwrap();
+        }
+        let snap = j.snapshot();
+        j.flight.hold(true);
+        let data = blocks_of(big, 9);
+        j.append(&data_change(big), (1, 0), &[&data]).unwrap();
+        let (tx, read) = std::sync::mpsc::channel();
+        let reading = std::thread::spawn(move || {
+            tx.send(records_of(&snap).len()).unwrap();
+        });
+        // Bounded only so that a broken build fails instead of hanging.
+        let got = read.recv_timeout(std::time::Duration::from_secs(20));
+        j.flight.hold(false);
+        reading.join().unwrap();
+        assert_eq!(
+            got.ok(),
+            Some(2),
+            "the snapshot's records, read while a later one waits"
+        );
     }
 }
