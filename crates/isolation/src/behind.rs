@@ -115,10 +115,10 @@ impl Flight {
     }
 
     /// Whether nothing is queued or being written: a record can be written at once.
-    pub fn idle(&self) -> Result<bool, i32> {
+    pub fn idle(&self) -> io::Result<bool> {
         let st = self.state.lock();
         match st.error {
-            Some(e) => Err(e),
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
             None => Ok(st.queue.is_empty() && !st.writing),
         }
     }
@@ -140,13 +140,13 @@ impl Flight {
 
     /// A buffer of at least `len + ALIGN` bytes, for a job's data at an aligned offset in
     /// it. Waits while the queue holds [`QUEUED_MAX`] bytes (unless it is empty).
-    pub fn buffer(&self, len: usize) -> Result<(Vec<u8>, usize), i32> {
+    pub fn buffer(&self, len: usize) -> io::Result<(Vec<u8>, usize)> {
         let mut st = self.state.lock();
         while st.queued_bytes > 0 && st.queued_bytes + len > QUEUED_MAX && st.error.is_none() {
             self.changed.wait(&mut st);
         }
         if let Some(e) = st.error {
-            return Err(e);
+            return Err(io::Error::from_raw_os_error(e));
         }
         let want = len + ALIGN as usize;
         let buf = match st.pool.iter().position(|b| b.len() >= want) {

@@ -409,10 +409,7 @@ impl Journal {
                 io::Error::from_raw_os_error(libc::EROFS),
             ));
         }
-        let idle = self
-            .flight
-            .idle()
-            .map_err(|e| Error::io(&self.path, io::Error::from_raw_os_error(e)))?;
+        let idle = self.flight.idle().map_err(|e| Error::io(&self.path, e))?;
         let entry = Entry {
             at,
             change,
@@ -433,11 +430,12 @@ impl Journal {
         if len > MAX_RECORD {
             return Err(Error::TooLarge(len));
         }
-        if (behind || !idle) && self.end + len > self.size_limit {
+        let queue = behind || !idle;
+        if queue && self.end + len > self.size_limit {
             // Past the daemon's file size limit a write fails with EFBIG, which must come
             // back to the program that made it: written at once, after those in flight.
             self.drain()?;
-        } else if behind || !idle {
+        } else if queue {
             match self.allocate(self.end + len) {
                 Ok(()) => return self.append_behind(meta, data, len),
                 // A file system that cannot allocate ahead gets every record written at
@@ -493,7 +491,7 @@ impl Journal {
         let (mut buf, data_at) = self
             .flight
             .buffer(data_len)
-            .map_err(|e| Error::io(&self.path, io::Error::from_raw_os_error(e)))?;
+            .map_err(|e| Error::io(&self.path, e))?;
         let mut at = data_at;
         for d in data {
             buf[at..at + d.len()].copy_from_slice(d);
@@ -663,9 +661,7 @@ impl Journal {
         self.flight.cut_to(end);
         Ok(())
     }
-}
 
-impl Journal {
     /// For the daemon's exit: lets the records in flight reach the file, ends the writing
     /// thread and frees the blocks allocated ahead of the last record. (Not on drop: a
     /// view rebuilt after a failed commit has a second journal on the same file, which
@@ -1163,6 +1159,14 @@ mod tests {
         assert_eq!((recs.len(), j.len()), (1, good_end));
     }
 
+    /// An empty journal in a temporary directory (gone with the first value), and its path.
+    fn new_journal() -> (tempfile::TempDir, PathBuf, Journal) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let j = Journal::create(&p, 0, [7; 16]).unwrap();
+        (dir, p, j)
+    }
+
     /// Data of `blocks` blocks, different for every `seed`.
     fn blocks_of(blocks: u64, seed: u8) -> Vec<u8> {
         (0..blocks * BLOCK)
@@ -1176,10 +1180,8 @@ mod tests {
     /// ahead is given back when the journal goes.
     #[test]
     fn records_written_behind_read_back_at_once_and_reopen_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("j");
+        let (_dir, p, mut j) = new_journal();
         let id = [7; 16];
-        let mut j = Journal::create(&p, 0, id).unwrap();
         let big = BEHIND_MIN / BLOCK;
         // Large, small behind a large one, large ones back to back, large and small.
         let sizes = [big, 1, 2, big * 4, big, 3, big * 16, 1, big + 1, 1];
@@ -1234,9 +1236,7 @@ mod tests {
     /// so does a reader of their data, while a reader of data already written does not.
     #[test]
     fn a_sync_waits_for_the_records_in_flight() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("j");
-        let mut j = Journal::create(&p, 0, [7; 16]).unwrap();
+        let (_dir, _, mut j) = new_journal();
         let big = BEHIND_MIN / BLOCK;
         let first = blocks_of(big, 1);
         let (_, first_at) = j.append(&data_change(big), (1, 0), &[&first]).unwrap();
@@ -1274,9 +1274,7 @@ mod tests {
     /// does not hold up `status`.
     #[test]
     fn a_snapshot_does_not_wait_for_records_appended_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("j");
-        let mut j = Journal::create(&p, 0, [7; 16]).unwrap();
+        let (_dir, _, mut j) = new_journal();
         let big = BEHIND_MIN / BLOCK;
         for n in 0..2 {
             let data = blocks_of(big, n);
