@@ -644,11 +644,14 @@ impl Journal {
 
     /// Cuts the journal after the record ending at `end` (whose sequence is `seq`).
     pub fn truncate(&mut self, end: u64, seq: u64) -> Result<(), Error> {
-        // Nothing in flight may land after the cut. A failed write is no obstacle: what
-        // it left is cut off, if it is after `end`.
-        self.settle();
-        // Counted first: a reader that finds the bytes gone finds the count changed.
+        // Nothing queued or being written may land after the cut (waiting for the bytes
+        // up to `end` would not say so). A failed write is no obstacle: what it left is
+        // cut off, if it is after `end`.
+        let _ = self.flight.drain();
+        // Counted first, and both counts together even if the cut fails below (readers
+        // compare them): a reader that finds the bytes gone finds the count changed.
         self.cuts.fetch_add(1, Ordering::AcqRel);
+        self.truncations += 1;
         self.file
             .set_len(end)
             .map_err(|e| Error::io(&self.path, e))?;
@@ -657,7 +660,6 @@ impl Journal {
         self.zeroed_end = end;
         self.allocated_end = end;
         self.last_seq = seq;
-        self.truncations += 1;
         self.flight.cut_to(end);
         Ok(())
     }
