@@ -921,7 +921,7 @@ fn write_zeros(file: &File, mut from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn write_all_vectored_at(
+pub(crate) fn write_all_vectored_at(
     file: &File,
     bufs: &mut [io::IoSlice<'_>],
     mut off: u64,
@@ -1232,6 +1232,41 @@ mod tests {
         let (j, recs) = Journal::open(&p, id, true).unwrap();
         assert_eq!((recs.len(), j.len()), (1, recs[0].end()));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), recs[0].end());
+    }
+
+    /// Records queued while the writer is busy go out together, in one write of whole
+    /// pages (each head in the page before its data), as long as they follow one another
+    /// page-aligned; a small record ends the run, and the next large one, starting off a
+    /// page boundary, is written on its own. All of them reopen whole.
+    #[test]
+    fn records_queued_together_are_written_in_one_call_and_reopen_whole() {
+        let (_dir, p, mut j) = new_journal();
+        let big = BEHIND_MIN / BLOCK;
+        // The first large record, after the file header, does not start on a page; the
+        // ones after it do.
+        let sizes = [big, big * 2, big, big * 4, 1, big * 2, big];
+        j.flight.hold(true);
+        let mut appended = Vec::new();
+        for (n, &blocks) in sizes.iter().enumerate() {
+            let data = blocks_of(blocks, 40 + n as u8);
+            let (_, at) = j.append(&data_change(blocks), (1, 0), &[&data]).unwrap();
+            appended.push((at, data));
+        }
+        j.flight.hold(false);
+        j.sync().unwrap();
+        // The first alone (off a page), three together, the small one, the large one after
+        // it (off a page again, so head and data are written apart), and the last one (on a
+        // page, but after a record that is not whole pages).
+        assert_eq!(j.flight.batches(), [1, 3, 1, 1, 1]);
+        drop(j);
+        let (j, recs) = Journal::open(&p, [7; 16], true).unwrap();
+        assert_eq!(recs.len(), sizes.len());
+        for (r, (at, data)) in recs.iter().zip(&appended) {
+            assert_eq!(r.data_offset, *at);
+            let mut back = vec![0; data.len()];
+            j.file().read_exact_at(&mut back, *at).unwrap();
+            assert!(back == *data, "record {} read back other data", r.seq);
+        }
     }
 
     /// A sync waits for the records in flight (a program's fsync acknowledges them), and
