@@ -15,10 +15,12 @@
 //! - Order: one write call at a time, in the order queued, so the file always holds a
 //!   prefix of the records plus what one unfinished call wrote: what a SIGKILL leaves is
 //!   the torn tail the journal's scan already cuts off. Records that are whole pages back
-//!   to back (a sequential writer's, after the first) go out together, up to
-//!   [`BATCH_MAX`] bytes, as one `O_DIRECT` `pwritev` with each header in the page before
-//!   its data: one call per batch rather than two per record. Any other record: its
-//!   header with `pwrite`, then its data.
+//!   to back (a sequential writer's, after the first) go out together, as one `O_DIRECT`
+//!   `pwritev` with each header in the page before its data: one call per batch rather
+//!   than two per record. A batch takes more records while it stays within
+//!   [`BATCH_MAX`] bytes (a single larger record goes alone). A record that is not whole
+//!   pages (the first of a stream, after the journal's small records): its header with
+//!   `pwrite`, then its data.
 //! - Readers: a read of journal bytes not written yet waits for them
 //!   ([`Flight::wait_written`]); everything else that reads or cuts the file first waits
 //!   for the queue to empty ([`Flight::drain`]). A program's fsync drains before it syncs.
@@ -238,6 +240,12 @@ impl Flight {
     pub fn hold(&self, held: bool) {
         self.state.lock().held = held;
         self.changed.notify_all();
+    }
+
+    /// Whether the writing thread writes with `O_DIRECT` (it stops on the first refusal).
+    #[cfg(test)]
+    pub fn writes_direct(&self) -> bool {
+        self.direct.lock().is_some()
     }
 
     /// How many records each write of the writing thread took, in order.
