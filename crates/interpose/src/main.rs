@@ -80,7 +80,9 @@ enum IsolationCommand {
         #[arg(long, value_name = "N")]
         upto: Option<u64>,
     },
-    /// Throw pending changes away: all, or those after N.
+    /// Throw pending changes away: all, or those after N. On a journal damaged in the
+    /// middle (which every other command refuses, naming the last whole change), N up to
+    /// that change cuts the damage off too, keeping a copy of the journal beside it.
     Discard {
         store: PathBuf,
         /// Keep changes up to N, discard those after it (default: discard all).
@@ -821,11 +823,34 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                     serde_json::json!({"committed_upto": j.base_seq(), "pending_changes": rest.len()})
                 }
                 IsolationCommand::Discard { after, .. } => {
-                    let (mut j, recs) = store.journal(&mut check)?;
+                    // A journal damaged in the middle opens up to the damage, which the
+                    // discard then cuts off, after keeping a copy: the way out the
+                    // refusal of every other command names.
+                    let (mut j, recs, damage) = store.journal_up_to_damage(&mut check)?;
+                    let copy = match damage {
+                        Some(at) if after.unwrap_or(j.base_seq()) <= j.last_seq() => {
+                            Some((at, store.keep_damaged_journal()?))
+                        }
+                        _ => None,
+                    };
                     let kept = store.discard(&mut j, &recs, *after);
                     drop(j);
                     store.keep_reserve();
-                    serde_json::json!({"pending_changes": kept?.len()})
+                    if let (Err(_), Some((_, path))) = (&kept, &copy) {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    let kept = kept?;
+                    if let Some((at, path)) = &copy {
+                        tracing::warn!(
+                            "cut off the journal's damaged record at offset {at} and everything after it; the journal as it was is in {}",
+                            path.display()
+                        );
+                    }
+                    serde_json::json!({
+                        "pending_changes": kept.len(),
+                        "damaged_at": copy.as_ref().map(|c| c.0),
+                        "damaged_copy": copy.as_ref().map(|c| c.1.display().to_string()),
+                    })
                 }
             }
         }

@@ -4623,6 +4623,59 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
     );
     assert_eq!(read(&jpath), j, "the corrupt journal was changed");
     assert_untouched(&d.backing, &before, "after attempts on a corrupt store");
+
+    // The refusals name the way out: a discard after the last whole change, 1.
+    assert!(
+        err.contains("discard STORE --after 1"),
+        "the refusal does not say how to cut the damage off:\n{err}"
+    );
+    // Not after a change at or past the damage: those are not whole.
+    let err = iso_fails("discard", &d.store, &["--after", "2"]);
+    assert!(err.contains("out of range"), "{err}");
+    assert_eq!(read(&jpath), j, "a refused discard changed the journal");
+    let copy = d.store.join("journal.damaged");
+    assert!(!copy.exists(), "a refused discard left a copy");
+    // After 1: the damaged record and everything after it go, the journal as it was is
+    // kept beside it, and the store opens with change 1 (f0 created, empty).
+    let out = output(
+        Command::new(bin())
+            .args(["isolation", "discard"])
+            .arg(&d.store)
+            .args(["--after", "1"]),
+    );
+    let said = describe(&out);
+    assert!(out.status.success(), "discard --after 1: {said}");
+    assert!(
+        said.contains(&format!("offset {}", recs[1].0)) && said.contains("journal.damaged"),
+        "discard does not say what it cut and where the copy is: {said}"
+    );
+    assert_eq!(read(&copy), j, "the copy is not the journal as it was");
+    assert_eq!(
+        read(&jpath).len(),
+        recs[1].0,
+        "the journal was not cut at the damage"
+    );
+    let st = status(&d.store);
+    assert_eq!(
+        (num(&st, "last_seq"), num(&st, "pending_changes")),
+        (1, 1),
+        "{st:#}"
+    );
+    assert_untouched(&d.backing, &before, "after the discard");
+    let m = d.mount();
+    let names: Vec<_> = fs::read_dir(&d.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(names, ["f0", "x"], "the mount after the cut");
+    assert_eq!(
+        read(&d.mnt.join("f0")),
+        b"",
+        "f0 holds data of the cut record"
+    );
+    m.stop();
 }
 
 /// The daemon checks the journal when it opens it; a record damaged on disk after that

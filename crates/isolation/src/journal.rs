@@ -16,7 +16,9 @@
 //! ends: a write cut short by a crash (never acknowledged by fsync: an fsync after a later
 //! record would have made this one durable too), or space written ahead (below). Opening
 //! the journal to repair it (a mount, an unmounted commit or discard) cuts it off. A bad
-//! record with a good record after it is corruption: opening refuses, naming the offset.
+//! record with a good record after it is corruption: opening refuses, naming the offset
+//! and the last whole change, after which a discard may cut it off
+//! ([`Journal::open_up_to_damage`]).
 //!
 //! Space written ahead: when a program's fsync finds less than [`TAIL_LOW`] bytes of zeros
 //! after the last record, it first writes [`TAIL_AHEAD`] bytes of zeros there, so that the
@@ -148,6 +150,16 @@ fn corrupt(path: &Path, what: String) -> Error {
     }
 }
 
+/// Damage to the record at `offset`, after whole records up to sequence `last_good`.
+fn damaged(path: &Path, offset: u64, last_good: u64, what: String) -> Error {
+    Error::Damaged {
+        path: path.to_path_buf(),
+        offset,
+        last_good,
+        what,
+    }
+}
+
 impl Journal {
     /// Writes a new, empty journal at `path` (replacing nothing: the file must not exist).
     pub fn create(path: &Path, base_seq: u64, store_id: [u8; 16]) -> Result<Journal, Error> {
@@ -179,7 +191,8 @@ impl Journal {
         store_id: [u8; 16],
         repair: bool,
     ) -> Result<(Journal, Vec<Record>), Error> {
-        Journal::open_with(path, store_id, repair, repair, true, &mut |_, _| {})
+        Journal::open_with(path, store_id, repair, repair, true, false, &mut |_, _| {})
+            .map(|(j, recs, _)| (j, recs))
     }
 
     /// [`Journal::open`], calling `progress(bytes_checked, bytes_total)` as it reads:
@@ -190,7 +203,20 @@ impl Journal {
         repair: bool,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<(Journal, Vec<Record>), Error> {
-        Journal::open_with(path, store_id, repair, repair, true, progress)
+        Journal::open_with(path, store_id, repair, repair, true, false, progress)
+            .map(|(j, recs, _)| (j, recs))
+    }
+
+    /// [`Journal::open_reporting`] for cutting the journal (a discard): a damaged record
+    /// with records after it ends the journal here instead of failing the open, and its
+    /// offset comes back with the records before it. The file is left as it is (a torn
+    /// end too); the journal's length is where the damage starts, for the cut.
+    pub fn open_up_to_damage(
+        path: &Path,
+        store_id: [u8; 16],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<(Journal, Vec<Record>, Option<u64>), Error> {
+        Journal::open_with(path, store_id, true, false, true, true, progress)
     }
 
     /// Opens for appending a journal whose records were all checked or written by this
@@ -200,7 +226,8 @@ impl Journal {
         path: &Path,
         store_id: [u8; 16],
     ) -> Result<(Journal, Vec<Record>), Error> {
-        Journal::open_with(path, store_id, true, false, false, &mut |_, _| {})
+        Journal::open_with(path, store_id, true, false, false, false, &mut |_, _| {})
+            .map(|(j, recs, _)| (j, recs))
     }
 
     fn open_with(
@@ -209,8 +236,9 @@ impl Journal {
         write: bool,
         repair: bool,
         verify_data: bool,
+        stop_at_damage: bool,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<(Journal, Vec<Record>), Error> {
+    ) -> Result<(Journal, Vec<Record>, Option<u64>), Error> {
         let file = OpenOptions::new()
             .read(true)
             .write(write)
@@ -248,14 +276,21 @@ impl Journal {
         let mut records = Vec::new();
         // Reported every 64 MiB or so, and once at the end.
         let mut reported = 0;
-        let (off, last_seq) = scan(&file, path, len, base_seq, verify_data, &mut |r| {
+        let scanned = scan(&file, path, len, base_seq, verify_data, &mut |r| {
             if r.end() - reported >= PROGRESS_STEP {
                 reported = r.end();
                 progress(reported, len);
             }
             records.push(r);
             Ok(())
-        })?;
+        });
+        let (off, last_seq, damage) = match scanned {
+            Ok((off, last_seq)) => (off, last_seq, None),
+            Err(Error::Damaged {
+                offset, last_good, ..
+            }) if stop_at_damage => (offset, last_good, Some(offset)),
+            Err(e) => return Err(e),
+        };
         if reported != len {
             progress(len, len);
         }
@@ -270,6 +305,7 @@ impl Journal {
         Ok((
             Journal::with(path, file, off, base_seq, last_seq, write),
             records,
+            damage,
         ))
     }
 
@@ -791,8 +827,10 @@ fn scan(
                 torn(format!("a record header of impossible length {rlen}"))?;
                 break;
             }
-            return Err(corrupt(
+            return Err(damaged(
                 path,
+                off,
+                last_seq,
                 format!("record at offset {off}: impossible length {rlen}, with records after it"),
             ));
         }
@@ -818,16 +856,20 @@ fn scan(
                 torn("checksum mismatch in the last record".into())?;
                 break;
             }
-            return Err(corrupt(
+            return Err(damaged(
                 path,
+                off,
+                last_seq,
                 format!(
                     "record at offset {off} (seq {seq}): checksum mismatch, with records after it"
                 ),
             ));
         }
         if last_seq.checked_add(1) != Some(seq) {
-            return Err(corrupt(
+            return Err(damaged(
                 path,
+                off,
+                last_seq,
                 format!("record at offset {off}: sequence {seq} follows {last_seq}"),
             ));
         }
@@ -836,8 +878,14 @@ fn scan(
             at,
             change,
             keep_times,
-        }: Entry<Change> = serde_json::from_slice(meta)
-            .map_err(|e| corrupt(path, format!("record at offset {off} (seq {seq}): {e}")))?;
+        }: Entry<Change> = serde_json::from_slice(meta).map_err(|e| {
+            damaged(
+                path,
+                off,
+                last_seq,
+                format!("record at offset {off} (seq {seq}): {e}"),
+            )
+        })?;
         if let Err(what) = change
             .check()
             .and_then(|()| crate::change::check_time(at))
@@ -847,14 +895,18 @@ fn scan(
                     .try_for_each(|p| crate::change::check_path(p, true))
             })
         {
-            return Err(corrupt(
+            return Err(damaged(
                 path,
+                off,
+                last_seq,
                 format!("record at offset {off} (seq {seq}): {what}"),
             ));
         }
         if change.data_len() != data_len {
-            return Err(corrupt(
+            return Err(damaged(
                 path,
+                off,
+                last_seq,
                 format!("record at offset {off} (seq {seq}): {data_len} bytes of data for {} bytes of blocks", change.data_len()),
             ));
         }
@@ -1043,6 +1095,17 @@ mod tests {
         f.write_all_at(&[0x55], d1 + 5).unwrap();
         let err = Journal::open(&p, id, true).err().unwrap().to_string();
         assert!(err.contains("checksum mismatch"), "{err}");
+        // For a discard it opens up to the damage, the file left as it is.
+        let before = std::fs::read(&p).unwrap();
+        let (j, recs, damage) = Journal::open_up_to_damage(&p, id, &mut |_, _| {}).unwrap();
+        assert_eq!(recs.len(), 0, "the damaged record is the first one");
+        assert_eq!(damage, Some(HEADER_LEN));
+        assert_eq!((j.len(), j.last_seq()), (HEADER_LEN, 10));
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            before,
+            "opening changed the file"
+        );
     }
 
     /// A new journal in `dir` with one record of one block, synced with zeros ahead.

@@ -37,6 +37,16 @@ pub enum Error {
     Io { path: PathBuf, source: io::Error },
     #[error("{}: corrupt: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
+    /// A damaged journal record with records after it: the changes before it are whole.
+    #[error("{}: corrupt: {what}; the changes up to {last_good} are whole: `interpose isolation discard STORE --after {last_good}` cuts the journal there (keeping a copy of it)", path.display())]
+    Damaged {
+        path: PathBuf,
+        /// Where the damaged record starts.
+        offset: u64,
+        /// The sequence number of the last whole record before it.
+        last_good: u64,
+        what: String,
+    },
     #[error("store {} belongs to backing directory {recorded}, not {given}", store.display())]
     ForeignBacking {
         store: PathBuf,

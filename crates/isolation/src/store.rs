@@ -522,6 +522,48 @@ impl Store {
         self.pending(opened)
     }
 
+    /// [`Store::journal`] for a discard: a damaged record with records after it (which
+    /// [`Store::journal`] refuses) ends the journal there, and its offset comes back too,
+    /// so that a discard after the changes before it can cut the damage off.
+    pub fn journal_up_to_damage(
+        &self,
+        progress: &mut dyn FnMut(JournalCheck),
+    ) -> Result<(Journal, Vec<Record>, Option<u64>), Error> {
+        let _ = std::fs::remove_file(self.dir.join(JOURNAL_NEW));
+        let (j, recs, damage) = Journal::open_up_to_damage(
+            &self.dir.join(JOURNAL),
+            self.meta.id_bytes(),
+            &mut |bytes_done, bytes_total| {
+                progress(JournalCheck {
+                    bytes_done,
+                    bytes_total,
+                })
+            },
+        )?;
+        let (j, recs) = self.pending((j, recs))?;
+        Ok((j, recs, damage))
+    }
+
+    /// Copies the journal as it is to `journal.damaged` in the store (`journal.damaged.2`
+    /// and so on if that exists), durably, before a discard cuts its damage off: the
+    /// records after the damage may be worth reading by hand. Returns the copy's path.
+    pub fn keep_damaged_journal(&self) -> Result<PathBuf, Error> {
+        let mut copy = self.dir.join("journal.damaged");
+        let mut n = 1;
+        while copy.symlink_metadata().is_ok() {
+            n += 1;
+            copy = self.dir.join(format!("journal.damaged.{n}"));
+        }
+        let kept = std::fs::copy(self.dir.join(JOURNAL), &copy)
+            .and_then(|_| File::open(&copy)?.sync_all());
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&copy);
+            return Err(Error::io(&copy, e));
+        }
+        sync_dir(&self.dir)?;
+        Ok(copy)
+    }
+
     /// [`Store::journal`] after this process wrote it (a commit or discard compacting
     /// records it had checked): the records' data is not read and checked again.
     pub fn journal_checked_before(&self) -> Result<(Journal, Vec<Record>), Error> {
