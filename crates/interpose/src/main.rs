@@ -82,7 +82,7 @@ enum IsolationCommand {
     },
     /// Throw pending changes away: all, or those after N. On a journal damaged in the
     /// middle (which every other command refuses, naming the last whole change), N up to
-    /// that change cuts the damage off too, keeping a copy of the journal beside it.
+    /// that change cuts the damage off too, keeping a copy of what it cuts beside the journal.
     Discard {
         store: PathBuf,
         /// Keep changes up to N, discard those after it (default: discard all).
@@ -827,22 +827,14 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                     // discard then cuts off, after keeping a copy: the way out the
                     // refusal of every other command names.
                     let (mut j, recs, damage) = store.journal_up_to_damage(&mut check)?;
-                    let copy = match damage {
-                        Some(at) if after.unwrap_or(j.base_seq()) <= j.last_seq() => {
-                            Some((at, store.keep_damaged_journal()?))
-                        }
-                        _ => None,
-                    };
-                    let kept = store.discard(&mut j, &recs, *after);
+                    let done = store.discard_damaged(&mut j, &recs, *after, damage);
                     drop(j);
                     store.keep_reserve();
-                    if let (Err(_), Some((_, path))) = (&kept, &copy) {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    let kept = kept?;
+                    let (kept, copy) = done?;
+                    let copy = damage.zip(copy);
                     if let Some((at, path)) = &copy {
                         tracing::warn!(
-                            "cut off the journal's damaged record at offset {at} and everything after it; the journal as it was is in {}",
+                            "cut off the journal's damaged record at offset {at} and everything after it; those bytes are kept in {}",
                             path.display()
                         );
                     }

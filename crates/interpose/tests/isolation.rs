@@ -3113,6 +3113,47 @@ fn a_discard_keeps_what_a_killed_commit_may_have_applied() {
     );
 }
 
+/// Damage to a record that an interrupted commit still has to apply cannot be cut off by
+/// a discard (it would be refused): the refusal says so instead of naming one.
+#[test]
+fn damage_an_interrupted_commit_reaches_is_refused_without_naming_a_discard() {
+    let d = dirs();
+    let m = d.mount();
+    for i in 1..=4 {
+        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    m.stop();
+    let trace = d.tmp.path().join("strace.out");
+    let (killed, _) = commit_traced(&d.store, "pwrite64", Some(3), &trace);
+    assert!(killed, "the commit ended before its third write");
+    let jpath = d.store.join("journal");
+    let mut j = read(&jpath);
+    let recs = journal_records(&j);
+    assert_eq!(recs.len(), 8, "create + data for each of 4 files");
+    let (off, _, data_off, _) = recs[5]; // f3's data, with f4's records after it
+    j[data_off + 2] ^= 0x40;
+    fs::write(&jpath, &j).unwrap();
+    let err = iso_fails("status", &d.store, &[]);
+    assert!(
+        err.contains(&format!("offset {off} (seq 6)"))
+            && err.contains("interrupted commit up to change 8")
+            && !err.contains("isolation discard"),
+        "status of a damaged store with an interrupted commit over the damage:\n{err}"
+    );
+    let err = iso_fails("discard", &d.store, &["--after", "5"]);
+    assert!(
+        err.contains(&format!("offset {off}")) && err.contains("interrupted commit up to change 8"),
+        "{err}"
+    );
+    assert_eq!(read(&jpath), j, "the damaged journal was changed");
+    let left: Vec<_> = fs::read_dir(&d.store)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("journal.cut"))
+        .collect();
+    assert!(left.is_empty(), "a refused discard left {left:?}");
+}
+
 const MAKEFILE: &str = "CC = gcc
 CFLAGS = -O0 -Wall -Werror
 app: main.o greet.o
@@ -4633,10 +4674,10 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
     let err = iso_fails("discard", &d.store, &["--after", "2"]);
     assert!(err.contains("out of range"), "{err}");
     assert_eq!(read(&jpath), j, "a refused discard changed the journal");
-    let copy = d.store.join("journal.damaged");
+    let copy = d.store.join(format!("journal.cut-at-{}", recs[1].0));
     assert!(!copy.exists(), "a refused discard left a copy");
-    // After 1: the damaged record and everything after it go, the journal as it was is
-    // kept beside it, and the store opens with change 1 (f0 created, empty).
+    // After 1: the damaged record and everything after it go, kept in a copy beside the
+    // journal, and the store opens with change 1 (f0 created, empty).
     let out = output(
         Command::new(bin())
             .args(["isolation", "discard"])
@@ -4646,10 +4687,13 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
     let said = describe(&out);
     assert!(out.status.success(), "discard --after 1: {said}");
     assert!(
-        said.contains(&format!("offset {}", recs[1].0)) && said.contains("journal.damaged"),
+        said.contains(&format!("offset {}", recs[1].0)) && said.contains(s(&copy)),
         "discard does not say what it cut and where the copy is: {said}"
     );
-    assert_eq!(read(&copy), j, "the copy is not the journal as it was");
+    assert!(
+        read(&copy) == j[recs[1].0..],
+        "the copy is not what was cut off"
+    );
     assert_eq!(
         read(&jpath).len(),
         recs[1].0,

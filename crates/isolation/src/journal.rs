@@ -299,8 +299,13 @@ impl Journal {
             file.sync_all().map_err(|e| Error::io(path, e))?;
         } else if repair {
             // Frees blocks allocated past the end for records written behind by a daemon
-            // that was killed (nothing to sync: the size is as it was).
+            // that was killed.
             let _ = file.set_len(off);
+            // Its records may still be only in the page cache (a killed daemon's): made
+            // durable before anything relies on them, such as a commit that records
+            // its target and then applies them, which a power cut must not leave
+            // pointing past the journal's end.
+            file.sync_data().map_err(|e| Error::io(path, e))?;
         }
         Ok((
             Journal::with(path, file, off, base_seq, last_seq, write),

@@ -518,8 +518,39 @@ impl Store {
                     bytes_total,
                 })
             },
-        )?;
+        )
+        .map_err(|e| self.damage_beyond_cut(e))?;
         self.pending(opened)
+    }
+
+    /// A [`Error::Damaged`] journal whose damage an interrupted commit reaches (its target
+    /// is past the last whole change): the discard the error names would be refused, so
+    /// it is plain corruption, to be dealt with by hand.
+    fn damage_beyond_cut(&self, e: Error) -> Error {
+        let Error::Damaged {
+            path,
+            offset,
+            last_good,
+            what,
+        } = e
+        else {
+            return e;
+        };
+        match self.read_state() {
+            Ok(Some(st)) if st.target > last_good => Error::Corrupt {
+                path,
+                what: format!(
+                    "{what}; an interrupted commit up to change {} (applied up to {}) reaches past it, so it cannot be cut off by a discard: keep a copy of the store before anything else",
+                    st.target, st.applied
+                ),
+            },
+            _ => Error::Damaged {
+                path,
+                offset,
+                last_good,
+                what,
+            },
+        }
     }
 
     /// [`Store::journal`] for a discard: a damaged record with records after it (which
@@ -540,22 +571,41 @@ impl Store {
                 })
             },
         )?;
+        if let Some(offset) = damage {
+            let refused = self.damage_beyond_cut(Error::Damaged {
+                path: j.path().to_path_buf(),
+                offset,
+                last_good: j.last_seq(),
+                what: format!("record at offset {offset}"),
+            });
+            if matches!(refused, Error::Corrupt { .. }) {
+                return Err(refused);
+            }
+        }
         let (j, recs) = self.pending((j, recs))?;
         Ok((j, recs, damage))
     }
 
-    /// Copies the journal as it is to `journal.damaged` in the store (`journal.damaged.2`
-    /// and so on if that exists), durably, before a discard cuts its damage off: the
-    /// records after the damage may be worth reading by hand. Returns the copy's path.
-    pub fn keep_damaged_journal(&self) -> Result<PathBuf, Error> {
-        let mut copy = self.dir.join("journal.damaged");
+    /// Copies the journal's bytes from `at` to its end to `journal.cut-at-AT` in the
+    /// store (`.2`, `.3`, … after it if that exists), durably. Returns the copy's path.
+    fn keep_journal_from(&self, at: u64) -> Result<PathBuf, Error> {
+        let name = format!("journal.cut-at-{at}");
+        let mut copy = self.dir.join(&name);
         let mut n = 1;
         while copy.symlink_metadata().is_ok() {
             n += 1;
-            copy = self.dir.join(format!("journal.damaged.{n}"));
+            copy = self.dir.join(format!("{name}.{n}"));
         }
-        let kept = std::fs::copy(self.dir.join(JOURNAL), &copy)
-            .and_then(|_| File::open(&copy)?.sync_all());
+        let kept = (|| {
+            let mut from = File::open(self.dir.join(JOURNAL))?;
+            std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(at))?;
+            let mut to = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&copy)?;
+            std::io::copy(&mut from, &mut to)?;
+            to.sync_all()
+        })();
         if let Err(e) = kept {
             let _ = std::fs::remove_file(&copy);
             return Err(Error::io(&copy, e));
@@ -1114,13 +1164,14 @@ impl Store {
         }))
     }
 
-    /// Throws away pending changes after `after` (default: all of them).
-    pub fn discard(
+    /// Whether a discard after `after` may run, without changing anything: the sequence
+    /// number it means and the commit state, or why it is refused.
+    fn check_discard(
         &self,
-        journal: &mut Journal,
+        journal: &Journal,
         records: &[Record],
         after: Option<u64>,
-    ) -> Result<Vec<Record>, Error> {
+    ) -> Result<(u64, Option<CommitState>), Error> {
         self.refuse_if_write_through(false)?;
         let (first, last) = (journal.base_seq(), journal.last_seq());
         let after = after.unwrap_or(first);
@@ -1142,27 +1193,65 @@ impl Store {
                 last,
             });
         }
+        if let Some(end) = state.as_ref().and_then(|st| unrecorded_end(records, st)) {
+            if after < end {
+                let st = state.as_ref().expect("checked");
+                let what = if records
+                    .iter()
+                    .any(|r| r.seq == st.applied + 1 && r.change.is_removal())
+                {
+                    "was removing names"
+                } else {
+                    "was applying changes"
+                };
+                return Err(Error::Control(format!(
+                    "an interrupted commit {what} (changes {} to {end}) and may have made some before it could record it; run commit again to finish them, or discard --after {end} or later",
+                    st.applied + 1
+                )));
+            }
+        }
+        Ok((after, state))
+    }
+
+    /// [`Store::discard`] of a journal opened by [`Store::journal_up_to_damage`], whose
+    /// damage starts at `damage_at` (if any): once the discard is known to be allowed, the
+    /// journal's bytes from there on are copied to `journal.cut-at-OFFSET` in the store
+    /// (they may be worth reading by hand), then the discard cuts them off with the
+    /// changes after `after`. Returns the changes kept and the copy's path.
+    pub fn discard_damaged(
+        &self,
+        journal: &mut Journal,
+        records: &[Record],
+        after: Option<u64>,
+        damage_at: Option<u64>,
+    ) -> Result<(Vec<Record>, Option<PathBuf>), Error> {
+        let copy = match damage_at {
+            Some(at) => {
+                self.check_discard(journal, records, after)?;
+                Some(self.with_reserve(|| self.keep_journal_from(at))?)
+            }
+            None => None,
+        };
+        // The copy stays whatever happens next: the discard may fail after its cut.
+        let kept = self.discard(journal, records, after)?;
+        Ok((kept, copy))
+    }
+
+    /// Throws away pending changes after `after` (default: all of them).
+    pub fn discard(
+        &self,
+        journal: &mut Journal,
+        records: &[Record],
+        after: Option<u64>,
+    ) -> Result<Vec<Record>, Error> {
+        let (after, state) = self.check_discard(journal, records, after)?;
         if let Some(st) = state {
             if let Some(end) = unrecorded_end(records, &st) {
                 // A commit cut short (killed) may have applied changes after `applied`
                 // without recording them, up to its next fence: those cannot be thrown
-                // away, BACKING may hold them. The commit stays, its target down to
-                // them: run again (by commit, or a mount) it finishes them, and the
-                // changes after them stay pending or go.
-                if after < end {
-                    let what = if records
-                        .iter()
-                        .any(|r| r.seq == st.applied + 1 && r.change.is_removal())
-                    {
-                        "was removing names"
-                    } else {
-                        "was applying changes"
-                    };
-                    return Err(Error::Control(format!(
-                        "an interrupted commit {what} (changes {} to {end}) and may have made some before it could record it; run commit again to finish them, or discard --after {end} or later",
-                        st.applied + 1
-                    )));
-                }
+                // away, BACKING may hold them (`check_discard` refuses to). The commit
+                // stays, its target down to them: run again (by commit, or a mount) it
+                // finishes them, and the changes after them stay pending or go.
                 self.lower_target(&st, end)?;
                 journal.truncate(cut_after(journal, records, after), after)?;
                 return Ok(records
