@@ -3079,9 +3079,9 @@ fn a_discard_keeps_what_a_killed_commit_may_have_applied() {
     }
     m.stop();
     let trace = d.tmp.path().join("strace.out");
-    // Killed at its third write (the first is its state), f2's data: f1 is in BACKING,
-    // and f2, empty; neither is recorded.
-    let (killed, _) = commit_traced(&d.store, "pwrite64", Some(3), &trace);
+    // Killed at its fourth write (the first is the journal's sync mark as it opens it, the
+    // second its state), f2's data: f1 is in BACKING, and f2, empty; neither is recorded.
+    let (killed, _) = commit_traced(&d.store, "pwrite64", Some(4), &trace);
     assert!(killed, "the commit ended before its third write");
     assert_eq!(read(&d.backing.join("f1")), b"file 1\n");
     let st = status(&d.store);
@@ -4555,7 +4555,16 @@ fn journal_records(journal: &[u8]) -> Vec<(usize, usize, usize, usize)> {
     let u32_at = |o: usize| u32::from_le_bytes(journal[o..o + 4].try_into().unwrap()) as usize;
     let mut out = Vec::new();
     let mut off = 64;
-    while off + 24 <= journal.len() {
+    while off + 16 <= journal.len() {
+        if journal[off..].starts_with(b"IPSYNCED") {
+            // The last sync's mark (the offset it is at, then zeros written ahead, if any).
+            assert_eq!(journal[off + 8..off + 16], (off as u64).to_le_bytes());
+            off += 16;
+            break;
+        }
+        if off + 24 > journal.len() {
+            break;
+        }
         let len = u32_at(off);
         if len == 0 {
             // Zeros written ahead by an fsync end the records.
@@ -4696,8 +4705,8 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
     );
     assert_eq!(
         read(&jpath).len(),
-        recs[1].0,
-        "the journal was not cut at the damage"
+        recs[1].0 + 16,
+        "the journal was not cut at the damage (and marked synced there)"
     );
     let st = status(&d.store);
     assert_eq!(
@@ -4787,10 +4796,11 @@ fn a_torn_last_record_is_cut_off_and_the_rest_shows() {
     // crash cut short.
     let mut zeros = j.clone();
     zeros.resize(j.len() + 4096, 0);
+    // (The journal ends with the unmount's sync mark, 16 bytes.)
     let variants: [(&str, &[u8], u64, usize); 3] = [
-        ("zeros after the last record", &zeros, 6, j.len()),
+        ("zeros after the last record", &zeros, 6, j.len() - 16),
         ("cut inside the record header", &j[..last + 10], 5, last),
-        ("3 bytes short", &j[..j.len() - 3], 5, last),
+        ("3 bytes short", &j[..j.len() - 16 - 3], 5, last),
     ];
     let mut m = None;
     for (what, bytes, last_seq, cut_at) in variants {
@@ -4807,8 +4817,8 @@ fn a_torn_last_record_is_cut_off_and_the_rest_shows() {
         );
         assert_eq!(
             fs::metadata(&jpath).unwrap().len(),
-            cut_at as u64,
-            "{what}: the journal was not cut back to the last whole record"
+            cut_at as u64 + 16,
+            "{what}: the journal was not cut back to the last whole record (and marked)"
         );
         let mm = d.mount();
         assert_eq!(read(&d.mnt.join("f0")), b"contents 0\n", "{what}");

@@ -38,8 +38,8 @@ fn read_journal(path: &Path) -> (Vec<u8>, Vec<Record>) {
     while off + RECORD_HEADER <= bytes.len() {
         let u32_at = |o: usize| u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) as usize;
         let len = u32_at(off);
-        if len == 0 {
-            break; // zeros written ahead
+        if len == 0 || bytes[off..].starts_with(b"IPSYNCED") {
+            break; // zeros written ahead, or the last sync's mark
         }
         let seq = u64::from_le_bytes(bytes[off + 8..off + 16].try_into().unwrap());
         let meta_len = u32_at(off + 16);

@@ -10,14 +10,24 @@
 //!   0  len u32 (whole record)   4 crc32c of bytes 8..len
 //!   8  seq u64   16 meta_len u32   20 data_len u32
 //!   24 meta: the change as JSON   24+meta_len: data (data_len bytes, whole blocks)
+//! sync mark (16 bytes, after the last record, overwritten by the next)
+//!   0  magic "IPSYNCED"         8 its own offset u64
 //! ```
-//! A record whose length runs past the end of the file, zeros where a record should start,
-//! or a record that fails its checks with no good record after it, is where the journal
-//! ends: a write cut short by a crash (never acknowledged by fsync: an fsync after a later
-//! record would have made this one durable too), or space written ahead (below). Opening
-//! the journal to repair it (a mount, an unmounted commit or discard) cuts it off. A bad
-//! record with a good record after it is corruption: opening refuses, naming the offset
-//! and the last whole change, after which a discard may cut it off
+//! Every record's JSON says (`synced`) up to where the journal was durable when it was
+//! written; every sync writes the mark before its `fdatasync`, so that a mark after the
+//! last record says the same of what is before it.
+//!
+//! A record whose length runs past the end of the file, zeros or a sync mark where a
+//! record should start, or a record that fails its checks with no good record after it,
+//! is where the journal ends: a write cut short by a crash (never acknowledged by fsync:
+//! an fsync after a later record would have made this one durable too), or space written
+//! ahead (below). So is a bad record followed by good ones that all say the journal was
+//! durable only up to the bad one or less, and no mark: a power cut kept later unsynced
+//! writes and lost an earlier one. Opening the journal to repair it (a mount, an
+//! unmounted commit or discard) cuts it off (in the second case keeping a copy of what it
+//! cuts, [`keep_from`]). A bad record with a good record after it that says the bad one
+//! was durable (or does not say), or a mark after it, is damage: opening refuses, naming
+//! the offset and the last whole change, after which a discard may cut it off
 //! ([`Journal::open_up_to_damage`]).
 //!
 //! Space written ahead: when a program's fsync finds less than [`TAIL_LOW`] bytes of zeros
@@ -52,6 +62,30 @@ pub const TAIL_LOW: u64 = 256 << 10;
 const ALLOCATE_STEP: u64 = 16 << 20;
 /// How many bytes of records [`Journal::open_reporting`] reads between two reports.
 const PROGRESS_STEP: u64 = 64 << 20;
+/// A sync mark: the magic, then the offset it is written at (see the module documentation).
+const MARK_MAGIC: &[u8; 8] = b"IPSYNCED";
+const MARK_LEN: u64 = 16;
+/// [`Journal::synced`] when not known: records then claim nothing (see [`Entry::synced`]).
+const SYNCED_UNKNOWN: u64 = u64::MAX;
+
+/// The sync mark for offset `at`.
+fn sync_mark(at: u64) -> [u8; MARK_LEN as usize] {
+    let mut m = [0u8; MARK_LEN as usize];
+    m[..8].copy_from_slice(MARK_MAGIC);
+    m[8..].copy_from_slice(&at.to_le_bytes());
+    m
+}
+
+/// Writes the sync mark for offset `at` there: for a journal made by copying records
+/// (a commit's compaction), made durable with them.
+pub(crate) fn write_sync_mark(file: &File, at: u64) -> io::Result<()> {
+    file.write_all_at(&sync_mark(at), at)
+}
+
+/// Whether `bytes` start with the sync mark for offset `at`.
+fn is_sync_mark(bytes: &[u8], at: u64) -> bool {
+    bytes.len() >= MARK_LEN as usize && bytes[..MARK_LEN as usize] == sync_mark(at)
+}
 
 /// What a record's JSON holds: the change and when it was made.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -63,6 +97,18 @@ struct Entry<C> {
     /// showed BACKING's times for them, so a commit keeps those (see docs/ISOLATION.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     keep_times: Vec<RawPath>,
+    /// Every byte of the journal before this offset had been made durable when the record
+    /// was written (absent in records of older versions, and when not known): what tells
+    /// a power cut's unsynced writes from damage (see the module documentation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    synced: Option<u64>,
+}
+
+/// The one field of a record's JSON that [`later_evidence`] needs.
+#[derive(serde::Deserialize)]
+struct SyncedOnly {
+    #[serde(default)]
+    synced: Option<u64>,
 }
 
 /// A record as found in the journal.
@@ -118,6 +164,9 @@ pub struct Journal {
     behind: bool,
     /// The process's file size limit (RLIMIT_FSIZE) when the journal was opened.
     size_limit: u64,
+    /// The journal's bytes before this offset are durable, and a sync mark follows them
+    /// if it is `end` ([`SYNCED_UNKNOWN`] when not known). Records carry it.
+    synced: AtomicU64,
 }
 
 /// The journal's file and its records in flight, for reading records' data outside the
@@ -177,10 +226,12 @@ impl Journal {
         let crc = crc_of(&[&h[..60]]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         file.write_all_at(&h, 0).map_err(|e| Error::io(path, e))?;
+        file.write_all_at(&sync_mark(HEADER_LEN), HEADER_LEN)
+            .map_err(|e| Error::io(path, e))?;
         file.sync_all().map_err(|e| Error::io(path, e))?;
-        Ok(Journal::with(
-            path, file, HEADER_LEN, base_seq, base_seq, true,
-        ))
+        let j = Journal::with(path, file, HEADER_LEN, base_seq, base_seq, true);
+        j.synced.store(HEADER_LEN, Ordering::Release);
+        Ok(j)
     }
 
     /// Opens and scans a journal, checking every record's checksum. With `repair`, a torn
@@ -284,8 +335,9 @@ impl Journal {
             records.push(r);
             Ok(())
         });
+        // `damage`: where whole records are cut off, for a discard to keep a copy of.
         let (off, last_seq, damage) = match scanned {
-            Ok((off, last_seq)) => (off, last_seq, None),
+            Ok(sc) => (sc.end, sc.last_seq, sc.unsynced_after.then_some(sc.end)),
             Err(Error::Damaged {
                 offset, last_good, ..
             }) if stop_at_damage => (offset, last_good, Some(offset)),
@@ -294,24 +346,35 @@ impl Journal {
         if reported != len {
             progress(len, len);
         }
-        if repair && off < len {
-            file.set_len(off).map_err(|e| Error::io(path, e))?;
-            file.sync_all().map_err(|e| Error::io(path, e))?;
-        } else if repair {
-            // Frees blocks allocated past the end for records written behind by a daemon
-            // that was killed.
-            let _ = file.set_len(off);
-            // Its records may still be only in the page cache (a killed daemon's): made
-            // durable before anything relies on them, such as a commit that records
-            // its target and then applies them, which a power cut must not leave
-            // pointing past the journal's end.
-            file.sync_data().map_err(|e| Error::io(path, e))?;
+        let journal = Journal::with(path, file, off, base_seq, last_seq, write);
+        if write && !stop_at_damage {
+            if let (true, Some(at)) = (repair, damage) {
+                let copy = keep_from(path, at).map_err(|e| Error::io(path, e))?;
+                tracing::warn!(
+                    "{}: the records from offset {at} on were never synced and one of them is torn (a power cut): cut off, kept in {}",
+                    path.display(),
+                    copy.display()
+                );
+            }
+            // Cuts what follows the last record (a torn one, zeros written ahead, the last
+            // sync's mark; blocks allocated past the end for records written behind) and
+            // marks the rest synced. The records may still be only in the page cache (a
+            // killed daemon's): durable before anything relies on them, such as a commit
+            // that records its target and then applies them, or records appended now,
+            // which say they follow durable ones.
+            let f = &journal.file;
+            if repair {
+                f.set_len(off).map_err(|e| Error::io(path, e))?;
+            }
+            // Best effort, as in every sync: on a full disk the mark may need a block
+            // there is not, and the store must open all the same.
+            if let Err(e) = f.write_all_at(&sync_mark(off), off) {
+                tracing::debug!("{}: writing the sync mark: {e}", path.display());
+            }
+            f.sync_all().map_err(|e| Error::io(path, e))?;
+            journal.synced.store(off, Ordering::Release);
         }
-        Ok((
-            Journal::with(path, file, off, base_seq, last_seq, write),
-            records,
-            damage,
-        ))
+        Ok((journal, records, damage))
     }
 
     fn with(
@@ -340,6 +403,7 @@ impl Journal {
             size_limit: rustix::process::getrlimit(rustix::process::Resource::Fsize)
                 .current
                 .unwrap_or(u64::MAX),
+            synced: AtomicU64::new(SYNCED_UNKNOWN),
         }
     }
 
@@ -363,6 +427,7 @@ impl Journal {
             allocated_end: self.allocated_end,
             behind: false,
             size_limit: self.size_limit,
+            synced: AtomicU64::new(self.synced.load(Ordering::Acquire)),
         }
     }
 
@@ -400,7 +465,7 @@ impl Journal {
         f: &mut dyn FnMut(Record) -> Result<(), Error>,
     ) -> Result<(), Error> {
         self.written()?;
-        let (_, last_seq) = scan(&self.file, &self.path, self.end, self.base_seq, false, f)?;
+        let last_seq = scan(&self.file, &self.path, self.end, self.base_seq, false, f)?.last_seq;
         if last_seq != self.last_seq {
             return Err(corrupt(
                 &self.path,
@@ -451,10 +516,12 @@ impl Journal {
             ));
         }
         let idle = self.flight.idle().map_err(|e| Error::io(&self.path, e))?;
+        let synced = self.synced.load(Ordering::Acquire);
         let entry = Entry {
             at,
             change,
             keep_times: keep_times.to_vec(),
+            synced: (synced != SYNCED_UNKNOWN).then_some(synced),
         };
         let mut meta = serde_json::to_vec(&entry).expect("changes serialise");
         let data_len: u64 = data.iter().map(|d| d.len() as u64).sum();
@@ -502,8 +569,14 @@ impl Journal {
         bufs.push(io::IoSlice::new(&head));
         bufs.extend(data.iter().map(|d| io::IoSlice::new(d)));
         write_all_vectored_at(&self.file, &mut bufs, start).map_err(|e| {
-            // Leave no partial record behind: the next append would follow garbage.
-            let _ = self.file.set_len(start);
+            // Leave no partial record behind: the next append would follow garbage. The
+            // last sync's mark, if the record began over it, is put back (in the room it
+            // had: no block to allocate), as no sync may come to write it again.
+            let marked = self.synced.load(Ordering::Acquire) == start;
+            let _ = self.file.set_len(start + if marked { MARK_LEN } else { 0 });
+            if marked {
+                let _ = self.file.write_all_at(&sync_mark(start), start);
+            }
             self.zeroed_end = start;
             self.allocated_end = start;
             Error::io(&self.path, e)
@@ -607,7 +680,8 @@ impl Journal {
         if self.zeroed_end >= want {
             return Ok(());
         }
-        let from = self.zeroed_end.max(self.end);
+        // (Not over the last sync's mark, which may be at `end`.)
+        let from = self.zeroed_end.max(self.end + MARK_LEN);
         let to = want.next_multiple_of(4096);
         if let Err(e) = write_zeros(&self.file, from, to) {
             // Nothing half-written stays past what was zeroed before (nor, on ext4, what
@@ -623,7 +697,22 @@ impl Journal {
     /// Makes every appended record durable.
     pub fn sync(&self) -> Result<(), Error> {
         self.drain()?;
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+        self.sync_marked()
+    }
+
+    /// Writes the sync mark after the last record, then `fdatasync`: the mark becomes
+    /// durable with the records before it, and says so (see the module documentation).
+    /// Without the mark (it failed to be written) the sync stands all the same: the mark
+    /// only lets a later opening tell damage from a power cut's unsynced writes.
+    fn sync_marked(&self) -> Result<(), Error> {
+        if let Err(e) = self.file.write_all_at(&sync_mark(self.end), self.end) {
+            tracing::debug!("{}: writing the sync mark: {e}", self.path.display());
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, e))?;
+        self.synced.store(self.end, Ordering::Release);
+        Ok(())
     }
 
     /// [`Journal::sync`] for a program's fsync: writes zeros ahead first if few are left
@@ -631,7 +720,7 @@ impl Journal {
     pub fn sync_ahead(&mut self) -> Result<(), Error> {
         self.drain()?;
         if self.zeroed_end < self.end + TAIL_LOW {
-            let from = self.zeroed_end.max(self.end);
+            let from = self.zeroed_end.max(self.end + MARK_LEN);
             let to = (self.end + TAIL_AHEAD).next_multiple_of(4096);
             match write_zeros(&self.file, from, to) {
                 Ok(()) => self.zeroed_end = to,
@@ -639,7 +728,7 @@ impl Journal {
                 Err(e) => tracing::debug!("{}: writing ahead: {e}", self.path.display()),
             }
         }
-        self.file.sync_data().map_err(|e| Error::io(&self.path, e))
+        self.sync_marked()
     }
 
     /// The file, for reading records or data blocks (kept alive by readers across a
@@ -671,6 +760,17 @@ impl Journal {
     pub fn len(&self) -> u64 {
         self.end
     }
+
+    /// Bytes the file holds after the records, not counting the last sync's mark: zeros
+    /// written ahead (a mounted journal's, with records in flight: up to the last written).
+    pub fn ahead_len(&self) -> u64 {
+        let marked = self.synced.load(Ordering::Acquire) == self.end;
+        let after = self.end + if marked { MARK_LEN } else { 0 };
+        self.file
+            .metadata()
+            .map(|m| m.len().saturating_sub(after))
+            .unwrap_or(0)
+    }
     pub fn is_empty(&self) -> bool {
         self.last_seq == self.base_seq
     }
@@ -696,7 +796,9 @@ impl Journal {
         self.file
             .set_len(end)
             .map_err(|e| Error::io(&self.path, e))?;
+        let _ = self.file.write_all_at(&sync_mark(end), end);
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        self.synced.store(end, Ordering::Release);
         self.end = end;
         self.zeroed_end = end;
         self.allocated_end = end;
@@ -712,7 +814,11 @@ impl Journal {
     pub fn close(&mut self) {
         self.stop_writer();
         if self.allocated_end > self.end {
-            let _ = self.file.set_len(self.end);
+            // Keeping the last sync's mark, if it follows the last record.
+            let marked = self.synced.load(Ordering::Acquire) == self.end;
+            let _ = self
+                .file
+                .set_len(self.end + if marked { MARK_LEN } else { 0 });
             self.allocated_end = self.end;
         }
     }
@@ -801,10 +907,11 @@ fn scan(
     base_seq: u64,
     verify_data: bool,
     sink: &mut dyn FnMut(Record) -> Result<(), Error>,
-) -> Result<(u64, u64), Error> {
+) -> Result<Scanned, Error> {
     let mut off = HEADER_LEN;
     let mut last_seq = base_seq;
     let mut buf = Vec::new();
+    let mut unsynced_after = false;
     while off < len {
         let torn = |why: String| -> Result<(), Error> {
             tracing::warn!(
@@ -813,13 +920,21 @@ fn scan(
             );
             Ok(())
         };
-        if len - off < RECORD_HEADER {
-            torn(format!("{} bytes of a record header", len - off))?;
+        let mut rh = [0u8; RECORD_HEADER as usize];
+        let have = (len - off).min(RECORD_HEADER) as usize;
+        file.read_exact_at(&mut rh[..have], off)
+            .map_err(|e| Error::io(path, e))?;
+        if is_sync_mark(&rh[..have], off) {
+            // The last sync's mark: nothing after it was synced, or it would be gone.
             break;
         }
-        let mut rh = [0u8; RECORD_HEADER as usize];
-        file.read_exact_at(&mut rh, off)
-            .map_err(|e| Error::io(path, e))?;
+        if have < RECORD_HEADER as usize {
+            if rh.iter().all(|&b| b == 0) {
+                break;
+            }
+            torn(format!("{have} bytes of a record header"))?;
+            break;
+        }
         let h = RecordHeader::parse(&rh);
         let (rlen, seq, meta_len, data_len) = (h.len, h.seq, h.meta_len, h.data_len);
         if !h.plausible_len() {
@@ -828,9 +943,22 @@ fn scan(
                 // and never written.
                 break;
             }
-            if !good_record_after(file, off + 1, len, last_seq).map_err(|e| Error::io(path, e))? {
-                torn(format!("a record header of impossible length {rlen}"))?;
-                break;
+            match later_evidence(file, off + 1, len, last_seq, off)
+                .map_err(|e| Error::io(path, e))?
+            {
+                After::Nothing => {
+                    torn(format!("a record header of impossible length {rlen}"))?;
+                    break;
+                }
+                After::Unsynced => {
+                    tracing::warn!(
+                        "{}: the journal ends at offset {off}: a record there is torn, and the records after it were never synced (a power cut)",
+                        path.display()
+                    );
+                    unsynced_after = true;
+                    break;
+                }
+                After::Synced => {}
             }
             return Err(damaged(
                 path,
@@ -857,9 +985,20 @@ fn scan(
         if !crc_ok || !shape_ok {
             // Look after its payload if the header is whole, else at every byte.
             let from = if shape_ok { off + rlen } else { off + 1 };
-            if !good_record_after(file, from, len, last_seq).map_err(|e| Error::io(path, e))? {
-                torn("checksum mismatch in the last record".into())?;
-                break;
+            match later_evidence(file, from, len, last_seq, off).map_err(|e| Error::io(path, e))? {
+                After::Nothing => {
+                    torn("checksum mismatch in the last record".into())?;
+                    break;
+                }
+                After::Unsynced => {
+                    tracing::warn!(
+                        "{}: the journal ends at offset {off}: a record there is torn, and the records after it were never synced (a power cut)",
+                        path.display()
+                    );
+                    unsynced_after = true;
+                    break;
+                }
+                After::Synced => {}
             }
             return Err(damaged(
                 path,
@@ -883,6 +1022,7 @@ fn scan(
             at,
             change,
             keep_times,
+            ..
         }: Entry<Change> = serde_json::from_slice(meta).map_err(|e| {
             damaged(
                 path,
@@ -926,45 +1066,136 @@ fn scan(
         last_seq = seq;
         off += rlen;
     }
-    Ok((off, last_seq))
+    Ok(Scanned {
+        end: off,
+        last_seq,
+        unsynced_after,
+    })
 }
 
-/// Whether a record that passes every check, with a sequence number after `after_seq`,
-/// starts anywhere in `from..len`: the difference between a journal's torn end and a
-/// damaged record in its middle. Reads the rest of the file once; only on a bad record.
-/// Garbage can look like many record headers, each asking for a CRC of up to 64 MiB:
-/// after 4,096 of them it answers yes, so the journal is refused as corrupt
-/// rather than cut (the cautious side).
-fn good_record_after(file: &File, from: u64, len: u64, after_seq: u64) -> io::Result<bool> {
+/// Where [`scan`] found the journal to end.
+struct Scanned {
+    /// The end of the last whole record.
+    end: u64,
+    last_seq: u64,
+    /// Whole records follow a torn one, none of them synced (a power cut's work).
+    unsynced_after: bool,
+}
+
+/// What follows a bad record (at `bad_at`) in `from..len`, which tells a journal's torn
+/// end from damage in its middle.
+#[derive(Debug, PartialEq)]
+enum After {
+    /// No record that passes every check: the bad one is a torn end.
+    Nothing,
+    /// Whole records (with sequence numbers after `after_seq`), each written when the
+    /// journal was durable only up to `bad_at` or less, and no sync mark: the bad one and
+    /// they were never synced, so a power cut may have kept them and lost it (the disk
+    /// writes what is not synced in any order). The journal ends at the bad one.
+    Unsynced,
+    /// A record written once the bad one was durable, one that does not say (an older
+    /// version's), or a sync mark after it: the bad one had been synced, so it is damage.
+    Synced,
+}
+
+/// Looks at every byte offset in `from..len` for a sync mark or a record that passes
+/// every check (skipping the data of those found): see [`After`]. Reads the rest of the
+/// file once; only on a bad record. Garbage can look like many record headers, each
+/// asking for a CRC of up to 64 MiB: after 4,096 of them that fail it, it answers
+/// [`After::Synced`], so the journal is refused as damaged rather than cut (the cautious
+/// side).
+fn later_evidence(
+    file: &File,
+    from: u64,
+    len: u64,
+    after_seq: u64,
+    bad_at: u64,
+) -> io::Result<After> {
     const WINDOW: usize = 1 << 20;
     const MAX_CANDIDATES: usize = 4096;
     let mut candidates = 0;
+    let mut found = false;
     let head = RECORD_HEADER as usize;
     let mut buf = vec![0u8; WINDOW + head];
     let mut record = Vec::new();
     let mut base = from;
-    while base + RECORD_HEADER <= len {
+    'windows: while base + MARK_LEN <= len {
         let n = ((len - base) as usize).min(buf.len());
         file.read_exact_at(&mut buf[..n], base)?;
-        for p in 0..=(n - head).min(WINDOW - 1) {
-            let h = RecordHeader::parse(buf[p..p + head].try_into().unwrap());
+        // Offsets in this window where a mark fits (records are longer).
+        let positions = (n - MARK_LEN as usize + 1).min(WINDOW);
+        for p in 0..positions {
             let at = base + p as u64;
+            if is_sync_mark(&buf[p..n], at) {
+                return Ok(After::Synced);
+            }
+            if p + head > n {
+                continue;
+            }
+            let h = RecordHeader::parse(buf[p..p + head].try_into().unwrap());
             if !h.plausible_len() || at + h.len > len || h.seq <= after_seq || !h.shape_ok() {
                 continue;
             }
-            candidates += 1;
-            if candidates > MAX_CANDIDATES {
-                return Ok(true);
-            }
             record.resize(h.len as usize, 0);
             file.read_exact_at(&mut record, at)?;
-            if crc_of(&[&record[8..]]) == h.crc {
-                return Ok(true);
+            if crc_of(&[&record[8..]]) != h.crc {
+                // (Only lookalikes count: the good records are the file's own, read once.)
+                candidates += 1;
+                if candidates > MAX_CANDIDATES {
+                    return Ok(After::Synced);
+                }
+                continue;
+            }
+            let meta = &record[head..head + h.meta_len as usize];
+            match serde_json::from_slice::<SyncedOnly>(meta)
+                .ok()
+                .and_then(|m| m.synced)
+            {
+                Some(synced) if synced <= bad_at => {
+                    found = true;
+                    base = at + h.len;
+                    continue 'windows;
+                }
+                _ => return Ok(After::Synced),
             }
         }
-        base += WINDOW as u64;
+        base += positions as u64;
     }
-    Ok(false)
+    Ok(if found {
+        After::Unsynced
+    } else {
+        After::Nothing
+    })
+}
+
+/// Copies the bytes of the journal at `path` from `at` on to `journal.cut-at-AT` beside
+/// it (`.2`, `.3`, … after the name if that exists), durably, before they are cut off:
+/// they may be worth reading by hand. Returns the copy's path.
+pub fn keep_from(path: &Path, at: u64) -> io::Result<PathBuf> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = format!("journal.cut-at-{at}");
+    let mut copy = dir.join(&name);
+    let mut n = 1;
+    while copy.symlink_metadata().is_ok() {
+        n += 1;
+        copy = dir.join(format!("{name}.{n}"));
+    }
+    let kept = (|| {
+        let mut from = File::open(path)?;
+        io::Seek::seek(&mut from, io::SeekFrom::Start(at))?;
+        let mut to = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&copy)?;
+        io::copy(&mut from, &mut to)?;
+        to.sync_all()?;
+        File::open(dir)?.sync_all()
+    })();
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&copy);
+        return Err(e);
+    }
+    Ok(copy)
 }
 
 /// Writes zeros over `from..to` of `file`.
@@ -1089,7 +1320,8 @@ mod tests {
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0].data_offset, d1);
         assert_eq!(j.len(), good_end);
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), good_end);
+        // Followed by the sync mark of the opening.
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), good_end + MARK_LEN);
         // Another store's id is refused.
         assert!(Journal::open(&p, [8; 16], false).is_err());
         // Corruption in the middle is refused, not cut off.
@@ -1111,6 +1343,156 @@ mod tests {
             before,
             "opening changed the file"
         );
+    }
+
+    /// A power cut can keep later records whole and lose part of an earlier one, none of
+    /// them synced (the disk writes what is not synced in any order): the journal ends at
+    /// the torn one, and what is cut off is kept in a copy. Damage to a record that had
+    /// been synced is refused instead, whether a record written after the sync or the
+    /// sync's own mark says so, and so is damage before records that do not say (older
+    /// versions').
+    #[test]
+    fn records_after_a_torn_one_are_cut_if_unsynced_and_damage_if_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, block, mut j) = one_record_synced_ahead(dir.path());
+        let synced_end = j.len();
+        let mut data_at = Vec::new();
+        for n in 0..3 {
+            data_at.push(j.append(&data_change(1), (1, n), &[&block]).unwrap().1);
+        }
+        let end = j.len();
+        drop(j);
+        let before = std::fs::read(&p).unwrap();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        // The first unsynced record's data never reached the disk; the two after did.
+        f.write_all_at(&vec![0; BLOCK as usize], data_at[0])
+            .unwrap();
+        // Read-only: ends there, the file as it is.
+        let (j, recs) = Journal::open(&p, id, false).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, synced_end));
+        drop(j);
+        // To write: cut there, and the bytes cut off kept beside.
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, synced_end));
+        assert_eq!(file_len(&p), synced_end + MARK_LEN);
+        let copy = dir.path().join(format!("journal.cut-at-{synced_end}"));
+        let mut want = before[synced_end as usize..end as usize].to_vec();
+        want[(data_at[0] - synced_end) as usize..][..BLOCK as usize].fill(0);
+        assert!(
+            std::fs::read(&copy).unwrap()[..want.len()] == want[..],
+            "the copy"
+        );
+        drop(j);
+
+        // Its header torn instead (an impossible length): found by a search, the same.
+        let mut j = Journal::open(&p, id, true).unwrap().0;
+        let torn_at = j.len();
+        for n in 0..3 {
+            j.append(&data_change(1), (1, n), &[&block]).unwrap();
+        }
+        drop(j);
+        f.write_all_at(&[0xff; 8], torn_at).unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, torn_at));
+        assert!(dir
+            .path()
+            .join(format!("journal.cut-at-{torn_at}"))
+            .exists());
+        drop(j);
+
+        // A record appended after a sync says the one before it was durable: damage.
+        let mut j = Journal::open(&p, id, true).unwrap().0;
+        let (_, d) = j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.sync().unwrap();
+        j.append(&data_change(1), (1, 1), &[&block]).unwrap();
+        j.append(&data_change(1), (1, 2), &[&block]).unwrap();
+        drop(j);
+        f.write_all_at(&[0x55], d + 3).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap();
+        assert!(matches!(err, Error::Damaged { .. }), "{err}");
+        // So does the mark of a sync after the last record.
+        std::fs::remove_file(&p).unwrap();
+        let (_, _, _, mut j) = one_record_synced_ahead(dir.path());
+        let (_, d) = j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.append(&data_change(1), (1, 1), &[&block]).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0x55], d + 3).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap();
+        assert!(matches!(err, Error::Damaged { .. }), "{err}");
+        // Records that do not say whether it was synced: damage (the cautious side).
+        std::fs::remove_file(&p).unwrap();
+        let (_, _, _, mut j) = one_record_synced_ahead(dir.path());
+        j.synced.store(SYNCED_UNKNOWN, Ordering::Release);
+        let (_, d) = j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.append(&data_change(1), (1, 1), &[&block]).unwrap();
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0x55], d + 3).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap();
+        assert!(matches!(err, Error::Damaged { .. }), "{err}");
+    }
+
+    /// A sync's mark ends the journal where it is, and the next record overwrites it.
+    /// Should that record's first bytes not reach the disk (a power cut), the mark is
+    /// still there, and the journal ends at it: the records after it were never synced,
+    /// and nothing is damaged, so nothing is kept aside.
+    #[test]
+    fn a_sync_mark_ends_the_journal_until_a_record_overwrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, block, j) = one_record_synced_ahead(dir.path());
+        let end = j.len();
+        drop(j);
+        let mut head = [0u8; MARK_LEN as usize];
+        File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut head, end)
+            .unwrap();
+        assert_eq!(head, sync_mark(end));
+        let (mut j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, end));
+        j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.append(&data_change(1), (1, 1), &[&block]).unwrap();
+        let end2 = j.len();
+        drop(j);
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        let mut whole = vec![0u8; (end2 - end) as usize];
+        f.read_exact_at(&mut whole, end).unwrap();
+        f.write_all_at(&sync_mark(end), end).unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, end), "the mark ends the journal");
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with("journal.cut"))
+            .collect();
+        assert!(kept.is_empty(), "{kept:?}");
+        drop(j);
+        // (Opening cut the file at the mark; the records written back are whole again.)
+        f.write_all_at(&whole, end).unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (3, end2));
+    }
+
+    /// Many unsynced records after a torn one (an untar's, say) are still a power cut's
+    /// work: only lookalike headers count towards the search's limit, not good records.
+    #[test]
+    fn thousands_of_unsynced_records_after_a_torn_one_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, _, mut j) = one_record_synced_ahead(dir.path());
+        let synced_end = j.len();
+        for n in 0..5000 {
+            let unlink = Change::Unlink {
+                path: RawPath(format!("f{n}").into_bytes()),
+            };
+            j.append(&unlink, (1, 0), &[]).unwrap();
+        }
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0x55], synced_end + 30).unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, synced_end));
     }
 
     /// A new journal in `dir` with one record of one block, synced with zeros ahead.
@@ -1153,8 +1535,8 @@ mod tests {
         let (j, _) = Journal::open(&p, id, true).unwrap();
         assert_eq!(
             file_len(&p),
-            last_end,
-            "opening for writing cuts the zeros off"
+            last_end + MARK_LEN,
+            "opening for writing cuts the zeros off (and marks the end synced)"
         );
         assert_eq!(j.len(), last_end);
     }
@@ -1184,7 +1566,7 @@ mod tests {
             .unwrap();
         let (j, recs) = Journal::open(&p, id, true).unwrap();
         assert_eq!((recs.len(), j.len()), (1, good_end));
-        assert_eq!(file_len(&p), good_end);
+        assert_eq!(file_len(&p), good_end + MARK_LEN);
         drop((j, f));
 
         // The same shapes with a good record after them are corruption.
@@ -1299,7 +1681,10 @@ mod tests {
         drop(j);
         let (j, recs) = Journal::open(&p, id, true).unwrap();
         assert_eq!((recs.len(), j.len()), (1, recs[0].end()));
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), recs[0].end());
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            recs[0].end() + MARK_LEN
+        );
     }
 
     /// Records queued while the writer is busy go out together, in one write of whole
@@ -1379,7 +1764,12 @@ mod tests {
         j.flight.hold(false);
         let len_at_sync = done.recv().unwrap();
         syncing.join().unwrap();
-        assert_eq!(len_at_sync, end, "the file's length when the sync returned");
+        // The records, and the sync's mark after them.
+        assert_eq!(
+            len_at_sync,
+            end + MARK_LEN,
+            "the file's length when the sync returned"
+        );
     }
 
     /// A snapshot (what `status` and `log` of a mounted store read) waits for the records

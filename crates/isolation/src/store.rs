@@ -586,32 +586,10 @@ impl Store {
         Ok((j, recs, damage))
     }
 
-    /// Copies the journal's bytes from `at` to its end to `journal.cut-at-AT` in the
-    /// store (`.2`, `.3`, … after it if that exists), durably. Returns the copy's path.
+    /// [`crate::journal::keep_from`] of the store's journal.
     fn keep_journal_from(&self, at: u64) -> Result<PathBuf, Error> {
-        let name = format!("journal.cut-at-{at}");
-        let mut copy = self.dir.join(&name);
-        let mut n = 1;
-        while copy.symlink_metadata().is_ok() {
-            n += 1;
-            copy = self.dir.join(format!("{name}.{n}"));
-        }
-        let kept = (|| {
-            let mut from = File::open(self.dir.join(JOURNAL))?;
-            std::io::Seek::seek(&mut from, std::io::SeekFrom::Start(at))?;
-            let mut to = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&copy)?;
-            std::io::copy(&mut from, &mut to)?;
-            to.sync_all()
-        })();
-        if let Err(e) = kept {
-            let _ = std::fs::remove_file(&copy);
-            return Err(Error::io(&copy, e));
-        }
-        sync_dir(&self.dir)?;
-        Ok(copy)
+        let path = self.dir.join(JOURNAL);
+        crate::journal::keep_from(&path, at).map_err(|e| Error::io(&path, e))
     }
 
     /// [`Store::journal`] after this process wrote it (a commit or discard compacting
@@ -694,11 +672,8 @@ impl Store {
                 }
             }
         }
-        let journal_ahead_bytes = journal
-            .file()
-            .metadata()
-            .map(|m| m.len().saturating_sub(journal.len()))
-            .unwrap_or(0);
+        journal.file(); // (waits for the records in flight)
+        let journal_ahead_bytes = journal.ahead_len();
         let wt = self.meta.write_through;
         let state = self.read_state()?;
         Ok(Status {
@@ -1144,6 +1119,9 @@ impl Store {
                     return Err(Error::io(newp, std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }
+            // The copied records say how far their old journal was durable, not this one:
+            // the mark says all of them are (see crate::journal).
+            crate::journal::write_sync_mark(dst, d_o).map_err(|e| Error::io(newp, e))?;
             dst.sync_all().map_err(|e| Error::io(newp, e))?;
         }
         Ok(())
