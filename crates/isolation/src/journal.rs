@@ -943,29 +943,15 @@ fn scan(
                 // and never written.
                 break;
             }
-            match later_evidence(file, off + 1, len, last_seq, off)
-                .map_err(|e| Error::io(path, e))?
-            {
-                After::Nothing => {
-                    torn(format!("a record header of impossible length {rlen}"))?;
-                    break;
-                }
-                After::Unsynced => {
-                    tracing::warn!(
-                        "{}: the journal ends at offset {off}: a record there is torn, and the records after it were never synced (a power cut)",
-                        path.display()
-                    );
-                    unsynced_after = true;
-                    break;
-                }
-                After::Synced => {}
-            }
-            return Err(damaged(
+            unsynced_after = bad_record(
+                file,
                 path,
-                off,
+                (off, off + 1, len),
                 last_seq,
+                format!("a record header of impossible length {rlen}"),
                 format!("record at offset {off}: impossible length {rlen}, with records after it"),
-            ));
+            )?;
+            break;
         }
         if off + rlen > len {
             torn(format!("record of {rlen} bytes, {} in the file", len - off))?;
@@ -985,29 +971,17 @@ fn scan(
         if !crc_ok || !shape_ok {
             // Look after its payload if the header is whole, else at every byte.
             let from = if shape_ok { off + rlen } else { off + 1 };
-            match later_evidence(file, from, len, last_seq, off).map_err(|e| Error::io(path, e))? {
-                After::Nothing => {
-                    torn("checksum mismatch in the last record".into())?;
-                    break;
-                }
-                After::Unsynced => {
-                    tracing::warn!(
-                        "{}: the journal ends at offset {off}: a record there is torn, and the records after it were never synced (a power cut)",
-                        path.display()
-                    );
-                    unsynced_after = true;
-                    break;
-                }
-                After::Synced => {}
-            }
-            return Err(damaged(
+            unsynced_after = bad_record(
+                file,
                 path,
-                off,
+                (off, from, len),
                 last_seq,
+                "checksum mismatch in the last record".into(),
                 format!(
                     "record at offset {off} (seq {seq}): checksum mismatch, with records after it"
                 ),
-            ));
+            )?;
+            break;
         }
         if last_seq.checked_add(1) != Some(seq) {
             return Err(damaged(
@@ -1071,6 +1045,35 @@ fn scan(
         last_seq,
         unsynced_after,
     })
+}
+
+/// What a bad record at `at` is, from what follows it in `from..len` ([`later_evidence`]):
+/// the end of the journal, torn (`Ok(false)`, logged as `torn_why`) or with unsynced
+/// records after it (`Ok(true)`), or damage (the error, saying `what`).
+fn bad_record(
+    file: &File,
+    path: &Path,
+    (at, from, len): (u64, u64, u64),
+    last_seq: u64,
+    torn_why: String,
+    what: String,
+) -> Result<bool, Error> {
+    let p = path.display();
+    match later_evidence(file, from, len, last_seq, at).map_err(|e| Error::io(path, e))? {
+        After::Nothing => {
+            tracing::warn!(
+                "{p}: cutting off an unfinished last record at offset {at} ({torn_why})"
+            );
+            Ok(false)
+        }
+        After::Unsynced => {
+            tracing::warn!(
+                "{p}: the journal ends at offset {at}: a record there is torn, and the records after it were never synced (a power cut)"
+            );
+            Ok(true)
+        }
+        After::Synced => Err(damaged(path, at, last_seq, what)),
+    }
 }
 
 /// Where [`scan`] found the journal to end.
