@@ -5012,6 +5012,61 @@ fn large_writes_fsynced_right_before_a_sigkill_survive_it() {
     m.stop();
 }
 
+/// A power cut can leave later unsynced records on disk and lose part of an earlier one
+/// (a disk writes what is not synced in any order). The records say how far the journal
+/// was durable when they were written, so the mount tells this from damage: it ends the
+/// journal at the torn record, keeping the bytes it cuts off, and shows everything that
+/// was fsync'ed. (The power cut is played on the journal file the killed daemon left:
+/// the kernel here cannot drop unsynced writes of a real disk.)
+#[test]
+fn a_power_cut_that_kept_later_records_and_lost_an_earlier_one_is_cut_not_refused() {
+    let d = dirs();
+    let before = fingerprint(&d.backing);
+    let mut m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&d.store)]);
+    let mut f0 = File::create(d.mnt.join("f0")).unwrap();
+    f0.write_all(&pattern(8192, 0)).unwrap();
+    f0.sync_all().unwrap();
+    for i in 1..3 {
+        fs::write(d.mnt.join(format!("f{i}")), pattern(8192, i)).unwrap();
+    }
+    m.kill();
+    drop(f0);
+    m.cleanup_dead();
+    let jpath = d.store.join("journal");
+    let mut j = read(&jpath);
+    let recs = journal_records(&j);
+    assert_eq!(recs.len(), 6, "create + data for each of 3 files");
+    // f1's data never reached the disk; f2's records did.
+    let (cut_at, _, data_off, data_len) = recs[3];
+    j[data_off..data_off + data_len].fill(0);
+    fs::write(&jpath, &j).unwrap();
+
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&d.store)]);
+    assert_eq!(
+        read(&d.mnt.join("f0")),
+        pattern(8192, 0),
+        "the fsync'ed file"
+    );
+    assert_eq!(
+        read(&d.mnt.join("f1")),
+        b"",
+        "f1: created, its data cut off"
+    );
+    assert!(!d.mnt.join("f2").exists(), "f2 came after the torn record");
+    let log = m.stop();
+    assert!(
+        log.contains("never synced"),
+        "the cut is not logged:\n{log}"
+    );
+    let copy = d.store.join(format!("journal.cut-at-{cut_at}"));
+    assert!(
+        read(&copy)[..j.len() - cut_at] == j[cut_at..],
+        "the bytes cut off are not kept in {copy:?}"
+    );
+    assert_eq!(num(&status(&d.store), "last_seq"), 3);
+    assert_untouched(&d.backing, &before, "after the power cut");
+}
+
 /// Allocations cost the store nothing, so the view asks BACKING's file system for room
 /// as the file system itself would (a `fallocate` of 1 GiB on 64 MiB: ENOSPC, nothing
 /// recorded); and a commit that runs out of room while allocating (BACKING filled since)
