@@ -876,6 +876,11 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
             if let Some(n) = s.view_nodes {
                 outln!("in memory:        {n} files and directories (the mount's view)")?;
             }
+            for name in &s.kept_cuts {
+                outln!(
+                    "kept aside:       {name} (journal bytes cut off after a power cut or by a discard of damage; read, then delete)"
+                )?;
+            }
             match (s.interrupted_commit, s.interrupted_commit_applied) {
                 (Some(t), Some(a)) if s.interrupted_commit_stopped => outln!(
                     "interrupted commit up to {t}: it stopped on an error at change {} (changes \

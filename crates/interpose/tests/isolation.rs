@@ -5063,7 +5063,18 @@ fn a_power_cut_that_kept_later_records_and_lost_an_earlier_one_is_cut_not_refuse
         read(&copy)[..j.len() - cut_at] == j[cut_at..],
         "the bytes cut off are not kept in {copy:?}"
     );
-    assert_eq!(num(&status(&d.store), "last_seq"), 3);
+    let st = status(&d.store);
+    assert_eq!(num(&st, "last_seq"), 3, "{st:#}");
+    assert_eq!(
+        st["kept_cuts"],
+        serde_json::json!([format!("journal.cut-at-{cut_at}")]),
+        "status names the copy: {st:#}"
+    );
+    let text = iso("status", &d.store, &[]);
+    assert!(
+        text.contains(&format!("kept aside:       journal.cut-at-{cut_at}")),
+        "{text}"
+    );
     assert_untouched(&d.backing, &before, "after the power cut");
 }
 

@@ -94,6 +94,10 @@ pub struct Status {
     /// changes, and those the kernel has looked up and not yet forgotten).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub view_nodes: Option<u64>,
+    /// Copies of journal bytes cut off (a power cut's unsynced records, or a discard of
+    /// damage) kept in the store, by name: to read, then delete.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept_cuts: Vec<String>,
 }
 
 /// One line of `isolation log`.
@@ -663,15 +667,20 @@ impl Store {
     /// The status, from the pending records counted into `tally`.
     pub fn status(&self, journal: &Journal, tally: &Tally, mounted: bool) -> Result<Status, Error> {
         let (paths, data) = (&tally.paths, tally.data);
-        let mut store_bytes = 0;
+        let (mut store_bytes, mut kept_cuts) = (0, Vec::new());
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             use std::os::unix::fs::MetadataExt;
             for e in rd.flatten() {
                 if let Ok(m) = e.metadata() {
                     store_bytes += m.blocks() * 512;
                 }
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("journal.cut-at-") {
+                    kept_cuts.push(name);
+                }
             }
         }
+        kept_cuts.sort();
         journal.file(); // (waits for the records in flight)
         let journal_ahead_bytes = journal.ahead_len();
         let wt = self.meta.write_through;
@@ -696,6 +705,7 @@ impl Store {
             interrupted_commit_stopped: state.is_some_and(|s| s.stopped),
             mounted,
             view_nodes: None,
+            kept_cuts,
         })
     }
 
