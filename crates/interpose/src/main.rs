@@ -82,7 +82,8 @@ enum IsolationCommand {
     },
     /// Throw pending changes away: all, or those after N. On a journal damaged in the
     /// middle (which every other command refuses, naming the last whole change), N up to
-    /// that change cuts the damage off too, keeping a copy of what it cuts beside the journal.
+    /// that change cuts the damage off too, keeping a copy of the bytes from the damage on
+    /// beside the journal.
     Discard {
         store: PathBuf,
         /// Keep changes up to N, discard those after it (default: discard all).
@@ -834,7 +835,7 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                     let copy = damage.zip(copy);
                     if let Some((at, path)) = &copy {
                         tracing::warn!(
-                            "cut off the journal's damaged record at offset {at} and everything after it; those bytes are kept in {}",
+                            "cut off the journal from offset {at} on (a damaged or torn record and the records after it); those bytes are kept in {}",
                             path.display()
                         );
                     }

@@ -3082,7 +3082,7 @@ fn a_discard_keeps_what_a_killed_commit_may_have_applied() {
     // Killed at its fourth write (the first is the journal's sync mark as it opens it, the
     // second its state), f2's data: f1 is in BACKING, and f2, empty; neither is recorded.
     let (killed, _) = commit_traced(&d.store, "pwrite64", Some(4), &trace);
-    assert!(killed, "the commit ended before its third write");
+    assert!(killed, "the commit ended before its fourth write");
     assert_eq!(read(&d.backing.join("f1")), b"file 1\n");
     let st = status(&d.store);
     assert_eq!(st["interrupted_commit_applied"], 0, "{st:#}");
@@ -4550,8 +4550,11 @@ fn a_store_refuses_another_backing_directory() {
     assert_eq!(num(&status(&d.store), "pending_changes"), 2);
 }
 
-/// The journal's records: (offset, length, data offset, data length).
-fn journal_records(journal: &[u8]) -> Vec<(usize, usize, usize, usize)> {
+/// A journal record as [`journal_records`] finds it: offset, length, data offset, data length.
+type JournalRecord = (usize, usize, usize, usize);
+
+/// The journal's records.
+fn journal_records(journal: &[u8]) -> Vec<JournalRecord> {
     let u32_at = |o: usize| u32::from_le_bytes(journal[o..o + 4].try_into().unwrap()) as usize;
     let mut out = Vec::new();
     let mut off = 64;
@@ -4638,12 +4641,14 @@ fn a_mount_refused_for_its_store_changes_nothing() {
     assert!(!d.store.exists(), "a store made for a refused mount");
 }
 
-#[test]
-fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
-    let d = dirs();
-    fs::write(d.backing.join("x"), b"x\n").unwrap();
-    let before = fingerprint(&d.backing);
-    let m = d.mount();
+/// Three files of 8 KiB written through a mount (with `extra` options) and unmounted, then
+/// a byte of the second record's data (f0's) flipped: the journal's path, its bytes now
+/// and its records (see [`journal_records`]).
+fn three_files_then_the_second_record_damaged(
+    d: &Dirs,
+    extra: &[&str],
+) -> (PathBuf, Vec<u8>, Vec<JournalRecord>) {
+    let m = d.mount_with(extra);
     for i in 0..3 {
         fs::write(d.mnt.join(format!("f{i}")), pattern(8192, i as u8)).unwrap();
     }
@@ -4656,6 +4661,15 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
     assert_eq!(data_len, 8192);
     j[data_off + 100] ^= 0x40;
     fs::write(&jpath, &j).unwrap();
+    (jpath, j, recs)
+}
+
+#[test]
+fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
+    let d = dirs();
+    fs::write(d.backing.join("x"), b"x\n").unwrap();
+    let before = fingerprint(&d.backing);
+    let (jpath, j, recs) = three_files_then_the_second_record_damaged(&d, &[]);
 
     // The offset and sequence number of the bad record are named.
     let where_ = format!("offset {} (seq 2)", recs[1].0);
@@ -4729,6 +4743,23 @@ fn a_corrupt_record_in_the_middle_is_refused_and_backing_is_untouched() {
         "f0 holds data of the cut record"
     );
     m.stop();
+}
+
+/// A --write-through store cannot discard, so its damage refusal does not name a discard:
+/// it says how to cut the journal by hand.
+#[test]
+fn a_damaged_write_through_store_is_told_how_to_cut_it_by_hand() {
+    let d = dirs();
+    let (_, _, recs) = three_files_then_the_second_record_damaged(&d, &["--write-through"]);
+    let off = recs[1].0;
+    let err = iso_fails("status", &d.store, &[]);
+    assert!(
+        err.contains(&format!("offset {off}"))
+            && err.contains("cannot discard")
+            && err.contains(&format!("truncate -s {off}"))
+            && !err.contains("isolation discard"),
+        "{err}"
+    );
 }
 
 /// The daemon checks the journal when it opens it; a record damaged on disk after that

@@ -349,7 +349,16 @@ impl Journal {
         let journal = Journal::with(path, file, off, base_seq, last_seq, write);
         if write && !stop_at_damage {
             if let (true, Some(at)) = (repair, damage) {
-                let copy = keep_from(path, at).map_err(|e| Error::io(path, e))?;
+                // Without the copy, nothing is cut: the discard that the error names
+                // makes it with the store's reserve (a full disk is the likely cause).
+                let copy = keep_from(path, at).map_err(|e| Error::Damaged {
+                    path: path.to_path_buf(),
+                    offset: at,
+                    last_good: last_seq,
+                    what: format!(
+                        "the records from offset {at} on were never synced and one of them is torn (a power cut), but the bytes to cut off could not be kept aside: {e}"
+                    ),
+                })?;
                 tracing::warn!(
                     "{}: the records from offset {at} on were never synced and one of them is torn (a power cut): cut off, kept in {}",
                     path.display(),

@@ -38,7 +38,7 @@ pub enum Error {
     #[error("{}: corrupt: {what}", path.display())]
     Corrupt { path: PathBuf, what: String },
     /// A damaged journal record with records after it: the changes before it are whole.
-    #[error("{}: corrupt: {what}; the changes up to {last_good} are whole: `interpose isolation discard STORE --after {last_good}`, with the store unmounted, cuts the journal there (keeping a copy of what it cuts)", path.display())]
+    #[error("{}: corrupt: {what}; the changes up to {last_good} are whole: `interpose isolation discard STORE --after {last_good}`, with the store unmounted, cuts the journal there (keeping a copy of the bytes from there on)", path.display())]
     Damaged {
         path: PathBuf,
         /// Where the damaged record starts.

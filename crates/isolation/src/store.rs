@@ -540,6 +540,14 @@ impl Store {
         else {
             return e;
         };
+        if self.meta.write_through {
+            return Error::Corrupt {
+                path,
+                what: format!(
+                    "{what}; a --write-through store cannot discard (its changes are in BACKING already), so nothing here cuts it off: keep a copy of the journal, then `truncate -s {offset}` it, which keeps the changes up to {last_good}"
+                ),
+            };
+        }
         match self.read_state() {
             Ok(Some(st)) if st.target > last_good => Error::Corrupt {
                 path,
