@@ -832,17 +832,17 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
                     drop(j);
                     store.keep_reserve();
                     let (kept, copy) = done?;
-                    let copy = damage.zip(copy);
-                    if let Some((at, path)) = &copy {
+                    if let Some(c) = &copy {
                         tracing::warn!(
-                            "cut off the journal from offset {at} on (a damaged or torn record and the records after it); those bytes are kept in {}",
-                            path.display()
+                            "cut off the journal from offset {} on (a damaged or torn record and the records after it); those bytes are kept in {}",
+                            c.at,
+                            c.copy.display()
                         );
                     }
                     serde_json::json!({
                         "pending_changes": kept.len(),
-                        "damaged_at": copy.as_ref().map(|c| c.0),
-                        "damaged_copy": copy.as_ref().map(|c| c.1.display().to_string()),
+                        "damaged_at": copy.as_ref().map(|c| c.at),
+                        "damaged_copy": copy.as_ref().map(|c| c.copy.display().to_string()),
                     })
                 }
             }

@@ -3113,19 +3113,25 @@ fn a_discard_keeps_what_a_killed_commit_may_have_applied() {
     );
 }
 
+/// Files f1..=fN ("file I\n") written through a mount, then an unmounted commit killed at
+/// the `at`-th use of `call`.
+fn small_files_then_a_commit_killed(d: &Dirs, files: u32, call: &str, at: u64) {
+    let m = d.mount();
+    for i in 1..=files {
+        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    m.stop();
+    let trace = d.tmp.path().join("strace.out");
+    let (killed, _) = commit_traced(&d.store, call, Some(at), &trace);
+    assert!(killed, "the commit ended before its {call} number {at}");
+}
+
 /// Damage to a record that an interrupted commit still has to apply cannot be cut off by
 /// a discard (it would be refused): the refusal says so instead of naming one.
 #[test]
 fn damage_an_interrupted_commit_reaches_is_refused_without_naming_a_discard() {
     let d = dirs();
-    let m = d.mount();
-    for i in 1..=4 {
-        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
-    }
-    m.stop();
-    let trace = d.tmp.path().join("strace.out");
-    let (killed, _) = commit_traced(&d.store, "pwrite64", Some(3), &trace);
-    assert!(killed, "the commit ended before its third write");
+    small_files_then_a_commit_killed(&d, 4, "pwrite64", 3);
     let jpath = d.store.join("journal");
     let mut j = read(&jpath);
     let recs = journal_records(&j);
@@ -6840,16 +6846,9 @@ impl Drop for ReadOnly {
 #[test]
 fn a_commit_that_stops_where_a_killed_one_had_gone_on_still_finishes() {
     let d = dirs();
-    let m = d.mount();
-    for i in 1..=3 {
-        fs::write(d.mnt.join(format!("f{i}")), format!("file {i}\n")).unwrap();
-    }
-    m.stop();
-    let trace = d.tmp.path().join("strace.out");
     // Killed at its only fence, the one at its end: all six changes are in BACKING, and
     // none is recorded.
-    let (killed, _) = commit_traced(&d.store, "syncfs", Some(1), &trace);
-    assert!(killed, "the commit ended before its fence");
+    small_files_then_a_commit_killed(&d, 3, "syncfs", 1);
     for i in 1..=3 {
         assert_eq!(
             read(&d.backing.join(format!("f{i}"))),

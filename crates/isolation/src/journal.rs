@@ -76,15 +76,23 @@ fn sync_mark(at: u64) -> [u8; MARK_LEN as usize] {
     m
 }
 
-/// Writes the sync mark for offset `at` there: for a journal made by copying records
-/// (a commit's compaction), made durable with them.
+/// Writes the sync mark for offset `at` there (made durable by the sync that follows).
 pub(crate) fn write_sync_mark(file: &File, at: u64) -> io::Result<()> {
     file.write_all_at(&sync_mark(at), at)
 }
 
+/// [`write_sync_mark`] where a sync stands without it (the mark only lets a later opening
+/// tell damage from a power cut's unsynced writes): on a full disk it may need a block
+/// there is not.
+fn put_sync_mark(file: &File, path: &Path, at: u64) {
+    if let Err(e) = write_sync_mark(file, at) {
+        tracing::debug!("{}: writing the sync mark: {e}", path.display());
+    }
+}
+
 /// Whether `bytes` start with the sync mark for offset `at`.
 fn is_sync_mark(bytes: &[u8], at: u64) -> bool {
-    bytes.len() >= MARK_LEN as usize && bytes[..MARK_LEN as usize] == sync_mark(at)
+    bytes.starts_with(MARK_MAGIC) && bytes.get(8..MARK_LEN as usize) == Some(&at.to_le_bytes()[..])
 }
 
 /// What a record's JSON holds: the change and when it was made.
@@ -226,8 +234,7 @@ impl Journal {
         let crc = crc_of(&[&h[..60]]);
         h[60..64].copy_from_slice(&crc.to_le_bytes());
         file.write_all_at(&h, 0).map_err(|e| Error::io(path, e))?;
-        file.write_all_at(&sync_mark(HEADER_LEN), HEADER_LEN)
-            .map_err(|e| Error::io(path, e))?;
+        write_sync_mark(&file, HEADER_LEN).map_err(|e| Error::io(path, e))?;
         file.sync_all().map_err(|e| Error::io(path, e))?;
         let j = Journal::with(path, file, HEADER_LEN, base_seq, base_seq, true);
         j.synced.store(HEADER_LEN, Ordering::Release);
@@ -375,11 +382,7 @@ impl Journal {
             if repair {
                 f.set_len(off).map_err(|e| Error::io(path, e))?;
             }
-            // Best effort, as in every sync: on a full disk the mark may need a block
-            // there is not, and the store must open all the same.
-            if let Err(e) = f.write_all_at(&sync_mark(off), off) {
-                tracing::debug!("{}: writing the sync mark: {e}", path.display());
-            }
+            put_sync_mark(f, path, off);
             f.sync_all().map_err(|e| Error::io(path, e))?;
             journal.synced.store(off, Ordering::Release);
         }
@@ -584,7 +587,7 @@ impl Journal {
             let marked = self.synced.load(Ordering::Acquire) == start;
             let _ = self.file.set_len(start + if marked { MARK_LEN } else { 0 });
             if marked {
-                let _ = self.file.write_all_at(&sync_mark(start), start);
+                put_sync_mark(&self.file, &self.path, start);
             }
             self.zeroed_end = start;
             self.allocated_end = start;
@@ -711,12 +714,8 @@ impl Journal {
 
     /// Writes the sync mark after the last record, then `fdatasync`: the mark becomes
     /// durable with the records before it, and says so (see the module documentation).
-    /// Without the mark (it failed to be written) the sync stands all the same: the mark
-    /// only lets a later opening tell damage from a power cut's unsynced writes.
     fn sync_marked(&self) -> Result<(), Error> {
-        if let Err(e) = self.file.write_all_at(&sync_mark(self.end), self.end) {
-            tracing::debug!("{}: writing the sync mark: {e}", self.path.display());
-        }
+        put_sync_mark(&self.file, &self.path, self.end);
         self.file
             .sync_data()
             .map_err(|e| Error::io(&self.path, e))?;
@@ -805,7 +804,7 @@ impl Journal {
         self.file
             .set_len(end)
             .map_err(|e| Error::io(&self.path, e))?;
-        let _ = self.file.write_all_at(&sync_mark(end), end);
+        put_sync_mark(&self.file, &self.path, end);
         self.file.sync_all().map_err(|e| Error::io(&self.path, e))?;
         self.synced.store(end, Ordering::Release);
         self.end = end;
@@ -1419,9 +1418,7 @@ mod tests {
         j.append(&data_change(1), (1, 1), &[&block]).unwrap();
         j.append(&data_change(1), (1, 2), &[&block]).unwrap();
         drop(j);
-        f.write_all_at(&[0x55], d + 3).unwrap();
-        let err = Journal::open(&p, id, true).err().unwrap();
-        assert!(matches!(err, Error::Damaged { .. }), "{err}");
+        assert_damage_at(&p, id, d);
         // So does the mark of a sync after the last record.
         std::fs::remove_file(&p).unwrap();
         let (_, _, _, mut j) = one_record_synced_ahead(dir.path());
@@ -1429,10 +1426,7 @@ mod tests {
         j.append(&data_change(1), (1, 1), &[&block]).unwrap();
         j.sync().unwrap();
         drop(j);
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&[0x55], d + 3).unwrap();
-        let err = Journal::open(&p, id, true).err().unwrap();
-        assert!(matches!(err, Error::Damaged { .. }), "{err}");
+        assert_damage_at(&p, id, d);
         // Records that do not say whether it was synced: damage (the cautious side).
         std::fs::remove_file(&p).unwrap();
         let (_, _, _, mut j) = one_record_synced_ahead(dir.path());
@@ -1440,9 +1434,15 @@ mod tests {
         let (_, d) = j.append(&data_change(1), (1, 0), &[&block]).unwrap();
         j.append(&data_change(1), (1, 1), &[&block]).unwrap();
         drop(j);
-        let f = OpenOptions::new().write(true).open(&p).unwrap();
-        f.write_all_at(&[0x55], d + 3).unwrap();
-        let err = Journal::open(&p, id, true).err().unwrap();
+        assert_damage_at(&p, id, d);
+    }
+
+    /// Flips a byte of the data at `data_at` in the journal at `p`, whose opening must
+    /// then refuse it as damage.
+    fn assert_damage_at(p: &Path, id: [u8; 16], data_at: u64) {
+        let f = OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(&[0x55], data_at + 3).unwrap();
+        let err = Journal::open(p, id, true).err().unwrap();
         assert!(matches!(err, Error::Damaged { .. }), "{err}");
     }
 

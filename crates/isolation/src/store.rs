@@ -100,6 +100,12 @@ pub struct Status {
     pub kept_cuts: Vec<String>,
 }
 
+/// Journal bytes a discard cut off, kept in a copy: where they started, and the copy.
+pub struct KeptCut {
+    pub at: u64,
+    pub copy: PathBuf,
+}
+
 /// One line of `isolation log`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LogEntry {
@@ -527,41 +533,46 @@ impl Store {
         self.pending(opened)
     }
 
-    /// A [`Error::Damaged`] journal whose damage an interrupted commit reaches (its target
-    /// is past the last whole change): the discard the error names would be refused, so
-    /// it is plain corruption, to be dealt with by hand.
+    /// A [`Error::Damaged`] journal that the discard the error names cannot cut (see
+    /// [`Store::why_no_cut`]) is plain corruption, to be dealt with by hand.
     fn damage_beyond_cut(&self, e: Error) -> Error {
-        let Error::Damaged {
-            path,
-            offset,
-            last_good,
-            what,
-        } = e
-        else {
-            return e;
-        };
-        if self.meta.write_through {
-            return Error::Corrupt {
-                path,
-                what: format!(
-                    "{what}; a --write-through store cannot discard (its changes are in BACKING already), so nothing here cuts it off: keep a copy of the journal, then `truncate -s {offset}` it, which keeps the changes up to {last_good}"
-                ),
-            };
-        }
-        match self.read_state() {
-            Ok(Some(st)) if st.target > last_good => Error::Corrupt {
-                path,
-                what: format!(
-                    "{what}; an interrupted commit up to change {} (applied up to {}) reaches past it, so it cannot be cut off by a discard: keep a copy of the store before anything else",
-                    st.target, st.applied
-                ),
-            },
-            _ => Error::Damaged {
+        match e {
+            Error::Damaged {
                 path,
                 offset,
                 last_good,
                 what,
+            } => match self.why_no_cut(offset, last_good) {
+                Some(why) => Error::Corrupt {
+                    path,
+                    what: format!("{what}; {why}"),
+                },
+                None => Error::Damaged {
+                    path,
+                    offset,
+                    last_good,
+                    what,
+                },
             },
+            e => e,
+        }
+    }
+
+    /// Why a discard cannot cut the journal at damage at `offset` after change
+    /// `last_good`, if it cannot: a --write-through store does not discard, and an
+    /// interrupted commit whose target is past `last_good` forbids it.
+    fn why_no_cut(&self, offset: u64, last_good: u64) -> Option<String> {
+        if self.meta.write_through {
+            return Some(format!(
+                "a --write-through store cannot discard (its changes are in BACKING already), so nothing here cuts it off: keep a copy of the journal, then `truncate -s {offset}` it, which keeps the changes up to {last_good}"
+            ));
+        }
+        match self.read_state() {
+            Ok(Some(st)) if st.target > last_good => Some(format!(
+                "an interrupted commit up to change {} (applied up to {}) reaches past it, so it cannot be cut off by a discard: keep a copy of the store before anything else",
+                st.target, st.applied
+            )),
+            _ => None,
         }
     }
 
@@ -583,15 +594,12 @@ impl Store {
                 })
             },
         )?;
-        if let Some(offset) = damage {
-            let refused = self.damage_beyond_cut(Error::Damaged {
-                path: j.path().to_path_buf(),
-                offset,
-                last_good: j.last_seq(),
-                what: format!("record at offset {offset}"),
-            });
-            if matches!(refused, Error::Corrupt { .. }) {
-                return Err(refused);
+        if let Some(at) = damage {
+            if let Some(why) = self.why_no_cut(at, j.last_seq()) {
+                return Err(Error::Corrupt {
+                    path: j.path().to_path_buf(),
+                    what: format!("record at offset {at}; {why}"),
+                });
             }
         }
         let (j, recs) = self.pending((j, recs))?;
@@ -1213,18 +1221,19 @@ impl Store {
     /// damage starts at `damage_at` (if any): once the discard is known to be allowed, the
     /// journal's bytes from there on are copied to `journal.cut-at-OFFSET` in the store
     /// (they may be worth reading by hand), then the discard cuts them off with the
-    /// changes after `after`. Returns the changes kept and the copy's path.
+    /// changes after `after`. Returns the changes kept, and the copy if one was made.
     pub fn discard_damaged(
         &self,
         journal: &mut Journal,
         records: &[Record],
         after: Option<u64>,
         damage_at: Option<u64>,
-    ) -> Result<(Vec<Record>, Option<PathBuf>), Error> {
+    ) -> Result<(Vec<Record>, Option<KeptCut>), Error> {
         let copy = match damage_at {
             Some(at) => {
                 self.check_discard(journal, records, after)?;
-                Some(self.with_reserve(|| self.keep_journal_from(at))?)
+                let copy = self.with_reserve(|| self.keep_journal_from(at))?;
+                Some(KeptCut { at, copy })
             }
             None => None,
         };
