@@ -15,7 +15,8 @@
 //!   the changes of a renamed directory; a commit that fails half-way, run again;
 //! - remount, a store of another backing directory, a directory that is not a store or
 //!   lies inside BACKING, a corrupt record, a torn last record, a store on another file
-//!   system, a store on a full file system;
+//!   system, a store on a full file system, a write that fails right after an fsync (the
+//!   sync's mark stays, so later damage before it is refused, not cut);
 //! - two descriptors and a shared mapping of one isolated file, also across a discard;
 //! - files read, closed and at once rewritten or truncated (8 threads, so the kernel's
 //!   release of the passthrough open is still in flight), and a file held open read-only
@@ -5927,6 +5928,76 @@ fn a_create_and_its_inherited_acl_land_whole_or_not_at_all() {
         );
         m.stop();
     }
+}
+
+/// A write recorded right after an fsync begins over that sync's mark (the journal's
+/// "durable up to here"). When it fails half-written (here the daemon's file size limit,
+/// lowered under it; a full disk does the same), the mark is put back where it was: no
+/// sync comes to write it again before a crash. Without it, damage found later in the
+/// record the program had fsync'ed would look like a power cut's torn end and be cut off
+/// instead of refused.
+#[test]
+fn a_write_that_fails_after_an_fsync_leaves_the_sync_mark_in_place() {
+    let d = dirs();
+    let mut m = d.mount();
+    let chunk = pattern(3000, 5);
+    let mut f = File::create(d.mnt.join("f")).unwrap();
+    for _ in 0..4 {
+        f.write_all(&chunk).unwrap();
+        f.sync_all().unwrap();
+    }
+    let jpath = d.store.join("journal");
+    let j = read(&jpath);
+    let recs = journal_records(&j);
+    let &(last, last_len, last_data, _) = recs.last().unwrap();
+    let synced_end = last + last_len;
+    assert_eq!(
+        &j[synced_end..synced_end + 8],
+        b"IPSYNCED",
+        "no mark after the last fsync'ed record"
+    );
+    // The next record would start at the mark and end past the limit.
+    run(Command::new("prlimit")
+        .arg(format!("--pid={}", m.pid()))
+        .arg(format!("--fsize={}", synced_end + 100)));
+    let err = f.write_all(&chunk).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+    drop(f);
+    // A crash: nothing more is written to the journal (a clean stop would sync and mark).
+    m.kill();
+    m.cleanup_dead();
+    let mut j = read(&jpath);
+    assert_eq!(
+        j.len(),
+        synced_end + 16,
+        "the failed record was not cut back to the mark"
+    );
+    assert_eq!(
+        journal_records(&j).len(),
+        recs.len(),
+        "records changed by the failed write"
+    );
+    assert_eq!(
+        &j[synced_end..synced_end + 8],
+        b"IPSYNCED",
+        "the mark the failed write began over was not put back"
+    );
+
+    // Damage in the last fsync'ed record is refused, not cut like a torn end.
+    j[last_data + 10] ^= 0x01;
+    fs::write(&jpath, &j).unwrap();
+    let err = iso_fails("status", &d.store, &[]);
+    assert!(
+        err.contains("corrupt") && err.contains(&format!("offset {last}")),
+        "damage before the mark was not refused:\n{err}"
+    );
+    assert_eq!(read(&jpath), j, "the refusal changed the journal");
+    // Mended, the store holds every write that was fsync'ed.
+    j[last_data + 10] ^= 0x01;
+    fs::write(&jpath, &j).unwrap();
+    let m = d.mount();
+    assert_eq!(read(&d.mnt.join("f")), chunk.repeat(4));
+    m.stop();
 }
 
 #[test]
