@@ -899,6 +899,97 @@ fn a_new_backing_file_with_a_removed_files_inode_number_is_not_taken_for_it() {
     drop(fs_);
 }
 
+/// A file with pending data replaced in BACKING, behind the store's back, by a FIFO or a
+/// device: the commit refuses with what it found, before writing a byte. It used to open
+/// the FIFO for writing and wait forever (with no reader), or write the data into the
+/// device.
+#[test]
+fn a_commit_refuses_a_fifo_or_device_where_its_file_was() {
+    for (kind, make) in [
+        ("a FIFO", libc::S_IFIFO),
+        ("a character device", libc::S_IFCHR),
+    ] {
+        let d = dirs();
+        fs::write(d.backing.join("f"), b"original\n").unwrap();
+        let m = d.mount();
+        fs::write(d.mnt.join("f"), b"changed\n").unwrap();
+        m.stop();
+        let pending = num(&status(&d.store), "pending_changes");
+        let f = d.backing.join("f");
+        fs::remove_file(&f).unwrap();
+        // (1:3 is /dev/null: nothing lost if it were written.)
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &f,
+            rustix::fs::FileType::from_raw_mode(make),
+            rustix::fs::Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+        let mut commit = Command::new(bin())
+            .args(["isolation", "commit"])
+            .arg(&d.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exit = wait_timeout(&mut commit, std::time::Duration::from_secs(30));
+        if exit.is_none() {
+            let _ = commit.kill();
+            let _ = commit.wait();
+            panic!("the commit hangs on {kind} where its file was");
+        }
+        let mut err = String::new();
+        commit
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            !exit.unwrap().success()
+                && err.contains(&format!("{kind} where the store has a regular file")),
+            "commit with {kind} where its file was: {err}"
+        );
+        assert_eq!(
+            fs::symlink_metadata(&f).unwrap().mode() & libc::S_IFMT,
+            make,
+            "{kind} replaced"
+        );
+        assert_eq!(num(&status(&d.store), "pending_changes"), pending);
+    }
+}
+
+/// Blocks allocated past a file's end (fallocate with FALLOC_FL_KEEP_SIZE) stay allocated
+/// in BACKING after a commit, as the view showed them: setting the file's size to what it
+/// already was made ext4 free them.
+#[test]
+fn a_commit_keeps_blocks_allocated_past_the_end() {
+    let d = dirs();
+    fs::write(d.backing.join("f"), [b'x'; 100]).unwrap();
+    let m = d.mount();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("f"))
+        .unwrap();
+    // SAFETY: a plain fallocate(2) on a descriptor this test owns.
+    let r =
+        unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 64 << 10, 64 << 10) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    drop(f);
+    let seen = fs::metadata(d.mnt.join("f")).unwrap();
+    assert_eq!(seen.len(), 100);
+    assert!(seen.blocks() >= 136, "the view: {} blocks", seen.blocks());
+    iso("commit", &d.store, &[]);
+    m.stop();
+    let now = fs::metadata(d.backing.join("f")).unwrap();
+    assert_eq!(
+        (now.len(), now.blocks()),
+        (100, seen.blocks()),
+        "BACKING's size and blocks after the commit, against the view's"
+    );
+}
+
 /// BACKING on overlayfs, which keeps an object's inode number when it copies it up to
 /// its upper layer but gives it a new birth time: a directory copied up by a change
 /// outside the isolated paths is still the view's directory, with the isolated names

@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -131,11 +131,38 @@ impl Backing {
 
     /// A regular file's contents for reading.
     pub fn open_read(&self, rel: &Path) -> io::Result<File> {
-        Ok(File::from(self.open_at(rel, OFlags::RDONLY, 0)?))
+        self.open_regular(rel, OFlags::RDONLY)
     }
 
     pub fn open_rw(&self, rel: &Path) -> io::Result<File> {
-        Ok(File::from(self.open_at(rel, OFlags::RDWR, 0)?))
+        self.open_regular(rel, OFlags::RDWR)
+    }
+
+    /// Opens `rel`, which the store knows as a regular file, for its contents. Whatever
+    /// else stands there now (put there behind the store's back, or named by a journal
+    /// that is not the daemon's) is refused before it is opened: a FIFO would block the
+    /// open, a device would take the data (or do what opening it does). So the object is
+    /// looked at through an O_PATH descriptor first, then reopened through it.
+    pub fn open_regular(&self, rel: &Path, flags: OFlags) -> io::Result<File> {
+        let fd = self.open_at(rel, OFlags::PATH, 0)?;
+        let st = rustix::fs::fstat(&fd).map_err(errno)?;
+        let kind = match st.st_mode & libc::S_IFMT {
+            libc::S_IFREG => {
+                let again = format!("/proc/self/fd/{}", fd.as_raw_fd());
+                let f = rustix::fs::open(again, flags | OFlags::CLOEXEC, Mode::empty());
+                return f.map(File::from).map_err(errno);
+            }
+            libc::S_IFDIR => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
+            libc::S_IFIFO => "a FIFO",
+            libc::S_IFCHR => "a character device",
+            libc::S_IFBLK => "a block device",
+            libc::S_IFSOCK => "a socket",
+            _ => "an object of unknown type",
+        };
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{kind} where the store has a regular file"),
+        ))
     }
 
     /// What `accept` makes of the first name of inode `ino` beneath the root (a hard link)
@@ -335,7 +362,7 @@ pub fn apply(
             size,
             runs,
         } => {
-            let f = File::from(backing.open_at(&p(path), OFlags::WRONLY, 0)?);
+            let f = backing.open_regular(&p(path), OFlags::WRONLY)?;
             // Writing or truncating as root drops the file's capabilities. The view drops
             // them for a write(2) as a change of its own, before the data, and keeps them
             // for a shared mapping's writeback, as the kernel does: so put back what
@@ -379,7 +406,11 @@ pub fn apply(
                 }
                 return Err(e);
             }
-            f.set_len(*size)?;
+            // (Not when it is the size already: ext4 would free blocks allocated past the
+            // end, which the view shows as allocated.)
+            if f.metadata()?.len() != *size {
+                f.set_len(*size)?;
+            }
             if let Some(caps) = caps {
                 let now = rustix::fs::fgetxattr(&f, CAPABILITY, &mut [0u8; 64][..]);
                 if now == Err(rustix::io::Errno::NODATA) {
