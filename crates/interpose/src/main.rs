@@ -902,15 +902,21 @@ fn isolation(cmd: IsolationCommand) -> Result<()> {
         }
         IsolationCommand::Log { .. } => unreachable!("printed above"),
         IsolationCommand::Commit { .. } => outln!(
-            "committed up to change {}; {} changes pending",
+            "committed up to change {}; {}",
             answer["committed_upto"],
-            answer["pending_changes"]
+            pending(&answer["pending_changes"])
         )?,
         IsolationCommand::Discard { .. } => {
-            outln!("discarded; {} changes pending", answer["pending_changes"])?
+            outln!("discarded; {}", pending(&answer["pending_changes"]))?
         }
     }
     Ok(())
+}
+
+/// "N changes pending", "1 change pending".
+fn pending(count: &serde_json::Value) -> String {
+    let s = if count.as_u64() == Some(1) { "" } else { "s" };
+    format!("{count} change{s} pending")
 }
 
 /// Prints `isolation log` entries as they come: text lines, or (`--json`) one JSON array.
