@@ -116,6 +116,9 @@ struct OpenFile {
     backing: Option<Arc<BackingId>>,
     /// Served around the kernel's page cache ([`served_directly`]).
     direct: bool,
+    /// Who opened it: the filters' caller for the writes the kernel makes from its page
+    /// cache (a shared mapping written back), which carry no identity (uid 0, pid 0).
+    opener: Caller,
 }
 
 /// An open directory and where its stream stands.
@@ -645,6 +648,7 @@ impl FilterFs {
         node: u64,
         fd: OwnedFd,
         flags: i32,
+        opener: Caller,
         want_passthrough: bool,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> (u64, Option<Arc<BackingId>>) {
@@ -706,6 +710,7 @@ impl FilterFs {
                 fd,
                 direct: backing.is_none() && served_directly(flags),
                 backing: backing.clone(),
+                opener,
             }),
         );
         (fh, backing)
@@ -1423,7 +1428,11 @@ impl Filesystem for FilterFs {
                     }
                     res => res,
                 }?;
-                Ok(self.open_file(ino.0, fd, flags, passthrough, |fd| reply.open_backing(fd)))
+                Ok(
+                    self.open_file(ino.0, fd, flags, caller(req), passthrough, |fd| {
+                        reply.open_backing(fd)
+                    }),
+                )
             },
             |_| 0,
         );
@@ -1485,9 +1494,10 @@ impl Filesystem for FilterFs {
                         e => e,
                     })?;
                 let entry = self.lookup_at(parent, dir.as_fd(), name)?;
-                let (fh, backing) = self.open_file(entry.id, fd, flags, passthrough, |fd| {
-                    reply.open_backing(fd)
-                });
+                let (fh, backing) =
+                    self.open_file(entry.id, fd, flags, caller(req), passthrough, |fd| {
+                        reply.open_backing(fd)
+                    });
                 Ok((entry, fh, backing))
             },
             |_| 0,
@@ -1591,6 +1601,9 @@ impl Filesystem for FilterFs {
             |r| {
                 r.offset = Some(offset);
                 r.size = Some(data.len() as u64);
+                if wf.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                    r.caller = file.opener;
+                }
             },
             || {
                 let sync = if !write_must_sync(file.direct, flags.0) {
@@ -1865,18 +1878,15 @@ impl Filesystem for FilterFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Closed whatever the filters say: the kernel has let go of the handle either
+        // way (and sends its release without the caller's identity).
+        let gone = self.dirs.lock().remove(&fh.0);
         let res = self.filtered(
             req,
             Op::Releasedir,
             self.node_path(ino.0),
             |_| {},
-            || {
-                self.dirs
-                    .lock()
-                    .remove(&fh.0)
-                    .map(|_| ())
-                    .ok_or(libc::EBADF)
-            },
+            || gone.map(drop).ok_or(libc::EBADF),
             |_| 0,
         );
         reply_empty(reply, res);

@@ -679,3 +679,86 @@ fn audit_names_an_object_by_a_name_it_still_has_after_link_games() {
         assert_eq!(write["path"], name, "{tag}: {write}");
     }
 }
+
+/// The kernel sends some requests on its own, without the caller's identity (uid 0, pid
+/// 0): the release of a directory, and the write-back of a shared mapping. A rule for
+/// every uid but one must not refuse them for the one it lets through: a refused release
+/// used to keep the directory open in the daemon (one descriptor per listing), and a
+/// refused write-back lost the mapping's data with no error at close.
+#[test]
+fn requests_the_kernel_makes_on_its_own_are_judged_as_their_opener() {
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log = tmp.path().join("audit.jsonl");
+    let m = Mount::new(&[
+        "--filter",
+        &format!("audit={}", log.display()),
+        "--filter",
+        "deny=secret/**:all:EACCES:uid!=65534",
+    ]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o777)).unwrap();
+    for d in ["secret", "secret/d"] {
+        fs::create_dir(m.backing.join(d)).unwrap();
+        std::os::unix::fs::chown(m.backing.join(d), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    fs::write(m.backing.join("secret/m"), vec![b'.'; 4096]).unwrap();
+    std::os::unix::fs::chown(m.backing.join("secret/m"), Some(NOBODY), Some(NOBODY)).unwrap();
+
+    let listings = 20;
+    let out = nobody_sh(
+        &m.mnt,
+        &format!("for i in $(seq {listings}); do ls secret/d >/dev/null || exit 1; done"),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    // The releases are sent after `ls` has gone (the kernel does not wait for them).
+    // (Open for listing, that is: the daemon may hold an O_PATH descriptor of the node.)
+    let held = |dir: &Path| {
+        let pid = m.pid();
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .filter_map(|e| {
+                let e = e.unwrap();
+                let info =
+                    fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_str()?))
+                        .ok()?;
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?.trim();
+                let flags = i32::from_str_radix(flags, 8).ok()?;
+                (fs::read_link(e.path()).ok()? == dir && flags & libc::O_PATH == 0).then_some(())
+            })
+            .count()
+    };
+    let dir = fs::canonicalize(m.backing.join("secret/d")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while held(&dir) > 0 && std::time::Instant::now() < deadline {
+        std::thread::yield_now();
+    }
+    assert_eq!(
+        held(&dir),
+        0,
+        "the daemon still holds secret/d open after {listings} listings"
+    );
+
+    let script = "import mmap, os\n\
+                  fd = os.open('secret/m', os.O_RDWR)\n\
+                  with mmap.mmap(fd, 4096) as mm:\n\
+                  \x20   mm[:6] = b'MAPPED'\n\
+                  \x20   mm.flush()\n\
+                  os.fsync(fd)\n\
+                  os.close(fd)\n";
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .args([python(), "-c", script])
+            .current_dir(&m.mnt),
+    );
+    assert!(
+        out.status.success(),
+        "write through a mapping: {}",
+        describe(&out)
+    );
+    assert_eq!(
+        &fs::read(m.backing.join("secret/m")).unwrap()[..6],
+        b"MAPPED",
+        "the mapping's data did not reach the backing file"
+    );
+    m.stop();
+}
