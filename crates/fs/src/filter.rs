@@ -265,6 +265,14 @@ pub trait Filter: Send + Sync {
         false
     }
 
+    /// Whether to refuse `req`, a rename or link that takes the object at `from` (inside
+    /// the subtrees this filter is scoped to) out of them, where the filter no longer
+    /// sees it: a filter that keeps the caller from reading the object refuses, or the
+    /// caller would read it from the new name. Asked after `before` let the request go.
+    fn before_leaving(&self, _req: &Request, _from: &Path) -> Verdict {
+        Verdict::Continue
+    }
+
     /// Called once at unmount, e.g. to flush logs.
     fn close(&self) {}
 }
@@ -296,6 +304,25 @@ impl Scoped {
     fn applies(&self, req: &Request) -> bool {
         self.applies_to(&req.path) || req.path2.as_deref().is_some_and(|p| self.applies_to(p))
     }
+
+    /// For a rename or link that takes an object from inside the subtrees to outside
+    /// them (either way for an exchange): the object's path inside.
+    fn leaving<'r>(&self, req: &'r Request) -> Option<&'r Path> {
+        let (Op::Rename | Op::Link, Some(to)) = (req.op, req.path2.as_deref()) else {
+            return None;
+        };
+        let from = req.path.as_path();
+        let exchange = req
+            .flags
+            .is_some_and(|f| f & libc::RENAME_EXCHANGE as i32 != 0);
+        if self.applies_to(from) && !self.applies_to(to) {
+            Some(from)
+        } else if exchange && self.applies_to(to) && !self.applies_to(from) {
+            Some(to)
+        } else {
+            None
+        }
+    }
 }
 
 /// The filters of one mount, in order.
@@ -318,6 +345,11 @@ impl Chain {
             if scoped.applies(req) {
                 if let Verdict::Deny(errno) = scoped.filter.before(req) {
                     return Verdict::Deny(errno);
+                }
+                if let Some(from) = scoped.leaving(req) {
+                    if let Verdict::Deny(errno) = scoped.filter.before_leaving(req, from) {
+                        return Verdict::Deny(errno);
+                    }
                 }
             }
         }

@@ -504,6 +504,16 @@ fn nobody_sh(dir: &Path, script: &str) -> std::process::Output {
     )
 }
 
+/// Runs `script` as nobody in `dir`; it must fail with "Permission denied".
+fn refused_to_nobody(dir: &Path, script: &str) {
+    let out = nobody_sh(dir, script);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("denied"),
+        "{script}: {}",
+        describe(&out)
+    );
+}
+
 /// A caller kept from reading something cannot read it under another name: not by
 /// renaming it (or a directory above it) out of the rule's paths, not by linking it
 /// there, not after someone made and removed a second name for it, and not from the
@@ -527,14 +537,7 @@ fn read_rules_hold_across_renames_links_and_caches() {
         std::os::unix::fs::chown(m.backing.join(f), Some(NOBODY), Some(NOBODY)).unwrap();
     }
     std::os::unix::fs::symlink("pub/a.key", m.backing.join("x.lnk")).unwrap();
-    let refused = |script: &str| {
-        let out = nobody_sh(&m.mnt, script);
-        assert!(
-            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("denied"),
-            "{script}: {}",
-            describe(&out)
-        );
-    };
+    let refused = |script: &str| refused_to_nobody(&m.mnt, script);
     refused("cat pub/a.key");
     refused("mv pub/b.key pub/b.txt");
     refused("ln pub/b.key pub/b.txt");
@@ -760,5 +763,49 @@ fn requests_the_kernel_makes_on_its_own_are_judged_as_their_opener() {
         b"MAPPED",
         "the mapping's data did not reach the backing file"
     );
+    m.stop();
+}
+
+/// A rule scoped with `under=` cannot be left behind by moving what it guards out of its
+/// subtree (where it no longer applies): renames and links out are refused as reads
+/// are, a file the rule does not guard still moves out, and moves within stay allowed.
+#[test]
+fn a_scoped_rule_cannot_be_escaped_by_moving_out_of_its_subtree() {
+    let m = Mount::new(&[
+        "--filter",
+        "deny=**/*.key:read:EACCES:uid=65534;under=home/a",
+    ]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o777)).unwrap();
+    for d in ["home", "home/a", "home/a/sub", "tmp"] {
+        fs::create_dir(m.backing.join(d)).unwrap();
+        fs::set_permissions(m.backing.join(d), fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    for f in [
+        "home/a/x.key",
+        "home/a/sub/y.key",
+        "home/a/notes",
+        "tmp/z.key",
+    ] {
+        fs::write(m.backing.join(f), b"secret").unwrap();
+        std::os::unix::fs::chown(m.backing.join(f), Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    let refused = |script: &str| refused_to_nobody(&m.mnt, script);
+    refused("cat home/a/x.key");
+    refused("mv home/a/x.key tmp/x.key");
+    refused("ln home/a/x.key tmp/x.key");
+    refused("mv home/a/sub tmp/sub");
+    refused("mv home/a tmp/a");
+    refused("mv home tmp/h");
+    for ok in [
+        "cat tmp/z.key",
+        "mv home/a/x.key home/a/sub/x.key",
+        "mv home/a/notes tmp/notes",
+    ] {
+        let out = nobody_sh(&m.mnt, ok);
+        assert!(out.status.success(), "{ok}: {}", describe(&out));
+    }
+    assert!(m.backing.join("home/a/sub/x.key").exists());
+    assert!(!m.backing.join("tmp/x.key").exists());
     m.stop();
 }

@@ -364,6 +364,14 @@ impl Filter for Deny {
             .any(|r| r.ops.iter().any(|o| o.cacheable()))
     }
 
+    fn before_leaving(&self, req: &Request, from: &Path) -> Verdict {
+        // Out of the filter's subtrees no rule applies: moving there escapes them all.
+        let rule = self.rules.iter().find(|r| {
+            r.uid_ok(req) && r.ops.iter().any(|o| o.guards_content()) && r.matches_path(from)
+        });
+        rule.map_or(Verdict::Continue, |r| Verdict::Deny(r.errno))
+    }
+
     fn guards_below(&self, dir: &Path, req: &Request) -> bool {
         self.rules.iter().any(|r| {
             r.uid_ok(req)
