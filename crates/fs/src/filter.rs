@@ -196,6 +196,14 @@ impl Request {
         }
     }
 
+    /// Whether this request is a rename that exchanges its two paths.
+    pub fn is_exchange(&self) -> bool {
+        self.op == Op::Rename
+            && self
+                .flags
+                .is_some_and(|f| f & libc::RENAME_EXCHANGE as i32 != 0)
+    }
+
     /// Whether this request would change anything.
     pub fn mutates(&self) -> bool {
         match self.op {
@@ -312,12 +320,9 @@ impl Scoped {
             return None;
         };
         let from = req.path.as_path();
-        let exchange = req
-            .flags
-            .is_some_and(|f| f & libc::RENAME_EXCHANGE as i32 != 0);
         if self.applies_to(from) && !self.applies_to(to) {
             Some(from)
-        } else if exchange && self.applies_to(to) && !self.applies_to(from) {
+        } else if req.is_exchange() && self.applies_to(to) && !self.applies_to(from) {
             Some(to)
         } else {
             None

@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -148,8 +148,7 @@ impl Backing {
         let st = rustix::fs::fstat(&fd).map_err(errno)?;
         let kind = match st.st_mode & libc::S_IFMT {
             libc::S_IFREG => {
-                let again = format!("/proc/self/fd/{}", fd.as_raw_fd());
-                let f = rustix::fs::open(again, flags | OFlags::CLOEXEC, Mode::empty());
+                let f = rustix::fs::open(proc_path(&fd), flags | OFlags::CLOEXEC, Mode::empty());
                 return f.map(File::from).map_err(errno);
             }
             libc::S_IFDIR => return Err(io::Error::from_raw_os_error(libc::EISDIR)),
@@ -243,7 +242,7 @@ pub fn statx_at(
 }
 
 /// The path `/proc/self/fd/N` of an `O_PATH` descriptor, for the xattr calls that take a
-/// path (they refuse `O_PATH` descriptors themselves). Use the following variants
+/// path (they refuse `O_PATH` descriptors themselves), and to open the object for I/O. Use the following variants
 /// (`getxattr`, not `lgetxattr`): following the magic link reaches the object itself, even
 /// a symlink; not following it would act on the link in /proc.
 pub fn proc_path(fd: &OwnedFd) -> PathBuf {

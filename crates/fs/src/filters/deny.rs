@@ -325,9 +325,7 @@ impl Filter for Deny {
         // rename or link out of the rule's paths is refused as the rule refuses (for a
         // directory, the file system asks about each object below it, `guards_below`).
         if let (Op::Rename | Op::Link, Some(to)) = (req.op, req.path2.as_deref()) {
-            let exchange = req
-                .flags
-                .is_some_and(|f| f & libc::RENAME_EXCHANGE as i32 != 0);
+            let exchange = req.is_exchange();
             let from = req.path.as_path();
             let rule = self
                 .rules
