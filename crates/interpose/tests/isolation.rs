@@ -358,6 +358,11 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Opens `p` for reading and writing.
+fn open_rw(p: &Path) -> File {
+    OpenOptions::new().read(true).write(true).open(p).unwrap()
+}
+
 fn read(p: &Path) -> Vec<u8> {
     fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
 }
@@ -2228,6 +2233,95 @@ fn a_file_open_for_writing_outside_the_isolated_paths_enters_them_once_closed() 
     m.stop();
 }
 
+/// With `--isolate-path`, a file open for writing outside the isolated paths is written
+/// through passthrough, straight to its backing file, and can enter the isolated paths
+/// while open in ways no rename of its own makes wait: a hard link to it met there, or a
+/// directory above it renamed in isolation (a pending change below it entangles the
+/// rename). Its writes go on reaching the backing file, so its fallocate and ftruncate go
+/// there too (they were recorded: the commit then punched away what the program wrote
+/// after them), its other opens share that file (they failed with EIO), and its size is
+/// that file's. The same holds for such a file unlinked while open, whose ftruncate waited
+/// two seconds for its own descriptor to close and failed with ETXTBSY.
+#[test]
+fn a_file_written_through_passthrough_keeps_its_data_there_when_it_enters_the_isolated_paths() {
+    let d = dirs();
+    for dir in ["out", "iso", "dA"] {
+        fs::create_dir(d.backing.join(dir)).unwrap();
+    }
+    fs::write(d.backing.join("out/f"), vec![b'A'; 8192]).unwrap();
+    fs::hard_link(d.backing.join("out/f"), d.backing.join("iso/hl")).unwrap();
+    fs::write(d.backing.join("dA/g"), vec![b'G'; 8192]).unwrap();
+    fs::write(d.backing.join("out/u"), vec![b'U'; 8192]).unwrap();
+    fs::write(d.backing.join("iso/x"), b"x").unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso"]);
+    let rw = |p: &str| open_rw(&d.mnt.join(p));
+    let punch = |f: &File, offset: u64, len: u64| {
+        let mode = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(f, mode, offset, len).unwrap();
+    };
+    // What each file must hold: 10 bytes written over a punched first block, cut to 6000.
+    let expect = |fill: u8| {
+        let mut want = vec![0u8; 6000];
+        want[..10].copy_from_slice(b"WWWWWWWWWW");
+        want[4096..].fill(fill);
+        want
+    };
+    let work = |f: &File, name: &str, fill: u8| {
+        punch(f, 0, 4096);
+        f.write_all_at(b"WWWWWWWWWW", 0).unwrap();
+        f.set_len(6000).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 6000, "{name}: fstat");
+        let mut buf = Vec::new();
+        (&*f).seek(std::io::SeekFrom::Start(0)).unwrap();
+        (&*f).read_to_end(&mut buf).unwrap();
+        assert!(buf == expect(fill), "{name}: read back by its descriptor");
+    };
+
+    // A hard link met in the isolated paths while out/f is open for writing.
+    let f = rw("out/f");
+    fs::metadata(d.mnt.join("iso/hl")).unwrap();
+    work(&f, "out/f, linked as iso/hl", b'A');
+    for name in ["iso/hl", "out/f"] {
+        let got = fs::read(d.mnt.join(name)).map_err(|e| e.raw_os_error());
+        assert!(
+            got == Ok(expect(b'A')),
+            "{name} by another open while out/f is open"
+        );
+    }
+    drop(f);
+
+    // A directory above the file renamed in isolation while it is open for writing.
+    let g = rw("dA/g");
+    fs::rename(d.mnt.join("iso/x"), d.mnt.join("dA/x")).unwrap();
+    fs::rename(d.mnt.join("dA"), d.mnt.join("dB")).unwrap();
+    assert!(d.backing.join("dA/g").exists(), "the rename was isolated");
+    work(&g, "dA/g, its directory renamed", b'G');
+    drop(g);
+
+    // A file unlinked while open for writing.
+    let u = rw("out/u");
+    fs::remove_file(d.mnt.join("out/u")).unwrap();
+    let start = std::time::Instant::now();
+    work(&u, "out/u, unlinked", b'U');
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(1),
+        "out/u: its ftruncate waited for its own descriptor"
+    );
+    drop(u);
+
+    m.stop();
+    commit(&d.store, None);
+    assert!(
+        read(&d.backing.join("out/f")) == expect(b'A'),
+        "out/f after the commit"
+    );
+    assert!(
+        read(&d.backing.join("dB/g")) == expect(b'G'),
+        "dB/g after the commit"
+    );
+    assert!(!d.backing.join("out/u").exists());
+}
+
 /// POSIX: after rewinddir, a directory stream shows the directory as it is then. The
 /// isolated mount used to keep serving the listing taken when the directory was opened.
 #[test]
@@ -4031,13 +4125,7 @@ fn status_log_commit_upto_and_discard_after_on_a_mounted_store() {
     assert_untouched(&d.backing, &before, "after refused commands");
 
     // Descriptors held across the commit and the discard (read-write: not passthrough).
-    let rw = |p: &str| {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(d.mnt.join(p))
-            .unwrap()
-    };
+    let rw = |p: &str| open_rw(&d.mnt.join(p));
     let (held_n1, held_other) = (rw("d/n1"), rw("keep/other"));
     let read_held = |f: &File| {
         let mut b = vec![0u8; 64];

@@ -379,7 +379,7 @@ impl IsolatedFs {
             && n.attr.is_file()
             && n.data.is_none()
             && cached_opens == 0
-            && (direct || (!write && n.writers == 0))
+            && (direct || (!write && (n.writers == 0 || n.passthrough_file.is_some())))
         {
             let mut ids = self.0.backing_ids.lock();
             match (shared(&ids), &n.origin) {
@@ -387,10 +387,15 @@ impl IsolatedFs {
                 // Not by the name of a detached node: another object's now, or nothing's.
                 (None, Some(origin)) if !n.detached => {
                     match register_backing(&backing, origin, direct, write, reply_backing) {
-                        Ok((b, writable)) => {
+                        Ok((b, f, writable)) => {
                             let b = Arc::new(b);
                             ids.insert(id, (Arc::downgrade(&b), writable));
                             bid = Some(b);
+                            if writable {
+                                let f = Arc::new(f);
+                                n.origin_file.get_or_insert_with(|| f.clone());
+                                n.passthrough_file = Some(f);
+                            }
                         }
                         Err(e) => {
                             tracing::debug!("passthrough refused, serving from the daemon: {e}")
@@ -440,17 +445,17 @@ impl IsolatedFs {
     }
 }
 
-/// Opens the backing file at `origin` and registers it for passthrough; whether it is
-/// open for writing too. Outside the isolated paths (`direct`) it is opened for reading
-/// and writing, to be shared by readers and writers, falling back to reading only for a
-/// reader (a running program's file cannot be opened for writing).
+/// Opens the backing file at `origin` and registers it for passthrough; the file, and
+/// whether it is open for writing too. Outside the isolated paths (`direct`) it is opened
+/// for reading and writing, to be shared by readers and writers, falling back to reading
+/// only for a reader (a running program's file cannot be opened for writing).
 fn register_backing(
     backing: &crate::backing::Backing,
     origin: &Path,
     direct: bool,
     write: bool,
     reply_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
-) -> std::io::Result<(BackingId, bool)> {
+) -> std::io::Result<(BackingId, File, bool)> {
     let (f, writable) = if !direct {
         (backing.open_read(origin)?, false)
     } else {
@@ -460,7 +465,7 @@ fn register_backing(
             Err(_) => (backing.open_read(origin)?, false),
         }
     };
-    Ok((reply_backing(&f)?, writable))
+    Ok((reply_backing(&f)?, f, writable))
 }
 
 impl Filesystem for IsolatedFs {
@@ -548,7 +553,7 @@ impl Filesystem for IsolatedFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -570,8 +575,12 @@ impl Filesystem for IsolatedFs {
             }
             if let Some(size) = size {
                 // (Outside the isolated paths the truncation reaches the backing file that
-                // passthrough opens use: nothing to wait for.)
-                if !v.is_direct(id) {
+                // passthrough opens use: nothing to wait for. Nor through such an open,
+                // whose file it truncates, wherever its node is now: see
+                // `Node::passthrough_file`.)
+                let through_passthrough = v.node(id)?.passthrough_file.is_some()
+                    && fh.is_some_and(|fh| self.file(fh).is_ok_and(|f| f.backing.is_some()));
+                if !v.is_direct(id) && !through_passthrough {
                     self.await_passthrough_closed(&mut v, id)?;
                 }
                 if size != v.node(id)?.attr.size || v.node(id)?.attr.is_file() {
@@ -927,6 +936,7 @@ impl Filesystem for IsolatedFs {
                 n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
                 if n.passthrough_opens == 0 {
                     self.0.backing_ids.lock().remove(&f.node);
+                    n.passthrough_file = None;
                 }
                 self.0.passthrough_released.notify_all();
             }

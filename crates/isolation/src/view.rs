@@ -191,6 +191,13 @@ pub struct Node {
     pub passthrough_opens: u32,
     /// The backing file, open for reading while the node is open.
     pub origin_file: Option<Arc<File>>,
+    /// The backing file registered, open for writing, for the kernel's passthrough (a node
+    /// outside the isolated paths when it was opened), while any passthrough open lasts.
+    /// The kernel reads and writes the node's data there, not through the view, also if
+    /// the node enters the isolated paths meanwhile (a hard link met there, a directory
+    /// above it renamed in isolation): so the view's own changes to its data (truncate,
+    /// fallocate) go there too, and its size and times are that file's.
+    pub passthrough_file: Option<Arc<File>>,
     /// The backing inode number `by_ino` knows this node under (nodes made from a
     /// backing object), so that dropping the node finds its entry without a scan.
     pub backing_ino: Option<u64>,
@@ -250,6 +257,7 @@ impl Node {
             writers: 0,
             passthrough_opens: 0,
             origin_file: None,
+            passthrough_file: None,
             backing_ino: None,
             backing_dev: 0,
             backing_birth: None,
@@ -941,6 +949,19 @@ impl View {
             };
             if let Some(st) = st.filter(|st| n.stands_for(st, backing.birth_of(st))) {
                 n.attr = Attr::from_statx(&st);
+            }
+        } else if let Some(f) = &n.passthrough_file {
+            // Its data is that file's (see `passthrough_file`), written by the kernel.
+            let st = crate::backing::statx_at(f.as_ref(), "", rustix::fs::AtFlags::EMPTY_PATH);
+            if let Ok(st) = st {
+                let fresh = Attr::from_statx(&st);
+                n.attr.size = fresh.size;
+                n.attr.blocks = fresh.blocks;
+                // Written since the view last changed it: the write's times.
+                if fresh.ctime > n.attr.ctime {
+                    n.attr.mtime = fresh.mtime;
+                    n.attr.ctime = fresh.ctime;
+                }
             }
         } else if n.attr.is_dir() && n.overlay.is_some() && self.is_direct(id) {
             self.refresh_direct_dir(id);
@@ -2572,6 +2593,9 @@ impl View {
     }
 
     pub fn truncate(&mut self, id: u64, size: u64) -> Res<()> {
+        if let Some(f) = self.node(id)?.passthrough_file.clone() {
+            return f.set_len(size).map_err(io_errno);
+        }
         let a = self.live_attr(id)?;
         if a.is_dir() {
             return Err(libc::EISDIR);
@@ -2681,6 +2705,11 @@ impl View {
     /// fallocate: mode 0 and KEEP_SIZE (allocation: only the size changes), PUNCH_HOLE and
     /// ZERO_RANGE; others are not supported in an isolated view.
     pub fn fallocate(&mut self, id: u64, offset: u64, len: u64, mode: i32) -> Res<()> {
+        if let Some(f) = self.node(id)?.passthrough_file.clone() {
+            let mode = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+            return rustix::fs::fallocate(f.as_ref(), mode, offset, len)
+                .map_err(|e| e.raw_os_error());
+        }
         let a = self.live_attr(id)?;
         if !a.is_file() {
             return Err(libc::ENODEV);
@@ -3044,7 +3073,11 @@ impl View {
             // Held only by a lookup, it may still be opened: the kernel resolved its name
             // before the name went (an open racing an unlink, then this commit).
             let open = n.opens > 0;
-            let copy = if n.attr.is_file() && (n.data.is_some() || n.origin_file.is_none()) {
+            // (A file a passthrough open writes keeps that file: its data is there.)
+            let copy = if n.attr.is_file()
+                && n.passthrough_file.is_none()
+                && (n.data.is_some() || n.origin_file.is_none())
+            {
                 let copied = match unnamed_file(dir).map_err(io_errno) {
                     Ok(f) => self.copy_out(id, f),
                     Err(e) => Err(e),
@@ -3091,7 +3124,10 @@ impl View {
             o.changed = true;
             o.xattrs = n.xattrs.take();
             o.target = n.target.take();
-            o.origin_file = copy.or_else(|| n.origin_file.clone());
+            o.origin_file = copy
+                .or_else(|| n.origin_file.clone())
+                .or_else(|| n.passthrough_file.clone());
+            o.passthrough_file = n.passthrough_file.clone();
             o.lookups = std::mem::take(&mut n.lookups);
             o.opens = std::mem::take(&mut n.opens);
             o.writers = n.writers;
