@@ -43,8 +43,9 @@ pub struct Node {
     /// Last known parent and name (for filter paths; hard links keep the latest one).
     pub parent: u64,
     pub name: Box<OsStr>,
-    /// Its other names met (hard links), latest last, a few at most: what the object is
-    /// called again when its latest name goes (a hard link made and removed).
+    /// Its other names met (hard links), latest last: what the object is called again
+    /// when its latest name goes (a hard link made and removed), or when the kernel has
+    /// forgotten a directory on the way to it (see [`Inodes::path`]).
     pub prev: Vec<(u64, Box<OsStr>)>,
     pub nlookup: u64,
     /// Changes when the inode number starts naming another object, so that the kernel
@@ -56,8 +57,17 @@ pub struct Node {
     pub cached_opens: u32,
 }
 
-/// Other names of an object remembered besides its latest (see [`Node::prev`]).
-const MAX_OTHER_NAMES: usize = 4;
+/// Other names of an object remembered besides its latest (see [`Node::prev`]): every
+/// name the kernel can reach it by, short of an object with more hard links than this
+/// that the kernel looked up by each.
+const MAX_OTHER_NAMES: usize = 256;
+
+/// Steps [`Inodes::path`] takes through other names before it gives up on a path.
+const PATH_STEPS: u32 = 16_384;
+
+/// Names in a path [`Inodes::path`] goes up to (a cycle of names, after changes made
+/// outside the mount, ends there).
+const MAX_DEPTH: usize = 4096;
 
 impl Node {
     /// Drops `parent`/`name` from the object's other names.
@@ -419,28 +429,27 @@ impl Inodes {
         });
     }
 
-    /// The node's path relative to the mount root, starting with `/`.
+    /// The node's path relative to the mount root, starting with `/`. By its latest name;
+    /// where the kernel has forgotten a directory on that way (it keeps a directory while
+    /// it holds a name in it, but the latest name of a hard link may not be the one it
+    /// holds), by the latest other name whose directories it still holds.
     pub fn path(&self, id: u64) -> PathBuf {
         let table = self.table.lock();
         let mut names: Vec<&OsStr> = Vec::new();
-        let mut cur = id;
-        let mut orphan = false;
-        while cur != ROOT_ID && names.len() < 4096 {
-            match table.nodes.get(&cur) {
-                Some(node) => {
-                    names.push(&node.name);
-                    cur = node.parent;
-                }
-                None => {
-                    orphan = true;
+        let mut steps = PATH_STEPS;
+        let mut path = PathBuf::from("/");
+        if !names_up_to_root(&table.nodes, id, &mut names, &mut steps) {
+            // None known all the way (changes made outside the mount): say so rather than
+            // invent a path.
+            names.clear();
+            let mut cur = id;
+            while let Some(node) = table.nodes.get(&cur).filter(|_| names.len() < MAX_DEPTH) {
+                names.push(&node.name);
+                cur = node.parent;
+                if cur == ROOT_ID {
                     break;
                 }
             }
-        }
-        let mut path = PathBuf::from("/");
-        if orphan {
-            // A parent the kernel already forgot (only possible after changes made
-            // outside the mount); say so rather than invent a path.
             path.push("?");
         }
         for name in names.iter().rev() {
@@ -454,6 +463,38 @@ impl Inodes {
         path.push(name);
         path
     }
+}
+
+/// Pushes the names from node `id` up to the root onto `out` (the node's first), by the
+/// first of its names, latest first, whose directories are all known, and so on up; false
+/// if there is none within `steps`.
+fn names_up_to_root<'a>(
+    nodes: &'a HashMap<u64, Node>,
+    id: u64,
+    out: &mut Vec<&'a OsStr>,
+    steps: &mut u32,
+) -> bool {
+    if id == ROOT_ID {
+        return true;
+    }
+    let Some(node) = nodes.get(&id).filter(|_| out.len() < MAX_DEPTH) else {
+        return false;
+    };
+    let names = std::iter::once((node.parent, &*node.name))
+        .chain(node.prev.iter().rev().map(|(p, n)| (*p, &**n)));
+    for (parent, name) in names {
+        if *steps == 0 {
+            return false;
+        }
+        *steps -= 1;
+        let len = out.len();
+        out.push(name);
+        if names_up_to_root(nodes, parent, out, steps) {
+            return true;
+        }
+        out.truncate(len);
+    }
+    false
 }
 
 /// Converts a `d_type`/`st_mode` file type to fuser's.

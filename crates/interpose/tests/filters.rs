@@ -572,6 +572,76 @@ fn read_rules_hold_across_renames_links_and_caches() {
     );
 }
 
+/// Rules on both names of a hard link hold after the kernel has forgotten the directory
+/// of the name the daemon met last: the daemon judges by another name it met, whose
+/// directories the kernel still holds. (It called the file `/?/k`, which neither rule
+/// matched.) Nobody holds `b/k` by an `O_PATH` descriptor and reopens it through
+/// /proc/self/fd, which asks the daemon to open it with no lookup of a name.
+#[test]
+fn rules_on_both_names_of_a_hard_link_hold_after_the_kernel_forgets_a_directory() {
+    use std::io::{BufRead, BufReader, Write};
+    let m = Mount::new(&[
+        "--filter",
+        "deny=a/*:read:EACCES:uid=65534;b/*:read:EACCES:uid=65534",
+    ]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["a", "b"] {
+        fs::create_dir(m.backing.join(d)).unwrap();
+        fs::set_permissions(m.backing.join(d), fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    fs::write(m.backing.join("a/k"), b"secret").unwrap();
+    fs::set_permissions(m.backing.join("a/k"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::hard_link(m.backing.join("a/k"), m.backing.join("b/k")).unwrap();
+    let script = r#"
+import os, sys
+fd = os.open('b/k', os.O_PATH)
+print('held', flush=True)
+sys.stdin.readline()
+try:
+    os.open(f'/proc/self/fd/{fd}', os.O_RDONLY)
+    print('opened')
+except PermissionError:
+    print('refused')
+"#;
+    let mut nobody = as_user(NOBODY, NOBODY, &[])
+        .args([python(), "-c", script])
+        .current_dir(&m.mnt)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(nobody.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "held");
+    // The daemon meets a/k last; then the kernel forgets a, and the daemon closes what
+    // it held of it.
+    fs::metadata(m.mnt.join("a/k")).unwrap();
+    let a = m.backing.join("a");
+    let holds_a = || {
+        fs::read_dir(format!("/proc/{}/fd", m.pid()))
+            .unwrap()
+            .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|t| t == a))
+    };
+    assert!(
+        holds_a(),
+        "the daemon holds a descriptor of a after the lookup"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while holds_a() {
+        drop_dentries();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel did not forget a"
+        );
+    }
+    let mut stdin = nobody.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    assert_eq!(lines.next().unwrap().unwrap(), "refused");
+    assert!(nobody.wait().unwrap().success());
+    m.stop();
+}
+
 /// The audit line of a call from a thread names its process (and the thread), and a
 /// setattr says what it set.
 #[test]
