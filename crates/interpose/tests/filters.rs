@@ -572,6 +572,38 @@ fn read_rules_hold_across_renames_links_and_caches() {
     );
 }
 
+/// A read rule on a subtree (`b/**`) refuses listing `b` and reading what is below it,
+/// not walking through `b`: the kernel reads a directory's ACL as the caller to check the
+/// search, and the rule refused that too (stat b/k failed with EACCES).
+#[test]
+fn a_read_rule_on_a_subtree_lets_the_caller_walk_through_it() {
+    let m = Mount::new(&["--filter", "deny=b/**:read:EACCES:uid=65534"]);
+    make_traversable(&m.dir);
+    fs::set_permissions(&m.backing, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::create_dir(m.backing.join("b")).unwrap();
+    fs::set_permissions(m.backing.join("b"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.backing.join("b/k"), b"secret").unwrap();
+    fs::set_permissions(m.backing.join("b/k"), fs::Permissions::from_mode(0o644)).unwrap();
+    rustix::fs::setxattr(
+        m.backing.join("b/k").as_path(),
+        "user.x",
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let out = nobody_sh(&m.mnt, "stat -c %s b/k");
+    assert!(out.status.success(), "stat b/k: {}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "6");
+    refused_to_nobody(&m.mnt, "cat b/k");
+    refused_to_nobody(&m.mnt, "ls b");
+    let script = format!(
+        "{} -c \"import os; os.getxattr('b/k', 'user.x')\"",
+        python()
+    );
+    refused_to_nobody(&m.mnt, &script);
+    m.stop();
+}
+
 /// Rules on both names of a hard link hold after the kernel has forgotten the directory
 /// of the name the daemon met last: the daemon judges by another name it met, whose
 /// directories the kernel still holds. (It called the file `/?/k`, which neither rule

@@ -6,8 +6,8 @@
 //!   ending in `/**` also matches the directory itself (`docs/**` covers `docs`).
 //! - `OPS` is a `,`-separated list of operation names (`unlink`, `open`, ...) or classes:
 //!   `all`, `write` (everything that changes the tree, including opens for writing) and
-//!   `read` (opens that allow reading, `O_RDWR` too, read, readdir, readlink, getxattr,
-//!   listxattr).
+//!   `read` (opens that allow reading, `O_RDWR` too, read, readdir, readlink, getxattr
+//!   but of ACLs, listxattr).
 //! - `ERRNO` is a name such as `EACCES`, `EROFS`, `EPERM` or `ENOENT`, or a number. A rule
 //!   that answers `lookup` with `ENOENT` hides matching entries: they are also left out
 //!   of listings, and nothing can be made under a hidden name (EACCES), which would reach
@@ -72,14 +72,13 @@ impl OpSet {
                 Op::Open | Op::Create => req
                     .flags
                     .is_some_and(|f| f & libc::O_ACCMODE != libc::O_WRONLY),
+                // ACLs are permissions, like the mode bits stat shows: the kernel reads
+                // them, as the caller, to check a search of a directory. Refused, a rule
+                // on `dir/**` would keep the caller from walking through `dir` at all.
+                Op::Getxattr => !req.xattr.as_deref().is_some_and(is_acl),
                 op => matches!(
                     op,
-                    Op::Read
-                        | Op::Readdir
-                        | Op::Readlink
-                        | Op::Getxattr
-                        | Op::Listxattr
-                        | Op::Opendir
+                    Op::Read | Op::Readdir | Op::Readlink | Op::Listxattr | Op::Opendir
                 ),
             },
             OpSet::One(op) => req.op == op,
@@ -116,6 +115,14 @@ impl OpSet {
             OpSet::One(op) => matches!(op, Op::Lookup | Op::Getattr | Op::Readlink),
         }
     }
+}
+
+/// Whether `name` is one of the extended attributes that hold POSIX ACLs.
+fn is_acl(name: &std::ffi::OsStr) -> bool {
+    matches!(
+        name.as_encoded_bytes(),
+        b"system.posix_acl_access" | b"system.posix_acl_default"
+    )
 }
 
 #[derive(Clone, Copy, Debug)]
