@@ -1051,14 +1051,25 @@ fn made_until_number(number: u64, mut make: impl FnMut(usize) -> PathBuf) -> usi
 /// Waits until daemon `pid` holds no descriptor of a removed file: the kernel releases a
 /// closed file (and the daemon closes what it opened for it) a moment after close(2)
 /// returns, and until then the file system cannot give the file's inode number to
-/// another object.
+/// another object. (Files that never had a name, such as the unnamed file the daemon
+/// tries xattrs on, `#INODE (deleted)`, are not removed files.)
 fn await_removed_files_closed(pid: u32) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let unnamed = |name: &str| {
+        name.strip_prefix('#')
+            .and_then(|n| n.strip_suffix(" (deleted)"))
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+    };
     loop {
         let held: Vec<PathBuf> = fs::read_dir(format!("/proc/{pid}/fd"))
             .unwrap()
             .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
             .filter(|target| target.to_string_lossy().ends_with(" (deleted)"))
+            .filter(|target| {
+                !target
+                    .file_name()
+                    .is_some_and(|n| unnamed(&n.to_string_lossy()))
+            })
             .collect();
         if held.is_empty() {
             return;
@@ -5066,15 +5077,18 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn new(path: PathBuf, size: &str) -> Tmpfs {
+        Tmpfs::mount(path, "tmpfs", &format!("size={size},mode=0700"))
+    }
+
+    /// A ramfs, which takes no extended attributes at all.
+    fn ramfs(path: PathBuf) -> Tmpfs {
+        Tmpfs::mount(path, "ramfs", "mode=0700")
+    }
+
+    fn mount(path: PathBuf, fstype: &str, opts: &str) -> Tmpfs {
         fs::create_dir(&path).unwrap();
         run(Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
+            .args(["-t", fstype, "-o", opts, fstype])
             .arg(&path));
         Tmpfs(path)
     }
@@ -5092,6 +5106,53 @@ impl Drop for Tmpfs {
             }
         }
     }
+}
+
+/// A store on a file system without xattrs (ramfs) takes the xattrs BACKING's takes:
+/// they are tried on a file of BACKING's file system before they are recorded, not on one
+/// in the store (every setxattr failed with EOPNOTSUPP, and a create in a directory with
+/// a default ACL failed but stayed recorded). The commit gives BACKING what the mount
+/// showed.
+#[test]
+fn xattrs_are_tried_where_the_commit_sets_them_not_in_the_store() {
+    let d = dirs();
+    let ramfs = Tmpfs::ramfs(d.tmp.path().join("ram"));
+    let store = ramfs.0.join("store");
+    fs::create_dir(d.backing.join("inh")).unwrap();
+    run(Command::new("setfacl")
+        .args(["-d", "-m", "u:1000:rwx"])
+        .arg(d.backing.join("inh")));
+    fs::write(d.backing.join("f"), b"f").unwrap();
+    fs::create_dir(d.backing.join("dir")).unwrap();
+    let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
+    let set = |p: &Path, name: &str| {
+        rustix::fs::setxattr(p, name, b"v", rustix::fs::XattrFlags::empty())
+            .map_err(|e| e.raw_os_error())
+    };
+    assert_eq!(set(&d.mnt.join("f"), "user.a"), Ok(()), "user.a on a file");
+    assert_eq!(
+        set(&d.mnt.join("dir"), "user.b"),
+        Ok(()),
+        "user.b on a directory"
+    );
+    fs::write(d.mnt.join("inh/new"), b"n").unwrap();
+    fs::create_dir(d.mnt.join("inh/sub")).unwrap();
+    let acl = |p: &Path| run(Command::new("getfacl").args(["-cpn"]).arg(p));
+    let on_mount = [acl(&d.mnt.join("inh/new")), acl(&d.mnt.join("inh/sub"))];
+    assert!(on_mount[0].contains("user:1000:rwx"), "{}", on_mount[0]);
+    assert!(
+        on_mount[1].contains("default:user:1000:rwx"),
+        "{}",
+        on_mount[1]
+    );
+    m.stop();
+    commit(&store, None);
+    let get = |p: &Path, name: &str| rustix::fs::getxattr(p, name, &mut [0u8; 8]).ok();
+    assert_eq!(get(&d.backing.join("f"), "user.a"), Some(1));
+    assert_eq!(get(&d.backing.join("dir"), "user.b"), Some(1));
+    assert_eq!(acl(&d.backing.join("inh/new")), on_mount[0]);
+    assert_eq!(acl(&d.backing.join("inh/sub")), on_mount[1]);
+    drop(ramfs);
 }
 
 /// Past the daemon's RLIMIT_FSIZE the journal cannot grow: the writer gets EFBIG from the

@@ -164,10 +164,11 @@ pub fn mount(
     if !write_through {
         view.replay(&records)?;
     }
-    let probe = store.dir().join("xattr-probe");
-    let _ = std::fs::create_dir(probe.with_extension("d"));
-    if std::fs::File::create(&probe).is_ok() {
-        view.xattr_probe = Some(probe);
+    match view::XattrProbes::new(b.path(), store.dir()) {
+        Ok(p) => view.xattr_probe = Some(std::sync::Arc::new(p)),
+        Err(e) => tracing::warn!(
+            "no file to try xattrs on ({e}): the view takes any, and a commit may refuse some"
+        ),
     }
     let shared = fs::Shared::new(view, opts);
     let mounted = interpose_fs::mount_filesystem(

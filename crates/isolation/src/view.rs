@@ -335,9 +335,8 @@ pub struct View {
     /// so a remount or a rebuilt view shows the same times.
     clock: Option<Time>,
     pub mode: Mode,
-    /// A scratch file in the store on which xattrs are tried before they are recorded, so
-    /// the view refuses what the file system would (bad namespace, value too large).
-    pub xattr_probe: Option<PathBuf>,
+    /// Where xattrs are tried before they are recorded (see [`XattrProbes`]).
+    pub xattr_probe: Option<Arc<XattrProbes>>,
     pub backing: Arc<Backing>,
     pub journal: Journal,
     nodes: HashMap<u64, Node>,
@@ -2013,7 +2012,17 @@ impl View {
             uid,
             gid,
         };
-        if inherited.is_some() {
+        if let Some((default, access)) = &inherited {
+            // Refused where the commit would refuse them: before the create is recorded.
+            let dir = matches!(kind, NewKind::Dir);
+            let mut acls = Vec::new();
+            if let Some(access) = access {
+                acls.push((ACL_ACCESS.to_vec(), access.clone()));
+            }
+            if dir {
+                acls.push((ACL_DEFAULT.to_vec(), default.clone()));
+            }
+            self.xattrs_fit(dir, &acls)?;
             // The create and its ACLs are two or three records: all or none.
             self.reserve(RESERVE_FOR_SEVERAL)?;
         }
@@ -2286,46 +2295,20 @@ impl View {
         if self.node(id)?.attr.kind() == libc::S_IFLNK && name.starts_with(b"user.") {
             return Err(libc::EPERM);
         }
-        if let Some(probe) = &self.xattr_probe {
-            // Directories take what files do not (default ACLs): try on one of the same kind.
-            let dir_probe;
-            let probe = if self.node(id)?.attr.is_dir() {
-                dir_probe = probe.with_extension("d");
-                &dir_probe
-            } else {
-                probe
-            };
-            // The whole set as it would be: file systems limit the total, not each one.
-            let mut set: Vec<(Vec<u8>, Vec<u8>)> = self
-                .node(id)?
-                .xattrs
-                .as_ref()
-                .map(|x| {
-                    x.iter()
-                        .filter(|(k, _)| k.as_slice() != name)
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            set.push((name.to_vec(), value.to_vec()));
-            let mut res = Ok(());
-            for (k, v) in &set {
-                let r = rustix::fs::setxattr(
-                    probe,
-                    OsStr::from_bytes(k),
-                    v,
-                    rustix::fs::XattrFlags::empty(),
-                );
-                if let Err(e) = r {
-                    res = Err(e.raw_os_error());
-                    break;
-                }
-            }
-            for (k, _) in &set {
-                let _ = rustix::fs::removexattr(probe, OsStr::from_bytes(k));
-            }
-            res?;
-        }
+        // The whole set as it would be: file systems limit the total, not each one.
+        let mut set: Vec<(Vec<u8>, Vec<u8>)> = self
+            .node(id)?
+            .xattrs
+            .as_ref()
+            .map(|x| {
+                x.iter()
+                    .filter(|(k, _)| k.as_slice() != name)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        set.push((name.to_vec(), value.to_vec()));
+        self.xattrs_fit(self.node(id)?.attr.is_dir(), &set)?;
         let change = |path| Change::SetXattr {
             path,
             name: RawPath(name.to_vec()),
@@ -2342,6 +2325,26 @@ impl View {
             .insert(name.to_vec(), value.to_vec());
         n.attr.ctime = clock;
         n.changed = true;
+        Ok(())
+    }
+
+    /// Whether an object (a directory, or not) could hold the xattrs `set` where a commit
+    /// sets them: the error the file system gives if not.
+    fn xattrs_fit(&self, dir: bool, set: &[(Vec<u8>, Vec<u8>)]) -> Res<()> {
+        let Some(probes) = &self.xattr_probe else {
+            return Ok(());
+        };
+        // Default ACLs only a directory takes; the rest, a file of BACKING's file system.
+        let (default, rest): (Vec<_>, Vec<_>) = set.iter().partition(|(k, _)| k == ACL_DEFAULT);
+        try_xattrs(&probes.file, &rest)?;
+        if dir && !default.is_empty() {
+            // With the rest, as the total counts; a store whose file system takes no
+            // xattrs on directories cannot say (the kernel has checked the ACL's form).
+            match try_xattrs(&probes.dir, &set.iter().collect::<Vec<_>>()) {
+                Err(libc::EOPNOTSUPP) => {}
+                r => r?,
+            }
+        }
         Ok(())
     }
 
@@ -3218,7 +3221,57 @@ impl View {
 /// [`View::take_orphans`]).
 pub struct Orphan(Node);
 
-/// A file in `dir` without a name: gone when closed, also after a crash.
+/// Objects on which the view tries extended attributes before it records them, so that it
+/// refuses what the file system a commit sets them on would (a namespace it lacks, a value
+/// or a set too large), whichever file system holds the store.
+pub struct XattrProbes {
+    /// An unnamed file on BACKING's file system, or (no `O_TMPFILE` there) one in the store.
+    file: File,
+    /// A directory in the store, for default ACLs, which only directories take: BACKING
+    /// gets no directory of the view's.
+    dir: File,
+}
+
+impl XattrProbes {
+    /// The probes for `backing`, made in `store_dir` where they cannot be made there.
+    pub fn new(backing: &Path, store_dir: &Path) -> std::io::Result<XattrProbes> {
+        let file = match unnamed_file_only(backing) {
+            Ok(f) => f,
+            Err(_) => unnamed_file(store_dir)?,
+        };
+        let dir_path = store_dir.join("xattr-probe.d");
+        match std::fs::create_dir(&dir_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        Ok(XattrProbes {
+            file,
+            dir: File::open(dir_path)?,
+        })
+    }
+}
+
+/// Sets the xattrs `set` on `probe` and takes them off again: the first error.
+fn try_xattrs(probe: &File, set: &[&(Vec<u8>, Vec<u8>)]) -> Res<()> {
+    let mut res = Ok(());
+    for (k, v) in set {
+        let r = rustix::fs::fsetxattr(
+            probe,
+            OsStr::from_bytes(k),
+            v,
+            rustix::fs::XattrFlags::empty(),
+        );
+        if let Err(e) = r {
+            res = Err(e.raw_os_error());
+            break;
+        }
+    }
+    for (k, _) in set {
+        let _ = rustix::fs::fremovexattr(probe, OsStr::from_bytes(k));
+    }
+    res
+}
+
 /// An `O_TMPFILE` in `dir`, never a name (for BACKING's file system, whose tree must not
 /// change).
 fn unnamed_file_only(dir: &Path) -> std::io::Result<File> {
@@ -3231,6 +3284,7 @@ fn unnamed_file_only(dir: &Path) -> std::io::Result<File> {
         .open(dir)
 }
 
+/// A file in `dir` without a name: gone when closed, also after a crash.
 fn unnamed_file(dir: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut opts = std::fs::OpenOptions::new();
