@@ -4817,6 +4817,21 @@ fn a_mount_refused_for_its_store_changes_nothing() {
         &backing_before,
         "after a mount refused for a store inside it",
     );
+    // Also reached by another way in: a bind mount of a directory of BACKING.
+    fs::create_dir(d.backing.join("sub")).unwrap();
+    let backing_before = fingerprint(&d.backing);
+    let bound = ScratchFs::bind(&d.backing.join("sub"), d.tmp.path().join("elsewhere"));
+    let err = mount_fails(&d.backing, &d.mnt, &bound.0.join("store"));
+    assert!(
+        err.contains("must not be inside") && err.contains("sub/store there"),
+        "{err}"
+    );
+    assert_untouched(
+        &d.backing,
+        &backing_before,
+        "after a mount refused for a store inside it through a bind mount",
+    );
+    drop(bound);
     // An isolated path written as BACKING's absolute path would never match: the whole
     // change would go to BACKING unrecorded.
     let abs = fs::canonicalize(&d.backing).unwrap().join("*.conf");
@@ -5072,29 +5087,37 @@ fn a_torn_last_record_is_cut_off_and_the_rest_shows() {
 // ---------------------------------------------------------------------------------------
 // A full store
 
-/// A small tmpfs, unmounted when dropped (declare it before the mount that uses it).
-struct Tmpfs(PathBuf);
+/// A small file system (a tmpfs, a ramfs) or a bind mount, unmounted when dropped
+/// (declare it before the mount that uses it).
+struct ScratchFs(PathBuf);
 
-impl Tmpfs {
-    fn new(path: PathBuf, size: &str) -> Tmpfs {
-        Tmpfs::mount(path, "tmpfs", &format!("size={size},mode=0700"))
+impl ScratchFs {
+    fn new(path: PathBuf, size: &str) -> ScratchFs {
+        ScratchFs::mount(path, "tmpfs", &format!("size={size},mode=0700"))
     }
 
     /// A ramfs, which takes no extended attributes at all.
-    fn ramfs(path: PathBuf) -> Tmpfs {
-        Tmpfs::mount(path, "ramfs", "mode=0700")
+    fn ramfs(path: PathBuf) -> ScratchFs {
+        ScratchFs::mount(path, "ramfs", "mode=0700")
     }
 
-    fn mount(path: PathBuf, fstype: &str, opts: &str) -> Tmpfs {
+    /// `from` bind-mounted at `path`.
+    fn bind(from: &Path, path: PathBuf) -> ScratchFs {
+        fs::create_dir(&path).unwrap();
+        run(Command::new("mount").arg("--bind").arg(from).arg(&path));
+        ScratchFs(path)
+    }
+
+    fn mount(path: PathBuf, fstype: &str, opts: &str) -> ScratchFs {
         fs::create_dir(&path).unwrap();
         run(Command::new("mount")
             .args(["-t", fstype, "-o", opts, fstype])
             .arg(&path));
-        Tmpfs(path)
+        ScratchFs(path)
     }
 }
 
-impl Drop for Tmpfs {
+impl Drop for ScratchFs {
     fn drop(&mut self) {
         if is_mounted(&self.0) {
             let ok = Command::new("umount")
@@ -5116,7 +5139,7 @@ impl Drop for Tmpfs {
 #[test]
 fn xattrs_are_tried_where_the_commit_sets_them_not_in_the_store() {
     let d = dirs();
-    let ramfs = Tmpfs::ramfs(d.tmp.path().join("ram"));
+    let ramfs = ScratchFs::ramfs(d.tmp.path().join("ram"));
     let store = ramfs.0.join("store");
     fs::create_dir(d.backing.join("inh")).unwrap();
     run(Command::new("setfacl")
@@ -5195,7 +5218,7 @@ fn a_file_size_limit_gives_efbig_and_the_daemon_lives_on() {
 #[test]
 fn large_writes_into_a_full_store_fail_with_enospc_and_lose_nothing() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "8m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "8m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     let data = pattern(256 << 10, 1);
@@ -5514,7 +5537,7 @@ fn a_mounted_discard_that_cannot_rebuild_the_view_discards_nothing() {
 #[test]
 fn a_discard_that_runs_out_of_room_leaves_the_view_as_the_store_says() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "8m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "8m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("first"), b"first\n").unwrap();
@@ -5565,7 +5588,7 @@ fn a_discard_that_runs_out_of_room_leaves_the_view_as_the_store_says() {
 #[test]
 fn allocations_commit_to_a_file_system_without_zero_range() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("backing-tmpfs"), "16m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("backing-tmpfs"), "16m");
     let backing = tmpfs.0.join("backing");
     fs::create_dir(&backing).unwrap();
     fs::write(backing.join("old"), pattern(3 << 20, 4)).unwrap();
@@ -5623,7 +5646,7 @@ fn allocations_commit_to_a_file_system_without_zero_range() {
 #[test]
 fn a_commit_whose_rest_does_not_fit_leaves_no_partial_journal() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "2m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("first"), b"first\n").unwrap();
@@ -5660,7 +5683,7 @@ fn a_commit_whose_rest_does_not_fit_leaves_no_partial_journal() {
 #[test]
 fn write_through_records_only_what_backing_took() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "1m");
     let backing = tmpfs.0.join("backing");
     fs::create_dir(&backing).unwrap();
     fs::write(backing.join("x"), b"x\n").unwrap();
@@ -5779,7 +5802,7 @@ fn out_of_descriptors_the_open_fails_not_the_reads_and_writes() {
 #[test]
 fn a_store_made_on_a_full_disk_can_be_made_again_once_there_is_room() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "1m");
     let store = tmpfs.0.join("store");
     let ballast = tmpfs.0.join("ballast");
     let mut b = File::create(&ballast).unwrap();
@@ -5801,8 +5824,8 @@ fn a_store_made_on_a_full_disk_can_be_made_again_once_there_is_room() {
 #[test]
 fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
     let d = dirs();
-    let small = Tmpfs::new(d.tmp.path().join("small"), "1m");
-    let store_fs = Tmpfs::new(d.tmp.path().join("storefs"), "2m");
+    let small = ScratchFs::new(d.tmp.path().join("small"), "1m");
+    let store_fs = ScratchFs::new(d.tmp.path().join("storefs"), "2m");
     let backing = small.0.join("backing");
     fs::create_dir(&backing).unwrap();
     let store = store_fs.0.join("store");
@@ -5850,7 +5873,7 @@ fn a_discard_after_an_interrupted_commit_empties_a_full_store() {
 #[test]
 fn a_commit_that_cannot_start_leaves_no_state_behind() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "1m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("f"), b"f\n").unwrap();
@@ -5900,7 +5923,7 @@ fn a_commit_that_cannot_start_leaves_no_state_behind() {
 #[test]
 fn a_commit_with_no_room_at_all_fails_and_finishes_once_there_is_room() {
     let d = dirs();
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "1m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "1m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("a"), pattern(200 << 10, 1)).unwrap();
@@ -5959,7 +5982,7 @@ fn files_open_without_a_name_survive_a_commit_of_a_full_store() {
         names.sort();
         names
     };
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "2m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     let old = OpenOptions::new()
@@ -6023,7 +6046,7 @@ fn free_bytes(p: &Path) -> u64 {
 fn a_store_full_to_the_last_block_commits_mounted_and_unmounted() {
     for mounted in [true, false] {
         let d = dirs();
-        let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+        let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "2m");
         let store = tmpfs.0.join("store");
         let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
         let block = pattern(4096, 3);
@@ -6245,7 +6268,7 @@ fn a_full_store_gives_enospc_and_the_mount_recovers() {
     let d = dirs();
     fs::write(d.backing.join("existing"), b"existing\n").unwrap();
     let before = fingerprint(&d.backing);
-    let tmpfs = Tmpfs::new(d.tmp.path().join("small"), "2m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("small"), "2m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
 
@@ -6365,7 +6388,7 @@ fn a_store_on_another_file_system_commits() {
     let d = dirs();
     fs::write(d.backing.join("old"), pattern(100_000, 1)).unwrap();
     let before = fingerprint(&d.backing);
-    let tmpfs = Tmpfs::new(d.tmp.path().join("storefs"), "64m");
+    let tmpfs = ScratchFs::new(d.tmp.path().join("storefs"), "64m");
     let store = tmpfs.0.join("store");
     let m = Mount::start(&d.backing, &d.mnt, &["--isolate", s(&store)]);
     fs::write(d.mnt.join("new"), pattern(3 << 20, 2)).unwrap();

@@ -336,6 +336,23 @@ impl Store {
                 backing.display()
             )));
         }
+        // The same directory reached by another way in (a bind mount of it, or of one
+        // above or below it): by where each is on its file system.
+        if let (Some((bdev, bpath)), Some((sdev, spath))) =
+            (place_on_its_fs(&backing), place_on_its_fs(&real))
+        {
+            if bdev == sdev && spath.starts_with(&bpath) {
+                return Err(Error::Control(format!(
+                    "the store {} must not be inside the backing directory {}: it is {} \
+                     there, by another mount of that file system ({bdev})",
+                    dir.display(),
+                    backing.display(),
+                    backing
+                        .join(spath.strip_prefix(&bpath).unwrap_or(&spath))
+                        .display()
+                )));
+            }
+        }
         let fresh = match std::fs::read_dir(dir) {
             // Empty, or what a creation that failed half-way (a full disk) left: the
             // files made before store.json, which is made last; no change is recorded
@@ -1326,8 +1343,67 @@ fn cut_after(journal: &Journal, records: &[Record], after: u64) -> u64 {
         .unwrap_or(journal.len())
 }
 
+/// Where the absolute, symlink-free `path` lies on its file system: the file system
+/// (`MAJOR:MINOR`, from /proc/self/mountinfo) and the path from that file system's root,
+/// by the mount that covers it. None where mountinfo cannot be read.
+fn place_on_its_fs(path: &Path) -> Option<(String, PathBuf)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String, PathBuf)> = None;
+    for line in info.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(dev), Some(root), Some(point)) = (fields.get(2), fields.get(3), fields.get(4))
+        else {
+            continue;
+        };
+        let (root, point) = (unescape_mountinfo(root), unescape_mountinfo(point));
+        let Ok(rest) = path.strip_prefix(&point) else {
+            continue;
+        };
+        // The deepest mount point; of mounts on the same one, the last (on top).
+        let depth = point.components().count();
+        if best.as_ref().is_none_or(|(d, _, _)| depth >= *d) {
+            best = Some((depth, dev.to_string(), root.join(rest)));
+        }
+    }
+    best.map(|(_, dev, place)| (dev, place))
+}
+
+/// A path field of mountinfo, whose space, tab, newline and backslash come as `\OOO`.
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .map(|o| o.iter().fold(0u32, |n, c| n * 8 + u32::from(c - b'0')))
+            .and_then(|n| u8::try_from(n).ok());
+        match octal {
+            Some(byte) if b[i] == b'\\' => {
+                out.push(byte);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(
+            super::unescape_mountinfo(r"/a\040b\134c\011\999\777\04"),
+            std::path::Path::new("/a b\\c\t\\999\\777\\04")
+        );
+    }
+
     use super::*;
 
     #[test]
