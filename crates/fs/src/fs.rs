@@ -330,6 +330,7 @@ impl FilterFs {
         body: impl FnOnce() -> Res<T>,
         bytes: impl FnOnce(&T) -> u64,
     ) -> Res<T> {
+        sys::act_for(req.uid());
         if self.chain.is_empty() {
             return body();
         }
@@ -396,7 +397,9 @@ impl FilterFs {
             }
         };
         let chain = self.chain.clone();
+        let uid = req.uid();
         let job = move || {
+            sys::act_for(uid);
             let res = body();
             if let Some((r, start)) = prepared {
                 let result = res.map(|()| 0);
@@ -569,10 +572,10 @@ impl FilterFs {
     }
 
     /// Runs a creating operation with the caller's group as file-system gid and the
-    /// caller's umask, then gives the new object to the caller. The daemon keeps its own
-    /// uid meanwhile: the kernel already checked the caller's permission
-    /// (default_permissions), and switching fsuid would drop the capabilities that keep
-    /// supplementary-group access working on the backing side. The owner and mode are set
+    /// caller's umask, then gives the new object to the caller. The thread keeps its file
+    /// capabilities meanwhile (see [`sys::act_for`]): the kernel already checked the
+    /// caller's permission (default_permissions), and they keep supplementary-group access
+    /// working on the backing side. The owner and mode are set
     /// through a descriptor of the object, never by its name, which someone writing in
     /// BACKING may have replaced meanwhile (a symlink the daemon would follow out of it).
     fn create_as_caller<T: Made>(
@@ -1606,6 +1609,10 @@ impl Filesystem for FilterFs {
                 }
             },
             || {
+                if wf.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                    // The write-back of a shared mapping comes as root: its opener's limits.
+                    sys::act_for(file.opener.uid);
+                }
                 let sync = if !write_must_sync(file.direct, flags.0) {
                     ReadWriteFlags::empty()
                 } else if flags.0 & libc::O_SYNC == libc::O_SYNC {

@@ -183,18 +183,26 @@ pub fn may_write_as(fd: BorrowedFd<'_>, uid: u32, gid: u32, groups: &[u32]) -> i
     use rustix::process::Gid;
     let old_groups = rustix::process::getgroups()?;
     let groups: Vec<Gid> = groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    let caps = rustix::thread::capabilities(None)?;
     rustix::thread::set_thread_groups(&groups)?;
     let old_gid = set_thread_fsgid(gid);
     // SAFETY: setfsuid is a per-thread syscall on Linux with no memory effects.
     let old_uid = unsafe { libc::setfsuid(uid) };
-    let res = rustix::fs::accessat(
-        rustix::fs::CWD,
-        proc_fd_path(fd),
-        rustix::fs::Access::WRITE_OK,
-        rustix::fs::AtFlags::EACCESS,
-    );
-    // SAFETY: as above; back to the daemon's own id, which restores its capabilities.
+    // The change of uid drops the file capabilities only when it leaves uid 0; a thread
+    // acting for a caller ([`act_for`]) holds them under the caller's uid.
+    let mut without = caps;
+    without.effective.remove(fs_caps());
+    let res = rustix::thread::set_capabilities(None, without).and_then(|()| {
+        rustix::fs::accessat(
+            rustix::fs::CWD,
+            proc_fd_path(fd),
+            rustix::fs::Access::WRITE_OK,
+            rustix::fs::AtFlags::EACCESS,
+        )
+    });
+    // SAFETY: as above; back to the thread's own id and capabilities.
     unsafe { libc::setfsuid(old_uid as libc::uid_t) };
+    rustix::thread::set_capabilities(None, caps)?;
     set_thread_fsgid(old_gid);
     rustix::thread::set_thread_groups(&old_groups)?;
     match res {
@@ -204,6 +212,79 @@ pub fn may_write_as(fd: BorrowedFd<'_>, uid: u32, gid: u32, groups: &[u32]) -> i
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The daemon's own effective capabilities, if it may act for callers at all (as root
+/// with CAP_SETUID; known at the first call of [`act_for`]).
+static OWN_EFFECTIVE: std::sync::OnceLock<Option<rustix::thread::CapabilitySet>> =
+    std::sync::OnceLock::new();
+
+thread_local! {
+    /// The caller this thread acts for now (None: itself, as root).
+    static ACTING_FOR: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
+/// The capabilities a change of file-system uid takes away and gives back (the kernel's
+/// CAP_FS_MASK).
+fn fs_caps() -> rustix::thread::CapabilitySet {
+    use rustix::thread::CapabilitySet as C;
+    C::CHOWN
+        | C::DAC_OVERRIDE
+        | C::DAC_READ_SEARCH
+        | C::FOWNER
+        | C::FSETID
+        | C::LINUX_IMMUTABLE
+        | C::MAC_OVERRIDE
+        | C::MKNOD
+}
+
+/// Has the calling thread meet the limits caller `uid` meets on BACKING's file system
+/// (ext4's blocks reserved for root, disk quotas): for a caller who is not root, its
+/// file-system uid becomes the caller's (ext4 lets uid 0 use the reserve) and
+/// CAP_SYS_RESOURCE (which lifts both limits) leaves its effective set, while the other
+/// capabilities stay (the kernel has checked the caller's permissions already). For root,
+/// the thread is itself again. Per thread, as ids and capabilities are; syscalls are made
+/// only when the caller changes. A passthrough registration keeps the credentials of the
+/// thread that made it: its writes meet the limits of the caller that opened it first.
+pub fn act_for(uid: u32) {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let own = OWN_EFFECTIVE.get_or_init(|| {
+        let caps = rustix::thread::capabilities(None).ok()?;
+        let root = rustix::process::geteuid().is_root();
+        (root && caps.effective.contains(CapabilitySet::SETUID)).then_some(caps.effective)
+    });
+    let Some(own) = *own else {
+        return;
+    };
+    let want = (uid != 0).then_some(uid);
+    ACTING_FOR.with(|acting| {
+        if acting.get() == want {
+            return;
+        }
+        let Ok(caps) = rustix::thread::capabilities(None) else {
+            return;
+        };
+        // SAFETY: setfsuid is a per-thread syscall on Linux with no memory effects.
+        unsafe { libc::setfsuid(want.unwrap_or(0)) };
+        let mut effective = own;
+        if want.is_some() {
+            effective.remove(CapabilitySet::SYS_RESOURCE);
+        }
+        let sets = CapabilitySets {
+            effective,
+            permitted: caps.permitted,
+            inheritable: caps.inheritable,
+        };
+        match rustix::thread::set_capabilities(None, sets) {
+            Ok(()) => acting.set(want),
+            Err(e) => {
+                tracing::warn!("acting for uid {uid}: {e}");
+                // SAFETY: as above; back to the daemon's own id.
+                unsafe { libc::setfsuid(0) };
+                let _ = rustix::thread::set_capabilities(None, caps);
+            }
+        }
+    });
 }
 
 /// The "magic link" through which an `O_PATH` descriptor can be reopened or used by path.

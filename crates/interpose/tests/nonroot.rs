@@ -519,3 +519,83 @@ fn a_write_through_a_descriptor_opened_before_a_chmod_drops_set_id_bits() {
         m.stop();
     }
 }
+
+/// A caller who is not root meets the limits it meets on BACKING's file system itself:
+/// filling the disk through the mount leaves ext4's blocks reserved for root free, with
+/// passthrough and without; root can still use them. (The daemon wrote with its own
+/// CAP_SYS_RESOURCE, which lifts those limits, and quotas, for everyone.)
+#[test]
+fn a_caller_who_is_not_root_cannot_use_the_blocks_reserved_for_root() {
+    for extra in [&[][..], &["--no-passthrough"][..]] {
+        let disk = LoopFs::new(32);
+        dir(&disk.dir.join("pub"), 0, 0, 0o777);
+        let statvfs = || rustix::fs::statvfs(&disk.dir).unwrap();
+        let st = statvfs();
+        let reserved = (st.f_bfree - st.f_bavail) * st.f_frsize;
+        assert!(reserved >= 1 << 20, "mkfs.ext4 reserved {reserved} bytes");
+        let mnt = tempfile::Builder::new()
+            .prefix("interpose-test-mnt-")
+            .tempdir_in(test_root())
+            .unwrap();
+        make_traversable(mnt.path());
+        let m = Mount::start(&disk.dir, mnt.path(), extra);
+        let fill = |who: &mut Command, name: &str| {
+            let out = output(
+                who.args(["dd", "if=/dev/zero", "bs=64k", "conv=fsync"])
+                    .arg(format!("of=pub/{name}"))
+                    .current_dir(mnt.path()),
+            );
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                !out.status.success() && err.contains("No space left"),
+                "{extra:?}: {name}: {}",
+                describe(&out)
+            );
+            fs::metadata(mnt.path().join("pub").join(name))
+                .unwrap()
+                .len()
+        };
+        fill(&mut as_user(NOBODY, NOBODY, &[]), "by-nobody");
+        let left = statvfs().f_bfree * st.f_frsize;
+        assert!(
+            left >= reserved * 9 / 10,
+            "{extra:?}: {left} bytes left of the {reserved} reserved for root"
+        );
+        // Nor through a shared mapping, whose pages the kernel writes back as root.
+        let script = r#"
+import mmap, os
+fd = os.open('pub/mapped', os.O_RDWR | os.O_CREAT, 0o644)
+size = 8 << 20
+os.ftruncate(fd, size)
+m = mmap.mmap(fd, size)
+for off in range(0, size, 4096):
+    m[off] = 1
+try:
+    m.flush()
+except OSError:
+    pass
+"#;
+        let out = output(
+            as_user(NOBODY, NOBODY, &[])
+                .args([python(), "-c", script])
+                .current_dir(mnt.path()),
+        );
+        // (A page the full disk has no block for is SIGBUS, as on BACKING itself.)
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGBUS),
+            "{extra:?}: {}",
+            describe(&out)
+        );
+        let left = statvfs().f_bfree * st.f_frsize;
+        assert!(
+            left >= reserved * 9 / 10,
+            "{extra:?}: {left} bytes left of the {reserved} reserved for root after a mapping"
+        );
+        let by_root = fill(&mut Command::new("env"), "by-root");
+        assert!(
+            by_root >= reserved / 2,
+            "{extra:?}: root wrote {by_root} of the {reserved} bytes reserved for it"
+        );
+        m.stop();
+    }
+}
