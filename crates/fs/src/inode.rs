@@ -119,8 +119,10 @@ pub struct Inodes {
     root_mount_id: i32,
     table: Mutex<Table>,
     fds: Mutex<LruCache<u64, Arc<OwnedFd>>>,
-    /// A descriptor on each submount seen, for open_by_handle_at.
-    mounts: Mutex<HashMap<i32, Arc<OwnedFd>>>,
+    /// A descriptor on each submount seen, for open_by_handle_at, with the number of
+    /// nodes that need it: closed when the kernel has forgotten them all, so that the
+    /// daemon does not keep the submount busy.
+    mounts: Mutex<HashMap<i32, (Arc<OwnedFd>, usize)>>,
     pub handles_supported: bool,
 }
 
@@ -226,7 +228,7 @@ impl Inodes {
             self.mounts
                 .lock()
                 .get(&handle.mount_id)
-                .cloned()
+                .map(|(fd, _)| fd.clone())
                 .ok_or(libc::ESTALE)?
         };
         let open = || sys::open_by_handle(mount_fd.as_fd(), &handle, libc::O_PATH);
@@ -283,7 +285,7 @@ impl Inodes {
                 Mode::empty(),
             ) {
                 Ok(dir) => {
-                    self.mounts.lock().insert(h.mount_id, Arc::new(dir));
+                    self.mounts.lock().insert(h.mount_id, (Arc::new(dir), 0));
                     true
                 }
                 Err(_) => false,
@@ -329,6 +331,17 @@ impl Inodes {
                 return (id, generation);
             }
             None => {
+                let mut anchor = anchor;
+                if let Anchor::Handle(h) = &anchor {
+                    if h.mount_id != self.root_mount_id {
+                        match self.mounts.lock().get_mut(&h.mount_id) {
+                            Some((_, nodes)) => *nodes += 1,
+                            // Its descriptor went with the submount's last other node
+                            // since the check above: this node pins its own.
+                            None => anchor = Anchor::Pinned(fd.clone()),
+                        }
+                    }
+                }
                 table.nodes.insert(
                     id,
                     Node {
@@ -376,6 +389,15 @@ impl Inodes {
             let node = table.nodes.remove(&id).expect("present");
             if table.synthetic_ids.get(&(node.dev, node.ino)) == Some(&id) {
                 table.synthetic_ids.remove(&(node.dev, node.ino));
+            }
+            if let Anchor::Handle(h) = &node.anchor {
+                let mut mounts = self.mounts.lock();
+                if let Some((_, nodes)) = mounts.get_mut(&h.mount_id) {
+                    *nodes = nodes.saturating_sub(1);
+                    if *nodes == 0 {
+                        mounts.remove(&h.mount_id);
+                    }
+                }
             }
             drop(table);
             self.fds.lock().pop(&id);

@@ -401,6 +401,19 @@ fn edge_cases_as_unprivileged_user_on_an_isolated_mount_then_committed() {
     isolated_then_committed(Some(65534), "as uid 65534, isolated");
 }
 
+/// Makes `a/f` in `backing` and binds `a` at `b`; the guard unmounts `b` lazily (the daemon
+/// may still hold a descriptor on it).
+fn bind_a_at_b(backing: &Path) -> Undo {
+    fs::create_dir(backing.join("a")).unwrap();
+    fs::create_dir(backing.join("b")).unwrap();
+    fs::write(backing.join("a/f"), b"f").unwrap();
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(backing.join("a"))
+        .arg(backing.join("b")));
+    Undo("umount", "-l", backing.join("b"))
+}
+
 /// An object reached through two bind mounts of one file system inside BACKING is one
 /// object, as on BACKING: one inode number through both, the same at every lookup. Its
 /// file handles differ only in the mount they were taken through, which made every
@@ -409,15 +422,7 @@ fn edge_cases_as_unprivileged_user_on_an_isolated_mount_then_committed() {
 fn an_object_under_two_bind_mounts_in_backing_keeps_one_number() {
     // No caching: every stat is a lookup.
     let m = Mount::new(&["--cache-timeout", "0"]);
-    fs::create_dir(m.backing.join("a")).unwrap();
-    fs::create_dir(m.backing.join("b")).unwrap();
-    fs::write(m.backing.join("a/f"), b"f").unwrap();
-    run(Command::new("mount")
-        .arg("--bind")
-        .arg(m.backing.join("a"))
-        .arg(m.backing.join("b")));
-    // Lazily: the daemon may still hold a descriptor on it.
-    let bound = Undo("umount", "-l", m.backing.join("b"));
+    let bound = bind_a_at_b(&m.backing);
     let native = fs::metadata(m.backing.join("a/f")).unwrap().ino();
     let ino = |p: &str| fs::symlink_metadata(m.mnt.join(p)).unwrap().ino();
     let seen: Vec<u64> = (0..3).flat_map(|_| [ino("a/f"), ino("b/f")]).collect();
@@ -427,6 +432,35 @@ fn an_object_under_two_bind_mounts_in_backing_keeps_one_number() {
     );
     // First: the mount's directory goes with it, and cannot while b is a mount point.
     drop(bound);
+    m.stop();
+}
+
+/// A file system mounted inside BACKING (a bind mount here) is not kept busy by the
+/// daemon once the kernel has forgotten what the mount showed of it: it can be unmounted
+/// while the daemon runs. The descriptor the daemon opens on it, to reopen its objects by
+/// handle, was kept until the daemon ended, and umount failed with EBUSY.
+#[test]
+fn a_file_system_mounted_inside_backing_can_be_unmounted_once_forgotten() {
+    let m = Mount::new(&[]);
+    let bound = bind_a_at_b(&m.backing);
+    assert_eq!(fs::read(m.mnt.join("b/f")).unwrap(), b"f");
+    let b = m.backing.join("b");
+    let holds_b = || {
+        fs::read_dir(format!("/proc/{}/fd", m.pid()))
+            .unwrap()
+            .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|t| t.starts_with(&b)))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while holds_b() {
+        drop_dentries();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon still holds a descriptor on the bind mount"
+        );
+    }
+    let out = output(Command::new("umount").arg(&b));
+    assert!(out.status.success(), "umount of b: {}", describe(&out));
+    std::mem::forget(bound);
     m.stop();
 }
 
