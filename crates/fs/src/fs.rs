@@ -2023,7 +2023,7 @@ impl Filesystem for FilterFs {
             |_| {},
             || {
                 let fd = self.inodes.fd(ino.0)?;
-                list_xattr(&sys::proc_fd_path(fd.as_fd()))
+                list_xattr(&sys::proc_fd_path(fd.as_fd())).map(|l| crate::reply::listed_for(req, l))
             },
             |v| v.len() as u64,
         );

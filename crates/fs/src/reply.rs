@@ -34,6 +34,22 @@ pub fn reply_xattr(reply: ReplyXattr, size: u32, res: Result<Vec<u8>, i32>) {
     }
 }
 
+/// A listxattr answer (names, each ending in NUL) as the caller `req` may see it: the
+/// kernel keeps `trusted.*` xattrs from callers without CAP_SYS_ADMIN, but a file system
+/// lists names itself, and the daemon, which has it, sees them all. Root stands for
+/// CAP_SYS_ADMIN (FUSE does not say what the caller holds).
+pub fn listed_for(req: &fuser::Request, names: Vec<u8>) -> Vec<u8> {
+    if req.uid() == 0 {
+        return names;
+    }
+    names
+        .split_inclusive(|&b| b == 0)
+        .filter(|name| !name.starts_with(b"trusted."))
+        .flatten()
+        .copied()
+        .collect()
+}
+
 /// (seconds, nanoseconds) since the epoch as a SystemTime, before 1970 too.
 pub fn system_time(secs: i64, nsec: u32) -> SystemTime {
     if secs >= 0 {

@@ -202,9 +202,10 @@ pub fn may_write_as(fd: BorrowedFd<'_>, uid: u32, gid: u32, groups: &[u32]) -> i
     });
     // SAFETY: as above; back to the thread's own id and capabilities.
     unsafe { libc::setfsuid(old_uid as libc::uid_t) };
-    rustix::thread::set_capabilities(None, caps)?;
+    let restored = rustix::thread::set_capabilities(None, caps);
     set_thread_fsgid(old_gid);
     rustix::thread::set_thread_groups(&old_groups)?;
+    restored?;
     match res {
         Ok(()) => Ok(true),
         Err(rustix::io::Errno::ACCESS | rustix::io::Errno::PERM | rustix::io::Errno::ROFS) => {
@@ -282,6 +283,7 @@ pub fn act_for(uid: u32) {
                 // SAFETY: as above; back to the daemon's own id.
                 unsafe { libc::setfsuid(0) };
                 let _ = rustix::thread::set_capabilities(None, caps);
+                acting.set(None);
             }
         }
     });

@@ -2333,6 +2333,85 @@ fn a_file_written_through_passthrough_keeps_its_data_there_when_it_enters_the_is
     assert!(!d.backing.join("out/u").exists());
 }
 
+/// The same across a mounted commit or discard, which rebuild the view: a file written
+/// through passthrough keeps its data in its backing file, and so does one unlinked
+/// outside the isolated paths while open (a discard made it stale). And once its last
+/// passthrough open is closed, the view's size of it (held where a change to it was
+/// recorded, a chmod) is what the program wrote: a later recorded write carried the old
+/// size, and the commit cut what passthrough had written.
+#[test]
+fn a_file_written_through_passthrough_keeps_its_data_there_across_commits_and_discards() {
+    for step in ["commit", "discard"] {
+        let d = dirs();
+        for dir in ["out", "iso"] {
+            fs::create_dir(d.backing.join(dir)).unwrap();
+        }
+        fs::write(d.backing.join("out/f"), vec![b'a'; 8192]).unwrap();
+        fs::hard_link(d.backing.join("out/f"), d.backing.join("iso/hl")).unwrap();
+        fs::write(d.backing.join("out/u"), vec![b'u'; 8192]).unwrap();
+        let m = d.mount_with(&["--isolate-path", "iso", "--cache-timeout", "0"]);
+        let f = open_rw(&d.mnt.join("out/f"));
+        let u = open_rw(&d.mnt.join("out/u"));
+        fs::remove_file(d.mnt.join("out/u")).unwrap();
+        fs::metadata(d.mnt.join("iso/hl")).unwrap();
+        fs::write(d.mnt.join("iso/new"), b"x").unwrap();
+        match step {
+            "commit" => drop(commit(&d.store, None)),
+            _ => drop(discard(&d.store, None)),
+        }
+        // The hard link met again: isolated again.
+        fs::metadata(d.mnt.join("iso/hl")).unwrap();
+        rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, 16384).unwrap();
+        f.write_all_at(&[b'Q'; 4096], 8192).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 16384, "{step}: fstat of out/f");
+        let by_other = fs::read(d.mnt.join("iso/hl")).map_err(|e| e.raw_os_error());
+        assert_eq!(by_other.map(|b| b.len()), Ok(16384), "{step}: iso/hl read");
+        u.set_len(100).unwrap();
+        assert_eq!(
+            u.metadata().unwrap().len(),
+            100,
+            "{step}: fstat of unlinked out/u"
+        );
+        // A recorded change, then the last passthrough open closes.
+        fs::set_permissions(d.mnt.join("out/f"), fs::Permissions::from_mode(0o600)).unwrap();
+        f.write_all_at(&[b'R'; 4096], 16384).unwrap();
+        drop((f, u));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // The kernel releases the closed file a moment after close(2); the write that
+        // follows waits for it (ETXTBSY only after 2 s).
+        let w = loop {
+            match OpenOptions::new().write(true).open(d.mnt.join("out/f")) {
+                Ok(w) => break w,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{step}: writer refused"
+                    )
+                }
+                Err(e) => panic!("{step}: {e}"),
+            }
+        };
+        assert_eq!(
+            fs::metadata(d.mnt.join("out/f")).unwrap().len(),
+            20480,
+            "{step}: size on the mount after the last close"
+        );
+        w.write_all_at(b"Z", 0).unwrap();
+        drop(w);
+        m.stop();
+        commit(&d.store, None);
+        let mut want = vec![b'a'; 20480];
+        want[0] = b'Z';
+        want[8192..12288].fill(b'Q');
+        want[12288..16384].fill(0);
+        want[16384..].fill(b'R');
+        assert!(
+            read(&d.backing.join("out/f")) == want,
+            "{step}: out/f after the commit"
+        );
+    }
+}
+
 /// POSIX: after rewinddir, a directory stream shows the directory as it is then. The
 /// isolated mount used to keep serving the listing taken when the directory was opened.
 #[test]
@@ -4826,6 +4905,14 @@ fn a_mount_refused_for_its_store_changes_nothing() {
         err.contains("must not be inside") && err.contains("sub/store there"),
         "{err}"
     );
+    // Also by a path through a directory not made yet and `..`.
+    let roundabout = d.tmp.path().join("not-yet/../elsewhere/store");
+    let err = mount_fails(&d.backing, &d.mnt, &roundabout);
+    assert!(err.contains("sub/store there"), "{err}");
+    assert!(
+        !d.tmp.path().join("not-yet").exists(),
+        "made before the refusal"
+    );
     assert_untouched(
         &d.backing,
         &backing_before,
@@ -5175,6 +5262,39 @@ fn xattrs_are_tried_where_the_commit_sets_them_not_in_the_store() {
     assert_eq!(get(&d.backing.join("dir"), "user.b"), Some(1));
     assert_eq!(acl(&d.backing.join("inh/new")), on_mount[0]);
     assert_eq!(acl(&d.backing.join("inh/sub")), on_mount[1]);
+    drop(ramfs);
+
+    // The other way round: BACKING on ramfs refuses what the store's ext4 would take, as
+    // ramfs itself does (a default ACL was taken, then every create below it failed, and
+    // so did the commit).
+    let d = dirs();
+    let ramfs = ScratchFs::ramfs(d.tmp.path().join("ram"));
+    let backing = ramfs.0.join("backing");
+    fs::create_dir_all(backing.join("dir")).unwrap();
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&d.store)]);
+    let native = set(&backing.join("dir"), "user.b");
+    assert_eq!(
+        set(&d.mnt.join("dir"), "user.b"),
+        native,
+        "user.b, as on ramfs"
+    );
+    let setfacl = |p: &Path| {
+        let out = output(
+            Command::new("setfacl")
+                .args(["-d", "-m", "u:1000:rwx"])
+                .arg(p),
+        );
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).contains("not supported"),
+        )
+    };
+    assert_eq!(setfacl(&d.mnt.join("dir")), setfacl(&backing.join("dir")));
+    assert_eq!(setfacl(&d.mnt.join("dir")), (false, true), "a default ACL");
+    fs::write(d.mnt.join("dir/new"), b"n").unwrap();
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(fs::read(backing.join("dir/new")).unwrap(), b"n");
     drop(ramfs);
 }
 

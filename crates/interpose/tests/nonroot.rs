@@ -599,3 +599,55 @@ except OSError:
         m.stop();
     }
 }
+
+/// A caller who is not root lists the xattrs of a file as on BACKING: without the
+/// `trusted.*` ones, which the kernel keeps from callers without CAP_SYS_ADMIN (the
+/// daemon, which has it, listed them to everyone), on a plain and on an isolated mount.
+#[test]
+fn trusted_xattrs_are_not_listed_to_callers_who_are_not_root() {
+    for extra in [&[][..], &["--isolate"][..]] {
+        let tmp = tempfile::Builder::new()
+            .prefix("interpose-test-mnt-")
+            .tempdir_in(test_root())
+            .unwrap();
+        make_traversable(tmp.path());
+        let (backing, mnt) = (tmp.path().join("backing"), tmp.path().join("mnt"));
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        make_traversable(&backing);
+        file(&backing.join("f"), b"f", 0, 0, 0o644);
+        set_xattr(&backing.join("f"), "user.x", b"1");
+        set_xattr(&backing.join("f"), "trusted.secret", b"2");
+        let mut args = extra.to_vec();
+        let store = tmp.path().join("store");
+        if !extra.is_empty() {
+            args.push(store.to_str().unwrap());
+        }
+        let m = Mount::start(&backing, &mnt, &args);
+        let list = |dir: &Path, uid: u32| {
+            let out = output(
+                as_user(uid, uid, &[])
+                    .args([
+                        python(),
+                        "-c",
+                        "import os; print(sorted(os.listxattr('f')))",
+                    ])
+                    .current_dir(dir),
+            );
+            assert!(out.status.success(), "{}", describe(&out));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        assert_eq!(
+            list(&backing, NOBODY),
+            "['user.x']",
+            "{extra:?}: on BACKING"
+        );
+        assert_eq!(list(&mnt, NOBODY), "['user.x']", "{extra:?}: on the mount");
+        assert_eq!(
+            list(&mnt, 0),
+            "['trusted.secret', 'user.x']",
+            "{extra:?}: root on the mount"
+        );
+        m.stop();
+    }
+}

@@ -349,12 +349,10 @@ fn rebuild(
     fresh.xattr_probe = v.xattr_probe.clone();
     let replayed = started.elapsed();
     // A commit changes nothing the mount shows: files open without a name stay readable.
-    // (A discard may throw such a file away; then its number goes stale.)
-    let orphans = if committed {
-        v.take_orphans(store.dir())
-    } else {
-        Vec::new()
-    };
+    // A discard may throw such a file away (its removal was recorded: it comes back with
+    // its name, or it was made in the view and goes; then its number goes stale), but not
+    // one whose name went straight to BACKING, which no record names.
+    let orphans = v.take_orphans(store.dir(), !committed);
     let known = v.known();
     let listed = started.elapsed();
     let count = known.len();

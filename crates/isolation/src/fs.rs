@@ -932,11 +932,12 @@ impl Filesystem for IsolatedFs {
             if f.write {
                 n.writers = n.writers.saturating_sub(1);
             }
+            let mut last_passthrough = false;
             if pt {
                 n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
-                if n.passthrough_opens == 0 {
+                last_passthrough = n.passthrough_opens == 0;
+                if last_passthrough {
                     self.0.backing_ids.lock().remove(&f.node);
-                    n.passthrough_file = None;
                 }
                 self.0.passthrough_released.notify_all();
             }
@@ -944,6 +945,15 @@ impl Filesystem for IsolatedFs {
             // again before it forgets it (an open racing the loss of its last name).
             if n.opens == 0 && !n.detached {
                 n.origin_file = None;
+            }
+            if last_passthrough && n.passthrough_file.is_some() {
+                // The size and times the kernel left in that file, for a node whose
+                // attributes the view holds (see `Node::passthrough_file`); then it is the
+                // view's again.
+                let _ = v.attr(f.node);
+                if let Ok(n) = v.node_mut(f.node) {
+                    n.passthrough_file = None;
+                }
             }
         } else if v.release_stale(f.node) && pt {
             // No open of a stale number comes again to share the registration.
@@ -1128,8 +1138,10 @@ impl Filesystem for IsolatedFs {
         );
     }
 
-    fn listxattr(&self, _req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.0.view.lock().xattr_list(ino.0));
+    fn listxattr(&self, req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let list = self.0.view.lock().xattr_list(ino.0);
+        let list = list.map(|l| interpose_fs::reply::listed_for(req, l));
+        reply_xattr(reply, size, list);
     }
 
     fn removexattr(&self, _req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {

@@ -325,10 +325,24 @@ impl Store {
         while !existing.exists() {
             existing = existing.parent().unwrap_or(Path::new("/"));
         }
-        let real = existing
+        // The part still to be made is made one directory at a time, so its `..` is the
+        // directory made before it.
+        let mut real = existing
             .canonicalize()
-            .map_err(|e| Error::io(existing, e))?
-            .join(abs.strip_prefix(existing).unwrap_or(Path::new("")));
+            .map_err(|e| Error::io(existing, e))?;
+        for c in abs
+            .strip_prefix(existing)
+            .unwrap_or(Path::new(""))
+            .components()
+        {
+            match c {
+                std::path::Component::ParentDir => {
+                    real.pop();
+                }
+                std::path::Component::Normal(name) => real.push(name),
+                _ => {}
+            }
+        }
         if real.starts_with(&backing) {
             return Err(Error::Control(format!(
                 "the store {} must not be inside the backing directory {}",
@@ -336,23 +350,7 @@ impl Store {
                 backing.display()
             )));
         }
-        // The same directory reached by another way in (a bind mount of it, or of one
-        // above or below it): by where each is on its file system.
-        if let (Some((bdev, bpath)), Some((sdev, spath))) =
-            (place_on_its_fs(&backing), place_on_its_fs(&real))
-        {
-            if bdev == sdev && spath.starts_with(&bpath) {
-                return Err(Error::Control(format!(
-                    "the store {} must not be inside the backing directory {}: it is {} \
-                     there, by another mount of that file system ({bdev})",
-                    dir.display(),
-                    backing.display(),
-                    backing
-                        .join(spath.strip_prefix(&bpath).unwrap_or(&spath))
-                        .display()
-                )));
-            }
-        }
+        refuse_inside(dir, &backing, &real)?;
         let fresh = match std::fs::read_dir(dir) {
             // Empty, or what a creation that failed half-way (a full disk) left: the
             // files made before store.json, which is made last; no change is recorded
@@ -385,6 +383,7 @@ impl Store {
                 backing.display()
             )));
         }
+        refuse_inside(&dir, &backing, &dir)?;
         if fresh {
             let lock = Self::lock(&dir)?;
             let id: [u8; 16] = rand::random();
@@ -1341,6 +1340,28 @@ fn cut_after(journal: &Journal, records: &[Record], after: u64) -> u64 {
         .find(|r| r.seq > after)
         .map(|r| r.offset)
         .unwrap_or(journal.len())
+}
+
+/// Refuses the store `dir` (at `real`, absolute) inside `backing` where it is reached by
+/// another way in (a bind mount of `backing`, or of a directory above or below it): by
+/// where each lies on its file system.
+fn refuse_inside(dir: &Path, backing: &Path, real: &Path) -> Result<(), Error> {
+    if let (Some((bdev, bpath)), Some((sdev, spath))) =
+        (place_on_its_fs(backing), place_on_its_fs(real))
+    {
+        if bdev == sdev && spath.starts_with(&bpath) {
+            return Err(Error::Control(format!(
+                "the store {} must not be inside the backing directory {}: it is {} there, \
+                 by another mount of that file system ({bdev})",
+                dir.display(),
+                backing.display(),
+                backing
+                    .join(spath.strip_prefix(&bpath).unwrap_or(&spath))
+                    .display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Where the absolute, symlink-free `path` lies on its file system: the file system

@@ -292,6 +292,8 @@ pub struct Known {
     pub opens: u32,
     pub writers: u32,
     pub passthrough_opens: u32,
+    /// [`Node::passthrough_file`].
+    pub passthrough_file: Option<Arc<File>>,
 }
 
 /// A directory entry of the view.
@@ -2337,6 +2339,10 @@ impl View {
         // Default ACLs only a directory takes; the rest, a file of BACKING's file system.
         let (default, rest): (Vec<_>, Vec<_>) = set.iter().partition(|(k, _)| k == ACL_DEFAULT);
         try_xattrs(&probes.file, &rest)?;
+        // A default ACL has an access ACL's form: BACKING's file system must take ACLs.
+        for (_, value) in &default {
+            try_xattrs(&probes.file, &[&(ACL_ACCESS.to_vec(), value.clone())])?;
+        }
         if dir && !default.is_empty() {
             // With the rest, as the total counts; a store whose file system takes no
             // xattrs on directories cannot say (the kernel has checked the ACL's form).
@@ -2910,6 +2916,7 @@ impl View {
                     opens: n.opens,
                     writers: n.writers,
                     passthrough_opens: n.passthrough_opens,
+                    passthrough_file: n.passthrough_file.clone(),
                 }
             })
             .collect()
@@ -3029,6 +3036,10 @@ impl View {
                 n.opens += k.opens;
                 n.writers += k.writers;
                 n.passthrough_opens += k.passthrough_opens;
+                if let Some(f) = k.passthrough_file {
+                    n.origin_file.get_or_insert_with(|| f.clone());
+                    n.passthrough_file = Some(f);
+                }
             }
         }
     }
@@ -3066,8 +3077,9 @@ impl View {
     /// (the store's directory, so the space shows there); an unchanged one keeps the
     /// backing file it holds open. One that cannot be carried (its backing file not open
     /// and gone, no room for the copy) is left behind, and its number goes stale.
-    pub fn take_orphans(&mut self, dir: &Path) -> Vec<Orphan> {
-        let nameless = self.nameless(|n| n.lookups > 0 || n.opens > 0);
+    pub fn take_orphans(&mut self, dir: &Path, only_detached: bool) -> Vec<Orphan> {
+        let nameless =
+            self.nameless(|n| (n.lookups > 0 || n.opens > 0) && (n.detached || !only_detached));
         let mut out = Vec::new();
         for id in nameless {
             // Best effort: xattrs of an object of BACKING are read from it while it can be.
