@@ -282,7 +282,11 @@ pub fn act_for(uid: u32) {
                 tracing::warn!("acting for uid {uid}: {e}");
                 // SAFETY: as above; back to the daemon's own id.
                 unsafe { libc::setfsuid(0) };
-                let _ = rustix::thread::set_capabilities(None, caps);
+                let own = CapabilitySets {
+                    effective: own,
+                    ..caps
+                };
+                let _ = rustix::thread::set_capabilities(None, own);
                 acting.set(None);
             }
         }

@@ -2412,6 +2412,39 @@ fn a_file_written_through_passthrough_keeps_its_data_there_across_commits_and_di
     }
 }
 
+/// A mounted discard while a file unlinked outside the isolated paths is open with data
+/// the view recorded for it (served by the daemon: no name in BACKING to write to) ends,
+/// and the mount answers: carrying that file across the discard read its data from the
+/// journal the discard had just cut, and waited for it forever with the view locked.
+#[test]
+fn a_mounted_discard_with_an_unlinked_file_holding_recorded_data_ends() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("out")).unwrap();
+    fs::write(d.backing.join("out/f"), b"original").unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso", "--no-passthrough"]);
+    let f = open_rw(&d.mnt.join("out/f"));
+    fs::remove_file(d.mnt.join("out/f")).unwrap();
+    f.write_all_at(b"ACKNOWLEDGED", 0).unwrap();
+    f.sync_all().unwrap();
+    let mut child = Command::new(bin())
+        .args(["isolation", "discard"])
+        .arg(&d.store)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut child, std::time::Duration::from_secs(30));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    assert!(status.is_some_and(|s| s.success()), "discard: {status:?}");
+    assert!(
+        fs::metadata(&d.mnt).is_ok(),
+        "the mount answers after the discard"
+    );
+    drop(f);
+    m.stop();
+}
+
 /// POSIX: after rewinddir, a directory stream shows the directory as it is then. The
 /// isolated mount used to keep serving the listing taken when the directory was opened.
 #[test]

@@ -3078,8 +3078,12 @@ impl View {
     /// backing file it holds open. One that cannot be carried (its backing file not open
     /// and gone, no room for the copy) is left behind, and its number goes stale.
     pub fn take_orphans(&mut self, dir: &Path, only_detached: bool) -> Vec<Orphan> {
-        let nameless =
-            self.nameless(|n| (n.lookups > 0 || n.opens > 0) && (n.detached || !only_detached));
+        // For a discard, only what it cannot touch: objects whose name went straight to
+        // BACKING and whose data the view holds none of (a discard has cut the journal
+        // already, and data recorded for them may be gone with it).
+        let nameless = self.nameless(|n| {
+            (n.lookups > 0 || n.opens > 0) && (!only_detached || (n.detached && n.data.is_none()))
+        });
         let mut out = Vec::new();
         for id in nameless {
             // Best effort: xattrs of an object of BACKING are read from it while it can be.
@@ -3114,7 +3118,7 @@ impl View {
                     Ok(f) => Some(Arc::new(f)),
                     Err(e) if open => {
                         tracing::warn!(
-                            "a file open without a name cannot be kept across the commit ({}); reading it will fail with ESTALE",
+                            "a file open without a name cannot be kept across the commit or discard ({}); reading it will fail with ESTALE",
                             std::io::Error::from_raw_os_error(e)
                         );
                         continue;
