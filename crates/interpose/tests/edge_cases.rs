@@ -445,19 +445,11 @@ fn a_file_system_mounted_inside_backing_can_be_unmounted_once_forgotten() {
     let bound = bind_a_at_b(&m.backing);
     assert_eq!(fs::read(m.mnt.join("b/f")).unwrap(), b"f");
     let b = m.backing.join("b");
-    let holds_b = || {
-        fs::read_dir(format!("/proc/{}/fd", m.pid()))
-            .unwrap()
-            .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|t| t.starts_with(&b)))
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while holds_b() {
-        drop_dentries();
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon still holds a descriptor on the bind mount"
-        );
-    }
+    drop_dentries_until_released(
+        m.pid(),
+        |t| t.starts_with(&b),
+        "the daemon still holds a descriptor on the bind mount",
+    );
     let out = output(Command::new("umount").arg(&b));
     assert!(out.status.success(), "umount of b: {}", describe(&out));
     std::mem::forget(bound);

@@ -649,23 +649,12 @@ except PermissionError:
     // it held of it.
     fs::metadata(m.mnt.join("a/k")).unwrap();
     let a = m.backing.join("a");
-    let holds_a = || {
-        fs::read_dir(format!("/proc/{}/fd", m.pid()))
-            .unwrap()
-            .any(|e| fs::read_link(e.unwrap().path()).is_ok_and(|t| t == a))
-    };
+    let is_a = |t: &Path| t == a;
     assert!(
-        holds_a(),
+        daemon_holds(m.pid(), is_a),
         "the daemon holds a descriptor of a after the lookup"
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while holds_a() {
-        drop_dentries();
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the kernel did not forget a"
-        );
-    }
+    drop_dentries_until_released(m.pid(), is_a, "the kernel did not forget a");
     let mut stdin = nobody.stdin.take().unwrap();
     stdin.write_all(b"go\n").unwrap();
     drop(stdin);

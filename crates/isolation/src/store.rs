@@ -343,13 +343,6 @@ impl Store {
                 _ => {}
             }
         }
-        if real.starts_with(&backing) {
-            return Err(Error::Control(format!(
-                "the store {} must not be inside the backing directory {}",
-                dir.display(),
-                backing.display()
-            )));
-        }
         refuse_inside(dir, &backing, &real)?;
         let fresh = match std::fs::read_dir(dir) {
             // Empty, or what a creation that failed half-way (a full disk) left: the
@@ -376,13 +369,6 @@ impl Store {
             Err(e) => return Err(Error::io(dir, e)),
         };
         let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
-        if dir.starts_with(&backing) {
-            return Err(Error::Control(format!(
-                "the store {} must not be inside the backing directory {}",
-                dir.display(),
-                backing.display()
-            )));
-        }
         refuse_inside(&dir, &backing, &dir)?;
         if fresh {
             let lock = Self::lock(&dir)?;
@@ -1342,10 +1328,17 @@ fn cut_after(journal: &Journal, records: &[Record], after: u64) -> u64 {
         .unwrap_or(journal.len())
 }
 
-/// Refuses the store `dir` (at `real`, absolute) inside `backing` where it is reached by
-/// another way in (a bind mount of `backing`, or of a directory above or below it): by
+/// Refuses the store `dir` (at `real`, absolute) inside `backing`, also where it is
+/// reached by another way in (a bind mount of `backing`, or of a directory above or below it): by
 /// where each lies on its file system.
 fn refuse_inside(dir: &Path, backing: &Path, real: &Path) -> Result<(), Error> {
+    if real.starts_with(backing) {
+        return Err(Error::Control(format!(
+            "the store {} must not be inside the backing directory {}",
+            dir.display(),
+            backing.display()
+        )));
+    }
     if let (Some((bdev, bpath)), Some((sdev, spath))) =
         (place_on_its_fs(backing), place_on_its_fs(real))
     {

@@ -410,6 +410,24 @@ pub fn drop_dentries() {
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
 }
 
+/// Whether daemon `pid` holds a descriptor whose path `held` picks.
+pub fn daemon_holds(pid: u32, held: impl Fn(&Path) -> bool) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .any(|e| std::fs::read_link(e.unwrap().path()).is_ok_and(|t| held(&t)))
+}
+
+/// Drops the kernel's unused dentries until daemon `pid` holds no descriptor whose path
+/// `held` picks: the kernel has forgotten those objects and the daemon has closed what it
+/// held of them. Fails after 20 s, saying `what`.
+pub fn drop_dentries_until_released(pid: u32, held: impl Fn(&Path) -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while daemon_holds(pid, &held) {
+        drop_dentries();
+        assert!(std::time::Instant::now() < deadline, "{what}");
+    }
+}
+
 /// A small ext4 file system without a journal on a loop device, unmounted and detached when
 /// dropped (declare it before the mounts that use it). Without a journal nothing sends its
 /// device a flush but a sync of it (an `fsync`, or a `sync` somewhere on the machine).
