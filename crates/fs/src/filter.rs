@@ -3,7 +3,8 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use interpose_core::Caller;
 
@@ -196,6 +197,34 @@ impl Request {
         }
     }
 
+    /// Fills in what a `setattr` changes, as the kernel sent it.
+    pub fn set_attributes(
+        &mut self,
+        mode: Option<u32>,
+        owner: Option<u32>,
+        group: Option<u32>,
+        size: Option<u64>,
+        atime: Option<fuser::TimeOrNow>,
+        mtime: Option<fuser::TimeOrNow>,
+    ) {
+        // (The kernel sends the file type with a chmod's mode.)
+        self.mode = mode.map(|m| m & 0o7777);
+        self.size = size;
+        self.owner = owner;
+        self.group = group;
+        let set = |t: Option<fuser::TimeOrNow>| {
+            t.map(|t| match t {
+                fuser::TimeOrNow::Now => SetTime::Now,
+                fuser::TimeOrNow::SpecificTime(t) => {
+                    let (s, ns) = crate::reply::kernel_time(t);
+                    SetTime::At(s, ns)
+                }
+            })
+        };
+        self.atime = set(atime);
+        self.mtime = set(mtime);
+    }
+
     /// Whether this request is a rename that exchanges its two paths.
     pub fn is_exchange(&self) -> bool {
         self.op == Op::Rename
@@ -330,10 +359,38 @@ impl Scoped {
     }
 }
 
+/// An operation the `before` hooks let go on, waiting for its result.
+pub struct Admitted {
+    chain: Arc<Chain>,
+    req: Request,
+    start: Instant,
+}
+
+impl Admitted {
+    pub fn request(&self) -> &Request {
+        &self.req
+    }
+
+    /// Shows the result (bytes moved, or the errno) to the `after` hooks.
+    pub fn finish(self, result: Result<u64, i32>) {
+        let outcome = Outcome {
+            result,
+            latency: self.start.elapsed(),
+        };
+        self.chain.after(&self.req, &outcome);
+    }
+}
+
 /// The filters of one mount, in order.
 #[derive(Default)]
 pub struct Chain {
     filters: Vec<Scoped>,
+}
+
+impl std::fmt::Debug for Chain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.names()).finish()
+    }
 }
 
 impl Chain {
@@ -359,6 +416,43 @@ impl Chain {
             }
         }
         Verdict::Continue
+    }
+
+    /// Runs the `before` hooks on `req`. A refusal has already been shown to the `after`
+    /// hooks when it is returned; otherwise hand the operation's result to
+    /// [`Admitted::finish`].
+    pub fn admit(self: &Arc<Self>, req: Request) -> Result<Admitted, i32> {
+        let start = Instant::now();
+        if let Verdict::Deny(errno) = self.before(&req) {
+            let outcome = Outcome {
+                result: Err(errno),
+                latency: start.elapsed(),
+            };
+            self.after(&req, &outcome);
+            return Err(errno);
+        }
+        Ok(Admitted {
+            chain: self.clone(),
+            req,
+            start,
+        })
+    }
+
+    /// Runs `body` between the hooks: refused, it does not run; `bytes` says how many
+    /// bytes a success moved.
+    pub fn around<T>(
+        self: &Arc<Self>,
+        req: impl FnOnce() -> Request,
+        body: impl FnOnce() -> Result<T, i32>,
+        bytes: impl FnOnce(&T) -> u64,
+    ) -> Result<T, i32> {
+        if self.is_empty() {
+            return body();
+        }
+        let admitted = self.admit(req())?;
+        let res = body();
+        admitted.finish(res.as_ref().map(bytes).map_err(|e| *e));
+        res
     }
 
     pub fn after(&self, req: &Request, outcome: &Outcome) {

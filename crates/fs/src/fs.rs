@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::ReadWriteFlags;
 
-use crate::filter::{Caller, Chain, Op, Outcome, Request, SetTime, Verdict};
+use crate::filter::{Caller, Chain, Op, Request, Verdict};
 use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
 use crate::pool::BlockingPool;
 use crate::reply::{check_name, reply_empty, reply_xattr, without_setid_for};
@@ -170,6 +170,20 @@ fn caller(req: &fuser::Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
     }
+}
+
+/// The filters' view of a request.
+fn request(
+    req: &fuser::Request,
+    op: Op,
+    paths: impl FnOnce() -> (PathBuf, Option<PathBuf>),
+    detail: impl FnOnce(&mut Request),
+) -> Request {
+    let (p1, p2) = paths();
+    let mut r = Request::new(op, p1, caller(req));
+    r.path2 = p2;
+    detail(&mut r);
+    r
 }
 
 fn time_of(secs: i64, nsec: i64) -> SystemTime {
@@ -320,7 +334,6 @@ impl FilterFs {
     }
 
     /// Runs `body` with the filter chain around it. Without filters, no path is built.
-    #[allow(clippy::too_many_arguments)]
     fn filtered<T>(
         &self,
         req: &fuser::Request,
@@ -331,48 +344,8 @@ impl FilterFs {
         bytes: impl FnOnce(&T) -> u64,
     ) -> Res<T> {
         sys::act_for(req.uid());
-        if self.chain.is_empty() {
-            return body();
-        }
-        let (r, start) = self.before(req, op, paths, detail)?;
-        let res = body();
-        let result = match &res {
-            Ok(v) => Ok(bytes(v)),
-            Err(e) => Err(*e),
-        };
-        self.chain.after(
-            &r,
-            &Outcome {
-                result,
-                latency: start.elapsed(),
-            },
-        );
-        res
-    }
-
-    /// Builds the filters' view of a request and runs their `before` hooks; a denial has
-    /// already been shown to the `after` hooks when it is returned.
-    fn before(
-        &self,
-        req: &fuser::Request,
-        op: Op,
-        paths: impl FnOnce() -> (PathBuf, Option<PathBuf>),
-        detail: impl FnOnce(&mut Request),
-    ) -> Res<(Request, Instant)> {
-        let (p1, p2) = paths();
-        let mut r = Request::new(op, p1, caller(req));
-        r.path2 = p2;
-        detail(&mut r);
-        let start = Instant::now();
-        if let Verdict::Deny(errno) = self.chain.before(&r) {
-            let outcome = Outcome {
-                result: Err(errno),
-                latency: start.elapsed(),
-            };
-            self.chain.after(&r, &outcome);
-            return Err(errno);
-        }
-        Ok((r, start))
+        self.chain
+            .around(|| request(req, op, paths, detail), body, bytes)
     }
 
     /// Like [`Self::filtered`] for a call that may wait on the disk: the filters' `before`
@@ -388,28 +361,20 @@ impl FilterFs {
         body: impl FnOnce() -> Res<()> + Send + 'static,
         reply: ReplyEmpty,
     ) {
-        let prepared = if self.chain.is_empty() {
+        let admitted = if self.chain.is_empty() {
             None
         } else {
-            match self.before(req, op, paths, |_| {}) {
-                Ok(prepared) => Some(prepared),
+            match self.chain.admit(request(req, op, paths, |_| {})) {
+                Ok(admitted) => Some(admitted),
                 Err(errno) => return reply.error(Errno::from_i32(errno)),
             }
         };
-        let chain = self.chain.clone();
         let uid = req.uid();
         let job = move || {
             sys::act_for(uid);
             let res = body();
-            if let Some((r, start)) = prepared {
-                let result = res.map(|()| 0);
-                chain.after(
-                    &r,
-                    &Outcome {
-                        result,
-                        latency: start.elapsed(),
-                    },
-                );
+            if let Some(admitted) = admitted {
+                admitted.finish(res.map(|()| 0));
             }
             reply_empty(reply, res);
         };
@@ -1084,24 +1049,7 @@ impl Filesystem for FilterFs {
             req,
             Op::Setattr,
             self.node_path(ino.0),
-            |r| {
-                // (The kernel sends the file type with a chmod's mode.)
-                r.mode = mode.map(|m| m & 0o7777);
-                r.size = size;
-                r.owner = uid;
-                r.group = gid;
-                let set = |t: Option<TimeOrNow>| {
-                    t.map(|t| match t {
-                        TimeOrNow::Now => SetTime::Now,
-                        TimeOrNow::SpecificTime(t) => {
-                            let (s, ns) = crate::reply::kernel_time(t);
-                            SetTime::At(s, ns)
-                        }
-                    })
-                };
-                r.atime = set(atime);
-                r.mtime = set(mtime);
-            },
+            |r| r.set_attributes(mode, uid, gid, size, atime, mtime),
             || {
                 self.do_setattr(
                     ino.0,
