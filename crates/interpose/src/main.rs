@@ -301,9 +301,6 @@ fn fs_mount(args: MountArgs) -> Result<()> {
             None,
         ),
         Some(store) => {
-            if !names.is_empty() {
-                bail!("--filter and --isolate cannot be combined yet");
-            }
             let mode = if args.write_through {
                 interpose_isolation::view::Mode::WriteThrough
             } else if args.isolate_path.is_empty() {
@@ -330,6 +327,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
                 interpose_isolation::fs::Options {
                     ttl,
                     passthrough: !args.no_passthrough,
+                    chain: std::sync::Arc::new(chain),
                 },
                 options.serving(),
                 &mut |c| check.update(c),
@@ -339,13 +337,19 @@ fn fs_mount(args: MountArgs) -> Result<()> {
             (mounted, Some(guard))
         }
     };
+    let filters = match names.is_empty() {
+        true => "no filters".to_owned(),
+        false => format!("filters: {}", names.join(", ")),
+    };
     let filters = match &args.isolate {
         Some(store) if args.write_through => {
-            format!("write-through, changes recorded in {}", store.display())
+            format!(
+                "write-through, changes recorded in {}; {filters}",
+                store.display()
+            )
         }
-        Some(store) => format!("isolated, changes kept in {}", store.display()),
-        None if names.is_empty() => "no filters".to_owned(),
-        None => format!("filters: {}", names.join(", ")),
+        Some(store) => format!("isolated, changes kept in {}; {filters}", store.display()),
+        None => filters,
     };
     let transport = if mounted.io_uring {
         "FUSE over io_uring"

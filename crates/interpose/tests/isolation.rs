@@ -96,18 +96,6 @@ impl Dirs {
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-/// `interpose isolation SUB STORE EXTRA...`, which must succeed; its stdout.
-fn iso(sub: &str, store: &Path, extra: &[&str]) -> String {
-    run(Command::new(bin())
-        .args(["isolation", sub])
-        .arg(store)
-        .args(extra))
-}
-
 /// `interpose isolation SUB STORE EXTRA...`, which must fail; its stderr.
 fn iso_fails(sub: &str, store: &Path, extra: &[&str]) -> String {
     let out = output(
@@ -1973,15 +1961,6 @@ fn isolate_path_keeps_only_matching_subtrees_and_passes_the_rest_through() {
 }
 
 /// The names in a directory, sorted.
-fn names(dir: &Path) -> Vec<String> {
-    let mut out: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    out.sort();
-    out
-}
-
 /// Names and contents of a tree (directories as "dir", symlinks by target), with link counts.
 fn contents(root: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();

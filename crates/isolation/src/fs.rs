@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,6 +23,7 @@ use fuser::{
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use interpose_fs::filter::{Caller, Chain, Op, Request, Verdict};
 use interpose_fs::reply::{check_name, reply_empty, reply_xattr};
 
 use crate::change::{NewKind, RawPath, Time};
@@ -33,6 +34,9 @@ use crate::view::{self, Attr, Mode, Res, View, ROOT};
 pub struct Options {
     pub ttl: Duration,
     pub passthrough: bool,
+    /// The filters every request passes through, with the view's paths, before it
+    /// reaches the view (see `interpose_fs::filter`).
+    pub chain: Arc<Chain>,
 }
 
 impl Default for Options {
@@ -40,6 +44,7 @@ impl Default for Options {
         Options {
             ttl: Duration::from_secs(1),
             passthrough: true,
+            chain: Arc::default(),
         }
     }
 }
@@ -105,6 +110,23 @@ const FMODE_EXEC: i32 = 0x20;
 /// reader that really keeps the file open.
 const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
+/// The path filters see for node `id`: the view's, from the mount's root; `/?` for a
+/// node the view knows no name of (open, unlinked).
+fn filter_path(v: &View, id: u64) -> PathBuf {
+    match v.path_of(id) {
+        Some(p) => Path::new("/").join(p),
+        None => PathBuf::from("/?"),
+    }
+}
+
+fn caller(req: &fuser::Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
 fn systime((s, n): Time) -> SystemTime {
     interpose_fs::reply::system_time(s, n)
 }
@@ -169,6 +191,93 @@ fn kill_suid_sgid(v: &mut View, id: u64, req: &fuser::Request) -> Res<bool> {
 }
 
 impl IsolatedFs {
+    fn chain(&self) -> &Arc<Chain> {
+        &self.0.opts.chain
+    }
+
+    /// Runs `body` with the filter chain around it; `paths` are taken from the view
+    /// (under its lock, released before `body`). Without filters, no path is built.
+    fn filtered<T>(
+        &self,
+        req: &fuser::Request,
+        op: Op,
+        paths: impl FnOnce(&View) -> (PathBuf, Option<PathBuf>),
+        detail: impl FnOnce(&mut Request),
+        body: impl FnOnce() -> Res<T>,
+        bytes: impl FnOnce(&T) -> u64,
+    ) -> Res<T> {
+        let request = || {
+            let (p1, p2) = paths(&self.0.view.lock());
+            let mut r = Request::new(op, p1, caller(req));
+            r.path2 = p2;
+            detail(&mut r);
+            r
+        };
+        self.chain().around(request, body, bytes)
+    }
+
+    /// [`IsolatedFs::filtered`] of an operation on node `id` that moves no bytes.
+    fn on_node<T>(
+        &self,
+        req: &fuser::Request,
+        op: Op,
+        id: u64,
+        body: impl FnOnce() -> Res<T>,
+    ) -> Res<T> {
+        self.filtered(req, op, |v| (filter_path(v, id), None), |_| {}, body, |_| 0)
+    }
+
+    /// How long the kernel may keep the name and attributes at `path`: not at all where a
+    /// filter's answer depends on the caller (each access is asked again).
+    fn ttl(&self, path: impl FnOnce() -> PathBuf) -> Duration {
+        let chain = self.chain();
+        if chain.may_vary_by_caller() && chain.varies_by_caller(&path()) {
+            Duration::ZERO
+        } else {
+            self.0.opts.ttl
+        }
+    }
+
+    fn ttl_of(&self, id: u64) -> Duration {
+        self.ttl(|| filter_path(&self.0.view.lock(), id))
+    }
+
+    /// Whether the filters hide `name` in `dir` (at view path `dir_path`) from the caller
+    /// (a lookup refused with ENOENT): left out of listings.
+    fn hidden(&self, who: Caller, dir_path: &Path, name: &OsStr) -> bool {
+        let r = Request::new(Op::Lookup, dir_path.join(name), who);
+        self.chain().before(&r) == Verdict::Deny(libc::ENOENT)
+    }
+
+    /// For a rename of the object `id` from `from` to `to`: if it is a directory and a
+    /// filter guards paths below it ([`Chain::guards_below`]), asks the filters about the
+    /// rename of every object below it, and gives the first refusal.
+    fn check_below(&self, who: Caller, flags: u32, id: u64, from: &Path, to: &Path) -> Res<()> {
+        // Each object below moves one way only, also in an exchange (whose other side is
+        // checked on its own).
+        let flags = (flags & !libc::RENAME_EXCHANGE) as i32;
+        let rename = |from: &Path, to: &Path| {
+            let mut r = Request::new(Op::Rename, from, who);
+            r.path2 = Some(to.to_path_buf());
+            r.flags = Some(flags);
+            r
+        };
+        if !self.chain().guards_below(from, &rename(from, to)) {
+            return Ok(());
+        }
+        // Taken under the view's lock, asked without it.
+        let below = self.0.view.lock().paths_below(id)?;
+        for rel in below {
+            if let Verdict::Deny(errno) = self
+                .chain()
+                .before(&rename(&from.join(&rel), &to.join(&rel)))
+            {
+                return Err(errno);
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the kernel fetch the attributes of node `ino` again (it caches them for the
     /// attribute timeout), after a change it did not ask for.
     fn forget_attributes(&self, ino: INodeNo) {
@@ -178,10 +287,17 @@ impl IsolatedFs {
         }
     }
 
-    /// Directory `ino`'s entries as the view has them now, `.` and `..` first.
-    fn listing(&self, ino: u64) -> Res<Vec<view::DirEntry>> {
+    /// Directory `ino`'s entries as the view has them now, `.` and `..` first, without
+    /// those the filters hide from `who`.
+    fn listing(&self, who: Caller, ino: u64) -> Res<Vec<view::DirEntry>> {
         let mut v = self.0.view.lock();
         let mut entries = v.readdir(ino)?;
+        if !self.chain().is_empty() {
+            let dir = filter_path(&v, ino);
+            drop(v);
+            entries.retain(|e| !self.hidden(who, &dir, &e.name));
+            v = self.0.view.lock();
+        }
         let parent = if ino == ROOT {
             ROOT
         } else {
@@ -198,13 +314,13 @@ impl IsolatedFs {
 
     /// The listing a read of open directory `fh` works on: a read from the start after
     /// the first one (rewinddir) takes it again, so that it shows what was made since.
-    fn open_dir(&self, fh: u64, ino: u64, offset: u64) -> Res<Arc<OpenDir>> {
+    fn open_dir(&self, who: Caller, fh: u64, ino: u64, offset: u64) -> Res<Arc<OpenDir>> {
         let d = self.0.dirs.lock().get(&fh).cloned().ok_or(libc::EBADF)?;
         if offset != 0 || d.fresh.swap(false, Ordering::Relaxed) {
             return Ok(d);
         }
         let d = Arc::new(OpenDir {
-            entries: self.listing(ino)?,
+            entries: self.listing(who, ino)?,
             fresh: AtomicBool::new(false),
         });
         self.0.dirs.lock().insert(fh, d.clone());
@@ -213,25 +329,51 @@ impl IsolatedFs {
 
     fn entry(&self, reply: ReplyEntry, res: Res<(u64, Attr)>) {
         match res {
-            Ok((id, a)) => reply.entry(&self.0.opts.ttl, &fattr(id, &a), Generation(0)),
+            Ok((id, a)) => {
+                let ttl = self.ttl_of(id);
+                reply.entry_with_ttls(&ttl, &ttl, &fattr(id, &a), Generation(0))
+            }
             Err(e) => reply.error(err(e)),
         }
     }
 
+    /// Makes `name` in `parent`. The filters see it as `op` (with `detail`) when it is
+    /// not part of a create, whose filtering covers the open too.
+    #[allow(clippy::too_many_arguments)]
     fn make(
         &self,
         req: &fuser::Request,
+        op: Option<Op>,
         parent: INodeNo,
         name: &OsStr,
         kind: NewKind,
         mode: u32,
         umask: u32,
     ) -> Res<(u64, Attr)> {
-        check_name(name)?;
-        let mut v = self.0.view.lock();
-        let id = v.create(parent.0, name, kind, mode, umask, req.uid(), req.gid())?;
-        // The lookup the create counted is not the kernel's if the reply is an error.
-        v.attr(id).map(|a| (id, a)).inspect_err(|_| v.forget(id, 1))
+        let target = match &kind {
+            NewKind::Symlink { target } => Some(target.to_path_buf()),
+            _ => None,
+        };
+        let body = || {
+            check_name(name)?;
+            let mut v = self.0.view.lock();
+            let id = v.create(parent.0, name, kind, mode, umask, req.uid(), req.gid())?;
+            // The lookup the create counted is not the kernel's if the reply is an error.
+            v.attr(id).map(|a| (id, a)).inspect_err(|_| v.forget(id, 1))
+        };
+        let Some(op) = op else { return body() };
+        self.filtered(
+            req,
+            op,
+            |v| (filter_path(v, parent.0).join(name), target),
+            |r| {
+                if op != Op::Symlink {
+                    r.mode = Some(mode);
+                }
+            },
+            body,
+            |_| 0,
+        )
     }
 
     fn file(&self, fh: FileHandle) -> Res<Arc<OpenFile>> {
@@ -326,10 +468,14 @@ impl IsolatedFs {
     /// Registers an open; decides passthrough. `truncate_for`: the open truncates the file
     /// (O_TRUNC of an existing file, which FUSE_ATOMIC_O_TRUNC leaves to the open), for
     /// this caller, dropping set-ID bits or not (see [`IsolatedFs::truncate_on_open`]).
+    /// `served`: a filter wants to see the data, so the open is not passed through unless
+    /// the kernel already holds the file open that way (it then requires every open of it
+    /// to share that registration).
     fn open_node(
         &self,
         id: u64,
         flags: i32,
+        served: bool,
         truncate_for: Option<(&fuser::Request, bool)>,
         reply_backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
     ) -> Res<(u64, Option<Arc<BackingId>>)> {
@@ -385,7 +531,7 @@ impl IsolatedFs {
             match (shared(&ids), &n.origin) {
                 (Some((b, writable)), _) if writable || !write => bid = Some(b),
                 // Not by the name of a detached node: another object's now, or nothing's.
-                (None, Some(origin)) if !n.detached => {
+                (None, Some(origin)) if !n.detached && !served => {
                     match register_backing(&backing, origin, direct, write, reply_backing) {
                         Ok((b, f, writable)) => {
                             let b = Arc::new(b);
@@ -443,6 +589,47 @@ impl IsolatedFs {
         );
         Ok((fh, bid))
     }
+
+    /// Forgets open `fh`: counts, passthrough registrations, the node if now unused.
+    fn release_open(&self, fh: FileHandle) -> Res<()> {
+        let f = self.0.files.lock().remove(&fh.0).ok_or(libc::EBADF)?;
+        let pt = f.backing.is_some();
+        let mut v = self.0.view.lock();
+        if let Ok(n) = v.node_mut(f.node) {
+            n.opens = n.opens.saturating_sub(1);
+            if f.write {
+                n.writers = n.writers.saturating_sub(1);
+            }
+            let mut last_passthrough = false;
+            if pt {
+                n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
+                last_passthrough = n.passthrough_opens == 0;
+                if last_passthrough {
+                    self.0.backing_ids.lock().remove(&f.node);
+                }
+                self.0.passthrough_released.notify_all();
+            }
+            // A detached file is reached through nothing else, should the kernel open it
+            // again before it forgets it (an open racing the loss of its last name).
+            if n.opens == 0 && !n.detached {
+                n.origin_file = None;
+            }
+            if last_passthrough && n.passthrough_file.is_some() {
+                // The size and times the kernel left in that file, for a node whose
+                // attributes the view holds (see `Node::passthrough_file`); then it is the
+                // view's again.
+                let _ = v.attr(f.node);
+                if let Ok(n) = v.node_mut(f.node) {
+                    n.passthrough_file = None;
+                }
+            }
+        } else if v.release_stale(f.node) && pt {
+            // No open of a stale number comes again to share the registration.
+            self.0.backing_ids.lock().remove(&f.node);
+        }
+        v.maybe_drop(f.node);
+        Ok(())
+    }
 }
 
 /// Opens the backing file at `origin` and registers it for passthrough; the file, and
@@ -487,6 +674,10 @@ impl Filesystem for IsolatedFs {
             // reading that truncates is not passed through to the untruncated file.
             InitFlags::FUSE_ATOMIC_O_TRUNC,
         ] {
+            // A symlink the filters may refuse to some callers is read each time.
+            if flag == InitFlags::FUSE_CACHE_SYMLINKS && self.chain().may_vary_by_caller() {
+                continue;
+            }
             let _ = config.add_capabilities(flag);
         }
         // --write-through records every write, so a file open for writing is served by the
@@ -508,15 +699,31 @@ impl Filesystem for IsolatedFs {
             tracing::error!("syncing the journal at unmount: errno {e}");
         }
         v.journal.close();
+        drop(v);
+        self.chain().close();
     }
 
-    fn lookup(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let res = (|| {
-            check_name(name)?;
-            self.0.view.lock().lookup_attr(parent.0, name)
-        })();
+    fn lookup(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let res = self.filtered(
+            req,
+            Op::Lookup,
+            |v| (filter_path(v, parent.0).join(name), None),
+            |_| {},
+            || {
+                check_name(name)?;
+                self.0.view.lock().lookup_attr(parent.0, name)
+            },
+            |_| 0,
+        );
+        let negative = |res: &Res<(u64, Attr)>| {
+            // Not where a filter may hide the name from some callers only.
+            matches!(res, Err(libc::ENOENT))
+                && !self
+                    .ttl(|| filter_path(&self.0.view.lock(), parent.0).join(name))
+                    .is_zero()
+        };
         match res {
-            Err(libc::ENOENT) => {
+            res if negative(&res) => {
                 let mut a = fattr(0, &Attr::zeroed(0));
                 a.ino = INodeNo(0);
                 reply.entry_with_ttls(&Duration::ZERO, &self.0.opts.ttl, &a, Generation(0));
@@ -531,13 +738,13 @@ impl Filesystem for IsolatedFs {
 
     fn getattr(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         _fh: Option<FileHandle>,
         reply: ReplyAttr,
     ) {
-        match self.0.view.lock().attr(ino.0) {
-            Ok(a) => reply.attr(&self.0.opts.ttl, &fattr(ino.0, &a)),
+        match self.on_node(req, Op::Getattr, ino.0, || self.0.view.lock().attr(ino.0)) {
+            Ok(a) => reply.attr(&self.ttl_of(ino.0), &fattr(ino.0, &a)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -562,7 +769,7 @@ impl Filesystem for IsolatedFs {
         reply: ReplyAttr,
     ) {
         let id = ino.0;
-        let res = (|| {
+        let body = || {
             let mut v = self.0.view.lock();
             let records = [
                 size.is_some(),
@@ -618,15 +825,25 @@ impl Filesystem for IsolatedFs {
                 kill_suid_sgid(&mut v, id, req)?;
             }
             v.attr(id)
-        })();
+        };
+        let res = self.filtered(
+            req,
+            Op::Setattr,
+            |v| (filter_path(v, id), None),
+            |r| r.set_attributes(mode, uid, gid, size, atime, mtime),
+            body,
+            |_| 0,
+        );
         match res {
-            Ok(a) => reply.attr(&self.0.opts.ttl, &fattr(id, &a)),
+            Ok(a) => reply.attr(&self.ttl_of(id), &fattr(id, &a)),
             Err(e) => reply.error(err(e)),
         }
     }
 
-    fn readlink(&self, _req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
-        match self.0.view.lock().readlink(ino.0) {
+    fn readlink(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyData) {
+        match self.on_node(req, Op::Readlink, ino.0, || {
+            self.0.view.lock().readlink(ino.0)
+        }) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
         }
@@ -651,7 +868,7 @@ impl Filesystem for IsolatedFs {
         } else {
             mode
         };
-        let res = self.make(req, parent, name, kind, mode, umask);
+        let res = self.make(req, Some(Op::Mknod), parent, name, kind, mode, umask);
         self.entry(reply, res);
     }
 
@@ -666,6 +883,7 @@ impl Filesystem for IsolatedFs {
     ) {
         let res = self.make(
             req,
+            Some(Op::Mkdir),
             parent,
             name,
             NewKind::Dir,
@@ -675,13 +893,27 @@ impl Filesystem for IsolatedFs {
         self.entry(reply, res);
     }
 
-    fn unlink(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, false));
+    fn unlink(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Unlink,
+            |v| (filter_path(v, parent.0).join(name), None),
+            |_| {},
+            || check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, false)),
+            |_| 0,
+        );
         reply_empty(reply, res);
     }
 
-    fn rmdir(&self, _req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let res = check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, true));
+    fn rmdir(&self, req: &fuser::Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Rmdir,
+            |v| (filter_path(v, parent.0).join(name), None),
+            |_| {},
+            || check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, true)),
+            |_| 0,
+        );
         reply_empty(reply, res);
     }
 
@@ -696,13 +928,21 @@ impl Filesystem for IsolatedFs {
         let kind = NewKind::Symlink {
             target: RawPath::from_path(target),
         };
-        let res = self.make(req, parent, link_name, kind, libc::S_IFLNK | 0o777, 0);
+        let res = self.make(
+            req,
+            Some(Op::Symlink),
+            parent,
+            link_name,
+            kind,
+            libc::S_IFLNK | 0o777,
+            0,
+        );
         self.entry(reply, res);
     }
 
     fn rename(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -710,36 +950,78 @@ impl Filesystem for IsolatedFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let res = check_name(name)
-            .and_then(|_| check_name(newname))
-            .and_then(|_| {
-                let mut v = self.0.view.lock();
-                let id = v.child(parent.0, name)?;
-                self.await_direct_writers(&mut v, id, newparent.0, newname)?;
-                if flags.bits() & libc::RENAME_EXCHANGE != 0 {
-                    let other = v.child(newparent.0, newname)?;
-                    self.await_direct_writers(&mut v, other, parent.0, name)?;
+        let exchange = flags.bits() & libc::RENAME_EXCHANGE != 0;
+        let paths = |v: &View| {
+            (
+                filter_path(v, parent.0).join(name),
+                filter_path(v, newparent.0).join(newname),
+            )
+        };
+        let body = || {
+            check_name(name)?;
+            check_name(newname)?;
+            if !self.chain().is_empty() {
+                let (from, to) = paths(&self.0.view.lock());
+                let (id, other) = {
+                    let mut v = self.0.view.lock();
+                    let other = exchange
+                        .then(|| v.child(newparent.0, newname))
+                        .transpose()?;
+                    (v.child(parent.0, name)?, other)
+                };
+                self.check_below(caller(req), flags.bits(), id, &from, &to)?;
+                if let Some(other) = other {
+                    self.check_below(caller(req), flags.bits(), other, &to, &from)?;
                 }
-                v.rename(parent.0, name, newparent.0, newname, flags.bits())
-            });
+            }
+            let mut v = self.0.view.lock();
+            let id = v.child(parent.0, name)?;
+            self.await_direct_writers(&mut v, id, newparent.0, newname)?;
+            if exchange {
+                let other = v.child(newparent.0, newname)?;
+                self.await_direct_writers(&mut v, other, parent.0, name)?;
+            }
+            v.rename(parent.0, name, newparent.0, newname, flags.bits())
+        };
+        let res = self.filtered(
+            req,
+            Op::Rename,
+            |v| {
+                let (from, to) = paths(v);
+                (from, Some(to))
+            },
+            |r| r.flags = Some(flags.bits() as i32),
+            body,
+            |_| 0,
+        );
         reply_empty(reply, res);
     }
 
     fn link(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let res = (|| {
-            check_name(newname)?;
-            let mut v = self.0.view.lock();
-            self.await_direct_writers(&mut v, ino.0, newparent.0, newname)?;
-            v.link(ino.0, newparent.0, newname)?;
-            Ok((ino.0, v.attr(ino.0)?))
-        })();
+        let res = self.filtered(
+            req,
+            Op::Link,
+            |v| {
+                let to = filter_path(v, newparent.0).join(newname);
+                (filter_path(v, ino.0), Some(to))
+            },
+            |_| {},
+            || {
+                check_name(newname)?;
+                let mut v = self.0.view.lock();
+                self.await_direct_writers(&mut v, ino.0, newparent.0, newname)?;
+                v.link(ino.0, newparent.0, newname)?;
+                Ok((ino.0, v.attr(ino.0)?))
+            },
+            |_| 0,
+        );
         self.entry(reply, res);
     }
 
@@ -752,7 +1034,23 @@ impl Filesystem for IsolatedFs {
         reply: ReplyOpen,
     ) {
         let truncate_for = (flags.0 & libc::O_TRUNC != 0).then_some((req, kill_suidgid));
-        let res = self.open_node(ino.0, flags.0, truncate_for, |f| reply.open_backing(f));
+        let served = std::cell::Cell::new(false);
+        let res = self.filtered(
+            req,
+            Op::Open,
+            |v| {
+                let path = filter_path(v, ino.0);
+                served.set(self.chain().wants_data(&path));
+                (path, None)
+            },
+            |r| r.flags = Some(flags.0),
+            || {
+                self.open_node(ino.0, flags.0, served.get(), truncate_for, |f| {
+                    reply.open_backing(f)
+                })
+            },
+            |_| 0,
+        );
         match res {
             Ok((fh, Some(b))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &b),
             Ok((fh, None)) => reply.opened(FileHandle(fh), Self::open_flags(flags.0)),
@@ -770,25 +1068,38 @@ impl Filesystem for IsolatedFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let res = (|| {
+        let body = || {
             let (id, a) = self.make(
                 req,
+                None,
                 parent,
                 name,
                 NewKind::File,
                 libc::S_IFREG | (mode & 0o7777),
                 umask,
             )?;
+            // (A new file is served by the daemon: its data is the view's.)
             let (fh, _) = self
-                .open_node(id, flags, None, |_| {
+                .open_node(id, flags, true, None, |_| {
                     Err(std::io::ErrorKind::Unsupported.into())
                 })
                 .inspect_err(|_| self.0.view.lock().forget(id, 1))?;
             Ok((id, a, fh))
-        })();
+        };
+        let res = self.filtered(
+            req,
+            Op::Create,
+            |v| (filter_path(v, parent.0).join(name), None),
+            |r| {
+                r.flags = Some(flags);
+                r.mode = Some(mode);
+            },
+            body,
+            |_| 0,
+        );
         match res {
             Ok((id, a, fh)) => reply.created(
-                &self.0.opts.ttl,
+                &self.ttl_of(id),
                 &fattr(id, &a),
                 Generation(0),
                 FileHandle(fh),
@@ -810,7 +1121,7 @@ impl Filesystem for IsolatedFs {
 
     fn read(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -849,9 +1160,21 @@ impl Filesystem for IsolatedFs {
         // Planned again after a cut of the journal in place (a mounted discard) while the
         // bytes were read: they may be gone, or another file's. Cuts are rare; a reader
         // racing more than a few in a row is told to try again.
-        let res = (0..8)
-            .find_map(|_| res().transpose())
-            .unwrap_or(Err(libc::EAGAIN));
+        let res = self.filtered(
+            req,
+            Op::Read,
+            |v| (filter_path(v, ino.0), None),
+            |r| {
+                r.offset = Some(offset);
+                r.size = Some(size as u64);
+            },
+            || {
+                (0..8)
+                    .find_map(|_| res().transpose())
+                    .unwrap_or(Err(libc::EAGAIN))
+            },
+            |b| b.len() as u64,
+        );
         match res {
             Ok(b) => reply.data(&b),
             Err(e) => reply.error(err(e)),
@@ -870,7 +1193,8 @@ impl Filesystem for IsolatedFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let res = self.file(fh).and_then(|f| {
+        let body = || {
+            let f = self.file(fh)?;
             if !f.write {
                 return Err(libc::EBADF);
             }
@@ -894,7 +1218,18 @@ impl Filesystem for IsolatedFs {
                 v.fsync()?;
             }
             Ok(n)
-        });
+        };
+        let res = self.filtered(
+            req,
+            Op::Write,
+            |v| (filter_path(v, ino.0), None),
+            |r| {
+                r.offset = Some(offset);
+                r.size = Some(data.len() as u64);
+            },
+            body,
+            |n| *n as u64,
+        );
         match res {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(err(e)),
@@ -903,80 +1238,51 @@ impl Filesystem for IsolatedFs {
 
     fn flush(
         &self,
-        _req: &fuser::Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        req: &fuser::Request,
+        ino: INodeNo,
+        fh: FileHandle,
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        if self.chain().is_empty() {
+            // Nothing to do at close(2) without filters: ENOSYS makes the kernel stop
+            // sending FLUSH at all, one round trip less per close.
+            return reply.error(Errno::ENOSYS);
+        }
+        let res = self.on_node(req, Op::Flush, ino.0, || self.file(fh).map(drop));
+        reply_empty(reply, res);
     }
 
     fn release(
         &self,
-        _req: &fuser::Request,
-        _ino: INodeNo,
+        req: &fuser::Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let Some(f) = self.0.files.lock().remove(&fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let pt = f.backing.is_some();
-        let mut v = self.0.view.lock();
-        if let Ok(n) = v.node_mut(f.node) {
-            n.opens = n.opens.saturating_sub(1);
-            if f.write {
-                n.writers = n.writers.saturating_sub(1);
-            }
-            let mut last_passthrough = false;
-            if pt {
-                n.passthrough_opens = n.passthrough_opens.saturating_sub(1);
-                last_passthrough = n.passthrough_opens == 0;
-                if last_passthrough {
-                    self.0.backing_ids.lock().remove(&f.node);
-                }
-                self.0.passthrough_released.notify_all();
-            }
-            // A detached file is reached through nothing else, should the kernel open it
-            // again before it forgets it (an open racing the loss of its last name).
-            if n.opens == 0 && !n.detached {
-                n.origin_file = None;
-            }
-            if last_passthrough && n.passthrough_file.is_some() {
-                // The size and times the kernel left in that file, for a node whose
-                // attributes the view holds (see `Node::passthrough_file`); then it is the
-                // view's again.
-                let _ = v.attr(f.node);
-                if let Ok(n) = v.node_mut(f.node) {
-                    n.passthrough_file = None;
-                }
-            }
-        } else if v.release_stale(f.node) && pt {
-            // No open of a stale number comes again to share the registration.
-            self.0.backing_ids.lock().remove(&f.node);
-        }
-        v.maybe_drop(f.node);
-        reply.ok();
+        // Released whatever the filters say: the kernel has closed it anyway.
+        let _ = self.on_node(req, Op::Release, ino.0, || Ok(()));
+        reply_empty(reply, self.release_open(fh));
     }
 
     fn fsync(
         &self,
-        _req: &fuser::Request,
-        _ino: INodeNo,
+        req: &fuser::Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.view.lock().fsync());
+        let res = self.on_node(req, Op::Fsync, ino.0, || self.0.view.lock().fsync());
+        reply_empty(reply, res);
     }
 
-    fn opendir(&self, _req: &fuser::Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let res = (|| {
-            let entries = self.listing(ino.0)?;
+    fn opendir(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let body = || {
+            let entries = self.listing(caller(req), ino.0)?;
             let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
             let d = OpenDir {
                 entries,
@@ -984,7 +1290,15 @@ impl Filesystem for IsolatedFs {
             };
             self.0.dirs.lock().insert(fh, Arc::new(d));
             Ok(fh)
-        })();
+        };
+        let res = self.filtered(
+            req,
+            Op::Opendir,
+            |v| (filter_path(v, ino.0), None),
+            |r| r.flags = Some(flags.0),
+            body,
+            |_| 0,
+        );
         match res {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(err(e)),
@@ -993,13 +1307,16 @@ impl Filesystem for IsolatedFs {
 
     fn readdir(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let d = match self.open_dir(fh.0, ino.0, offset) {
+        let d = self.on_node(req, Op::Readdir, ino.0, || {
+            self.open_dir(caller(req), fh.0, ino.0, offset)
+        });
+        let d = match d {
             Ok(d) => d,
             Err(e) => return reply.error(err(e)),
         };
@@ -1019,13 +1336,16 @@ impl Filesystem for IsolatedFs {
 
     fn readdirplus(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let d = match self.open_dir(fh.0, ino.0, offset) {
+        let d = self.on_node(req, Op::Readdir, ino.0, || {
+            self.open_dir(caller(req), fh.0, ino.0, offset)
+        });
+        let d = match d {
             Ok(d) => d,
             Err(e) => return reply.error(err(e)),
         };
@@ -1040,7 +1360,10 @@ impl Filesystem for IsolatedFs {
                 (e.ino, Duration::ZERO, a, None)
             } else {
                 match v.lookup_attr(ino.0, &e.name) {
-                    Ok((id, a)) => (id, self.0.opts.ttl, fattr(id, &a), Some(id)),
+                    Ok((id, a)) => {
+                        let ttl = self.ttl(|| filter_path(&v, id));
+                        (id, ttl, fattr(id, &a), Some(id))
+                    }
                     Err(_) => (0, Duration::ZERO, fattr(e.ino, &Attr::zeroed(e.kind)), None),
                 }
             };
@@ -1058,30 +1381,38 @@ impl Filesystem for IsolatedFs {
 
     fn releasedir(
         &self,
-        _req: &fuser::Request,
-        _ino: INodeNo,
+        req: &fuser::Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Released whatever the filters say: the kernel has closed it anyway.
+        let _ = self.on_node(req, Op::Releasedir, ino.0, || Ok(()));
         self.0.dirs.lock().remove(&fh.0);
         reply.ok();
     }
 
     fn fsyncdir(
         &self,
-        _req: &fuser::Request,
-        _ino: INodeNo,
+        req: &fuser::Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.0.view.lock().fsync());
+        let res = self.on_node(req, Op::Fsyncdir, ino.0, || self.0.view.lock().fsync());
+        reply_empty(reply, res);
     }
 
-    fn statfs(&self, _req: &fuser::Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let backing = self.0.view.lock().backing.clone();
-        match backing.statvfs() {
+    fn statfs(&self, req: &fuser::Request, ino: INodeNo, reply: ReplyStatfs) {
+        let res = self.on_node(req, Op::Statfs, ino.0, || {
+            let backing = self.0.view.lock().backing.clone();
+            backing
+                .statvfs()
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+        });
+        match res {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -1092,7 +1423,7 @@ impl Filesystem for IsolatedFs {
                 s.f_namemax as u32,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(err(e.raw_os_error().unwrap_or(libc::EIO))),
+            Err(e) => reply.error(err(e)),
         }
     }
 
@@ -1106,7 +1437,7 @@ impl Filesystem for IsolatedFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let res = (|| {
+        let body = || {
             let mut v = self.0.view.lock();
             v.xattr_set(ino.0, name.as_bytes(), value, flags)?;
             // Setting an access ACL drops set-group-ID for a caller outside the file's
@@ -1119,45 +1450,75 @@ impl Filesystem for IsolatedFs {
                 }
             }
             Ok(())
-        })();
+        };
+        let res = self.filtered(
+            req,
+            Op::Setxattr,
+            |v| (filter_path(v, ino.0), None),
+            |r| {
+                r.xattr = Some(name.to_owned());
+                r.size = Some(value.len() as u64);
+            },
+            body,
+            |_| 0,
+        );
         reply_empty(reply, res);
     }
 
     fn getxattr(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         name: &OsStr,
         size: u32,
         reply: ReplyXattr,
     ) {
-        reply_xattr(
-            reply,
-            size,
-            self.0.view.lock().xattr_get(ino.0, name.as_bytes()),
+        let res = self.filtered(
+            req,
+            Op::Getxattr,
+            |v| (filter_path(v, ino.0), None),
+            |r| r.xattr = Some(name.to_owned()),
+            || self.0.view.lock().xattr_get(ino.0, name.as_bytes()),
+            |_| 0,
         );
+        reply_xattr(reply, size, res);
     }
 
     fn listxattr(&self, req: &fuser::Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let list = self.0.view.lock().xattr_list(ino.0);
+        let list = self.on_node(req, Op::Listxattr, ino.0, || {
+            self.0.view.lock().xattr_list(ino.0)
+        });
         let list = list.map(|l| interpose_fs::reply::listed_for(req, l));
         reply_xattr(reply, size, list);
     }
 
-    fn removexattr(&self, _req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.0.view.lock().xattr_remove(ino.0, name.as_bytes()),
+    fn removexattr(&self, req: &fuser::Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Removexattr,
+            |v| (filter_path(v, ino.0), None),
+            |r| r.xattr = Some(name.to_owned()),
+            || self.0.view.lock().xattr_remove(ino.0, name.as_bytes()),
+            |_| 0,
         );
+        reply_empty(reply, res);
     }
 
-    fn access(&self, _req: &fuser::Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        reply_empty(reply, self.0.view.lock().node(ino.0).map(|_| ()));
+    fn access(&self, req: &fuser::Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let res = self.filtered(
+            req,
+            Op::Access,
+            |v| (filter_path(v, ino.0), None),
+            |r| r.flags = Some(mask.bits()),
+            || self.0.view.lock().node(ino.0).map(|_| ()),
+            |_| 0,
+        );
+        reply_empty(reply, res);
     }
 
     fn fallocate(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -1165,22 +1526,31 @@ impl Filesystem for IsolatedFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.0.view.lock().fallocate(ino.0, offset, length, mode),
+        let res = self.filtered(
+            req,
+            Op::Fallocate,
+            |v| (filter_path(v, ino.0), None),
+            |r| {
+                r.offset = Some(offset);
+                r.size = Some(length);
+                r.flags = Some(mode);
+            },
+            || self.0.view.lock().fallocate(ino.0, offset, length, mode),
+            |_| 0,
         );
+        reply_empty(reply, res);
     }
 
     fn lseek(
         &self,
-        _req: &fuser::Request,
+        req: &fuser::Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let res = match whence {
+        let body = || match whence {
             libc::SEEK_DATA | libc::SEEK_HOLE if offset >= 0 => self
                 .0
                 .view
@@ -1197,6 +1567,14 @@ impl Filesystem for IsolatedFs {
                 .map(|n| n.attr.size as i64 + offset),
             _ => Err(libc::EINVAL),
         };
+        let res = self.filtered(
+            req,
+            Op::Lseek,
+            |v| (filter_path(v, ino.0), None),
+            |r| r.offset = Some(offset as u64),
+            body,
+            |_| 0,
+        );
         match res {
             Ok(p) => reply.offset(p),
             Err(e) => reply.error(err(e)),

@@ -757,6 +757,40 @@ impl View {
         crate::backing::statx_at(&cache.dirs[&parent], name, rustix::fs::AtFlags::empty())
     }
 
+    /// The paths of everything below directory `id`, relative to it, depth first (for
+    /// asking filters about a rename of it). Nothing for anything but a directory; ELOOP
+    /// for a tree deeper than any rule is asked about.
+    pub fn paths_below(&mut self, id: u64) -> Res<Vec<PathBuf>> {
+        const MAX_DEPTH: usize = 512;
+        let mut out = Vec::new();
+        let mut todo = vec![(id, PathBuf::new(), 0)];
+        while let Some((dir, rel, depth)) = todo.pop() {
+            if !self.node(dir)?.attr.is_dir() {
+                continue;
+            }
+            if depth >= MAX_DEPTH {
+                return Err(libc::ELOOP);
+            }
+            for e in self.readdir(dir)? {
+                let path = rel.join(&e.name);
+                if e.kind == libc::S_IFDIR || e.kind == 0 {
+                    // (A node met only here is dropped again once its subtree is listed.)
+                    match self.child(dir, &e.name) {
+                        Ok(child) => todo.push((child, path.clone(), depth + 1)),
+                        // Gone since it was listed: nothing below it.
+                        Err(libc::ENOENT) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                out.push(path);
+            }
+            if dir != id {
+                self.maybe_drop(dir);
+            }
+        }
+        Ok(out)
+    }
+
     /// Resolves a view path ("" for the root).
     pub fn resolve(&mut self, path: &Path) -> Res<u64> {
         let mut cur = ROOT;

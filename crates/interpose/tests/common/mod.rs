@@ -600,3 +600,11 @@ impl Drop for Undo {
         let _ = Command::new(self.0).arg(self.1).arg(&self.2).status();
     }
 }
+
+/// `interpose isolation SUB STORE EXTRA...`, which must succeed; its stdout.
+pub fn iso(sub: &str, store: &Path, extra: &[&str]) -> String {
+    run(Command::new(bin())
+        .args(["isolation", sub])
+        .arg(store)
+        .args(extra))
+}

@@ -392,6 +392,7 @@ pub fn errno_name(n: i32) -> String {
         libc::ENODATA => "ENODATA",
         libc::ESTALE => "ESTALE",
         libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EROFS => "EROFS",
         _ => return format!("errno {n}"),
     };
     name.into()
@@ -506,4 +507,19 @@ pub fn text_lines(len: usize, first_line: u64) -> Vec<u8> {
     }
     t.truncate(len);
     t
+}
+
+/// A test path as the `&str` an argument list takes.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+/// The names in `dir`, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
 }

@@ -1,0 +1,367 @@
+//! Filters on an isolated mount (`--isolate STORE --filter ...`), with the real binary:
+//!
+//! - the audit filter sees every operation with the paths the view shows (a file renamed
+//!   in isolation is read under its new name), reads of unchanged files included, which
+//!   are then served by the daemon; with `;io=off` they are passed through again;
+//! - deny rules hold on the view: refused changes reach neither the store nor BACKING,
+//!   what is allowed is recorded and commits as usual;
+//! - a hidden name is absent from lookups and listings, cannot be made, and is hidden from
+//!   one user only while another still sees it (no name cached across callers);
+//! - renaming a directory above a protected path is refused, also where that path exists
+//!   only in the view.
+
+mod common;
+mod support;
+use common::*;
+use support::*;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    backing: PathBuf,
+    mnt: PathBuf,
+    store: PathBuf,
+    audit: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let tmp = plain_dir("interpose-test-isofilt-");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    Dirs {
+        store: tmp.path().join("store"),
+        audit: tmp.path().join("audit.jsonl"),
+        backing,
+        mnt,
+        _tmp: tmp,
+    }
+}
+
+impl Dirs {
+    fn mount(&self, filters: &[String]) -> Mount {
+        let mut args = vec!["--isolate".to_owned(), s(&self.store).to_owned()];
+        for f in filters {
+            args.push("--filter".into());
+            args.push(f.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Mount::start(&self.backing, &self.mnt, &args)
+    }
+
+    /// The audit lines written so far (complete once the mount has stopped).
+    fn audit_lines(&self) -> Vec<Value> {
+        fs::read_to_string(&self.audit)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+/// The paths `isolation log --json` names, each as "OP PATH" or "OP FROM -> TO".
+fn logged(store: &Path) -> Vec<String> {
+    let out = iso("log", store, &["--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("log --json: {e}:\n{out}"));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| match e.get("path") {
+            Some(p) => format!("{} {}", e["op"].as_str().unwrap(), p.as_str().unwrap()),
+            None => format!(
+                "{} {} -> {}",
+                e["op"].as_str().unwrap(),
+                e["from"].as_str().unwrap(),
+                e["to"].as_str().unwrap()
+            ),
+        })
+        .collect()
+}
+
+/// (operation, path, path2, bytes) of each audit line about paths under `prefix`.
+fn ops_under(lines: &[Value], prefix: &str) -> Vec<(String, String, String, u64)> {
+    lines
+        .iter()
+        .filter(|l| l["path"].as_str().is_some_and(|p| p.starts_with(prefix)))
+        .map(|l| {
+            (
+                l["op"].as_str().unwrap().to_owned(),
+                l["path"].as_str().unwrap().to_owned(),
+                l["path2"].as_str().unwrap_or("").to_owned(),
+                l["bytes"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_audit_filter_sees_an_isolated_mount_s_operations_under_the_view_s_paths() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("w")).unwrap();
+    fs::write(d.backing.join("w/old.txt"), b"backing bytes\n").unwrap();
+    let m = d.mount(&[format!("audit={}", s(&d.audit))]);
+    assert!(
+        m.ready.contains("isolated") && m.ready.contains("filters: audit"),
+        "readiness line: {}",
+        m.ready
+    );
+    // An unchanged file, read: with the audit filter's io on, its data goes through the
+    // daemon (not passthrough), so the read is seen.
+    assert_eq!(
+        fs::read(d.mnt.join("w/old.txt")).unwrap(),
+        b"backing bytes\n"
+    );
+    fs::write(d.mnt.join("w/new.txt"), b"0123456789").unwrap();
+    fs::rename(d.mnt.join("w/new.txt"), d.mnt.join("w/moved.txt")).unwrap();
+    assert_eq!(fs::read(d.mnt.join("w/moved.txt")).unwrap(), b"0123456789");
+    fs::remove_file(d.mnt.join("w/old.txt")).unwrap();
+    m.stop();
+
+    let lines = d.audit_lines();
+    let ops = ops_under(&lines, "/w/");
+    let has = |op: &str, path: &str, path2: &str, bytes: Option<u64>| {
+        ops.iter().any(|(o, p, p2, b)| {
+            o == op && p == path && p2 == path2 && bytes.is_none_or(|want| *b == want)
+        })
+    };
+    for (op, path, path2, bytes) in [
+        ("read", "/w/old.txt", "", Some(14)),
+        ("create", "/w/new.txt", "", None),
+        ("write", "/w/new.txt", "", Some(10)),
+        ("rename", "/w/new.txt", "/w/moved.txt", None),
+        // Served from the journal, under the name the view gave it.
+        ("read", "/w/moved.txt", "", Some(10)),
+        ("unlink", "/w/old.txt", "", None),
+    ] {
+        assert!(
+            has(op, path, path2, bytes),
+            "no audit line {op} {path} {path2} ({bytes:?} bytes) in:\n{ops:#?}"
+        );
+    }
+    // Every line is one the filter wrote whole, with the caller's identity.
+    assert!(lines
+        .iter()
+        .all(|l| l["uid"] == 0 && l["pid"].as_u64().is_some()));
+    // Isolated as ever: BACKING unchanged until the commit, then exactly the view.
+    assert!(d.backing.join("w/old.txt").exists());
+    assert!(!d.backing.join("w/moved.txt").exists());
+    let out = iso("commit", &d.store, &[]);
+    assert!(out.contains("committed up to change"), "commit said: {out}");
+    assert!(!d.backing.join("w/old.txt").exists());
+    assert_eq!(
+        fs::read(d.backing.join("w/moved.txt")).unwrap(),
+        b"0123456789"
+    );
+}
+
+#[test]
+fn with_the_audit_filter_s_io_off_unchanged_files_are_passed_through_again() {
+    let d = dirs();
+    fs::write(d.backing.join("big"), vec![7u8; 1 << 20]).unwrap();
+    let m = d.mount(&[format!("audit={};io=off", s(&d.audit))]);
+    assert_eq!(fs::read(d.mnt.join("big")).unwrap().len(), 1 << 20);
+    fs::write(d.mnt.join("changed"), b"abc").unwrap();
+    assert_eq!(fs::read(d.mnt.join("changed")).unwrap(), b"abc");
+    m.stop();
+    let lines = d.audit_lines();
+    let ops = ops_under(&lines, "/");
+    assert!(
+        ops.iter().any(|(o, p, ..)| o == "open" && p == "/big"),
+        "the open is audited: {ops:#?}"
+    );
+    // The kernel read the unchanged file itself; the daemon saw no read of it.
+    assert!(
+        !ops.iter().any(|(o, p, ..)| o == "read" && p == "/big"),
+        "a read of /big reached the daemon with io=off: {ops:#?}"
+    );
+}
+
+#[test]
+fn deny_rules_hold_on_an_isolated_mount_and_refused_changes_are_never_recorded() {
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("docs/sub")).unwrap();
+    fs::write(d.backing.join("docs/a.txt"), b"a\n").unwrap();
+    fs::write(d.backing.join("docs/sub/b.txt"), b"b\n").unwrap();
+    fs::write(d.backing.join("free.txt"), b"f\n").unwrap();
+    let before = manifest(&d.backing, ManifestOpts::default());
+    let m = d.mount(&["deny=docs/**:write:EROFS".to_owned()]);
+    let mnt = &d.mnt;
+    let attempts = [
+        ("write", outcome(fs::write(mnt.join("docs/a.txt"), b"x"))),
+        ("create", outcome(fs::write(mnt.join("docs/new"), b"x"))),
+        ("mkdir", outcome(fs::create_dir(mnt.join("docs/d")))),
+        (
+            "unlink",
+            outcome(fs::remove_file(mnt.join("docs/sub/b.txt"))),
+        ),
+        (
+            "rename in",
+            outcome(fs::rename(mnt.join("free.txt"), mnt.join("docs/free.txt"))),
+        ),
+        (
+            "rename out",
+            outcome(fs::rename(mnt.join("docs/a.txt"), mnt.join("a.txt"))),
+        ),
+        (
+            "rename dir",
+            outcome(fs::rename(mnt.join("docs"), mnt.join("d2"))),
+        ),
+        (
+            "chmod",
+            outcome(fs::set_permissions(
+                mnt.join("docs/a.txt"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )),
+        ),
+        (
+            "link",
+            outcome(fs::hard_link(mnt.join("docs/a.txt"), mnt.join("docs/l"))),
+        ),
+    ];
+    for (what, got) in &attempts {
+        assert_eq!(got, "EROFS", "{what} in docs/");
+    }
+    // Reads and changes elsewhere go on as usual.
+    assert_eq!(fs::read(mnt.join("docs/sub/b.txt")).unwrap(), b"b\n");
+    fs::write(mnt.join("free.txt"), b"changed\n").unwrap();
+    let recorded = logged(&d.store);
+    assert!(
+        recorded.iter().all(|l| !l.contains("docs")),
+        "a refused change was recorded: {recorded:#?}"
+    );
+    assert!(
+        recorded.iter().any(|l| l.ends_with(" free.txt")),
+        "the allowed change is recorded: {recorded:#?}"
+    );
+    m.stop();
+    let out = iso("commit", &d.store, &[]);
+    assert!(out.contains("committed up to change"), "commit said: {out}");
+    let after = manifest(&d.backing, ManifestOpts::default());
+    let changed: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    assert_eq!(changed.len(), 1, "only free.txt changed: {changed:#?}");
+    assert!(changed[0].starts_with("free.txt"), "{changed:#?}");
+    assert_eq!(fs::read(d.backing.join("free.txt")).unwrap(), b"changed\n");
+}
+
+#[test]
+fn a_hidden_name_is_left_out_of_an_isolated_mount_for_the_callers_it_is_hidden_from() {
+    let d = dirs();
+    fs::write(d.backing.join("secret"), b"s\n").unwrap();
+    fs::write(d.backing.join("public"), b"p\n").unwrap();
+    make_traversable(&d.backing);
+    // Hidden from everyone in `all/`, from uid 65534 only at the top.
+    fs::create_dir(d.backing.join("all")).unwrap();
+    fs::write(d.backing.join("all/key"), b"k\n").unwrap();
+    let rules = "all/key:all:ENOENT;all/looked:lookup:ENOENT;secret:lookup:ENOENT:uid=65534";
+    let m = d.mount(&[format!("deny={rules}")]);
+    let mnt = &d.mnt;
+    assert_eq!(names(&mnt.join("all")), Vec::<String>::new());
+    assert_eq!(outcome(fs::metadata(mnt.join("all/key"))), "ENOENT");
+    assert_eq!(outcome(fs::write(mnt.join("all/key"), b"x")), "ENOENT");
+    // Nothing can be made under a name hidden from lookups only, which would reach
+    // the object.
+    assert_eq!(outcome(fs::write(mnt.join("all/looked"), b"x")), "EACCES");
+    assert_eq!(outcome(fs::create_dir(mnt.join("all/looked"))), "EACCES");
+    // A name made in the view is hidden as well.
+    fs::write(mnt.join("all/other"), b"o").unwrap();
+    assert_eq!(names(&mnt.join("all")), vec!["other"]);
+
+    // Root sees `secret`, then uid 65534 does not, then root again: no answer cached
+    // for one caller is given to the next.
+    let stat_as_nobody = |p: &Path| {
+        output(
+            as_user(65534, 65534, &[])
+                .arg("stat")
+                .arg("-c")
+                .arg("%s")
+                .arg(p),
+        )
+        .status
+    };
+    let ls_as_nobody = || {
+        let out = output(as_user(65534, 65534, &[]).arg("ls").arg("-1").arg(mnt));
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for round in 0..2 {
+        assert_eq!(
+            fs::read(mnt.join("secret")).unwrap(),
+            b"s\n",
+            "root, round {round}"
+        );
+        assert!(
+            !stat_as_nobody(&mnt.join("secret")).success(),
+            "uid 65534 found the hidden name, round {round}"
+        );
+        assert!(stat_as_nobody(&mnt.join("public")).success());
+        let listed = ls_as_nobody();
+        assert!(
+            !listed.lines().any(|l| l == "secret") && listed.lines().any(|l| l == "public"),
+            "uid 65534 lists: {listed}"
+        );
+        assert!(names(mnt).contains(&"secret".to_owned()), "root lists it");
+    }
+    m.stop();
+}
+
+#[test]
+fn renaming_a_directory_above_a_protected_path_is_refused_also_where_only_the_view_has_it() {
+    let d = dirs();
+    fs::create_dir_all(d.backing.join("top/inner")).unwrap();
+    fs::write(d.backing.join("top/inner/f"), b"f").unwrap();
+    fs::create_dir(d.backing.join("top/other")).unwrap();
+    let m = d.mount(&["deny=top/inner/**:write:EROFS;**/*.key:rename,unlink:EPERM".to_owned()]);
+    let mnt = &d.mnt;
+    // BACKING's tree: `top` holds a protected path.
+    assert_eq!(
+        outcome(fs::rename(mnt.join("top"), mnt.join("top2"))),
+        "EROFS"
+    );
+    fs::rename(mnt.join("top/other"), mnt.join("top/o2")).unwrap();
+    // A tree made in the view only: x/y/z.key, three levels down.
+    fs::create_dir_all(mnt.join("x/y")).unwrap();
+    fs::write(mnt.join("x/y/z.key"), b"k").unwrap();
+    assert_eq!(outcome(fs::rename(mnt.join("x"), mnt.join("x2"))), "EPERM");
+    assert_eq!(
+        outcome(fs::rename(mnt.join("x/y"), mnt.join("y2"))),
+        "EPERM"
+    );
+    assert!(mnt.join("x/y/z.key").exists());
+    // An exchange moves both sides: refused when either holds a protected path.
+    fs::create_dir(mnt.join("empty")).unwrap();
+    let exchange = Command::new(python())
+        .arg("-c")
+        .arg(
+            "import ctypes, os, sys\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             r = libc.renameat2(-100, sys.argv[1].encode(), -100, sys.argv[2].encode(), 2)\n\
+             print(os.strerror(ctypes.get_errno()) if r else 'ok')",
+        )
+        .arg(mnt.join("empty"))
+        .arg(mnt.join("x"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&exchange.stdout).trim(),
+        "Operation not permitted"
+    );
+    // Without the key below it, the directory moves.
+    fs::write(mnt.join("x/y/plain"), b"p").unwrap();
+    fs::create_dir(mnt.join("free")).unwrap();
+    fs::write(mnt.join("free/plain"), b"p").unwrap();
+    fs::rename(mnt.join("free"), mnt.join("free2")).unwrap();
+    let recorded = logged(&d.store);
+    assert!(
+        recorded
+            .iter()
+            .all(|l| !l.contains("top2") && !l.contains("x2")),
+        "a refused rename was recorded: {recorded:#?}"
+    );
+    m.stop();
+}
