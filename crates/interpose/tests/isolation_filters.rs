@@ -365,3 +365,24 @@ fn renaming_a_directory_above_a_protected_path_is_refused_also_where_only_the_vi
     );
     m.stop();
 }
+
+#[test]
+fn a_rule_on_one_name_of_a_hard_linked_file_holds_after_the_other_name_was_used() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("pub")).unwrap();
+    fs::create_dir(d.backing.join("secret")).unwrap();
+    fs::write(d.backing.join("pub/key"), b"k\n").unwrap();
+    fs::hard_link(d.backing.join("pub/key"), d.backing.join("secret/key")).unwrap();
+    let m = d.mount(&["deny=secret/**:read:EACCES".to_owned()]);
+    let mnt = &d.mnt;
+    // The view meets the file by its public name first; the protected name, used next,
+    // is the one judged (a rule on it makes the kernel look it up each time).
+    assert_eq!(fs::read(mnt.join("pub/key")).unwrap(), b"k\n");
+    assert_eq!(outcome(fs::read(mnt.join("secret/key"))), "EACCES");
+    // A name made in the view for a public file is judged the same way.
+    fs::write(mnt.join("pub/other"), b"o\n").unwrap();
+    assert_eq!(fs::read(mnt.join("pub/other")).unwrap(), b"o\n");
+    fs::hard_link(mnt.join("pub/other"), mnt.join("secret/linked")).unwrap();
+    assert_eq!(outcome(fs::read(mnt.join("secret/linked"))), "EACCES");
+    m.stop();
+}

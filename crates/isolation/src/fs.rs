@@ -110,10 +110,11 @@ const FMODE_EXEC: i32 = 0x20;
 /// reader that really keeps the file open.
 const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
-/// The path filters see for node `id`: the view's, from the mount's root; `/?` for a
-/// node the view knows no name of (open, unlinked).
+/// The path filters see for node `id`: the view's, from the mount's root (of a hard-linked
+/// file, the name the kernel last looked up); `/?` for a node the view knows no name of
+/// (open, unlinked).
 fn filter_path(v: &View, id: u64) -> PathBuf {
-    match v.path_of(id) {
+    match v.path_looked_up(id) {
         Some(p) => Path::new("/").join(p),
         None => PathBuf::from("/?"),
     }
@@ -1018,7 +1019,9 @@ impl Filesystem for IsolatedFs {
                 let mut v = self.0.view.lock();
                 self.await_direct_writers(&mut v, ino.0, newparent.0, newname)?;
                 v.link(ino.0, newparent.0, newname)?;
-                Ok((ino.0, v.attr(ino.0)?))
+                let a = v.attr(ino.0)?;
+                v.node_mut(ino.0)?.note_looked_up(newparent.0, newname);
+                Ok((ino.0, a))
             },
             |_| 0,
         );

@@ -182,6 +182,9 @@ pub struct Node {
     pub overlay: Option<Overlay>,
     /// The names the view knows for this node (directories have exactly one).
     pub links: Vec<(u64, OsString)>,
+    /// Of a file with several names, the one the kernel last looked up (see
+    /// [`View::path_looked_up`]).
+    pub looked_up_as: Option<(u64, OsString)>,
     /// Overlay entries bound to this node.
     pub refs: u32,
     /// The kernel's references (lookups not yet forgotten).
@@ -223,6 +226,13 @@ impl Node {
         self.refs == 0 && self.lookups == 0 && self.opens == 0
     }
 
+    /// Remembers the name the kernel reached a file with several names by.
+    pub fn note_looked_up(&mut self, parent: u64, name: &OsStr) {
+        if self.attr.nlink > 1 && !self.attr.is_dir() {
+            self.looked_up_as = Some((parent, name.to_owned()));
+        }
+    }
+
     /// Whether the backing object `st` (born `birth`, see
     /// [`crate::backing::Backing::birth_of`]) is the one this node stands for, not another
     /// that has its name or number now.
@@ -251,6 +261,7 @@ impl Node {
             target: None,
             overlay: None,
             links: Vec::new(),
+            looked_up_as: None,
             refs: 0,
             lookups: 0,
             opens: 0,
@@ -544,6 +555,18 @@ impl View {
 
     // ---- names ----
 
+    /// The path the kernel last reached node `id` by, for a file with several names (the
+    /// one a program opening it used: filters judge by it), else [`View::path_of`].
+    pub fn path_looked_up(&self, id: u64) -> Option<PathBuf> {
+        let n = self.nodes.get(&id)?;
+        if let Some((parent, name)) = &n.looked_up_as {
+            if n.links.iter().any(|(p, l)| p == parent && l == name) {
+                return Some(self.path_of(*parent)?.join(name));
+            }
+        }
+        self.path_of(id)
+    }
+
     /// The view's path of a node, relative to the root ("" for the root), if it has a name.
     pub fn path_of(&self, id: u64) -> Option<PathBuf> {
         let mut parts: Vec<&OsStr> = Vec::new();
@@ -827,6 +850,7 @@ impl View {
         let id = self.child(parent, name)?;
         let n = self.node_mut(id)?;
         n.lookups += 1;
+        n.note_looked_up(parent, name);
         Ok(id)
     }
 
@@ -835,6 +859,7 @@ impl View {
         let (id, fresh) = self.child_fresh(parent, name)?;
         let n = self.node_mut(id)?;
         n.lookups += 1;
+        n.note_looked_up(parent, name);
         if fresh {
             return Ok((id, n.attr.clone()));
         }
