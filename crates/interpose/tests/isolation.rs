@@ -4925,10 +4925,22 @@ fn a_mount_refused_for_its_store_changes_nothing() {
         !d.tmp.path().join("not-yet").exists(),
         "made before the refusal"
     );
+    // And through a symlink met after such a `..`: followed, not taken by its name.
+    symlink(d.backing.join("sub"), d.tmp.path().join("link")).unwrap();
+    let err = mount_fails(
+        &d.backing,
+        &d.mnt,
+        &d.tmp.path().join("not-yet/../link/store"),
+    );
+    assert!(err.contains("must not be inside"), "{err}");
+    assert!(
+        !d.tmp.path().join("not-yet").exists(),
+        "made before the refusal"
+    );
     assert_untouched(
         &d.backing,
         &backing_before,
-        "after a mount refused for a store inside it through a bind mount",
+        "after a mount refused for a store inside it through a bind mount or a symlink",
     );
     drop(bound);
     // An isolated path written as BACKING's absolute path would never match: the whole

@@ -326,7 +326,8 @@ impl Store {
             existing = existing.parent().unwrap_or(Path::new("/"));
         }
         // The part still to be made is made one directory at a time, so its `..` is the
-        // directory made before it.
+        // directory made before it; a name on the way that exists after a `..`
+        // (`new/../link`) is followed where it leads.
         let mut real = existing
             .canonicalize()
             .map_err(|e| Error::io(existing, e))?;
@@ -339,7 +340,12 @@ impl Store {
                 std::path::Component::ParentDir => {
                     real.pop();
                 }
-                std::path::Component::Normal(name) => real.push(name),
+                std::path::Component::Normal(name) => {
+                    real.push(name);
+                    if let Ok(resolved) = real.canonicalize() {
+                        real = resolved;
+                    }
+                }
                 _ => {}
             }
         }
