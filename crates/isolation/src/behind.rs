@@ -215,7 +215,8 @@ impl Flight {
 
     /// Waits until the file holds every record up to `end`, or until the journal was cut
     /// in place since a reader planned its read (`cuts` is no longer `planned`: the reader
-    /// looks again), or a queued write failed.
+    /// looks again), or a queued write failed, or nothing queued or being written reaches
+    /// `end` (EIO).
     pub fn wait_written(&self, end: u64, cuts: &AtomicU64, planned: u64) -> io::Result<()> {
         let mut st = self.state.lock();
         loop {
@@ -224,6 +225,16 @@ impl Flight {
             }
             if let Some(e) = st.error {
                 return Err(io::Error::from_raw_os_error(e));
+            }
+            if st.queue.is_empty() && !st.writing {
+                // Nothing on the way will bring these bytes: a read planned past the
+                // journal's end (a bug) fails rather than waiting forever with what it
+                // holds.
+                tracing::error!(
+                    "journal: a read waits for bytes up to offset {end}, but the journal ends at {}; failing it",
+                    st.written_end
+                );
+                return Err(io::Error::from_raw_os_error(libc::EIO));
             }
             self.changed.wait(&mut st);
         }

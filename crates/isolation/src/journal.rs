@@ -1638,6 +1638,28 @@ mod tests {
             .collect()
     }
 
+    /// A read planned past the journal's end (which only a bug makes) fails instead of
+    /// waiting forever for bytes nothing will write, also after records written behind.
+    #[test]
+    fn a_wait_for_bytes_past_the_journal_s_end_fails_at_once() {
+        let (_dir, _p, mut j) = new_journal();
+        let data = blocks_of(1, 1);
+        let (_, at) = j.append(&data_change(1), (1, 0), &[&data]).unwrap();
+        let r = j.reader();
+        r.wait_written(at + data.len() as u64).unwrap();
+        let err = r.wait_written(j.end + BLOCK).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        let big = blocks_of(BEHIND_MIN / BLOCK, 2);
+        let (_, at) = j
+            .append(&data_change(BEHIND_MIN / BLOCK), (1, 0), &[&big])
+            .unwrap();
+        let r = j.reader();
+        r.wait_written(at + big.len() as u64).unwrap();
+        let err = r.wait_written(at + big.len() as u64 + BLOCK).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        j.close();
+    }
+
     /// Large records go to the file behind the appends, small ones behind them in order:
     /// every record's data reads back as soon as it is appended (a reader waits for it),
     /// a snapshot, a reopening and a cut find them all whole, and the room allocated
