@@ -260,6 +260,7 @@ fn handle(
                 // discard that failed part-way (no room for its copy of the journal) may
                 // have cut the journal already, and a view left as it was went on
                 // showing, and recording against, the changes it no longer held.
+                v.copy_out_detached_data(store.dir());
                 let kept = store.discard(&mut v.journal, &recs, req.after);
                 let rebuilt = rebuild(store, &mut v, false, None);
                 let rebuilt = refuse_unless_rebuilt(&mut v, rebuilt);

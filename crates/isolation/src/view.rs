@@ -3215,6 +3215,35 @@ impl View {
         out
     }
 
+    /// Before a discard cuts the journal: each file the kernel holds whose name went
+    /// straight to BACKING and whose data the view recorded (it has no name there to
+    /// write to) gets that data copied into an unnamed file in `dir`, which it reads and
+    /// writes over from then on, as [`View::take_orphans`] would have done had the data
+    /// still been there to copy. One that cannot be copied (no room) goes stale at the
+    /// discard, with a warning.
+    pub fn copy_out_detached_data(&mut self, dir: &Path) {
+        let ids = self.nameless(|n| {
+            (n.lookups > 0 || n.opens > 0) && n.detached && n.data.is_some() && n.attr.is_file()
+        });
+        for id in ids {
+            let copied = unnamed_file(dir)
+                .map_err(io_errno)
+                .and_then(|f| self.copy_out(id, f));
+            match copied {
+                Ok(f) => {
+                    if let Some(n) = self.nodes.get_mut(&id) {
+                        n.data = None;
+                        n.origin_file = Some(Arc::new(f));
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    "a file open without a name cannot be kept across the discard ({}); reading it will fail with ESTALE",
+                    std::io::Error::from_raw_os_error(e)
+                ),
+            }
+        }
+    }
+
     /// Before a commit: each file the kernel holds that has no name in the view holds
     /// its backing file open, since the commit may take that file's last name in BACKING
     /// away before [`View::take_orphans`] copies what it needs.
@@ -3237,9 +3266,13 @@ impl View {
     /// `with`. One the view still counts links of is not among them even when none of
     /// its names is known: carried apart, it would part from the named object.
     fn nameless(&self, with: impl Fn(&Node) -> bool) -> Vec<u64> {
+        // A detached file may still have a name in BACKING the view never met: nothing
+        // in the view leads to it either.
         self.nodes
             .values()
-            .filter(|n| n.id != ROOT && !n.attr.is_dir() && n.attr.nlink == 0 && with(n))
+            .filter(|n| {
+                n.id != ROOT && !n.attr.is_dir() && (n.attr.nlink == 0 || n.detached) && with(n)
+            })
             .map(|n| n.id)
             .filter(|&id| self.path_of(id).is_none())
             .collect()
