@@ -121,6 +121,7 @@ fn the_audit_filter_sees_an_isolated_mount_s_operations_under_the_view_s_paths()
     fs::rename(d.mnt.join("w/new.txt"), d.mnt.join("w/moved.txt")).unwrap();
     assert_eq!(fs::read(d.mnt.join("w/moved.txt")).unwrap(), b"0123456789");
     fs::remove_file(d.mnt.join("w/old.txt")).unwrap();
+    fs::create_dir(d.mnt.join("w/sub")).unwrap();
     m.stop();
 
     let lines = d.audit_lines();
@@ -144,6 +145,12 @@ fn the_audit_filter_sees_an_isolated_mount_s_operations_under_the_view_s_paths()
             "no audit line {op} {path} {path2} ({bytes:?} bytes) in:\n{ops:#?}"
         );
     }
+    // A mode as the kernel sent it, as on the plain mount (no file type).
+    let mkdir = lines
+        .iter()
+        .find(|l| l["op"] == "mkdir" && l["path"] == "/w/sub")
+        .expect("mkdir audited");
+    assert_eq!(mkdir["mode"], "777", "{mkdir}");
     // Every line is one the filter wrote whole, with the caller's identity.
     assert!(lines
         .iter()
@@ -384,5 +391,160 @@ fn a_rule_on_one_name_of_a_hard_linked_file_holds_after_the_other_name_was_used(
     assert_eq!(fs::read(mnt.join("pub/other")).unwrap(), b"o\n");
     fs::hard_link(mnt.join("pub/other"), mnt.join("secret/linked")).unwrap();
     assert_eq!(outcome(fs::read(mnt.join("secret/linked"))), "EACCES");
+    m.stop();
+}
+
+/// `home/` owned by uid 65534, open to everyone, holding `a.key` and `pub.txt`: only the
+/// filters stand between that user and the files.
+fn home_of_nobody(d: &Dirs) {
+    let home = d.backing.join("home");
+    fs::create_dir(&home).unwrap();
+    fs::write(home.join("a.key"), b"TOPSECRET\n").unwrap();
+    fs::write(home.join("pub.txt"), b"public\n").unwrap();
+    for p in [home.join("a.key"), home.join("pub.txt"), home.clone()] {
+        lchown(&p, NOBODY, NOBODY);
+        let mode = if p == home { 0o777 } else { 0o666 };
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    }
+}
+
+/// Runs the Python `script` as uid 65534 with `args`; its standard output, which must
+/// succeed.
+fn python_as_nobody(script: &str, args: &[&Path]) -> String {
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .arg(python())
+            .arg("-c")
+            .arg(script)
+            .args(args),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn a_file_that_lost_its_name_while_open_is_judged_by_the_name_it_had() {
+    let d = dirs();
+    home_of_nobody(&d);
+    fs::write(d.backing.join("home/b"), b"b\n").unwrap();
+    lchown(&d.backing.join("home/b"), NOBODY, NOBODY);
+    let m = d.mount(&["deny=**/*.key:read:EACCES:uid=65534".to_owned()]);
+    // Open for writing (the rule is about reading), lose the name (unlink, or a rename
+    // over it), then open the descriptor's file again for reading through /proc.
+    let script = r#"
+import os, sys
+home, how = sys.argv[1], sys.argv[2]
+fd = os.open(os.path.join(home, 'a.key'), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+os.write(fd, b'SECRET\n')
+if how == 'unlink':
+    os.unlink(os.path.join(home, 'a.key'))
+else:
+    os.rename(os.path.join(home, 'b'), os.path.join(home, 'a.key'))
+try:
+    print(open('/proc/self/fd/%d' % fd, 'rb').read())
+except PermissionError:
+    print('EACCES')
+"#;
+    let home = d.mnt.join("home");
+    assert_eq!(
+        python_as_nobody(script, &[&home, Path::new("unlink")]),
+        "EACCES"
+    );
+    assert_eq!(
+        python_as_nobody(script, &[&home, Path::new("rename")]),
+        "EACCES"
+    );
+    m.stop();
+}
+
+#[test]
+fn a_truncating_open_passes_the_rules_on_truncation() {
+    let d = dirs();
+    home_of_nobody(&d);
+    let m = d.mount(&[
+        "deny=home/pub.txt:setattr:EPERM".to_owned(),
+        format!("audit={}", s(&d.audit)),
+    ]);
+    let got = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(d.mnt.join("home/pub.txt"));
+    assert_eq!(outcome(got), "EPERM");
+    assert_eq!(fs::read(d.mnt.join("home/pub.txt")).unwrap(), b"public\n");
+    let recorded = logged(&d.store);
+    assert!(recorded.is_empty(), "recorded: {recorded:#?}");
+    m.stop();
+    let lines = d.audit_lines();
+    assert!(
+        lines.iter().any(|l| l["op"] == "setattr"
+            && l["path"] == "/home/pub.txt"
+            && l["result"] == "EPERM"),
+        "the truncation is audited as a setattr: {:#?}",
+        ops_under(&lines, "/home/")
+    );
+}
+
+#[test]
+fn a_shared_mapping_s_writeback_counts_as_its_opener_s() {
+    let d = dirs();
+    home_of_nobody(&d);
+    let m = d.mount(&[
+        "deny=home/**:write:EROFS:uid!=65534".to_owned(),
+        format!("audit={}", s(&d.audit)),
+    ]);
+    let script = r#"
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(fd, 6, mmap.MAP_SHARED)
+m[0:6] = b'PUBLIC'
+m.flush()
+print('ok')
+"#;
+    let file = d.mnt.join("home/pub.txt");
+    assert_eq!(python_as_nobody(script, &[&file]), "ok");
+    assert_eq!(fs::read(&file).unwrap(), b"PUBLIC\n");
+    let recorded = logged(&d.store);
+    assert!(
+        recorded.iter().any(|l| l == "data home/pub.txt"),
+        "the write is recorded: {recorded:#?}"
+    );
+    m.stop();
+    let lines = d.audit_lines();
+    let writes: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["op"] == "write" && l["path"] == "/home/pub.txt")
+        .collect();
+    assert!(!writes.is_empty(), "no write audited");
+    assert!(
+        writes
+            .iter()
+            .all(|l| l["uid"] == NOBODY && l["result"] == "ok"),
+        "{writes:#?}"
+    );
+}
+
+#[test]
+fn a_directory_opened_by_one_user_and_read_by_another_hides_what_the_reader_may_not_see() {
+    let d = dirs();
+    home_of_nobody(&d);
+    let m = d.mount(&["deny=home/a.key:all:ENOENT:uid=65534".to_owned()]);
+    // Opened by root, read after a switch to uid 65534 (a descriptor passed on).
+    let script = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+print(' '.join(sorted(os.listdir(fd))))
+"#;
+    let out = output(
+        Command::new(python())
+            .arg("-c")
+            .arg(script)
+            .arg(d.mnt.join("home")),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pub.txt");
+    assert_eq!(names(&d.mnt.join("home")), vec!["a.key", "pub.txt"]);
     m.stop();
 }

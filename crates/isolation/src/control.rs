@@ -348,6 +348,7 @@ fn rebuild(
     fresh.mode = v.mode.clone();
     fresh.replay(&records)?;
     fresh.xattr_probe = v.xattr_probe.clone();
+    fresh.note_lookups = v.note_lookups;
     let replayed = started.elapsed();
     // A commit changes nothing the mount shows: files open without a name stay readable.
     // A discard may throw such a file away (its removal was recorded: it comes back with

@@ -52,6 +52,9 @@ impl Default for Options {
 struct OpenFile {
     node: u64,
     write: bool,
+    /// Who opened it: a shared mapping's writeback, which the kernel sends as root,
+    /// counts as theirs for the filters.
+    opener: Caller,
     /// Opened by execve (a running program's file: the kernel lets no one write it).
     exec: bool,
     /// Set for passthrough opens; keeps the kernel's registration alive.
@@ -85,7 +88,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(view: View, opts: Options) -> Arc<Shared> {
+    pub fn new(mut view: View, opts: Options) -> Arc<Shared> {
+        view.note_lookups = !opts.chain.is_empty();
         Arc::new(Shared {
             view: Mutex::new(view),
             notifier: Mutex::new(None),
@@ -111,12 +115,26 @@ const FMODE_EXEC: i32 = 0x20;
 const PASSTHROUGH_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// The path filters see for node `id`: the view's, from the mount's root (of a hard-linked
-/// file, the name the kernel last looked up); `/?` for a node the view knows no name of
-/// (open, unlinked).
+/// file, the name the kernel last looked up); for a file open after it lost its last
+/// name, that name, as on the plain mount; `/?` for a node the view knows nothing of.
 fn filter_path(v: &View, id: u64) -> PathBuf {
     match v.path_looked_up(id) {
         Some(p) => Path::new("/").join(p),
-        None => PathBuf::from("/?"),
+        None => match v.node(id).ok().and_then(|n| n.gone_as.clone()) {
+            Some(p) => p,
+            None => PathBuf::from("/?"),
+        },
+    }
+}
+
+/// After `name` in `parent` went (unlinked, or renamed over): if the node `victim` had
+/// there its last name, filters go on judging it by that path (`gone`).
+fn note_gone(v: &mut View, victim: Option<u64>, gone: PathBuf) {
+    let Some(id) = victim else { return };
+    if v.path_of(id).is_none() {
+        if let Ok(n) = v.node_mut(id) {
+            n.gone_as = Some(gone);
+        }
     }
 }
 
@@ -243,11 +261,19 @@ impl IsolatedFs {
         self.ttl(|| filter_path(&self.0.view.lock(), id))
     }
 
-    /// Whether the filters hide `name` in `dir` (at view path `dir_path`) from the caller
-    /// (a lookup refused with ENOENT): left out of listings.
-    fn hidden(&self, who: Caller, dir_path: &Path, name: &OsStr) -> bool {
-        let r = Request::new(Op::Lookup, dir_path.join(name), who);
-        self.chain().before(&r) == Verdict::Deny(libc::ENOENT)
+    /// Which names in directory `dir` the filters hide from the caller of `req` (a lookup
+    /// refused with ENOENT): left out of its listings.
+    fn hidden_in(&self, req: &fuser::Request, dir: u64) -> impl Fn(&OsStr) -> bool + '_ {
+        let base = (!self.chain().is_empty()).then(|| filter_path(&self.0.view.lock(), dir));
+        let who = caller(req);
+        move |name| {
+            let dots = name == "." || name == "..";
+            !dots
+                && base.as_ref().is_some_and(|base| {
+                    let r = Request::new(Op::Lookup, base.join(name), who);
+                    self.chain().before(&r) == Verdict::Deny(libc::ENOENT)
+                })
+        }
     }
 
     /// For a rename of the object `id` from `from` to `to`: if it is a directory and a
@@ -266,17 +292,62 @@ impl IsolatedFs {
         if !self.chain().guards_below(from, &rename(from, to)) {
             return Ok(());
         }
-        // Taken under the view's lock, asked without it.
-        let below = self.0.view.lock().paths_below(id)?;
-        for rel in below {
-            if let Verdict::Deny(errno) = self
-                .chain()
-                .before(&rename(&from.join(&rel), &to.join(&rel)))
-            {
-                return Err(errno);
+        // Depth first, one directory under the view's lock at a time (a big tree must not
+        // hold every other request up), asked without it. A tree deeper than this is
+        // refused rather than moved unchecked.
+        const MAX_DEPTH: usize = 512;
+        let mut todo = vec![(id, PathBuf::new(), 0)];
+        let mut res = Ok(());
+        while let Some((dir, rel, depth)) = todo.pop() {
+            let listed = {
+                let mut v = self.0.view.lock();
+                // A directory met earlier in the walk that the view dropped since (nothing
+                // held it) is found again by its path.
+                let dir = match v.node(dir) {
+                    Err(_) if dir != id => from
+                        .strip_prefix("/")
+                        .map_err(|_| libc::ENOENT)
+                        .and_then(|top| v.resolve(&top.join(&rel)))
+                        .unwrap_or(dir),
+                    _ => dir,
+                };
+                let listed = match v.node(dir) {
+                    Ok(n) if n.attr.is_dir() => v.subdirs_of(dir),
+                    Ok(_) => Ok(Vec::new()),
+                    Err(e) => Err(e),
+                };
+                if dir != id {
+                    v.maybe_drop(dir);
+                }
+                listed
+            };
+            let step = listed.and_then(|entries| {
+                for (name, sub) in entries {
+                    let rel = rel.join(&name);
+                    let r = rename(&from.join(&rel), &to.join(&rel));
+                    if let Verdict::Deny(errno) = self.chain().before(&r) {
+                        return Err(errno);
+                    }
+                    if let Some(sub) = sub {
+                        if depth + 1 >= MAX_DEPTH {
+                            return Err(libc::ELOOP);
+                        }
+                        todo.push((sub, rel, depth + 1));
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = step {
+                res = Err(e);
+                break;
             }
         }
-        Ok(())
+        // Directories met for the walk and not walked go again.
+        let mut v = self.0.view.lock();
+        for (dir, ..) in todo {
+            v.maybe_drop(dir);
+        }
+        res
     }
 
     /// Makes the kernel fetch the attributes of node `ino` again (it caches them for the
@@ -288,17 +359,12 @@ impl IsolatedFs {
         }
     }
 
-    /// Directory `ino`'s entries as the view has them now, `.` and `..` first, without
-    /// those the filters hide from `who`.
-    fn listing(&self, who: Caller, ino: u64) -> Res<Vec<view::DirEntry>> {
+    /// Directory `ino`'s entries as the view has them now, `.` and `..` first. (Names
+    /// the filters hide are left out by each read, for its caller: a descriptor may pass
+    /// to another user.)
+    fn listing(&self, ino: u64) -> Res<Vec<view::DirEntry>> {
         let mut v = self.0.view.lock();
         let mut entries = v.readdir(ino)?;
-        if !self.chain().is_empty() {
-            let dir = filter_path(&v, ino);
-            drop(v);
-            entries.retain(|e| !self.hidden(who, &dir, &e.name));
-            v = self.0.view.lock();
-        }
         let parent = if ino == ROOT {
             ROOT
         } else {
@@ -315,13 +381,13 @@ impl IsolatedFs {
 
     /// The listing a read of open directory `fh` works on: a read from the start after
     /// the first one (rewinddir) takes it again, so that it shows what was made since.
-    fn open_dir(&self, who: Caller, fh: u64, ino: u64, offset: u64) -> Res<Arc<OpenDir>> {
+    fn open_dir(&self, fh: u64, ino: u64, offset: u64) -> Res<Arc<OpenDir>> {
         let d = self.0.dirs.lock().get(&fh).cloned().ok_or(libc::EBADF)?;
         if offset != 0 || d.fresh.swap(false, Ordering::Relaxed) {
             return Ok(d);
         }
         let d = Arc::new(OpenDir {
-            entries: self.listing(who, ino)?,
+            entries: self.listing(ino)?,
             fresh: AtomicBool::new(false),
         });
         self.0.dirs.lock().insert(fh, d.clone());
@@ -338,13 +404,13 @@ impl IsolatedFs {
         }
     }
 
-    /// Makes `name` in `parent`. The filters see it as `op` (with `detail`) when it is
-    /// not part of a create, whose filtering covers the open too.
+    /// Makes `name` in `parent`. The filters see it as `op` with the mode the kernel sent
+    /// when it is not part of a create, whose filtering covers the open too.
     #[allow(clippy::too_many_arguments)]
     fn make(
         &self,
         req: &fuser::Request,
-        op: Option<Op>,
+        op: Option<(Op, u32)>,
         parent: INodeNo,
         name: &OsStr,
         kind: NewKind,
@@ -362,14 +428,16 @@ impl IsolatedFs {
             // The lookup the create counted is not the kernel's if the reply is an error.
             v.attr(id).map(|a| (id, a)).inspect_err(|_| v.forget(id, 1))
         };
-        let Some(op) = op else { return body() };
+        let Some((op, sent_mode)) = op else {
+            return body();
+        };
         self.filtered(
             req,
             op,
             |v| (filter_path(v, parent.0).join(name), target),
             |r| {
                 if op != Op::Symlink {
-                    r.mode = Some(mode);
+                    r.mode = Some(sent_mode);
                 }
             },
             body,
@@ -475,6 +543,7 @@ impl IsolatedFs {
     fn open_node(
         &self,
         id: u64,
+        opener: Caller,
         flags: i32,
         served: bool,
         truncate_for: Option<(&fuser::Request, bool)>,
@@ -583,6 +652,7 @@ impl IsolatedFs {
             Arc::new(OpenFile {
                 node: id,
                 write,
+                opener,
                 exec: flags & FMODE_EXEC != 0,
                 direct: bid.is_none() && interpose_fs::served_directly(flags),
                 backing: bid.clone(),
@@ -864,12 +934,21 @@ impl Filesystem for IsolatedFs {
             libc::S_IFREG | 0 => NewKind::File,
             _ => NewKind::Node { rdev: rdev as u64 },
         };
+        let sent = mode;
         let mode = if mode & libc::S_IFMT == 0 {
             mode | libc::S_IFREG
         } else {
             mode
         };
-        let res = self.make(req, Some(Op::Mknod), parent, name, kind, mode, umask);
+        let res = self.make(
+            req,
+            Some((Op::Mknod, sent)),
+            parent,
+            name,
+            kind,
+            mode,
+            umask,
+        );
         self.entry(reply, res);
     }
 
@@ -884,7 +963,7 @@ impl Filesystem for IsolatedFs {
     ) {
         let res = self.make(
             req,
-            Some(Op::Mkdir),
+            Some((Op::Mkdir, mode)),
             parent,
             name,
             NewKind::Dir,
@@ -900,7 +979,17 @@ impl Filesystem for IsolatedFs {
             Op::Unlink,
             |v| (filter_path(v, parent.0).join(name), None),
             |_| {},
-            || check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, false)),
+            || {
+                check_name(name)?;
+                let mut v = self.0.view.lock();
+                if self.chain().is_empty() {
+                    return v.remove(parent.0, name, false);
+                }
+                let (victim, gone) = (v.child(parent.0, name).ok(), filter_path(&v, parent.0));
+                v.remove(parent.0, name, false)?;
+                note_gone(&mut v, victim, gone.join(name));
+                Ok(())
+            },
             |_| 0,
         );
         reply_empty(reply, res);
@@ -931,7 +1020,7 @@ impl Filesystem for IsolatedFs {
         };
         let res = self.make(
             req,
-            Some(Op::Symlink),
+            Some((Op::Symlink, 0)),
             parent,
             link_name,
             kind,
@@ -982,7 +1071,14 @@ impl Filesystem for IsolatedFs {
                 let other = v.child(newparent.0, newname)?;
                 self.await_direct_writers(&mut v, other, parent.0, name)?;
             }
-            v.rename(parent.0, name, newparent.0, newname, flags.bits())
+            if self.chain().is_empty() || exchange {
+                return v.rename(parent.0, name, newparent.0, newname, flags.bits());
+            }
+            let replaced = v.child(newparent.0, newname).ok();
+            let gone = filter_path(&v, newparent.0).join(newname);
+            v.rename(parent.0, name, newparent.0, newname, flags.bits())?;
+            note_gone(&mut v, replaced, gone);
+            Ok(())
         };
         let res = self.filtered(
             req,
@@ -1020,7 +1116,9 @@ impl Filesystem for IsolatedFs {
                 self.await_direct_writers(&mut v, ino.0, newparent.0, newname)?;
                 v.link(ino.0, newparent.0, newname)?;
                 let a = v.attr(ino.0)?;
-                v.node_mut(ino.0)?.note_looked_up(newparent.0, newname);
+                if v.note_lookups {
+                    v.node_mut(ino.0)?.note_looked_up(newparent.0, newname);
+                }
                 Ok((ino.0, a))
             },
             |_| 0,
@@ -1048,9 +1146,33 @@ impl Filesystem for IsolatedFs {
             },
             |r| r.flags = Some(flags.0),
             || {
-                self.open_node(ino.0, flags.0, served.get(), truncate_for, |f| {
-                    reply.open_backing(f)
-                })
+                let open = || {
+                    let (who, served) = (caller(req), served.get());
+                    self.open_node(ino.0, who, flags.0, served, truncate_for, |f| {
+                        reply.open_backing(f)
+                    })
+                };
+                // FUSE_ATOMIC_O_TRUNC brings the truncation inside the open: the filters
+                // see it as the setattr the plain mount gets, and may refuse it.
+                let truncates = truncate_for.is_some()
+                    && !self.chain().is_empty()
+                    && self
+                        .0
+                        .view
+                        .lock()
+                        .node(ino.0)
+                        .is_ok_and(|n| n.attr.is_file());
+                if !truncates {
+                    return open();
+                }
+                self.filtered(
+                    req,
+                    Op::Setattr,
+                    |v| (filter_path(v, ino.0), None),
+                    |r| r.size = Some(0),
+                    open,
+                    |_| 0,
+                )
             },
             |_| 0,
         );
@@ -1083,7 +1205,7 @@ impl Filesystem for IsolatedFs {
             )?;
             // (A new file is served by the daemon: its data is the view's.)
             let (fh, _) = self
-                .open_node(id, flags, true, None, |_| {
+                .open_node(id, caller(req), flags, true, None, |_| {
                     Err(std::io::ErrorKind::Unsupported.into())
                 })
                 .inspect_err(|_| self.0.view.lock().forget(id, 1))?;
@@ -1229,6 +1351,12 @@ impl Filesystem for IsolatedFs {
             |r| {
                 r.offset = Some(offset);
                 r.size = Some(data.len() as u64);
+                // The writeback of a shared mapping comes as root: it is its opener's.
+                if wf.contains(WriteFlags::FUSE_WRITE_CACHE) {
+                    if let Ok(f) = self.file(fh) {
+                        r.caller = f.opener;
+                    }
+                }
             },
             body,
             |n| *n as u64,
@@ -1285,7 +1413,7 @@ impl Filesystem for IsolatedFs {
 
     fn opendir(&self, req: &fuser::Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let body = || {
-            let entries = self.listing(caller(req), ino.0)?;
+            let entries = self.listing(ino.0)?;
             let fh = self.0.next_fh.fetch_add(1, Ordering::Relaxed);
             let d = OpenDir {
                 entries,
@@ -1317,14 +1445,18 @@ impl Filesystem for IsolatedFs {
         mut reply: ReplyDirectory,
     ) {
         let d = self.on_node(req, Op::Readdir, ino.0, || {
-            self.open_dir(caller(req), fh.0, ino.0, offset)
+            self.open_dir(fh.0, ino.0, offset)
         });
         let d = match d {
             Ok(d) => d,
             Err(e) => return reply.error(err(e)),
         };
+        let hidden = self.hidden_in(req, ino.0);
         // Offsets index the listing taken at the start: stable whatever changes meanwhile.
         for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+            if hidden(&e.name) {
+                continue;
+            }
             let kind = if e.kind == 0 {
                 FileType::RegularFile
             } else {
@@ -1346,14 +1478,18 @@ impl Filesystem for IsolatedFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let d = self.on_node(req, Op::Readdir, ino.0, || {
-            self.open_dir(caller(req), fh.0, ino.0, offset)
+            self.open_dir(fh.0, ino.0, offset)
         });
         let d = match d {
             Ok(d) => d,
             Err(e) => return reply.error(err(e)),
         };
+        let hidden = self.hidden_in(req, ino.0);
         let mut v = self.0.view.lock();
         for (i, e) in d.entries.iter().enumerate().skip(offset as usize) {
+            if hidden(&e.name) {
+                continue;
+            }
             // (node sent, its attributes' lifetime, attributes, lookup taken). "." and ".."
             // take no kernel reference, so they are not lookups. Every other entry sent is
             // a lookup the kernel will forget; the listing is the one taken at opendir, so a

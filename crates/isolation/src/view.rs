@@ -183,8 +183,11 @@ pub struct Node {
     /// The names the view knows for this node (directories have exactly one).
     pub links: Vec<(u64, OsString)>,
     /// Of a file with several names, the one the kernel last looked up (see
-    /// [`View::path_looked_up`]).
+    /// [`View::path_looked_up`]); kept only for filters ([`View::note_lookups`]).
     pub looked_up_as: Option<(u64, OsString)>,
+    /// The path a file open without a name had when it lost its last one, for filters,
+    /// which judge it by that path (set by the front end).
+    pub gone_as: Option<PathBuf>,
     /// Overlay entries bound to this node.
     pub refs: u32,
     /// The kernel's references (lookups not yet forgotten).
@@ -262,6 +265,7 @@ impl Node {
             overlay: None,
             links: Vec::new(),
             looked_up_as: None,
+            gone_as: None,
             refs: 0,
             lookups: 0,
             opens: 0,
@@ -350,6 +354,9 @@ pub struct View {
     pub mode: Mode,
     /// Where xattrs are tried before they are recorded (see [`XattrProbes`]).
     pub xattr_probe: Option<Arc<XattrProbes>>,
+    /// Filters judge requests by path: remember the name a hard-linked file was last
+    /// looked up by ([`Node::looked_up_as`]).
+    pub note_lookups: bool,
     pub backing: Arc<Backing>,
     pub journal: Journal,
     nodes: HashMap<u64, Node>,
@@ -487,6 +494,7 @@ impl View {
             clock: None,
             mode: Mode::Isolated,
             xattr_probe: None,
+            note_lookups: false,
             backing,
             journal,
             nodes,
@@ -780,36 +788,27 @@ impl View {
         crate::backing::statx_at(&cache.dirs[&parent], name, rustix::fs::AtFlags::empty())
     }
 
-    /// The paths of everything below directory `id`, relative to it, depth first (for
-    /// asking filters about a rename of it). Nothing for anything but a directory; ELOOP
-    /// for a tree deeper than any rule is asked about.
-    pub fn paths_below(&mut self, id: u64) -> Res<Vec<PathBuf>> {
-        const MAX_DEPTH: usize = 512;
+    /// The names in directory `dir`, each with its node if it is a directory (met for
+    /// this: [`View::maybe_drop`] it once done with it), for a walk of a tree one
+    /// directory at a time.
+    pub fn subdirs_of(&mut self, dir: u64) -> Res<Vec<(OsString, Option<u64>)>> {
         let mut out = Vec::new();
-        let mut todo = vec![(id, PathBuf::new(), 0)];
-        while let Some((dir, rel, depth)) = todo.pop() {
-            if !self.node(dir)?.attr.is_dir() {
-                continue;
-            }
-            if depth >= MAX_DEPTH {
-                return Err(libc::ELOOP);
-            }
-            for e in self.readdir(dir)? {
-                let path = rel.join(&e.name);
-                if e.kind == libc::S_IFDIR || e.kind == 0 {
-                    // (A node met only here is dropped again once its subtree is listed.)
-                    match self.child(dir, &e.name) {
-                        Ok(child) => todo.push((child, path.clone(), depth + 1)),
-                        // Gone since it was listed: nothing below it.
-                        Err(libc::ENOENT) => {}
-                        Err(e) => return Err(e),
+        for e in self.readdir(dir)? {
+            let sub = if e.kind == libc::S_IFDIR || e.kind == 0 {
+                match self.child(dir, &e.name) {
+                    Ok(c) if self.node(c)?.attr.is_dir() => Some(c),
+                    Ok(c) => {
+                        self.maybe_drop(c);
+                        None
                     }
+                    // Gone since it was listed: nothing below it.
+                    Err(libc::ENOENT) => None,
+                    Err(e) => return Err(e),
                 }
-                out.push(path);
-            }
-            if dir != id {
-                self.maybe_drop(dir);
-            }
+            } else {
+                None
+            };
+            out.push((e.name, sub));
         }
         Ok(out)
     }
@@ -848,18 +847,24 @@ impl View {
     /// The kernel looked a name up: count the reference.
     pub fn lookup(&mut self, parent: u64, name: &OsStr) -> Res<u64> {
         let id = self.child(parent, name)?;
+        let note = self.note_lookups;
         let n = self.node_mut(id)?;
         n.lookups += 1;
-        n.note_looked_up(parent, name);
+        if note {
+            n.note_looked_up(parent, name);
+        }
         Ok(id)
     }
 
     /// [`View::lookup`] with the node's attributes: one lstat of BACKING, not two.
     pub fn lookup_attr(&mut self, parent: u64, name: &OsStr) -> Res<(u64, Attr)> {
         let (id, fresh) = self.child_fresh(parent, name)?;
+        let note = self.note_lookups;
         let n = self.node_mut(id)?;
         n.lookups += 1;
-        n.note_looked_up(parent, name);
+        if note {
+            n.note_looked_up(parent, name);
+        }
         if fresh {
             return Ok((id, n.attr.clone()));
         }
@@ -3201,6 +3206,7 @@ impl View {
             o.detached = true;
             o.changed = true;
             o.xattrs = n.xattrs.take();
+            o.gone_as = n.gone_as.take();
             o.target = n.target.take();
             o.origin_file = copy
                 .or_else(|| n.origin_file.clone())
