@@ -2477,6 +2477,39 @@ fn a_file_unlinked_outside_the_isolated_paths_with_another_backing_name_survives
     }
 }
 
+/// A file written through passthrough outside the isolated paths, unlinked while open,
+/// can be opened again for writing and truncated through /proc/self/fd at once, as on any
+/// file system: both waited two seconds for the file's own passthrough descriptor to close,
+/// then failed with ETXTBSY.
+#[test]
+fn an_unlinked_file_written_through_passthrough_can_be_reopened_for_writing_through_proc() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("out")).unwrap();
+    fs::create_dir(d.backing.join("iso")).unwrap();
+    fs::write(d.backing.join("out/f"), b"0123456789").unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso"]);
+    let script = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.unlink(sys.argv[1])
+start = time.monotonic()
+again = os.open('/proc/self/fd/%d' % fd, os.O_RDWR)
+os.pwrite(again, b'AB', 0)
+os.truncate('/proc/self/fd/%d' % fd, 6)
+took = time.monotonic() - start
+print(os.pread(fd, 100, 0).decode(), os.fstat(again).st_size, 'slow' if took > 1 else 'fast')
+"#;
+    let out = output(
+        Command::new(python())
+            .arg("-c")
+            .arg(script)
+            .arg(d.mnt.join("out/f")),
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "AB2345 6 fast");
+    m.stop();
+}
+
 /// POSIX: after rewinddir, a directory stream shows the directory as it is then. The
 /// isolated mount used to keep serving the listing taken when the directory was opened.
 #[test]

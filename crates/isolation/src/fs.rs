@@ -554,8 +554,13 @@ impl IsolatedFs {
         let truncate_for = truncate_for.filter(|_| v.node(id).is_ok_and(|n| n.attr.is_file()));
         let passthrough = self.0.passthrough.load(Ordering::Relaxed);
         // Outside the isolated paths nothing is recorded: writers may be passed through
-        // too, sharing a backing file open for writing with the readers.
-        let direct = passthrough && v.is_direct(id);
+        // too, sharing a backing file open for writing with the readers. So may a file
+        // written that way that lost its name since (reopened through /proc/self/fd),
+        // whose writes already go to that file.
+        let nameless_writer = v
+            .node(id)
+            .is_ok_and(|n| n.detached && n.passthrough_file.is_some());
+        let direct = passthrough && (v.is_direct(id) || nameless_writer);
         let shared = |ids: &HashMap<u64, (Weak<BackingId>, bool)>| {
             let (b, writable) = ids.get(&id)?;
             Some((b.upgrade()?, *writable))
@@ -856,8 +861,10 @@ impl Filesystem for IsolatedFs {
                 // passthrough opens use: nothing to wait for. Nor through such an open,
                 // whose file it truncates, wherever its node is now: see
                 // `Node::passthrough_file`.)
-                let through_passthrough = v.node(id)?.passthrough_file.is_some()
-                    && fh.is_some_and(|fh| self.file(fh).is_ok_and(|f| f.backing.is_some()));
+                let n = v.node(id)?;
+                let through_passthrough = n.passthrough_file.is_some()
+                    && (n.detached
+                        || fh.is_some_and(|fh| self.file(fh).is_ok_and(|f| f.backing.is_some())));
                 if !v.is_direct(id) && !through_passthrough {
                     self.await_passthrough_closed(&mut v, id)?;
                 }
