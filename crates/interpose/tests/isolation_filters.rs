@@ -548,3 +548,39 @@ print(' '.join(sorted(os.listdir(fd))))
     assert_eq!(names(&d.mnt.join("home")), vec!["a.key", "pub.txt"]);
     m.stop();
 }
+
+#[test]
+fn a_hard_linked_file_is_judged_by_the_same_name_after_mounted_commits_and_discards() {
+    let d = dirs();
+    home_of_nobody(&d);
+    fs::hard_link(d.backing.join("home/a.key"), d.backing.join("home/pub2")).unwrap();
+    let rules = "deny=**/*.key:open:EACCES:uid=65534";
+    // Entries kept by the kernel for a minute: the opens below find them cached.
+    let m = Mount::start(
+        &d.backing,
+        &d.mnt,
+        &[
+            "--isolate",
+            s(&d.store),
+            "--filter",
+            rules,
+            "--cache-timeout",
+            "60",
+        ],
+    );
+    let home = d.mnt.join("home");
+    let cat_as_nobody = |p: &Path| {
+        output(as_user(NOBODY, NOBODY, &[]).arg("cat").arg(p))
+            .status
+            .success()
+    };
+    for op in ["commit", "discard"] {
+        fs::write(home.join("pending"), op).unwrap();
+        // The view meets the file by its public name first.
+        fs::metadata(home.join("pub2")).unwrap();
+        assert!(!cat_as_nobody(&home.join("a.key")), "before the {op}");
+        iso(op, &d.store, &[]);
+        assert!(!cat_as_nobody(&home.join("a.key")), "after the {op}");
+    }
+    m.stop();
+}

@@ -2964,8 +2964,12 @@ impl View {
         ids.into_iter()
             .map(|id| {
                 // A file that lost the names the view knew but is still linked is found
-                // by another.
-                let path = self.find_name(id);
+                // by another. One with several: by the name the kernel last used, which
+                // filters go on judging it by (the kernel may hold that entry).
+                let path = match self.path_looked_up(id) {
+                    Some(p) => Some(p),
+                    None => self.find_name(id),
+                };
                 let n = &self.nodes[&id];
                 Known {
                     id,
