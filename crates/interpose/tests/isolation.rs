@@ -5023,6 +5023,19 @@ fn a_mount_refused_for_its_store_changes_nothing() {
         !d.tmp.path().join("not-yet").exists(),
         "made before the refusal"
     );
+    // A symlink to a directory of BACKING not made yet: where the store would be made.
+    symlink(
+        d.backing.join("not-made/deeper"),
+        d.tmp.path().join("dangling"),
+    )
+    .unwrap();
+    let err = mount_fails(
+        &d.backing,
+        &d.mnt,
+        &d.tmp.path().join("not-yet/../dangling/store"),
+    );
+    assert!(err.contains("must not be inside"), "{err}");
+    assert!(!d.tmp.path().join("not-yet").exists());
     assert_untouched(
         &d.backing,
         &backing_before,

@@ -331,22 +331,44 @@ impl Store {
         let mut real = existing
             .canonicalize()
             .map_err(|e| Error::io(existing, e))?;
-        for c in abs
+        let mut rest: std::collections::VecDeque<std::ffi::OsString> = abs
             .strip_prefix(existing)
             .unwrap_or(Path::new(""))
-            .components()
-        {
-            match c {
-                std::path::Component::ParentDir => {
+            .iter()
+            .map(|c| c.to_owned())
+            .collect();
+        let mut links = 0;
+        while let Some(name) = rest.pop_front() {
+            match name.to_str() {
+                Some("..") => {
                     real.pop();
                 }
-                std::path::Component::Normal(name) => {
-                    real.push(name);
+                Some(".") => {}
+                _ => {
+                    real.push(&name);
                     if let Ok(resolved) = real.canonicalize() {
                         real = resolved;
+                    } else if real.is_symlink() {
+                        // Dangling: what gets made is where it points.
+                        links += 1;
+                        let target = std::fs::read_link(&real)
+                            .ok()
+                            .filter(|_| links <= 40)
+                            .ok_or_else(|| {
+                                Error::Control(format!(
+                                    "the store {}: too many symbolic links, or one that cannot be read, on the way",
+                                    dir.display()
+                                ))
+                            })?;
+                        real.pop();
+                        if target.is_absolute() {
+                            real = PathBuf::from("/");
+                        }
+                        for (i, c) in target.iter().filter(|c| *c != "/").enumerate() {
+                            rest.insert(i, c.to_owned());
+                        }
                     }
                 }
-                _ => {}
             }
         }
         refuse_inside(dir, &backing, &real)?;
