@@ -3274,10 +3274,11 @@ impl View {
 
     /// The objects other than directories that have no name left in the view and pass
     /// `with`. One the view still counts links of is not among them even when none of
-    /// its names is known: carried apart, it would part from the named object.
+    /// its names is known: carried apart, it would part from the named object. A detached
+    /// one is (its name went straight to BACKING, and nothing in the view leads to it),
+    /// also when BACKING has another name for it, from which it then parts
+    /// (docs/ISOLATION.md, the known gap of daemon-served files).
     fn nameless(&self, with: impl Fn(&Node) -> bool) -> Vec<u64> {
-        // A detached file may still have a name in BACKING the view never met: nothing
-        // in the view leads to it either.
         self.nodes
             .values()
             .filter(|n| {
