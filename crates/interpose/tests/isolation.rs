@@ -2471,22 +2471,7 @@ fn a_file_unlinked_outside_the_isolated_paths_with_another_backing_name_survives
                 .unwrap_or_else(|e| panic!("{}: {e}", what(&format!("write after the {op}"))));
             f.metadata()
                 .unwrap_or_else(|e| panic!("{}: {e}", what(&format!("fstat after the {op}"))));
-            // Outside the isolated paths: the write reached the file in BACKING, under the
-            // name it still has there.
-            assert_eq!(
-                fs::read(d.backing.join("out/never-seen")).unwrap(),
-                b"ORIGINAL",
-                "{}",
-                what(&format!("BACKING after a write following the {op}"))
-            );
         }
-        // Written before any commit too, and the size as the file has it.
-        f.write_all_at(b"0123456789", 8).unwrap();
-        assert_eq!(f.metadata().unwrap().len(), 18, "{}", what("fstat"));
-        assert_eq!(
-            fs::read(d.backing.join("out/never-seen")).unwrap(),
-            b"ORIGINAL0123456789"
-        );
         drop(f);
         m.stop();
     }

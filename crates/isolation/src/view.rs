@@ -1522,22 +1522,8 @@ impl View {
         let n = self.nodes.get_mut(&id).expect("checked above");
         match origin {
             Some(o) => n.origin = Some(o),
-            None => {
-                n.detached = true;
-                write_where_it_lives(n);
-            }
+            None => n.detached = true,
         }
-    }
-
-    /// A detached file's data goes to its file in BACKING while that has another name
-    /// there (see [`write_where_it_lives`]).
-    fn write_detached(&mut self, id: u64, offset: u64, data: &[u8]) -> Res<Option<usize>> {
-        let n = self.node(id)?;
-        let Some(f) = n.passthrough_file.clone().filter(|_| n.detached) else {
-            return Ok(None);
-        };
-        f.write_all_at(data, offset).map_err(io_errno)?;
-        Ok(Some(data.len()))
     }
 
     /// Before a change made straight to BACKING takes a name away: a file open through
@@ -2641,9 +2627,6 @@ impl View {
     }
 
     pub fn write(&mut self, id: u64, offset: u64, data: &[u8]) -> Res<usize> {
-        if let Some(n) = self.write_detached(id, offset, data)? {
-            return Ok(n);
-        }
         let a = self.live_attr(id)?;
         if !a.is_file() {
             return Err(libc::EINVAL);
@@ -3293,8 +3276,8 @@ impl View {
     /// `with`. One the view still counts links of is not among them even when none of
     /// its names is known: carried apart, it would part from the named object. A detached
     /// one is (its name went straight to BACKING, and nothing in the view leads to it),
-    /// also when BACKING has another name for it: its writes go to that file
-    /// ([`write_where_it_lives`]), so carried, it keeps it.
+    /// also when BACKING has another name for it, from which it then parts
+    /// (docs/ISOLATION.md, the known gap of daemon-served files).
     fn nameless(&self, with: impl Fn(&Node) -> bool) -> Vec<u64> {
         self.nodes
             .values()
@@ -3406,37 +3389,6 @@ fn try_xattrs(probe: &File, set: &[&(Vec<u8>, Vec<u8>)]) -> Res<()> {
         let _ = rustix::fs::fremovexattr(probe, OsStr::from_bytes(k));
     }
     res
-}
-
-/// A file open through the mount whose last name the view knew went straight to BACKING
-/// (outside the isolated paths) while BACKING keeps another name for it: what is written
-/// through its descriptor goes on reaching that file, as it would through passthrough, so
-/// it is opened for writing and taken as the node's `passthrough_file` (writes, truncates
-/// and fallocates go there). Without another name, or unopenable, the view keeps its
-/// data as before.
-fn write_where_it_lives(n: &mut Node) {
-    use std::os::fd::AsRawFd;
-    if !n.attr.is_file() || n.opens == 0 || n.passthrough_file.is_some() {
-        return;
-    }
-    let Some(f) = n.origin_file.clone() else {
-        return;
-    };
-    let linked = crate::backing::statx_at(f.as_ref(), "", rustix::fs::AtFlags::EMPTY_PATH)
-        .is_ok_and(|st| st.stx_nlink > 0);
-    if !linked {
-        return;
-    }
-    // Through /proc: the file has no name the daemon could open it by.
-    let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&proc)
-    {
-        Ok(w) => n.passthrough_file = Some(Arc::new(w)),
-        Err(e) => tracing::debug!("node {}: its file stays read-only: {e}", n.id),
-    }
 }
 
 /// An `O_TMPFILE` in `dir`, never a name (for BACKING's file system, whose tree must not
