@@ -197,6 +197,13 @@ impl Request {
         }
     }
 
+    /// The FUSE request `req` as filters see it: `op` on the first path (and the second).
+    pub fn of(req: &fuser::Request, op: Op, (path, path2): (PathBuf, Option<PathBuf>)) -> Self {
+        let mut r = Request::new(op, path, caller_of(req));
+        r.path2 = path2;
+        r
+    }
+
     /// Fills in what a `setattr` changes, as the kernel sent it.
     pub fn set_attributes(
         &mut self,
@@ -241,6 +248,15 @@ impl Request {
                 .is_some_and(|f| f & libc::O_ACCMODE != libc::O_RDONLY || f & libc::O_TRUNC != 0),
             op => op.always_mutates(),
         }
+    }
+}
+
+/// Who made a FUSE request.
+pub fn caller_of(req: &fuser::Request) -> Caller {
+    Caller {
+        pid: req.pid(),
+        uid: req.uid(),
+        gid: req.gid(),
     }
 }
 

@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rustix::fs::{AtFlags, Mode, OFlags, Stat, Timespec, Timestamps};
 use rustix::io::ReadWriteFlags;
 
-use crate::filter::{Caller, Chain, Op, Request, Verdict};
+use crate::filter::{caller_of, Caller, Chain, Op, Request, Verdict};
 use crate::inode::{kind_from_dtype, kind_from_mode, Found, Inodes};
 use crate::pool::BlockingPool;
 use crate::reply::{check_name, reply_empty, reply_xattr, without_setid_for};
@@ -164,14 +164,6 @@ thread_local! {
     static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn caller(req: &fuser::Request) -> Caller {
-    Caller {
-        pid: req.pid(),
-        uid: req.uid(),
-        gid: req.gid(),
-    }
-}
-
 /// The filters' view of a request.
 fn request(
     req: &fuser::Request,
@@ -179,9 +171,7 @@ fn request(
     paths: impl FnOnce() -> (PathBuf, Option<PathBuf>),
     detail: impl FnOnce(&mut Request),
 ) -> Request {
-    let (p1, p2) = paths();
-    let mut r = Request::new(op, p1, caller(req));
-    r.path2 = p2;
+    let mut r = Request::of(req, op, paths());
     detail(&mut r);
     r
 }
@@ -482,7 +472,7 @@ impl FilterFs {
 
     /// Whether the filters hide `path` from this caller (a lookup denied with ENOENT).
     fn hidden(&self, req: &fuser::Request, path: &Path) -> bool {
-        let r = Request::new(Op::Lookup, path, caller(req));
+        let r = Request::new(Op::Lookup, path, caller_of(req));
         self.chain.before(&r) == Verdict::Deny(libc::ENOENT)
     }
 
@@ -1265,7 +1255,7 @@ impl Filesystem for FilterFs {
                         self.inodes.child_path(newparent, newname),
                     );
                     let flags = flags.bits() as i32;
-                    let who = caller(req);
+                    let who = caller_of(req);
                     self.check_below(who, flags, old_dir.as_fd(), name, &from, &to)?;
                     if flags & libc::RENAME_EXCHANGE as i32 != 0 {
                         self.check_below(who, flags, new_dir.as_fd(), newname, &to, &from)?;
@@ -1380,7 +1370,7 @@ impl Filesystem for FilterFs {
                     res => res,
                 }?;
                 Ok(
-                    self.open_file(ino.0, fd, flags, caller(req), passthrough, |fd| {
+                    self.open_file(ino.0, fd, flags, caller_of(req), passthrough, |fd| {
                         reply.open_backing(fd)
                     }),
                 )
@@ -1446,7 +1436,7 @@ impl Filesystem for FilterFs {
                     })?;
                 let entry = self.lookup_at(parent, dir.as_fd(), name)?;
                 let (fh, backing) =
-                    self.open_file(entry.id, fd, flags, caller(req), passthrough, |fd| {
+                    self.open_file(entry.id, fd, flags, caller_of(req), passthrough, |fd| {
                         reply.open_backing(fd)
                     });
                 Ok((entry, fh, backing))

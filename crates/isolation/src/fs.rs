@@ -23,7 +23,7 @@ use fuser::{
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use interpose_fs::filter::{Caller, Chain, Op, Request, Verdict};
+use interpose_fs::filter::{caller_of, Caller, Chain, Op, Request, Verdict};
 use interpose_fs::reply::{check_name, reply_empty, reply_xattr};
 
 use crate::change::{NewKind, RawPath, Time};
@@ -127,22 +127,24 @@ fn filter_path(v: &View, id: u64) -> PathBuf {
     }
 }
 
-/// After `name` in `parent` went (unlinked, or renamed over): if the node `victim` had
-/// there its last name, filters go on judging it by that path (`gone`).
-fn note_gone(v: &mut View, victim: Option<u64>, gone: PathBuf) {
-    let Some(id) = victim else { return };
+/// The filters' paths of a request about node `id`.
+fn at_node(id: u64) -> impl FnOnce(&View) -> (PathBuf, Option<PathBuf>) {
+    move |v| (filter_path(v, id), None)
+}
+
+/// The filters' paths of a request about `name` in directory `parent`.
+fn at_child(parent: u64, name: &OsStr) -> impl FnOnce(&View) -> (PathBuf, Option<PathBuf>) + '_ {
+    move |v| (filter_path(v, parent).join(name), None)
+}
+
+/// After a name went (unlinked, or renamed over): if `victim` (the node that had it, and
+/// the path) had its last name there, filters go on judging it by that path.
+fn note_gone(v: &mut View, victim: Option<(u64, PathBuf)>) {
+    let Some((id, gone)) = victim else { return };
     if v.path_of(id).is_none() {
         if let Ok(n) = v.node_mut(id) {
             n.gone_as = Some(gone);
         }
-    }
-}
-
-fn caller(req: &fuser::Request) -> Caller {
-    Caller {
-        pid: req.pid(),
-        uid: req.uid(),
-        gid: req.gid(),
     }
 }
 
@@ -226,9 +228,7 @@ impl IsolatedFs {
         bytes: impl FnOnce(&T) -> u64,
     ) -> Res<T> {
         let request = || {
-            let (p1, p2) = paths(&self.0.view.lock());
-            let mut r = Request::new(op, p1, caller(req));
-            r.path2 = p2;
+            let mut r = Request::of(req, op, paths(&self.0.view.lock()));
             detail(&mut r);
             r
         };
@@ -243,7 +243,7 @@ impl IsolatedFs {
         id: u64,
         body: impl FnOnce() -> Res<T>,
     ) -> Res<T> {
-        self.filtered(req, op, |v| (filter_path(v, id), None), |_| {}, body, |_| 0)
+        self.filtered(req, op, at_node(id), |_| {}, body, |_| 0)
     }
 
     /// How long the kernel may keep the name and attributes at `path`: not at all where a
@@ -265,7 +265,7 @@ impl IsolatedFs {
     /// refused with ENOENT): left out of its listings.
     fn hidden_in(&self, req: &fuser::Request, dir: u64) -> impl Fn(&OsStr) -> bool + '_ {
         let base = (!self.chain().is_empty()).then(|| filter_path(&self.0.view.lock(), dir));
-        let who = caller(req);
+        let who = caller_of(req);
         move |name| {
             let dots = name == "." || name == "..";
             !dots
@@ -348,6 +348,16 @@ impl IsolatedFs {
             v.maybe_drop(dir);
         }
         res
+    }
+
+    /// With filters, the node `name` in `parent` names and that path, before the name goes
+    /// (see [`note_gone`]).
+    fn victim(&self, v: &mut View, parent: u64, name: &OsStr) -> Option<(u64, PathBuf)> {
+        if self.chain().is_empty() {
+            return None;
+        }
+        let id = v.child(parent, name).ok()?;
+        Some((id, filter_path(v, parent).join(name)))
     }
 
     /// Makes the kernel fetch the attributes of node `ino` again (it caches them for the
@@ -783,7 +793,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Lookup,
-            |v| (filter_path(v, parent.0).join(name), None),
+            at_child(parent.0, name),
             |_| {},
             || {
                 check_name(name)?;
@@ -907,7 +917,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Setattr,
-            |v| (filter_path(v, id), None),
+            at_node(id),
             |r| r.set_attributes(mode, uid, gid, size, atime, mtime),
             body,
             |_| 0,
@@ -984,17 +994,14 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Unlink,
-            |v| (filter_path(v, parent.0).join(name), None),
+            at_child(parent.0, name),
             |_| {},
             || {
                 check_name(name)?;
                 let mut v = self.0.view.lock();
-                if self.chain().is_empty() {
-                    return v.remove(parent.0, name, false);
-                }
-                let (victim, gone) = (v.child(parent.0, name).ok(), filter_path(&v, parent.0));
+                let victim = self.victim(&mut v, parent.0, name);
                 v.remove(parent.0, name, false)?;
-                note_gone(&mut v, victim, gone.join(name));
+                note_gone(&mut v, victim);
                 Ok(())
             },
             |_| 0,
@@ -1006,7 +1013,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Rmdir,
-            |v| (filter_path(v, parent.0).join(name), None),
+            at_child(parent.0, name),
             |_| {},
             || check_name(name).and_then(|_| self.0.view.lock().remove(parent.0, name, true)),
             |_| 0,
@@ -1066,9 +1073,9 @@ impl Filesystem for IsolatedFs {
                         .transpose()?;
                     (v.child(parent.0, name)?, other)
                 };
-                self.check_below(caller(req), flags.bits(), id, &from, &to)?;
+                self.check_below(caller_of(req), flags.bits(), id, &from, &to)?;
                 if let Some(other) = other {
-                    self.check_below(caller(req), flags.bits(), other, &to, &from)?;
+                    self.check_below(caller_of(req), flags.bits(), other, &to, &from)?;
                 }
             }
             let mut v = self.0.view.lock();
@@ -1078,13 +1085,11 @@ impl Filesystem for IsolatedFs {
                 let other = v.child(newparent.0, newname)?;
                 self.await_direct_writers(&mut v, other, parent.0, name)?;
             }
-            if self.chain().is_empty() || exchange {
-                return v.rename(parent.0, name, newparent.0, newname, flags.bits());
-            }
-            let replaced = v.child(newparent.0, newname).ok();
-            let gone = filter_path(&v, newparent.0).join(newname);
+            let replaced = (!exchange)
+                .then(|| self.victim(&mut v, newparent.0, newname))
+                .flatten();
             v.rename(parent.0, name, newparent.0, newname, flags.bits())?;
-            note_gone(&mut v, replaced, gone);
+            note_gone(&mut v, replaced);
             Ok(())
         };
         let res = self.filtered(
@@ -1154,7 +1159,7 @@ impl Filesystem for IsolatedFs {
             |r| r.flags = Some(flags.0),
             || {
                 let open = || {
-                    let (who, served) = (caller(req), served.get());
+                    let (who, served) = (caller_of(req), served.get());
                     self.open_node(ino.0, who, flags.0, served, truncate_for, |f| {
                         reply.open_backing(f)
                     })
@@ -1175,7 +1180,7 @@ impl Filesystem for IsolatedFs {
                 self.filtered(
                     req,
                     Op::Setattr,
-                    |v| (filter_path(v, ino.0), None),
+                    at_node(ino.0),
                     |r| r.size = Some(0),
                     open,
                     |_| 0,
@@ -1212,7 +1217,7 @@ impl Filesystem for IsolatedFs {
             )?;
             // (A new file is served by the daemon: its data is the view's.)
             let (fh, _) = self
-                .open_node(id, caller(req), flags, true, None, |_| {
+                .open_node(id, caller_of(req), flags, true, None, |_| {
                     Err(std::io::ErrorKind::Unsupported.into())
                 })
                 .inspect_err(|_| self.0.view.lock().forget(id, 1))?;
@@ -1221,7 +1226,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Create,
-            |v| (filter_path(v, parent.0).join(name), None),
+            at_child(parent.0, name),
             |r| {
                 r.flags = Some(flags);
                 r.mode = Some(mode);
@@ -1295,7 +1300,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Read,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| {
                 r.offset = Some(offset);
                 r.size = Some(size as u64);
@@ -1354,7 +1359,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Write,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| {
                 r.offset = Some(offset);
                 r.size = Some(data.len() as u64);
@@ -1432,7 +1437,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Opendir,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| r.flags = Some(flags.0),
             body,
             |_| 0,
@@ -1600,7 +1605,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Setxattr,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| {
                 r.xattr = Some(name.to_owned());
                 r.size = Some(value.len() as u64);
@@ -1622,7 +1627,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Getxattr,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| r.xattr = Some(name.to_owned()),
             || self.0.view.lock().xattr_get(ino.0, name.as_bytes()),
             |_| 0,
@@ -1642,7 +1647,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Removexattr,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| r.xattr = Some(name.to_owned()),
             || self.0.view.lock().xattr_remove(ino.0, name.as_bytes()),
             |_| 0,
@@ -1654,7 +1659,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Access,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| r.flags = Some(mask.bits()),
             || self.0.view.lock().node(ino.0).map(|_| ()),
             |_| 0,
@@ -1675,7 +1680,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Fallocate,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| {
                 r.offset = Some(offset);
                 r.size = Some(length);
@@ -1716,7 +1721,7 @@ impl Filesystem for IsolatedFs {
         let res = self.filtered(
             req,
             Op::Lseek,
-            |v| (filter_path(v, ino.0), None),
+            at_node(ino.0),
             |r| r.offset = Some(offset as u64),
             body,
             |_| 0,
