@@ -2477,6 +2477,192 @@ fn a_file_unlinked_outside_the_isolated_paths_with_another_backing_name_survives
     }
 }
 
+/// A file outside the isolated paths, unlinked through the mount while open, whose object
+/// BACKING keeps under another name the mount never looked up: what is done through its
+/// descriptor reaches that object, as on any file system, served by the daemon or passed
+/// through, before and after mounted commits and discards, and recorded with
+/// `--write-through`. The daemon used to keep a daemon-served one's writes in the view,
+/// never applied.
+#[test]
+fn a_file_unlinked_outside_the_isolated_paths_is_still_its_other_backing_names_object() {
+    let rounds: [(&[&str], &str); 4] = [
+        (&["--isolate-path", "iso", "--no-passthrough"], "served"),
+        (&["--isolate-path", "iso"], "passthrough"),
+        (
+            &["--write-through", "--no-passthrough"],
+            "write-through, served",
+        ),
+        (&["--write-through"], "write-through, passthrough"),
+    ];
+    for (args, label) in rounds {
+        let d = dirs();
+        fs::create_dir(d.backing.join("out")).unwrap();
+        fs::create_dir(d.backing.join("iso")).unwrap();
+        fs::write(d.backing.join("out/f"), b"original").unwrap();
+        let other = d.backing.join("out/never-seen");
+        fs::hard_link(d.backing.join("out/f"), &other).unwrap();
+        let m = d.mount_with(args);
+        let f = open_rw(&d.mnt.join("out/f"));
+        fs::remove_file(d.mnt.join("out/f")).unwrap();
+        let logged = |d: &Dirs| log_json(&d.store, 0).len();
+        let before = logged(&d);
+        f.write_all_at(b"WRITTEN!", 0).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(
+            read(&other),
+            b"WRITTEN!",
+            "{label}: the write reaches the object"
+        );
+        f.set_len(4).unwrap();
+        assert_eq!(read(&other), b"WRIT", "{label}: so does a truncation");
+        assert_eq!(f.metadata().unwrap().len(), 4, "{label}: fstat");
+        let mut buf = [0u8; 4];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"WRIT", "{label}: and a read");
+        if label.starts_with("write-through") {
+            assert_eq!(logged(&d), before + 2, "{label}: both are in the trail");
+        } else {
+            let ops: [&str; 2] = ["commit", "discard"];
+            for (step, op) in ops.into_iter().enumerate() {
+                fs::write(d.mnt.join("iso/pending"), b"x").unwrap();
+                if op == "commit" {
+                    commit(&d.store, None);
+                } else {
+                    discard(&d.store, None);
+                }
+                let text = format!("after {op} {step}");
+                f.write_all_at(text.as_bytes(), 0).unwrap();
+                f.sync_all().unwrap();
+                assert_eq!(read(&other), text.as_bytes(), "{label}: a write {op}");
+                assert_eq!(
+                    f.metadata().unwrap().len(),
+                    text.len() as u64,
+                    "{label}: {op}"
+                );
+            }
+            assert_eq!(
+                logged(&d),
+                0,
+                "{label}: the writes were not recorded as pending"
+            );
+        }
+        drop(f);
+        m.stop();
+    }
+}
+
+/// The same file's attributes and xattrs, changed through its descriptor by its owner
+/// (not root): the set-user-ID bit a write drops, fchmod, futimens and fsetxattr all reach
+/// the object under its other name. The view kept them to itself, and through passthrough
+/// the object kept its set-user-ID bit after a write by a user without CAP_FSETID.
+#[test]
+fn attributes_of_a_file_unlinked_outside_the_isolated_paths_reach_its_other_backing_name() {
+    let script = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.unlink(sys.argv[1])
+other = sys.argv[2]
+os.pwrite(fd, b'data', 0)
+os.fsync(fd)
+print(oct(os.stat(other).st_mode & 0o7777), oct(os.fstat(fd).st_mode & 0o7777))
+os.fchmod(fd, 0o700)
+os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+os.setxattr(fd, 'user.note', b'kept')
+st = os.stat(other)
+print(oct(st.st_mode & 0o7777), st.st_mtime_ns, os.getxattr(other, 'user.note').decode(), open(other, 'rb').read().decode())
+"#;
+    for (args, label) in [
+        (&["--isolate-path", "iso", "--no-passthrough"][..], "served"),
+        (&["--isolate-path", "iso"][..], "passthrough"),
+    ] {
+        let d = dirs();
+        fs::create_dir(d.backing.join("out")).unwrap();
+        fs::set_permissions(d.backing.join("out"), fs::Permissions::from_mode(0o777)).unwrap();
+        fs::create_dir(d.backing.join("iso")).unwrap();
+        let f = d.backing.join("out/f");
+        fs::write(&f, b"original").unwrap();
+        std::os::unix::fs::chown(&f, Some(1000), Some(1000)).unwrap();
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o4755)).unwrap();
+        let other = d.backing.join("out/never-seen");
+        fs::hard_link(&f, &other).unwrap();
+        let m = d.mount_with(args);
+        let out = output(
+            as_user(1000, 1000, &[])
+                .arg(python())
+                .arg("-c")
+                .arg(script)
+                .arg(d.mnt.join("out/f"))
+                .arg(&other),
+        );
+        assert!(out.status.success(), "{label}: {}", describe(&out));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "0o755 0o755\n0o700 2000000000 kept datainal",
+            "{label}"
+        );
+        m.stop();
+    }
+}
+
+/// Once the mount meets an isolated name of that object (a hard link in the isolated
+/// paths), the file is isolated again: writes and truncations through the old descriptor
+/// stay pending, BACKING keeps what reached it before, and a discard takes them back. And
+/// a descriptor open for reading alone never keeps the object's other name from being run.
+#[test]
+fn an_isolated_name_met_after_the_unlink_isolates_the_file_again() {
+    let d = dirs();
+    fs::create_dir(d.backing.join("out")).unwrap();
+    fs::create_dir(d.backing.join("iso")).unwrap();
+    fs::write(d.backing.join("out/f"), b"original").unwrap();
+    let isolated = d.backing.join("iso/link");
+    fs::hard_link(d.backing.join("out/f"), &isolated).unwrap();
+    fs::copy("/bin/true", d.backing.join("out/prog")).unwrap();
+    fs::hard_link(d.backing.join("out/prog"), d.backing.join("out/prog-too")).unwrap();
+    let m = d.mount_with(&["--isolate-path", "iso", "--no-passthrough"]);
+    let f = open_rw(&d.mnt.join("out/f"));
+    fs::remove_file(d.mnt.join("out/f")).unwrap();
+    f.write_all_at(b"BEFORE", 0).unwrap();
+    assert_eq!(
+        read(&isolated),
+        b"BEFOREal",
+        "no isolated name met yet: BACKING's object"
+    );
+    assert_eq!(read(&d.mnt.join("iso/link")), b"BEFOREal");
+    f.write_all_at(b"AFTER", 0).unwrap();
+    f.set_len(5).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(d.mnt.join("iso/link"))
+        .unwrap()
+        .set_len(3)
+        .unwrap();
+    assert_eq!(
+        read(&isolated),
+        b"BEFOREal",
+        "isolated again: BACKING untouched"
+    );
+    assert_eq!(read(&d.mnt.join("iso/link")), b"AFT");
+    let mut buf = Vec::new();
+    (&f).read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, b"AFT", "the descriptor reads what the mount shows");
+    discard(&d.store, None);
+    assert_eq!(
+        read(&d.mnt.join("iso/link")),
+        b"BEFOREal",
+        "after the discard"
+    );
+    drop(f);
+
+    let reader = File::open(d.mnt.join("out/prog")).unwrap();
+    fs::remove_file(d.mnt.join("out/prog")).unwrap();
+    let ran = Command::new(d.backing.join("out/prog-too"))
+        .status()
+        .unwrap();
+    assert!(ran.success(), "the other name runs: {ran:?}");
+    drop(reader);
+    m.stop();
+}
+
 /// A file written through passthrough outside the isolated paths, unlinked while open,
 /// can be opened again for writing and truncated through /proc/self/fd at once, as on any
 /// file system: both waited two seconds for the file's own passthrough descriptor to close,

@@ -245,8 +245,7 @@ pub fn statx_at(
 /// path (they refuse `O_PATH` descriptors themselves), and to open the object for I/O. Use the following variants
 /// (`getxattr`, not `lgetxattr`): following the magic link reaches the object itself, even
 /// a symlink; not following it would act on the link in /proc.
-pub fn proc_path(fd: &OwnedFd) -> PathBuf {
-    use std::os::fd::AsRawFd;
+pub fn proc_path(fd: &impl std::os::fd::AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
@@ -362,62 +361,7 @@ pub fn apply(
             runs,
         } => {
             let f = backing.open_regular(&p(path), OFlags::WRONLY)?;
-            // Writing or truncating as root drops the file's capabilities. The view drops
-            // them for a write(2) as a change of its own, before the data, and keeps them
-            // for a shared mapping's writeback, as the kernel does: so put back what
-            // writing this change took away. (The kernel takes at most 24 bytes for them.)
-            let mut caps = [0u8; 64];
-            let caps = rustix::fs::fgetxattr(&f, CAPABILITY, &mut caps[..])
-                .ok()
-                .map(|n| caps[..n].to_vec());
-            let cur = f.metadata()?.len();
-            if *size < cur {
-                f.set_len(*size)?;
-            }
-            let applied = (|| -> io::Result<()> {
-                let mut src = 0;
-                for run in runs {
-                    let (off, len) = (run.block * BLOCK, run.count * BLOCK);
-                    if run.alloc {
-                        allocate_zeros(&f, off, len)?;
-                    } else if run.hole {
-                        let punched = rustix::fs::fallocate(
-                            &f,
-                            rustix::fs::FallocateFlags::PUNCH_HOLE
-                                | rustix::fs::FallocateFlags::KEEP_SIZE,
-                            off,
-                            len,
-                        );
-                        zeros_unless_done(punched, &f, off, len)?;
-                    } else {
-                        write_parts_at(&f, data, src, len, off)?;
-                        src += len;
-                    }
-                }
-                Ok(())
-            })();
-            if let Err(e) = applied {
-                // Blocks allocated past the end (KEEP_SIZE) before the failure (a full
-                // disk) would stay taken, unseen; setting the size frees them, as the
-                // set_len below does when all goes well. The change runs again whole.
-                if let Ok(m) = f.metadata() {
-                    let _ = f.set_len(m.len());
-                }
-                return Err(e);
-            }
-            // (Not when it is the size already: ext4 would free blocks allocated past the
-            // end, which the view shows as allocated.)
-            if f.metadata()?.len() != *size {
-                f.set_len(*size)?;
-            }
-            if let Some(caps) = caps {
-                let now = rustix::fs::fgetxattr(&f, CAPABILITY, &mut [0u8; 64][..]);
-                if now == Err(rustix::io::Errno::NODATA) {
-                    rustix::fs::fsetxattr(&f, CAPABILITY, &caps, rustix::fs::XattrFlags::CREATE)
-                        .map_err(errno)?;
-                }
-            }
-            Ok(())
+            write_data(&f, *size, runs, data)
         }
         Change::Create {
             path,
@@ -541,32 +485,7 @@ pub fn apply(
         } => {
             // Through an O_PATH descriptor, so the root ("") works like any path.
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
-            let proc = proc_path(&fd);
-            if uid.is_some() || gid.is_some() {
-                rustix::fs::chownat(
-                    &fd,
-                    "",
-                    uid.map(rustix::fs::Uid::from_raw),
-                    gid.map(rustix::fs::Gid::from_raw),
-                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(errno)?;
-            }
-            if let Some(mode) = mode {
-                let st = rustix::fs::fstat(&fd).map_err(errno)?;
-                if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-                    rustix::fs::chmod(&proc, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
-                }
-            }
-            if atime.is_some() || mtime.is_some() {
-                let times = Timestamps {
-                    last_access: timespec(*atime),
-                    last_modification: timespec(*mtime),
-                };
-                rustix::fs::utimensat(rustix::fs::CWD, &proc, &times, AtFlags::empty())
-                    .map_err(errno)?;
-            }
-            Ok(())
+            set_attrs(&fd, *mode, *uid, *gid, *atime, *mtime)
         }
         Change::SetXattr { path, name, value } => {
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
@@ -586,6 +505,141 @@ pub fn apply(
             }
         }
     }
+}
+
+/// [`apply`] for a change to an object the view knows no name of any more, made to the
+/// object `file` is open on (a file of BACKING that keeps another name there): its data,
+/// attributes or xattrs. The path the change names, if any, is not used. Creations and
+/// changes of names have no object to be made to, and are refused (EINVAL).
+pub fn apply_to_object(file: &File, change: &Change, data: &[&[u8]]) -> io::Result<()> {
+    let proc = proc_path(file);
+    match change {
+        Change::Data { size, runs, .. } => {
+            // Opened for writing only while the change is made: held, the descriptor
+            // would keep the file's other names from being run (ETXTBSY).
+            let f = std::fs::OpenOptions::new().write(true).open(&proc)?;
+            write_data(&f, *size, runs, data)
+        }
+        Change::Attr {
+            mode,
+            uid,
+            gid,
+            atime,
+            mtime,
+            ..
+        } => set_attrs(file, *mode, *uid, *gid, *atime, *mtime),
+        Change::SetXattr { name, value, .. } => rustix::fs::setxattr(
+            &proc,
+            name.as_path().as_os_str(),
+            value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .map_err(errno),
+        Change::RemoveXattr { name, .. } => {
+            match rustix::fs::removexattr(&proc, name.as_path().as_os_str()) {
+                Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
+                Err(e) => Err(errno(e)),
+            }
+        }
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    }
+}
+
+/// Lays a [`Change::Data`] down in the file `f` (open for writing): cut to `size` if it
+/// was longer, the runs written, allocated or punched, then the size set.
+fn write_data(f: &File, size: u64, runs: &[crate::change::Run], data: &[&[u8]]) -> io::Result<()> {
+    // Writing or truncating as root drops the file's capabilities. The view drops
+    // them for a write(2) as a change of its own, before the data, and keeps them
+    // for a shared mapping's writeback, as the kernel does: so put back what
+    // writing this change took away. (The kernel takes at most 24 bytes for them.)
+    let mut caps = [0u8; 64];
+    let caps = rustix::fs::fgetxattr(f, CAPABILITY, &mut caps[..])
+        .ok()
+        .map(|n| caps[..n].to_vec());
+    let cur = f.metadata()?.len();
+    if size < cur {
+        f.set_len(size)?;
+    }
+    let applied = (|| -> io::Result<()> {
+        let mut src = 0;
+        for run in runs {
+            let (off, len) = (run.block * BLOCK, run.count * BLOCK);
+            if run.alloc {
+                allocate_zeros(f, off, len)?;
+            } else if run.hole {
+                let punched = rustix::fs::fallocate(
+                    f,
+                    rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+                    off,
+                    len,
+                );
+                zeros_unless_done(punched, f, off, len)?;
+            } else {
+                write_parts_at(f, data, src, len, off)?;
+                src += len;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = applied {
+        // Blocks allocated past the end (KEEP_SIZE) before the failure (a full
+        // disk) would stay taken, unseen; setting the size frees them, as the
+        // set_len below does when all goes well. The change runs again whole.
+        if let Ok(m) = f.metadata() {
+            let _ = f.set_len(m.len());
+        }
+        return Err(e);
+    }
+    // (Not when it is the size already: ext4 would free blocks allocated past the
+    // end, which the view shows as allocated.)
+    if f.metadata()?.len() != size {
+        f.set_len(size)?;
+    }
+    if let Some(caps) = caps {
+        let now = rustix::fs::fgetxattr(f, CAPABILITY, &mut [0u8; 64][..]);
+        if now == Err(rustix::io::Errno::NODATA) {
+            rustix::fs::fsetxattr(f, CAPABILITY, &caps, rustix::fs::XattrFlags::CREATE)
+                .map_err(errno)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sets what a [`Change::Attr`] sets on the object `fd` is open on (`O_PATH` will do):
+/// owner first (chown drops set-ID bits), then mode, then times.
+fn set_attrs(
+    fd: &(impl std::os::fd::AsFd + std::os::fd::AsRawFd),
+    mode: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    atime: Option<crate::change::Time>,
+    mtime: Option<crate::change::Time>,
+) -> io::Result<()> {
+    let proc = proc_path(fd);
+    if uid.is_some() || gid.is_some() {
+        rustix::fs::chownat(
+            fd,
+            "",
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(errno)?;
+    }
+    if let Some(mode) = mode {
+        let st = rustix::fs::fstat(fd).map_err(errno)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            rustix::fs::chmod(&proc, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
+        }
+    }
+    if atime.is_some() || mtime.is_some() {
+        let times = Timestamps {
+            last_access: timespec(atime),
+            last_modification: timespec(mtime),
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, &proc, &times, AtFlags::empty()).map_err(errno)?;
+    }
+    Ok(())
 }
 
 /// [`apply`], and where a change to a file's data is refused (EACCES) because its owner,

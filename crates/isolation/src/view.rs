@@ -1306,6 +1306,55 @@ impl View {
         }
     }
 
+    /// The object in BACKING that a change to node `id`, which has no name in the view,
+    /// belongs to: a file whose last name the view knew went straight to BACKING (outside
+    /// the isolated paths, or with `--write-through`) while BACKING keeps another name for
+    /// it that the view has not met, and of which the view holds nothing of its own. Its
+    /// changes made through the mount (through a descriptor open before) reach that object,
+    /// as on any file system. None: the changes are the view's to keep (a file removed for
+    /// good, a copy carried across a commit, a file with pending changes of its own).
+    fn linked_object(&self, id: u64) -> Option<Arc<File>> {
+        if matches!(self.mode, Mode::Isolated) {
+            return None;
+        }
+        let n = self.nodes.get(&id)?;
+        if !n.detached || n.changed || n.data.is_some() || !n.attr.is_file() {
+            return None;
+        }
+        let f = n.origin_file.clone()?;
+        // Another name for it the view has met would have attached it again.
+        let linked = crate::backing::statx_at(f.as_ref(), "", rustix::fs::AtFlags::EMPTY_PATH)
+            .is_ok_and(|st| st.stx_nlink > 0);
+        linked.then_some(f)
+    }
+
+    /// Makes a change to node `id`, which has no name in the view, to its object in
+    /// BACKING if it belongs there ([`View::linked_object`]): true if so. With
+    /// `--write-through` a change of data is recorded too, without a path (the trail
+    /// names objects by path, and this one's names are unknown); attributes and xattrs
+    /// of such a file are not in the trail.
+    fn pass_to_object(&mut self, id: u64, change: &Change, data: &[&[u8]]) -> Res<bool> {
+        let Some(object) = self.linked_object(id) else {
+            return Ok(false);
+        };
+        let trail =
+            matches!(self.mode, Mode::WriteThrough) && matches!(change, Change::Data { .. });
+        let (end, seq) = (self.journal.len(), self.journal.last_seq());
+        if trail {
+            self.record(change, data)?;
+        }
+        let applied = crate::backing::apply_to_object(&object, change, data);
+        if applied.is_err() && trail {
+            if let Err(e) = self.journal.truncate(end, seq) {
+                tracing::error!("taking back the record of a change that failed: {e}");
+            }
+        }
+        applied.map_err(io_errno)?;
+        // Unchanged, its attributes are read from the object again.
+        self.attr(id)?;
+        Ok(true)
+    }
+
     /// Whether a change outside the isolated paths is entangled with pending changes, and
     /// must be isolated with them: the rename or removal of a directory with pending
     /// changes below it (their records name paths below it, which BACKING must still have
@@ -2269,7 +2318,8 @@ impl View {
     /// only, unrecorded: nothing of it can reach BACKING, and it lives while it is open.
     fn pass_or_record(&mut self, id: u64, change: impl FnOnce(RawPath) -> Change) -> Res<bool> {
         let Some(path) = self.name_of(id) else {
-            return Ok(false);
+            // (The path is not used: the change is made to the object, if at all.)
+            return self.pass_to_object(id, &change(RawPath(Vec::new())), &[]);
         };
         let change = change(RawPath::from_path(&path));
         if self.pass_node(id, &change, &[])? {
@@ -2619,6 +2669,11 @@ impl View {
             size,
             runs: runs.clone(),
         };
+        if matches!(change, Change::Data { path: None, .. })
+            && self.pass_to_object(id, &change, data)?
+        {
+            return Ok(());
+        }
         if self.pass_node(id, &change, data)? {
             return Ok(());
         }
@@ -3208,7 +3263,10 @@ impl View {
             let n = self.nodes.get_mut(&id).expect("held above");
             let mut o = Node::new(id, None, n.attr.clone());
             o.detached = true;
-            o.changed = true;
+            // A file whose name went straight to BACKING and of which the view held nothing
+            // stays its object (see `linked_object`): attributes read from it, changes
+            // made to it. Any other is the view's from now on.
+            o.changed = copy.is_some() || !n.detached || n.changed || n.data.is_some();
             o.xattrs = n.xattrs.take();
             o.gone_as = n.gone_as.take();
             o.target = n.target.take();
@@ -3276,8 +3334,8 @@ impl View {
     /// `with`. One the view still counts links of is not among them even when none of
     /// its names is known: carried apart, it would part from the named object. A detached
     /// one is (its name went straight to BACKING, and nothing in the view leads to it),
-    /// also when BACKING has another name for it, from which it then parts
-    /// (docs/ISOLATION.md, the known gap of daemon-served files).
+    /// also when BACKING has another name for it: carried unchanged, it goes on being that
+    /// object ([`View::linked_object`]).
     fn nameless(&self, with: impl Fn(&Node) -> bool) -> Vec<u64> {
         self.nodes
             .values()
