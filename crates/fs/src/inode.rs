@@ -26,6 +26,12 @@ pub const ROOT_ID: u64 = 1;
 /// Node ids with this bit are synthetic: objects on other devices than the root's, or whose
 /// inode number collides with the FUSE root id.
 const SYNTHETIC: u64 = 1 << 63;
+/// Synthetic ids with this bit too are counted out one by one and forgotten with their
+/// node; those without it are derived from the object's device and inode number (see
+/// [`Table::derived_id`]), and stay the object's while the daemon runs.
+const COUNTED: u64 = 1 << 62;
+/// A derived id is the device's slot above this bit, the inode number below it.
+const SLOT_SHIFT: u32 = 47;
 
 /// Where a node's backing object can be found again.
 #[derive(Debug)]
@@ -91,15 +97,40 @@ struct Table {
     nodes: HashMap<u64, Node>,
     synthetic_ids: HashMap<(u64, u64), u64>,
     next_synthetic: u64,
+    /// A number for each device other than the root's met so far (see `derived_id`).
+    device_slots: HashMap<u64, u64>,
 }
 
 impl Table {
-    /// A new synthetic id for the object (`dev`, `ino`), remembered for its next lookups.
+    /// A new synthetic id for the object (`dev`, `ino`), remembered for its next lookups
+    /// while the kernel holds it.
     fn new_synthetic(&mut self, dev: u64, ino: u64) -> u64 {
-        let id = SYNTHETIC | self.next_synthetic;
+        let id = SYNTHETIC | COUNTED | self.next_synthetic;
         self.next_synthetic += 1;
         self.synthetic_ids.insert((dev, ino), id);
         id
+    }
+
+    /// The id of the object `ino` on device `dev`, not the root's (a file system mounted
+    /// inside BACKING): the device's slot and the inode number, so the object keeps it
+    /// after the kernel forgot it, as on the device itself (programs compare inode numbers:
+    /// hard links, `tar --listed-incremental`, git's index). `add`: give the device a slot
+    /// if it has none. None for an inode number too large to fit, or past 32,767 devices:
+    /// such an object gets a counted id.
+    fn derived_id(&mut self, dev: u64, ino: u64, add: bool) -> Option<u64> {
+        if ino >> SLOT_SHIFT != 0 {
+            return None;
+        }
+        let next = self.device_slots.len() as u64 + 1;
+        let slot = match self.device_slots.get(&dev) {
+            Some(&slot) => slot,
+            None if add && next < 1 << (62 - SLOT_SHIFT) => {
+                self.device_slots.insert(dev, next);
+                next
+            }
+            None => return None,
+        };
+        Some(SYNTHETIC | slot << SLOT_SHIFT | ino)
     }
 }
 
@@ -254,8 +285,12 @@ impl Inodes {
         if let Some(id) = table.synthetic_ids.get(&(dev, ino)) {
             return *id;
         }
-        if dev == self.root_dev && ino != ROOT_ID && ino & SYNTHETIC == 0 {
-            return ino;
+        if dev == self.root_dev {
+            if ino != ROOT_ID && ino & SYNTHETIC == 0 {
+                return ino;
+            }
+        } else if let Some(id) = table.derived_id(dev, ino, true) {
+            return id;
         }
         table.new_synthetic(dev, ino)
     }
@@ -429,7 +464,11 @@ impl Inodes {
         let id = match table.synthetic_ids.get(&(dev, ino)) {
             Some(id) => *id,
             None if dev == self.root_dev && ino & SYNTHETIC == 0 && ino != ROOT_ID => ino,
-            None => return,
+            None if dev == self.root_dev => return,
+            None => match table.derived_id(dev, ino, false) {
+                Some(id) => id,
+                None => return,
+            },
         };
         if let Some(node) = table.nodes.get_mut(&id) {
             f(node);

@@ -280,6 +280,42 @@ fn inode_numbers_are_the_backing_inode_numbers() {
     m.stop();
 }
 
+/// An object on a file system mounted inside BACKING keeps its inode number through the
+/// mount after the kernel forgot it, and its hard links share it, as on that file system.
+/// It used to get a new number at every lookup after a forget: `tar --listed-incremental`
+/// took every directory there for renamed, git's index every file for changed.
+#[test]
+fn inode_numbers_on_a_submount_stay_after_the_kernel_forgets_them() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let m = Mount::new(&[]);
+    let sub = m.backing.join("sub");
+    fs::create_dir(&sub).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "none"])
+        .arg(&sub));
+    let _unmount = Unmount(sub.clone());
+    fs::create_dir(m.mnt.join("sub/d")).unwrap();
+    fs::write(m.mnt.join("sub/a"), b"x").unwrap();
+    fs::hard_link(m.mnt.join("sub/a"), m.mnt.join("sub/d/b")).unwrap();
+    let ino = |rel: &str| fs::symlink_metadata(m.mnt.join(rel)).unwrap().ino();
+    let first = [ino("sub/a"), ino("sub/d/b"), ino("sub/d"), ino("sub")];
+    assert_eq!(first[0], first[1], "hard links share a number");
+    // Every node of the submount forgotten: the daemon then lets go of it.
+    drop_dentries_until_released(
+        m.pid(),
+        |p| p.starts_with(&sub),
+        "the kernel forgets the submount's nodes",
+    );
+    let again = [ino("sub/d/b"), ino("sub/a"), ino("sub/d"), ino("sub")];
+    assert_eq!(again, [first[1], first[0], first[2], first[3]]);
+    m.stop();
+}
+
 /// Type, permissions, owner, size (not of directories), link target and link count of
 /// every entry below `root`, with user./trusted./system. xattrs, sorted by path.
 fn tree_listing(root: &Path) -> Vec<String> {
