@@ -2663,6 +2663,67 @@ fn an_isolated_name_met_after_the_unlink_isolates_the_file_again() {
     m.stop();
 }
 
+/// The same file carried across a mounted commit or discard is still its object: a lookup
+/// of another name of it finds it (one inode, one page cache: a read through the other
+/// name shows what the descriptor wrote), and meeting an isolated name isolates it again.
+/// Carried, it was a node apart: the other name kept showing stale pages, and the
+/// descriptor's writes went on reaching BACKING after an isolated name was met.
+#[test]
+fn a_file_unlinked_outside_the_isolated_paths_is_found_again_by_its_names_after_a_commit() {
+    for op in ["commit", "discard"] {
+        let d = dirs();
+        fs::create_dir(d.backing.join("out")).unwrap();
+        fs::create_dir(d.backing.join("iso")).unwrap();
+        fs::write(d.backing.join("out/f"), b"original").unwrap();
+        fs::hard_link(d.backing.join("out/f"), d.backing.join("out/other")).unwrap();
+        fs::hard_link(d.backing.join("out/f"), d.backing.join("iso/link")).unwrap();
+        let m = d.mount_with(&["--isolate-path", "iso", "--no-passthrough"]);
+        let f = open_rw(&d.mnt.join("out/f"));
+        fs::remove_file(d.mnt.join("out/f")).unwrap();
+        fs::write(d.mnt.join("iso/pending"), b"x").unwrap();
+        if op == "commit" {
+            commit(&d.store, None);
+        } else {
+            discard(&d.store, None);
+        }
+        let other = d.mnt.join("out/other");
+        assert_eq!(read(&other), b"original", "{op}");
+        assert_eq!(
+            fs::metadata(&other).unwrap().ino(),
+            f.metadata().unwrap().ino(),
+            "{op}: one object, one inode"
+        );
+        f.write_all_at(b"NEWDATA", 0).unwrap();
+        assert_eq!(read(&other), b"NEWDATAl", "{op}: the other name");
+        assert_eq!(
+            read(&d.backing.join("out/other")),
+            b"NEWDATAl",
+            "{op}: BACKING"
+        );
+        let isolated = OpenOptions::new()
+            .write(true)
+            .open(d.mnt.join("iso/link"))
+            .unwrap();
+        isolated.set_len(3).unwrap();
+        f.write_all_at(b"XY", 0).unwrap();
+        assert_eq!(read(&d.mnt.join("iso/link")), b"XYW", "{op}: the mount");
+        assert_eq!(
+            read(&d.backing.join("iso/link")),
+            b"NEWDATAl",
+            "{op}: isolated again, BACKING untouched"
+        );
+        drop(isolated);
+        discard(&d.store, None);
+        assert_eq!(
+            read(&d.mnt.join("iso/link")),
+            b"NEWDATAl",
+            "{op}: discarded"
+        );
+        drop(f);
+        m.stop();
+    }
+}
+
 /// A file written through passthrough outside the isolated paths, unlinked while open,
 /// can be opened again for writing and truncated through /proc/self/fd at once, as on any
 /// file system: both waited two seconds for the file's own passthrough descriptor to close,

@@ -719,9 +719,10 @@ impl View {
                 if !n.links.iter().any(|(p, nm)| *p == parent && nm == name) {
                     n.links.push((parent, name.to_owned()));
                 }
-                if n.origin.is_some() {
+                if n.origin.is_some() || n.detached {
                     // A name that surely reaches the object in BACKING now; the one kept
-                    // may have gone with a change made straight to BACKING.
+                    // may have gone with a change made straight to BACKING (or, carried
+                    // across a commit, it had none: `take_orphans`).
                     n.origin = Some(rel);
                     n.detached = false;
                 }
@@ -3265,8 +3266,14 @@ impl View {
             o.detached = true;
             // A file whose name went straight to BACKING and of which the view held nothing
             // stays its object (see `linked_object`): attributes read from it, changes
-            // made to it. Any other is the view's from now on.
-            o.changed = copy.is_some() || !n.detached || n.changed || n.data.is_some();
+            // made to it, and found again by a lookup of another name of it, as before
+            // (`install_orphans`). Any other is the view's from now on.
+            let live = copy.is_none() && n.detached && !n.changed && n.data.is_none();
+            o.changed = !live;
+            if live {
+                (o.backing_dev, o.backing_ino) = (n.backing_dev, n.backing_ino);
+                o.backing_birth = n.backing_birth;
+            }
             o.xattrs = n.xattrs.take();
             o.gone_as = n.gone_as.take();
             o.target = n.target.take();
@@ -3384,7 +3391,20 @@ impl View {
             }
         }
         self.renumber(&remap);
-        for Orphan(o) in orphans {
+        for Orphan(mut o) in orphans {
+            if let Some(ino) = o.backing_ino {
+                match self.by_ino.entry((o.backing_dev, ino)) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(o.id);
+                    }
+                    // The new view has a node of that object already (its pending changes
+                    // name it): this one goes on with what it has, as the view's own.
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        o.backing_ino = None;
+                        o.changed = true;
+                    }
+                }
+            }
             self.nodes.insert(o.id, o);
         }
     }
