@@ -475,8 +475,12 @@ pub fn apply(
                 Err(e) => Err(errno(e)),
             }
         }
+        // Made to an object with no name known, in a `--write-through` trail: done then.
+        Change::Attr { path: None, .. }
+        | Change::SetXattr { path: None, .. }
+        | Change::RemoveXattr { path: None, .. } => Ok(()),
         Change::Attr {
-            path,
+            path: Some(path),
             mode,
             uid,
             gid,
@@ -487,7 +491,11 @@ pub fn apply(
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
             set_attrs(&fd, *mode, *uid, *gid, *atime, *mtime)
         }
-        Change::SetXattr { path, name, value } => {
+        Change::SetXattr {
+            path: Some(path),
+            name,
+            value,
+        } => {
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
             rustix::fs::setxattr(
                 proc_path(&fd),
@@ -497,7 +505,10 @@ pub fn apply(
             )
             .map_err(errno)
         }
-        Change::RemoveXattr { path, name } => {
+        Change::RemoveXattr {
+            path: Some(path),
+            name,
+        } => {
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
             match rustix::fs::removexattr(proc_path(&fd), name.as_path().as_os_str()) {
                 Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),

@@ -188,9 +188,12 @@ pub enum Change {
         #[serde(default)]
         flags: u32,
     },
+    /// `path` None: a file without a name the view knows whose object still has one in
+    /// BACKING, in a `--write-through` trail (see `Data`).
     #[serde(rename = "setattr")]
     Attr {
-        path: RawPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<RawPath>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<u32>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -204,13 +207,15 @@ pub enum Change {
     },
     #[serde(rename = "setxattr")]
     SetXattr {
-        path: RawPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<RawPath>,
         name: RawPath,
         value: Vec<u8>,
     },
     #[serde(rename = "removexattr")]
     RemoveXattr {
-        path: RawPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<RawPath>,
         name: RawPath,
     },
 }
@@ -238,13 +243,13 @@ impl Change {
     /// The paths a change names, first the one it acts on.
     pub fn paths(&self) -> (Option<&RawPath>, Option<&RawPath>) {
         match self {
-            Change::Data { path, .. } => (path.as_ref(), None),
-            Change::Create { path, .. }
-            | Change::Unlink { path }
-            | Change::Rmdir { path }
+            Change::Data { path, .. }
             | Change::Attr { path, .. }
             | Change::SetXattr { path, .. }
-            | Change::RemoveXattr { path, .. } => (Some(path), None),
+            | Change::RemoveXattr { path, .. } => (path.as_ref(), None),
+            Change::Create { path, .. } | Change::Unlink { path } | Change::Rmdir { path } => {
+                (Some(path), None)
+            }
             Change::Link { from, to } | Change::Rename { from, to, .. } => (Some(from), Some(to)),
         }
     }
@@ -341,7 +346,9 @@ impl Change {
                 atime,
                 mtime,
             } => {
-                check_path(p, true)?;
+                if let Some(p) = p {
+                    check_path(p, true)?;
+                }
                 check_owner(*uid, *gid)?;
                 if mode.is_some_and(|m| m & !(libc::S_IFMT | 0o7777) != 0) {
                     return Err(format!("mode {:o}", mode.unwrap_or_default()));
@@ -355,7 +362,9 @@ impl Change {
                 name,
                 value,
             } => {
-                check_path(p, true)?;
+                if let Some(p) = p {
+                    check_path(p, true)?;
+                }
                 check_xattr_name(name)?;
                 if value.len() > XATTR_SIZE_MAX {
                     return Err(format!(
@@ -365,7 +374,9 @@ impl Change {
                 }
             }
             Change::RemoveXattr { path: p, name } => {
-                check_path(p, true)?;
+                if let Some(p) = p {
+                    check_path(p, true)?;
+                }
                 check_xattr_name(name)?;
             }
         }
@@ -410,7 +421,7 @@ mod tests {
         assert!(data(last, 0).check().is_err());
         assert!(data(u64::MAX, 1).check().is_err());
         let chmod = |path: &[u8]| Change::Attr {
-            path: RawPath(path.to_vec()),
+            path: Some(RawPath(path.to_vec())),
             mode: Some(libc::S_IFDIR | 0o700),
             uid: None,
             gid: None,

@@ -1331,15 +1331,13 @@ impl View {
 
     /// Makes a change to node `id`, which has no name in the view, to its object in
     /// BACKING if it belongs there ([`View::linked_object`]): true if so. With
-    /// `--write-through` a change of data is recorded too, without a path (the trail
-    /// names objects by path, and this one's names are unknown); attributes and xattrs
-    /// of such a file are not in the trail.
+    /// `--write-through` it is recorded too, without a path (the trail names objects by
+    /// path, and this one's names are unknown).
     fn pass_to_object(&mut self, id: u64, change: &Change, data: &[&[u8]]) -> Res<bool> {
         let Some(object) = self.linked_object(id) else {
             return Ok(false);
         };
-        let trail =
-            matches!(self.mode, Mode::WriteThrough) && matches!(change, Change::Data { .. });
+        let trail = matches!(self.mode, Mode::WriteThrough);
         let (end, seq) = (self.journal.len(), self.journal.last_seq());
         if trail {
             self.record(change, data)?;
@@ -1993,7 +1991,11 @@ impl View {
     fn apply_recorded(&mut self, change: &Change, data_offset: u64) -> Result<(), String> {
         let e = |errno: i32| std::io::Error::from_raw_os_error(errno).to_string();
         match change {
-            Change::Data { path: None, .. } => {}
+            // Made to an object with no name known (see `pass_to_object`), in a trail.
+            Change::Data { path: None, .. }
+            | Change::Attr { path: None, .. }
+            | Change::SetXattr { path: None, .. }
+            | Change::RemoveXattr { path: None, .. } => {}
             Change::Data {
                 path: Some(p),
                 size,
@@ -2036,7 +2038,7 @@ impl View {
                 self.do_rename(p1, n1, a, p2, n2, b, *flags);
             }
             Change::Attr {
-                path,
+                path: Some(path),
                 mode,
                 uid,
                 gid,
@@ -2047,7 +2049,11 @@ impl View {
                 self.do_attr(id, *mode, *uid, *gid, *atime, *mtime)
                     .map_err(e)?;
             }
-            Change::SetXattr { path, name, value } => {
+            Change::SetXattr {
+                path: Some(path),
+                name,
+                value,
+            } => {
                 let id = self.resolve(path.as_path()).map_err(e)?;
                 self.load_xattrs(id).map_err(e)?;
                 let n = self.node_mut(id).map_err(e)?;
@@ -2057,7 +2063,10 @@ impl View {
                     .insert(name.0.clone(), value.clone());
                 n.changed = true;
             }
-            Change::RemoveXattr { path, name } => {
+            Change::RemoveXattr {
+                path: Some(path),
+                name,
+            } => {
                 let id = self.resolve(path.as_path()).map_err(e)?;
                 self.load_xattrs(id).map_err(e)?;
                 let n = self.node_mut(id).map_err(e)?;
@@ -2317,12 +2326,15 @@ impl View {
     /// Passes straight to BACKING (true) or records a change made to node `id` by its path.
     /// A node without a name (a file removed while open) has its change made in the view
     /// only, unrecorded: nothing of it can reach BACKING, and it lives while it is open.
-    fn pass_or_record(&mut self, id: u64, change: impl FnOnce(RawPath) -> Change) -> Res<bool> {
+    fn pass_or_record(
+        &mut self,
+        id: u64,
+        change: impl FnOnce(Option<RawPath>) -> Change,
+    ) -> Res<bool> {
         let Some(path) = self.name_of(id) else {
-            // (The path is not used: the change is made to the object, if at all.)
-            return self.pass_to_object(id, &change(RawPath(Vec::new())), &[]);
+            return self.pass_to_object(id, &change(None), &[]);
         };
-        let change = change(RawPath::from_path(&path));
+        let change = change(Some(RawPath::from_path(&path)));
         if self.pass_node(id, &change, &[])? {
             return Ok(true);
         }
