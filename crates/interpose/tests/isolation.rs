@@ -6900,6 +6900,65 @@ fn a_full_store_gives_enospc_and_the_mount_recovers() {
     drop(tmpfs);
 }
 
+/// Paths longer than PATH_MAX (4096 bytes; names of 200 bytes, 25 deep): a tree that deep
+/// in BACKING reads through an isolated mount, one made there commits, and one made
+/// outside the isolated paths or with `--write-through` is made in BACKING. The daemon
+/// gave BACKING whole paths, which the kernel refuses past PATH_MAX: ENAMETOOLONG on the
+/// mount, or a commit stuck at the first such change.
+#[test]
+fn trees_deeper_than_path_max_read_commit_and_pass_through() {
+    // Makes (or, with `check`, reads) `top`/D*25/f under `base`, a name at a time.
+    let script = r#"
+import os, sys
+base, top, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+fd = os.open(base, os.O_RDONLY)
+for name in [top] + ['D' * 200] * 25:
+    if mode == 'make':
+        os.mkdir(name, dir_fd=fd)
+    fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+if mode == 'make':
+    f = os.open('f', os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+    os.write(f, top.encode())
+    os.close(f)
+f = os.open('f', os.O_RDONLY, dir_fd=fd)
+print(os.read(f, 100).decode())
+"#;
+    let deep = |base: &Path, top: &str, mode: &str| {
+        let out = output(
+            Command::new(python())
+                .arg("-c")
+                .arg(script)
+                .arg(base)
+                .arg(top)
+                .arg(mode),
+        );
+        assert!(
+            out.status.success(),
+            "{top} {mode} under {base:?}: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    for args in [&["--isolate-path", "iso"][..], &["--write-through"][..]] {
+        let d = dirs();
+        fs::create_dir(d.backing.join("iso")).unwrap();
+        deep(&d.backing, "before", "make");
+        let m = d.mount_with(args);
+        assert_eq!(deep(&d.mnt, "before", "read"), "before", "{args:?}");
+        deep(&d.mnt.join("iso"), "isolated", "make");
+        deep(&d.mnt, "outside", "make");
+        assert_eq!(deep(&d.backing, "outside", "read"), "outside", "{args:?}");
+        if args[0] == "--write-through" {
+            assert_eq!(deep(&d.backing.join("iso"), "isolated", "read"), "isolated");
+        } else {
+            commit(&d.store, None);
+            assert_eq!(deep(&d.backing.join("iso"), "isolated", "read"), "isolated");
+            assert_eq!(deep(&d.mnt.join("iso"), "isolated", "read"), "isolated");
+        }
+        m.stop();
+    }
+}
+
 /// A store on another file system than the backing directory (a tmpfs): commit copies
 /// the data across.
 #[test]

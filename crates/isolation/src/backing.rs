@@ -30,6 +30,25 @@ fn errno(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
 
+/// The longest path [`Backing::open_at`] gives one call, short of PATH_MAX.
+const PIECE: usize = 4000;
+
+/// Opens `rel` beneath directory `dir`, never following a symlink nor leaving `dir`.
+fn open_beneath(dir: &OwnedFd, rel: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
+    loop {
+        match rustix::fs::openat2(
+            dir,
+            rel,
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(mode),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
+            r => return r.map_err(errno),
+        }
+    }
+}
+
 /// Splits a relative path into its parent and last component.
 pub fn split(rel: &Path) -> (&Path, &OsStr) {
     match (rel.parent(), rel.file_name()) {
@@ -77,24 +96,33 @@ impl Backing {
     }
 
     /// Opens `rel` (relative, "" for the root) beneath the root, never following a symlink.
+    /// A path longer than one call takes (PATH_MAX, 4096 bytes, which a deep tree's paths
+    /// pass while each name stays short) is walked a piece at a time under the same rules.
     pub fn open_at(&self, rel: &Path, flags: OFlags, mode: u32) -> io::Result<OwnedFd> {
         let rel: &Path = if rel.as_os_str().is_empty() {
             Path::new(".")
         } else {
             rel
         };
-        loop {
-            match rustix::fs::openat2(
-                &self.root,
-                rel,
-                flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::from_raw_mode(mode),
-                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-            ) {
-                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
-                r => return r.map_err(errno),
+        if rel.as_os_str().len() < PIECE {
+            return open_beneath(&self.root, rel, flags, mode);
+        }
+        let mut dir: Option<OwnedFd> = None;
+        let mut piece = PathBuf::new();
+        let mut names = rel.components().peekable();
+        while let Some(name) = names.next() {
+            piece.push(name);
+            let full = names
+                .peek()
+                .is_some_and(|n| piece.as_os_str().len() + 1 + n.as_os_str().len() >= PIECE);
+            if full {
+                let from = dir.as_ref().unwrap_or(&self.root);
+                let next = open_beneath(from, &piece, OFlags::PATH | OFlags::DIRECTORY, 0)?;
+                dir = Some(next);
+                piece.clear();
             }
         }
+        open_beneath(dir.as_ref().unwrap_or(&self.root), &piece, flags, mode)
     }
 
     /// The directory holding `rel`, and `rel`'s last name.
