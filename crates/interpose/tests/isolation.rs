@@ -6959,6 +6959,73 @@ print(os.read(f, 100).decode())
     }
 }
 
+/// BACKING's file system's limits hold on the isolated mount as they do on it: a file
+/// size past its largest (EFBIG), a link past its most (EMLINK), times outside its range
+/// (clamped, as it stores them). The view took all three; the commit then stopped at the
+/// first, and the mount showed times BACKING did not get.
+#[test]
+fn the_backing_file_systems_limits_hold_on_an_isolated_mount() {
+    let script = r#"
+import errno, os, sys
+d = sys.argv[1]
+def res(f):
+    try:
+        f()
+        return 'ok'
+    except OSError as e:
+        return errno.errorcode[e.errno]
+fd = os.open(os.path.join(d, 'big'), os.O_CREAT | os.O_WRONLY, 0o644)
+out = [res(lambda: os.pwrite(fd, b'x', (1 << 44) + 4096)), res(lambda: os.ftruncate(fd, 1 << 60))]
+os.close(fd)
+p = os.path.join(d, 'times')
+open(p, 'w').close()
+os.utime(p, ns=(-10**19, 2**34 * 10**9))
+st = os.stat(p)
+out.append(f'{st.st_atime_ns} {st.st_mtime_ns}')
+for i in range(2):
+    out.append(res(lambda: os.link(os.path.join(d, 'links/many'), os.path.join(d, f'extra{i}'))))
+print(' '.join(out))
+"#;
+    let d = dirs();
+    for side in ["native", "iso"] {
+        let links = d.backing.join(side).join("links");
+        fs::create_dir_all(&links).unwrap();
+        fs::write(links.join("many"), b"").unwrap();
+        // 64,999 links: the file systems with a lower limit than this are not BACKINGs.
+        for i in 1..64_999 {
+            fs::hard_link(links.join("many"), links.join(i.to_string())).unwrap();
+        }
+    }
+    let run = |dir: &Path| {
+        let out = output(Command::new(python()).arg("-c").arg(script).arg(dir));
+        assert!(out.status.success(), "{dir:?}: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let native = run(&d.backing.join("native"));
+    let m = d.mount();
+    assert_eq!(
+        run(&d.mnt.join("iso")),
+        native,
+        "the mount, as BACKING's file system"
+    );
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(
+        fs::metadata(d.backing.join("iso/links/many"))
+            .unwrap()
+            .nlink(),
+        fs::metadata(d.backing.join("native/links/many"))
+            .unwrap()
+            .nlink(),
+        "committed"
+    );
+    let times = |side: &str| {
+        let md = fs::metadata(d.backing.join(side).join("times")).unwrap();
+        (md.atime(), md.mtime())
+    };
+    assert_eq!(times("iso"), times("native"), "committed");
+}
+
 /// A store on another file system than the backing directory (a tmpfs): commit copies
 /// the data across.
 #[test]

@@ -24,6 +24,9 @@ pub struct Backing {
     /// Its file system keeps an object's birth time for the object's life (see
     /// [`Backing::birth_of`]).
     stable_births: bool,
+    /// The most links a file may have there, where the file system has a limit a view
+    /// could pass (see [`Backing::link_max`]).
+    link_max: Option<u32>,
 }
 
 fn errno(e: rustix::io::Errno) -> io::Error {
@@ -67,15 +70,27 @@ impl Backing {
         let st = rustix::fs::fstat(&root)?;
         // (f_type's type differs between architectures.)
         #[allow(clippy::unnecessary_cast)]
-        let stable_births =
-            rustix::fs::fstatfs(&root).is_ok_and(|f| STABLE_BIRTHS.contains(&(f.f_type as i64)));
+        let f_type = rustix::fs::fstatfs(&root).map(|f| f.f_type as i64).ok();
+        let stable_births = f_type.is_some_and(|t| STABLE_BIRTHS.contains(&t));
+        let link_max = LINK_MAX
+            .iter()
+            .find(|(t, _)| Some(*t) == f_type)
+            .map(|(_, max)| *max);
         Ok(Backing {
             root,
             path: path.to_path_buf(),
             dev: st.st_dev,
             ino: st.st_ino,
             stable_births,
+            link_max,
         })
+    }
+
+    /// The most links a file may have on BACKING's file system, where that is few enough
+    /// for a view to pass (ext4 65,000, Btrfs 65,535): a link the view took beyond it
+    /// would stop the commit (EMLINK).
+    pub fn link_max(&self) -> Option<u32> {
+        self.link_max
     }
 
     pub fn path(&self) -> &Path {
@@ -253,6 +268,9 @@ const STABLE_BIRTHS: [i64; 6] = [
     0xF2F5_2010,
     0xCA45_1A4E,
 ];
+
+/// File systems (statfs f_type) and the most links they let a file have.
+const LINK_MAX: [(i64, u32); 2] = [(0xEF53, 65_000), (0x9123_683E, 65_535)];
 
 /// What [`Backing::statx`] asks for: lstat's fields and the birth time.
 pub fn statx_at(

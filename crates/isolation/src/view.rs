@@ -31,6 +31,9 @@ use crate::Error;
 
 pub const ROOT: u64 = 1;
 const FIRST_NEW_ID: u64 = 1 << 62;
+/// Sizes past which a change of data asks whether BACKING's file system takes a file that
+/// large (see [`XattrProbes::size_fits`]): every one it takes is larger.
+const SIZE_PROBED_FROM: u64 = 1 << 40;
 
 pub type Res<T> = Result<T, i32>;
 
@@ -2175,6 +2178,12 @@ impl View {
             return Err(libc::EPERM);
         }
         self.check_new_name(parent, name)?;
+        // As BACKING's file system would refuse it: recorded, it would stop the commit.
+        if let Some(max) = self.backing.link_max() {
+            if self.attr(id)?.nlink >= max {
+                return Err(libc::EMLINK);
+            }
+        }
         let change = Change::Link {
             from: self.node_path(id)?,
             to: self.child_path(parent, name)?,
@@ -2309,6 +2318,12 @@ impl View {
         atime: Option<Time>,
         mtime: Option<Time>,
     ) -> Res<()> {
+        // As BACKING's file system will hold them (its range, its precision).
+        let stored = |t: Option<Time>| match (&self.xattr_probe, t) {
+            (Some(probe), Some(t)) => Some(probe.stored_time(t)),
+            _ => t,
+        };
+        let (atime, mtime) = (stored(atime), stored(mtime));
         let change = |path| Change::Attr {
             path,
             mode,
@@ -2677,6 +2692,11 @@ impl View {
     }
 
     fn data_change(&mut self, id: u64, size: u64, runs: Vec<Run>, data: &[&[u8]]) -> Res<()> {
+        if size > SIZE_PROBED_FROM {
+            if let Some(probe) = &self.xattr_probe {
+                probe.size_fits(size)?;
+            }
+        }
         let change = Change::Data {
             path: self.name_of(id).map(|p| RawPath::from_path(&p)),
             size,
@@ -3432,7 +3452,8 @@ pub struct Orphan(Node);
 
 /// Objects on which the view tries extended attributes before it records them, so that it
 /// refuses what the file system a commit sets them on would (a namespace it lacks, a value
-/// or a set too large), whichever file system holds the store.
+/// or a set too large), whichever file system holds the store; and file sizes and times
+/// (see [`XattrProbes::size_fits`], [`XattrProbes::stored_time`]).
 pub struct XattrProbes {
     /// An unnamed file on BACKING's file system, or (no `O_TMPFILE` there) one in the store.
     file: File,
@@ -3457,6 +3478,43 @@ impl XattrProbes {
             file,
             dir: File::open(dir_path)?,
         })
+    }
+
+    /// EFBIG if a file of `size` bytes is past what the file system the commit writes
+    /// takes (ext4: 16 TiB), as that file system would say at the write or truncation:
+    /// recorded, it would stop the commit. Tried on the unnamed probe file, which stays
+    /// empty (a size costs no blocks).
+    pub fn size_fits(&self, size: u64) -> Res<()> {
+        match self.file.set_len(size) {
+            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Err(libc::EFBIG),
+            // Only the size limit is asked here.
+            _ => {
+                let _ = self.file.set_len(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// The time `t` as the file system the commit writes stores it: clamped to its range,
+    /// cut to its precision (ext4 with small inodes keeps 1901 to 2038, whole seconds), so
+    /// that the mount shows before the commit what BACKING has after it. `t` itself where
+    /// the probe fails.
+    pub fn stored_time(&self, t: Time) -> Time {
+        let ts = rustix::fs::Timespec {
+            tv_sec: t.0,
+            tv_nsec: t.1 as _,
+        };
+        let times = rustix::fs::Timestamps {
+            last_access: ts,
+            last_modification: ts,
+        };
+        if rustix::fs::futimens(&self.file, &times).is_err() {
+            return t;
+        }
+        match rustix::fs::fstat(&self.file) {
+            Ok(st) => (st.st_mtime, st.st_mtime_nsec as u32),
+            Err(_) => t,
+        }
     }
 }
 
