@@ -366,6 +366,8 @@ pub struct View {
     /// Node of each backing object the view knows, by (device, inode number).
     by_ino: HashMap<(u64, u64), u64>,
     next_new: u64,
+    /// A number for each device other than BACKING's met so far (see [`View::derived_id`]).
+    device_slots: HashMap<u64, u64>,
     /// Journal appends not yet made durable.
     pub unsynced: bool,
     /// Unchanged directories the kernel forgot: dropped by [`View::sweep_dirs`] once no
@@ -503,6 +505,7 @@ impl View {
             nodes,
             by_ino,
             next_new: FIRST_NEW_ID,
+            device_slots: HashMap::new(),
             unsynced: false,
             dir_candidates: HashSet::new(),
             sweep_at: SWEEP_MIN,
@@ -542,6 +545,34 @@ impl View {
     }
 
     /// New nodes are numbered from here (a rebuilt view continues the old numbering).
+    /// Numbers the objects of other devices (file systems mounted inside BACKING) as `v`
+    /// does, for a view rebuilt from `v`'s store (see [`View::derived_id`]).
+    pub fn keep_device_slots_of(&mut self, v: &View) {
+        self.device_slots = v.device_slots.clone();
+    }
+
+    /// The number of object `ino` of device `dev`, not BACKING's (a file system mounted
+    /// inside it), which numbers its inodes itself: the top bit, a number for the device,
+    /// and `ino`, so the object keeps it while the mount lasts, also after the kernel
+    /// forgot it (programs compare inode numbers). None for an inode number too large to
+    /// fit, or past 32,767 devices: such an object gets a number of its own.
+    fn derived_id(&mut self, dev: u64, ino: u64) -> Option<u64> {
+        const SLOT_SHIFT: u32 = 47;
+        if ino >> SLOT_SHIFT != 0 {
+            return None;
+        }
+        let next = self.device_slots.len() as u64 + 1;
+        let slot = match self.device_slots.get(&dev) {
+            Some(&slot) => slot,
+            None if next < 1 << (63 - SLOT_SHIFT) => {
+                self.device_slots.insert(dev, next);
+                next
+            }
+            None => return None,
+        };
+        Some(1 << 63 | slot << SLOT_SHIFT | ino)
+    }
+
     pub fn set_next_new(&mut self, next: u64) {
         self.next_new = self.next_new.max(next);
     }
@@ -742,12 +773,17 @@ impl View {
             n.detached = true;
             self.by_ino.remove(&key);
         }
-        let mut id = key.1;
+        let other_device = key.0 != self.backing.dev();
+        let mut id = if other_device {
+            self.derived_id(key.0, key.1).unwrap_or(ROOT)
+        } else {
+            key.1
+        };
         let taken = self.nodes.contains_key(&id) || self.stale.contains_key(&id);
-        if id == ROOT || id >= FIRST_NEW_ID || taken {
+        if id == ROOT || (!other_device && id >= FIRST_NEW_ID) || taken {
             // Not numbered by its inode number: the number is still taken by a node of a
-            // removed object that the kernel has not forgotten yet, or by an object of
-            // another file system mounted in BACKING (which numbers its inodes itself).
+            // removed object that the kernel has not forgotten yet, or is one the view
+            // keeps for others.
             id = self.next_new;
             self.next_new += 1;
         }
