@@ -286,19 +286,10 @@ fn inode_numbers_are_the_backing_inode_numbers() {
 /// took every directory there for renamed, git's index every file for changed.
 #[test]
 fn inode_numbers_on_a_submount_stay_after_the_kernel_forgets_them() {
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let m = Mount::new(&[]);
     let sub = m.backing.join("sub");
     fs::create_dir(&sub).unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "none"])
-        .arg(&sub));
-    let _unmount = Unmount(sub.clone());
+    let _tmpfs = Tmpfs::mount(&sub, 1);
     fs::create_dir(m.mnt.join("sub/d")).unwrap();
     fs::write(m.mnt.join("sub/a"), b"x").unwrap();
     fs::hard_link(m.mnt.join("sub/a"), m.mnt.join("sub/d/b")).unwrap();

@@ -640,16 +640,7 @@ fn a_full_disk_gives_a_clear_error_and_no_partial_image() {
     let d = t.path();
     let small = d.join("small");
     fs::create_dir(&small).unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&small));
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(small.clone());
+    let _tmpfs = Tmpfs::mount(&small, 1);
     let src = d.join("random.raw");
     fs::write(&src, random(4 << 20, 11)).unwrap();
     let out = small.join("out.img");

@@ -6987,7 +6987,11 @@ for i in range(2):
 print(' '.join(out))
 "#;
     let d = dirs();
-    for side in ["native", "iso"] {
+    // And a tmpfs mounted inside BACKING, whose own limits (none of the three) hold there.
+    let sub = d.backing.join("sub");
+    fs::create_dir(&sub).unwrap();
+    let _tmpfs = Tmpfs::mount(&sub, 16);
+    for side in ["native", "iso", "sub/native", "sub/iso"] {
         let links = d.backing.join(side).join("links");
         fs::create_dir_all(&links).unwrap();
         fs::write(links.join("many"), b"").unwrap();
@@ -7002,11 +7006,21 @@ print(' '.join(out))
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let native = run(&d.backing.join("native"));
+    let sub_native = run(&d.backing.join("sub/native"));
+    assert_ne!(
+        native, sub_native,
+        "the test needs file systems with other limits"
+    );
     let m = d.mount();
     assert_eq!(
         run(&d.mnt.join("iso")),
         native,
         "the mount, as BACKING's file system"
+    );
+    assert_eq!(
+        run(&d.mnt.join("sub/iso")),
+        sub_native,
+        "the mount, as the file system mounted inside BACKING"
     );
     m.stop();
     commit(&d.store, None);
@@ -7033,21 +7047,12 @@ print(' '.join(out))
 /// the kernel looked up first since it last forgot them.
 #[test]
 fn inode_numbers_on_submounts_stay_on_an_isolated_mount() {
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
     let d = dirs();
-    let mut unmount = Vec::new();
+    let mut tmpfs = Vec::new();
     for sub in ["one", "two"] {
         let sub = d.backing.join(sub);
         fs::create_dir(&sub).unwrap();
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=1m", "none"])
-            .arg(&sub));
-        unmount.push(Unmount(sub.clone()));
+        tmpfs.push(Tmpfs::mount(&sub, 1));
         fs::create_dir(sub.join("d")).unwrap();
         fs::write(sub.join("a"), b"x").unwrap();
         fs::hard_link(sub.join("a"), sub.join("d/b")).unwrap();
@@ -7071,6 +7076,35 @@ fn inode_numbers_on_submounts_stay_on_an_isolated_mount() {
         assert_eq!(again, first, "{step}");
     }
     m.stop();
+}
+
+/// A BACKING whose largest file is small (ext2 with 1 KiB blocks: about 16 GiB): a
+/// truncation past it gets EFBIG on the isolated mount as it does there. The view asked
+/// only past 1 TiB, took it, and the commit stopped there.
+#[test]
+fn a_small_largest_file_size_holds_on_an_isolated_mount() {
+    let small = LoopFs::made_by(64, &["mkfs.ext2", "-q", "-F", "-b", "1024"]);
+    let d = dirs();
+    let backing = small.dir.join("backing");
+    fs::create_dir(&backing).unwrap();
+    let native = File::create(backing.join("native")).unwrap();
+    assert_eq!(
+        native.set_len(20 << 30).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EFBIG)),
+        "the file system under the test"
+    );
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&d.store)]);
+    let f = File::create(d.mnt.join("f")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    assert_eq!(
+        f.set_len(20 << 30).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EFBIG)),
+        "the mount"
+    );
+    drop(f);
+    m.stop();
+    commit(&d.store, None);
+    assert_eq!(fs::metadata(backing.join("f")).unwrap().len(), 1 << 30);
 }
 
 /// A store on another file system than the backing directory (a tmpfs): commit copies

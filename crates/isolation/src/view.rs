@@ -30,10 +30,9 @@ use crate::journal::{self, Journal, Record};
 use crate::Error;
 
 pub const ROOT: u64 = 1;
+/// Directories [`View::on_backing_fs`] goes up through at most.
+const MAX_DEPTH_WALKED: usize = 4096;
 const FIRST_NEW_ID: u64 = 1 << 62;
-/// Sizes past which a change of data asks whether BACKING's file system takes a file that
-/// large (see [`XattrProbes::size_fits`]): every one it takes is larger.
-const SIZE_PROBED_FROM: u64 = 1 << 40;
 
 pub type Res<T> = Result<T, i32>;
 
@@ -545,6 +544,25 @@ impl View {
     }
 
     /// New nodes are numbered from here (a rebuilt view continues the old numbering).
+    /// Whether node `id` is (or, made in the view, will be) on BACKING's own file system,
+    /// not on one mounted inside it: the probes answer for that one only.
+    fn on_backing_fs(&self, id: u64) -> bool {
+        let mut id = id;
+        for _ in 0..MAX_DEPTH_WALKED {
+            let Some(n) = self.nodes.get(&id) else {
+                return true;
+            };
+            if n.backing_ino.is_some() || id == ROOT {
+                return n.backing_dev == self.backing.dev();
+            }
+            match n.links.first() {
+                Some(&(parent, _)) => id = parent,
+                None => return true,
+            }
+        }
+        true
+    }
+
     /// Numbers the objects of other devices (file systems mounted inside BACKING) as `v`
     /// does, for a view rebuilt from `v`'s store (see [`View::derived_id`]).
     pub fn keep_device_slots_of(&mut self, v: &View) {
@@ -2215,7 +2233,7 @@ impl View {
         }
         self.check_new_name(parent, name)?;
         // As BACKING's file system would refuse it: recorded, it would stop the commit.
-        if let Some(max) = self.backing.link_max() {
+        if let Some(max) = self.backing.link_max().filter(|_| self.on_backing_fs(id)) {
             if self.attr(id)?.nlink >= max {
                 return Err(libc::EMLINK);
             }
@@ -2355,7 +2373,8 @@ impl View {
         mtime: Option<Time>,
     ) -> Res<()> {
         // As BACKING's file system will hold them (its range, its precision).
-        let stored = |t: Option<Time>| match (&self.xattr_probe, t) {
+        let probe = self.xattr_probe.clone().filter(|_| self.on_backing_fs(id));
+        let stored = |t: Option<Time>| match (&probe, t) {
             (Some(probe), Some(t)) => Some(probe.stored_time(t)),
             _ => t,
         };
@@ -2728,10 +2747,8 @@ impl View {
     }
 
     fn data_change(&mut self, id: u64, size: u64, runs: Vec<Run>, data: &[&[u8]]) -> Res<()> {
-        if size > SIZE_PROBED_FROM {
-            if let Some(probe) = &self.xattr_probe {
-                probe.size_fits(size)?;
-            }
+        if let Some(probe) = self.xattr_probe.clone().filter(|_| self.on_backing_fs(id)) {
+            probe.size_fits(size)?;
         }
         let change = Change::Data {
             path: self.name_of(id).map(|p| RawPath::from_path(&p)),
@@ -3496,14 +3513,18 @@ pub struct XattrProbes {
     /// A directory in the store, for default ACLs, which only directories take: BACKING
     /// gets no directory of the view's.
     dir: File,
+    /// `file` is on BACKING's file system, so it may answer for sizes and times there.
+    on_backing: bool,
+    /// Sizes up to this one fit there (asked before).
+    fits_up_to: std::sync::atomic::AtomicU64,
 }
 
 impl XattrProbes {
     /// The probes for `backing`, made in `store_dir` where they cannot be made there.
     pub fn new(backing: &Path, store_dir: &Path) -> std::io::Result<XattrProbes> {
-        let file = match unnamed_file_only(backing) {
-            Ok(f) => f,
-            Err(_) => unnamed_file(store_dir)?,
+        let (file, on_backing) = match unnamed_file_only(backing) {
+            Ok(f) => (f, true),
+            Err(_) => (unnamed_file(store_dir)?, false),
         };
         let dir_path = store_dir.join("xattr-probe.d");
         match std::fs::create_dir(&dir_path) {
@@ -3513,29 +3534,47 @@ impl XattrProbes {
         Ok(XattrProbes {
             file,
             dir: File::open(dir_path)?,
+            on_backing,
+            fits_up_to: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// EFBIG if a file of `size` bytes is past what the file system the commit writes
-    /// takes (ext4: 16 TiB), as that file system would say at the write or truncation:
+    /// EFBIG if a file of `size` bytes is past what BACKING's file system takes (ext4
+    /// 16 TiB, ext2 with 1 KiB blocks 16 GiB), as it would say at the write or truncation:
     /// recorded, it would stop the commit. Tried on the unnamed probe file, which stays
-    /// empty (a size costs no blocks).
+    /// empty (a size costs no blocks), with the next power of two first, so that growing
+    /// files ask rarely. Not asked where the probe file is in the store.
     pub fn size_fits(&self, size: u64) -> Res<()> {
-        match self.file.set_len(size) {
-            Err(e) if e.raw_os_error() == Some(libc::EFBIG) => Err(libc::EFBIG),
-            // Only the size limit is asked here.
-            _ => {
-                let _ = self.file.set_len(0);
-                Ok(())
-            }
+        use std::sync::atomic::Ordering;
+        if !self.on_backing || size <= self.fits_up_to.load(Ordering::Relaxed) {
+            return Ok(());
         }
+        let fits = |len: u64| {
+            let res = self.file.set_len(len);
+            let _ = self.file.set_len(0);
+            // Only the size limit is asked here.
+            !matches!(res, Err(e) if e.raw_os_error() == Some(libc::EFBIG))
+        };
+        let rounded = size
+            .checked_next_power_of_two()
+            .filter(|&r| r <= i64::MAX as u64);
+        let ok = match rounded {
+            Some(r) if fits(r) => r,
+            _ if fits(size) => size,
+            _ => return Err(libc::EFBIG),
+        };
+        self.fits_up_to.fetch_max(ok, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The time `t` as the file system the commit writes stores it: clamped to its range,
     /// cut to its precision (ext4 with small inodes keeps 1901 to 2038, whole seconds), so
     /// that the mount shows before the commit what BACKING has after it. `t` itself where
-    /// the probe fails.
+    /// the probe fails or is in the store.
     pub fn stored_time(&self, t: Time) -> Time {
+        if !self.on_backing {
+            return t;
+        }
         let ts = rustix::fs::Timespec {
             tv_sec: t.0,
             tv_nsec: t.1 as _,

@@ -450,6 +450,16 @@ impl LoopFs {
     }
 
     fn make(mib: u64, journal: bool) -> LoopFs {
+        let features = if journal {
+            "has_journal"
+        } else {
+            "^has_journal"
+        };
+        LoopFs::made_by(mib, &["mkfs.ext4", "-q", "-F", "-O", features])
+    }
+
+    /// A file system of `mib` MiB made by the command `mkfs` (the image comes last).
+    pub fn made_by(mib: u64, mkfs: &[&str]) -> LoopFs {
         let tmp = tempfile::Builder::new()
             .prefix("interpose-test-loop-")
             .tempdir_in(test_root())
@@ -459,14 +469,7 @@ impl LoopFs {
             .unwrap()
             .set_len(mib << 20)
             .unwrap();
-        let features = if journal {
-            "has_journal"
-        } else {
-            "^has_journal"
-        };
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-O", features])
-            .arg(&image));
+        run(Command::new(mkfs[0]).args(&mkfs[1..]).arg(&image));
         let dev = PathBuf::from(
             run(Command::new("losetup")
                 .args(["--find", "--show"])
@@ -607,4 +610,23 @@ pub fn iso(sub: &str, store: &Path, extra: &[&str]) -> String {
         .args(["isolation", sub])
         .arg(store)
         .args(extra))
+}
+
+/// A tmpfs of `mib` MiB mounted on the existing directory `dir` (inside a test's BACKING,
+/// say), unmounted when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, mib: u64) -> Tmpfs {
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "none"])
+            .arg(dir));
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
 }
