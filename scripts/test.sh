@@ -17,6 +17,9 @@ echo "== cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --workspace --all-targets --locked -q -- -D warnings
 echo "== tests" >&2
 # The harness notes every mount's life here; shown below for anything left behind.
+# Tests make their directories here (interpose-test-*) and must take them away again.
+TEST_DIR_ROOT="${INTERPOSE_TEST_DIR:-${TMPDIR:-/tmp}}"
+dirs_before="$(find "$TEST_DIR_ROOT" -maxdepth 1 -type d -name 'interpose-test-*' | sort)"
 INTERPOSE_TEST_EVENTS="$(mktemp /tmp/interpose-test-events.XXXXXX)"
 export INTERPOSE_TEST_EVENTS
 status=0
@@ -71,6 +74,14 @@ if [ -n "$loops" ]; then
     leftover=1
     echo "test: loop devices left behind: $loops" >&2
     for l in $loops; do losetup -d "$l" || true; done
+fi
+dirs_after="$(find "$TEST_DIR_ROOT" -maxdepth 1 -type d -name 'interpose-test-*' | sort)"
+left_dirs="$(comm -13 <(echo "$dirs_before") <(echo "$dirs_after") | grep . || true)"
+if [ -n "$left_dirs" ]; then
+    leftover=1
+    echo "test: test directories left behind:" >&2
+    echo "$left_dirs" >&2
+    echo "$left_dirs" | while read -r d; do rm -rf --one-file-system -- "$d"; done
 fi
 rm -f "$INTERPOSE_TEST_EVENTS"
 if [ "$status" != 0 ]; then

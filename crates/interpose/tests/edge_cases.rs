@@ -289,7 +289,7 @@ fn inode_numbers_on_a_submount_stay_after_the_kernel_forgets_them() {
     let m = Mount::new(&[]);
     let sub = m.backing.join("sub");
     fs::create_dir(&sub).unwrap();
-    let _tmpfs = Tmpfs::mount(&sub, 1);
+    let tmpfs = Tmpfs::mount(&sub, 1);
     fs::create_dir(m.mnt.join("sub/d")).unwrap();
     fs::write(m.mnt.join("sub/a"), b"x").unwrap();
     fs::hard_link(m.mnt.join("sub/a"), m.mnt.join("sub/d/b")).unwrap();
@@ -304,6 +304,8 @@ fn inode_numbers_on_a_submount_stay_after_the_kernel_forgets_them() {
     );
     let again = [ino("sub/d/b"), ino("sub/a"), ino("sub/d"), ino("sub")];
     assert_eq!(again, [first[1], first[0], first[2], first[3]]);
+    // Gone before the mount takes its directories away, `sub` among them.
+    drop(tmpfs);
     m.stop();
 }
 
