@@ -28,10 +28,41 @@ pub const ROOT_ID: u64 = 1;
 const SYNTHETIC: u64 = 1 << 63;
 /// Synthetic ids with this bit too are counted out one by one and forgotten with their
 /// node; those without it are derived from the object's device and inode number (see
-/// [`Table::derived_id`]), and stay the object's while the daemon runs.
+/// [`DeviceNumbers`]), and stay the object's while the daemon runs.
 const COUNTED: u64 = 1 << 62;
 /// A derived id is the device's slot above this bit, the inode number below it.
 const SLOT_SHIFT: u32 = 47;
+
+/// Node ids for objects of file systems mounted inside BACKING, which number their inodes
+/// themselves: the top bit, a number for the device (in the order devices are met), and
+/// the object's inode number, so an object keeps its id while the daemon runs, also after
+/// the kernel forgot it (programs compare inode numbers: hard links, `tar
+/// --listed-incremental`, git's index). Bit 62 stays clear, for ids counted out.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceNumbers {
+    slots: HashMap<u64, u64>,
+}
+
+impl DeviceNumbers {
+    /// The id of object `ino` of device `dev`. `add`: give the device a number if it has
+    /// none. None for an inode number too large to fit, or past 32,767 devices: such an
+    /// object needs an id of another kind.
+    pub fn id(&mut self, dev: u64, ino: u64, add: bool) -> Option<u64> {
+        if ino >> SLOT_SHIFT != 0 {
+            return None;
+        }
+        let next = self.slots.len() as u64 + 1;
+        let slot = match self.slots.get(&dev) {
+            Some(&slot) => slot,
+            None if add && next < 1 << (62 - SLOT_SHIFT) => {
+                self.slots.insert(dev, next);
+                next
+            }
+            None => return None,
+        };
+        Some(SYNTHETIC | slot << SLOT_SHIFT | ino)
+    }
+}
 
 /// Where a node's backing object can be found again.
 #[derive(Debug)]
@@ -97,8 +128,8 @@ struct Table {
     nodes: HashMap<u64, Node>,
     synthetic_ids: HashMap<(u64, u64), u64>,
     next_synthetic: u64,
-    /// A number for each device other than the root's met so far (see `derived_id`).
-    device_slots: HashMap<u64, u64>,
+    /// Ids of objects of devices other than the root's.
+    devices: DeviceNumbers,
 }
 
 impl Table {
@@ -109,28 +140,6 @@ impl Table {
         self.next_synthetic += 1;
         self.synthetic_ids.insert((dev, ino), id);
         id
-    }
-
-    /// The id of the object `ino` on device `dev`, not the root's (a file system mounted
-    /// inside BACKING): the device's slot and the inode number, so the object keeps it
-    /// after the kernel forgot it, as on the device itself (programs compare inode numbers:
-    /// hard links, `tar --listed-incremental`, git's index). `add`: give the device a slot
-    /// if it has none. None for an inode number too large to fit, or past 32,767 devices:
-    /// such an object gets a counted id.
-    fn derived_id(&mut self, dev: u64, ino: u64, add: bool) -> Option<u64> {
-        if ino >> SLOT_SHIFT != 0 {
-            return None;
-        }
-        let next = self.device_slots.len() as u64 + 1;
-        let slot = match self.device_slots.get(&dev) {
-            Some(&slot) => slot,
-            None if add && next < 1 << (62 - SLOT_SHIFT) => {
-                self.device_slots.insert(dev, next);
-                next
-            }
-            None => return None,
-        };
-        Some(SYNTHETIC | slot << SLOT_SHIFT | ino)
     }
 }
 
@@ -289,7 +298,7 @@ impl Inodes {
             if ino != ROOT_ID && ino & SYNTHETIC == 0 {
                 return ino;
             }
-        } else if let Some(id) = table.derived_id(dev, ino, true) {
+        } else if let Some(id) = table.devices.id(dev, ino, true) {
             return id;
         }
         table.new_synthetic(dev, ino)
@@ -465,7 +474,7 @@ impl Inodes {
             Some(id) => *id,
             None if dev == self.root_dev && ino & SYNTHETIC == 0 && ino != ROOT_ID => ino,
             None if dev == self.root_dev => return,
-            None => match table.derived_id(dev, ino, false) {
+            None => match table.devices.id(dev, ino, false) {
                 Some(id) => id,
                 None => return,
             },

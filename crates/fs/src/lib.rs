@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 use parking_lot::Mutex;
 
 pub use fs::{served_directly, served_open_flags, write_must_sync, FilterFs, Options};
+pub use inode::DeviceNumbers;
 pub use sys::return_free_memory;
 
 /// What to mount where.

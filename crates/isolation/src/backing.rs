@@ -526,40 +526,17 @@ pub fn apply(
         | Change::SetXattr { path: None, .. }
         | Change::RemoveXattr { path: None, .. } => Ok(()),
         Change::Attr {
-            path: Some(path),
-            mode,
-            uid,
-            gid,
-            atime,
-            mtime,
+            path: Some(path), ..
+        }
+        | Change::SetXattr {
+            path: Some(path), ..
+        }
+        | Change::RemoveXattr {
+            path: Some(path), ..
         } => {
             // Through an O_PATH descriptor, so the root ("") works like any path.
             let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
-            set_attrs(&fd, *mode, *uid, *gid, *atime, *mtime)
-        }
-        Change::SetXattr {
-            path: Some(path),
-            name,
-            value,
-        } => {
-            let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
-            rustix::fs::setxattr(
-                proc_path(&fd),
-                name.as_path().as_os_str(),
-                value,
-                rustix::fs::XattrFlags::empty(),
-            )
-            .map_err(errno)
-        }
-        Change::RemoveXattr {
-            path: Some(path),
-            name,
-        } => {
-            let fd = backing.open_at(&p(path), OFlags::PATH, 0)?;
-            match rustix::fs::removexattr(proc_path(&fd), name.as_path().as_os_str()) {
-                Ok(()) | Err(rustix::io::Errno::NODATA) => Ok(()),
-                Err(e) => Err(errno(e)),
-            }
+            apply_to_fd(&fd, change)
         }
     }
 }
@@ -569,14 +546,27 @@ pub fn apply(
 /// attributes or xattrs. The path the change names, if any, is not used. Creations and
 /// changes of names have no object to be made to, and are refused (EINVAL).
 pub fn apply_to_object(file: &File, change: &Change, data: &[&[u8]]) -> io::Result<()> {
-    let proc = proc_path(file);
     match change {
         Change::Data { size, runs, .. } => {
             // Opened for writing only while the change is made: held, the descriptor
             // would keep the file's other names from being run (ETXTBSY).
-            let f = std::fs::OpenOptions::new().write(true).open(&proc)?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(proc_path(file))?;
             write_data(&f, *size, runs, data)
         }
+        _ => apply_to_fd(file, change),
+    }
+}
+
+/// Makes a change of attributes or xattrs to the object `fd` is open on (`O_PATH` will
+/// do); the path the change names is not used. Any other change: EINVAL.
+fn apply_to_fd(
+    fd: &(impl std::os::fd::AsFd + std::os::fd::AsRawFd),
+    change: &Change,
+) -> io::Result<()> {
+    let proc = proc_path(fd);
+    match change {
         Change::Attr {
             mode,
             uid,
@@ -584,7 +574,34 @@ pub fn apply_to_object(file: &File, change: &Change, data: &[&[u8]]) -> io::Resu
             atime,
             mtime,
             ..
-        } => set_attrs(file, *mode, *uid, *gid, *atime, *mtime),
+        } => {
+            // Owner first (chown drops set-ID bits), then mode, then times.
+            if uid.is_some() || gid.is_some() {
+                rustix::fs::chownat(
+                    fd,
+                    "",
+                    uid.map(rustix::fs::Uid::from_raw),
+                    gid.map(rustix::fs::Gid::from_raw),
+                    AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(errno)?;
+            }
+            if let Some(mode) = mode {
+                let st = rustix::fs::fstat(fd).map_err(errno)?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                    rustix::fs::chmod(&proc, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
+                }
+            }
+            if atime.is_some() || mtime.is_some() {
+                let times = Timestamps {
+                    last_access: timespec(*atime),
+                    last_modification: timespec(*mtime),
+                };
+                rustix::fs::utimensat(rustix::fs::CWD, &proc, &times, AtFlags::empty())
+                    .map_err(errno)?;
+            }
+            Ok(())
+        }
         Change::SetXattr { name, value, .. } => rustix::fs::setxattr(
             &proc,
             name.as_path().as_os_str(),
@@ -658,43 +675,6 @@ fn write_data(f: &File, size: u64, runs: &[crate::change::Run], data: &[&[u8]]) 
             rustix::fs::fsetxattr(f, CAPABILITY, &caps, rustix::fs::XattrFlags::CREATE)
                 .map_err(errno)?;
         }
-    }
-    Ok(())
-}
-
-/// Sets what a [`Change::Attr`] sets on the object `fd` is open on (`O_PATH` will do):
-/// owner first (chown drops set-ID bits), then mode, then times.
-fn set_attrs(
-    fd: &(impl std::os::fd::AsFd + std::os::fd::AsRawFd),
-    mode: Option<u32>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    atime: Option<crate::change::Time>,
-    mtime: Option<crate::change::Time>,
-) -> io::Result<()> {
-    let proc = proc_path(fd);
-    if uid.is_some() || gid.is_some() {
-        rustix::fs::chownat(
-            fd,
-            "",
-            uid.map(rustix::fs::Uid::from_raw),
-            gid.map(rustix::fs::Gid::from_raw),
-            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(errno)?;
-    }
-    if let Some(mode) = mode {
-        let st = rustix::fs::fstat(fd).map_err(errno)?;
-        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
-            rustix::fs::chmod(&proc, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)?;
-        }
-    }
-    if atime.is_some() || mtime.is_some() {
-        let times = Timestamps {
-            last_access: timespec(atime),
-            last_modification: timespec(mtime),
-        };
-        rustix::fs::utimensat(rustix::fs::CWD, &proc, &times, AtFlags::empty()).map_err(errno)?;
     }
     Ok(())
 }

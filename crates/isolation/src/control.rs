@@ -344,7 +344,7 @@ fn rebuild(
     let mut fresh = View::new(v.backing.clone(), journal)?;
     // New nodes must not take numbers the kernel still holds for others.
     fresh.set_next_new(v.next_new());
-    fresh.keep_device_slots_of(v);
+    fresh.keep_device_numbers_of(v);
     fresh.keep_stale_of(v);
     fresh.mode = v.mode.clone();
     fresh.replay(&records)?;

@@ -365,8 +365,8 @@ pub struct View {
     /// Node of each backing object the view knows, by (device, inode number).
     by_ino: HashMap<(u64, u64), u64>,
     next_new: u64,
-    /// A number for each device other than BACKING's met so far (see [`View::derived_id`]).
-    device_slots: HashMap<u64, u64>,
+    /// Numbers of objects of devices other than BACKING's (file systems mounted inside it).
+    devices: interpose_fs::DeviceNumbers,
     /// Journal appends not yet made durable.
     pub unsynced: bool,
     /// Unchanged directories the kernel forgot: dropped by [`View::sweep_dirs`] once no
@@ -504,7 +504,7 @@ impl View {
             nodes,
             by_ino,
             next_new: FIRST_NEW_ID,
-            device_slots: HashMap::new(),
+            devices: Default::default(),
             unsynced: false,
             dir_candidates: HashSet::new(),
             sweep_at: SWEEP_MIN,
@@ -564,31 +564,9 @@ impl View {
     }
 
     /// Numbers the objects of other devices (file systems mounted inside BACKING) as `v`
-    /// does, for a view rebuilt from `v`'s store (see [`View::derived_id`]).
-    pub fn keep_device_slots_of(&mut self, v: &View) {
-        self.device_slots = v.device_slots.clone();
-    }
-
-    /// The number of object `ino` of device `dev`, not BACKING's (a file system mounted
-    /// inside it), which numbers its inodes itself: the top bit, a number for the device,
-    /// and `ino`, so the object keeps it while the mount lasts, also after the kernel
-    /// forgot it (programs compare inode numbers). None for an inode number too large to
-    /// fit, or past 32,767 devices: such an object gets a number of its own.
-    fn derived_id(&mut self, dev: u64, ino: u64) -> Option<u64> {
-        const SLOT_SHIFT: u32 = 47;
-        if ino >> SLOT_SHIFT != 0 {
-            return None;
-        }
-        let next = self.device_slots.len() as u64 + 1;
-        let slot = match self.device_slots.get(&dev) {
-            Some(&slot) => slot,
-            None if next < 1 << (63 - SLOT_SHIFT) => {
-                self.device_slots.insert(dev, next);
-                next
-            }
-            None => return None,
-        };
-        Some(1 << 63 | slot << SLOT_SHIFT | ino)
+    /// does, for a view rebuilt from `v`'s store.
+    pub fn keep_device_numbers_of(&mut self, v: &View) {
+        self.devices = v.devices.clone();
     }
 
     pub fn set_next_new(&mut self, next: u64) {
@@ -793,7 +771,7 @@ impl View {
         }
         let other_device = key.0 != self.backing.dev();
         let mut id = if other_device {
-            self.derived_id(key.0, key.1).unwrap_or(ROOT)
+            self.devices.id(key.0, key.1, true).unwrap_or(ROOT)
         } else {
             key.1
         };
@@ -2747,8 +2725,10 @@ impl View {
     }
 
     fn data_change(&mut self, id: u64, size: u64, runs: Vec<Run>, data: &[&[u8]]) -> Res<()> {
-        if let Some(probe) = self.xattr_probe.clone().filter(|_| self.on_backing_fs(id)) {
-            probe.size_fits(size)?;
+        if let Some(probe) = &self.xattr_probe {
+            if self.on_backing_fs(id) {
+                probe.size_fits(size)?;
+            }
         }
         let change = Change::Data {
             path: self.name_of(id).map(|p| RawPath::from_path(&p)),
