@@ -7065,11 +7065,13 @@ fn inode_numbers_on_submounts_stay_on_an_isolated_mount() {
     assert_eq!(first[2], first[3], "hard links share a number");
     assert_ne!(first[0], first[2], "two objects, two numbers");
     fs::write(d.mnt.join("pending"), b"x").unwrap();
-    for step in ["forgotten", "committed and forgotten"] {
+    for step in ["forgotten", "forgotten and committed"] {
+        view_nodes_at_rest(&d.store);
         if step != "forgotten" {
+            // With nothing of the submounts held, the view the commit rebuilds meets
+            // their devices only at the lookups below, in the other order.
             commit(&d.store, None);
         }
-        view_nodes_at_rest(&d.store);
         // The other submount first this time.
         let mut again: Vec<u64> = names.iter().rev().map(|n| ino(n)).collect();
         again.reverse();
