@@ -265,6 +265,15 @@ fn deny_makes_a_subtree_read_only_and_hides_a_file() {
         fs::Permissions::from_mode(0o600),
     ));
     assert_eq!(fs::read(m.backing.join("docs/a")).unwrap(), b"doc");
+    // A copy out of the subtree only reads it (cp copies with copy_file_range).
+    let src = fs::File::open(m.mnt.join("docs/a")).unwrap();
+    let dst = fs::File::create(m.mnt.join("copy")).unwrap();
+    assert_eq!(
+        rustix::fs::copy_file_range(&src, None, &dst, None, 100),
+        Ok(3)
+    );
+    drop((src, dst));
+    assert_eq!(fs::read(m.mnt.join("copy")).unwrap(), b"doc");
 
     assert_eq!(
         fs::metadata(m.mnt.join("secret.txt")).unwrap_err().kind(),

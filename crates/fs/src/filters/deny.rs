@@ -85,6 +85,13 @@ impl OpSet {
         }
     }
 
+    /// Whether the set is about writing and `req` only reads its first path: a copy reads
+    /// its source and writes its destination, so copying out of a read-only subtree is
+    /// not a change of it (`cp` copies with copy_file_range).
+    fn spares_source(self, req: &Request) -> bool {
+        matches!(self, OpSet::Write) && req.op == Op::CopyFileRange
+    }
+
     /// Whether the set keeps callers from reading or seeing something, so that moving or
     /// linking the object to a name the rule does not cover would undo it.
     fn guards_content(self) -> bool {
@@ -235,12 +242,14 @@ impl Rule {
 
     fn matches(&self, req: &Request) -> bool {
         self.uid_ok(req)
-            && self.ops.iter().any(|o| o.matches(req))
-            && (self.matches_path(&req.path)
-                || req
-                    .path2
-                    .as_deref()
-                    .is_some_and(|p| self.matches_path(p) && req.op != Op::Symlink))
+            && self.ops.iter().any(|o| {
+                o.matches(req)
+                    && (self.matches_path(&req.path) && !o.spares_source(req)
+                        || req
+                            .path2
+                            .as_deref()
+                            .is_some_and(|p| self.matches_path(p) && req.op != Op::Symlink))
+            })
     }
 
     /// Whether moving or linking `from` to `to` would take an object this rule keeps the
@@ -418,6 +427,12 @@ mod tests {
             deny.before(&req(Op::Getattr, "/docs/a", 0)),
             Verdict::Continue
         );
+        let mut copy_out = req(Op::CopyFileRange, "/docs/a", 0);
+        copy_out.path2 = Some("/pub/a".into());
+        assert_eq!(deny.before(&copy_out), Verdict::Continue);
+        let mut copy_in = req(Op::CopyFileRange, "/pub/a", 0);
+        copy_in.path2 = Some("/docs/a".into());
+        assert_eq!(deny.before(&copy_in), Verdict::Deny(libc::EROFS));
         let mut open_ro = req(Op::Open, "/docs/a", 0);
         open_ro.flags = Some(libc::O_RDONLY);
         assert_eq!(deny.before(&open_ro), Verdict::Continue);
