@@ -60,6 +60,8 @@ pub enum AuditError {
 struct Pending {
     lines: Vec<u8>,
     closed: bool,
+    /// Producers have been told to wait for space since the writer last wrote.
+    holding: bool,
 }
 
 #[derive(Debug, Default)]
@@ -113,6 +115,14 @@ impl AuditSink {
         line.push(b'\n');
         let mut p = self.queue.pending.lock();
         while p.lines.len() >= MAX_QUEUED && !p.closed {
+            if !p.holding {
+                p.holding = true;
+                tracing::warn!(
+                    "audit log: {} MiB of records wait to be written; operations on the mount \
+                     wait for it (a second signal to the daemon stops it)",
+                    MAX_QUEUED >> 20
+                );
+            }
             self.queue.space.wait(&mut p);
         }
         if p.closed {
@@ -189,6 +199,7 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
         if !batch.is_empty() {
             match write_counting(&mut *out, &batch) {
                 Ok(()) => {
+                    queue.pending.lock().holding = false;
                     if failing {
                         tracing::info!(
                             "audit log writable again: the records kept meanwhile are written"

@@ -50,7 +50,7 @@ fn main() {
     let mounted = mount(MountConfig {
         backing: PathBuf::from(backing),
         mountpoint: PathBuf::from(&mountpoint),
-        chain,
+        chain: chain.into(),
         options: Options::default(),
     })
     .expect("mount");

@@ -253,7 +253,7 @@ fn reopen_flags(flags: i32, keep_direct: bool) -> OFlags {
 
 impl FilterFs {
     /// Opens the backing directory. `root` must be a directory.
-    pub fn new(backing: &Path, chain: Chain, opts: Options) -> std::io::Result<Self> {
+    pub fn new(backing: &Path, chain: Arc<Chain>, opts: Options) -> std::io::Result<Self> {
         let root = rustix::fs::open(
             backing,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -264,7 +264,7 @@ impl FilterFs {
         Ok(FilterFs {
             inodes,
             varies_by_caller: chain.may_vary_by_caller(),
-            chain: Arc::new(chain),
+            chain,
             blocking: BlockingPool::new(opts.blocking_threads),
             blocking_inline: AtomicUsize::new(0),
             opts,

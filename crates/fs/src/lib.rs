@@ -7,7 +7,7 @@
 //! let mounted = mount(MountConfig {
 //!     backing: "/srv/data".into(),
 //!     mountpoint: "/mnt/view".into(),
-//!     chain,
+//!     chain: chain.into(),
 //!     options: Options::default(),
 //! }).unwrap();
 //! // ... later, from any thread:
@@ -42,7 +42,9 @@ pub use sys::return_free_memory;
 pub struct MountConfig {
     pub backing: PathBuf,
     pub mountpoint: PathBuf,
-    pub chain: filter::Chain,
+    /// Shared, so the caller can still close the filters (flush an audit log) when it
+    /// stops without an unmount.
+    pub chain: std::sync::Arc<filter::Chain>,
     pub options: Options,
 }
 

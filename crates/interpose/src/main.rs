@@ -240,12 +240,12 @@ fn run(cli: Cli) -> Result<()> {
 
 fn fs_mount(args: MountArgs) -> Result<()> {
     check_audit_files(&args.filters, &args.mountpoint)?;
-    let chain = Chain::new(
+    let chain = std::sync::Arc::new(Chain::new(
         args.filters
             .iter()
             .map(|spec| filters::parse_spec(spec).with_context(|| format!("--filter {spec}")))
             .collect::<Result<_>>()?,
-    );
+    ));
     for spec in &args.filters {
         for path in filters::spec_paths(spec) {
             check_anchor(&args.backing, &format!("--filter {spec}: {path:?}"), &path)?;
@@ -295,7 +295,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
             interpose_fs::mount(MountConfig {
                 backing: args.backing.clone(),
                 mountpoint: args.mountpoint.clone(),
-                chain,
+                chain: chain.clone(),
                 options,
             })?,
             None,
@@ -327,7 +327,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
                 interpose_isolation::fs::Options {
                     ttl,
                     passthrough: !args.no_passthrough,
-                    chain: std::sync::Arc::new(chain),
+                    chain: chain.clone(),
                 },
                 options.serving(),
                 &mut |c| check.update(c),
@@ -380,6 +380,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     let mut unmounter = mounted.unmounter();
     let handle = signals.handle();
     let mountpoint = args.mountpoint.clone();
+    let filters_to_close = chain.clone();
     let waiter = std::thread::spawn(move || {
         let mut signals = signals.forever();
         if let Some(sig) = signals.next() {
@@ -405,6 +406,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
                 "signal {sig} again: stopping while {} is still in use",
                 mountpoint.display()
             );
+            close_filters_for(&filters_to_close, Duration::from_secs(5));
             std::process::exit(1);
         }
     });
@@ -416,7 +418,6 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     Ok(())
 }
 
-/// A file server holds many descriptors: lift the soft limit to the hard one.
 /// Says why a mount asked to use io_uring is not, and how to change that.
 fn io_uring_hint() {
     let switch = interpose_fs::IO_URING_SWITCH;
@@ -432,10 +433,43 @@ fn io_uring_hint() {
     }
 }
 
-/// Refuses layouts in which the daemon would reach its own mount through the paths it
-/// serves from: every request thread could end up waiting on the mount it serves (a
-/// `find` through a mount point inside BACKING; a commit of a store inside the mount).
-/// A path that does not exist is left to the checks that report it.
+/// Closes the filters (writes out the audit records queued) before a stop without an
+/// unmount, waiting at most `limit`: a log stuck in a write (a pipe nobody reads) must
+/// not keep the process from stopping. Records of requests still being served then are
+/// lost; their callers get ENOTCONN, as after a crash.
+fn close_filters_for(chain: &std::sync::Arc<Chain>, limit: Duration) {
+    let (done, closed) = std::sync::mpsc::channel();
+    let chain = chain.clone();
+    std::thread::spawn(move || {
+        chain.close();
+        let _ = done.send(());
+    });
+    if closed.recv_timeout(limit).is_err() {
+        tracing::error!(
+            "the filters did not close within {} s (an audit log that cannot be written?): \
+             records still queued are lost",
+            limit.as_secs()
+        );
+    }
+}
+
+/// The file that opening `path` for writing reaches: its directory resolved, and a
+/// symlink followed also where the file it names is not made yet (`log -> mnt/a.jsonl`).
+/// None where a directory is missing or the links go round.
+fn written_at(path: &std::path::Path) -> Option<PathBuf> {
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let dir = std::fs::canonicalize(parent.unwrap_or(std::path::Path::new("."))).ok()?;
+        let full = dir.join(path.file_name()?);
+        match std::fs::read_link(&full) {
+            Ok(target) => path = dir.join(target),
+            Err(_) => return Some(full),
+        }
+    }
+    None
+}
+
 /// Refuses an audit log inside the mount point: it would be written into the directory
 /// the mount hides, where nobody sees it while mounted.
 fn check_audit_files(specs: &[String], mountpoint: &std::path::Path) -> Result<()> {
@@ -443,11 +477,10 @@ fn check_audit_files(specs: &[String], mountpoint: &std::path::Path) -> Result<(
         return Ok(());
     };
     for file in specs.iter().filter_map(|s| filters::audit_file(s)) {
-        let parent = file.parent().filter(|p| !p.as_os_str().is_empty());
-        let Ok(dir) = std::fs::canonicalize(parent.unwrap_or(std::path::Path::new("."))) else {
+        let Some(at) = written_at(&file) else {
             continue; // the audit filter says what is wrong with it
         };
-        if dir.starts_with(&m) {
+        if at.starts_with(&m) {
             bail!(
                 "the audit log {} is inside the mount point {}: it would be written under the \
                  mount, hidden while mounted; put it elsewhere",
@@ -489,6 +522,10 @@ fn check_anchor(backing: &std::path::Path, what: &str, glob: &str) -> Result<()>
     Ok(())
 }
 
+/// Refuses layouts in which the daemon would reach its own mount through the paths it
+/// serves from: every request thread could end up waiting on the mount it serves (a
+/// `find` through a mount point inside BACKING; a commit of a store inside the mount).
+/// A path that does not exist is left to the checks that report it.
 fn check_layout(
     backing: &std::path::Path,
     mountpoint: &std::path::Path,
@@ -510,11 +547,9 @@ fn check_layout(
     }
     if let Some(store) = store {
         // A store not made yet: where it would be made.
-        let s = std::fs::canonicalize(store).ok().or_else(|| {
-            let parent = store.parent().filter(|p| !p.as_os_str().is_empty());
-            let parent = std::fs::canonicalize(parent.unwrap_or(std::path::Path::new("."))).ok()?;
-            Some(parent.join(store.file_name()?))
-        });
+        let s = std::fs::canonicalize(store)
+            .ok()
+            .or_else(|| written_at(store));
         if let Some(s) = s.filter(|s| s.starts_with(&m)) {
             bail!(
                 "the store {} is inside the mount point {}: its journal would be written \
@@ -527,6 +562,7 @@ fn check_layout(
     Ok(())
 }
 
+/// A file server holds many descriptors: lift the soft limit to the hard one.
 fn raise_fd_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);

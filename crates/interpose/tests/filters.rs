@@ -29,6 +29,53 @@ fn audited_mount(options: &str) -> (tempfile::TempDir, std::path::PathBuf, Mount
     (tmp, log, m)
 }
 
+/// A second signal stops a busy mount at once, but the audit records of what was served
+/// until then are written first (they were dropped with the process: a third of them).
+#[test]
+fn a_second_signal_writes_out_the_audit_records_before_stopping() {
+    use std::io::{BufRead, BufReader, Write};
+    let (_tmp, log, m) = audited_mount("");
+    // A program that keeps the mount busy, looks up names when told, and says when done.
+    let mut user = Command::new(python())
+        .args([
+            "-c",
+            "import os, sys\n\
+             sys.stdin.readline()\n\
+             for i in range(2000):\n\
+             \x20   os.path.exists(f'n{i}')\n\
+             print('done', flush=True)\n\
+             sys.stdin.readline()",
+        ])
+        .current_dir(&m.mnt)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    m.signal(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while is_mounted(&m.mnt) {
+        assert!(std::time::Instant::now() < deadline, "not detached");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut stdin = user.stdin.take().unwrap();
+    writeln!(stdin, "go").unwrap();
+    let mut line = String::new();
+    BufReader::new(user.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "done\n");
+    m.signal(libc::SIGTERM);
+    let status = m.wait_exit(std::time::Duration::from_secs(20));
+    drop(stdin);
+    let _ = user.wait();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    let lookups = audit_lines(&log)
+        .iter()
+        .filter(|l| l["op"] == "lookup" && l["path"].as_str().is_some_and(|p| p.starts_with("/n")))
+        .count();
+    assert_eq!(lookups, 2000, "lookups in the audit log");
+}
+
 #[test]
 fn audit_logs_every_operation_with_caller_and_result() {
     let (_tmp, log, m) = audited_mount("");
@@ -460,6 +507,12 @@ fn bad_filter_specs_are_refused_with_a_clear_message() {
     fs::create_dir(&backing).unwrap();
     fs::create_dir(&mnt).unwrap();
     let spec = format!("audit={}", mnt.join("a.jsonl").display());
+    let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
+    assert!(err.contains("inside the mount point"), "{err}");
+    assert!(!mnt.join("a.jsonl").exists() && !is_mounted(&mnt));
+    // Also by a symlink to a file not made yet (canonicalize cannot resolve it).
+    std::os::unix::fs::symlink(mnt.join("a.jsonl"), tmp.path().join("link")).unwrap();
+    let spec = format!("audit={}", tmp.path().join("link").display());
     let err = mount_refused(&backing, &mnt, &["--filter", &spec]);
     assert!(err.contains("inside the mount point"), "{err}");
     assert!(!mnt.join("a.jsonl").exists() && !is_mounted(&mnt));
