@@ -1734,7 +1734,7 @@ impl Filesystem for FilterFs {
                 || {
                     self.fill_dir(req, &dir, offset, |e| {
                         Ok(reply.add(
-                            INodeNo(e.ino),
+                            INodeNo(self.inodes.listed_ino(ino.0, e.name.as_bytes(), e.ino)),
                             e.next_offset as u64,
                             kind_from_dtype(e.d_type),
                             &e.name,
@@ -1772,10 +1772,11 @@ impl Filesystem for FilterFs {
                     self.fill_dir(req, &dir, offset, |e| {
                         let name = e.name.as_bytes();
                         if name == b"." || name == b".." {
-                            let mut attr = self.attr(e.ino, &sys::zeroed_stat());
+                            let listed = self.inodes.listed_ino(ino.0, name, e.ino);
+                            let mut attr = self.attr(listed, &sys::zeroed_stat());
                             attr.kind = FileType::Directory;
                             return Ok(reply.add(
-                                INodeNo(e.ino),
+                                INodeNo(listed),
                                 e.next_offset as u64,
                                 &e.name,
                                 &Duration::ZERO,

@@ -499,6 +499,38 @@ impl Inodes {
         });
     }
 
+    /// The inode number to list for the entry `name`, numbered `raw` by the backing file
+    /// system, of the directory `dir`: the number a lookup of it gives (programs compare
+    /// the two: `find`, `ls -i`, getcwd's fallback), without making a node. `.` is the
+    /// directory, `..` its parent as the mount shows it (the root's: the root).
+    pub fn listed_ino(&self, dir: u64, name: &[u8], raw: u64) -> u64 {
+        let table = &mut *self.table.lock();
+        let node = table.nodes.get(&dir);
+        match name {
+            b"." => return dir,
+            b".." if dir == ROOT_ID => return ROOT_ID,
+            b".." if node.is_some_and(|n| n.kind == FileType::Directory) => {
+                return node.map_or(ROOT_ID, |n| n.parent);
+            }
+            _ => {}
+        }
+        let dev = match node {
+            _ if dir == ROOT_ID => self.root_dev,
+            Some(n) => n.dev,
+            None => return raw,
+        };
+        if dev == self.root_dev && raw == self.root_ino {
+            return ROOT_ID;
+        }
+        if let Some(id) = table.synthetic_ids.get(&(dev, raw)) {
+            return *id;
+        }
+        if dev == self.root_dev {
+            return raw;
+        }
+        table.devices.id(dev, raw, true).unwrap_or(raw)
+    }
+
     /// The node's path relative to the mount root, starting with `/`. By its latest name;
     /// where the kernel has forgotten a directory on that way (it keeps a directory while
     /// it holds a name in it, but the latest name of a hard link may not be the one it

@@ -309,6 +309,46 @@ fn inode_numbers_on_a_submount_stay_after_the_kernel_forgets_them() {
     m.stop();
 }
 
+/// A listing gives each entry the inode number stat gives it, `.` and `..` included, also
+/// on a file system mounted inside BACKING (programs compare the two: `find`, `ls -i`,
+/// getcwd's fallback). Listings gave the backing file system's numbers: the mount root's
+/// `.` was BACKING's number, not 1, and the submount's entries their unmapped numbers.
+#[test]
+fn listings_give_the_inode_numbers_stat_gives() {
+    let m = Mount::new(&[]);
+    let sub = m.backing.join("sub");
+    fs::create_dir(&sub).unwrap();
+    let tmpfs = Tmpfs::mount(&sub, 1);
+    for dir in ["d", "sub/d"] {
+        fs::create_dir(m.mnt.join(dir)).unwrap();
+        fs::write(m.mnt.join(dir).join("f"), b"x").unwrap();
+    }
+    for round in 0..2 {
+        for dir in ["", "d", "sub", "sub/d"] {
+            let path = m.mnt.join(dir);
+            let fd = rustix::fs::open(&path, rustix::fs::OFlags::RDONLY, 0.into()).unwrap();
+            let mut listed = Vec::new();
+            for e in rustix::fs::Dir::read_from(&fd).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().to_str().unwrap().to_owned();
+                // The root's parent is outside the mount, and a mount point lists the
+                // number of the directory it covers (as without interpose).
+                if (dir, name.as_str()) == ("", "..") || (dir, name.as_str()) == ("", "sub") {
+                    continue;
+                }
+                let stat = fs::symlink_metadata(path.join(&name)).unwrap().ino();
+                listed.push((name, e.ino(), stat));
+            }
+            assert!(listed.len() >= 2, "{dir}: {listed:?}");
+            for (name, listed_ino, stat_ino) in &listed {
+                assert_eq!(listed_ino, stat_ino, "round {round}: {dir}/{name}");
+            }
+        }
+    }
+    drop(tmpfs);
+    m.stop();
+}
+
 /// Type, permissions, owner, size (not of directories), link target and link count of
 /// every entry below `root`, with user./trusted./system. xattrs, sorted by path.
 fn tree_listing(root: &Path) -> Vec<String> {
