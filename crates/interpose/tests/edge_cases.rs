@@ -315,38 +315,47 @@ fn inode_numbers_on_a_submount_stay_after_the_kernel_forgets_them() {
 /// `.` was BACKING's number, not 1, and the submount's entries their unmapped numbers.
 #[test]
 fn listings_give_the_inode_numbers_stat_gives() {
-    let m = Mount::new(&[]);
-    let sub = m.backing.join("sub");
-    fs::create_dir(&sub).unwrap();
-    let tmpfs = Tmpfs::mount(&sub, 1);
-    for dir in ["d", "sub/d"] {
-        fs::create_dir(m.mnt.join(dir)).unwrap();
-        fs::write(m.mnt.join(dir).join("f"), b"x").unwrap();
-    }
-    for round in 0..2 {
-        for dir in ["", "d", "sub", "sub/d"] {
-            let path = m.mnt.join(dir);
-            let fd = rustix::fs::open(&path, rustix::fs::OFlags::RDONLY, 0.into()).unwrap();
-            let mut listed = Vec::new();
-            for e in rustix::fs::Dir::read_from(&fd).unwrap() {
-                let e = e.unwrap();
-                let name = e.file_name().to_str().unwrap().to_owned();
-                // The root's parent is outside the mount, and a mount point lists the
-                // number of the directory it covers (as without interpose).
-                if (dir, name.as_str()) == ("", "..") || (dir, name.as_str()) == ("", "sub") {
-                    continue;
+    let stores = tempfile::tempdir_in(test_root()).unwrap();
+    let store = stores.path().join("store");
+    for args in [&[][..], &["--isolate", store.to_str().unwrap()][..]] {
+        let m = Mount::new(args);
+        let sub = m.backing.join("sub");
+        fs::create_dir(&sub).unwrap();
+        let tmpfs = Tmpfs::mount(&sub, 1);
+        // Many entries the mount has not met: the kernel lists them without lookups
+        // after its first batch.
+        fs::create_dir(sub.join("many")).unwrap();
+        for i in 0..2000 {
+            fs::write(sub.join("many").join(format!("f{i}")), b"").unwrap();
+        }
+        for dir in ["d", "sub/d"] {
+            fs::create_dir(m.mnt.join(dir)).unwrap();
+            fs::write(m.mnt.join(dir).join("f"), b"x").unwrap();
+        }
+        for round in 0..2 {
+            for dir in ["sub/many", "", "d", "sub", "sub/d"] {
+                let path = m.mnt.join(dir);
+                let fd = rustix::fs::open(&path, rustix::fs::OFlags::RDONLY, 0.into()).unwrap();
+                // The whole listing first: lookups between its batches change how the
+                // kernel asks for the next.
+                let listed: Vec<(String, u64)> = rustix::fs::Dir::read_from(&fd)
+                    .unwrap()
+                    .map(|e| e.unwrap())
+                    .map(|e| (e.file_name().to_str().unwrap().to_owned(), e.ino()))
+                    // The root's parent is outside the mount, and a mount point lists the
+                    // number of the directory it covers (as without interpose).
+                    .filter(|(name, _)| !dir.is_empty() || (name != ".." && name != "sub"))
+                    .collect();
+                assert!(listed.len() >= 2, "{dir}: {listed:?}");
+                for (name, listed_ino) in &listed {
+                    let stat = fs::symlink_metadata(path.join(name)).unwrap().ino();
+                    assert_eq!(*listed_ino, stat, "{args:?}, round {round}: {dir}/{name}");
                 }
-                let stat = fs::symlink_metadata(path.join(&name)).unwrap().ino();
-                listed.push((name, e.ino(), stat));
-            }
-            assert!(listed.len() >= 2, "{dir}: {listed:?}");
-            for (name, listed_ino, stat_ino) in &listed {
-                assert_eq!(listed_ino, stat_ino, "round {round}: {dir}/{name}");
             }
         }
+        drop(tmpfs);
+        m.stop();
     }
-    drop(tmpfs);
-    m.stop();
 }
 
 /// Type, permissions, owner, size (not of directories), link target and link count of

@@ -1145,6 +1145,11 @@ impl View {
                     None if self.nodes.contains_key(&ino) || self.stale.contains_key(&ino) => {
                         self.child(id, name).unwrap_or(ino)
                     }
+                    // A file system mounted inside BACKING: the number a lookup gives.
+                    None if dev != self.backing.dev() => match self.devices.id(dev, ino, true) {
+                        Some(derived) => derived,
+                        None => self.child(id, name).unwrap_or(ino),
+                    },
                     None => ino,
                 };
                 out.push(DirEntry {
