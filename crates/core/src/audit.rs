@@ -60,7 +60,8 @@ pub enum AuditError {
 struct Pending {
     lines: Vec<u8>,
     closed: bool,
-    /// Producers have been told to wait for space since the writer last wrote.
+    /// The daemon has said that producers wait for space (once, and again only after a
+    /// failing log works again).
     holding: bool,
 }
 
@@ -199,8 +200,8 @@ fn write_loop(queue: &Queue, mut out: Box<dyn Write + Send>) {
         if !batch.is_empty() {
             match write_counting(&mut *out, &batch) {
                 Ok(()) => {
-                    queue.pending.lock().holding = false;
                     if failing {
+                        queue.pending.lock().holding = false;
                         tracing::info!(
                             "audit log writable again: the records kept meanwhile are written"
                         );
