@@ -70,9 +70,29 @@ impl VerifyReport {
     }
 }
 
+/// A vector of `len` default values for the image's `what`, or an error where the memory
+/// cannot be had: a file's length bounds what an image asks for, but a sparse file is as
+/// long as it claims to be (a 64 GiB index in 8 KiB of disk aborted the process).
+fn alloc<T: Default + Clone>(len: u64, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| v.try_reserve_exact(n).ok().map(|()| n))
+        .map(|n| {
+            v.resize(n, T::default());
+            v
+        })
+        .ok_or_else(|| {
+            Error::Unsupported(format!(
+                "its {what} needs {:.1} GiB of memory, more than can be had here",
+                (len as f64 * std::mem::size_of::<T>() as f64) / (1u64 << 30) as f64
+            ))
+        })
+}
+
 fn read_section(file: &File, path: &Path, s: &Section, name: &str) -> Result<Vec<u8>> {
-    // The length was checked against the file's size: this allocation is justified.
-    let mut buf = vec![0u8; s.len as usize];
+    // The length was checked against the file's size, which a sparse file can fake.
+    let mut buf = alloc::<u8>(s.len, name)?;
     file.read_exact_at(&mut buf, s.offset)
         .map_err(|e| Error::io(format!("reading the {name} of {}", path.display()), e))?;
     let crc = crc32c::crc32c(&buf);
@@ -114,8 +134,9 @@ impl Image {
             file,
             path: path.to_path_buf(),
             cache: Cache::new(cache_bytes, header.chunk_size() as usize),
-            checked: (0..header.chunk_count.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
+            checked: alloc::<u64>(header.chunk_count.div_ceil(64), "table of checked chunks")?
+                .into_iter()
+                .map(AtomicU64::new)
                 .collect(),
             header,
             index,

@@ -542,6 +542,45 @@ fn absurd_sizes_are_refused_without_allocating_them() {
     assert_error!(e, Error::Truncated(_), "meta", ["metadata", "past the end"]);
 }
 
+/// A sparse file is as long as its header claims: a chunk index of 8 TiB in a few KiB of
+/// disk is refused with a clear error (the allocation failed and aborted the process).
+/// The kernel refuses an 8 TiB allocation under its default overcommit heuristic.
+#[test]
+fn an_index_larger_than_memory_is_refused() {
+    let (_dir, s, sc) = setup();
+    let mut h = s[0].header.clone();
+    h.chunk_shift = 12;
+    h.chunk_count = 1 << 39;
+    h.virtual_size = h.chunk_count << 12;
+    h.data_len = 0;
+    h.bad_bytes = 0;
+    h.index = format::Section {
+        offset: DATA_OFFSET,
+        len: h.chunk_count * INDEX_ENTRY_SIZE as u64,
+        crc: 0,
+    };
+    let end = h.index.offset + h.index.len;
+    h.extents = format::Section {
+        offset: end,
+        len: 0,
+        crc: 0,
+    };
+    h.meta = h.extents;
+    let header = h.encode();
+    let f = std::fs::File::create(&sc.path).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&header, 0).unwrap();
+    f.write_all_at(&header, end).unwrap();
+    drop(f);
+    let e = Image::open(&sc.path).err().expect("the image opened");
+    assert_error!(
+        e,
+        Error::Unsupported(_),
+        "8 TiB index",
+        ["chunk index", "8192.0 GiB of memory"]
+    );
+}
+
 fn section_mut(h: &mut Header, k: usize) -> &mut format::Section {
     match k {
         0 => &mut h.index,
