@@ -212,7 +212,10 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
                 }
                 let l = std::os::unix::net::UnixListener::bind(path)
                     .with_context(|| format!("listening on {}", path.display()))?;
-                _socket_path = Some(SocketPath(path.clone()));
+                _socket_path = Some(
+                    SocketPath::bound(path.clone())
+                        .with_context(|| format!("listening on {}", path.display()))?,
+                );
                 listeners.push(Listener::Unix(l));
                 where_.push(format!("unix:{}", path.display()));
             }

@@ -1611,6 +1611,27 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not_taken_over() {
         describe(&out)
     );
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep me\n");
+    // At exit the path is removed only if it is still the server's socket: a file put
+    // there meanwhile, or a second server's socket once the first's was removed, stays.
+    let moved = fx.dir.join("moved.sock");
+    let serve_at = |sock: &Path| {
+        let mut c = Command::new(bin());
+        c.args(["blk", "serve", s(&fx.clean), "--unix"]).arg(sock);
+        Server::spawn(c, None, &fx.dir)
+    };
+    let first = serve_at(&moved);
+    std::fs::remove_file(&moved).unwrap();
+    std::fs::write(&moved, b"not the server's\n").unwrap();
+    first.stop();
+    assert_eq!(std::fs::read(&moved).unwrap(), b"not the server's\n");
+    std::fs::remove_file(&moved).unwrap();
+    let first = serve_at(&moved);
+    std::fs::remove_file(&moved).unwrap();
+    let second = serve_at(&moved);
+    first.stop();
+    let uri = format!("nbd+unix:///?socket={}", s(&moved));
+    assert_eq!(nbdinfo_json(&[&uri])["exports"][0]["export-size"], SIZE);
+    second.stop();
     // An image whose header lost its magic (one bit) is not served as a raw disk (its
     // compressed bytes, with no error): its trailer says what it is.
     let mut bytes = std::fs::read(&fx.clean).unwrap();

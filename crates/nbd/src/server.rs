@@ -1375,11 +1375,39 @@ pub fn systemd_listeners() -> io::Result<Vec<Listener>> {
     (3..3 + n).map(crate::sys::listener_from_fd).collect()
 }
 
-/// Removes a Unix socket path when dropped.
-pub struct SocketPath(pub PathBuf);
+/// Removes a Unix socket path when dropped, if it is still the socket this server bound:
+/// something else put there meanwhile (a file, another server's socket after this one's
+/// was removed) is not this server's to remove.
+pub struct SocketPath {
+    path: PathBuf,
+    /// Device and inode number of the socket as bound.
+    bound: (u64, u64),
+}
+
+impl SocketPath {
+    /// Notes the socket just bound at `path`.
+    pub fn bound(path: PathBuf) -> io::Result<SocketPath> {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::symlink_metadata(&path)?;
+        Ok(SocketPath {
+            bound: (md.dev(), md.ino()),
+            path,
+        })
+    }
+}
 
 impl Drop for SocketPath {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(md) if md.file_type().is_socket() && (md.dev(), md.ino()) == self.bound => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => tracing::warn!(
+                "{} is no longer this server's socket: left in place",
+                self.path.display()
+            ),
+            Err(_) => {}
+        }
     }
 }
