@@ -90,6 +90,28 @@ fn alloc<T: Default + Clone>(len: u64, what: &str) -> Result<Vec<T>> {
         })
 }
 
+/// The `Frame_Content_Size` a zstd frame's header carries, if any (RFC 8878 §3.1.1.1).
+/// `frame` starts with the magic number and is a whole frame.
+fn zstd_content_size(frame: &[u8]) -> Option<u64> {
+    let descriptor = *frame.get(4)?;
+    let single_segment = descriptor & 0x20 != 0;
+    let field_len = match descriptor >> 6 {
+        0 if single_segment => 1,
+        0 => return None,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let dictionary_id_len = [0, 1, 2, 4][(descriptor & 3) as usize];
+    let at = 5 + usize::from(!single_segment) + dictionary_id_len;
+    let field = frame.get(at..at + field_len)?;
+    let mut bytes = [0u8; 8];
+    bytes[..field_len].copy_from_slice(field);
+    let value = u64::from_le_bytes(bytes);
+    // A two-byte field holds the size less 256.
+    Some(if field_len == 2 { value + 256 } else { value })
+}
+
 fn read_section(file: &File, path: &Path, s: &Section, name: &str) -> Result<Vec<u8>> {
     // The length was checked against the file's size, which a sparse file can fake.
     let mut buf = alloc::<u8>(s.len, name)?;
@@ -304,6 +326,19 @@ impl Image {
         match zstd::zstd_safe::find_frame_compressed_size(stored) {
             Ok(n) if n == stored.len() && stored.starts_with(&ZSTD_MAGIC) => {}
             _ => return Err(self.damaged(i, "stored bytes are not exactly one zstd frame".into())),
+        }
+        // libzstd reads a content size of 2^64-1 as "not given" and checks no other.
+        match zstd_content_size(stored) {
+            Some(size) if size != out.len() as u64 => {
+                return Err(self.damaged(
+                    i,
+                    format!(
+                        "the zstd frame claims {size} bytes of content, the chunk has {}",
+                        out.len()
+                    ),
+                ))
+            }
+            _ => {}
         }
         DECOMPRESSOR.with(|d| {
             d.borrow_mut()

@@ -1016,6 +1016,25 @@ fn claimed_frame(size: u64, blocks: usize) -> Vec<u8> {
     f
 }
 
+/// `frame` with its header's content size replaced by an 8-byte 2^64-1.
+fn claiming_u64_max(frame: &[u8]) -> Vec<u8> {
+    let descriptor = frame[4];
+    let single_segment = descriptor & 0x20 != 0;
+    let size_len = match descriptor >> 6 {
+        0 => usize::from(single_segment),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let kept = 5 + usize::from(!single_segment) + [0, 1, 2, 4][(descriptor & 3) as usize];
+    let mut f = frame[..4].to_vec();
+    f.push(descriptor | 0xC0);
+    f.extend_from_slice(&frame[5..kept]);
+    f.extend_from_slice(&u64::MAX.to_le_bytes());
+    f.extend_from_slice(&frame[kept + size_len..]);
+    f
+}
+
 /// Reads chunk `bomb` of image A, which must fail with a Chunk error naming it, while
 /// the others read as before; verify names it; nothing allocates more than a chunk.
 fn check_damaged_chunk(a: &Sample, img: &Image, bomb: u64, needle: &str, what: &str) {
@@ -1074,15 +1093,27 @@ fn decompression_bombs_and_damaged_chunks() {
         let img = with_frame(a, &sc, 4, &claimed_frame(size, 8));
         check_damaged_chunk(a, &img, 4, "zstd", "claimed size");
     }
+    // The chunk's own bytes in a frame that claims 2^64-1 bytes of content (libzstd
+    // reads that as "not given"; FORMAT.md §8.1 says it must equal the chunk's length).
+    let (i, frame) = (1..a.header.chunk_count - 1)
+        .filter(|&i| entry(a, &a.bytes, i).kind == Kind::Compressed)
+        .map(|i| {
+            let own = &a.expected[(i << 12) as usize..((i + 1) << 12) as usize];
+            (i, claiming_u64_max(&zstd::bulk::compress(own, 19).unwrap()))
+        })
+        .find(|(i, f)| f.len() <= entry(a, &a.bytes, *i).len as usize)
+        .expect("a compressed chunk with room for the frame");
+    let img = with_frame(a, &sc, i, &frame);
+    check_damaged_chunk(a, &img, i, "claims 18446744073709551615 bytes", "2^64-1");
     // A frame one byte too long, one byte short, and the chunk's own bytes under
     // another chunk's CRC.
     let words = text(4097, 77);
     let img = with_frame(a, &sc, 2, &zstd::bulk::compress(&words, 3).unwrap());
     check_damaged_chunk(a, &img, 2, "zstd", "one byte long");
     let img = with_frame(a, &sc, 2, &zstd::bulk::compress(&words[..4095], 3).unwrap());
-    check_damaged_chunk(a, &img, 2, "decompressed to 4095 bytes", "one byte short");
+    check_damaged_chunk(a, &img, 2, "4095 bytes", "one byte short");
     let img = with_frame(a, &sc, 2, &zstd::bulk::compress(&words[..2048], 3).unwrap());
-    check_damaged_chunk(a, &img, 2, "decompressed to 2048", "half");
+    check_damaged_chunk(a, &img, 2, "2048 bytes", "half");
     let img = with_frame(
         a,
         &sc,
