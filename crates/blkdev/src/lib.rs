@@ -45,6 +45,12 @@ pub enum Error {
     NotOurs(PathBuf),
     #[error("{0} is in use (mounted?); unmount it first")]
     Busy(PathBuf),
+    #[error(
+        "{} is still open by another program: it goes, and its attach process {pid} ends, once \
+         that program closes it",
+        device.display()
+    )]
+    StillOpen { device: PathBuf, pid: u32 },
 }
 
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -338,10 +344,11 @@ pub fn sweep_dead() {
 }
 
 /// Detaches a device made by [`Attached::attach`] in another process: refuses if it is
-/// in use, detaches the loop device, asks the serving process to end and waits (up to
-/// 30 s) until it has. If that process is gone (killed), what it left is removed, and
+/// mounted, detaches the loop device, asks the serving process to end and waits up to
+/// `wait` until it has (it ends once nothing holds the device open; past `wait`,
+/// [`Error::StillOpen`]). If that process is gone (killed), what it left is removed, and
 /// no process is signalled (its pid may be another's by now).
-pub fn detach(device: &Path) -> Result<u32, Error> {
+pub fn detach(device: &Path, wait: Duration) -> Result<u32, Error> {
     let pid = owner_of(device)?;
     let alive = is_attach_process(pid);
     // O_EXCL on a block device fails with EBUSY while it is mounted or otherwise claimed.
@@ -376,15 +383,29 @@ pub fn detach(device: &Path) -> Result<u32, Error> {
         let pidfd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty());
         let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
         if let Ok(fd) = pidfd {
-            let mut fds = [rustix::event::PollFd::new(
-                &fd,
-                rustix::event::PollFlags::IN,
-            )];
-            let timeout = rustix::event::Timespec {
-                tv_sec: 30,
-                tv_nsec: 0,
+            let ended = |within: Duration| {
+                let mut fds = [rustix::event::PollFd::new(
+                    &fd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let timeout = rustix::event::Timespec::try_from(within).unwrap_or_default();
+                rustix::event::poll(&mut fds, Some(&timeout)).is_ok_and(|n| n > 0)
             };
-            let _ = rustix::event::poll(&mut fds, Some(&timeout));
+            // A moment for a short open (udev's probe) to end, then say what is waited for.
+            let first = wait.min(Duration::from_secs(1));
+            if !ended(first) {
+                tracing::info!(
+                    "{} is open by another program; waiting up to {} s for it to be let go",
+                    device.display(),
+                    wait.as_secs()
+                );
+                if !ended(wait - first) {
+                    return Err(Error::StillOpen {
+                        device: device.to_path_buf(),
+                        pid,
+                    });
+                }
+            }
         }
     }
     Ok(pid)

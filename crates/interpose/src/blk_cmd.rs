@@ -56,6 +56,10 @@ pub enum BlkCommand {
     Detach {
         #[arg(value_name = "DEVICE")]
         device: PathBuf,
+        /// Seconds to wait for a device another program holds open to be let go; after
+        /// that, detach fails and the device goes once that program closes it
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        wait: u64,
     },
     /// Internal: the watchdog an attach starts; removes what attach process PID leaves
     /// if it ends without cleaning up (interpose_blkdev::watchdog).
@@ -146,8 +150,8 @@ pub fn run(cmd: BlkCommand) -> Result<()> {
             }
             Ok(())
         }
-        BlkCommand::Detach { device } => {
-            let pid = interpose_blkdev::detach(&device)?;
+        BlkCommand::Detach { device, wait } => {
+            let pid = interpose_blkdev::detach(&device, std::time::Duration::from_secs(wait))?;
             eprintln!("detached {} (served by pid {pid})", device.display());
             Ok(())
         }
