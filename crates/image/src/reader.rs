@@ -72,11 +72,15 @@ impl VerifyReport {
 
 /// A vector of `len` default values for the image's `what`, or an error where the memory
 /// cannot be had: a file's length bounds what an image asks for, but a sparse file is as
-/// long as it claims to be (a 64 GiB index in 8 KiB of disk aborted the process).
+/// long as it claims to be (a 64 GiB index in 8 KiB of disk aborted the process). More
+/// than the machine's memory is refused before asking: where the kernel overcommits
+/// without limit the allocation would succeed, and filling it would not.
 fn alloc<T: Default + Clone>(len: u64, what: &str) -> Result<Vec<T>> {
+    let bytes = len.saturating_mul(std::mem::size_of::<T>() as u64);
     let mut v = Vec::new();
     usize::try_from(len)
         .ok()
+        .filter(|_| total_memory().is_none_or(|total| bytes <= total))
         .and_then(|n| v.try_reserve_exact(n).ok().map(|()| n))
         .map(|n| {
             v.resize(n, T::default());
@@ -85,7 +89,7 @@ fn alloc<T: Default + Clone>(len: u64, what: &str) -> Result<Vec<T>> {
         .ok_or_else(|| {
             Error::Unsupported(format!(
                 "its {what} needs {:.1} GiB of memory, more than can be had here",
-                (len as f64 * std::mem::size_of::<T>() as f64) / (1u64 << 30) as f64
+                bytes as f64 / (1u64 << 30) as f64
             ))
         })
 }
@@ -110,6 +114,20 @@ fn zstd_content_size(frame: &[u8]) -> Option<u64> {
     let value = u64::from_le_bytes(bytes);
     // A two-byte field holds the size less 256.
     Some(if field_len == 2 { value + 256 } else { value })
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
+fn total_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 fn read_section(file: &File, path: &Path, s: &Section, name: &str) -> Result<Vec<u8>> {
