@@ -1139,18 +1139,26 @@ impl View {
                 // under it, on the directory's device: a lookup gives it the mount's.)
                 let ino = match self.by_ino.get(&(dev, ino)) {
                     Some(&known) => known,
-                    // The number is another node's (a removed object the kernel still
-                    // holds) or stale: the lookup gives the object a number of its own,
-                    // given now, so that the listing agrees with stat.
-                    None if self.nodes.contains_key(&ino) || self.stale.contains_key(&ino) => {
-                        self.child(id, name).unwrap_or(ino)
+                    None => {
+                        // The number a lookup would give (as in `child_fresh`): the object's
+                        // own, or on a file system mounted inside BACKING one made from the
+                        // device's and its own. Where that is another node's (a removed
+                        // object the kernel still holds), stale, or one the view keeps for
+                        // others, the lookup counts one out: given now, so that the listing
+                        // agrees with stat.
+                        let other_device = dev != self.backing.dev();
+                        let own = if other_device {
+                            self.devices.id(dev, ino, true)
+                        } else {
+                            Some(ino).filter(|&n| n != ROOT && n < FIRST_NEW_ID)
+                        };
+                        match own
+                            .filter(|n| !self.nodes.contains_key(n) && !self.stale.contains_key(n))
+                        {
+                            Some(n) => n,
+                            None => self.child(id, name).unwrap_or(ino),
+                        }
                     }
-                    // A file system mounted inside BACKING: the number a lookup gives.
-                    None if dev != self.backing.dev() => match self.devices.id(dev, ino, true) {
-                        Some(derived) => derived,
-                        None => self.child(id, name).unwrap_or(ino),
-                    },
-                    None => ino,
                 };
                 out.push(DirEntry {
                     name: name.to_owned(),
