@@ -388,18 +388,21 @@ pub fn detach(device: &Path, wait: Duration) -> Result<u32, Error> {
                     &fd,
                     rustix::event::PollFlags::IN,
                 )];
+                // (Clamped: a year is forever here, and far from Timespec's limit.)
+                let within = within.min(Duration::from_secs(365 * 86_400));
                 let timeout = rustix::event::Timespec::try_from(within).unwrap_or_default();
                 rustix::event::poll(&mut fds, Some(&timeout)).is_ok_and(|n| n > 0)
             };
-            // A moment for a short open (udev's probe) to end, then say what is waited for.
-            let first = wait.min(Duration::from_secs(1));
+            // A moment for the process to end and a short open (udev's probe) to end,
+            // whatever `wait` is, then say what is waited for.
+            let first = Duration::from_secs(1);
             if !ended(first) {
                 tracing::info!(
                     "{} is open by another program; waiting up to {} s for it to be let go",
                     device.display(),
                     wait.as_secs()
                 );
-                if !ended(wait - first) {
+                if !ended(wait.saturating_sub(first)) {
                     return Err(Error::StillOpen {
                         device: device.to_path_buf(),
                         pid,
