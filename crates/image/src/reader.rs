@@ -73,14 +73,14 @@ impl VerifyReport {
 /// A vector of `len` default values for the image's `what`, or an error where the memory
 /// cannot be had: a file's length bounds what an image asks for, but a sparse file is as
 /// long as it claims to be (a 64 GiB index in 8 KiB of disk aborted the process). More
-/// than the machine's memory is refused before asking: where the kernel overcommits
-/// without limit the allocation would succeed, and filling it would not.
+/// than the memory available now is refused before asking: the kernel may grant more
+/// (it overcommits), and filling it would end in the OOM killer.
 fn alloc<T: Default + Clone>(len: u64, what: &str) -> Result<Vec<T>> {
     let bytes = len.saturating_mul(std::mem::size_of::<T>() as u64);
     let mut v = Vec::new();
     usize::try_from(len)
         .ok()
-        .filter(|_| total_memory().is_none_or(|total| bytes <= total))
+        .filter(|_| available_memory().is_none_or(|available| bytes <= available))
         .and_then(|n| v.try_reserve_exact(n).ok().map(|()| n))
         .map(|n| {
             v.resize(n, T::default());
@@ -116,12 +116,12 @@ fn zstd_content_size(frame: &[u8]) -> Option<u64> {
     Some(if field_len == 2 { value + 256 } else { value })
 }
 
-/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
-fn total_memory() -> Option<u64> {
+/// The memory available now in bytes (`MemAvailable` of /proc/meminfo), if it can be read.
+fn available_memory() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = meminfo
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
         .trim()
         .strip_suffix("kB")?
         .trim()

@@ -544,7 +544,7 @@ fn absurd_sizes_are_refused_without_allocating_them() {
 
 /// A sparse file is as long as its header claims: a chunk index of 8 TiB in a few KiB of
 /// disk is refused with a clear error (the allocation failed and aborted the process; more
-/// than the machine's memory is refused before it is asked for).
+/// than the memory available is refused before it is asked for).
 #[test]
 fn an_index_larger_than_memory_is_refused() {
     let (_dir, s, sc) = setup();
