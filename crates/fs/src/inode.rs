@@ -286,22 +286,27 @@ impl Inodes {
     }
 
     fn node_id(&self, table: &mut Table, dev: u64, ino: u64) -> u64 {
+        self.known_id(table, dev, ino, true)
+            .unwrap_or_else(|| table.new_synthetic(dev, ino))
+    }
+
+    /// The id of the object `dev`/`ino` short of counting one out: the root's, one counted
+    /// out for it before, its own inode number on BACKING's file system, or one made from
+    /// its device's number (`add`: giving the device one if it has none). None: it needs
+    /// a counted id.
+    fn known_id(&self, table: &mut Table, dev: u64, ino: u64, add: bool) -> Option<u64> {
         if dev == self.root_dev && ino == self.root_ino {
-            return ROOT_ID;
+            return Some(ROOT_ID);
         }
         // First: an object of the backing file system gets a synthetic id too when its
         // inode number was reused while the kernel held the old object (see `remember`).
         if let Some(id) = table.synthetic_ids.get(&(dev, ino)) {
-            return *id;
+            return Some(*id);
         }
         if dev == self.root_dev {
-            if ino != ROOT_ID && ino & SYNTHETIC == 0 {
-                return ino;
-            }
-        } else if let Some(id) = table.devices.id(dev, ino, true) {
-            return id;
+            return (ino != ROOT_ID && ino & SYNTHETIC == 0).then_some(ino);
         }
-        table.new_synthetic(dev, ino)
+        table.devices.id(dev, ino, add)
     }
 
     /// Records one more kernel reference to the object `fd` (just opened `O_PATH` as
@@ -469,15 +474,9 @@ impl Inodes {
 
     /// Runs `f` on the node of the object `dev`/`ino`, if the kernel knows it.
     fn with_object(&self, dev: u64, ino: u64, f: impl FnOnce(&mut Node)) {
-        let mut table = self.table.lock();
-        let id = match table.synthetic_ids.get(&(dev, ino)) {
-            Some(id) => *id,
-            None if dev == self.root_dev && ino & SYNTHETIC == 0 && ino != ROOT_ID => ino,
-            None if dev == self.root_dev => return,
-            None => match table.devices.id(dev, ino, false) {
-                Some(id) => id,
-                None => return,
-            },
+        let table = &mut *self.table.lock();
+        let Some(id) = self.known_id(table, dev, ino, false) else {
+            return;
         };
         if let Some(node) = table.nodes.get_mut(&id) {
             f(node);
@@ -519,16 +518,7 @@ impl Inodes {
             Some(n) => n.dev,
             None => return raw,
         };
-        if dev == self.root_dev && raw == self.root_ino {
-            return ROOT_ID;
-        }
-        if let Some(id) = table.synthetic_ids.get(&(dev, raw)) {
-            return *id;
-        }
-        if dev == self.root_dev {
-            return raw;
-        }
-        table.devices.id(dev, raw, true).unwrap_or(raw)
+        self.known_id(table, dev, raw, true).unwrap_or(raw)
     }
 
     /// The node's path relative to the mount root, starting with `/`. By its latest name;

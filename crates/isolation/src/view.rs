@@ -769,20 +769,10 @@ impl View {
             n.detached = true;
             self.by_ino.remove(&key);
         }
-        let other_device = key.0 != self.backing.dev();
-        let mut id = if other_device {
-            self.devices.id(key.0, key.1, true).unwrap_or(ROOT)
-        } else {
-            key.1
-        };
-        let taken = self.nodes.contains_key(&id) || self.stale.contains_key(&id);
-        if id == ROOT || (!other_device && id >= FIRST_NEW_ID) || taken {
-            // Not numbered by its inode number: the number is still taken by a node of a
-            // removed object that the kernel has not forgotten yet, or is one the view
-            // keeps for others.
-            id = self.next_new;
+        let id = self.own_number(key.0, key.1).unwrap_or_else(|| {
             self.next_new += 1;
-        }
+            self.next_new - 1
+        });
         let mut n = Node::new(id, Some(rel), Attr::from_statx(&st));
         (n.backing_dev, n.backing_ino) = (key.0, Some(key.1));
         n.backing_birth = birth;
@@ -790,6 +780,19 @@ impl View {
         self.nodes.insert(id, n);
         self.by_ino.insert(key, id);
         Ok((id, true))
+    }
+
+    /// The number of the backing object `dev`/`ino` short of counting one out: its own
+    /// inode number, or on a file system mounted inside BACKING one made from the device's
+    /// and its own. None where that is still taken by a node of a removed object that the
+    /// kernel has not forgotten yet, is stale, or is one the view keeps for others.
+    fn own_number(&mut self, dev: u64, ino: u64) -> Option<u64> {
+        let id = if dev != self.backing.dev() {
+            self.devices.id(dev, ino, true)?
+        } else {
+            Some(ino).filter(|&n| n != ROOT && n < FIRST_NEW_ID)?
+        };
+        (!self.nodes.contains_key(&id) && !self.stale.contains_key(&id)).then_some(id)
     }
 
     /// lstat of `name` in the BACKING directory `origin` of node `parent` (`rel` is the two
@@ -1139,26 +1142,12 @@ impl View {
                 // under it, on the directory's device: a lookup gives it the mount's.)
                 let ino = match self.by_ino.get(&(dev, ino)) {
                     Some(&known) => known,
-                    None => {
-                        // The number a lookup would give (as in `child_fresh`): the object's
-                        // own, or on a file system mounted inside BACKING one made from the
-                        // device's and its own. Where that is another node's (a removed
-                        // object the kernel still holds), stale, or one the view keeps for
-                        // others, the lookup counts one out: given now, so that the listing
-                        // agrees with stat.
-                        let other_device = dev != self.backing.dev();
-                        let own = if other_device {
-                            self.devices.id(dev, ino, true)
-                        } else {
-                            Some(ino).filter(|&n| n != ROOT && n < FIRST_NEW_ID)
-                        };
-                        match own
-                            .filter(|n| !self.nodes.contains_key(n) && !self.stale.contains_key(n))
-                        {
-                            Some(n) => n,
-                            None => self.child(id, name).unwrap_or(ino),
-                        }
-                    }
+                    // The number a lookup would give; where it would count one out, the
+                    // lookup is made now, so that the listing agrees with stat.
+                    None => match self.own_number(dev, ino) {
+                        Some(n) => n,
+                        None => self.child(id, name).unwrap_or(ino),
+                    },
                 };
                 out.push(DirEntry {
                     name: name.to_owned(),
