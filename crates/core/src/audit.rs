@@ -27,6 +27,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 pub const WAKE_AT: usize = 256 << 10;
 /// Bytes waiting that make producers wait for the writer.
 pub const MAX_QUEUED: usize = 8 << 20;
+/// How often a record waiting for room asks whether its caller was signalled.
+const INTERRUPT_POLL: Duration = Duration::from_millis(20);
 
 /// Where audit lines go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +108,15 @@ impl AuditSink {
 
     /// Queues one record; it is written as a single line (JSON escapes newlines).
     pub fn record<T: Serialize>(&self, record: &T) {
+        self.record_unless(record, || false);
+    }
+
+    /// Queues one record like [`AuditSink::record`], but stops waiting for room once
+    /// `interrupted` says so: the record then goes beyond [`MAX_QUEUED`] (still whole and
+    /// in order). The file system asks whether the program waiting for the operation got a
+    /// signal; it could not be killed while the daemon held its request. Each record let in
+    /// so is one operation whose program was signalled, which keeps the excess small.
+    pub fn record_unless<T: Serialize>(&self, record: &T, interrupted: impl Fn() -> bool) {
         let mut line = match serde_json::to_vec(record) {
             Ok(line) => line,
             Err(err) => {
@@ -120,11 +131,19 @@ impl AuditSink {
                 p.holding = true;
                 tracing::warn!(
                     "audit log: {} MiB of records wait to be written; operations on the mount \
-                     wait for it (a second signal to the daemon stops it)",
+                     wait for it (a signal to a waiting program lets its operation through; \
+                     a second signal to the daemon stops it)",
                     MAX_QUEUED >> 20
                 );
             }
-            self.queue.space.wait(&mut p);
+            if interrupted() {
+                tracing::debug!(
+                    "audit log: a signalled caller's record is queued beyond the limit"
+                );
+                break;
+            }
+            // Woken by room or close; the timeout is for the question above.
+            self.queue.space.wait_for(&mut p, INTERRUPT_POLL);
         }
         if p.closed {
             return; // shutting down; nothing left to do
@@ -430,6 +449,67 @@ mod tests {
             })
             .collect();
         assert_eq!(ns, (0..records as u64).collect::<Vec<_>>());
+    }
+
+    /// A producer waiting for room stops waiting once told its caller was interrupted; its
+    /// record goes beyond the limit, and is written in its place once there is room.
+    #[test]
+    fn an_interrupted_producer_stops_waiting_and_keeps_its_record() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let disk = Filling::default(); // no room at all
+        let sink = Arc::new(AuditSink::with_writer(Box::new(disk.clone())).unwrap());
+        let asked = Arc::new(AtomicUsize::new(0));
+        let interrupted = Arc::new(AtomicBool::new(false));
+        let line_len = 1000;
+        // Records until one of them, waiting for room, is interrupted.
+        let producer = {
+            let (sink, asked, interrupted) = (sink.clone(), asked.clone(), interrupted.clone());
+            std::thread::spawn(move || {
+                for n in 0.. {
+                    let record = serde_json::json!({"n": n, "path": "p".repeat(line_len)});
+                    sink.record_unless(&record, || {
+                        asked.fetch_add(1, Ordering::Relaxed);
+                        interrupted.load(Ordering::Relaxed)
+                    });
+                    if interrupted.load(Ordering::Relaxed) {
+                        return n;
+                    }
+                }
+                unreachable!()
+            })
+        };
+        // Asked only while waiting for room.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while asked.load(Ordering::Relaxed) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never waited for room"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        interrupted.store(true, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !producer.is_finished() {
+            assert!(std::time::Instant::now() < deadline, "still waiting");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let last = producer.join().unwrap();
+        assert!(
+            last >= MAX_QUEUED / line_len,
+            "interrupted after {last} records"
+        );
+        *disk.room.lock() = usize::MAX;
+        sink.close();
+        let out = String::from_utf8(disk.out.lock().clone()).unwrap();
+        let ns: Vec<u64> = out
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ns, (0..=last as u64).collect::<Vec<_>>());
     }
 
     /// A pipe whose reader has ended (`audit=-` into a program that is gone) takes no

@@ -167,6 +167,8 @@ pub struct Request {
     /// The new access and modification times of a `setattr`, each if it changes.
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
+    /// The kernel's id of the FUSE request, if the operation came as one.
+    pub fuse_request: Option<fuser::RequestId>,
 }
 
 /// A time a `setattr` sets.
@@ -194,6 +196,7 @@ impl Request {
             group: None,
             atime: None,
             mtime: None,
+            fuse_request: None,
         }
     }
 
@@ -201,7 +204,16 @@ impl Request {
     pub fn of(req: &fuser::Request, op: Op, (path, path2): (PathBuf, Option<PathBuf>)) -> Self {
         let mut r = Request::new(op, path, caller_of(req));
         r.path2 = path2;
+        r.fuse_request = Some(req.unique());
         r
+    }
+
+    /// Whether the program waiting for this operation got a signal meanwhile (the kernel
+    /// interrupted its request). A filter that waits long for something, as the audit log
+    /// does for room, stops waiting then: until the request is answered the program cannot
+    /// even be killed.
+    pub fn interrupted(&self) -> bool {
+        self.fuse_request.is_some_and(fuser::was_interrupted)
     }
 
     /// Fills in what a `setattr` changes, as the kernel sent it.

@@ -76,6 +76,114 @@ fn a_second_signal_writes_out_the_audit_records_before_stopping() {
     assert_eq!(lookups, 2000, "lookups in the audit log");
 }
 
+/// A program waiting for room in a full audit log can still be stopped, by Ctrl-C or
+/// SIGKILL: the kernel interrupts its request, and the daemon lets the operation through
+/// (it ignored interrupts, and the program waited, unkillable, until there was room). No
+/// record is lost: the signalled operations' records wait beyond the limit.
+#[test]
+fn a_program_waiting_on_a_full_audit_log_can_be_stopped() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir_in(test_root()).unwrap();
+    let log_dir = tmp.path().join("log");
+    fs::create_dir(&log_dir).unwrap();
+    let _log_fs = Tmpfs::mount(&log_dir, 1);
+    let log = log_dir.join("audit.jsonl");
+    // Declared before the mount so that, on failure, the mount goes first: a program held
+    // by the daemon cannot be reaped before.
+    let mut programs = Reaper::default();
+    let mut m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
+    let daemon_says = m.stderr_lines();
+    // Looks up one new name after another (a record each) until stopped.
+    let looker = |first: u64| {
+        Command::new(python())
+            // (-I: nothing is looked up in the current directory but the names.)
+            .args([
+                "-I",
+                "-c",
+                "import os, sys\n\
+                 i = int(sys.argv[1])\n\
+                 while True:\n\
+                 \x20   os.path.exists(f'name-{i}')\n\
+                 \x20   i += 1",
+                &first.to_string(),
+            ])
+            .current_dir(&m.mnt)
+            .spawn()
+            .unwrap()
+    };
+    let waiting_on_the_mount = |pid: u32| {
+        let wchan = format!("/proc/{pid}/wchan");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let at = fs::read_to_string(&wchan).unwrap_or_default();
+            if at == "request_wait_answer" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "program {pid} not waiting on the mount ({at})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let first = programs.add(looker(0));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match daemon_says.recv_timeout(left) {
+            Ok(line) if line.contains("records wait to be written") => break,
+            Ok(_) => {}
+            Err(e) => panic!("the daemon never said that operations wait ({e})"),
+        }
+    }
+    // From here every operation waits (the log has no room), so a program found waiting
+    // on the mount waits for room.
+    waiting_on_the_mount(programs.0[first].id());
+    signal(&programs.0[first], libc::SIGINT);
+    assert!(
+        wait_timeout(&mut programs.0[first], Duration::from_secs(20)).is_some(),
+        "a program waiting on the full audit log ignored Ctrl-C"
+    );
+    let second = programs.add(looker(1_000_000));
+    waiting_on_the_mount(programs.0[second].id());
+    signal(&programs.0[second], libc::SIGKILL);
+    assert!(
+        wait_timeout(&mut programs.0[second], Duration::from_secs(20)).is_some(),
+        "a program waiting on the full audit log survived SIGKILL"
+    );
+    // Room again: every record kept is written, in order.
+    run(Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&log_dir));
+    m.stop();
+    let mut firsts = Vec::new();
+    let mut seconds = Vec::new();
+    for line in audit_lines(&log) {
+        let Some(n) = line["path"].as_str().and_then(|p| p.strip_prefix("/name-")) else {
+            continue;
+        };
+        let n: u64 = n.parse().unwrap();
+        if n < 1_000_000 {
+            firsts.push(n);
+        } else {
+            seconds.push(n);
+        }
+    }
+    let expected = |from: u64, got: &[u64]| (from..from + got.len() as u64).collect::<Vec<_>>();
+    assert!(
+        firsts.len() > 10_000,
+        "{} records of the first program",
+        firsts.len()
+    );
+    assert_eq!(firsts, expected(0, &firsts), "records of the first program");
+    assert!(!seconds.is_empty(), "no record of the second program");
+    assert_eq!(
+        seconds,
+        expected(1_000_000, &seconds),
+        "records of the second program"
+    );
+}
+
 #[test]
 fn audit_logs_every_operation_with_caller_and_result() {
     let (_tmp, log, m) = audited_mount("");

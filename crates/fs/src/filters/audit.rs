@@ -150,7 +150,8 @@ impl Filter for Audit {
             "latency_us".into(),
             json!(outcome.latency.as_micros() as u64),
         );
-        self.sink.record(&Value::Object(map));
+        self.sink
+            .record_unless(&Value::Object(map), || req.interrupted());
     }
 
     fn close(&self) {

@@ -109,6 +109,23 @@ impl Mount {
         drop(self.child.as_mut().unwrap().stderr.take());
     }
 
+    /// The daemon's standard error from now on, line by line, read on a thread (so that a
+    /// test can wait for what the daemon says).
+    pub fn stderr_lines(&mut self) -> std::sync::mpsc::Receiver<String> {
+        use std::io::BufRead;
+        let stderr = self.child.as_mut().unwrap().stderr.take().unwrap();
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines_tx.send(line);
+            }
+        });
+        lines
+    }
+
     /// Sends `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
         signal(self.child.as_ref().unwrap(), sig);
