@@ -361,7 +361,7 @@ fn fs_mount(args: MountArgs) -> Result<()> {
     };
     // Before the readiness line: whoever unmounts it from then on waits for this process.
     match mount_at(&args.mountpoint) {
-        Some(m) if m.kind == "fuse.interpose" => interpose_fs::running::hold(&m.dev),
+        Some(m) if m.fs_type == "fuse.interpose" => interpose_fs::running::hold(&m.dev),
         _ => tracing::debug!("no mount of ours found at {}", args.mountpoint.display()),
     }
     // The readiness line: scripts and tests wait for it. A reader that has gone away is
@@ -576,53 +576,14 @@ fn raise_fd_limit() {
 
 /// The file system type mounted at `path` (its last mount there), from mountinfo.
 fn mounted_type(path: &std::path::Path) -> Option<String> {
-    mount_at(path).map(|m| m.kind)
-}
-
-/// A mount, as mountinfo describes it.
-struct MountEntry {
-    kind: String,
-    source: Vec<u8>,
-    /// The device number, "MAJOR:MINOR".
-    dev: String,
+    mount_at(path).map(|m| m.fs_type)
 }
 
 /// The mount at `path` (the last one made there), if one is.
-fn mount_at(path: &std::path::Path) -> Option<MountEntry> {
+fn mount_at(path: &std::path::Path) -> Option<interpose_core::mountinfo::Mount> {
     let path = std::fs::canonicalize(path).ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // Fields: id parent major:minor root mountpoint options [optional...] - type source
-    info.lines().rev().find_map(|l| {
-        let mut fields = l.split(' ');
-        let dev = fields.nth(2)?.to_owned();
-        let mp = fields.nth(1)?;
-        if unescape_mountinfo(mp) != path.as_os_str().as_encoded_bytes() {
-            return None;
-        }
-        let mut rest = fields.skip_while(|f| *f != "-");
-        rest.next();
-        let kind = rest.next()?.to_owned();
-        let source = unescape_mountinfo(rest.next().unwrap_or(""));
-        Some(MountEntry { kind, source, dev })
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash in paths as octal escapes.
-fn unescape_mountinfo(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    out
+    let mounts = interpose_core::mountinfo::mounts().ok()?;
+    mounts.into_iter().rev().find(|m| m.mount_point == path)
 }
 
 fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
@@ -638,7 +599,7 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     let entry = mount_at(mountpoint);
     match entry
         .as_ref()
-        .map(|m| (m.kind.as_str(), m.source.as_slice()))
+        .map(|m| (m.fs_type.as_str(), m.source.as_encoded_bytes()))
     {
         Some((t, source)) if t == "fuse.interpose" && source == b"interpose-blk" => {
             match (attach_pid(), interpose_blkdev::device_of(mountpoint)) {

@@ -312,9 +312,10 @@ fn within_10s(cond: impl Fn() -> bool) -> bool {
 
 /// Whether anything is mounted at `dir` (from /proc/self/mountinfo).
 fn mounted_at(dir: &Path) -> bool {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let dir = dir.to_str().unwrap();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+    interpose_core::mountinfo::mounts()
+        .unwrap()
+        .iter()
+        .any(|m| m.mount_point == dir)
 }
 
 /// The watchdog an attach process `pid` started (`interpose blk watchdog PID`, its child).

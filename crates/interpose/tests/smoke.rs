@@ -218,3 +218,38 @@ fn unmount_refuses_a_mount_that_is_not_interposes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A mount point whose name is not UTF-8 hides no mount: `fs unmount` read mountinfo as
+/// text, and with one such name anywhere on the machine said "not a mount point" of every
+/// mount (and `fs mount` stacked a second mount on a mounted point).
+#[test]
+fn a_mount_point_whose_name_is_not_utf8_hides_no_mount() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::Builder::new()
+        .prefix("interpose-test-bytes-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join(std::ffi::OsStr::from_bytes(b"mnt-\xfd"));
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Mount::start(&backing, &mnt, &[]);
+    let refused = mount_refused(&backing, &mnt, &[]);
+    assert!(
+        refused.contains("already"),
+        "a second mount there: {refused}"
+    );
+    let out = std::process::Command::new(bin())
+        .args(["fs", "unmount"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fs unmount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!is_mounted(&mnt), "still mounted");
+    let status = m.wait_exit(std::time::Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "daemon: {status:?}");
+}

@@ -1389,63 +1389,22 @@ fn refuse_inside(dir: &Path, backing: &Path, real: &Path) -> Result<(), Error> {
 /// (`MAJOR:MINOR`, from /proc/self/mountinfo) and the path from that file system's root,
 /// by the mount that covers it. None where mountinfo cannot be read.
 fn place_on_its_fs(path: &Path) -> Option<(String, PathBuf)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mut best: Option<(usize, String, PathBuf)> = None;
-    for line in info.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let (Some(dev), Some(root), Some(point)) = (fields.get(2), fields.get(3), fields.get(4))
-        else {
-            continue;
-        };
-        let (root, point) = (unescape_mountinfo(root), unescape_mountinfo(point));
-        let Ok(rest) = path.strip_prefix(&point) else {
+    for m in interpose_core::mountinfo::mounts().ok()? {
+        let Ok(rest) = path.strip_prefix(&m.mount_point) else {
             continue;
         };
         // The deepest mount point; of mounts on the same one, the last (on top).
-        let depth = point.components().count();
+        let depth = m.mount_point.components().count();
         if best.as_ref().is_none_or(|(d, _, _)| depth >= *d) {
-            best = Some((depth, dev.to_string(), root.join(rest)));
+            best = Some((depth, m.dev, m.root.join(rest)));
         }
     }
     best.map(|(_, dev, place)| (dev, place))
 }
 
-/// A path field of mountinfo, whose space, tab, newline and backslash come as `\OOO`.
-fn unescape_mountinfo(field: &str) -> PathBuf {
-    use std::os::unix::ffi::OsStringExt;
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .filter(|o| o.iter().all(|c| (b'0'..=b'7').contains(c)))
-            .map(|o| o.iter().fold(0u32, |n, c| n * 8 + u32::from(c - b'0')))
-            .and_then(|n| u8::try_from(n).ok());
-        match octal {
-            Some(byte) if b[i] == b'\\' => {
-                out.push(byte);
-                i += 4;
-            }
-            _ => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    PathBuf::from(std::ffi::OsString::from_vec(out))
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn mountinfo_paths_are_unescaped() {
-        assert_eq!(
-            super::unescape_mountinfo(r"/a\040b\134c\011\999\777\04"),
-            std::path::Path::new("/a b\\c\t\\999\\777\\04")
-        );
-    }
-
     use super::*;
 
     #[test]

@@ -39,10 +39,10 @@ pub fn event(what: std::fmt::Arguments) {
 /// Whether `path` is a mount point right now (from /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let want = path.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+    interpose_core::mountinfo::mounts()
+        .unwrap()
+        .iter()
+        .any(|m| m.mount_point == path)
 }
 
 /// Extra `fs mount` arguments for the transport under test: scripts/test.sh runs the suite
@@ -247,7 +247,6 @@ pub fn test_root() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
 }
 
-/// Runs a command, panicking with its output when it fails.
 /// Runs `interpose fs mount BACKING MNT ARGS...`, which must refuse; its stderr.
 /// A mount that is accepted after all is unmounted again before the test fails.
 pub fn mount_refused(backing: &Path, mnt: &Path, args: &[&str]) -> String {
