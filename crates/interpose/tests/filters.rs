@@ -93,21 +93,22 @@ fn a_program_waiting_on_a_full_audit_log_can_be_stopped() {
     let mut programs = Reaper::default();
     let mut m = Mount::new(&["--filter", &format!("audit={}", log.display())]);
     let daemon_says = m.stderr_lines();
-    // Looks up one new name after another (a record each) until stopped.
+    // Looks up one new name after another (a record each) until stopped. (Not run in
+    // the mount: its chdir there could wait for room; -I: nothing is looked up in the
+    // current directory.)
     let looker = |first: u64| {
         Command::new(python())
-            // (-I: nothing is looked up in the current directory but the names.)
             .args([
                 "-I",
                 "-c",
                 "import os, sys\n\
-                 i = int(sys.argv[1])\n\
+                 i, mnt = int(sys.argv[1]), sys.argv[2]\n\
                  while True:\n\
-                 \x20   os.path.exists(f'name-{i}')\n\
+                 \x20   os.path.exists(f'{mnt}/name-{i}')\n\
                  \x20   i += 1",
                 &first.to_string(),
             ])
-            .current_dir(&m.mnt)
+            .arg(&m.mnt)
             .spawn()
             .unwrap()
     };
@@ -176,7 +177,7 @@ fn a_program_waiting_on_a_full_audit_log_can_be_stopped() {
         firsts.len()
     );
     assert_eq!(firsts, expected(0, &firsts), "records of the first program");
-    assert!(!seconds.is_empty(), "no record of the second program");
+    // (It may have been killed in the lookup of the mount point, before its first name.)
     assert_eq!(
         seconds,
         expected(1_000_000, &seconds),
