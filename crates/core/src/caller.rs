@@ -126,3 +126,25 @@ impl ProcessCache {
         self.0.get(tid)
     }
 }
+
+/// Whether the thread `tid` is being killed: a fatal signal (SIGKILL, or one whose default
+/// action ends it) is pending for it. The kernel marks every thread of a process that
+/// such a signal ends with a pending SIGKILL. Unknown (tid 0, from another pid namespace;
+/// /proc unreadable): not killed.
+pub fn being_killed(tid: u32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    if tid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("SigPnd:")
+                .or_else(|| l.strip_prefix("ShdPnd:"))
+        })
+        .filter_map(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .any(|mask| mask & SIGKILL_BIT != 0)
+}

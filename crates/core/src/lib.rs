@@ -9,5 +9,5 @@ mod caller;
 mod errno;
 pub mod mountinfo;
 
-pub use caller::{Caller, ExeCache, ProcessCache};
+pub use caller::{being_killed, Caller, ExeCache, ProcessCache};
 pub use errno::{errno_from_name, errno_name};

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use interpose_core::Caller;
+pub use interpose_core::{being_killed, Caller};
 
 /// Every operation the file system serves, as filters see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

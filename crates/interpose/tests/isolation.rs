@@ -7938,3 +7938,104 @@ fn a_commit_that_stops_where_a_killed_one_had_gone_on_still_finishes() {
     }
     assert_eq!(num(&status(&d.store), "pending_changes"), 0);
 }
+
+/// Waits until process `pid` waits for the answer to a FUSE request.
+fn waiting_on_a_fuse_request(pid: u32) {
+    let wchan = format!("/proc/{pid}/wchan");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let at = fs::read_to_string(&wchan).unwrap_or_default();
+        if at == "request_wait_answer" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} not waiting on the mount ({at:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A program waiting on the mount while a mounted commit runs can be killed: the commit
+/// holds the view as long as it runs, and the kernel waits for the answer to a request the
+/// daemon has taken even for SIGKILL, so the program lived until the commit ended. One
+/// that only gets a signal it handles waits on, and is then served.
+#[test]
+fn a_program_waiting_for_a_mounted_commit_can_be_killed() {
+    use std::time::Duration;
+    let d = dirs();
+    let fs_ = LoopFs::new(64);
+    let backing = fs_.dir.join("backing");
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start(&backing, &d.mnt, &["--isolate", s(&d.store)]);
+    fs::write(d.mnt.join("f"), b"pending\n").unwrap();
+    let mut programs = Reaper::default();
+    // BACKING frozen: the commit stops at its first write there, holding the view. (Thawed
+    // first when the test fails, so that what waits on the commit can end.)
+    run(Command::new("fsfreeze").arg("-f").arg(&fs_.dir));
+    let _thaw = Undo("fsfreeze", "-u", fs_.dir.clone());
+    let committer = programs.add(
+        Command::new(bin())
+            .args(["isolation", "commit"])
+            .arg(&d.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !d.store.join("commit").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never began"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A name never looked up: its lookup reaches the daemon, and waits for the commit.
+    let doomed = programs.add(
+        Command::new("stat")
+            .arg(d.mnt.join("never-seen"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    waiting_on_a_fuse_request(programs.0[doomed].id());
+    signal(&programs.0[doomed], libc::SIGKILL);
+    assert!(
+        wait_timeout(&mut programs.0[doomed], Duration::from_secs(20)).is_some(),
+        "a program waiting for the mounted commit survived SIGKILL"
+    );
+    let patient = programs.add(
+        Command::new(python())
+            .args([
+                "-c",
+                "import signal, sys\n\
+                 signal.signal(signal.SIGUSR1, lambda *_: None)\n\
+                 print('ready', flush=True)\n\
+                 sys.stdout.write(open(sys.argv[1]).read())",
+            ])
+            // (Not run in the mount: a chdir there would wait for the commit.)
+            .arg(d.mnt.join("f"))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = programs.0[patient].stdout.take().unwrap();
+    let mut ready = [0u8; 6];
+    stdout.read_exact(&mut ready).unwrap();
+    waiting_on_a_fuse_request(programs.0[patient].id());
+    signal(&programs.0[patient], libc::SIGUSR1);
+    run(Command::new("fsfreeze").arg("-u").arg(&fs_.dir));
+    let status = wait_timeout(&mut programs.0[committer], Duration::from_secs(60))
+        .expect("the commit did not end after the thaw");
+    let err = stderr_of(&mut programs.0[committer]);
+    assert!(status.success(), "commit: {status}\n{err}");
+    let mut out = String::new();
+    stdout.read_to_string(&mut out).unwrap();
+    let status = wait_timeout(&mut programs.0[patient], Duration::from_secs(20)).unwrap();
+    assert!(status.success(), "the patient program: {status}");
+    assert_eq!(out, "pending\n", "what the patient program read");
+    assert_eq!(fs::read(backing.join("f")).unwrap(), b"pending\n");
+    m.stop();
+}

@@ -23,7 +23,7 @@ use fuser::{
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use interpose_fs::filter::{caller_of, Caller, Chain, Op, Request, Verdict};
+use interpose_fs::filter::{being_killed, caller_of, Caller, Chain, Op, Request, Verdict};
 use interpose_fs::reply::{check_name, reply_empty, reply_xattr};
 
 use crate::change::{NewKind, RawPath, Time};
@@ -227,12 +227,38 @@ impl IsolatedFs {
         body: impl FnOnce() -> Res<T>,
         bytes: impl FnOnce(&T) -> u64,
     ) -> Res<T> {
+        if !matches!(op, Op::Release | Op::Releasedir) {
+            self.wait_for_view(req)?;
+        }
         let request = || {
             let mut r = Request::of(req, op, paths(&self.0.view.lock()));
             detail(&mut r);
             r
         };
         self.chain().around(request, body, bytes)
+    }
+
+    /// Waits until the view is free (a mounted commit or discard holds it as long as it
+    /// runs), unless the caller is killed meanwhile: then EINTR, and nothing done. The
+    /// kernel waits for the answer to a request the daemon has taken even for SIGKILL, so
+    /// a program would live until the commit ended; one that only got a signal it
+    /// handles waits on, as it would for a disk. (A commit that starts after this gate
+    /// can still hold the operation up at its next lock.) Releases never come here: their
+    /// file handles must always be closed.
+    fn wait_for_view(&self, req: &fuser::Request) -> Res<()> {
+        /// How often a waiting request looks whether its caller is being killed.
+        const POLL: Duration = Duration::from_millis(20);
+        if self.0.view.try_lock().is_some() {
+            return Ok(());
+        }
+        loop {
+            if self.0.view.try_lock_for(POLL).is_some() {
+                return Ok(());
+            }
+            if fuser::was_interrupted(req.unique()) && being_killed(req.pid()) {
+                return Err(libc::EINTR);
+            }
+        }
     }
 
     /// [`IsolatedFs::filtered`] of an operation on node `id` that moves no bytes.
