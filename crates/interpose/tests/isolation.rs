@@ -8039,3 +8039,53 @@ fn a_program_waiting_for_a_mounted_commit_can_be_killed() {
     assert_eq!(fs::read(backing.join("f")).unwrap(), b"pending\n");
     m.stop();
 }
+
+/// BACKING and STORE named in bytes that are not UTF-8: the store records them exactly
+/// (store.json's `backing` is then `{"raw": [bytes]}`), and `status` says them so. The
+/// mount panicked making the store, and `status` failed (mounted, the daemon's request
+/// thread panicked).
+#[test]
+fn a_store_and_backing_named_in_bytes_that_are_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = dirs();
+    let backing = d
+        .tmp
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"backing-\xff"));
+    let store = d
+        .tmp
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"store-\xfe"));
+    fs::create_dir(&backing).unwrap();
+    let m = Mount::start_os(
+        &[],
+        &backing,
+        &d.mnt,
+        &["--isolate".as_ref(), store.as_os_str()],
+    );
+    fs::write(d.mnt.join("f"), b"data\n").unwrap();
+    let raw = |v: &Value| -> Vec<u8> {
+        v["raw"]
+            .as_array()
+            .unwrap_or_else(|| panic!("not raw bytes: {v}"))
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect()
+    };
+    let mounted = status(&store);
+    assert_eq!(raw(&mounted["store"]), store.as_os_str().as_bytes());
+    assert_eq!(raw(&mounted["backing"]), backing.as_os_str().as_bytes());
+    assert_eq!(mounted["pending_changes"], 2, "{mounted}");
+    m.stop();
+    let unmounted = status(&store);
+    assert_eq!(raw(&unmounted["backing"]), backing.as_os_str().as_bytes());
+    let text = run(Command::new(bin())
+        .args(["isolation", "status"])
+        .arg(&store));
+    assert!(text.contains("backing-"), "{text}");
+    let out = run(Command::new(bin())
+        .args(["isolation", "commit"])
+        .arg(&store));
+    assert!(out.contains("committed up to change 2"), "{out}");
+    assert_eq!(fs::read(backing.join("f")).unwrap(), b"data\n");
+}

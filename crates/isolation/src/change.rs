@@ -62,6 +62,22 @@ impl<'de> Deserialize<'de> for RawPath {
     }
 }
 
+/// serde of a `PathBuf` that need not be UTF-8 as a [`RawPath`] (a string when it is):
+/// `#[serde(with = "crate::change::raw_path_buf")]`.
+pub mod raw_path_buf {
+    use super::RawPath;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::path::{Path, PathBuf};
+
+    pub fn serialize<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        RawPath::from_path(p).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        Ok(RawPath::deserialize(d)?.to_path_buf())
+    }
+}
+
 /// A run of consecutive blocks in a data change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Run {

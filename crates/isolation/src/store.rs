@@ -39,6 +39,7 @@ pub struct Meta {
     /// 32 hex digits; also in the journal's header.
     pub id: String,
     /// The backing directory, absolute.
+    #[serde(with = "crate::change::raw_path_buf")]
     pub backing: PathBuf,
     pub backing_dev: u64,
     pub backing_ino: u64,
@@ -63,7 +64,9 @@ impl Meta {
 /// What `isolation status` reports.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
+    #[serde(with = "crate::change::raw_path_buf")]
     pub store: PathBuf,
+    #[serde(with = "crate::change::raw_path_buf")]
     pub backing: PathBuf,
     /// Sequence number of the last change (0: none ever).
     pub last_seq: u64,

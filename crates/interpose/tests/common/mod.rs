@@ -344,6 +344,17 @@ impl Mount {
 
     /// Like [`Mount::start`], with the daemon run under `prefix` (see [`Mount::new_with_prefix`]).
     pub fn start_with_prefix(prefix: &[&str], backing: &Path, mnt: &Path, args: &[&str]) -> Mount {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        Mount::start_os(prefix, backing, mnt, &args)
+    }
+
+    /// [`Mount::start_with_prefix`] with arguments that need not be UTF-8.
+    pub fn start_os(
+        prefix: &[&str],
+        backing: &Path,
+        mnt: &Path,
+        args: &[&std::ffi::OsStr],
+    ) -> Mount {
         let mut command = match prefix.split_first() {
             Some((program, wrapper)) => {
                 let mut c = Command::new(program);
