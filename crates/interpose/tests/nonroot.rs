@@ -651,3 +651,46 @@ fn trusted_xattrs_are_not_listed_to_callers_who_are_not_root() {
         m.stop();
     }
 }
+
+/// A store another user made, or may write to, is refused before anything in it is
+/// touched: its files named as symlinks made root create and pad files of the user's
+/// choosing, and its journal would be the user's to write into BACKING at the commit. A
+/// store the mount makes is its owner's only (mode 700): it holds the data of every file
+/// changed in the view, 0600 ones among them.
+#[test]
+fn a_store_another_user_made_or_may_write_is_refused() {
+    let base = tempfile::tempdir_in(test_root()).unwrap();
+    let (backing, mnt) = (base.path().join("backing"), base.path().join("mnt"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let victim = base.path().join("victim");
+    fs::write(&victim, b"root's\n").unwrap();
+    // Made by the user, with a trap in it.
+    let planted = base.path().join("planted.store");
+    dir(&planted, NOBODY, NOBODY, 0o755);
+    symlink(&victim, planted.join("reserve")).unwrap();
+    lchown(&planted.join("reserve"), NOBODY, NOBODY);
+    let err = mount_refused(&backing, &mnt, &["--isolate", planted.to_str().unwrap()]);
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    assert_eq!(
+        fs::read(&victim).unwrap(),
+        b"root's\n",
+        "the planted link was followed"
+    );
+    let out = output(
+        Command::new(bin())
+            .args(["isolation", "status"])
+            .arg(&planted),
+    );
+    assert!(!out.status.success());
+    // Root's, but anyone may write there.
+    let open = base.path().join("open.store");
+    dir(&open, 0, 0, 0o777);
+    let err = mount_refused(&backing, &mnt, &["--isolate", open.to_str().unwrap()]);
+    assert!(err.contains("chmod 700"), "{err}");
+    // A store the mount makes.
+    let store = base.path().join("deep/new.store");
+    let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    m.stop();
+    assert_eq!(fs::metadata(&store).unwrap().mode() & 0o777, 0o700);
+}

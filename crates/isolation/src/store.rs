@@ -285,6 +285,36 @@ fn allocated(f: &File) -> u64 {
     f.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
+/// A store is used only by the user who owns its directory, and only if no one else may
+/// write there. Anyone who could put files in it could make its user write what they
+/// chose into BACKING at the commit (a journal of their making), or into files of their
+/// choosing through symlinks named like the store's files.
+fn refuse_unless_own(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let md = match std::fs::metadata(dir) {
+        Ok(md) => md,
+        // Said by what opens it, in its own words.
+        Err(_) => return Ok(()),
+    };
+    let me = rustix::process::geteuid().as_raw();
+    if md.uid() != me {
+        return Err(Error::Control(format!(
+            "the store {} belongs to uid {}, not to this user (uid {me}): a store is used              only by its owner; run this as its owner, or give it to this user (chown -R)",
+            dir.display(),
+            md.uid()
+        )));
+    }
+    if md.mode() & 0o022 != 0 {
+        return Err(Error::Control(format!(
+            "the store {} may be written by other users (mode {:o}); make it its owner's              only: chmod 700 {}",
+            dir.display(),
+            md.mode() & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -394,13 +424,20 @@ impl Store {
                 leftover
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                // Its owner's only: it holds the data of every file changed in the view.
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| Error::io(dir, e))?;
                 true
             }
             Err(e) => return Err(Error::io(dir, e)),
         };
         let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         refuse_inside(&dir, &backing, &dir)?;
+        refuse_unless_own(&dir)?;
         if fresh {
             let lock = Self::lock(&dir)?;
             let id: [u8; 16] = rand::random();
@@ -491,6 +528,7 @@ impl Store {
 
     /// Opens an existing store and takes its lock ([`Error::Busy`] if a mount holds it).
     pub fn open(dir: &Path) -> Result<Store, Error> {
+        refuse_unless_own(dir)?;
         let p = dir.join(META);
         let text = match std::fs::read(&p) {
             Ok(t) => t,
