@@ -30,13 +30,20 @@ pub fn hold(dev: &str) {
     let p = lock_path(dev);
     let taken = std::fs::create_dir_all(RUN_DIR)
         .and_then(|()| {
+            use std::os::unix::fs::OpenOptionsExt;
             OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
+                .mode(0o600)
                 .open(&p)
         })
         .and_then(|mut f| {
+            // Readable by the daemon's user only: anyone who can open a lock file can
+            // flock it (a read-only descriptor does), and would hold up this mount's
+            // start and its unmounts. (Files made before were 0644.)
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             // The device number is reused as soon as the old mount is gone, which may be
             // before its daemon has exited: wait for that one a while.
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -253,3 +253,32 @@ fn a_mount_point_whose_name_is_not_utf8_hides_no_mount() {
     let status = m.wait_exit(std::time::Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "daemon: {status:?}");
 }
+
+/// The file a daemon holds locked while it runs (/run/interpose/fs/MAJOR:MINOR) is its
+/// user's only: anyone who can open it can flock it, even read-only, and held up the
+/// mount's start by 10 s and every unmount of it by 30 s ("daemon still finishing").
+#[test]
+fn the_lock_a_daemon_holds_is_root_s_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // As earlier versions left them (the files stay; the next mount with the same device
+    // number takes its file).
+    for e in std::fs::read_dir("/run/interpose/fs")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));
+    }
+    let m = Mount::new(&[]);
+    let dev = interpose_core::mountinfo::mounts()
+        .unwrap()
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == std::fs::canonicalize(&m.mnt).unwrap())
+        .unwrap()
+        .dev;
+    let lock = std::path::Path::new("/run/interpose/fs").join(&dev);
+    let mode = std::fs::metadata(&lock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", lock.display());
+    m.stop();
+}
