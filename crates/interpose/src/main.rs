@@ -639,6 +639,7 @@ fn fs_unmount(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
                 cmd.arg("-z");
             }
             let status = cmd
+                .arg("--") // a mount point named like an option
                 .arg(mountpoint)
                 .status()
                 .context("running fusermount3")?;

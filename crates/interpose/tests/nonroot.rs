@@ -694,3 +694,104 @@ fn a_store_another_user_made_or_may_write_is_refused() {
     m.stop();
     assert_eq!(fs::metadata(&store).unwrap().mode() & 0o777, 0o700);
 }
+
+/// A user's own daemon mounts through fusermount3, which takes its options as one
+/// comma-separated list: a BACKING named with a comma added options of its name (`b,ro`
+/// made the mount read-only, `b,allow_other` opened a `--private` mount to every user).
+#[test]
+fn a_users_mount_of_a_backing_named_with_commas_takes_no_option_from_the_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let _restore = users_may_open_dev_fuse();
+    let base = tempfile::tempdir_in(test_root()).unwrap();
+    make_traversable(base.path());
+    let backing = base.path().join("bk,ro,allow_other");
+    let mnt = base.path().join("mnt");
+    dir(&backing, NOBODY, NOBODY, 0o755);
+    dir(&mnt, NOBODY, NOBODY, 0o755);
+    let user = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ];
+    let m = Mount::start_with_prefix(&user, &backing, &mnt, &["--private"]);
+    let entry = interpose_core::mountinfo::mounts()
+        .unwrap()
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == mnt)
+        .expect("the user's mount in mountinfo");
+    assert_eq!(entry.source.as_bytes(), backing.as_os_str().as_bytes());
+    let options = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let line = options
+        .lines()
+        .rev()
+        .find(|l| l.contains(mnt.to_str().unwrap()))
+        .unwrap();
+    // (Fields: ... mountpoint options ... - type source superoptions.)
+    let (mount_options, super_options) = (line.split(' ').nth(5), line.split(' ').next_back());
+    assert!(
+        mount_options.is_some_and(|o| o.starts_with("rw,")),
+        "{line}"
+    );
+    assert!(
+        super_options.is_some_and(|o| o.starts_with("rw,") && !o.contains("allow_other")),
+        "{line}"
+    );
+    run(as_user(NOBODY, NOBODY, &[])
+        .args(["touch"])
+        .arg(mnt.join("written")));
+    m.stop();
+    assert!(backing.join("written").exists());
+}
+
+/// `setpriv` arguments that run a command as uid and gid 65534, without other groups.
+const AS_NOBODY: [&str; 5] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--",
+];
+
+/// A user's daemon mounts through fusermount3, which opens /dev/fuse as the user: where it
+/// is root's only, users may open it until the returned value is dropped. (Tests doing so
+/// take turns: one putting the mode back must not pull it from under another's mount.)
+fn users_may_open_dev_fuse() -> (Undo, fs::File) {
+    let turn = fs::File::create(std::env::temp_dir().join("interpose-test-dev-fuse.lock")).unwrap();
+    rustix::fs::flock(&turn, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let fuse_mode = fs::metadata("/dev/fuse").unwrap().mode() & 0o777;
+    fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    let restore = Undo(
+        "chmod",
+        Box::leak(format!("{fuse_mode:o}").into_boxed_str()),
+        "/dev/fuse".into(),
+    );
+    // (A tuple drops in order: the mode is back before the turn passes.)
+    (restore, turn)
+}
+
+/// A user's daemon unmounts through `fusermount3 -u` when it stops: it gave it the mount
+/// point's name made lossy, so a mount point named in bytes that are not UTF-8 stayed
+/// mounted, dead ("Transport endpoint is not connected").
+#[test]
+fn a_users_daemon_unmounts_a_mount_point_named_in_bytes_when_it_stops() {
+    use std::os::unix::ffi::OsStrExt;
+    let _restore = users_may_open_dev_fuse();
+    let base = tempfile::tempdir_in(test_root()).unwrap();
+    make_traversable(base.path());
+    let backing = base.path().join("backing");
+    let mnt = base.path().join(std::ffi::OsStr::from_bytes(b"mnt-\xfe"));
+    dir(&backing, NOBODY, NOBODY, 0o755);
+    dir(&mnt, NOBODY, NOBODY, 0o755);
+    let m = Mount::start_with_prefix(&AS_NOBODY, &backing, &mnt, &["--private"]);
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.stop()));
+    if is_mounted(&mnt) {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+        panic!("the mount stayed after its daemon stopped");
+    }
+    if let Err(panic) = stopped {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -145,12 +145,20 @@ fn fuse_unmount_pure(mountpoint: &CStr) {
 
     let mut builder = Command::new(detect_fusermount_bin());
     builder.stdout(Stdio::piped()).stderr(Stdio::piped());
-    builder
-        .arg("-u")
-        .arg("-q")
-        .arg("-z")
-        .arg("--")
-        .arg(OsStr::new(&mountpoint.to_string_lossy().into_owned()));
+    // interpose: in a process group of its own, so that a second Ctrl-C at the terminal,
+    // which stops the daemon, cannot kill the unmount half done and leave a dead mount;
+    // the mount point as it is (a lossy name would unmount another path, or none).
+    {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::process::CommandExt;
+        builder.process_group(0);
+        builder
+            .arg("-u")
+            .arg("-q")
+            .arg("-z")
+            .arg("--")
+            .arg(OsStr::from_bytes(mountpoint.to_bytes()));
+    }
 
     if let Ok(output) = builder.output() {
         debug!("fusermount: {}", String::from_utf8_lossy(&output.stdout));

@@ -150,12 +150,26 @@ fn conflicts_with(option: &MountOption) -> Vec<MountOption> {
     }
 }
 
+/// A value fusermount reads whole: its commas and backslashes escaped with a backslash.
+fn escape_option_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c == ',' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 // Format option to be passed to libfuse or kernel
 #[allow(dead_code)]
 pub(crate) fn option_to_string(option: &MountOption) -> String {
     match option {
-        MountOption::FSName(name) => format!("fsname={name}"),
-        MountOption::Subtype(subtype) => format!("subtype={subtype}"),
+        // interpose: fusermount splits options at commas and takes a backslash in these
+        // two as an escape; unescaped, a BACKING named `b,allow_other` set allow_other.
+        MountOption::FSName(name) => format!("fsname={}", escape_option_value(name)),
+        MountOption::Subtype(subtype) => format!("subtype={}", escape_option_value(subtype)),
         MountOption::CUSTOM(value) => value.to_string(),
         MountOption::AutoUnmount => "auto_unmount".to_string(),
         MountOption::DefaultPermissions => "default_permissions".to_string(),
