@@ -351,12 +351,36 @@ impl FilterFs {
         body: impl FnOnce() -> Res<()> + Send + 'static,
         reply: ReplyEmpty,
     ) {
+        self.offload_with(
+            req,
+            op,
+            paths,
+            |_| {},
+            body,
+            |()| 0,
+            move |res| reply_empty(reply, res),
+        );
+    }
+
+    /// [`Self::offload`] of a call with a result: `bytes` says how many bytes a success
+    /// moved (for the filters), `answer` replies.
+    #[allow(clippy::too_many_arguments)]
+    fn offload_with<T: 'static>(
+        &self,
+        req: &fuser::Request,
+        op: Op,
+        paths: impl FnOnce() -> (PathBuf, Option<PathBuf>),
+        detail: impl FnOnce(&mut Request),
+        body: impl FnOnce() -> Res<T> + Send + 'static,
+        bytes: impl FnOnce(&T) -> u64 + Send + 'static,
+        answer: impl FnOnce(Res<T>) + Send + 'static,
+    ) {
         let admitted = if self.chain.is_empty() {
             None
         } else {
-            match self.chain.admit(request(req, op, paths, |_| {})) {
+            match self.chain.admit(request(req, op, paths, detail)) {
                 Ok(admitted) => Some(admitted),
-                Err(errno) => return reply.error(Errno::from_i32(errno)),
+                Err(errno) => return answer(Err(errno)),
             }
         };
         let uid = req.uid();
@@ -364,11 +388,18 @@ impl FilterFs {
             sys::act_for(uid);
             let res = body();
             if let Some(admitted) = admitted {
-                admitted.finish(res.map(|()| 0));
+                admitted.finish(res.as_ref().map(bytes).map_err(|e| *e));
             }
-            reply_empty(reply, res);
+            answer(res);
         };
-        let limit = self.opts.threads.saturating_sub(1);
+        // Over io_uring each CPU has its own few workers, and the kernel gives a request
+        // from that CPU to an entry of one of them, also of a worker busy with a request:
+        // such a call never stays on the worker. (Two copies or fsyncs from one CPU held
+        // up its stats for their whole length.)
+        let limit = match fuser::uring_worker() {
+            Some(_) => 0,
+            None => self.opts.threads.saturating_sub(1),
+        };
         if self.blocking_inline.fetch_add(1, Ordering::AcqRel) < limit {
             job();
         } else {
@@ -2081,35 +2112,39 @@ impl Filesystem for FilterFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let files = self.file(fh_in).and_then(|a| Ok((a, self.file(fh_out)?)));
-        let res = files.and_then(|(src, dst)| {
-            self.filtered(
-                req,
-                Op::CopyFileRange,
-                || (self.inodes.path(src.node), Some(self.inodes.path(dst.node))),
-                |r| {
-                    r.offset = Some(offset_in);
-                    r.size = Some(len);
-                },
-                || {
-                    let (mut oi, mut oo) = (offset_in, offset_out);
-                    let n = rustix::fs::copy_file_range(
-                        &src.fd,
-                        Some(&mut oi),
-                        &dst.fd,
-                        Some(&mut oo),
-                        len.min(u32::MAX as u64 & !0xfff) as usize,
-                    )
-                    .map_err(errno_of)?;
-                    Ok(n)
-                },
-                |n| *n as u64,
-            )
-        });
-        match res {
-            Ok(n) => reply.written(n as u32),
-            Err(e) => reply.error(Errno::from_i32(e)),
-        }
+        let (src, dst) = match self.file(fh_in).and_then(|a| Ok((a, self.file(fh_out)?))) {
+            Ok(files) => files,
+            Err(e) => return reply.error(Errno::from_i32(e)),
+        };
+        // It waits on the disk as long as it copies (a GB takes seconds).
+        self.offload_with(
+            req,
+            Op::CopyFileRange,
+            {
+                let (from, to) = (src.node, dst.node);
+                move || (self.inodes.path(from), Some(self.inodes.path(to)))
+            },
+            |r| {
+                r.offset = Some(offset_in);
+                r.size = Some(len);
+            },
+            move || {
+                let (mut oi, mut oo) = (offset_in, offset_out);
+                rustix::fs::copy_file_range(
+                    &src.fd,
+                    Some(&mut oi),
+                    &dst.fd,
+                    Some(&mut oo),
+                    len.min(u32::MAX as u64 & !0xfff) as usize,
+                )
+                .map_err(errno_of)
+            },
+            |n| *n as u64,
+            move |res| match res {
+                Ok(n) => reply.written(n as u32),
+                Err(e) => reply.error(Errno::from_i32(e)),
+            },
+        );
     }
 }
 

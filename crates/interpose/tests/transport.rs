@@ -168,3 +168,101 @@ fn a_daemon_killed_while_serving_over_io_uring_leaves_a_mount_that_unmounts() {
     assert_eq!(std::fs::read(m2.mnt.join("kept")).unwrap(), b"fsynced");
     m2.stop();
 }
+
+/// Calls that wait on the disk as long as they copy or sync leave the other requests from
+/// the same CPU served. Over io_uring only a CPU's own workers (two) take its requests, so
+/// two such calls from one CPU held up everything else from it: a stat waited for the
+/// copies. Here the copies wait on a frozen BACKING, for as long as the test likes.
+#[test]
+fn requests_from_a_cpu_whose_workers_wait_on_the_disk_are_served() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let fs_ = LoopFs::new(64);
+    let backing = fs_.dir.join("backing");
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::write(backing.join("src"), vec![7u8; 1 << 20]).unwrap();
+    let mnt = tempfile::Builder::new()
+        .prefix("interpose-test-cpu-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let m = Mount::start(&backing, mnt.path(), &[]);
+    let mut programs = Reaper::default();
+    // Each opens its files, says so, and copies when told: made while BACKING can still
+    // be written.
+    let mut copiers = Vec::new();
+    for i in 0..2 {
+        let mut child = std::process::Command::new("taskset")
+            .args(["-c", "0", "python3", "-I", "-c"])
+            .arg(
+                "import os, sys\n\
+                 s = os.open(sys.argv[1] + '/src', os.O_RDONLY)\n\
+                 d = os.open(sys.argv[1] + '/dst' + sys.argv[2], os.O_WRONLY | os.O_CREAT, 0o644)\n\
+                 print('ready', flush=True)\n\
+                 sys.stdin.readline()\n\
+                 n = 0\n\
+                 while n < 1 << 20:\n\
+                 \x20   n += os.copy_file_range(s, d, (1 << 20) - n)\n",
+            )
+            .arg(mnt.path())
+            .arg(i.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "ready\n");
+        let stdin = child.stdin.take().unwrap();
+        copiers.push((programs.add(child), stdin));
+    }
+    run(std::process::Command::new("fsfreeze")
+        .arg("-f")
+        .arg(&fs_.dir));
+    let _thaw = Undo("fsfreeze", "-u", fs_.dir.clone());
+    for (i, stdin) in &mut copiers {
+        writeln!(stdin, "go").unwrap();
+        let wchan = format!("/proc/{}/wchan", programs.0[*i].id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_to_string(&wchan).unwrap_or_default() != "request_wait_answer" {
+            assert!(
+                Instant::now() < deadline,
+                "copier {i} never waited on the mount"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // A lookup from the same CPU (a name never looked up, so the daemon is asked).
+    let mut probe = std::process::Command::new("taskset")
+        .args(["-c", "0", "stat"])
+        .arg(mnt.path().join("probe"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let answered = wait_timeout(&mut probe, Duration::from_secs(20));
+    if answered.is_none() {
+        let _ = probe.kill();
+    }
+    run(std::process::Command::new("fsfreeze")
+        .arg("-u")
+        .arg(&fs_.dir));
+    let _ = probe.wait();
+    for (i, _) in &copiers {
+        let status = wait_timeout(&mut programs.0[*i], Duration::from_secs(60)).unwrap();
+        assert!(status.success(), "copier {i}: {status}");
+    }
+    assert!(
+        answered.is_some(),
+        "a stat from the CPU of two waiting copies was not answered"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            std::fs::read(backing.join(format!("dst{i}"))).unwrap(),
+            vec![7u8; 1 << 20]
+        );
+    }
+    m.stop();
+}

@@ -81,6 +81,8 @@ pub use crate::session::Session;
 pub use crate::session::SessionACL;
 pub use crate::session::SessionUnmounter;
 pub use crate::uring::UringConfig;
+pub use crate::uring::UringWorker;
+pub use crate::uring::uring_worker;
 
 mod access_flags;
 mod bsd_file_flags;

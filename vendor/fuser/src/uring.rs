@@ -85,9 +85,35 @@ impl Default for UringConfig {
     fn default() -> Self {
         UringConfig {
             threads_per_queue: 2,
-            entries_per_thread: 1,
+            // interpose: an entry stays taken until its request is answered, also while
+            // the request waits on another thread (a long fsync handed to a pool): with
+            // one entry per worker, two such requests took a CPU's every entry.
+            entries_per_thread: 2,
         }
     }
+}
+
+/// interpose: a worker thread serving one CPU's queue, as [`uring_worker`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UringWorker {
+    /// The queue (the CPU) it serves.
+    pub queue: usize,
+    /// How many workers serve that queue, each with its entries: the kernel gives a
+    /// request from that CPU to a free entry of any of them, unlike over /dev/fuse, where
+    /// any free thread takes it. A worker busy with one request holds up what reaches
+    /// its other entries.
+    pub workers: usize,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<Option<UringWorker>> = const { std::cell::Cell::new(None) };
+}
+
+/// The io_uring queue the calling thread serves, if it is one of its workers (a file
+/// system hands a call that may wait long elsewhere rather than take the queue's last
+/// free worker).
+pub fn uring_worker() -> Option<UringWorker> {
+    WORKER.get()
 }
 
 /// The memory of one ring entry (see the module comment for who may touch it when).
@@ -456,9 +482,14 @@ impl Workers {
                 let se = make_loop(name.clone());
                 let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
                 let worker_ring = ring.clone();
-                let thread = std::thread::Builder::new()
-                    .name(name)
-                    .spawn(move || run_worker(worker_ring, se, qid, ready_tx))?;
+                let per_queue = config.threads_per_queue.max(1);
+                let thread = std::thread::Builder::new().name(name).spawn(move || {
+                    WORKER.set(Some(UringWorker {
+                        queue: qid,
+                        workers: per_queue,
+                    }));
+                    run_worker(worker_ring, se, qid, ready_tx)
+                })?;
                 workers.rings.push(ring);
                 workers.threads.push(thread);
                 match ready_rx.recv() {
