@@ -663,3 +663,183 @@ fn an_interrupted_commit_that_does_not_fit_the_journal_is_refused() {
     assert!(!base.store.join("commit").exists());
     assert!(fs::read(base.backing.join("made/f")).unwrap().len() == 2 * 4096 + 10);
 }
+
+/// Where each record of a journal's bytes starts, with its sequence number (up to the
+/// zeros written ahead or the last sync's mark).
+fn record_starts(bytes: &[u8]) -> Vec<(usize, u64)> {
+    let mut starts = Vec::new();
+    let mut off = HEADER;
+    while off + RECORD_HEADER <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        if len == 0 || bytes[off..].starts_with(b"IPSYNCED") {
+            break;
+        }
+        starts.push((
+            off,
+            u64::from_le_bytes(bytes[off + 8..off + 16].try_into().unwrap()),
+        ));
+        off += len;
+    }
+    starts
+}
+
+/// `interpose isolation SUB STORE EXTRA...`: exit code, stdout and stderr.
+fn iso_run(sub: &str, store: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = support::output(
+        Command::new(bin())
+            .args(["isolation", sub])
+            .arg(store)
+            .args(extra),
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn backing_manifest(backing: &Path) -> Vec<String> {
+    support::manifest(
+        backing,
+        support::ManifestOpts {
+            mtime: true,
+            owner: true,
+        },
+    )
+}
+
+/// A store made through a real mount: twelve small files, each fsync'ed, so that every
+/// record after the first says the ones before it were durable. Then `damage` is done to
+/// the journal (given its bytes and record starts; it returns the index of the record
+/// it damaged, which must have records after it). Every command must refuse the store
+/// as damaged at that record, naming the discard that cuts it; BACKING stays as it was;
+/// and that discard keeps every byte it cuts in `journal.cut-at-OFFSET`. (A damaged
+/// record taken for the journal's torn end or for its zeros ahead would lose the
+/// synced changes after it, without a copy.)
+fn synced_changes_after_damage_are_refused_not_dropped(
+    label: &str,
+    damage: impl FnOnce(&mut Vec<u8>, &[(usize, u64)]) -> usize,
+) {
+    let tmp = plain_dir("interpose-test-hostile-damage-");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    let store = tmp.path().join("store");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    fs::write(backing.join("kept"), b"kept\n").unwrap();
+    let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    for i in 0..12u8 {
+        let mut f = fs::File::create(mnt.join(format!("f{i}"))).unwrap();
+        std::io::Write::write_all(&mut f, &[b'a' + i; 100]).unwrap();
+        f.sync_all().unwrap();
+    }
+    m.stop();
+    let before = backing_manifest(&backing);
+    let jpath = store.join("journal");
+    let mut j = fs::read(&jpath).unwrap();
+    let starts = record_starts(&j);
+    let last = starts.last().unwrap().1;
+    let (code, st, err) = iso_run("status", &store, &["--json"]);
+    assert_eq!(code, Some(0), "{label}: status of the intact store: {err}");
+    let st: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(
+        st["last_seq"],
+        json!(last),
+        "{label}: the intact store: {st:#}"
+    );
+
+    let k = damage(&mut j, &starts);
+    assert!(0 < k && k + 1 < starts.len(), "{label}: damaged record {k}");
+    fs::write(&jpath, &j).unwrap();
+    let (at, last_good) = (starts[k].0, starts[k - 1].1);
+    let discard = format!("discard STORE --after {last_good}");
+    let named = |err: &str| {
+        err.contains("corrupt") && err.contains(&format!("offset {at}")) && err.contains(&discard)
+    };
+    for args in [
+        &["status", "--json"][..],
+        &["status"],
+        &["log"],
+        &["commit"],
+    ] {
+        let (code, out, err) = iso_run(args[0], &store, &args[1..]);
+        assert!(
+            code == Some(1) && named(&err),
+            "{label}: {args:?} must refuse the store as damaged at offset {at}, naming `{discard}` (exit {code:?}):\nstdout:\n{out}\nstderr:\n{err}"
+        );
+    }
+    let refused = mount_refused(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    assert!(named(&refused), "{label}: the mount's refusal:\n{refused}");
+    assert!(
+        fs::read(&jpath).unwrap() == j,
+        "{label}: the refusals changed the journal"
+    );
+    support::assert_same(
+        label,
+        "backing before",
+        &before,
+        "backing after",
+        &backing_manifest(&backing),
+    );
+
+    // The way out the refusal names: the damage and everything after it cut off, kept.
+    let (code, out, err) = iso_run("discard", &store, &["--after", &last_good.to_string()]);
+    assert_eq!(code, Some(0), "{label}: {discard}:\n{out}\n{err}");
+    let copy = store.join(format!("journal.cut-at-{at}"));
+    assert!(
+        fs::read(&copy).is_ok_and(|c| c == j[at..]),
+        "{label}: {copy:?} does not hold the bytes cut off"
+    );
+    let (code, st, err) = iso_run("status", &store, &["--json"]);
+    assert_eq!(code, Some(0), "{label}: status after the discard: {err}");
+    let st: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["last_seq"], json!(last_good), "{label}: {st:#}");
+    support::assert_same(
+        label,
+        "backing before",
+        &before,
+        "backing after",
+        &backing_manifest(&backing),
+    );
+}
+
+/// A bit flipped in a record's length: it runs past the end of the file, as a torn last
+/// record's does, but synced records and the last sync's mark follow it.
+#[test]
+fn a_record_length_damaged_to_run_past_the_end_is_refused_not_cut_as_torn() {
+    synced_changes_after_damage_are_refused_not_dropped(
+        "a length run past the end",
+        |j, starts| {
+            let k = starts.len() / 2;
+            j[starts[k].0 + 3] ^= 0x01; // 16 MiB more: a possible length, past the end
+            assert!(starts[k].0 + (16 << 20) > j.len());
+            k
+        },
+    );
+}
+
+/// Zeros over one record's header, synced records after it: not the zeros written ahead
+/// after the last record.
+#[test]
+fn zeros_over_a_record_header_in_the_middle_are_refused_not_taken_for_the_end() {
+    synced_changes_after_damage_are_refused_not_dropped("a zeroed header", |j, starts| {
+        let k = starts.len() / 2;
+        j[starts[k].0..starts[k].0 + RECORD_HEADER].fill(0);
+        k
+    });
+}
+
+/// A block's worth of zeros from a record's start (a lost block of the disk), covering
+/// its header and more, synced records after it.
+#[test]
+fn a_zeroed_block_from_a_record_start_is_refused_not_taken_for_the_end() {
+    synced_changes_after_damage_are_refused_not_dropped("a zeroed block", |j, starts| {
+        let k = starts.len() / 2;
+        assert!(
+            starts[k].0 + 4096 < starts[k + 2].0,
+            "records after the block"
+        );
+        j[starts[k].0..starts[k].0 + 4096].fill(0);
+        k
+    });
+}

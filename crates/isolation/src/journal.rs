@@ -17,12 +17,12 @@
 //! written; every sync writes the mark before its `fdatasync`, so that a mark after the
 //! last record says the same of what is before it.
 //!
-//! A record whose length runs past the end of the file, zeros or a sync mark where a
-//! record should start, or a record that fails its checks with no good record after it,
-//! is where the journal ends: a write cut short by a crash (never acknowledged by fsync:
-//! an fsync after a later record would have made this one durable too), or space written
-//! ahead (below). So is a bad record followed by good ones that all say the journal was
-//! durable only up to the bad one or less, and no mark: a power cut kept later unsynced
+//! A sync mark where a record should start is where the journal ends; so are zeros there,
+//! a record whose length runs past the end of the file, or a record that fails its checks,
+//! with no good record or mark after it: a write cut short by a crash (never acknowledged
+//! by fsync: an fsync after a later record would have made this one durable too), or
+//! space written ahead (below). So is a bad record followed by good ones that all say the
+//! journal was durable only up to the bad one or less, and no mark: a power cut kept later unsynced
 //! writes and lost an earlier one. Opening the journal to repair it (a mount, an
 //! unmounted commit or discard) cuts it off (in the second case keeping a copy of what it
 //! cuts, [`keep_from`]). A bad record with a good record after it that says the bad one
@@ -921,13 +921,6 @@ fn scan(
     let mut buf = Vec::new();
     let mut unsynced_after = false;
     while off < len {
-        let torn = |why: String| -> Result<(), Error> {
-            tracing::warn!(
-                "{}: cutting off an unfinished last record at offset {off} ({why})",
-                path.display()
-            );
-            Ok(())
-        };
         let mut rh = [0u8; RECORD_HEADER as usize];
         let have = (len - off).min(RECORD_HEADER) as usize;
         file.read_exact_at(&mut rh[..have], off)
@@ -936,33 +929,58 @@ fn scan(
             // The last sync's mark: nothing after it was synced, or it would be gone.
             break;
         }
-        if have < RECORD_HEADER as usize {
-            if rh.iter().all(|&b| b == 0) {
-                break;
-            }
-            torn(format!("{have} bytes of a record header"))?;
-            break;
-        }
-        let h = RecordHeader::parse(&rh);
-        let (rlen, seq, meta_len, data_len) = (h.len, h.seq, h.meta_len, h.data_len);
-        if !h.plausible_len() {
-            if rh.iter().all(|&b| b == 0) {
-                // Zeros where a record should start: written ahead, or allocated
-                // and never written.
-                break;
-            }
+        if rh[..have].iter().all(|&b| b == 0) {
+            // Zeros where a record should start: the end (written ahead, or allocated and
+            // never written) if nothing follows; else a record lost, as a bad one is.
+            // (Nothing stale follows the end: every cut of the journal cuts the file.)
             unsynced_after = bad_record(
                 file,
                 path,
                 (off, off + 1, len),
                 last_seq,
-                format!("a record header of impossible length {rlen}"),
+                None,
+                format!("record at offset {off}: zeros where its header should be, with records after it"),
+            )?;
+            break;
+        }
+        if have < RECORD_HEADER as usize {
+            unsynced_after = bad_record(
+                file,
+                path,
+                (off, off + 1, len),
+                last_seq,
+                Some(format!("{have} bytes of a record header")),
+                format!("record at offset {off}: {have} bytes of a record header, with a sync mark after it"),
+            )?;
+            break;
+        }
+        let h = RecordHeader::parse(&rh);
+        let (rlen, seq, meta_len, data_len) = (h.len, h.seq, h.meta_len, h.data_len);
+        if !h.plausible_len() {
+            unsynced_after = bad_record(
+                file,
+                path,
+                (off, off + 1, len),
+                last_seq,
+                Some(format!("a record header of impossible length {rlen}")),
                 format!("record at offset {off}: impossible length {rlen}, with records after it"),
             )?;
             break;
         }
         if off + rlen > len {
-            torn(format!("record of {rlen} bytes, {} in the file", len - off))?;
+            // Torn if nothing follows; a damaged length if records do. A header whose
+            // lengths add up is whole: its payload is not searched (a torn one's is cut).
+            let from = if h.shape_ok() { off + rlen } else { off + 1 };
+            unsynced_after = bad_record(
+                file,
+                path,
+                (off, from, len),
+                last_seq,
+                Some(format!("record of {rlen} bytes, {} in the file", len - off)),
+                format!(
+                    "record at offset {off} (seq {seq}): length {rlen} runs past the end of the file, with records after it"
+                ),
+            )?;
             break;
         }
         // Without `verify_data`, only the header and the change are read.
@@ -984,7 +1002,7 @@ fn scan(
                 path,
                 (off, from, len),
                 last_seq,
-                "checksum mismatch in the last record".into(),
+                Some("checksum mismatch in the last record".into()),
                 format!(
                     "record at offset {off} (seq {seq}): checksum mismatch, with records after it"
                 ),
@@ -1056,22 +1074,23 @@ fn scan(
 }
 
 /// What a bad record at `at` is, from what follows it in `from..len` ([`later_evidence`]):
-/// the end of the journal, torn (`Ok(false)`, logged as `torn_why`) or with unsynced
-/// records after it (`Ok(true)`), or damage (the error, saying `what`).
+/// the end of the journal, torn (`Ok(false)`, logged as `torn_why`; not logged without,
+/// for zeros written ahead) or with unsynced records after it (`Ok(true)`), or damage
+/// (the error, saying `what`).
 fn bad_record(
     file: &File,
     path: &Path,
     (at, from, len): (u64, u64, u64),
     last_seq: u64,
-    torn_why: String,
+    torn_why: Option<String>,
     what: String,
 ) -> Result<bool, Error> {
     let p = path.display();
     match later_evidence(file, from, len, last_seq, at).map_err(|e| Error::io(path, e))? {
         After::Nothing => {
-            tracing::warn!(
-                "{p}: cutting off an unfinished last record at offset {at} ({torn_why})"
-            );
+            if let Some(why) = torn_why {
+                tracing::warn!("{p}: cutting off an unfinished last record at offset {at} ({why})");
+            }
             Ok(false)
         }
         After::Unsynced => {
@@ -1435,6 +1454,61 @@ mod tests {
         j.append(&data_change(1), (1, 1), &[&block]).unwrap();
         drop(j);
         assert_damage_at(&p, id, d);
+    }
+
+    /// Zeros where a record's header should be, or a length that runs past the end of the
+    /// file, with records after them: judged as a record that fails its CRC, not taken for
+    /// the zeros written ahead or a torn end (which would drop the records after them).
+    #[test]
+    fn zeros_or_a_length_past_the_end_before_good_records_are_judged_as_a_bad_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, id, block, mut j) = one_record_synced_ahead(dir.path());
+        let synced_end = j.len();
+        for n in 0..3 {
+            j.append(&data_change(1), (1, n), &[&block]).unwrap();
+        }
+        drop(j);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        // Never synced: a power cut's, cut off with a copy.
+        f.write_all_at(&[0; RECORD_HEADER as usize], synced_end)
+            .unwrap();
+        let (j, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!((recs.len(), j.len()), (1, synced_end));
+        let copy = dir.path().join(format!("journal.cut-at-{synced_end}"));
+        assert!(copy.exists());
+        std::fs::remove_file(&copy).unwrap();
+        drop(j);
+
+        // Synced records after them: damage, both ways.
+        let mut j = Journal::open(&p, id, true).unwrap().0;
+        let at = j.len();
+        j.append(&data_change(1), (1, 0), &[&block]).unwrap();
+        j.sync_ahead().unwrap();
+        j.append(&data_change(1), (1, 1), &[&block]).unwrap();
+        j.sync_ahead().unwrap();
+        drop(j);
+        let mut head = [0u8; RECORD_HEADER as usize];
+        File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut head, at)
+            .unwrap();
+        f.write_all_at(&[0; RECORD_HEADER as usize], at).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap();
+        assert!(
+            matches!(err, Error::Damaged { offset, .. } if offset == at),
+            "{err}"
+        );
+        f.write_all_at(&head, at).unwrap();
+        f.write_all_at(&[head[3] ^ 1], at + 3).unwrap();
+        let err = Journal::open(&p, id, true).err().unwrap();
+        assert!(
+            matches!(err, Error::Damaged { offset, .. } if offset == at),
+            "{err}"
+        );
+        // Whole again: every record back, nothing was cut.
+        f.write_all_at(&head, at).unwrap();
+        let (_, recs) = Journal::open(&p, id, true).unwrap();
+        assert_eq!(recs.len(), 3);
     }
 
     /// Flips a byte of the data at `data_at` in the journal at `p`, whose opening must
