@@ -843,3 +843,36 @@ fn a_zeroed_block_from_a_record_start_is_refused_not_taken_for_the_end() {
         k
     });
 }
+
+/// A mounted store's lock file and control socket deleted (a cleaner of temp files, say):
+/// a commit still finds the store in use. It took a new lock file, ran beside the mount,
+/// and the changes made through the mount afterwards went into the journal it had
+/// replaced, and were lost at the unmount.
+#[test]
+fn a_mounted_store_whose_lock_file_was_deleted_is_still_in_use() {
+    let dir = plain_dir("interpose-test-isolock-");
+    let (backing, mnt, store) = (
+        dir.path().join("backing"),
+        dir.path().join("mnt"),
+        dir.path().join("store"),
+    );
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    fs::write(mnt.join("f"), b"pending\n").unwrap();
+    fs::remove_file(store.join("lock")).unwrap();
+    fs::remove_file(store.join("control.sock")).unwrap();
+    let out = Command::new(bin())
+        .args(["isolation", "commit"])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the commit ran beside the mount");
+    assert!(err.contains("in use"), "{err}");
+    assert!(!backing.join("f").exists(), "BACKING changed");
+    m.stop();
+    let out = iso("commit", &store, &[]);
+    assert!(out.contains("committed up to change"), "{out}");
+    assert_eq!(fs::read(backing.join("f")).unwrap(), b"pending\n");
+}

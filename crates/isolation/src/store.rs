@@ -250,7 +250,7 @@ impl CommitState {
 pub struct Store {
     dir: PathBuf,
     meta: Meta,
-    _lock: File,
+    _lock: StoreLock,
 }
 
 fn rfc3339_now() -> String {
@@ -315,6 +315,13 @@ fn refuse_unless_own(dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
+/// The locks a process holds on a store while it uses it (see [`Store::lock`]).
+#[derive(Debug)]
+struct StoreLock {
+    _dir: File,
+    _file: File,
+}
+
 fn sync_dir(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -332,7 +339,24 @@ impl Store {
         dir.join(SOCKET)
     }
 
-    fn lock(dir: &Path) -> Result<File, Error> {
+    /// Takes the store for this process: flock(2) on the directory itself, which no one
+    /// can delete while it holds a store (a lock file alone, deleted by a cleaner of temp
+    /// files, let a commit run beside the mount), and on `lock` (what older versions
+    /// take).
+    fn lock(dir: &Path) -> Result<StoreLock, Error> {
+        let d = File::open(dir).map_err(|e| Error::io(dir, e))?;
+        match rustix::fs::flock(&d, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(Error::Busy(dir.to_path_buf())),
+            Err(e) => return Err(Error::io(dir, e.into())),
+        }
+        Ok(StoreLock {
+            _dir: d,
+            _file: Self::lock_file(dir)?,
+        })
+    }
+
+    fn lock_file(dir: &Path) -> Result<File, Error> {
         let p = dir.join(LOCK);
         let f = OpenOptions::new()
             .create(true)
