@@ -960,7 +960,7 @@ impl LogPrinter {
         let e: interpose_isolation::LogEntry = serde_json::from_value(v)?;
         let (a, b) = e.change.paths();
         let show = |p: Option<&interpose_isolation::change::RawPath>| {
-            p.map(|p| format!("/{}", p.display()))
+            p.map(|p| format!("/{}", p.escaped()))
                 .unwrap_or_else(|| "(unlinked)".into())
         };
         let mut line = format!("{:>8}  {:<11} {}", e.seq, e.change.name(), show(a));

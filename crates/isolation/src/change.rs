@@ -32,6 +32,29 @@ impl RawPath {
     pub fn display(&self) -> String {
         String::from_utf8_lossy(&self.0).into_owned()
     }
+
+    /// For a line of text a terminal shows: exact, and one line. Control characters, a
+    /// backslash and bytes that are not UTF-8 are escaped (`\n`, `\\`, `\xff`), so a
+    /// name can neither forge another line nor send the terminal escape sequences, and
+    /// two names never print the same.
+    pub fn escaped(&self) -> String {
+        let mut out = String::with_capacity(self.0.len());
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\t' => out.push_str("\\t"),
+                    c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            for b in chunk.invalid() {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -417,6 +440,19 @@ impl Change {
 
 #[cfg(test)]
 mod tests {
+    /// A name shown in `isolation log` cannot forge a line or reach the terminal as an
+    /// escape sequence, and names that differ print differently.
+    #[test]
+    fn escaped_names_are_one_exact_line() {
+        let shown = |b: &[u8]| super::RawPath(b.to_vec()).escaped();
+        assert_eq!(shown(b"a\n99 unlink b"), "a\\n99 unlink b");
+        assert_eq!(shown(b"\x1b[31mred"), "\\u{1b}[31mred");
+        assert_eq!(shown(b"back\\slash\t"), "back\\\\slash\\t");
+        assert_eq!(shown("caf\u{e9}".as_bytes()), "caf\u{e9}");
+        assert_ne!(shown(b"x\xfe"), shown(b"x\xff"));
+        assert_eq!(shown(b"x\xff"), "x\\xff");
+    }
+
     use super::*;
 
     #[test]
