@@ -876,3 +876,38 @@ fn a_mounted_store_whose_lock_file_was_deleted_is_still_in_use() {
     assert!(out.contains("committed up to change"), "{out}");
     assert_eq!(fs::read(backing.join("f")).unwrap(), b"pending\n");
 }
+
+/// A store.json replaced by a link to /dev/zero is refused as corrupt at once: it was
+/// read until memory ran out (3.7 GB in 6 s).
+#[test]
+fn a_store_json_that_never_ends_is_refused() {
+    let dir = plain_dir("interpose-test-isometa-");
+    let (backing, mnt, store) = (
+        dir.path().join("backing"),
+        dir.path().join("mnt"),
+        dir.path().join("store"),
+    );
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]).stop();
+    fs::remove_file(store.join("store.json")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", store.join("store.json")).unwrap();
+    let mut status = Command::new(bin())
+        .args(["isolation", "status"])
+        .arg(&store)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ended = wait_timeout(&mut status, Duration::from_secs(20));
+    if ended.is_none() {
+        let _ = status.kill();
+        let _ = status.wait();
+    }
+    let ended = ended.expect("status still reading store.json after 20 s");
+    let err = stderr_of(&mut status);
+    assert!(!ended.success());
+    assert!(
+        err.contains("corrupt") && err.contains("larger than"),
+        "{err}"
+    );
+}

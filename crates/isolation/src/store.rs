@@ -554,7 +554,20 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store, Error> {
         refuse_unless_own(dir)?;
         let p = dir.join(META);
-        let text = match std::fs::read(&p) {
+        // A few hundred bytes; read no more than this of whatever is there (a link to
+        // /dev/zero was read until memory ran out).
+        const META_MAX: u64 = 1 << 20;
+        let text = match File::open(&p).and_then(|f| {
+            let mut text = Vec::new();
+            use std::io::Read;
+            f.take(META_MAX + 1).read_to_end(&mut text).map(|_| text)
+        }) {
+            Ok(t) if t.len() as u64 > META_MAX => {
+                return Err(Error::Corrupt {
+                    path: p,
+                    what: format!("larger than {} MiB", META_MAX >> 20),
+                })
+            }
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::NotAStore(dir.to_path_buf()))
