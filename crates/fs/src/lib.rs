@@ -56,6 +56,9 @@ pub enum MountError {
     Mountpoint { path: PathBuf, source: io::Error },
     #[error("cannot mount at {path}: {source}")]
     Mount { path: PathBuf, source: io::Error },
+    /// This user may not open /dev/fuse (on some machines it is root's only).
+    #[error("cannot open /dev/fuse: {0}; this user may not use FUSE here (root may, or make /dev/fuse mode 666 as most distributions do)")]
+    DevFuse(io::Error),
     #[error("cannot start the FUSE session thread: {0}")]
     Thread(io::Error),
 }
@@ -203,9 +206,22 @@ pub fn mount_filesystem<F: fuser::Filesystem + Send + Sync + 'static>(
         cfg.io_uring = Some(fuser::UringConfig::default());
     }
     let mut session =
-        fuser::Session::new(fs, &mountpoint, &cfg).map_err(|source| MountError::Mount {
-            path: mountpoint.clone(),
-            source,
+        fuser::Session::new(fs, &mountpoint, &cfg).map_err(|source| match source.kind() {
+            io::ErrorKind::PermissionDenied => match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/fuse")
+            {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => MountError::DevFuse(e),
+                _ => MountError::Mount {
+                    path: mountpoint.clone(),
+                    source,
+                },
+            },
+            _ => MountError::Mount {
+                path: mountpoint.clone(),
+                source,
+            },
         })?;
     let io_uring = session.io_uring();
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));

@@ -759,10 +759,16 @@ const AS_NOBODY: [&str; 5] = [
 /// is root's only, users may open it until the returned value is dropped. (Tests doing so
 /// take turns: one putting the mode back must not pull it from under another's mount.)
 fn users_may_open_dev_fuse() -> (Undo, fs::File) {
+    dev_fuse_mode_for_a_while(0o666)
+}
+
+/// /dev/fuse with mode `mode` until the returned value is dropped (see
+/// [`users_may_open_dev_fuse`]).
+fn dev_fuse_mode_for_a_while(mode: u32) -> (Undo, fs::File) {
     let turn = fs::File::create(std::env::temp_dir().join("interpose-test-dev-fuse.lock")).unwrap();
     rustix::fs::flock(&turn, rustix::fs::FlockOperation::LockExclusive).unwrap();
     let fuse_mode = fs::metadata("/dev/fuse").unwrap().mode() & 0o777;
-    fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666)).unwrap();
+    fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(mode)).unwrap();
     let restore = Undo(
         "chmod",
         Box::leak(format!("{fuse_mode:o}").into_boxed_str()),
@@ -794,4 +800,28 @@ fn a_users_daemon_unmounts_a_mount_point_named_in_bytes_when_it_stops() {
     if let Err(panic) = stopped {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// Where only root may open /dev/fuse, a user's mount says so (it blamed the mount point:
+/// "cannot mount at mnt: Permission denied").
+#[test]
+fn a_user_who_may_not_open_dev_fuse_is_told_so() {
+    let _root_only = dev_fuse_mode_for_a_while(0o600);
+    let base = tempfile::tempdir_in(test_root()).unwrap();
+    make_traversable(base.path());
+    let (backing, mnt) = (base.path().join("backing"), base.path().join("mnt"));
+    dir(&backing, NOBODY, NOBODY, 0o755);
+    dir(&mnt, NOBODY, NOBODY, 0o755);
+    let out = output(
+        as_user(NOBODY, NOBODY, &[])
+            .arg(bin())
+            .args(["fs", "mount"])
+            .arg(&backing)
+            .arg(&mnt)
+            .arg("--private"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted: {err}");
+    assert!(err.contains("cannot open /dev/fuse"), "{err}");
+    assert!(!is_mounted(&mnt));
 }
