@@ -142,8 +142,10 @@ pub struct FilterFs {
     inodes: Inodes,
     chain: Arc<Chain>,
     blocking: BlockingPool,
-    /// Blocking calls running on request threads now (see [`Self::offload`]).
+    /// Blocking calls running on request threads now (see [`Self::offload`]): over
+    /// /dev/fuse, and over io_uring per queue (by CPU).
     blocking_inline: AtomicUsize,
+    blocking_inline_per_queue: Box<[AtomicUsize]>,
     opts: Options,
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
@@ -267,6 +269,10 @@ impl FilterFs {
             chain,
             blocking: BlockingPool::new(opts.blocking_threads),
             blocking_inline: AtomicUsize::new(0),
+            blocking_inline_per_queue: (0..std::thread::available_parallelism()
+                .map_or(64, |n| n.get()))
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
             opts,
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -340,7 +346,8 @@ impl FilterFs {
 
     /// Like [`Self::filtered`] for a call that may wait on the disk: the filters' `before`
     /// runs here; the call, the `after` hooks and the reply run here too while another
-    /// request thread stays free, else on the blocking pool. Handing every call to the pool
+    /// request thread stays free (over io_uring: two other workers of this CPU's queue),
+    /// else on the blocking pool. Handing every call to the pool
     /// cost a wake-up and a context switch each: fio's write+fsync loop ran 13–18% slower
     /// that way on the 2-core VM (bench/RESULTS.md).
     fn offload(
@@ -392,20 +399,24 @@ impl FilterFs {
             }
             answer(res);
         };
-        // Over io_uring each CPU has its own few workers, and the kernel gives a request
-        // from that CPU to an entry of one of them, also of a worker busy with a request:
-        // such a call never stays on the worker. (Two copies or fsyncs from one CPU held
-        // up its stats for their whole length.)
-        let limit = match fuser::uring_worker() {
-            Some(_) => 0,
-            None => self.opts.threads.saturating_sub(1),
+        // Over io_uring each CPU has its own few workers, whose entries the kernel gives
+        // that CPU's requests to, and an entry stays taken while its request is served
+        // anywhere: a call stays on a worker only while two other workers of its queue are
+        // free, so that one handed on still leaves one. (Two copies or fsyncs from one CPU
+        // held up its stats for their whole length.)
+        let (inline, limit) = match fuser::uring_worker() {
+            Some(w) => (
+                &self.blocking_inline_per_queue[w.queue % self.blocking_inline_per_queue.len()],
+                w.workers.saturating_sub(2),
+            ),
+            None => (&self.blocking_inline, self.opts.threads.saturating_sub(1)),
         };
-        if self.blocking_inline.fetch_add(1, Ordering::AcqRel) < limit {
+        if inline.fetch_add(1, Ordering::AcqRel) < limit {
             job();
         } else {
             self.blocking.run(job);
         }
-        self.blocking_inline.fetch_sub(1, Ordering::AcqRel);
+        inline.fetch_sub(1, Ordering::AcqRel);
     }
 
     fn node_path(&self, id: u64) -> impl FnOnce() -> (PathBuf, Option<PathBuf>) + '_ {

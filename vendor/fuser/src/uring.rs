@@ -84,11 +84,13 @@ pub struct UringConfig {
 impl Default for UringConfig {
     fn default() -> Self {
         UringConfig {
-            threads_per_queue: 2,
             // interpose: an entry stays taken until its request is answered, also while
-            // the request waits on another thread (a long fsync handed to a pool): with
-            // one entry per worker, two such requests took a CPU's every entry.
-            entries_per_thread: 2,
+            // the request waits on another thread (a long fsync handed to a pool), and a
+            // worker's other entries wait while it serves one: with two workers of one
+            // entry, two such requests took a CPU's every entry. With three, one may wait
+            // on its worker and another be handed on, and a third worker stays free.
+            threads_per_queue: 3,
+            entries_per_thread: 1,
         }
     }
 }
