@@ -127,10 +127,11 @@ impl ProcessCache {
     }
 }
 
-/// Whether the thread `tid` is being killed: a fatal signal (SIGKILL, or one whose default
-/// action ends it) is pending for it. The kernel marks every thread of a process that
-/// such a signal ends with a pending SIGKILL. Unknown (tid 0, from another pid namespace;
-/// /proc unreadable): not killed.
+/// Whether the thread `tid` is being killed: SIGKILL is pending for it. The kernel also
+/// marks every thread of a process with a pending SIGKILL when a signal whose default
+/// action ends it without a core dump (SIGINT, SIGTERM) arrives, unless it is traced; a
+/// core-dumping signal (SIGQUIT, SIGABRT) does not count. Unknown (tid 0, from another pid
+/// namespace; /proc unreadable): not killed.
 pub fn being_killed(tid: u32) -> bool {
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
     if tid == 0 {

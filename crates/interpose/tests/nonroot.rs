@@ -670,6 +670,9 @@ fn a_store_another_user_made_or_may_write_is_refused() {
     dir(&planted, NOBODY, NOBODY, 0o755);
     symlink(&victim, planted.join("reserve")).unwrap();
     lchown(&planted.join("reserve"), NOBODY, NOBODY);
+    let made = base.path().join("made-by-root");
+    symlink(&made, planted.join("lock")).unwrap();
+    lchown(&planted.join("lock"), NOBODY, NOBODY);
     let err = mount_refused(&backing, &mnt, &["--isolate", planted.to_str().unwrap()]);
     assert!(err.contains("belongs to uid 65534"), "{err}");
     assert_eq!(
@@ -677,6 +680,7 @@ fn a_store_another_user_made_or_may_write_is_refused() {
         b"root's\n",
         "the planted link was followed"
     );
+    assert!(!made.exists(), "the planted lock link was followed");
     let out = output(
         Command::new(bin())
             .args(["isolation", "status"])

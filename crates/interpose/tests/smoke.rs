@@ -261,13 +261,19 @@ fn a_mount_point_whose_name_is_not_utf8_hides_no_mount() {
 fn the_lock_a_daemon_holds_is_root_s_only() {
     use std::os::unix::fs::PermissionsExt;
     // As earlier versions left them (the files stay; the next mount with the same device
-    // number takes its file).
+    // number takes its file). Only those no running daemon holds.
     for e in std::fs::read_dir("/run/interpose/fs")
         .into_iter()
         .flatten()
         .flatten()
     {
-        let _ = std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644));
+        let Ok(f) = std::fs::File::open(e.path()) else {
+            continue;
+        };
+        let free = rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared);
+        if free.is_ok() {
+            let _ = f.set_permissions(std::fs::Permissions::from_mode(0o644));
+        }
     }
     let m = Mount::new(&[]);
     let dev = interpose_core::mountinfo::mounts()

@@ -299,14 +299,16 @@ fn refuse_unless_own(dir: &Path) -> Result<(), Error> {
     let me = rustix::process::geteuid().as_raw();
     if md.uid() != me {
         return Err(Error::Control(format!(
-            "the store {} belongs to uid {}, not to this user (uid {me}): a store is used              only by its owner; run this as its owner, or give it to this user (chown -R)",
+            "the store {} belongs to uid {}, not to this user (uid {me}): a store is used \
+             only by its owner; run this as its owner, or give it to this user (chown -R)",
             dir.display(),
             md.uid()
         )));
     }
     if md.mode() & 0o022 != 0 {
         return Err(Error::Control(format!(
-            "the store {} may be written by other users (mode {:o}); make it its owner's              only: chmod 700 {}",
+            "the store {} may be written by other users (mode {:o}); make it its owner's \
+             only: chmod 700 {}",
             dir.display(),
             md.mode() & 0o7777,
             dir.display()
@@ -357,11 +359,14 @@ impl Store {
     }
 
     fn lock_file(dir: &Path) -> Result<File, Error> {
+        use std::os::unix::fs::OpenOptionsExt;
         let p = dir.join(LOCK);
+        // (Never through a symlink: that would be someone else's file.)
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&p)
             .map_err(|e| Error::io(&p, e))?;
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -434,6 +439,8 @@ impl Store {
             // files made before store.json, which is made last; no change is recorded
             // before it exists.
             Ok(it) => {
+                // Before anything in it is opened or removed.
+                refuse_unless_own(dir)?;
                 let names: Vec<_> = it.flatten().map(|e| e.file_name()).collect();
                 let leftover = names
                     .iter()
