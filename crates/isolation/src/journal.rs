@@ -22,8 +22,8 @@
 //! with no good record or mark after it: a write cut short by a crash (never acknowledged
 //! by fsync: an fsync after a later record would have made this one durable too), or
 //! space written ahead (below). So is a bad record followed by good ones that all say the
-//! journal was durable only up to the bad one or less, and no mark: a power cut kept later unsynced
-//! writes and lost an earlier one. Opening the journal to repair it (a mount, an
+//! journal was durable only up to the bad one or less, and no mark: a power cut kept later
+//! unsynced writes and lost an earlier one. Opening the journal to repair it (a mount, an
 //! unmounted commit or discard) cuts it off (in the second case keeping a copy of what it
 //! cuts, [`keep_from`]). A bad record with a good record after it that says the bad one
 //! was durable (or does not say), or a mark after it, is damage: opening refuses, naming
