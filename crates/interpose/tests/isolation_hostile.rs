@@ -911,3 +911,73 @@ fn a_store_json_that_never_ends_is_refused() {
         "{err}"
     );
 }
+
+/// A mounted commit that stops at a damaged record (it checks each record just before
+/// applying it) leaves a commit state that stopped there. The discard the refusal names
+/// then cuts the damage off and ends that commit: it was refused for the state ("cannot
+/// be cut off by a discard") although nothing after the damage had been touched, and the
+/// store could be neither committed, discarded nor mounted.
+#[test]
+fn a_commit_stopped_by_damage_can_be_ended_by_the_discard_it_names() {
+    let tmp = plain_dir("interpose-test-hostile-stopped-");
+    let backing = tmp.path().join("backing");
+    let mnt = tmp.path().join("mnt");
+    let store = tmp.path().join("store");
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
+    for i in 0..4u8 {
+        let mut f = fs::File::create(mnt.join(format!("f{i}"))).unwrap();
+        std::io::Write::write_all(&mut f, &[b'a' + i; 100]).unwrap();
+        f.sync_all().unwrap();
+    }
+    // A byte of the data of a record in the middle, changed behind the daemon's back.
+    let jpath = store.join("journal");
+    let j = fs::read(&jpath).unwrap();
+    let starts = record_starts(&j);
+    let data_len = |at: usize| u32::from_le_bytes(j[at + 20..at + 24].try_into().unwrap());
+    let k = (1..starts.len() - 1)
+        .find(|&k| data_len(starts[k].0) > 0 && k >= starts.len() / 2)
+        .expect("a data record in the middle");
+    let (at, last_good) = (starts[k].0, starts[k - 1].1);
+    let end = starts[k + 1].0;
+    let f = fs::OpenOptions::new().write(true).open(&jpath).unwrap();
+    f.write_all_at(&[j[end - 1] ^ 0xff], (end - 1) as u64)
+        .unwrap();
+    let (code, _, err) = iso_run("commit", &store, &[]);
+    assert_eq!(
+        code,
+        Some(1),
+        "the mounted commit went past the damage: {err}"
+    );
+    m.stop();
+    let discard = format!("discard STORE --after {last_good}");
+    let (code, _, err) = iso_run("status", &store, &[]);
+    assert!(
+        code == Some(1) && err.contains(&format!("offset {at}")) && err.contains(&discard),
+        "status must name `{discard}` (exit {code:?}):\n{err}"
+    );
+    let (code, out, err) = iso_run("discard", &store, &["--after", &last_good.to_string()]);
+    assert_eq!(code, Some(0), "{discard}:\n{out}\n{err}");
+    assert!(store.join(format!("journal.cut-at-{at}")).exists());
+    let (code, st, err) = iso_run("status", &store, &["--json"]);
+    assert_eq!(code, Some(0), "status after the discard: {err}");
+    let st: Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(
+        (st["committed_upto"].clone(), st["pending_changes"].clone()),
+        (json!(last_good), json!(0)),
+        "{st:#}"
+    );
+    assert!(
+        st.get("interrupted_commit").is_none_or(Value::is_null),
+        "{st:#}"
+    );
+    // What was committed before the damage is in BACKING: each file whole, or empty
+    // where its data was the damaged change or came after it.
+    for i in 0..4u8 {
+        if let Ok(got) = fs::read(backing.join(format!("f{i}"))) {
+            assert!(got.is_empty() || got == [b'a' + i; 100], "f{i}: {got:?}");
+        }
+    }
+    Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]).stop();
+}

@@ -675,7 +675,9 @@ impl Store {
 
     /// Why a discard cannot cut the journal at damage at `offset` after change
     /// `last_good`, if it cannot: a --write-through store does not discard, and an
-    /// interrupted commit whose target is past `last_good` forbids it.
+    /// interrupted commit whose target is past `last_good` forbids it, unless it stopped
+    /// on an error (the damage, say) at or before `last_good`: nothing after it was
+    /// touched, and a discard ends it (see [`Store::discard`]).
     fn why_no_cut(&self, offset: u64, last_good: u64) -> Option<String> {
         if self.meta.write_through {
             return Some(format!(
@@ -683,7 +685,7 @@ impl Store {
             ));
         }
         match self.read_state() {
-            Ok(Some(st)) if st.target > last_good => Some(format!(
+            Ok(Some(st)) if st.target > last_good && !(st.stopped && st.applied <= last_good) => Some(format!(
                 "an interrupted commit up to change {} (applied up to {}) reaches past it, so it cannot be cut off by a discard: keep a copy of the store before anything else",
                 st.target, st.applied
             )),
@@ -715,6 +717,13 @@ impl Store {
                     path: j.path().to_path_buf(),
                     what: format!("record at offset {at}; {why}"),
                 });
+            }
+            // A commit that stopped before the damage (on it, say) comes down to the
+            // changes before it, which the discard keeps or ends (see `why_no_cut`).
+            if let Ok(Some(st)) = self.read_state() {
+                if st.stopped && st.applied <= j.last_seq() {
+                    self.lower_target(&st, j.last_seq())?;
+                }
             }
         }
         let (j, recs) = self.pending((j, recs))?;
