@@ -14,10 +14,14 @@ pub struct Mount {
     /// The directory of that file system mounted here (not `/` for a bind mount).
     pub root: PathBuf,
     pub mount_point: PathBuf,
+    /// The mount's own options ("rw,nosuid,relatime").
+    pub options: String,
     /// The file system type ("ext4", "fuse.interpose").
     pub fs_type: String,
     /// What was mounted (a device, or the name a FUSE daemon gave).
     pub source: OsString,
+    /// The file system's options ("rw,user_id=0,allow_other").
+    pub super_options: String,
 }
 
 /// Every mount, in the order of mountinfo (a later mount on a point is on top).
@@ -37,16 +41,20 @@ fn parse_line(line: &[u8]) -> Option<Mount> {
     let dev = fields.nth(2)?;
     let root = fields.next()?;
     let mount_point = fields.next()?;
+    let options = fields.next()?;
     let mut rest = fields.skip_while(|f| *f != b"-");
     rest.next()?;
     let fs_type = rest.next()?;
     let source = rest.next().unwrap_or_default();
+    let super_options = rest.next().unwrap_or_default();
     Some(Mount {
         dev: String::from_utf8_lossy(dev).into_owned(),
         root: unescape(root).into(),
         mount_point: unescape(mount_point).into(),
+        options: String::from_utf8_lossy(options).into_owned(),
         fs_type: unescape(fs_type).to_string_lossy().into_owned(),
         source: unescape(source),
+        super_options: unescape(super_options).to_string_lossy().into_owned(),
     })
 }
 
@@ -104,5 +112,7 @@ mod tests {
         assert_eq!(mounts[1].mount_point, PathBuf::from("/tmp/m n"));
         assert_eq!(mounts[1].fs_type, "fuse.interpose");
         assert_eq!(mounts[1].source, OsString::from("/tmp/bk"));
+        assert_eq!(mounts[1].options, "rw,nosuid");
+        assert_eq!(mounts[1].super_options, "rw");
     }
 }

@@ -112,21 +112,6 @@ fn a_program_waiting_on_a_full_audit_log_can_be_stopped() {
             .spawn()
             .unwrap()
     };
-    let waiting_on_the_mount = |pid: u32| {
-        let wchan = format!("/proc/{pid}/wchan");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let at = fs::read_to_string(&wchan).unwrap_or_default();
-            if at == "request_wait_answer" {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "program {pid} not waiting on the mount ({at})"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    };
     let first = programs.add(looker(0));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -139,14 +124,14 @@ fn a_program_waiting_on_a_full_audit_log_can_be_stopped() {
     }
     // From here every operation waits (the log has no room), so a program found waiting
     // on the mount waits for room.
-    waiting_on_the_mount(programs.0[first].id());
+    await_waiting_on_fuse(programs.0[first].id());
     signal(&programs.0[first], libc::SIGINT);
     assert!(
         wait_timeout(&mut programs.0[first], Duration::from_secs(20)).is_some(),
         "a program waiting on the full audit log ignored Ctrl-C"
     );
     let second = programs.add(looker(1_000_000));
-    waiting_on_the_mount(programs.0[second].id());
+    await_waiting_on_fuse(programs.0[second].id());
     signal(&programs.0[second], libc::SIGKILL);
     assert!(
         wait_timeout(&mut programs.0[second], Duration::from_secs(20)).is_some(),

@@ -7939,23 +7939,6 @@ fn a_commit_that_stops_where_a_killed_one_had_gone_on_still_finishes() {
     assert_eq!(num(&status(&d.store), "pending_changes"), 0);
 }
 
-/// Waits until process `pid` waits for the answer to a FUSE request.
-fn waiting_on_a_fuse_request(pid: u32) {
-    let wchan = format!("/proc/{pid}/wchan");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let at = fs::read_to_string(&wchan).unwrap_or_default();
-        if at == "request_wait_answer" {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "process {pid} not waiting on the mount ({at:?})"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
 /// A program waiting on the mount while a mounted commit runs can be killed: the commit
 /// holds the view as long as it runs, and the kernel waits for the answer to a request the
 /// daemon has taken even for SIGKILL, so the program lived until the commit ended. One
@@ -8000,7 +7983,7 @@ fn a_program_waiting_for_a_mounted_commit_can_be_killed() {
             .spawn()
             .unwrap(),
     );
-    waiting_on_a_fuse_request(programs.0[doomed].id());
+    await_waiting_on_fuse(programs.0[doomed].id());
     signal(&programs.0[doomed], libc::SIGKILL);
     assert!(
         wait_timeout(&mut programs.0[doomed], Duration::from_secs(20)).is_some(),
@@ -8024,7 +8007,7 @@ fn a_program_waiting_for_a_mounted_commit_can_be_killed() {
     let mut stdout = programs.0[patient].stdout.take().unwrap();
     let mut ready = [0u8; 6];
     stdout.read_exact(&mut ready).unwrap();
-    waiting_on_a_fuse_request(programs.0[patient].id());
+    await_waiting_on_fuse(programs.0[patient].id());
     signal(&programs.0[patient], libc::SIGUSR1);
     run(Command::new("fsfreeze").arg("-u").arg(&fs_.dir));
     let status = wait_timeout(&mut programs.0[committer], Duration::from_secs(60))

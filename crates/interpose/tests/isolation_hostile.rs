@@ -683,6 +683,17 @@ fn record_starts(bytes: &[u8]) -> Vec<(usize, u64)> {
     starts
 }
 
+/// A temporary directory named `prefix`* (kept alive by the first value) holding empty
+/// `backing/` and `mnt/`, and the path of a `store` not yet made.
+fn store_dirs(prefix: &str) -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = plain_dir(prefix);
+    let (backing, mnt) = (tmp.path().join("backing"), tmp.path().join("mnt"));
+    fs::create_dir(&backing).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    let store = tmp.path().join("store");
+    (tmp, backing, mnt, store)
+}
+
 /// `interpose isolation SUB STORE EXTRA...`: exit code, stdout and stderr.
 fn iso_run(sub: &str, store: &Path, extra: &[&str]) -> (Option<i32>, String, String) {
     let out = support::output(
@@ -720,12 +731,7 @@ fn synced_changes_after_damage_are_refused_not_dropped(
     label: &str,
     damage: impl FnOnce(&mut Vec<u8>, &[(usize, u64)]) -> usize,
 ) {
-    let tmp = plain_dir("interpose-test-hostile-damage-");
-    let backing = tmp.path().join("backing");
-    let mnt = tmp.path().join("mnt");
-    let store = tmp.path().join("store");
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_tmp, backing, mnt, store) = store_dirs("interpose-test-hostile-damage-");
     fs::write(backing.join("kept"), b"kept\n").unwrap();
     let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
     for i in 0..12u8 {
@@ -850,14 +856,7 @@ fn a_zeroed_block_from_a_record_start_is_refused_not_taken_for_the_end() {
 /// replaced, and were lost at the unmount.
 #[test]
 fn a_mounted_store_whose_lock_file_was_deleted_is_still_in_use() {
-    let dir = plain_dir("interpose-test-isolock-");
-    let (backing, mnt, store) = (
-        dir.path().join("backing"),
-        dir.path().join("mnt"),
-        dir.path().join("store"),
-    );
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_dir, backing, mnt, store) = store_dirs("interpose-test-isolock-");
     let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
     fs::write(mnt.join("f"), b"pending\n").unwrap();
     fs::remove_file(store.join("lock")).unwrap();
@@ -881,14 +880,7 @@ fn a_mounted_store_whose_lock_file_was_deleted_is_still_in_use() {
 /// read until memory ran out (3.7 GB in 6 s).
 #[test]
 fn a_store_json_that_never_ends_is_refused() {
-    let dir = plain_dir("interpose-test-isometa-");
-    let (backing, mnt, store) = (
-        dir.path().join("backing"),
-        dir.path().join("mnt"),
-        dir.path().join("store"),
-    );
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_dir, backing, mnt, store) = store_dirs("interpose-test-isometa-");
     Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]).stop();
     fs::remove_file(store.join("store.json")).unwrap();
     std::os::unix::fs::symlink("/dev/zero", store.join("store.json")).unwrap();
@@ -898,12 +890,8 @@ fn a_store_json_that_never_ends_is_refused() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let ended = wait_timeout(&mut status, Duration::from_secs(20));
-    if ended.is_none() {
-        let _ = status.kill();
-        let _ = status.wait();
-    }
-    let ended = ended.expect("status still reading store.json after 20 s");
+    let ended = wait_or_kill(&mut status, Duration::from_secs(20))
+        .expect("status still reading store.json after 20 s");
     let err = stderr_of(&mut status);
     assert!(!ended.success());
     assert!(
@@ -919,12 +907,7 @@ fn a_store_json_that_never_ends_is_refused() {
 /// store could be neither committed, discarded nor mounted.
 #[test]
 fn a_commit_stopped_by_damage_can_be_ended_by_the_discard_it_names() {
-    let tmp = plain_dir("interpose-test-hostile-stopped-");
-    let backing = tmp.path().join("backing");
-    let mnt = tmp.path().join("mnt");
-    let store = tmp.path().join("store");
-    fs::create_dir(&backing).unwrap();
-    fs::create_dir(&mnt).unwrap();
+    let (_tmp, backing, mnt, store) = store_dirs("interpose-test-hostile-stopped-");
     let m = Mount::start(&backing, &mnt, &["--isolate", store.to_str().unwrap()]);
     for i in 0..4u8 {
         let mut f = fs::File::create(mnt.join(format!("f{i}"))).unwrap();

@@ -706,48 +706,34 @@ fn a_store_another_user_made_or_may_write_is_refused() {
 fn a_users_mount_of_a_backing_named_with_commas_takes_no_option_from_the_name() {
     use std::os::unix::ffi::OsStrExt;
     let _restore = users_may_open_dev_fuse();
-    let base = tempfile::tempdir_in(test_root()).unwrap();
-    make_traversable(base.path());
-    let backing = base.path().join("bk,ro,allow_other");
-    let mnt = base.path().join("mnt");
-    dir(&backing, NOBODY, NOBODY, 0o755);
-    dir(&mnt, NOBODY, NOBODY, 0o755);
-    let user = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--",
-    ];
-    let m = Mount::start_with_prefix(&user, &backing, &mnt, &["--private"]);
-    let entry = interpose_core::mountinfo::mounts()
-        .unwrap()
-        .into_iter()
-        .rev()
-        .find(|e| e.mount_point == mnt)
-        .expect("the user's mount in mountinfo");
+    let (_base, backing, mnt) = nobodys_dirs("bk,ro,allow_other".as_ref(), "mnt".as_ref());
+    let m = Mount::start_with_prefix(&AS_NOBODY, &backing, &mnt, &["--private"]);
+    let entry = mount_at(&mnt).expect("the user's mount in mountinfo");
     assert_eq!(entry.source.as_bytes(), backing.as_os_str().as_bytes());
-    let options = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let line = options
-        .lines()
-        .rev()
-        .find(|l| l.contains(mnt.to_str().unwrap()))
-        .unwrap();
-    // (Fields: ... mountpoint options ... - type source superoptions.)
-    let (mount_options, super_options) = (line.split(' ').nth(5), line.split(' ').next_back());
+    assert!(entry.options.starts_with("rw,"), "{entry:?}");
     assert!(
-        mount_options.is_some_and(|o| o.starts_with("rw,")),
-        "{line}"
-    );
-    assert!(
-        super_options.is_some_and(|o| o.starts_with("rw,") && !o.contains("allow_other")),
-        "{line}"
+        entry.super_options.starts_with("rw,") && !entry.super_options.contains("allow_other"),
+        "{entry:?}"
     );
     run(as_user(NOBODY, NOBODY, &[])
         .args(["touch"])
         .arg(mnt.join("written")));
     m.stop();
     assert!(backing.join("written").exists());
+}
+
+/// A temporary directory others can reach (kept alive by the first value) holding a
+/// backing directory and a mount point of uid 65534's, by these names.
+fn nobodys_dirs(
+    backing: &std::ffi::OsStr,
+    mnt: &std::ffi::OsStr,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let base = tempfile::tempdir_in(test_root()).unwrap();
+    make_traversable(base.path());
+    let (backing, mnt) = (base.path().join(backing), base.path().join(mnt));
+    dir(&backing, NOBODY, NOBODY, 0o755);
+    dir(&mnt, NOBODY, NOBODY, 0o755);
+    (base, backing, mnt)
 }
 
 /// `setpriv` arguments that run a command as uid and gid 65534, without other groups.
@@ -789,12 +775,8 @@ fn dev_fuse_mode_for_a_while(mode: u32) -> (Undo, fs::File) {
 fn a_users_daemon_unmounts_a_mount_point_named_in_bytes_when_it_stops() {
     use std::os::unix::ffi::OsStrExt;
     let _restore = users_may_open_dev_fuse();
-    let base = tempfile::tempdir_in(test_root()).unwrap();
-    make_traversable(base.path());
-    let backing = base.path().join("backing");
-    let mnt = base.path().join(std::ffi::OsStr::from_bytes(b"mnt-\xfe"));
-    dir(&backing, NOBODY, NOBODY, 0o755);
-    dir(&mnt, NOBODY, NOBODY, 0o755);
+    let (_base, backing, mnt) =
+        nobodys_dirs("backing".as_ref(), std::ffi::OsStr::from_bytes(b"mnt-\xfe"));
     let m = Mount::start_with_prefix(&AS_NOBODY, &backing, &mnt, &["--private"]);
     let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| m.stop()));
     if is_mounted(&mnt) {
@@ -811,11 +793,7 @@ fn a_users_daemon_unmounts_a_mount_point_named_in_bytes_when_it_stops() {
 #[test]
 fn a_user_who_may_not_open_dev_fuse_is_told_so() {
     let _root_only = dev_fuse_mode_for_a_while(0o600);
-    let base = tempfile::tempdir_in(test_root()).unwrap();
-    make_traversable(base.path());
-    let (backing, mnt) = (base.path().join("backing"), base.path().join("mnt"));
-    dir(&backing, NOBODY, NOBODY, 0o755);
-    dir(&mnt, NOBODY, NOBODY, 0o755);
+    let (_base, backing, mnt) = nobodys_dirs("backing".as_ref(), "mnt".as_ref());
     let out = output(
         as_user(NOBODY, NOBODY, &[])
             .arg(bin())

@@ -276,13 +276,7 @@ fn the_lock_a_daemon_holds_is_root_s_only() {
         }
     }
     let m = Mount::new(&[]);
-    let dev = interpose_core::mountinfo::mounts()
-        .unwrap()
-        .into_iter()
-        .rev()
-        .find(|e| e.mount_point == std::fs::canonicalize(&m.mnt).unwrap())
-        .unwrap()
-        .dev;
+    let dev = mount_at(&m.mnt).unwrap().dev;
     let lock = std::path::Path::new("/run/interpose/fs").join(&dev);
     let mode = std::fs::metadata(&lock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", lock.display());

@@ -177,7 +177,7 @@ fn a_daemon_killed_while_serving_over_io_uring_leaves_a_mount_that_unmounts() {
 fn requests_from_a_cpu_whose_workers_wait_on_the_disk_are_served() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let fs_ = LoopFs::new(64);
     let backing = fs_.dir.join("backing");
     std::fs::create_dir(&backing).unwrap();
@@ -224,15 +224,7 @@ fn requests_from_a_cpu_whose_workers_wait_on_the_disk_are_served() {
     let _thaw = Undo("fsfreeze", "-u", fs_.dir.clone());
     for (i, stdin) in &mut copiers {
         writeln!(stdin, "go").unwrap();
-        let wchan = format!("/proc/{}/wchan", programs.0[*i].id());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::fs::read_to_string(&wchan).unwrap_or_default() != "request_wait_answer" {
-            assert!(
-                Instant::now() < deadline,
-                "copier {i} never waited on the mount"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        await_waiting_on_fuse(programs.0[*i].id());
     }
     // A lookup from the same CPU (a name never looked up, so the daemon is asked).
     let mut probe = std::process::Command::new("taskset")

@@ -468,7 +468,6 @@ impl Store {
         };
         let dir = dir.canonicalize().map_err(|e| Error::io(dir, e))?;
         refuse_inside(&dir, &backing, &dir)?;
-        refuse_unless_own(&dir)?;
         if fresh {
             let lock = Self::lock(&dir)?;
             let id: [u8; 16] = rand::random();

@@ -38,11 +38,35 @@ pub fn event(what: std::fmt::Arguments) {
 
 /// Whether `path` is a mount point right now (from /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
+    mount_at(path).is_some()
+}
+
+/// The mount at `path` right now (the last one made there), from /proc/self/mountinfo.
+pub fn mount_at(path: &Path) -> Option<interpose_core::mountinfo::Mount> {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     interpose_core::mountinfo::mounts()
         .unwrap()
-        .iter()
-        .any(|m| m.mount_point == path)
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+}
+
+/// Waits until process `pid` waits for the answer to a FUSE request (its wait channel),
+/// failing the test after 30 s.
+pub fn await_waiting_on_fuse(pid: u32) {
+    let wchan = format!("/proc/{pid}/wchan");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let at = std::fs::read_to_string(&wchan).unwrap_or_default();
+        if at == "request_wait_answer" {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} not waiting on the mount ({at:?})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Extra `fs mount` arguments for the transport under test: scripts/test.sh runs the suite
@@ -135,12 +159,7 @@ impl Mount {
     /// did not end, and was killed).
     pub fn wait_exit(mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take().unwrap();
-        let status = wait_timeout(&mut child, timeout);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        status
+        wait_or_kill(&mut child, timeout)
     }
 
     /// [`Mount::wait_exit`] for a daemon whose mount point holds another mount by then:
@@ -221,6 +240,16 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// [`wait_timeout`], killing and reaping the child if it has not ended by then.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let status = wait_timeout(child, timeout);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
 }
 
 /// The seed in environment variable `var`, or one from the clock (tests print it, so a
